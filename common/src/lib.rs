@@ -1,2 +1,29 @@
 //! Types and constants shared by the eBPF programs (`ebpf/`) and the proxy (`proxy/`).
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel program writes it, userspace reads it
+//! through the maps named below.
 #![no_std]
+
+/// Name of the SOCKHASH that links a socket (key: its cookie) to its peer socket (value).
+pub const PEER_MAP: &str = "PEER";
+/// Name of the HASH map of per-socket activity (key: socket cookie).
+pub const ACTIVITY_MAP: &str = "ACTIVITY";
+/// Name of the `sk_skb/stream_verdict` program.
+pub const VERDICT_PROGRAM: &str = "wsplice_verdict";
+/// Entries the maps are compiled with; the loader resizes them to the configured capacity.
+pub const DEFAULT_MAP_ENTRIES: u32 = 1 << 16;
+
+/// What the verdict program records for one socket: when bytes last arrived on it and how many
+/// it has redirected to the peer. Written only by the program running under that socket's lock.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last redirected skb.
+    pub last_ns: u64,
+    /// Bytes received on this socket and redirected to its peer.
+    pub bytes: u64,
+}
+
+// SAFETY: `Activity` is `repr(C)`, has no padding (two u64) and every bit pattern is valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Activity {}

@@ -1,0 +1,648 @@
+//! The WebSocket opening handshake as seen by a proxy (RFC 6455 §4), sans-IO.
+//!
+//! [`parse_request`] turns the client's bytes into a validated [`UpgradeRequest`] or a
+//! [`RequestError`] that knows its HTTP status; [`parse_response`] judges the upstream's answer.
+//! Both work on a prefix of the stream: `Ok(None)` means "read more".
+
+use base64::Engine as _;
+use sha1::{Digest, Sha1};
+
+/// The GUID of RFC 6455 §1.3, appended to the key to compute `Sec-WebSocket-Accept`.
+const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// Limits on a request or response head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadLimits {
+    /// Largest head in bytes, final CRLF included.
+    pub max_bytes: usize,
+    /// Most header lines.
+    pub max_headers: usize,
+}
+
+/// One header as received: original name spelling, raw value bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Name as sent.
+    pub name: String,
+    /// Value bytes as sent (not necessarily UTF-8).
+    pub value: Vec<u8>,
+}
+
+/// A validated WebSocket Upgrade request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradeRequest {
+    /// Request target exactly as sent.
+    pub path: String,
+    /// `Host` header value as sent.
+    pub host: String,
+    /// `Sec-WebSocket-Key` as sent (base64 of 16 bytes).
+    pub key: String,
+    /// Every header, in order, as received.
+    pub headers: Vec<Header>,
+}
+
+/// Why a client's request is refused; each maps to an HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The head is not valid HTTP/1.x.
+    #[error("malformed request head: {0}")]
+    Malformed(String),
+    /// The head grew past the size limit before it was complete.
+    #[error("request head larger than {0} bytes")]
+    HeadTooLarge(usize),
+    /// More header lines than allowed.
+    #[error("more than {0} request headers")]
+    TooManyHeaders(usize),
+    /// Not a GET.
+    #[error("method {0} is not allowed (WebSocket upgrades use GET)")]
+    MethodNotAllowed(String),
+    /// Not HTTP/1.1.
+    #[error("HTTP/1.{0} is not supported (WebSocket upgrades need HTTP/1.1)")]
+    WrongVersion(u8),
+    /// No Host header, or more than one.
+    #[error("request needs exactly one Host header, found {0}")]
+    BadHost(usize),
+    /// No `Upgrade: websocket`.
+    #[error("not a WebSocket upgrade (Upgrade header lacks \"websocket\")")]
+    NotWebSocket,
+    /// No `upgrade` token in `Connection`.
+    #[error("Connection header lacks the \"upgrade\" token")]
+    NoConnectionUpgrade,
+    /// Missing or unsupported `Sec-WebSocket-Version`.
+    #[error("unsupported Sec-WebSocket-Version {0:?} (only 13)")]
+    UnsupportedVersion(String),
+    /// Missing, repeated or malformed `Sec-WebSocket-Key`.
+    #[error("bad Sec-WebSocket-Key: {0}")]
+    BadKey(&'static str),
+    /// A body-framing header on the Upgrade GET (request smuggling guard).
+    #[error("{0} is not allowed on a WebSocket upgrade request")]
+    BodyNotAllowed(&'static str),
+}
+
+impl RequestError {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            RequestError::Malformed(_)
+            | RequestError::WrongVersion(_)
+            | RequestError::BadHost(_)
+            | RequestError::BadKey(_)
+            | RequestError::BodyNotAllowed(_) => 400,
+            RequestError::MethodNotAllowed(_) => 405,
+            RequestError::HeadTooLarge(_) | RequestError::TooManyHeaders(_) => 431,
+            RequestError::NotWebSocket
+            | RequestError::NoConnectionUpgrade
+            | RequestError::UnsupportedVersion(_) => 426,
+        }
+    }
+
+    /// The complete HTTP answer for this error.
+    pub fn response(&self) -> Vec<u8> {
+        let status = self.status();
+        let extra: &[(&str, &str)] = match self {
+            RequestError::MethodNotAllowed(_) => &[("Allow", "GET")],
+            RequestError::NotWebSocket | RequestError::NoConnectionUpgrade => {
+                &[("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")]
+            }
+            RequestError::UnsupportedVersion(_) => &[("Sec-WebSocket-Version", "13")],
+            _ => &[],
+        };
+        let body = format!("{}\n", self);
+        response_with(status, extra, &body)
+    }
+}
+
+/// An HTTP error answer for the client: a short text/plain body and `Connection: close`.
+pub fn error_response(status: u16, body: &str) -> Vec<u8> {
+    response_with(status, &[], body)
+}
+
+fn response_with(status: u16, extra: &[(&str, &str)], body: &str) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 {status} {}\r\n", reason_phrase(status));
+    for (name, value) in extra {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str(&format!(
+        "Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    out.into_bytes()
+}
+
+/// The standard reason phrase of the statuses the proxy answers with.
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Payload Too Large",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
+/// Parses and validates the client's request head.
+///
+/// `Ok(None)`: incomplete, read more. `Ok(Some((request, head_len)))`: bytes after `head_len`
+/// were pipelined by the client and belong to the tunnel.
+pub fn parse_request(
+    buf: &[u8],
+    limits: &HeadLimits,
+) -> Result<Option<(UpgradeRequest, usize)>, RequestError> {
+    let mut slots = vec![httparse::EMPTY_HEADER; limits.max_headers];
+    let mut request = httparse::Request::new(&mut slots);
+    let head_len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len > limits.max_bytes => {
+            return Err(RequestError::HeadTooLarge(limits.max_bytes))
+        }
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() >= limits.max_bytes => {
+            return Err(RequestError::HeadTooLarge(limits.max_bytes))
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(RequestError::TooManyHeaders(limits.max_headers))
+        }
+        Err(error) => return Err(RequestError::Malformed(error.to_string())),
+    };
+    let method = request.method.unwrap_or_default();
+    if method != "GET" {
+        return Err(RequestError::MethodNotAllowed(method.to_owned()));
+    }
+    let version = request.version.unwrap_or_default();
+    if version != 1 {
+        return Err(RequestError::WrongVersion(version));
+    }
+    let path = request.path.unwrap_or_default().to_owned();
+    let headers: Vec<Header> = request
+        .headers
+        .iter()
+        .map(|h| Header {
+            name: h.name.to_owned(),
+            value: h.value.to_vec(),
+        })
+        .collect();
+    let request = validate(path, headers)?;
+    Ok(Some((request, head_len)))
+}
+
+fn validate(path: String, headers: Vec<Header>) -> Result<UpgradeRequest, RequestError> {
+    let values = |name: &'static str| {
+        headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value.as_slice())
+    };
+    if values("content-length").next().is_some() {
+        return Err(RequestError::BodyNotAllowed("Content-Length"));
+    }
+    if values("transfer-encoding").next().is_some() {
+        return Err(RequestError::BodyNotAllowed("Transfer-Encoding"));
+    }
+    let hosts: Vec<&[u8]> = values("host").collect();
+    let host = match hosts.as_slice() {
+        [host] if !host.is_empty() => String::from_utf8_lossy(host).into_owned(),
+        [_] => return Err(RequestError::BadHost(0)),
+        other => return Err(RequestError::BadHost(other.len())),
+    };
+    if !has_token(values("upgrade"), "websocket") {
+        return Err(RequestError::NotWebSocket);
+    }
+    if !has_token(values("connection"), "upgrade") {
+        return Err(RequestError::NoConnectionUpgrade);
+    }
+    let versions: Vec<&[u8]> = values("sec-websocket-version").collect();
+    match versions.as_slice() {
+        [v] if v.trim_ascii() == b"13" => {}
+        [] => return Err(RequestError::UnsupportedVersion(String::new())),
+        other => {
+            let seen = other
+                .iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(RequestError::UnsupportedVersion(seen));
+        }
+    }
+    let keys: Vec<&[u8]> = values("sec-websocket-key").collect();
+    let key = match keys.as_slice() {
+        [key] => key.trim_ascii(),
+        [] => return Err(RequestError::BadKey("missing")),
+        _ => return Err(RequestError::BadKey("sent more than once")),
+    };
+    match base64::engine::general_purpose::STANDARD.decode(key) {
+        Ok(decoded) if decoded.len() == 16 => {}
+        Ok(_) => return Err(RequestError::BadKey("does not decode to 16 bytes")),
+        Err(_) => return Err(RequestError::BadKey("not base64")),
+    }
+    // Base64 is ASCII, so this conversion is lossless.
+    let key = String::from_utf8_lossy(key).into_owned();
+    Ok(UpgradeRequest {
+        path,
+        host,
+        key,
+        headers,
+    })
+}
+
+/// Whether any of the comma-separated token lists contains `token` (case-insensitive).
+pub fn has_token<'a>(mut lists: impl Iterator<Item = &'a [u8]>, token: &str) -> bool {
+    lists.any(|list| {
+        list.split(|&b| b == b',')
+            .any(|item| item.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+/// `Sec-WebSocket-Accept` for `key`: base64(SHA-1(key + GUID)).
+pub fn accept_key(key: &str) -> String {
+    let mut sha = Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(WEBSOCKET_GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
+
+/// How much body follows a refused upgrade's head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLength {
+    /// Exactly this many bytes.
+    Known(usize),
+    /// Until the upstream closes (chunked or unframed).
+    UntilClose,
+}
+
+/// The upstream's answer to the rewritten request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamAnswer {
+    /// A valid 101 for our key.
+    Upgraded {
+        /// Length of the response head.
+        head_len: usize,
+    },
+    /// A final status other than 101: relay it, then close.
+    Refused {
+        /// The status.
+        status: u16,
+        /// Length of the response head.
+        head_len: usize,
+        /// How much body follows.
+        body: BodyLength,
+    },
+}
+
+/// Why an upstream answer cannot be used (502 to the client).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResponseError {
+    /// Not valid HTTP.
+    #[error("malformed response head: {0}")]
+    Malformed(String),
+    /// Too large.
+    #[error("response head larger than {0} bytes")]
+    TooLarge(usize),
+    /// A 101 that is not a valid WebSocket switch.
+    #[error("invalid 101 answer: {0}")]
+    BadUpgrade(&'static str),
+    /// An interim status other than 101.
+    #[error("unexpected interim status {0}")]
+    Interim(u16),
+}
+
+/// Parses the upstream's response head (possibly a prefix of it).
+pub fn parse_response(
+    buf: &[u8],
+    key: &str,
+    limits: &HeadLimits,
+) -> Result<Option<UpstreamAnswer>, ResponseError> {
+    let mut slots = vec![httparse::EMPTY_HEADER; limits.max_headers];
+    let mut response = httparse::Response::new(&mut slots);
+    let head_len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len > limits.max_bytes => {
+            return Err(ResponseError::TooLarge(limits.max_bytes))
+        }
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() >= limits.max_bytes => {
+            return Err(ResponseError::TooLarge(limits.max_bytes))
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(error) => return Err(ResponseError::Malformed(error.to_string())),
+    };
+    let status = response.code.unwrap_or_default();
+    let values = |name: &'static str| {
+        response
+            .headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    match status {
+        101 => {
+            if !has_token(values("upgrade"), "websocket") {
+                return Err(ResponseError::BadUpgrade("no Upgrade: websocket"));
+            }
+            if !has_token(values("connection"), "upgrade") {
+                return Err(ResponseError::BadUpgrade("no Connection: upgrade"));
+            }
+            let accepts: Vec<&[u8]> = values("sec-websocket-accept").collect();
+            match accepts.as_slice() {
+                [accept] if accept.trim_ascii() == accept_key(key).as_bytes() => {
+                    Ok(Some(UpstreamAnswer::Upgraded { head_len }))
+                }
+                [] => Err(ResponseError::BadUpgrade("no Sec-WebSocket-Accept")),
+                _ => Err(ResponseError::BadUpgrade("wrong Sec-WebSocket-Accept")),
+            }
+        }
+        100..=199 => Err(ResponseError::Interim(status)),
+        _ => {
+            let body = if status == 204 || status == 304 {
+                BodyLength::Known(0)
+            } else if values("transfer-encoding").next().is_some() {
+                BodyLength::UntilClose
+            } else {
+                let lengths: Vec<&[u8]> = values("content-length").collect();
+                match lengths.as_slice() {
+                    [length] => std::str::from_utf8(length)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<usize>().ok())
+                        .map_or(BodyLength::UntilClose, BodyLength::Known),
+                    _ => BodyLength::UntilClose,
+                }
+            };
+            Ok(Some(UpstreamAnswer::Refused {
+                status,
+                head_len,
+                body,
+            }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: HeadLimits = HeadLimits {
+        max_bytes: 4096,
+        max_headers: 32,
+    };
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn request_with(lines: &[&str]) -> Vec<u8> {
+        let mut text = String::new();
+        for line in lines {
+            text.push_str(line);
+            text.push_str("\r\n");
+        }
+        text.push_str("\r\n");
+        text.into_bytes()
+    }
+
+    fn valid() -> Vec<u8> {
+        request_with(&[
+            "GET /chat?room=1 HTTP/1.1",
+            "Host: example.com:8080",
+            "Upgrade: websocket",
+            "Connection: keep-alive, Upgrade",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version: 13",
+            "Sec-WebSocket-Protocol: chat, superchat",
+            "Sec-WebSocket-Extensions: permessage-deflate",
+        ])
+    }
+
+    fn status_of(lines: &[&str]) -> u16 {
+        parse_request(&request_with(lines), &LIMITS)
+            .expect_err("must be rejected")
+            .status()
+    }
+
+    fn base(except: &str) -> Vec<&'static str> {
+        [
+            "Host: a",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version: 13",
+        ]
+        .into_iter()
+        .filter(|line| !line.starts_with(except))
+        .collect()
+    }
+
+    fn with(first: &'static str, except: &str, extra: &[&'static str]) -> Vec<&'static str> {
+        let mut lines = vec![first];
+        lines.extend(base(except));
+        lines.extend_from_slice(extra);
+        lines
+    }
+
+    #[test]
+    fn a_valid_request_parses_with_its_headers_in_order() {
+        let bytes = valid();
+        let (request, head_len) = parse_request(&bytes, &LIMITS).unwrap().unwrap();
+        assert_eq!(head_len, bytes.len());
+        assert_eq!(request.path, "/chat?room=1");
+        assert_eq!(request.host, "example.com:8080");
+        assert_eq!(request.key, KEY);
+        assert_eq!(request.headers.len(), 7);
+        assert_eq!(request.headers[6].name, "Sec-WebSocket-Extensions");
+        assert_eq!(request.headers[6].value, b"permessage-deflate");
+    }
+
+    #[test]
+    fn every_split_point_gives_none_until_complete_and_keeps_pipelined_bytes() {
+        let mut bytes = valid();
+        let head = bytes.len();
+        bytes.extend_from_slice(b"\x81\x05hello");
+        for cut in 0..head {
+            assert_eq!(
+                parse_request(&bytes[..cut], &LIMITS),
+                Ok(None),
+                "cut at {cut}"
+            );
+        }
+        let (_, head_len) = parse_request(&bytes, &LIMITS).unwrap().unwrap();
+        assert_eq!(head_len, head);
+        assert_eq!(&bytes[head_len..], b"\x81\x05hello");
+    }
+
+    #[test]
+    fn rejections_carry_their_status() {
+        assert_eq!(status_of(&with("POST / HTTP/1.1", "-", &[])), 405);
+        assert_eq!(status_of(&with("GET / HTTP/1.0", "-", &[])), 400);
+        assert_eq!(status_of(&with("GET / HTTP/1.1", "Host", &[])), 400);
+        assert_eq!(status_of(&with("GET / HTTP/1.1", "-", &["Host: b"])), 400);
+        assert_eq!(status_of(&with("GET / HTTP/1.1", "Upgrade", &[])), 426);
+        assert_eq!(
+            status_of(&with("GET / HTTP/1.1", "Upgrade", &["Upgrade: h2c"])),
+            426
+        );
+        assert_eq!(status_of(&with("GET / HTTP/1.1", "Connection", &[])), 426);
+        assert_eq!(
+            status_of(&with(
+                "GET / HTTP/1.1",
+                "Connection",
+                &["Connection: keep-alive"]
+            )),
+            426
+        );
+        assert_eq!(
+            status_of(&with("GET / HTTP/1.1", "Sec-WebSocket-Version", &[])),
+            426
+        );
+        assert_eq!(
+            status_of(&with(
+                "GET / HTTP/1.1",
+                "Sec-WebSocket-Version",
+                &["Sec-WebSocket-Version: 8"]
+            )),
+            426
+        );
+        assert_eq!(
+            status_of(&with("GET / HTTP/1.1", "Sec-WebSocket-Key", &[])),
+            400
+        );
+        assert_eq!(
+            status_of(&with(
+                "GET / HTTP/1.1",
+                "Sec-WebSocket-Key",
+                &["Sec-WebSocket-Key: c2hvcnQ="]
+            )),
+            400
+        );
+        assert_eq!(
+            status_of(&with(
+                "GET / HTTP/1.1",
+                "Sec-WebSocket-Key",
+                &["Sec-WebSocket-Key: !!!notbase64!!!"]
+            )),
+            400
+        );
+        assert_eq!(
+            status_of(&with("GET / HTTP/1.1", "-", &["Content-Length: 0"])),
+            400
+        );
+        assert_eq!(
+            status_of(&with(
+                "GET / HTTP/1.1",
+                "-",
+                &["Transfer-Encoding: chunked"]
+            )),
+            400
+        );
+        assert_eq!(
+            parse_request(b"GARBAGE\x00\r\n\r\n", &LIMITS)
+                .unwrap_err()
+                .status(),
+            400
+        );
+    }
+
+    #[test]
+    fn a_plain_get_is_426_and_the_version_answer_names_13() {
+        let error = parse_request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", &LIMITS).unwrap_err();
+        assert_eq!(error.status(), 426);
+        let lines = with(
+            "GET / HTTP/1.1",
+            "Sec-WebSocket-Version",
+            &["Sec-WebSocket-Version: 8"],
+        );
+        let error = parse_request(&request_with(&lines), &LIMITS).unwrap_err();
+        let response = String::from_utf8(error.response()).unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 426 Upgrade Required\r\n"),
+            "{response}"
+        );
+        assert!(
+            response.contains("\r\nSec-WebSocket-Version: 13\r\n"),
+            "{response}"
+        );
+        assert!(response.contains("\r\nConnection: close\r\n"), "{response}");
+    }
+
+    #[test]
+    fn tokens_are_case_insensitive_and_may_span_several_lines() {
+        let lines = with(
+            "GET / HTTP/1.1",
+            "Upgrade",
+            &["Upgrade: foo", "Upgrade:  WebSocket , bar"],
+        );
+        assert!(parse_request(&request_with(&lines), &LIMITS)
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn limits_give_431() {
+        let small = HeadLimits {
+            max_bytes: 64,
+            max_headers: 32,
+        };
+        let error = parse_request(&valid(), &small).unwrap_err();
+        assert_eq!(error, RequestError::HeadTooLarge(64));
+        assert_eq!(error.status(), 431);
+        let few = HeadLimits {
+            max_bytes: 4096,
+            max_headers: 3,
+        };
+        let error = parse_request(&valid(), &few).unwrap_err();
+        assert_eq!(error, RequestError::TooManyHeaders(3));
+        assert_eq!(error.status(), 431);
+    }
+
+    #[test]
+    fn accept_key_matches_rfc_6455() {
+        assert_eq!(accept_key(KEY), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn responses_are_judged() {
+        let ok = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x00";
+        assert_eq!(
+            parse_response(ok, KEY, &LIMITS),
+            Ok(Some(UpstreamAnswer::Upgraded {
+                head_len: ok.len() - 2
+            }))
+        );
+        assert_eq!(parse_response(&ok[..40], KEY, &LIMITS), Ok(None));
+        let wrong = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAA\r\n\r\n";
+        assert!(parse_response(wrong, KEY, &LIMITS).is_err());
+        let no_upgrade = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+        assert!(parse_response(no_upgrade, KEY, &LIMITS).is_err());
+        let forbidden = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 5\r\n\r\nnope!";
+        assert_eq!(
+            parse_response(forbidden, KEY, &LIMITS),
+            Ok(Some(UpstreamAnswer::Refused {
+                status: 403,
+                head_len: forbidden.len() - 5,
+                body: BodyLength::Known(5)
+            }))
+        );
+        let chunked = b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(matches!(
+            parse_response(chunked, KEY, &LIMITS),
+            Ok(Some(UpstreamAnswer::Refused {
+                body: BodyLength::UntilClose,
+                ..
+            }))
+        ));
+        let empty = b"HTTP/1.1 204 No Content\r\n\r\n";
+        assert!(matches!(
+            parse_response(empty, KEY, &LIMITS),
+            Ok(Some(UpstreamAnswer::Refused {
+                body: BodyLength::Known(0),
+                ..
+            }))
+        ));
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+        assert_eq!(
+            parse_response(interim, KEY, &LIMITS),
+            Err(ResponseError::Interim(100))
+        );
+        assert!(parse_response(b"NOT HTTP\r\n\r\n", KEY, &LIMITS).is_err());
+    }
+}

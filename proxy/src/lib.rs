@@ -1,11 +1,25 @@
 //! wsplice: a WebSocket edge proxy for Linux.
 //!
-//! One module per concept of the domain; the protocol logic (`handshake`, `headers`, `route`,
-//! `connection`) is sans-IO and unit-tested, while `runtime` (io_uring), `listener` and `tunnel`
-//! hold the I/O.
+//! One module per concept of the domain. The protocol logic is sans-IO and unit-tested:
+//! `handshake` (parse and validate heads), `headers` (rewriting), `route`, `upstream` (pools),
+//! `connection` (the state machine before the tunnel), `tunnel::relay` (per-direction
+//! bookkeeping) and `timeouts` (the timer wheel). The I/O sits around them: `runtime` (the
+//! io_uring workers) and `listener`.
 
+pub mod admin;
+pub mod buffers;
+pub mod clock;
 pub mod config;
+pub mod connection;
 pub mod echo;
 pub mod handshake;
 pub mod headers;
+pub mod listener;
+pub mod metrics;
 pub mod route;
+pub mod runtime;
+pub mod services;
+pub mod splice;
+pub mod timeouts;
+pub mod tunnel;
+pub mod upstream;

@@ -1,1 +1,161 @@
-fn main() {}
+//! The `wsplice` command line: `run`, `check`, `echo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use wsplice::config::Config;
+use wsplice::splice::SpliceProgram;
+
+/// WebSocket edge proxy: io_uring front end, kernel splice for plain tunnels.
+#[derive(Debug, Parser)]
+#[command(name = "wsplice", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Data path for plain ws:// tunnels.
+        #[arg(long, value_enum, default_value_t = DataPath::Auto)]
+        datapath: DataPath,
+        /// Worker threads (default: `workers` from the config, else one per CPU).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Validate a configuration file; errors name the line and column.
+    Check {
+        /// Configuration file (TOML).
+        file: PathBuf,
+    },
+    /// Run a WebSocket echo upstream (for demos and tests).
+    Echo {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        listen: SocketAddr,
+        /// Append one JSON line per handshake (path and request headers) to this file.
+        #[arg(long, value_name = "FILE")]
+        record: Option<PathBuf>,
+    },
+}
+
+/// Which data path moves the bytes of plain tunnels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DataPath {
+    /// The kernel path when the eBPF program loads, else userspace.
+    Auto,
+    /// The sockmap eBPF program (fails to start if it cannot be loaded).
+    Kernel,
+    /// The io_uring userspace relay.
+    Userspace,
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("wsplice: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run {
+            config,
+            datapath,
+            workers,
+        } => {
+            let config = Config::load(&config)?;
+            let workers = workers
+                .or(config.workers)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+                .max(1);
+            raise_fd_limit();
+            let splice = choose_datapath(datapath, config.limits.max_tunnels)?;
+            wsplice::runtime::serve(&config, workers, splice).context("proxy stopped with an error")
+        }
+        Command::Check { file } => {
+            Config::load(&file)?;
+            println!("{}: ok", file.display());
+            Ok(())
+        }
+        Command::Echo { listen, record } => {
+            wsplice::echo::run(wsplice::echo::EchoOptions { listen, record })?;
+            Ok(())
+        }
+    }
+}
+
+/// Loads the sockmap program when the data path asks for it (`auto`: if it loads).
+fn choose_datapath(
+    datapath: DataPath,
+    max_tunnels: usize,
+) -> anyhow::Result<Option<SpliceProgram>> {
+    // Two sockets per tunnel in the maps.
+    let max_sockets = u32::try_from(max_tunnels.saturating_mul(2)).unwrap_or(u32::MAX);
+    match datapath {
+        DataPath::Userspace => {
+            tracing::info!("data path: userspace relay (asked for)");
+            Ok(None)
+        }
+        DataPath::Kernel => {
+            let program = SpliceProgram::load(max_sockets)
+                .context("--datapath kernel: cannot load the sockmap program")?;
+            tracing::info!(max_sockets, "data path: kernel splice (asked for)");
+            Ok(Some(program))
+        }
+        DataPath::Auto => match SpliceProgram::load(max_sockets) {
+            Ok(program) => {
+                tracing::info!(
+                    max_sockets,
+                    "data path: kernel splice (the sockmap program loaded)"
+                );
+                Ok(Some(program))
+            }
+            Err(error) => {
+                tracing::warn!(%error, "data path: userspace relay (the sockmap program did not load)");
+                Ok(None)
+            }
+        },
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Each tunnel holds two descriptors: lift the soft RLIMIT_NOFILE to the hard limit.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+    tracing::debug!(fds = limit.rlim_cur, "file descriptor limit");
+}

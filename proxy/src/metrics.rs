@@ -1,0 +1,169 @@
+//! Process-wide counters, cheap to bump from any worker (relaxed atomics), rendered in the
+//! Prometheus text format by the admin listener.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A monotonically increasing counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Adds one.
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    /// Current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Subtracts one.
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Every counter the proxy keeps.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Client connections accepted.
+    pub connections_accepted: Counter,
+    /// Connections open now (any phase).
+    pub connections_open: Gauge,
+    /// Tunnels established (101 relayed).
+    pub tunnels_opened: Counter,
+    /// Tunnels open now.
+    pub tunnels_open: Gauge,
+    /// Tunnels carried by the kernel splice path.
+    pub tunnels_spliced: Counter,
+    /// Requests answered with an HTTP error by the proxy.
+    pub requests_rejected: Counter,
+    /// Non-101 upstream answers relayed.
+    pub upgrades_refused: Counter,
+    /// Failed upstream connect attempts.
+    pub upstream_connect_failures: Counter,
+    /// Tunnels closed by the idle timeout.
+    pub idle_timeouts: Counter,
+    /// Tunnel payload bytes copied through userspace (the relay), both directions.
+    pub relayed_bytes_userspace: Counter,
+    /// Tunnel payload bytes moved by the kernel splice path, both directions.
+    pub spliced_bytes_kernel: Counter,
+}
+
+impl Metrics {
+    /// Renders every metric in the Prometheus text exposition format; `extra` holds gauges read
+    /// at scrape time (name, help, value).
+    pub fn render(&self, extra: &[(&str, &str, u64)]) -> String {
+        let counters: [(&str, &str, u64); 9] = [
+            (
+                "connections_accepted_total",
+                "Client connections accepted.",
+                self.connections_accepted.get(),
+            ),
+            (
+                "tunnels_opened_total",
+                "Tunnels established (101 relayed).",
+                self.tunnels_opened.get(),
+            ),
+            (
+                "tunnels_spliced_total",
+                "Tunnels carried by the kernel splice path.",
+                self.tunnels_spliced.get(),
+            ),
+            (
+                "requests_rejected_total",
+                "Requests answered with an HTTP error by the proxy.",
+                self.requests_rejected.get(),
+            ),
+            (
+                "upgrades_refused_total",
+                "Non-101 upstream answers relayed.",
+                self.upgrades_refused.get(),
+            ),
+            (
+                "upstream_connect_failures_total",
+                "Failed upstream connect attempts.",
+                self.upstream_connect_failures.get(),
+            ),
+            (
+                "idle_timeouts_total",
+                "Tunnels closed by the idle timeout.",
+                self.idle_timeouts.get(),
+            ),
+            (
+                "relayed_bytes_userspace_total",
+                "Tunnel bytes copied through userspace.",
+                self.relayed_bytes_userspace.get(),
+            ),
+            (
+                "spliced_bytes_kernel_total",
+                "Tunnel bytes moved by the kernel splice path.",
+                self.spliced_bytes_kernel.get(),
+            ),
+        ];
+        let gauges: [(&str, &str, u64); 2] = [
+            (
+                "connections_open",
+                "Connections open now.",
+                self.connections_open.get(),
+            ),
+            ("tunnels_open", "Tunnels open now.", self.tunnels_open.get()),
+        ];
+        let mut out = String::new();
+        for (kind, list) in [
+            ("counter", &counters[..]),
+            ("gauge", &gauges[..]),
+            ("gauge", extra),
+        ] {
+            for (name, help, value) in list {
+                // Writing to a String cannot fail.
+                let _ = writeln!(out, "# HELP wsplice_{name} {help}");
+                let _ = writeln!(out, "# TYPE wsplice_{name} {kind}");
+                let _ = writeln!(out, "wsplice_{name} {value}");
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_shows_counter_values_in_prometheus_format() {
+        let metrics = Metrics::default();
+        metrics.tunnels_opened.add(3);
+        metrics.tunnels_open.inc();
+        let text = metrics.render(&[("splice_peer_entries", "Entries in PEER.", 7)]);
+        assert!(text.contains(
+            "# TYPE wsplice_tunnels_opened_total counter\nwsplice_tunnels_opened_total 3\n"
+        ));
+        assert!(text.contains("wsplice_tunnels_open 1\n"));
+        assert!(text
+            .contains("# TYPE wsplice_splice_peer_entries gauge\nwsplice_splice_peer_entries 7\n"));
+    }
+}

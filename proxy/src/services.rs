@@ -1,0 +1,112 @@
+//! What every worker shares, built once from the config: routes, upstream pools, limits.
+//!
+//! Read-mostly: workers hold an `Arc<Services>`; the only mutable parts are the pools' atomics.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::clock::duration_ns;
+use crate::config::{Config, RouteConfig};
+use crate::handshake::HeadLimits;
+use crate::headers::HeaderRules;
+use crate::metrics::Metrics;
+use crate::route::Router;
+use crate::splice::SpliceProgram;
+use crate::upstream::Pool;
+
+/// Limit on the upstream's response head: generous, it comes from a server we trust more.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Header count limit on the upstream's response head.
+const MAX_RESPONSE_HEADERS: usize = 128;
+
+/// A route ready for use: its pool, header rules and idle timeout.
+#[derive(Debug)]
+pub struct Route {
+    /// Index into [`Services::pools`].
+    pub pool: usize,
+    /// Header set/remove rules applied after the default rewriting.
+    pub rules: HeaderRules,
+    /// Idle timeout of tunnels on this route, in ns.
+    pub idle_ns: u64,
+}
+
+/// Routes, pools and limits shared by all workers.
+#[derive(Debug)]
+pub struct Services {
+    /// Chooses a route from Host and path.
+    pub router: Router,
+    /// The routes, in config order (indices from `router`).
+    pub routes: Vec<Route>,
+    /// Upstream pools.
+    pub pools: Vec<Pool>,
+    /// Limits on the client's request head.
+    pub request_limits: HeadLimits,
+    /// Limits on the upstream's response head.
+    pub response_limits: HeadLimits,
+    /// Deadline for everything before the tunnel (request, connect, response), in ns.
+    pub handshake_ns: u64,
+    /// Deadline for one connect attempt.
+    pub connect_timeout: Duration,
+    /// Size of one relay buffer (one per direction while bytes are in flight).
+    pub relay_buffer: usize,
+    /// How long tunnels may run after shutdown began.
+    pub drain: Duration,
+    /// Process-wide counters.
+    pub metrics: Arc<Metrics>,
+    /// The loaded sockmap program when plain tunnels go to the kernel path.
+    pub splice: Option<Arc<Mutex<SpliceProgram>>>,
+}
+
+impl Services {
+    /// Builds the shared services from a validated config.
+    pub fn new(config: &Config, splice: Option<SpliceProgram>) -> Services {
+        let pools: Vec<Pool> = config
+            .upstreams
+            .iter()
+            .map(|(name, upstream)| Pool::new(name, upstream))
+            .collect();
+        let routes = config
+            .routes
+            .iter()
+            .map(|route| Route::new(route, &pools, config.timeouts.idle))
+            .collect();
+        Services {
+            router: Router::new(&config.routes),
+            routes,
+            pools,
+            request_limits: HeadLimits {
+                max_bytes: config.limits.max_request_head,
+                max_headers: config.limits.max_headers,
+            },
+            response_limits: HeadLimits {
+                max_bytes: MAX_RESPONSE_HEAD,
+                max_headers: MAX_RESPONSE_HEADERS,
+            },
+            handshake_ns: duration_ns(config.timeouts.handshake),
+            connect_timeout: config.timeouts.connect,
+            relay_buffer: config.limits.relay_buffer,
+            drain: config.timeouts.drain,
+            metrics: Arc::default(),
+            splice: splice.map(|program| Arc::new(Mutex::new(program))),
+        }
+    }
+}
+
+impl Route {
+    fn new(route: &RouteConfig, pools: &[Pool], default_idle: Duration) -> Route {
+        // The config loader rejects routes naming an undefined upstream, so the lookup succeeds;
+        // position 0 is a harmless fallback that cannot be reached with a validated config.
+        let pool = pools
+            .iter()
+            .position(|pool| pool.name() == route.upstream)
+            .unwrap_or(0);
+        Route {
+            pool,
+            rules: HeaderRules {
+                set: route.headers.set.clone(),
+                remove: route.headers.remove.clone(),
+            },
+            idle_ns: duration_ns(route.idle_timeout.unwrap_or(default_idle)),
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! The kernel data path's userspace half: loading the sockmap program and driving its maps.
+//!
+//! The worker decides *when* to hand a tunnel over (see `runtime`); this module knows *how*:
+//! the embedded object, the maps, socket cookies and the receive kick.
+
+mod program;
+
+pub use program::{kick, socket_cookie, SpliceError, SpliceProgram, EBPF_OBJECT};

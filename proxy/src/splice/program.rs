@@ -1,0 +1,170 @@
+//! The loaded `sk_skb/stream_verdict` program and its two maps (DESIGN.md §4).
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use aya::maps::{HashMap, MapData, SockHash};
+use aya::programs::SkSkb;
+use aya::{Ebpf, EbpfLoader};
+use wsplice_common::{Activity, ACTIVITY_MAP, PEER_MAP, VERDICT_PROGRAM};
+
+/// The eBPF object built from `ebpf/` by `build.rs`, embedded in the binary.
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsplice-ebpf.o"));
+
+/// Loading or using the program failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpliceError {
+    /// The object could not be loaded (permissions, verifier, map creation).
+    #[error("cannot load the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// The program could not be loaded or attached.
+    #[error("cannot load or attach the verdict program: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    /// A map operation failed.
+    #[error("map operation failed: {0}")]
+    Map(#[from] aya::maps::MapError),
+    /// The object lacks a map or program this build expects.
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+}
+
+/// The loaded program with its `PEER` sockhash and `ACTIVITY` hash map.
+pub struct SpliceProgram {
+    peer: SockHash<MapData, u64>,
+    activity: HashMap<MapData, u64, Activity>,
+    /// Owns the program and its attachment; dropping it detaches the verdict.
+    _ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for SpliceProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpliceProgram").finish_non_exhaustive()
+    }
+}
+
+impl SpliceProgram {
+    /// Loads the embedded object, sizes both maps for `max_sockets` and attaches the verdict
+    /// program to `PEER`. Needs root or CAP_BPF + CAP_NET_ADMIN.
+    pub fn load(max_sockets: u32) -> Result<SpliceProgram, SpliceError> {
+        let max_sockets = max_sockets.max(2);
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(PEER_MAP, max_sockets)
+            .map_max_entries(ACTIVITY_MAP, max_sockets)
+            .load(EBPF_OBJECT)?;
+        let peer: SockHash<MapData, u64> = SockHash::try_from(
+            ebpf.take_map(PEER_MAP)
+                .ok_or(SpliceError::Missing("PEER map"))?,
+        )?;
+        let activity: HashMap<MapData, u64, Activity> = HashMap::try_from(
+            ebpf.take_map(ACTIVITY_MAP)
+                .ok_or(SpliceError::Missing("ACTIVITY map"))?,
+        )?;
+        let program: &mut SkSkb = ebpf
+            .program_mut(VERDICT_PROGRAM)
+            .ok_or(SpliceError::Missing("verdict program"))?
+            .try_into()?;
+        program.load()?;
+        program.attach(peer.fd())?;
+        Ok(SpliceProgram {
+            peer,
+            activity,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// `PEER[cookie] = peer`: bytes arriving on the socket with `cookie` go to `peer`'s egress.
+    /// The kernel keeps a reference to the socket, not to the descriptor.
+    pub fn insert_peer(&mut self, cookie: u64, peer: BorrowedFd<'_>) -> Result<(), SpliceError> {
+        self.peer.insert(&cookie, peer.as_raw_fd(), 0)?;
+        Ok(())
+    }
+
+    /// Removes `PEER[cookie]`; a missing entry (the socket closed) is fine.
+    pub fn remove_peer(&mut self, cookie: u64) -> Result<(), SpliceError> {
+        ignore_missing(self.peer.remove(&cookie))
+    }
+
+    /// Starts recording activity for the socket with `cookie`.
+    pub fn track(&mut self, cookie: u64) -> Result<(), SpliceError> {
+        self.activity.insert(&cookie, &Activity::default(), 0)?;
+        Ok(())
+    }
+
+    /// The activity recorded for `cookie`, if tracked.
+    pub fn activity(&self, cookie: u64) -> Result<Option<Activity>, SpliceError> {
+        match self.activity.get(&cookie, 0) {
+            Ok(activity) => Ok(Some(activity)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Stops recording activity for `cookie` (per-socket records are not removed by the kernel).
+    pub fn untrack(&mut self, cookie: u64) -> Result<(), SpliceError> {
+        ignore_missing(self.activity.remove(&cookie))
+    }
+
+    /// Entries in `PEER` (walks the map: for metrics and tests, not the hot path).
+    pub fn peer_entries(&self) -> usize {
+        self.peer.keys().filter(Result::is_ok).count()
+    }
+
+    /// Entries in `ACTIVITY` (walks the map).
+    pub fn tracked_entries(&self) -> usize {
+        self.activity.keys().filter(Result::is_ok).count()
+    }
+}
+
+fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), SpliceError> {
+    match result {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(error))
+            if error.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// The socket's cookie (`SO_COOKIE`): the key of its map entries.
+pub fn socket_cookie(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes; SO_COOKIE writes a u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// `SO_RCVLOWAT = 1`: re-runs the receive path, so bytes queued before the socket entered the
+/// map pass through the verdict program now, in order (ebpf-toolchain.md, kernel facts).
+pub fn kick(fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: plain setsockopt with a valid int value.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
