@@ -1,1 +1,535 @@
-//! Harness for the end-to-end tests.
+//! Harness for the end-to-end tests: the real `wsplice` binary (path in `WSPLICE_BIN`), real
+//! sockets on 127.0.0.1, tokio-tungstenite clients, scripted upstreams.
+//!
+//! Every process a test starts is owned by a guard that kills it by PID on drop, so a failing
+//! test leaks nothing. Every wait is bounded.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use sha1::{Digest, Sha1};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Largest message the test clients accept.
+pub const MAX_MESSAGE: usize = 64 << 20;
+
+/// How long any single wait in a test may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// The data path a proxy runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPath {
+    /// io_uring userspace relay.
+    Userspace,
+    /// sockmap eBPF splice.
+    Kernel,
+}
+
+impl DataPath {
+    /// The `--datapath` value.
+    pub fn flag(self) -> &'static str {
+        match self {
+            DataPath::Userspace => "userspace",
+            DataPath::Kernel => "kernel",
+        }
+    }
+}
+
+/// The data paths to test: `WSPLICE_DATAPATHS` (comma list), default both.
+pub fn datapaths() -> Vec<DataPath> {
+    let wanted = std::env::var("WSPLICE_DATAPATHS").unwrap_or_else(|_| "userspace,kernel".into());
+    wanted
+        .split(',')
+        .filter_map(|name| match name.trim() {
+            "userspace" => Some(DataPath::Userspace),
+            "kernel" => Some(DataPath::Kernel),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The wsplice binary under test.
+pub fn binary() -> PathBuf {
+    match std::env::var_os("WSPLICE_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/wsplice"),
+    }
+}
+
+/// A port free at the time of asking on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let listener = StdListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// A fresh scratch folder for one process's files.
+pub fn scratch_dir(what: &str) -> PathBuf {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "wsplice-test-{}-{what}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// Waits until `addr` accepts TCP connections, or panics after [`WAIT`].
+pub fn wait_for_port(addr: SocketAddr, child: &mut Child, what: &str, log: &Path) {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if StdStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("{what} exited early with {status}:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{what} did not listen on {addr} in time");
+}
+
+/// A child process killed by PID when dropped.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+}
+
+impl Process {
+    /// The PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then wait (bounded) for the exit status.
+    pub fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Settings of a proxy under test; `to_toml` writes the config.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Upstream servers of the default pool.
+    pub servers: Vec<SocketAddr>,
+    /// `timeouts.idle`.
+    pub idle: &'static str,
+    /// `timeouts.handshake`.
+    pub handshake: &'static str,
+    /// `timeouts.connect`.
+    pub connect: &'static str,
+    /// `timeouts.drain`.
+    pub drain: &'static str,
+    /// `upstream.default.fail_timeout`.
+    pub fail_timeout: &'static str,
+    /// Extra `[[route]]` keys (e.g. `path_prefix = "/x"`).
+    pub route_extra: &'static str,
+    /// `[limits]` body.
+    pub limits: &'static str,
+    /// Worker threads.
+    pub workers: usize,
+}
+
+impl ProxyConfig {
+    /// Defaults in front of `servers`.
+    pub fn new(servers: &[SocketAddr]) -> ProxyConfig {
+        ProxyConfig {
+            servers: servers.to_vec(),
+            idle: "60s",
+            handshake: "10s",
+            connect: "2s",
+            drain: "5s",
+            fail_timeout: "0s",
+            route_extra: "",
+            limits: "",
+            workers: 2,
+        }
+    }
+
+    fn to_toml(&self, listen: SocketAddr, admin: SocketAddr) -> String {
+        let servers: Vec<String> = self.servers.iter().map(|s| format!("\"{s}\"")).collect();
+        format!(
+            "workers = {}\n\n[[listener]]\nbind = \"{listen}\"\n\n[[route]]\nupstream = \"default\"\n{}\n\n\
+             [upstream.default]\nservers = [{}]\nfail_timeout = \"{}\"\n\n\
+             [timeouts]\nidle = \"{}\"\nhandshake = \"{}\"\nconnect = \"{}\"\ndrain = \"{}\"\n\n\
+             [limits]\n{}\n\n[admin]\nbind = \"{admin}\"\n",
+            self.workers,
+            self.route_extra,
+            servers.join(", "),
+            self.fail_timeout,
+            self.idle,
+            self.handshake,
+            self.connect,
+            self.drain,
+            self.limits,
+        )
+    }
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    process: Process,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    log: PathBuf,
+    /// The data path it runs with.
+    pub datapath: DataPath,
+}
+
+impl Proxy {
+    /// Starts a proxy with `config` on `datapath` and waits until it listens.
+    pub fn start(datapath: DataPath, config: &ProxyConfig) -> Proxy {
+        let dir = scratch_dir("proxy");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let config_path = dir.join("wsplice.toml");
+        std::fs::write(&config_path, config.to_toml(addr, admin)).expect("write config");
+        let log = dir.join("stderr.log");
+        let child = Command::new(binary())
+            .args(["run", "-c"])
+            .arg(&config_path)
+            .args(["--datapath", datapath.flag()])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary().display()));
+        let mut process = Process { child };
+        wait_for_port(addr, &mut process.child, "wsplice run", &log);
+        wait_for_port(admin, &mut process.child, "wsplice admin", &log);
+        Proxy {
+            process,
+            addr,
+            admin,
+            log,
+            datapath,
+        }
+    }
+
+    /// The listener address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The ws:// URL of `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.addr)
+    }
+
+    /// The process.
+    pub fn process(&mut self) -> &mut Process {
+        &mut self.process
+    }
+
+    /// Open file descriptors of the proxy process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.process.pid()))
+            .map(|dir| dir.count())
+            .unwrap_or(0)
+    }
+
+    /// Everything the proxy logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The access lines (JSON) logged so far.
+    pub fn access_lines(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter(|line| line.contains("wsplice::access"))
+            .filter_map(|line| line.find('{').map(|start| &line[start..]))
+            .filter_map(|json| serde_json::from_str(json).ok())
+            .collect()
+    }
+
+    /// Waits until `count` access lines are logged; returns them.
+    pub fn wait_access_lines(&self, count: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let lines = self.access_lines();
+            if lines.len() >= count || Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The `/metrics` values by name (without the `wsplice_` prefix).
+    pub fn metrics(&self) -> BTreeMap<String, u64> {
+        let mut stream = StdStream::connect(self.admin).expect("admin connect");
+        use std::io::{Read, Write};
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("admin write");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("admin read");
+        text.lines()
+            .filter(|line| line.starts_with("wsplice_"))
+            .filter_map(|line| {
+                let (name, value) = line.split_once(' ')?;
+                Some((name.trim_start_matches("wsplice_").to_owned(), value.parse().ok()?))
+            })
+            .collect()
+    }
+}
+
+/// One handshake the echo upstream recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    /// Request target.
+    pub path: String,
+    /// Headers in received order, original spelling.
+    pub headers: Vec<(String, String)>,
+}
+
+/// A running `wsplice echo`.
+#[derive(Debug)]
+pub struct Echo {
+    _process: Process,
+    addr: SocketAddr,
+    record: PathBuf,
+}
+
+impl Echo {
+    /// Starts an echo upstream that records handshakes.
+    pub fn start() -> Echo {
+        let dir = scratch_dir("echo");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let record = dir.join("record.jsonl");
+        let log = dir.join("stderr.log");
+        let child = Command::new(binary())
+            .args(["echo", "--listen", &addr.to_string(), "--record"])
+            .arg(&record)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start wsplice echo");
+        let mut process = Process { child };
+        wait_for_port(addr, &mut process.child, "wsplice echo", &log);
+        Echo {
+            _process: process,
+            addr,
+            record,
+        }
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The handshakes recorded so far (the port probe of `start` made none: it sent no head).
+    pub fn records(&self) -> Vec<Recorded> {
+        let text = std::fs::read_to_string(&self.record).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .map(|value| Recorded {
+                path: value["path"].as_str().unwrap_or_default().to_owned(),
+                headers: value["headers"]
+                    .as_array()
+                    .map(|headers| {
+                        headers
+                            .iter()
+                            .map(|h| {
+                                (
+                                    h[0].as_str().unwrap_or_default().to_owned(),
+                                    h[1].as_str().unwrap_or_default().to_owned(),
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
+/// A WebSocket client connection.
+pub type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// WebSocket settings allowing large messages.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+}
+
+/// Connects a tokio-tungstenite client to `url`.
+pub async fn connect(url: &str) -> Client {
+    let (ws, _) = bounded(
+        tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    ws
+}
+
+/// Awaits `future`, failing the test after [`WAIT`].
+pub async fn bounded<T>(future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .expect("operation did not finish in time")
+}
+
+/// A valid Upgrade request head for `path` with extra header lines.
+pub fn upgrade_request(path: &str, extra: &[&str]) -> Vec<u8> {
+    let mut head = format!(
+        "GET {path} HTTP/1.1\r\nHost: wsplice.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    );
+    for line in extra {
+        head.push_str(line);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    head.into_bytes()
+}
+
+/// Sends raw bytes, reads until the proxy closes; returns the status and the whole answer.
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut stream = bounded(TcpStream::connect(addr)).await.expect("connect");
+    stream.write_all(request).await.expect("write request");
+    let mut answer = Vec::new();
+    let _ = bounded(stream.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// Reads from `stream` until a complete HTTP head; returns it and the bytes after it.
+pub async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = bounded(stream.read(&mut chunk)).await.expect("read head");
+        assert!(n > 0, "stream closed before a complete head: {:?}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return (String::from_utf8_lossy(&buf).into_owned(), rest);
+        }
+    }
+}
+
+/// `Sec-WebSocket-Accept` for the key in `head`.
+pub fn accept_for(head: &str) -> String {
+    let key = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("sec-websocket-key")
+                .then(|| value.trim().to_owned())
+        })
+        .expect("request has a Sec-WebSocket-Key");
+    let mut sha = Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+}
+
+/// The 101 answer for a request head.
+pub fn switching_protocols(head: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n\r\n",
+        accept_for(head)
+    )
+    .into_bytes()
+}
+
+/// A scripted upstream: for each connection, the request head is read and `script` runs with
+/// the stream, the head and the bytes that followed it.
+pub struct Scripted {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Scripted {
+    /// Starts listening on 127.0.0.1.
+    pub async fn start<F, Fut>(script: F) -> Scripted
+    where
+        F: Fn(TcpStream, String, Vec<u8>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind scripted upstream");
+        let addr = listener.local_addr().expect("addr");
+        let script = std::sync::Arc::new(script);
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let script = script.clone();
+                tokio::spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    let (head, rest) = read_head(&mut stream).await;
+                    script(stream, head, rest).await;
+                });
+            }
+        });
+        Scripted { addr, task }
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Wraps a stream whose handshake is done as the server side of a WebSocket.
+pub async fn server_socket(stream: TcpStream) -> WebSocketStream<TcpStream> {
+    WebSocketStream::from_raw_socket(stream, Role::Server, Some(ws_config())).await
+}
+
+/// Polls `check` until it is true or [`WAIT`] passes; returns the last result.
+pub fn eventually(mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,1 +1,201 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build-ebpf | run | test`.
+//!
+//! `setup` makes a fresh machine able to build everything (pinned toolchains, bpf-linker built
+//! against the eBPF nightly's own LLVM); the other tasks run it first, so the README's two
+//! commands work on a machine that has only rustup, gcc and git.
+
+mod ebpf_build;
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "wsplice project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install the pinned toolchains and build bpf-linker (idempotent, cached in .tools/).
+    Setup,
+    /// Build the eBPF object and print its path.
+    BuildEbpf,
+    /// Build everything and run the proxy (wsplice.toml) in front of the built-in echo upstream.
+    Run {
+        /// Extra arguments for `wsplice run`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// fmt, clippy, build, unit and end-to-end tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> anyhow::Result<()> {
+    let root = repository_root()?;
+    match task {
+        Task::Setup => setup::setup(&root),
+        Task::BuildEbpf => {
+            setup::setup(&root)?;
+            let object = ebpf_build::build_ebpf(&root).map_err(anyhow::Error::msg)?;
+            println!("{}", object.display());
+            Ok(())
+        }
+        Task::Run { args } => {
+            setup::setup(&root)?;
+            step("build wsplice (release)", || {
+                cargo(&root, &["build", "--release", "-p", "wsplice"])
+            })?;
+            run_demo(&root, &args)
+        }
+        Task::Test { args } => {
+            setup::setup(&root)?;
+            test(&root, &args)
+        }
+    }
+}
+
+/// The repository root: the folder above this crate's manifest.
+fn repository_root() -> anyhow::Result<PathBuf> {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_owned)
+        .context("xtask has no parent folder")
+}
+
+fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
+    let started = Instant::now();
+    step("cargo fmt --check", || {
+        cargo(root, &["fmt", "--all", "--", "--check"])
+    })?;
+    step("cargo clippy", || {
+        cargo(
+            root,
+            &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+        )
+    })?;
+    step("build wsplice (release)", || {
+        cargo(root, &["build", "--release", "-p", "wsplice"])
+    })?;
+    let binary = root.join("target/release/wsplice");
+    step("cargo test (unit and end-to-end)", || {
+        let mut args = vec!["test", "--workspace", "--release"];
+        if !extra.is_empty() {
+            args.push("--");
+            args.extend(extra.iter().map(String::as_str));
+        }
+        let status = Command::new("cargo")
+            .args(&args)
+            .current_dir(root)
+            .env("WSPLICE_BIN", &binary)
+            .status()
+            .context("cannot run cargo test")?;
+        if !status.success() {
+            bail!("tests failed ({status})");
+        }
+        Ok(())
+    })?;
+    println!(
+        "xtask test: everything passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Runs `cargo ARGS` in the repository root.
+fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new("cargo")
+        .args(args)
+        .current_dir(root)
+        .status()
+        .with_context(|| format!("cannot run cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Runs one named step and prints how long it took.
+fn step(name: &str, body: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    println!("==> {name}");
+    let started = Instant::now();
+    let result = body();
+    let seconds = started.elapsed().as_secs_f64();
+    match &result {
+        Ok(()) => println!("==> {name}: ok ({seconds:.1} s)"),
+        Err(_) => println!("==> {name}: FAILED ({seconds:.1} s)"),
+    }
+    result
+}
+
+/// `cargo xtask run`: the echo upstream and the proxy as children, stopped together.
+fn run_demo(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    let binary = root.join("target/release/wsplice");
+    let mut echo = Command::new(&binary)
+        .args(["echo", "--listen", "127.0.0.1:9001"])
+        .current_dir(root)
+        .spawn()
+        .context("cannot start the echo upstream")?;
+    let proxy = Command::new(&binary)
+        .args(["run", "-c", "wsplice.toml"])
+        .args(args)
+        .current_dir(root)
+        .spawn();
+    let mut proxy = match proxy {
+        Ok(proxy) => proxy,
+        Err(error) => {
+            stop(&mut echo);
+            return Err(error).context("cannot start the proxy");
+        }
+    };
+    println!();
+    println!("wsplice is running: ws://127.0.0.1:8080/ -> echo upstream 127.0.0.1:9001");
+    println!("  try:     python3 -m websockets ws://127.0.0.1:8080/   (pip install websockets)");
+    println!("  metrics: curl http://127.0.0.1:9901/metrics");
+    println!("  stop:    Ctrl-C");
+    println!();
+    // Ctrl-C reaches both children (same process group); wait for the proxy, then the echo.
+    let status = proxy.wait().context("waiting for the proxy")?;
+    stop(&mut echo);
+    if !status.success() {
+        bail!("the proxy exited with {status}");
+    }
+    Ok(())
+}
+
+/// SIGTERM, a grace period, then SIGKILL.
+fn stop(child: &mut std::process::Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    for _ in 0..50 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

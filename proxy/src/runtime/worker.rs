@@ -1108,8 +1108,17 @@ impl TunnelState {
     }
 }
 
-/// One access line per connection (DESIGN.md §7): JSON on the `wsplice::access` target.
+/// One access line per request (DESIGN.md §7): JSON on the `wsplice::access` target.
+/// Connections that never sent a request (port probes, scanners) log at debug only.
 fn log_access(conn: &Conn) {
+    if matches!(conn.stage, Stage::Handshake(_)) && conn.summary.host.is_empty() {
+        tracing::debug!(
+            client = %conn.client_addr,
+            reason = conn.closing.as_deref().unwrap_or(""),
+            "connection closed before a request"
+        );
+        return;
+    }
     let (status, bytes_up, bytes_down, datapath) = match &conn.stage {
         Stage::Tunnel(t) => (t.status, t.up.bytes, t.down.bytes, "userspace"),
         Stage::Spliced(s) => (101, s.bytes_up, s.bytes_down, "kernel"),

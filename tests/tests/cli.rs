@@ -1,0 +1,59 @@
+//! The command line: `wsplice check`, and SIGTERM's drain.
+
+use std::process::Command;
+use std::time::Duration;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio_tungstenite::tungstenite::Message;
+use wsplice_tests::*;
+
+#[test]
+fn check_accepts_the_sample_config_and_points_at_errors() {
+    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../wsplice.toml");
+    let ok = Command::new(binary()).arg("check").arg(&sample).output().unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+
+    let dir = scratch_dir("check");
+    let broken = dir.join("broken.toml");
+    std::fs::write(
+        &broken,
+        "[[listener]]\nbind = \"127.0.0.1:8080\"\n\n[[route]]\nupstream = \"nope\"\n\n[upstream.default]\nservers = [\"127.0.0.1:9001\"]\n",
+    )
+    .unwrap();
+    let failed = Command::new(binary()).arg("check").arg(&broken).output().unwrap();
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        stderr.contains(&format!("{}:5:12: route upstream \"nope\" is not defined", broken.display())),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_accepting_drains_open_tunnels_and_exits_zero() {
+    let echo = Echo::start();
+    for datapath in datapaths() {
+        let mut config = ProxyConfig::new(&[echo.addr()]);
+        config.drain = "2s";
+        let mut proxy = Proxy::start(datapath, &config);
+        let mut ws = connect(&proxy.url("/draining")).await;
+        let pid = proxy.process().pid();
+        // SAFETY: kill(2) on the proxy we started.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // New connections are refused, the open tunnel still works.
+        assert!(tokio::net::TcpStream::connect(proxy.addr()).await.is_err(), "{datapath:?}");
+        bounded(ws.send(Message::text("during drain"))).await.unwrap();
+        assert_eq!(bounded(ws.next()).await.unwrap().unwrap(), Message::text("during drain"));
+        // At the drain deadline the tunnel is closed and the proxy exits 0.
+        let status = tokio::task::spawn_blocking(move || {
+            let status = proxy.process().terminate(Duration::from_secs(10));
+            (status, proxy)
+        })
+        .await
+        .unwrap();
+        let (status, proxy) = status;
+        assert!(status.is_some_and(|s| s.success()), "{datapath:?}: {status:?}\n{}", proxy.log());
+        while let Some(Ok(_)) = bounded(ws.next()).await {}
+    }
+}

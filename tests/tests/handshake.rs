@@ -1,0 +1,146 @@
+//! The opening handshake as a client and an upstream see it: rejections, forwarded headers.
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio_tungstenite::tungstenite::Message;
+use wsplice_tests::*;
+
+const KEY: &str = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==";
+
+fn request(lines: &[&str]) -> Vec<u8> {
+    let mut text = lines.join("\r\n");
+    text.push_str("\r\n\r\n");
+    text.into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_request_gets_its_status_and_the_proxy_keeps_serving() {
+    let echo = Echo::start();
+    let mut config = ProxyConfig::new(&[echo.addr()]);
+    config.limits = "max_request_head = 1024\nmax_headers = 10";
+    let proxy = Proxy::start(DataPath::Userspace, &config);
+    let upgrade = ["Host: a", "Upgrade: websocket", "Connection: Upgrade", KEY, "Sec-WebSocket-Version: 13"];
+    let without = |skip: &str, first: &'static str, extra: &[&'static str]| {
+        let mut lines = vec![first];
+        lines.extend(upgrade.iter().copied().filter(|l| !l.starts_with(skip)));
+        lines.extend_from_slice(extra);
+        request(&lines)
+    };
+    let long_header = format!("X-Long: {}", "x".repeat(2000));
+    let many: Vec<String> = (0..12).map(|i| format!("X-{i}: {i}")).collect();
+    let many_refs: Vec<&str> = many.iter().map(String::as_str).collect();
+    let mut too_many = vec!["GET / HTTP/1.1"];
+    too_many.extend(upgrade);
+    too_many.extend(many_refs);
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("POST", without("-", "POST / HTTP/1.1", &[]), 405),
+        ("HTTP/1.0", without("-", "GET / HTTP/1.0", &[]), 400),
+        ("garbage", b"\x16\x03\x01 hello\r\n\r\n".to_vec(), 400),
+        ("no Host", without("Host", "GET / HTTP/1.1", &[]), 400),
+        ("plain GET", request(&["GET / HTTP/1.1", "Host: a"]), 426),
+        ("no Upgrade", without("Upgrade", "GET / HTTP/1.1", &[]), 426),
+        ("no Connection: upgrade", without("Connection", "GET / HTTP/1.1", &["Connection: keep-alive"]), 426),
+        ("version 8", without("Sec-WebSocket-Version", "GET / HTTP/1.1", &["Sec-WebSocket-Version: 8"]), 426),
+        ("no key", without("Sec-WebSocket-Key", "GET / HTTP/1.1", &[]), 400),
+        ("short key", without("Sec-WebSocket-Key", "GET / HTTP/1.1", &["Sec-WebSocket-Key: c2hvcnQ="]), 400),
+        ("Content-Length", without("-", "GET / HTTP/1.1", &["Content-Length: 0"]), 400),
+        ("Transfer-Encoding", without("-", "GET / HTTP/1.1", &["Transfer-Encoding: chunked"]), 400),
+        ("head too large", {
+            let mut lines = vec!["GET / HTTP/1.1"];
+            lines.extend(upgrade);
+            lines.push(&long_header);
+            request(&lines)
+        }, 431),
+        ("too many headers", request(&too_many), 431),
+    ];
+    for (name, bytes, status) in cases {
+        let (got, answer) = raw_exchange(proxy.addr(), &bytes).await;
+        assert_eq!(got, status, "{name}: {answer}");
+        assert!(answer.contains("Connection: close"), "{name}: {answer}");
+        if status == 426 && name == "version 8" {
+            assert!(answer.contains("Sec-WebSocket-Version: 13\r\n"), "{name}: {answer}");
+        }
+    }
+    // Still serving, and nothing reached the upstream.
+    let mut ws = connect(&proxy.url("/after")).await;
+    bounded(ws.send(Message::text("still here"))).await.unwrap();
+    assert_eq!(bounded(ws.next()).await.unwrap().unwrap(), Message::text("still here"));
+    assert_eq!(echo.records().len(), 1);
+    assert!(!proxy.log().contains("panicked"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_receives_the_nginx_equivalent_header_set() {
+    let echo = Echo::start();
+    for datapath in datapaths() {
+        let proxy = Proxy::start(datapath, &ProxyConfig::new(&[echo.addr()]));
+        let before = echo.records().len();
+        let lines = [
+            "GET /room/1?x=y HTTP/1.1",
+            "Origin: http://app.test",
+            "Host: chat.test:8080",
+            "Upgrade: websocket",
+            "Connection: keep-alive, Upgrade, X-Hop",
+            "X-Hop: 1",
+            KEY,
+            "Sec-WebSocket-Version: 13",
+            "Sec-WebSocket-Protocol: chat, superchat",
+            "Sec-WebSocket-Extensions: permessage-deflate",
+            "Keep-Alive: timeout=5",
+            "X-Custom: 42",
+            "X-Forwarded-For: 198.51.100.9",
+            "X-Real-IP: 6.6.6.6",
+        ];
+        let mut stream = bounded(tokio::net::TcpStream::connect(proxy.addr())).await.unwrap();
+        use tokio::io::AsyncWriteExt as _;
+        stream.write_all(&request(&lines)).await.unwrap();
+        let (head, _) = read_head(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 101 "), "{datapath:?}: {head}");
+        drop(stream);
+        let records = echo.records();
+        assert_eq!(records.len(), before + 1, "{datapath:?}");
+        let record = &records[before];
+        assert_eq!(record.path, "/room/1?x=y");
+        let names: Vec<&str> = record.headers.iter().map(|(n, _)| n.as_str()).collect();
+        let value = |name: &str| {
+            record
+                .headers
+                .iter()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names[0], "Host", "{datapath:?}: {names:?}");
+        assert_eq!(value("host"), ["chat.test:8080"]);
+        assert_eq!(value("origin"), ["http://app.test"]);
+        assert_eq!(value("sec-websocket-protocol"), ["chat, superchat"]);
+        assert_eq!(value("sec-websocket-extensions"), ["permessage-deflate"]);
+        assert_eq!(value("x-custom"), ["42"]);
+        assert_eq!(value("sec-websocket-version"), ["13"]);
+        assert_eq!(value("sec-websocket-key").len(), 1);
+        assert!(value("x-hop").is_empty(), "hop-by-hop header forwarded: {names:?}");
+        assert!(value("keep-alive").is_empty(), "hop-by-hop header forwarded: {names:?}");
+        assert_eq!(value("X-Real-IP"), ["127.0.0.1"]);
+        assert_eq!(value("X-Forwarded-For"), ["198.51.100.9, 127.0.0.1"]);
+        assert_eq!(value("X-Forwarded-Proto"), ["http"]);
+        assert_eq!(value("Upgrade"), ["websocket"]);
+        assert_eq!(value("Connection"), ["upgrade"]);
+        // The proxy adds its five headers last, in this order.
+        let tail: Vec<&str> = names[names.len() - 5..].to_vec();
+        assert_eq!(tail, ["X-Real-IP", "X-Forwarded-For", "X-Forwarded-Proto", "Upgrade", "Connection"]);
+        let kept = ["Host", "Origin", "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions", "X-Custom"];
+        assert_eq!(names[..names.len() - 5], kept, "{datapath:?}: client order kept, Host first");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_route_is_404() {
+    let echo = Echo::start();
+    let mut config = ProxyConfig::new(&[echo.addr()]);
+    config.route_extra = "path_prefix = \"/chat\"";
+    let proxy = Proxy::start(DataPath::Userspace, &config);
+    let (status, _) = raw_exchange(proxy.addr(), &upgrade_request("/other", &[])).await;
+    assert_eq!(status, 404);
+    let mut ws = connect(&proxy.url("/chat/room")).await;
+    bounded(ws.send(Message::text("routed"))).await.unwrap();
+    assert_eq!(bounded(ws.next()).await.unwrap().unwrap(), Message::text("routed"));
+}

@@ -1,0 +1,121 @@
+//! Upstream failures as a client sees them: 502, 503, 504, the next server, relayed refusals.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::io::AsyncWriteExt as _;
+use tokio_tungstenite::tungstenite::Message;
+use wsplice_tests::*;
+
+/// An address where nothing listens.
+fn dead_server() -> std::net::SocketAddr {
+    format!("127.0.0.1:{}", free_port()).parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upstream_is_502_and_the_next_server_is_used() {
+    let echo = Echo::start();
+    for datapath in datapaths() {
+        let proxy = Proxy::start(datapath, &ProxyConfig::new(&[dead_server()]));
+        let (status, answer) = raw_exchange(proxy.addr(), &upgrade_request("/", &[])).await;
+        assert_eq!(status, 502, "{datapath:?}: {answer}");
+        assert!(proxy.log().contains("connect"), "the log names the reason");
+
+        let proxy = Proxy::start(datapath, &ProxyConfig::new(&[dead_server(), echo.addr()]));
+        for round in 0..4 {
+            let mut ws = connect(&proxy.url("/")).await;
+            bounded(ws.send(Message::text(format!("round {round}")))).await.unwrap();
+            let back = bounded(ws.next()).await.unwrap().unwrap();
+            assert_eq!(back, Message::text(format!("round {round}")), "{datapath:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_failed_recently_is_skipped_so_an_all_down_pool_is_503() {
+    let mut config = ProxyConfig::new(&[dead_server()]);
+    config.fail_timeout = "30s";
+    let proxy = Proxy::start(DataPath::Userspace, &config);
+    let (first, _) = raw_exchange(proxy.addr(), &upgrade_request("/", &[])).await;
+    assert_eq!(first, 502);
+    let (second, answer) = raw_exchange(proxy.addr(), &upgrade_request("/", &[])).await;
+    assert_eq!(second, 503, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_never_answers_is_504_within_the_handshake_timeout() {
+    let silent = Scripted::start(|stream, _, _| async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(stream);
+    })
+    .await;
+    for datapath in datapaths() {
+        let mut config = ProxyConfig::new(&[silent.addr()]);
+        config.handshake = "1s";
+        let proxy = Proxy::start(datapath, &config);
+        let started = Instant::now();
+        let (status, answer) = raw_exchange(proxy.addr(), &upgrade_request("/", &[])).await;
+        let took = started.elapsed();
+        assert_eq!(status, 504, "{datapath:?}: {answer}");
+        assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "{took:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_101_answer_is_relayed_as_is_then_closed() {
+    let refusing = Scripted::start(|mut stream, _, _| async move {
+        let body = "not allowed here";
+        let head = format!(
+            "HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Why: test\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        // The body comes in a second write, later.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stream.write_all(body.as_bytes()).await.unwrap();
+        // Keep the connection open: the proxy must close after the body, not wait for us.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    })
+    .await;
+    for datapath in datapaths() {
+        let proxy = Proxy::start(datapath, &ProxyConfig::new(&[refusing.addr()]));
+        let started = Instant::now();
+        let (status, answer) = raw_exchange(proxy.addr(), &upgrade_request("/", &[])).await;
+        assert_eq!(status, 403, "{datapath:?}");
+        assert!(answer.contains("X-Why: test\r\n"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nnot allowed here"), "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_101_is_502_and_pipelined_bytes_never_reach_the_upstream() {
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let bad = Scripted::start(move |mut stream, _, rest| {
+        let seen = seen_tx.clone();
+        async move {
+            let answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: wrong\r\n\r\n";
+            stream.write_all(answer).await.unwrap();
+            let mut more = rest;
+            let mut buf = [0u8; 1024];
+            use tokio::io::AsyncReadExt as _;
+            while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await {
+                if n == 0 {
+                    break;
+                }
+                more.extend_from_slice(&buf[..n]);
+            }
+            let _ = seen.send(more);
+        }
+    })
+    .await;
+    for datapath in datapaths() {
+        let proxy = Proxy::start(datapath, &ProxyConfig::new(&[bad.addr()]));
+        let mut request = upgrade_request("/", &[]);
+        request.extend_from_slice(b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n");
+        let (status, _) = raw_exchange(proxy.addr(), &request).await;
+        assert_eq!(status, 502, "{datapath:?}");
+        let seen = bounded(seen_rx.recv()).await.unwrap();
+        assert!(seen.is_empty(), "{datapath:?}: the upstream got {:?}", String::from_utf8_lossy(&seen));
+    }
+}
