@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -123,21 +122,16 @@ async fn echo(stream: TcpStream, peer: SocketAddr, record: Record) {
     if let Some(file) = &record {
         write_record(file, &head);
     }
-    let callback = |_request: &Request, response: Response| -> Result<Response, ErrorResponse> {
-        Ok(response)
-    };
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE));
-    let mut ws =
-        match tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config)).await
-        {
-            Ok(ws) => ws,
-            Err(error) => {
-                tracing::info!(%peer, %error, "echo handshake failed");
-                return;
-            }
-        };
+    let mut ws = match tokio_tungstenite::accept_async_with_config(stream, Some(config)).await {
+        Ok(ws) => ws,
+        Err(error) => {
+            tracing::info!(%peer, %error, "echo handshake failed");
+            return;
+        }
+    };
     let reason = loop {
         match ws.next().await {
             Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
@@ -145,9 +139,11 @@ async fn echo(stream: TcpStream, peer: SocketAddr, record: Record) {
                     break format!("send failed: {error}");
                 }
             }
-            Some(Ok(Message::Close(frame))) => {
-                // tungstenite answers the Close itself; flush it out.
-                let _ = ws.close(frame).await;
+            Some(Ok(Message::Close(_))) => {
+                // tungstenite queued the answering Close: drive the stream until it is sent
+                // and the connection ends.
+                let _ = ws.flush().await;
+                while let Some(Ok(_)) = ws.next().await {}
                 break "client closed".to_owned();
             }
             Some(Ok(_)) => {}

@@ -227,13 +227,16 @@ impl Proxy {
         let mut process = Process { child };
         wait_for_port(addr, &mut process.child, "wsplice run", &log);
         wait_for_port(admin, &mut process.child, "wsplice admin", &log);
-        Proxy {
+        let proxy = Proxy {
             process,
             addr,
             admin,
             log,
             datapath,
-        }
+        };
+        // One full admin exchange: the readiness probes' connections are closed after it.
+        let _ = proxy.metrics();
+        proxy
     }
 
     /// The listener address.
@@ -256,6 +259,18 @@ impl Proxy {
         std::fs::read_dir(format!("/proc/{}/fd", self.process.pid()))
             .map(|dir| dir.count())
             .unwrap_or(0)
+    }
+
+    /// What each open descriptor of the proxy points at (for failure messages).
+    pub fn fd_targets(&self) -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{}/fd", self.process.pid()))
+            .map(|dir| {
+                dir.filter_map(Result::ok)
+                    .filter_map(|entry| std::fs::read_link(entry.path()).ok())
+                    .map(|target| target.display().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Everything the proxy logged so far.
@@ -298,7 +313,10 @@ impl Proxy {
             .filter(|line| line.starts_with("wsplice_"))
             .filter_map(|line| {
                 let (name, value) = line.split_once(' ')?;
-                Some((name.trim_start_matches("wsplice_").to_owned(), value.parse().ok()?))
+                Some((
+                    name.trim_start_matches("wsplice_").to_owned(),
+                    value.parse().ok()?,
+                ))
             })
             .collect()
     }
@@ -388,9 +406,11 @@ pub fn ws_config() -> WebSocketConfig {
 
 /// Connects a tokio-tungstenite client to `url`.
 pub async fn connect(url: &str) -> Client {
-    let (ws, _) = bounded(
-        tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true),
-    )
+    let (ws, _) = bounded(tokio_tungstenite::connect_async_with_config(
+        url,
+        Some(ws_config()),
+        true,
+    ))
     .await
     .unwrap_or_else(|e| panic!("connect {url}: {e}"));
     ws
@@ -438,7 +458,11 @@ pub async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
     let mut chunk = [0u8; 4096];
     loop {
         let n = bounded(stream.read(&mut chunk)).await.expect("read head");
-        assert!(n > 0, "stream closed before a complete head: {:?}", String::from_utf8_lossy(&buf));
+        assert!(
+            n > 0,
+            "stream closed before a complete head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
         buf.extend_from_slice(&chunk[..n]);
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let rest = buf.split_off(end + 4);
@@ -487,7 +511,9 @@ impl Scripted {
         F: Fn(TcpStream, String, Vec<u8>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind scripted upstream");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind scripted upstream");
         let addr = listener.local_addr().expect("addr");
         let script = std::sync::Arc::new(script);
         let task = tokio::spawn(async move {

@@ -10,8 +10,16 @@ use wsplice_tests::*;
 #[test]
 fn check_accepts_the_sample_config_and_points_at_errors() {
     let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../wsplice.toml");
-    let ok = Command::new(binary()).arg("check").arg(&sample).output().unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let ok = Command::new(binary())
+        .arg("check")
+        .arg(&sample)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
 
     let dir = scratch_dir("check");
     let broken = dir.join("broken.toml");
@@ -20,11 +28,18 @@ fn check_accepts_the_sample_config_and_points_at_errors() {
         "[[listener]]\nbind = \"127.0.0.1:8080\"\n\n[[route]]\nupstream = \"nope\"\n\n[upstream.default]\nservers = [\"127.0.0.1:9001\"]\n",
     )
     .unwrap();
-    let failed = Command::new(binary()).arg("check").arg(&broken).output().unwrap();
+    let failed = Command::new(binary())
+        .arg("check")
+        .arg(&broken)
+        .output()
+        .unwrap();
     assert!(!failed.status.success());
     let stderr = String::from_utf8_lossy(&failed.stderr);
     assert!(
-        stderr.contains(&format!("{}:5:12: route upstream \"nope\" is not defined", broken.display())),
+        stderr.contains(&format!(
+            "{}:5:12: route upstream \"nope\" is not defined",
+            broken.display()
+        )),
         "{stderr}"
     );
 }
@@ -42,9 +57,17 @@ async fn sigterm_stops_accepting_drains_open_tunnels_and_exits_zero() {
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         tokio::time::sleep(Duration::from_millis(300)).await;
         // New connections are refused, the open tunnel still works.
-        assert!(tokio::net::TcpStream::connect(proxy.addr()).await.is_err(), "{datapath:?}");
-        bounded(ws.send(Message::text("during drain"))).await.unwrap();
-        assert_eq!(bounded(ws.next()).await.unwrap().unwrap(), Message::text("during drain"));
+        assert!(
+            tokio::net::TcpStream::connect(proxy.addr()).await.is_err(),
+            "{datapath:?}"
+        );
+        bounded(ws.send(Message::text("during drain")))
+            .await
+            .unwrap();
+        assert_eq!(
+            bounded(ws.next()).await.unwrap().unwrap(),
+            Message::text("during drain")
+        );
         // At the drain deadline the tunnel is closed and the proxy exits 0.
         let status = tokio::task::spawn_blocking(move || {
             let status = proxy.process().terminate(Duration::from_secs(10));
@@ -53,7 +76,11 @@ async fn sigterm_stops_accepting_drains_open_tunnels_and_exits_zero() {
         .await
         .unwrap();
         let (status, proxy) = status;
-        assert!(status.is_some_and(|s| s.success()), "{datapath:?}: {status:?}\n{}", proxy.log());
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{datapath:?}: {status:?}\n{}",
+            proxy.log()
+        );
         while let Some(Ok(_)) = bounded(ws.next()).await {}
     }
 }

@@ -36,7 +36,8 @@ async fn text_and_binary_of_every_size_echo_unchanged() {
         let mut ws = connect(&proxy.url("/sizes")).await;
         for size in [0usize, 1, 125, 126, 65535, 65536, 1 << 20, 16 << 20] {
             let text = Message::text("é".repeat(size / 2) + &"a".repeat(size % 2));
-            let binary = Message::binary((0..size).map(|i| (i * 7 + size) as u8).collect::<Vec<_>>());
+            let binary =
+                Message::binary((0..size).map(|i| (i * 7 + size) as u8).collect::<Vec<_>>());
             for message in [text, binary] {
                 bounded(ws.send(message.clone())).await.expect("send");
                 let back = bounded(ws.next()).await.expect("open").expect("message");
@@ -64,7 +65,10 @@ async fn ten_thousand_random_messages_from_the_client_come_back_in_order() {
             sink
         });
         for (index, want) in expected.iter().enumerate() {
-            let got = bounded(stream.next()).await.expect("open").expect("message");
+            let got = bounded(stream.next())
+                .await
+                .expect("open")
+                .expect("message");
             assert!(&got == want, "{datapath:?}: message {index} differs");
         }
         let mut sink = writer.await.expect("writer");
@@ -77,7 +81,10 @@ async fn ten_thousand_random_messages_from_the_upstream_arrive_in_order() {
     let seed = seed();
     let upstream = Scripted::start(move |mut stream, head, _| async move {
         use tokio::io::AsyncWriteExt as _;
-        stream.write_all(&switching_protocols(&head)).await.expect("101");
+        stream
+            .write_all(&switching_protocols(&head))
+            .await
+            .expect("101");
         let mut ws = server_socket(stream).await;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         for _ in 0..10_000 {

@@ -18,7 +18,13 @@ async fn every_bad_request_gets_its_status_and_the_proxy_keeps_serving() {
     let mut config = ProxyConfig::new(&[echo.addr()]);
     config.limits = "max_request_head = 1024\nmax_headers = 10";
     let proxy = Proxy::start(DataPath::Userspace, &config);
-    let upgrade = ["Host: a", "Upgrade: websocket", "Connection: Upgrade", KEY, "Sec-WebSocket-Version: 13"];
+    let upgrade = [
+        "Host: a",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        KEY,
+        "Sec-WebSocket-Version: 13",
+    ];
     let without = |skip: &str, first: &'static str, extra: &[&'static str]| {
         let mut lines = vec![first];
         lines.extend(upgrade.iter().copied().filter(|l| !l.starts_with(skip)));
@@ -38,18 +44,54 @@ async fn every_bad_request_gets_its_status_and_the_proxy_keeps_serving() {
         ("no Host", without("Host", "GET / HTTP/1.1", &[]), 400),
         ("plain GET", request(&["GET / HTTP/1.1", "Host: a"]), 426),
         ("no Upgrade", without("Upgrade", "GET / HTTP/1.1", &[]), 426),
-        ("no Connection: upgrade", without("Connection", "GET / HTTP/1.1", &["Connection: keep-alive"]), 426),
-        ("version 8", without("Sec-WebSocket-Version", "GET / HTTP/1.1", &["Sec-WebSocket-Version: 8"]), 426),
-        ("no key", without("Sec-WebSocket-Key", "GET / HTTP/1.1", &[]), 400),
-        ("short key", without("Sec-WebSocket-Key", "GET / HTTP/1.1", &["Sec-WebSocket-Key: c2hvcnQ="]), 400),
-        ("Content-Length", without("-", "GET / HTTP/1.1", &["Content-Length: 0"]), 400),
-        ("Transfer-Encoding", without("-", "GET / HTTP/1.1", &["Transfer-Encoding: chunked"]), 400),
-        ("head too large", {
-            let mut lines = vec!["GET / HTTP/1.1"];
-            lines.extend(upgrade);
-            lines.push(&long_header);
-            request(&lines)
-        }, 431),
+        (
+            "no Connection: upgrade",
+            without("Connection", "GET / HTTP/1.1", &["Connection: keep-alive"]),
+            426,
+        ),
+        (
+            "version 8",
+            without(
+                "Sec-WebSocket-Version",
+                "GET / HTTP/1.1",
+                &["Sec-WebSocket-Version: 8"],
+            ),
+            426,
+        ),
+        (
+            "no key",
+            without("Sec-WebSocket-Key", "GET / HTTP/1.1", &[]),
+            400,
+        ),
+        (
+            "short key",
+            without(
+                "Sec-WebSocket-Key",
+                "GET / HTTP/1.1",
+                &["Sec-WebSocket-Key: c2hvcnQ="],
+            ),
+            400,
+        ),
+        (
+            "Content-Length",
+            without("-", "GET / HTTP/1.1", &["Content-Length: 0"]),
+            400,
+        ),
+        (
+            "Transfer-Encoding",
+            without("-", "GET / HTTP/1.1", &["Transfer-Encoding: chunked"]),
+            400,
+        ),
+        (
+            "head too large",
+            {
+                let mut lines = vec!["GET / HTTP/1.1"];
+                lines.extend(upgrade);
+                lines.push(&long_header);
+                request(&lines)
+            },
+            431,
+        ),
         ("too many headers", request(&too_many), 431),
     ];
     for (name, bytes, status) in cases {
@@ -57,13 +99,19 @@ async fn every_bad_request_gets_its_status_and_the_proxy_keeps_serving() {
         assert_eq!(got, status, "{name}: {answer}");
         assert!(answer.contains("Connection: close"), "{name}: {answer}");
         if status == 426 && name == "version 8" {
-            assert!(answer.contains("Sec-WebSocket-Version: 13\r\n"), "{name}: {answer}");
+            assert!(
+                answer.contains("Sec-WebSocket-Version: 13\r\n"),
+                "{name}: {answer}"
+            );
         }
     }
     // Still serving, and nothing reached the upstream.
     let mut ws = connect(&proxy.url("/after")).await;
     bounded(ws.send(Message::text("still here"))).await.unwrap();
-    assert_eq!(bounded(ws.next()).await.unwrap().unwrap(), Message::text("still here"));
+    assert_eq!(
+        bounded(ws.next()).await.unwrap().unwrap(),
+        Message::text("still here")
+    );
     assert_eq!(echo.records().len(), 1);
     assert!(!proxy.log().contains("panicked"));
 }
@@ -90,7 +138,9 @@ async fn the_upstream_receives_the_nginx_equivalent_header_set() {
             "X-Forwarded-For: 198.51.100.9",
             "X-Real-IP: 6.6.6.6",
         ];
-        let mut stream = bounded(tokio::net::TcpStream::connect(proxy.addr())).await.unwrap();
+        let mut stream = bounded(tokio::net::TcpStream::connect(proxy.addr()))
+            .await
+            .unwrap();
         use tokio::io::AsyncWriteExt as _;
         stream.write_all(&request(&lines)).await.unwrap();
         let (head, _) = read_head(&mut stream).await;
@@ -117,8 +167,14 @@ async fn the_upstream_receives_the_nginx_equivalent_header_set() {
         assert_eq!(value("x-custom"), ["42"]);
         assert_eq!(value("sec-websocket-version"), ["13"]);
         assert_eq!(value("sec-websocket-key").len(), 1);
-        assert!(value("x-hop").is_empty(), "hop-by-hop header forwarded: {names:?}");
-        assert!(value("keep-alive").is_empty(), "hop-by-hop header forwarded: {names:?}");
+        assert!(
+            value("x-hop").is_empty(),
+            "hop-by-hop header forwarded: {names:?}"
+        );
+        assert!(
+            value("keep-alive").is_empty(),
+            "hop-by-hop header forwarded: {names:?}"
+        );
         assert_eq!(value("X-Real-IP"), ["127.0.0.1"]);
         assert_eq!(value("X-Forwarded-For"), ["198.51.100.9, 127.0.0.1"]);
         assert_eq!(value("X-Forwarded-Proto"), ["http"]);
@@ -126,9 +182,30 @@ async fn the_upstream_receives_the_nginx_equivalent_header_set() {
         assert_eq!(value("Connection"), ["upgrade"]);
         // The proxy adds its five headers last, in this order.
         let tail: Vec<&str> = names[names.len() - 5..].to_vec();
-        assert_eq!(tail, ["X-Real-IP", "X-Forwarded-For", "X-Forwarded-Proto", "Upgrade", "Connection"]);
-        let kept = ["Host", "Origin", "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions", "X-Custom"];
-        assert_eq!(names[..names.len() - 5], kept, "{datapath:?}: client order kept, Host first");
+        assert_eq!(
+            tail,
+            [
+                "X-Real-IP",
+                "X-Forwarded-For",
+                "X-Forwarded-Proto",
+                "Upgrade",
+                "Connection"
+            ]
+        );
+        let kept = [
+            "Host",
+            "Origin",
+            "Sec-WebSocket-Key",
+            "Sec-WebSocket-Version",
+            "Sec-WebSocket-Protocol",
+            "Sec-WebSocket-Extensions",
+            "X-Custom",
+        ];
+        assert_eq!(
+            names[..names.len() - 5],
+            kept,
+            "{datapath:?}: client order kept, Host first"
+        );
     }
 }
 
@@ -142,5 +219,8 @@ async fn no_route_is_404() {
     assert_eq!(status, 404);
     let mut ws = connect(&proxy.url("/chat/room")).await;
     bounded(ws.send(Message::text("routed"))).await.unwrap();
-    assert_eq!(bounded(ws.next()).await.unwrap().unwrap(), Message::text("routed"));
+    assert_eq!(
+        bounded(ws.next()).await.unwrap().unwrap(),
+        Message::text("routed")
+    );
 }

@@ -16,6 +16,7 @@ async fn twenty_thousand_connections_leave_fds_and_maps_where_they_started() {
     for datapath in datapaths() {
         let proxy = Proxy::start(datapath, &ProxyConfig::new(&[echo.addr()]));
         let fds_before = proxy.fd_count();
+        let targets_before = proxy.fd_targets();
         let url = Arc::new(proxy.url("/churn"));
         let mut workers = Vec::new();
         for worker in 0..IN_FLIGHT {
@@ -25,7 +26,10 @@ async fn twenty_thousand_connections_leave_fds_and_maps_where_they_started() {
                     let mut ws = connect(&url).await;
                     let message = Message::text(format!("n{i}"));
                     bounded(ws.send(message.clone())).await.expect("send");
-                    assert_eq!(bounded(ws.next()).await.expect("open").expect("echo"), message);
+                    assert_eq!(
+                        bounded(ws.next()).await.expect("open").expect("echo"),
+                        message
+                    );
                     bounded(ws.close(None)).await.expect("close");
                     while let Some(Ok(_)) = bounded(ws.next()).await {}
                 }
@@ -35,9 +39,17 @@ async fn twenty_thousand_connections_leave_fds_and_maps_where_they_started() {
             worker.await.expect("client worker");
         }
         let settled = eventually(|| proxy.fd_count() <= fds_before);
-        assert!(settled, "{datapath:?}: fds {} -> {}", fds_before, proxy.fd_count());
+        assert!(
+            settled,
+            "{datapath:?}: fds {:?} -> {:?}",
+            targets_before,
+            proxy.fd_targets()
+        );
         let metrics = proxy.metrics();
-        assert_eq!(metrics["tunnels_opened_total"], CONNECTIONS as u64, "{datapath:?}");
+        assert_eq!(
+            metrics["tunnels_opened_total"], CONNECTIONS as u64,
+            "{datapath:?}"
+        );
         assert_eq!(metrics["tunnels_open"], 0, "{datapath:?}");
         assert_eq!(metrics["connections_open"], 0, "{datapath:?}");
         if datapath == DataPath::Kernel {
@@ -69,6 +81,9 @@ async fn the_kernel_path_moves_payload_without_userspace_copies() {
     assert!(line["bytes_up"].as_u64().unwrap() > 8 << 20, "{line}");
     assert!(line["bytes_down"].as_u64().unwrap() > 8 << 20, "{line}");
     let metrics = proxy.metrics();
-    assert_eq!(metrics["relayed_bytes_userspace_total"], 0, "userspace copied payload");
+    assert_eq!(
+        metrics["relayed_bytes_userspace_total"], 0,
+        "userspace copied payload"
+    );
     assert!(metrics["spliced_bytes_kernel_total"] > 16 << 20);
 }

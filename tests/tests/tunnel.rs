@@ -37,9 +37,15 @@ async fn frames_sent_with_after_and_long_after_the_101_arrive_in_order() {
         let mut first = switching_protocols(&head);
         first.extend_from_slice(&server_frame(b"same segment"));
         stream.write_all(&first).await.unwrap();
-        stream.write_all(&server_frame(b"right after")).await.unwrap();
+        stream
+            .write_all(&server_frame(b"right after"))
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_secs(2)).await;
-        stream.write_all(&server_frame(b"two seconds later")).await.unwrap();
+        stream
+            .write_all(&server_frame(b"two seconds later"))
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_secs(5)).await;
     })
     .await;
@@ -71,7 +77,11 @@ async fn a_frame_pipelined_behind_the_request_reaches_the_upstream_after_the_101
             got.extend_from_slice(&buf[..n]);
         }
         // Echo the payload back so the client can tell what arrived.
-        let reply = if got == expected { &b"got it"[..] } else { &b"garbled"[..] };
+        let reply = if got == expected {
+            &b"got it"[..]
+        } else {
+            &b"garbled"[..]
+        };
         stream.write_all(&server_frame(reply)).await.unwrap();
         tokio::time::sleep(Duration::from_secs(5)).await;
     })
@@ -128,16 +138,24 @@ async fn an_idle_tunnel_is_closed_and_traffic_either_way_keeps_it_open() {
         // Silent both ways: closed after about a second.
         let mut ws = connect(&proxy.url("/quiet")).await;
         let took = time_until_closed(&mut ws).await;
-        assert!(took >= Duration::from_millis(800) && took < Duration::from_secs(4), "{datapath:?}: {took:?}");
+        assert!(
+            took >= Duration::from_millis(800) && took < Duration::from_secs(4),
+            "{datapath:?}: {took:?}"
+        );
 
         // Client → upstream traffic every 300 ms for 3 s keeps it open.
         let mut ws = connect(&proxy.url("/listen")).await;
         for i in 0..10 {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            bounded(ws.send(Message::text(format!("ping {i}")))).await.expect("still open");
+            bounded(ws.send(Message::text(format!("ping {i}"))))
+                .await
+                .expect("still open");
         }
         let took = time_until_closed(&mut ws).await;
-        assert!(took >= Duration::from_millis(700), "{datapath:?}: closed {took:?} after the last message");
+        assert!(
+            took >= Duration::from_millis(700),
+            "{datapath:?}: closed {took:?} after the last message"
+        );
 
         // Upstream → client traffic every 300 ms keeps it open too.
         let mut ws = connect(&proxy.url("/talk")).await;
@@ -146,9 +164,19 @@ async fn an_idle_tunnel_is_closed_and_traffic_either_way_keeps_it_open() {
             assert_eq!(got, Message::text(format!("tick {i}")), "{datapath:?}");
         }
         let took = time_until_closed(&mut ws).await;
-        assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(4), "{datapath:?}: {took:?}");
+        assert!(
+            took >= Duration::from_millis(700) && took < Duration::from_secs(4),
+            "{datapath:?}: {took:?}"
+        );
         let closes = proxy.access_lines();
-        assert!(closes.iter().filter(|l| l["reason"].as_str().unwrap_or("").contains("idle")).count() >= 3, "{closes:?}");
+        assert!(
+            closes
+                .iter()
+                .filter(|l| l["reason"].as_str().unwrap_or("").contains("idle"))
+                .count()
+                >= 3,
+            "{closes:?}"
+        );
     }
 }
 
@@ -169,15 +197,28 @@ async fn close_frames_are_seen_by_the_other_side_both_ways() {
         let mut ws = connect(&proxy.url("/")).await;
         bounded(ws.close(None)).await.expect("close");
         let answer = bounded(ws.next()).await;
-        assert!(matches!(answer, Some(Ok(Message::Close(_))) | None), "{datapath:?}: {answer:?}");
+        assert!(
+            matches!(answer, Some(Ok(Message::Close(_))) | None),
+            "{datapath:?}: {answer:?}"
+        );
 
         // Upstream closes: the client sees its Close frame.
         let proxy = Proxy::start(datapath, &ProxyConfig::new(&[closing_upstream.addr()]));
         let mut ws = connect(&proxy.url("/")).await;
         bounded(ws.send(Message::text("bye"))).await.unwrap();
         let got = bounded(ws.next()).await;
-        assert!(matches!(got, Some(Ok(Message::Close(_)))), "{datapath:?}: {got:?}");
-        assert!(proxy.wait_access_lines(1).iter().any(|l| l["reason"] == "both sides closed"));
+        assert!(
+            matches!(got, Some(Ok(Message::Close(_)))),
+            "{datapath:?}: {got:?}"
+        );
+        // Answering the Close ends the TCP connection on both sides.
+        while let Some(Ok(_)) = bounded(ws.next()).await {}
+        drop(ws);
+        let lines = proxy.wait_access_lines(1);
+        assert!(
+            lines.iter().any(|l| l["reason"] == "both sides closed"),
+            "{datapath:?}: {lines:?}"
+        );
     }
 }
 
@@ -203,7 +244,10 @@ async fn a_half_close_is_passed_on_and_the_other_direction_keeps_flowing() {
     for datapath in datapaths() {
         let proxy = Proxy::start(datapath, &ProxyConfig::new(&[upstream.addr()]));
         let mut client = bounded(TcpStream::connect(proxy.addr())).await.unwrap();
-        client.write_all(&upgrade_request("/client-first", &[])).await.unwrap();
+        client
+            .write_all(&upgrade_request("/client-first", &[]))
+            .await
+            .unwrap();
         let (_, rest) = read_head(&mut client).await;
         client.shutdown().await.unwrap();
         let mut got = rest;
@@ -212,7 +256,10 @@ async fn a_half_close_is_passed_on_and_the_other_direction_keeps_flowing() {
 
         // Mirror 2: the upstream shuts down first; the client sees EOF and can still send.
         let mut client = bounded(TcpStream::connect(proxy.addr())).await.unwrap();
-        client.write_all(&upgrade_request("/upstream-first", &[])).await.unwrap();
+        client
+            .write_all(&upgrade_request("/upstream-first", &[]))
+            .await
+            .unwrap();
         let (_, rest) = read_head(&mut client).await;
         let mut got = rest;
         bounded(client.read_to_end(&mut got)).await.unwrap();
@@ -220,7 +267,10 @@ async fn a_half_close_is_passed_on_and_the_other_direction_keeps_flowing() {
         client.write_all(b"still talking").await.unwrap();
         client.shutdown().await.unwrap();
         let lines = proxy.wait_access_lines(2);
-        assert!(lines.iter().all(|l| l["reason"] == "both sides closed"), "{datapath:?}: {lines:?}");
+        assert!(
+            lines.iter().all(|l| l["reason"] == "both sides closed"),
+            "{datapath:?}: {lines:?}"
+        );
         assert_eq!(lines[1]["bytes_up"], 13, "{datapath:?}: {lines:?}");
     }
 }
@@ -233,7 +283,9 @@ async fn a_reset_upstream_closes_the_client() {
         let _ = stream.read(&mut buf).await;
         // SO_LINGER 0: close sends a RST.
         let std = stream.into_std().unwrap();
-        socket2::SockRef::from(&std).set_linger(Some(Duration::ZERO)).unwrap();
+        socket2::SockRef::from(&std)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
         drop(std);
     })
     .await;

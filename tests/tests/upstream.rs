@@ -24,9 +24,15 @@ async fn a_refused_upstream_is_502_and_the_next_server_is_used() {
         let proxy = Proxy::start(datapath, &ProxyConfig::new(&[dead_server(), echo.addr()]));
         for round in 0..4 {
             let mut ws = connect(&proxy.url("/")).await;
-            bounded(ws.send(Message::text(format!("round {round}")))).await.unwrap();
+            bounded(ws.send(Message::text(format!("round {round}"))))
+                .await
+                .unwrap();
             let back = bounded(ws.next()).await.unwrap().unwrap();
-            assert_eq!(back, Message::text(format!("round {round}")), "{datapath:?}");
+            assert_eq!(
+                back,
+                Message::text(format!("round {round}")),
+                "{datapath:?}"
+            );
         }
     }
 }
@@ -57,7 +63,10 @@ async fn an_upstream_that_never_answers_is_504_within_the_handshake_timeout() {
         let (status, answer) = raw_exchange(proxy.addr(), &upgrade_request("/", &[])).await;
         let took = started.elapsed();
         assert_eq!(status, 504, "{datapath:?}: {answer}");
-        assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "{took:?}");
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+            "{took:?}"
+        );
     }
 }
 
@@ -116,6 +125,10 @@ async fn a_bad_101_is_502_and_pipelined_bytes_never_reach_the_upstream() {
         let (status, _) = raw_exchange(proxy.addr(), &request).await;
         assert_eq!(status, 502, "{datapath:?}");
         let seen = bounded(seen_rx.recv()).await.unwrap();
-        assert!(seen.is_empty(), "{datapath:?}: the upstream got {:?}", String::from_utf8_lossy(&seen));
+        assert!(
+            seen.is_empty(),
+            "{datapath:?}: the upstream got {:?}",
+            String::from_utf8_lossy(&seen)
+        );
     }
 }

@@ -92,7 +92,14 @@ fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     step("cargo clippy", || {
         cargo(
             root,
-            &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
         )
     })?;
     step("build wsplice (release)", || {

@@ -42,7 +42,10 @@ fn ensure_toolchain(channel: &str, components: &[&str]) -> anyhow::Result<()> {
     if installed.status.success() && components.iter().all(|c| has(c)) {
         return Ok(());
     }
-    println!("==> installing toolchain {channel} with {}", components.join(", "));
+    println!(
+        "==> installing toolchain {channel} with {}",
+        components.join(", ")
+    );
     let mut command = Command::new("rustup");
     command.args(["toolchain", "install", channel, "--profile", "minimal"]);
     for component in components {
@@ -69,7 +72,9 @@ fn ensure_bpf_linker(root: &Path, nightly: &str) -> anyhow::Result<()> {
     {
         return Ok(());
     }
-    println!("==> building bpf-linker {BPF_LINKER_VERSION} against {nightly}'s LLVM (1-2 minutes, once)");
+    println!(
+        "==> building bpf-linker {BPF_LINKER_VERSION} against {nightly}'s LLVM (1-2 minutes, once)"
+    );
     let sysroot = Command::new("rustc")
         .args([&format!("+{nightly}"), "--print", "sysroot"])
         .env_remove("RUSTUP_TOOLCHAIN")
@@ -98,7 +103,13 @@ fn ensure_bpf_linker(root: &Path, nightly: &str) -> anyhow::Result<()> {
     }
     let status = Command::new("rustup")
         .args(["run", nightly, "cargo", "install", "bpf-linker"])
-        .args(["--version", BPF_LINKER_VERSION, "--locked", "--force", "--root"])
+        .args([
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
+            "--root",
+        ])
         .arg(&tools)
         .env("LLVM_PREFIX", &prefix)
         .env_remove("RUSTUP_TOOLCHAIN")
@@ -106,7 +117,10 @@ fn ensure_bpf_linker(root: &Path, nightly: &str) -> anyhow::Result<()> {
         .status()
         .context("cannot run cargo install bpf-linker")?;
     if !status.success() {
-        bail!("building bpf-linker failed ({status}); LLVM_PREFIX={}", prefix.display());
+        bail!(
+            "building bpf-linker failed ({status}); LLVM_PREFIX={}",
+            prefix.display()
+        );
     }
     std::fs::write(&stamp, wanted)?;
     Ok(())

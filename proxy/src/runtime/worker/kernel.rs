@@ -133,10 +133,14 @@ pub(super) fn inspect(fd: RawFd) -> SplicedEvent {
         n if n > 0 => SplicedEvent::Stray,
         _ => {
             let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::WouldBlock {
-                SplicedEvent::Nothing
-            } else {
-                SplicedEvent::Failed(error)
+            match error.raw_os_error() {
+                Some(libc::EAGAIN) => SplicedEvent::Nothing,
+                // The kernel reports EPIPE on a socket when it could not push redirected bytes
+                // into the peer after that peer's send side was shut down (a half-close in
+                // progress, e.g. the zero-length skb behind a FIN). Reading it cleared it; the
+                // FIN itself arrives as EOF.
+                Some(libc::EPIPE) => SplicedEvent::Nothing,
+                _ => SplicedEvent::Failed(error),
             }
         }
     }
