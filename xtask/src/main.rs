@@ -4,6 +4,7 @@
 //! against the eBPF nightly's own LLVM); the other tasks run it first, so the README's two
 //! commands work on a machine that has only rustup, gcc and git.
 
+mod bench;
 mod ebpf_build;
 mod setup;
 
@@ -32,6 +33,12 @@ enum Task {
         /// Extra arguments for `wsplice run`.
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Side-by-side benchmarks: direct, nginx, wsplice userspace and kernel paths.
+    Bench {
+        /// A short pass (1,000 held tunnels, 2 s runs).
+        #[arg(long)]
+        quick: bool,
     },
     /// fmt, clippy, build, unit and end-to-end tests.
     Test {
@@ -67,6 +74,30 @@ fn run(task: Task) -> anyhow::Result<()> {
                 cargo(&root, &["build", "--release", "-p", "wsplice"])
             })?;
             run_demo(&root, &args)
+        }
+        Task::Bench { quick } => {
+            setup::setup(&root)?;
+            step("build wsplice and wsplice-load (release)", || {
+                cargo(
+                    &root,
+                    &[
+                        "build",
+                        "--release",
+                        "-p",
+                        "wsplice",
+                        "-p",
+                        "wsplice-benches",
+                    ],
+                )
+            })?;
+            bench::bench(
+                &root,
+                if quick {
+                    bench::Scale::QUICK
+                } else {
+                    bench::Scale::FULL
+                },
+            )
         }
         Task::Test { args } => {
             setup::setup(&root)?;

@@ -1,0 +1,104 @@
+//! A reader that never reads must not make the proxy buffer without bound, nor stall others.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use wsplice_tests::*;
+
+/// What the flooding upstream may get written in total while its reader is stuck: the socket
+/// buffers on the way (autotuned, at most a few MiB each) plus one 64 KiB relay buffer.
+const BOUND: u64 = 32 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_reader_stalls_only_its_own_upstream_in_the_userspace_relay() {
+    let written = Arc::new(AtomicU64::new(0));
+    let counter = written.clone();
+    let upstream = Scripted::start(move |mut stream, head, _| {
+        let counter = counter.clone();
+        async move {
+            stream.write_all(&switching_protocols(&head)).await.unwrap();
+            if head.starts_with("GET /flood") {
+                let mut frame = vec![0x82, 127];
+                frame.extend_from_slice(&65536u64.to_be_bytes());
+                frame.extend_from_slice(&[0x33; 65536]);
+                let started = Instant::now();
+                while started.elapsed() < Duration::from_secs(3) {
+                    match tokio::time::timeout(Duration::from_millis(200), stream.write_all(&frame))
+                        .await
+                    {
+                        Ok(Ok(())) => {
+                            counter.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                        }
+                        Ok(Err(_)) => return,
+                        Err(_) => {} // blocked: backpressure reached the upstream
+                    }
+                }
+            } else {
+                let mut ws = server_socket(stream).await;
+                while let Some(Ok(message)) = ws.next().await {
+                    if ws.send(message).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    let mut proxy = Proxy::start(DataPath::Userspace, &ProxyConfig::new(&[upstream.addr()]));
+    let rss_before = rss_kib(proxy.process().pid());
+
+    let mut stuck = bounded(TcpStream::connect(proxy.addr())).await.unwrap();
+    stuck
+        .write_all(&upgrade_request("/flood", &[]))
+        .await
+        .unwrap();
+    // Read only the 101, then never again.
+    let (head, _) = read_head(&mut stuck).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+
+    // Another tunnel of the same proxy keeps working meanwhile.
+    let mut other = connect(&proxy.url("/echo")).await;
+    for i in 0..20 {
+        let started = Instant::now();
+        bounded(other.send(Message::text(format!("ping {i}"))))
+            .await
+            .unwrap();
+        assert_eq!(
+            bounded(other.next()).await.unwrap().unwrap(),
+            Message::text(format!("ping {i}"))
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "round trip took {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let flooded = written.load(Ordering::Relaxed);
+    let grown = rss_kib(proxy.process().pid()).saturating_sub(rss_before);
+    assert!(
+        flooded < BOUND,
+        "the upstream could write {flooded} bytes to a stuck reader"
+    );
+    assert!(grown < 16 * 1024, "proxy RSS grew by {grown} KiB");
+    drop(stuck);
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
