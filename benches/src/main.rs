@@ -54,6 +54,18 @@ enum Workload {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// New tunnels per second: upgrade, one echoed message, close; `conns` loops in parallel.
+    Storm {
+        /// ws:// URL.
+        #[arg(long)]
+        url: String,
+        /// Parallel loops.
+        #[arg(long, default_value_t = 64)]
+        conns: usize,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
     /// Open idle tunnels and hold them.
     Hold {
         /// ws:// URL.
@@ -100,6 +112,11 @@ async fn main() -> anyhow::Result<()> {
             size,
             seconds,
         } => latency(&url, conns, size, seconds).await?,
+        Workload::Storm {
+            url,
+            conns,
+            seconds,
+        } => storm(&url, conns, seconds).await?,
         Workload::Hold { url, conns } => hold(&url, conns).await?,
     };
     println!("{result}");
@@ -187,6 +204,36 @@ async fn latency(
         "workload": "latency", "conns": conns, "size": size, "round_trips": samples.len(),
         "p50_us": pick(0.50), "p99_us": pick(0.99),
     }))
+}
+
+async fn storm(url: &str, conns: usize, seconds: f64) -> anyhow::Result<serde_json::Value> {
+    let measured = Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let url = url.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            let message = Message::binary(vec![0x22u8; 64]);
+            while started.elapsed() < measured {
+                let mut ws = open(&url).await?;
+                ws.send(message.clone()).await?;
+                ws.next().await.context("stream ended")??;
+                ws.close(None).await?;
+                while let Some(Ok(_)) = ws.next().await {}
+                done += 1;
+            }
+            anyhow::Ok(done)
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await??;
+    }
+    let per_second = total as f64 / started.elapsed().as_secs_f64();
+    Ok(
+        serde_json::json!({"workload": "storm", "conns": conns, "tunnels": total, "per_second": per_second}),
+    )
 }
 
 async fn hold(url: &str, conns: usize) -> anyhow::Result<serde_json::Value> {

@@ -96,6 +96,10 @@ pub fn bench(root: &Path, scale: Scale) -> anyhow::Result<()> {
     let mut rows: Vec<(String, Vec<f64>)> = vec![
         ("bulk 1 tunnel, MB/s".into(), vec![]),
         ("bulk 16 tunnels, MB/s".into(), vec![]),
+        (
+            "storm: new tunnels/s (upgrade + echo + close), 64 in parallel".into(),
+            vec![],
+        ),
         ("latency p50 at 64 conns, µs".into(), vec![]),
         ("latency p99 at 64 conns, µs".into(), vec![]),
         (
@@ -103,7 +107,10 @@ pub fn bench(root: &Path, scale: Scale) -> anyhow::Result<()> {
             vec![],
         ),
         (
-            format!("machine memory per idle tunnel ({} held), KB", scale.hold),
+            format!(
+                "kernel slab per idle tunnel, all its sockets ({} held), KB",
+                scale.hold
+            ),
             vec![],
         ),
     ];
@@ -115,15 +122,17 @@ pub fn bench(root: &Path, scale: Scale) -> anyhow::Result<()> {
         let seconds = scale.seconds.to_string();
         let bulk1 = run(&["bulk", "--conns", "1", "--seconds", &seconds])?;
         let bulk16 = run(&["bulk", "--conns", "16", "--seconds", &seconds])?;
+        let storm = run(&["storm", "--conns", "64", "--seconds", &seconds])?;
         let latency = run(&["latency", "--conns", "64", "--seconds", &seconds])?;
-        let (rss, machine) = hold(&load, &url, scale.hold, &pids)?;
+        let (rss, slab) = hold(&load, &url, scale.hold, &pids)?;
         let values = [
             bulk1["mb_per_s"].as_f64().unwrap_or(0.0),
             bulk16["mb_per_s"].as_f64().unwrap_or(0.0),
+            storm["per_second"].as_f64().unwrap_or(0.0),
             latency["p50_us"].as_f64().unwrap_or(0.0),
             latency["p99_us"].as_f64().unwrap_or(0.0),
             rss,
-            machine,
+            slab,
         ];
         for (row, value) in rows.iter_mut().zip(values) {
             row.1.push(value);
@@ -306,23 +315,24 @@ fn rss_kb(pids: &[u32]) -> f64 {
         .sum()
 }
 
-fn mem_available_kb() -> f64 {
+/// Kernel slab memory: sockets, psocks, map entries (page cache noise excluded).
+fn slab_kb() -> f64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
             m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
+                .find(|l| l.starts_with("Slab:"))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0.0)
 }
 
-/// Opens `conns` idle tunnels; returns (proxy RSS KB per tunnel, machine memory KB per tunnel).
+/// Opens `conns` idle tunnels; returns (proxy RSS KB per tunnel, kernel slab KB per tunnel).
 fn hold(load: &Path, url: &str, conns: usize, pids: &[u32]) -> anyhow::Result<(f64, f64)> {
     std::thread::sleep(Duration::from_millis(500));
     let rss_before = rss_kb(pids);
-    let available_before = mem_available_kb();
+    let slab_before = slab_kb();
     let mut child = Command::new(load)
         .args(["hold", "--url", url, "--conns", &conns.to_string()])
         .stdin(Stdio::piped())
@@ -338,12 +348,12 @@ fn hold(load: &Path, url: &str, conns: usize, pids: &[u32]) -> anyhow::Result<(f
     }
     std::thread::sleep(Duration::from_millis(500));
     let rss = (rss_kb(pids) - rss_before) / conns as f64;
-    let machine = (available_before - mem_available_kb()) / conns as f64;
+    let slab = (slab_kb() - slab_before) / conns as f64;
     drop(child.stdin.take());
     let _ = child.wait();
     // Let the closes settle before the next run.
     std::thread::sleep(Duration::from_secs(1));
-    Ok((rss, machine))
+    Ok((rss, slab))
 }
 
 fn report(
