@@ -8,13 +8,21 @@
 pub const PEER_MAP: &str = "PEER";
 /// Name of the HASH map of per-socket activity (key: socket cookie).
 pub const ACTIVITY_MAP: &str = "ACTIVITY";
+/// Name of the ring buffer through which the program reports sockets that moved another
+/// [`PRESSURE_STEP`] bytes, so userspace checks their peer's backlog.
+pub const PRESSURE_MAP: &str = "PRESSURE";
+/// Size of the pressure ring buffer in bytes (a power of two, a multiple of the page size).
+pub const PRESSURE_RING_BYTES: u32 = 256 * 1024;
+/// A socket is reported each time it has redirected this many more bytes.
+pub const PRESSURE_STEP: u64 = 1 << 20;
 /// Name of the `sk_skb/stream_verdict` program.
 pub const VERDICT_PROGRAM: &str = "wsplice_verdict";
 /// Entries the maps are compiled with; the loader resizes them to the configured capacity.
 pub const DEFAULT_MAP_ENTRIES: u32 = 1 << 16;
 
 /// What the verdict program records for one socket: when bytes last arrived on it and how many
-/// it has redirected to the peer. Written only by the program running under that socket's lock.
+/// it has redirected to the peer. Userspace writes it once (at hand-off); afterwards only the
+/// program writes it, running under that socket's lock.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Activity {
@@ -22,8 +30,13 @@ pub struct Activity {
     pub last_ns: u64,
     /// Bytes received on this socket and redirected to its peer.
     pub bytes: u64,
+    /// When `bytes` reaches this, the program reports `owner` on the pressure ring and moves
+    /// the mark [`PRESSURE_STEP`] further.
+    pub notify_at: u64,
+    /// Opaque to the kernel: who in userspace owns this socket (worker, slot, generation).
+    pub owner: u64,
 }
 
-// SAFETY: `Activity` is `repr(C)`, has no padding (two u64) and every bit pattern is valid.
+// SAFETY: `Activity` is `repr(C)`, has no padding (four u64) and every bit pattern is valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Activity {}

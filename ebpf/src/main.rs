@@ -9,10 +9,10 @@
 use aya_ebpf::bindings::sk_action::SK_PASS;
 use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns};
 use aya_ebpf::macros::{map, stream_verdict};
-use aya_ebpf::maps::{HashMap, SockHash};
+use aya_ebpf::maps::{HashMap, RingBuf, SockHash};
 use aya_ebpf::programs::SkBuffContext;
 use aya_ebpf::EbpfContext as _;
-use wsplice_common::{Activity, DEFAULT_MAP_ENTRIES};
+use wsplice_common::{Activity, DEFAULT_MAP_ENTRIES, PRESSURE_RING_BYTES, PRESSURE_STEP};
 
 /// cookie(socket) → peer socket.
 #[map(name = "PEER")]
@@ -21,6 +21,10 @@ static PEER: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAP_ENTRIES, 0);
 /// cookie(socket) → activity of that socket (inserted and removed by userspace).
 #[map(name = "ACTIVITY")]
 static ACTIVITY: HashMap<u64, Activity> = HashMap::with_max_entries(DEFAULT_MAP_ENTRIES, 0);
+
+/// Owners of sockets that moved another `PRESSURE_STEP` bytes (userspace checks their backlog).
+#[map(name = "PRESSURE")]
+static PRESSURE: RingBuf = RingBuf::with_byte_size(PRESSURE_RING_BYTES, 0);
 
 /// Redirects each skb to the egress of the socket's peer.
 #[stream_verdict]
@@ -36,6 +40,11 @@ pub fn wsplice_verdict(ctx: SkBuffContext) -> u32 {
             unsafe {
                 (*activity).last_ns = bpf_ktime_get_ns();
                 (*activity).bytes += u64::from(ctx.len());
+                if (*activity).bytes >= (*activity).notify_at {
+                    (*activity).notify_at = (*activity).bytes + PRESSURE_STEP;
+                    // A full ring only delays the check to the next step: nothing is lost.
+                    let _ = PRESSURE.output(&(*activity).owner, 0);
+                }
             }
         }
     }

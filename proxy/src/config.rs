@@ -117,6 +117,9 @@ pub struct Limits {
     pub relay_buffer: usize,
     /// Tunnels the kernel splice maps are sized for (default 1,048,576).
     pub max_tunnels: usize,
+    /// Kernel path: bytes a tunnel may have redirected but not yet taken in by the reader's
+    /// socket before it is closed as a slow consumer (default 16 MiB).
+    pub kernel_backlog: usize,
 }
 
 /// `[admin]`.
@@ -144,6 +147,7 @@ impl Default for Limits {
             max_headers: 100,
             relay_buffer: 64 * 1024,
             max_tunnels: 1 << 20,
+            kernel_backlog: 16 << 20,
         }
     }
 }
@@ -309,6 +313,7 @@ struct RawLimits {
     max_headers: Option<Spanned<usize>>,
     relay_buffer: Option<Spanned<RawSize>>,
     max_tunnels: Option<Spanned<usize>>,
+    kernel_backlog: Option<Spanned<RawSize>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -541,6 +546,12 @@ impl RawLimits {
             max_headers: count(&self.max_headers, defaults.max_headers, 8, 1000)?,
             relay_buffer: size(&self.relay_buffer, defaults.relay_buffer, 1024, 16 << 20)?,
             max_tunnels: count(&self.max_tunnels, defaults.max_tunnels, 1, 1 << 30)?,
+            kernel_backlog: size(
+                &self.kernel_backlog,
+                defaults.kernel_backlog,
+                1 << 20,
+                1 << 30,
+            )?,
         })
     }
 }

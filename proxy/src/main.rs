@@ -51,8 +51,7 @@ enum Command {
 /// Which data path moves the bytes of plain tunnels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DataPath {
-    /// The safe default of this build: the userspace relay (the kernel path is opt-in until it
-    /// bounds the memory a slow reader can pin).
+    /// The kernel path when the eBPF program loads, else userspace.
     Auto,
     /// The sockmap eBPF program (fails to start if it cannot be loaded).
     Kernel,
@@ -117,16 +116,19 @@ fn choose_datapath(
             tracing::info!(max_sockets, "data path: kernel splice (asked for)");
             Ok(Some(program))
         }
-        DataPath::Auto => {
-            // The kernel path does not yet bound the memory a reader that never reads can pin
-            // (redirected bytes queue in the kernel without limit; README "Kernel data path"),
-            // so `auto` keeps every tunnel on the userspace relay, which applies backpressure.
-            tracing::info!(
-                "data path: userspace relay (auto; the kernel splice is opt-in with --datapath \
-                 kernel until it bounds memory for slow readers)"
-            );
-            Ok(None)
-        }
+        DataPath::Auto => match SpliceProgram::load(max_sockets) {
+            Ok(program) => {
+                tracing::info!(
+                    max_sockets,
+                    "data path: kernel splice (auto: the program loaded)"
+                );
+                Ok(Some(program))
+            }
+            Err(error) => {
+                tracing::warn!(%error, "data path: userspace relay (auto: the program did not load)");
+                Ok(None)
+            }
+        },
     }
 }
 

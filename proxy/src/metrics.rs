@@ -67,6 +67,8 @@ pub struct Metrics {
     pub upstream_connect_failures: Counter,
     /// Tunnels closed by the idle timeout.
     pub idle_timeouts: Counter,
+    /// Kernel-path tunnels closed because their reader fell `kernel_backlog` behind.
+    pub slow_consumers_closed: Counter,
     /// Tunnel payload bytes copied through userspace (the relay), both directions.
     pub relayed_bytes_userspace: Counter,
     /// Tunnel payload bytes moved by the kernel splice path, both directions.
@@ -77,7 +79,7 @@ impl Metrics {
     /// Renders every metric in the Prometheus text exposition format; `extra` holds gauges read
     /// at scrape time (name, help, value).
     pub fn render(&self, extra: &[(&str, &str, u64)]) -> String {
-        let counters: [(&str, &str, u64); 9] = [
+        let counters: [(&str, &str, u64); 10] = [
             (
                 "connections_accepted_total",
                 "Client connections accepted.",
@@ -107,6 +109,11 @@ impl Metrics {
                 "upstream_connect_failures_total",
                 "Failed upstream connect attempts.",
                 self.upstream_connect_failures.get(),
+            ),
+            (
+                "slow_consumers_closed_total",
+                "Kernel-path tunnels closed because their reader fell too far behind.",
+                self.slow_consumers_closed.get(),
             ),
             (
                 "idle_timeouts_total",

@@ -51,6 +51,8 @@ pub struct Services {
     pub relay_buffer: usize,
     /// How long tunnels may run after shutdown began.
     pub drain: Duration,
+    /// Kernel path: backlog beyond which a tunnel is closed as a slow consumer.
+    pub kernel_backlog: u64,
     /// Process-wide counters.
     pub metrics: Arc<Metrics>,
     /// The loaded sockmap program when plain tunnels go to the kernel path.
@@ -86,6 +88,7 @@ impl Services {
             connect_timeout: config.timeouts.connect,
             relay_buffer: config.limits.relay_buffer,
             drain: config.timeouts.drain,
+            kernel_backlog: config.limits.kernel_backlog as u64,
             metrics: Arc::default(),
             splice: splice.map(|program| Arc::new(Mutex::new(program))),
         }

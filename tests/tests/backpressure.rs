@@ -15,7 +15,16 @@ use wsplice_tests::*;
 const BOUND: u64 = 32 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stuck_reader_stalls_only_its_own_upstream_in_the_userspace_relay() {
+async fn a_stuck_reader_pins_bounded_memory_and_stalls_no_other_tunnel() {
+    for datapath in datapaths() {
+        stuck_reader(datapath).await;
+    }
+}
+
+/// Userspace relay: the upstream is throttled by TCP backpressure, the tunnel stays open.
+/// Kernel path: the kernel queues redirected bytes without backpressure, so the proxy closes the
+/// tunnel once its reader is `kernel_backlog` behind.
+async fn stuck_reader(datapath: DataPath) {
     let written = Arc::new(AtomicU64::new(0));
     let counter = written.clone();
     let upstream = Scripted::start(move |mut stream, head, _| {
@@ -49,7 +58,9 @@ async fn a_stuck_reader_stalls_only_its_own_upstream_in_the_userspace_relay() {
         }
     })
     .await;
-    let mut proxy = Proxy::start(DataPath::Userspace, &ProxyConfig::new(&[upstream.addr()]));
+    let mut config = ProxyConfig::new(&[upstream.addr()]);
+    config.limits = "kernel_backlog = \"4MiB\"";
+    let mut proxy = Proxy::start(datapath, &config);
     let rss_before = rss_kib(proxy.process().pid());
 
     let mut stuck = bounded(TcpStream::connect(proxy.addr())).await.unwrap();

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-pub use worker::WorkerError;
+pub use worker::{Inbox, WorkerError};
 
 use crate::config::Config;
 use crate::headers::Scheme;
@@ -80,13 +80,16 @@ pub fn serve(
         )?;
     }
 
+    let mut inboxes = pressure_watch(&services, workers, &shutdown)?;
     let mut handles = Vec::with_capacity(workers);
     for (index, listeners) in per_worker.into_iter().enumerate() {
+        let inbox = inboxes.get_mut(index).and_then(Option::take);
         let worker = Worker::new(
             index,
             Arc::clone(&services),
             listeners,
             Arc::clone(&shutdown),
+            inbox,
         )
         .map_err(|source| RuntimeError::Worker { index, source })?;
         let running = Arc::clone(&running);
@@ -134,6 +137,39 @@ pub fn serve(
             Ok(())
         }
     }
+}
+
+/// Kernel path: starts the thread that turns the program's pressure reports into checks by the
+/// owning worker; returns each worker's inbox (none on the userspace path).
+fn pressure_watch(
+    services: &Services,
+    workers: usize,
+    shutdown: &Arc<AtomicBool>,
+) -> Result<Vec<Option<Inbox>>, RuntimeError> {
+    let Some(program) = services.splice.as_ref() else {
+        return Ok((0..workers).map(|_| None).collect());
+    };
+    let ring = program
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take_pressure_ring();
+    let Some(ring) = ring else {
+        return Ok((0..workers).map(|_| None).collect());
+    };
+    let mut inboxes = Vec::with_capacity(workers);
+    let mut mailboxes = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let wake = Arc::new(crate::splice::eventfd().map_err(RuntimeError::Spawn)?);
+        let (sender, receiver) = std::sync::mpsc::channel();
+        mailboxes.push(crate::splice::Mailbox {
+            sender,
+            wake: Arc::clone(&wake),
+        });
+        inboxes.push(Some(Inbox { receiver, wake }));
+    }
+    crate::splice::PressureWatcher::spawn(ring, mailboxes, Arc::clone(shutdown))
+        .map_err(RuntimeError::Spawn)?;
+    Ok(inboxes)
 }
 
 /// Gauges of the splice maps, read at scrape time (tests use them to prove cleanup).

@@ -10,6 +10,8 @@ pub enum Op {
     Tick = 2,
     /// Cancellation of listener `slot`'s accept (drain).
     CancelAccept = 3,
+    /// The worker's mailbox eventfd is readable (pressure reports).
+    Wake = 4,
     /// Readiness of the client socket.
     PollClient = 10,
     /// Readiness of the upstream socket.
@@ -32,6 +34,7 @@ impl Op {
             1 => Op::Accept,
             2 => Op::Tick,
             3 => Op::CancelAccept,
+            4 => Op::Wake,
             10 => Op::PollClient,
             11 => Op::PollUpstream,
             12 => Op::SendClient,

@@ -24,6 +24,7 @@ use crate::headers::Scheme;
 use crate::listener::Listener;
 use crate::runtime::token::{Op, Token};
 use crate::services::Services;
+use crate::splice::Owner;
 use crate::timeouts::{TimerKey, TimerWheel};
 use crate::tunnel::relay::{AfterSource, Direction};
 
@@ -172,9 +173,19 @@ struct ListenerSlot {
     accepting: bool,
 }
 
+/// Where a worker receives pressure reports (kernel path): a channel and the eventfd that
+/// wakes its ring.
+pub struct Inbox {
+    /// Reports from the pressure watcher.
+    pub receiver: std::sync::mpsc::Receiver<Owner>,
+    /// Readable when reports are waiting.
+    pub wake: Arc<OwnedFd>,
+}
+
 /// One worker thread's state.
 pub struct Worker {
     index: usize,
+    inbox: Option<Inbox>,
     ring: IoUring,
     services: Arc<Services>,
     listeners: Vec<ListenerSlot>,
@@ -197,11 +208,13 @@ impl Worker {
         services: Arc<Services>,
         listeners: Vec<Listener>,
         shutdown: Arc<AtomicBool>,
+        inbox: Option<Inbox>,
     ) -> Result<Worker, WorkerError> {
         let ring = IoUring::new(RING_ENTRIES).map_err(WorkerError::Ring)?;
         let relay_buffer = services.relay_buffer;
         Ok(Worker {
             index,
+            inbox,
             ring,
             services,
             listeners: listeners
@@ -230,6 +243,7 @@ impl Worker {
             self.arm_accept(index);
         }
         self.arm_tick();
+        self.arm_inbox();
         let mut completions = Vec::with_capacity(1024);
         let mut fired = Vec::new();
         loop {
@@ -337,6 +351,37 @@ impl Worker {
         self.push(entry);
     }
 
+    fn arm_inbox(&mut self) {
+        let Some(inbox) = self.inbox.as_ref() else {
+            return;
+        };
+        let entry = opcode::PollAdd::new(types::Fd(inbox.wake.as_raw_fd()), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(Token::new(Op::Wake, 0, 0).encode());
+        self.push(entry);
+    }
+
+    /// Pressure reports arrived: check each reported tunnel that still exists.
+    fn on_inbox(&mut self, flags: u32) {
+        let Some(inbox) = self.inbox.as_ref() else {
+            return;
+        };
+        let mut counter = 0u64;
+        // SAFETY: reading 8 bytes into a valid u64 from a non-blocking eventfd.
+        unsafe { libc::read(inbox.wake.as_raw_fd(), (&mut counter as *mut u64).cast(), 8) };
+        let reports: Vec<Owner> = inbox.receiver.try_iter().collect();
+        if !io_uring::cqueue::more(flags) {
+            self.arm_inbox();
+        }
+        for owner in reports {
+            let current = self.conns.get(owner.slot as usize).and_then(Option::as_ref);
+            if current.is_some_and(|conn| conn.id & 0xff_ffff == u64::from(owner.generation)) {
+                self.check_pressure(owner.slot);
+            }
+        }
+    }
+
     fn arm_accept(&mut self, index: usize) {
         let Some(listener) = self.listeners[index].listener.as_ref() else {
             return;
@@ -427,6 +472,7 @@ impl Worker {
             Op::Tick => self.arm_tick(),
             Op::Accept => self.on_accept(token.slot as usize, result, flags),
             Op::CancelAccept => {}
+            Op::Wake => self.on_inbox(flags),
             _ => self.complete_for_conn(token, result),
         }
     }
@@ -460,7 +506,7 @@ impl Worker {
             Op::SendUpstream => self.on_sent(slot, Which::Upstream, result),
             Op::Connect => self.on_connect(slot, result),
             Op::ConnectTimeout | Op::Cancel => {}
-            Op::Accept | Op::Tick | Op::CancelAccept => {}
+            Op::Accept | Op::Tick | Op::CancelAccept | Op::Wake => {}
         }
         if let Some(conn) = self.conn(slot) {
             if conn.closing.is_some() && conn.inflight == 0 {

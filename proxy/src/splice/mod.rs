@@ -3,6 +3,8 @@
 //! The worker decides *when* to hand a tunnel over (see `runtime`); this module knows *how*:
 //! the embedded object, the maps, socket cookies and the receive kick.
 
+mod pressure;
 mod program;
 
-pub use program::{kick, socket_cookie, SpliceError, SpliceProgram, EBPF_OBJECT};
+pub use pressure::{eventfd, wake, Mailbox, Owner, PressureWatcher};
+pub use program::{kick, queued_bytes, socket_cookie, SpliceError, SpliceProgram, EBPF_OBJECT};

@@ -2,10 +2,12 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use aya::maps::{HashMap, MapData, SockHash};
+use aya::maps::{HashMap, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
-use wsplice_common::{Activity, ACTIVITY_MAP, PEER_MAP, VERDICT_PROGRAM};
+use wsplice_common::{
+    Activity, ACTIVITY_MAP, PEER_MAP, PRESSURE_MAP, PRESSURE_STEP, VERDICT_PROGRAM,
+};
 
 /// The eBPF object built from `ebpf/` by `build.rs`, embedded in the binary.
 pub static EBPF_OBJECT: &[u8] =
@@ -32,6 +34,8 @@ pub enum SpliceError {
 pub struct SpliceProgram {
     peer: SockHash<MapData, u64>,
     activity: HashMap<MapData, u64, Activity>,
+    /// Taken by the pressure watcher (`take_pressure_ring`).
+    pressure: Option<RingBuf<MapData>>,
     /// Owns the program and its attachment; dropping it detaches the verdict.
     _ebpf: Ebpf,
 }
@@ -59,6 +63,10 @@ impl SpliceProgram {
             ebpf.take_map(ACTIVITY_MAP)
                 .ok_or(SpliceError::Missing("ACTIVITY map"))?,
         )?;
+        let pressure = RingBuf::try_from(
+            ebpf.take_map(PRESSURE_MAP)
+                .ok_or(SpliceError::Missing("PRESSURE ring buffer"))?,
+        )?;
         let program: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROGRAM)
             .ok_or(SpliceError::Missing("verdict program"))?
@@ -68,6 +76,7 @@ impl SpliceProgram {
         Ok(SpliceProgram {
             peer,
             activity,
+            pressure: Some(pressure),
             _ebpf: ebpf,
         })
     }
@@ -84,10 +93,21 @@ impl SpliceProgram {
         ignore_missing(self.peer.remove(&cookie))
     }
 
-    /// Starts recording activity for the socket with `cookie`.
-    pub fn track(&mut self, cookie: u64) -> Result<(), SpliceError> {
-        self.activity.insert(&cookie, &Activity::default(), 0)?;
+    /// Starts recording activity for the socket with `cookie`; `owner` comes back on the
+    /// pressure ring each time the socket has redirected another `PRESSURE_STEP` bytes.
+    pub fn track(&mut self, cookie: u64, owner: u64) -> Result<(), SpliceError> {
+        let record = Activity {
+            notify_at: PRESSURE_STEP,
+            owner,
+            ..Activity::default()
+        };
+        self.activity.insert(&cookie, &record, 0)?;
         Ok(())
+    }
+
+    /// The pressure ring buffer, once (for the pressure watcher thread).
+    pub fn take_pressure_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.pressure.take()
     }
 
     /// The activity recorded for `cookie`, if tracked.
@@ -146,6 +166,34 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// Bytes ever written into the socket's send queue: acked bytes plus what is still queued
+/// (`TCP_INFO.tcpi_bytes_acked + SIOCOUTQ`). On a spliced socket, what the kernel pushed in.
+pub fn queued_bytes(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
+    // SAFETY: tcp_info is plain data; zeroed is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut outq) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info.tcpi_bytes_acked + u64::try_from(outq).unwrap_or(0))
 }
 
 /// `SO_RCVLOWAT = 1`: re-runs the receive path, so bytes queued before the socket entered the

@@ -14,7 +14,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, RawFd};
 
 use crate::clock::monotonic_ns;
-use crate::splice::{kick, socket_cookie, SpliceProgram};
+use crate::splice::{kick, queued_bytes, socket_cookie, Owner, SpliceProgram};
 
 use super::{shutdown_write, Stage, Which, Worker};
 
@@ -30,6 +30,9 @@ pub(super) struct SplicedState {
     /// Bytes each way read from the eBPF counters when the tunnel closed.
     pub(super) bytes_up: u64,
     pub(super) bytes_down: u64,
+    /// `queued_bytes` of each socket at the hand-off (what userspace wrote before the splice).
+    pub(super) client_baseline: u64,
+    pub(super) upstream_baseline: u64,
 }
 
 /// Why a hand-off to the kernel failed (the tunnel then stays on the userspace relay).
@@ -48,12 +51,13 @@ pub(super) fn hand_off(
     program: &mut SpliceProgram,
     client: BorrowedFd<'_>,
     upstream: BorrowedFd<'_>,
+    owner: Owner,
 ) -> Result<(u64, u64), HandoffError> {
     let client_cookie = socket_cookie(client).map_err(HandoffError::Cookie)?;
     let upstream_cookie = socket_cookie(upstream).map_err(HandoffError::Cookie)?;
     let inserted = (|| {
-        program.track(client_cookie)?;
-        program.track(upstream_cookie)?;
+        program.track(client_cookie, owner.encode())?;
+        program.track(upstream_cookie, owner.encode())?;
         program.insert_peer(upstream_cookie, client)?;
         program.insert_peer(client_cookie, upstream)?;
         Ok::<(), crate::splice::SpliceError>(())
@@ -160,11 +164,19 @@ impl Worker {
         else {
             return;
         };
+        // What userspace wrote before the splice; everything queued beyond it came from the kernel.
+        let client_baseline = queued_bytes(client.as_fd()).unwrap_or(0);
+        let upstream_baseline = queued_bytes(upstream.as_fd()).unwrap_or(0);
+        let owner = Owner {
+            worker: self.index as u8,
+            slot,
+            generation: (conn.id & 0xff_ffff) as u32,
+        };
         let handed = {
             let mut program = program
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            hand_off(&mut program, client.as_fd(), upstream.as_fd())
+            hand_off(&mut program, client.as_fd(), upstream.as_fd(), owner)
         };
         let (client_cookie, upstream_cookie) = match handed {
             Ok(cookies) => cookies,
@@ -183,6 +195,8 @@ impl Worker {
             idle_ns,
             bytes_up: 0,
             bytes_down: 0,
+            client_baseline,
+            upstream_baseline,
         });
         let metrics = &self.services.metrics;
         metrics.tunnels_opened.inc();
@@ -237,6 +251,58 @@ impl Worker {
                 let abortive = error.raw_os_error() == Some(libc::ECONNRESET);
                 self.begin_close(slot, format!("{which:?} socket failed: {error}"), abortive);
             }
+        }
+    }
+
+    /// The program reported that a socket of this tunnel moved another `PRESSURE_STEP` bytes:
+    /// close the tunnel if either reader has fallen more than `kernel_backlog` behind.
+    pub(super) fn check_pressure(&mut self, slot: u32) {
+        let Some(program) = self.services.splice.clone() else {
+            return;
+        };
+        let limit = self.services.kernel_backlog;
+        let Some(conn) = self.conns[slot as usize].as_ref() else {
+            return;
+        };
+        let Stage::Spliced(state) = &conn.stage else {
+            return;
+        };
+        let (Some(client), Some(upstream)) = (conn.client.fd.as_ref(), conn.upstream.fd.as_ref())
+        else {
+            return;
+        };
+        let (redirected_up, redirected_down) = {
+            let program = program
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let bytes = |cookie| {
+                program
+                    .activity(cookie)
+                    .ok()
+                    .flatten()
+                    .map_or(0, |activity| activity.bytes)
+            };
+            (bytes(state.client_cookie), bytes(state.upstream_cookie))
+        };
+        let taken_by_upstream = queued_bytes(upstream.as_fd())
+            .unwrap_or(0)
+            .saturating_sub(state.upstream_baseline);
+        let taken_by_client = queued_bytes(client.as_fd())
+            .unwrap_or(0)
+            .saturating_sub(state.client_baseline);
+        let backlog_up = redirected_up.saturating_sub(taken_by_upstream);
+        let backlog_down = redirected_down.saturating_sub(taken_by_client);
+        let (backlog, reader) = if backlog_down >= backlog_up {
+            (backlog_down, "client")
+        } else {
+            (backlog_up, "upstream")
+        };
+        if backlog > limit {
+            self.services.metrics.slow_consumers_closed.inc();
+            let reason = format!(
+                "slow consumer: the {reader} is {backlog} bytes behind (limit {limit}); closed to bound kernel memory"
+            );
+            self.begin_close(slot, reason, false);
         }
     }
 
