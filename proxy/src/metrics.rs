@@ -67,8 +67,9 @@ pub struct Metrics {
     pub upstream_connect_failures: Counter,
     /// Tunnels closed by the idle timeout.
     pub idle_timeouts: Counter,
-    /// Kernel-path tunnels closed because their reader fell `kernel_backlog` behind.
-    pub slow_consumers_closed: Counter,
+    /// Kernel-path directions handed to the userspace relay because their reader fell
+    /// `kernel_backlog` behind.
+    pub kernel_demotions: Counter,
     /// Tunnel payload bytes copied through userspace (the relay), both directions.
     pub relayed_bytes_userspace: Counter,
     /// Tunnel payload bytes moved by the kernel splice path, both directions.
@@ -111,9 +112,9 @@ impl Metrics {
                 self.upstream_connect_failures.get(),
             ),
             (
-                "slow_consumers_closed_total",
-                "Kernel-path tunnels closed because their reader fell too far behind.",
-                self.slow_consumers_closed.get(),
+                "kernel_demotions_total",
+                "Kernel-path directions moved to the userspace relay for a slow reader.",
+                self.kernel_demotions.get(),
             ),
             (
                 "idle_timeouts_total",

@@ -21,9 +21,9 @@ async fn a_stuck_reader_pins_bounded_memory_and_stalls_no_other_tunnel() {
     }
 }
 
-/// Userspace relay: the upstream is throttled by TCP backpressure, the tunnel stays open.
-/// Kernel path: the kernel queues redirected bytes without backpressure, so the proxy closes the
-/// tunnel once its reader is `kernel_backlog` behind.
+/// Userspace relay: the upstream is throttled by TCP backpressure. Kernel path: the kernel
+/// queues redirected bytes without backpressure, so once the reader is `kernel_backlog` behind
+/// the proxy hands that direction to the userspace relay, which throttles the upstream.
 async fn stuck_reader(datapath: DataPath) {
     let written = Arc::new(AtomicU64::new(0));
     let counter = written.clone();
@@ -95,9 +95,22 @@ async fn stuck_reader(datapath: DataPath) {
     let grown = rss_kib(proxy.process().pid()).saturating_sub(rss_before);
     assert!(
         flooded < BOUND,
-        "the upstream could write {flooded} bytes to a stuck reader"
+        "{datapath:?}: the upstream could write {flooded} bytes to a stuck reader"
     );
-    assert!(grown < 16 * 1024, "proxy RSS grew by {grown} KiB");
+    assert!(
+        grown < 16 * 1024,
+        "{datapath:?}: proxy RSS grew by {grown} KiB"
+    );
+    let metrics = proxy.metrics();
+    match datapath {
+        DataPath::Userspace => assert_eq!(metrics["kernel_demotions_total"], 0),
+        // The slow direction was handed to the userspace relay.
+        DataPath::Kernel => assert_eq!(metrics["kernel_demotions_total"], 1),
+    }
+    assert_eq!(
+        metrics["tunnels_open"], 2,
+        "{datapath:?}: both tunnels stay open"
+    );
     drop(stuck);
 }
 
@@ -112,4 +125,58 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_falls_behind_still_gets_every_byte_in_order() {
+    const FRAMES: u32 = 3000;
+    let upstream = Scripted::start(|mut stream, head, _| async move {
+        stream.write_all(&switching_protocols(&head)).await.unwrap();
+        let mut ws = server_socket(stream).await;
+        for seq in 0..FRAMES {
+            let mut payload = vec![(seq % 251) as u8; 16 * 1024];
+            payload[..4].copy_from_slice(&seq.to_be_bytes());
+            if ws.send(Message::binary(payload)).await.is_err() {
+                return;
+            }
+        }
+        let _ = ws.close(None).await;
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    for datapath in datapaths() {
+        let mut config = ProxyConfig::new(&[upstream.addr()]);
+        config.limits = "kernel_backlog = \"4MiB\"";
+        let proxy = Proxy::start(datapath, &config);
+        let mut ws = connect(&proxy.url("/slow")).await;
+        // Fall behind: read nothing for a while, then everything.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for seq in 0..FRAMES {
+            let message = bounded(ws.next()).await.expect("open").expect("message");
+            let data = message.into_data();
+            assert_eq!(data.len(), 16 * 1024, "{datapath:?}: frame {seq}");
+            assert_eq!(
+                u32::from_be_bytes(data[..4].try_into().unwrap()),
+                seq,
+                "{datapath:?}"
+            );
+            assert!(
+                data[4..].iter().all(|&b| b == (seq % 251) as u8),
+                "{datapath:?}: frame {seq} corrupted"
+            );
+        }
+        let last = bounded(ws.next()).await;
+        assert!(
+            matches!(last, Some(Ok(Message::Close(_)))),
+            "{datapath:?}: {last:?}"
+        );
+        let demotions = proxy.metrics()["kernel_demotions_total"];
+        match datapath {
+            DataPath::Userspace => assert_eq!(demotions, 0),
+            DataPath::Kernel => assert_eq!(
+                demotions, 1,
+                "the reader fell behind: its direction must be demoted"
+            ),
+        }
+    }
 }

@@ -29,7 +29,7 @@ use crate::timeouts::{TimerKey, TimerWheel};
 use crate::tunnel::relay::{AfterSource, Direction};
 
 mod kernel;
-use kernel::SplicedState;
+use kernel::{Flow, SplicedState};
 
 /// Submission queue size of each worker's ring.
 const RING_ENTRIES: u32 = 4096;
@@ -199,6 +199,8 @@ pub struct Worker {
     tick: Box<types::Timespec>,
     shutdown: Arc<AtomicBool>,
     drain_deadline_ns: Option<u64>,
+    /// Kernel-path directions paused for a slow reader, waiting for the kernel to drain.
+    draining: Vec<(u32, u64, Which)>,
 }
 
 impl Worker {
@@ -234,6 +236,7 @@ impl Worker {
             tick: Box::new(types::Timespec::from(TICK)),
             shutdown,
             drain_deadline_ns: None,
+            draining: Vec::new(),
         })
     }
 
@@ -268,6 +271,7 @@ impl Worker {
             for key in fired.drain(..) {
                 self.on_timer(key, now);
             }
+            self.check_draining();
             if self.manage_shutdown(now) {
                 tracing::debug!(worker = self.index, "worker stopped");
                 return Ok(());
@@ -715,7 +719,8 @@ impl Worker {
                 self.pump(slot, which.peer());
             }
             Stage::Handoff => self.splice_now(slot),
-            Stage::Spliced(_) => {}
+            // A demoted direction's destination is free again.
+            Stage::Spliced(_) => self.pump(slot, which.peer()),
         }
     }
 
@@ -996,10 +1001,9 @@ impl Worker {
         }
         let source_fd = conn.side_mut(source).raw();
         let destination_fd = conn.side_mut(destination).raw();
-        let Stage::Tunnel(tunnel) = &mut conn.stage else {
+        let Some((direction, last_activity_ns)) = conn.stage.relay_mut(destination) else {
             return;
         };
-        let direction = tunnel.direction_to(destination);
         let budget = direction.read_budget(capacity);
         if budget == 0 {
             self.flush_direction(slot, destination, destination_fd);
@@ -1014,7 +1018,7 @@ impl Worker {
             }
             Ok(n) => {
                 direction.on_read(n);
-                tunnel.last_activity_ns = monotonic_ns();
+                *last_activity_ns = monotonic_ns();
                 self.services.metrics.relayed_bytes_userspace.add(n as u64);
                 let out = Outgoing {
                     data: Payload::Pooled(buffer),
@@ -1043,20 +1047,31 @@ impl Worker {
     /// pass the FIN on, and close the connection once both directions are done.
     fn flush_direction(&mut self, slot: u32, destination: Which, destination_fd: RawFd) {
         let Some(conn) = self.conn(slot) else { return };
-        let Stage::Tunnel(tunnel) = &mut conn.stage else {
+        let Some((direction, _)) = conn.stage.relay_mut(destination) else {
             return;
         };
-        if tunnel.direction_to(destination).after_flush() == AfterSource::ShutDownDestination {
+        if direction.after_flush() == AfterSource::ShutDownDestination {
             shutdown_write(destination_fd);
         }
-        if tunnel.up.finished() && tunnel.down.finished() {
-            let reason = if tunnel.status == 101 {
+        let direction_finished = direction.finished();
+        let reason = match &mut conn.stage {
+            Stage::Tunnel(tunnel) if tunnel.up.finished() && tunnel.down.finished() => {
+                if tunnel.status == 101 {
+                    "both sides closed"
+                } else {
+                    "refused upgrade relayed"
+                }
+            }
+            Stage::Spliced(state) if direction_finished => {
+                state.source_done(destination);
+                if !(state.client_eof && state.upstream_eof) {
+                    return;
+                }
                 "both sides closed"
-            } else {
-                "refused upgrade relayed"
-            };
-            self.begin_close(slot, reason.into(), false);
-        }
+            }
+            _ => return,
+        };
+        self.begin_close(slot, reason.into(), false);
     }
 
     // ---- close ----------------------------------------------------------------------------
@@ -1140,6 +1155,44 @@ impl Which {
         match self {
             Which::Client => Which::Upstream,
             Which::Upstream => Which::Client,
+        }
+    }
+}
+
+impl Stage {
+    /// The userspace-relayed direction towards `destination` and the activity stamp its
+    /// traffic moves: the whole relay, or a kernel-path direction demoted for a slow reader.
+    fn relay_mut(&mut self, destination: Which) -> Option<(&mut Direction, &mut u64)> {
+        match self {
+            Stage::Tunnel(TunnelState {
+                up,
+                down,
+                last_activity_ns,
+                ..
+            }) => {
+                let direction = match destination {
+                    Which::Upstream => up,
+                    Which::Client => down,
+                };
+                Some((direction, last_activity_ns))
+            }
+            Stage::Spliced(state) => {
+                let SplicedState {
+                    to_upstream,
+                    to_client,
+                    relay_activity_ns,
+                    ..
+                } = state;
+                let flow = match destination {
+                    Which::Upstream => to_upstream,
+                    Which::Client => to_client,
+                };
+                match flow {
+                    Flow::Relay(direction) => Some((direction, relay_activity_ns)),
+                    Flow::Kernel | Flow::Draining => None,
+                }
+            }
+            _ => None,
         }
     }
 }

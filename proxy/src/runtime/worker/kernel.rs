@@ -11,16 +11,70 @@
 //!    program to the client in order, and anything the client queued goes upstream.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 use crate::clock::monotonic_ns;
 use crate::splice::{kick, queued_bytes, socket_cookie, Owner, SpliceProgram};
 
 use super::{shutdown_write, Stage, Which, Worker};
+use crate::tunnel::relay::Direction;
+
+impl SplicedState {
+    /// The flow of the direction towards `destination`.
+    pub(super) fn flow_to(&mut self, destination: Which) -> &mut Flow {
+        match destination {
+            Which::Upstream => &mut self.to_upstream,
+            Which::Client => &mut self.to_client,
+        }
+    }
+
+    /// Records that the source of the direction towards `destination` has ended and its FIN
+    /// was passed on.
+    pub(super) fn source_done(&mut self, destination: Which) {
+        match destination {
+            Which::Upstream => self.client_eof = true,
+            Which::Client => self.upstream_eof = true,
+        }
+    }
+
+    /// The cookie of the socket whose bytes go to `destination`.
+    fn source_cookie(&self, destination: Which) -> u64 {
+        match destination {
+            Which::Upstream => self.client_cookie,
+            Which::Client => self.upstream_cookie,
+        }
+    }
+
+    /// `queued_bytes` of `destination` at the hand-off.
+    fn baseline(&self, destination: Which) -> u64 {
+        match destination {
+            Which::Upstream => self.upstream_baseline,
+            Which::Client => self.client_baseline,
+        }
+    }
+}
+
+/// How the bytes of one direction of a spliced tunnel move.
+#[derive(Debug)]
+pub(super) enum Flow {
+    /// Redirected by the verdict program.
+    Kernel,
+    /// Paused in the program (its reader fell behind); waiting until the kernel has pushed
+    /// everything it redirected into the destination, so the relay cannot overtake it.
+    Draining,
+    /// Relayed in userspace with backpressure, for the rest of the tunnel.
+    Relay(Direction),
+}
 
 /// A tunnel carried by the kernel; userspace holds only this.
 #[derive(Debug)]
 pub(super) struct SplicedState {
+    /// Client → upstream.
+    pub(super) to_upstream: Flow,
+    /// Upstream → client.
+    pub(super) to_client: Flow,
+    /// Last byte relayed in userspace (a demoted direction).
+    pub(super) relay_activity_ns: u64,
     pub(super) client_cookie: u64,
     pub(super) upstream_cookie: u64,
     pub(super) client_eof: bool,
@@ -105,7 +159,7 @@ pub(super) fn last_activity(program: &SpliceProgram, state: &SplicedState) -> u6
         .into_iter()
         .filter_map(|cookie| program.activity(cookie).ok().flatten())
         .map(|activity| activity.last_ns)
-        .fold(state.since_ns, u64::max)
+        .fold(state.since_ns.max(state.relay_activity_ns), u64::max)
 }
 
 /// What a readiness event on a spliced socket means.
@@ -187,6 +241,9 @@ impl Worker {
             return;
         };
         conn.stage = Stage::Spliced(SplicedState {
+            to_upstream: Flow::Kernel,
+            to_client: Flow::Kernel,
+            relay_activity_ns: now,
             client_cookie,
             upstream_cookie,
             client_eof: false,
@@ -220,7 +277,8 @@ impl Worker {
         self.start_relay(slot, Vec::new(), Vec::new());
     }
 
-    /// A spliced socket woke up: a FIN, a reset, or (never expected) stray bytes.
+    /// A spliced socket woke up: a FIN, a reset, or (never expected) stray bytes — unless the
+    /// direction it feeds was demoted to the relay.
     pub(super) fn on_spliced_readable(&mut self, slot: u32, which: Which) {
         let Some(conn) = self.conns[slot as usize].as_mut() else {
             return;
@@ -230,6 +288,12 @@ impl Worker {
         let Stage::Spliced(state) = &mut conn.stage else {
             return;
         };
+        match state.flow_to(which.peer()) {
+            Flow::Relay(_) => return self.pump(slot, which),
+            // Held bytes wait for the relay; it re-arms the poll when it starts.
+            Flow::Draining => return,
+            Flow::Kernel => {}
+        }
         match inspect(fd) {
             SplicedEvent::Nothing => self.arm_poll(slot, which),
             SplicedEvent::Eof => {
@@ -255,55 +319,116 @@ impl Worker {
     }
 
     /// The program reported that a socket of this tunnel moved another `PRESSURE_STEP` bytes:
-    /// close the tunnel if either reader has fallen more than `kernel_backlog` behind.
+    /// a direction whose reader is more than `kernel_backlog` behind is paused in the program
+    /// and handed to the userspace relay (which has backpressure) once the kernel has pushed
+    /// out what it already redirected.
     pub(super) fn check_pressure(&mut self, slot: u32) {
+        for destination in [Which::Client, Which::Upstream] {
+            let backlog = self.kernel_backlog(slot, destination);
+            if backlog.is_some_and(|b| b > self.services.kernel_backlog) {
+                self.demote(slot, destination, backlog.unwrap_or(0));
+            }
+        }
+    }
+
+    /// Bytes the program redirected towards `destination` that its socket has not taken in
+    /// yet; `None` unless that direction is on the kernel path or draining.
+    pub(super) fn kernel_backlog(&mut self, slot: u32, destination: Which) -> Option<u64> {
+        let program = self.services.splice.clone()?;
+        let conn = self.conns.get_mut(slot as usize)?.as_mut()?;
+        let fd = conn.side_mut(destination).fd.as_ref()?.as_raw_fd();
+        let Stage::Spliced(state) = &mut conn.stage else {
+            return None;
+        };
+        if matches!(state.flow_to(destination), Flow::Relay(_)) {
+            return None;
+        }
+        let redirected = program
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .activity(state.source_cookie(destination))
+            .ok()
+            .flatten()
+            .map_or(0, |activity| activity.bytes);
+        // SAFETY: `fd` belongs to this live connection for the duration of the call.
+        let taken = queued_bytes(unsafe { BorrowedFd::borrow_raw(fd) })
+            .unwrap_or(0)
+            .saturating_sub(state.baseline(destination));
+        Some(redirected.saturating_sub(taken))
+    }
+
+    /// Pauses the direction towards `destination` in the program and queues it for the relay.
+    fn demote(&mut self, slot: u32, destination: Which, backlog: u64) {
         let Some(program) = self.services.splice.clone() else {
             return;
         };
-        let limit = self.services.kernel_backlog;
-        let Some(conn) = self.conns[slot as usize].as_ref() else {
+        let Some(conn) = self.conns[slot as usize].as_mut() else {
             return;
         };
-        let Stage::Spliced(state) = &conn.stage else {
+        let id = conn.id;
+        let source_fd = conn.side_mut(destination.peer()).raw();
+        let Stage::Spliced(state) = &mut conn.stage else {
             return;
         };
-        let (Some(client), Some(upstream)) = (conn.client.fd.as_ref(), conn.upstream.fd.as_ref())
-        else {
-            return;
-        };
-        let (redirected_up, redirected_down) = {
-            let program = program
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let bytes = |cookie| {
-                program
-                    .activity(cookie)
-                    .ok()
-                    .flatten()
-                    .map_or(0, |activity| activity.bytes)
-            };
-            (bytes(state.client_cookie), bytes(state.upstream_cookie))
-        };
-        let taken_by_upstream = queued_bytes(upstream.as_fd())
-            .unwrap_or(0)
-            .saturating_sub(state.upstream_baseline);
-        let taken_by_client = queued_bytes(client.as_fd())
-            .unwrap_or(0)
-            .saturating_sub(state.client_baseline);
-        let backlog_up = redirected_up.saturating_sub(taken_by_upstream);
-        let backlog_down = redirected_down.saturating_sub(taken_by_client);
-        let (backlog, reader) = if backlog_down >= backlog_up {
-            (backlog_down, "client")
-        } else {
-            (backlog_up, "upstream")
-        };
-        if backlog > limit {
-            self.services.metrics.slow_consumers_closed.inc();
-            let reason = format!(
-                "slow consumer: the {reader} is {backlog} bytes behind (limit {limit}); closed to bound kernel memory"
-            );
-            self.begin_close(slot, reason, false);
+        if !matches!(state.flow_to(destination), Flow::Kernel) {
+            return; // already demoted
         }
+        let cookie = state.source_cookie(destination);
+        let paused = program
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pause(cookie);
+        if let Err(error) = paused {
+            let reason = format!("cannot pause a slow direction: {error}");
+            return self.begin_close(slot, reason, false);
+        }
+        *state.flow_to(destination) = Flow::Draining;
+        // Taking the source's socket lock waits out a verdict running right now, so every
+        // redirect is counted before the drain is judged.
+        // SAFETY: `source_fd` belongs to this live connection.
+        let _ = kick(unsafe { BorrowedFd::borrow_raw(source_fd) });
+        self.services.metrics.kernel_demotions.inc();
+        tracing::info!(
+            ?destination,
+            backlog,
+            "reader fell behind on the kernel path; relaying that direction in userspace"
+        );
+        self.draining.push((slot, id, destination));
+    }
+
+    /// Moves every drained direction to the userspace relay (called once per loop turn; the
+    /// list is empty unless a reader fell behind).
+    pub(super) fn check_draining(&mut self) {
+        if self.draining.is_empty() {
+            return;
+        }
+        let waiting = std::mem::take(&mut self.draining);
+        for (slot, id, destination) in waiting {
+            let alive = self.conns[slot as usize]
+                .as_ref()
+                .is_some_and(|conn| conn.id == id && conn.closing.is_none());
+            if !alive {
+                continue;
+            }
+            match self.kernel_backlog(slot, destination) {
+                Some(0) => self.start_demoted_relay(slot, destination),
+                Some(_) => self.draining.push((slot, id, destination)),
+                None => {}
+            }
+        }
+    }
+
+    fn start_demoted_relay(&mut self, slot: u32, destination: Which) {
+        let Some(conn) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
+        let Stage::Spliced(state) = &mut conn.stage else {
+            return;
+        };
+        *state.flow_to(destination) = Flow::Relay(Direction::unbounded());
+        state.relay_activity_ns = monotonic_ns();
+        // Whatever arrived since the pause waits on the source socket, in order.
+        self.pump(slot, destination.peer());
     }
 
     /// Stops the kernel from moving this tunnel's bytes and records what it moved.
@@ -321,8 +446,12 @@ impl Worker {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let (up, down) = forget(&mut program, state.client_cookie, state.upstream_cookie);
-        state.bytes_up = up;
-        state.bytes_down = down;
+        let relayed = |flow: &Flow| match flow {
+            Flow::Relay(direction) => direction.bytes,
+            Flow::Kernel | Flow::Draining => 0,
+        };
+        state.bytes_up = up + relayed(&state.to_upstream);
+        state.bytes_down = down + relayed(&state.to_client);
         self.services.metrics.spliced_bytes_kernel.add(up + down);
     }
 }
