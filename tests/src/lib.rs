@@ -261,6 +261,20 @@ impl Proxy {
             .unwrap_or(0)
     }
 
+    /// Resident memory of the proxy process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.process.pid()))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// What each open descriptor of the proxy points at (for failure messages).
     pub fn fd_targets(&self) -> Vec<String> {
         std::fs::read_dir(format!("/proc/{}/fd", self.process.pid()))

@@ -60,8 +60,8 @@ async fn stuck_reader(datapath: DataPath) {
     .await;
     let mut config = ProxyConfig::new(&[upstream.addr()]);
     config.limits = "kernel_backlog = \"4MiB\"";
-    let mut proxy = Proxy::start(datapath, &config);
-    let rss_before = rss_kib(proxy.process().pid());
+    let proxy = Proxy::start(datapath, &config);
+    let rss_before = proxy.rss_kib();
 
     let mut stuck = bounded(TcpStream::connect(proxy.addr())).await.unwrap();
     stuck
@@ -92,7 +92,7 @@ async fn stuck_reader(datapath: DataPath) {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let flooded = written.load(Ordering::Relaxed);
-    let grown = rss_kib(proxy.process().pid()).saturating_sub(rss_before);
+    let grown = proxy.rss_kib().saturating_sub(rss_before);
     assert!(
         flooded < BOUND,
         "{datapath:?}: the upstream could write {flooded} bytes to a stuck reader"
@@ -112,19 +112,6 @@ async fn stuck_reader(datapath: DataPath) {
         "{datapath:?}: both tunnels stay open"
     );
     drop(stuck);
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

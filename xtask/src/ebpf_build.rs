@@ -23,8 +23,12 @@ const SCRUBBED_ENV: [&str; 10] = [
 
 /// The nightly channel pinned in `ebpf/rust-toolchain.toml`.
 pub fn ebpf_nightly(root: &Path) -> Result<String, String> {
-    let file = root.join("ebpf/rust-toolchain.toml");
-    let text = std::fs::read_to_string(&file)
+    toolchain_channel(&root.join("ebpf/rust-toolchain.toml"))
+}
+
+/// The `channel` of a `rust-toolchain.toml`.
+pub fn toolchain_channel(file: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(file)
         .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     text.lines()
         .filter_map(|line| line.trim().strip_prefix("channel"))

@@ -5,31 +5,19 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-use crate::ebpf_build::{bpf_linker, ebpf_nightly, TOOLS_DIR};
+use crate::ebpf_build::{bpf_linker, ebpf_nightly, toolchain_channel, TOOLS_DIR};
 
 /// The bpf-linker release built for the eBPF nightly.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Installs the pinned toolchains and bpf-linker; fast when everything is there.
 pub fn setup(root: &Path) -> anyhow::Result<()> {
-    let userspace = userspace_channel(root)?;
+    let userspace =
+        toolchain_channel(&root.join("rust-toolchain.toml")).map_err(anyhow::Error::msg)?;
     let nightly = ebpf_nightly(root).map_err(anyhow::Error::msg)?;
     ensure_toolchain(&userspace, &["rustfmt", "clippy"])?;
     ensure_toolchain(&nightly, &["rust-src"])?;
     ensure_bpf_linker(root, &nightly)
-}
-
-/// The channel pinned in the root `rust-toolchain.toml`.
-fn userspace_channel(root: &Path) -> anyhow::Result<String> {
-    let file = root.join("rust-toolchain.toml");
-    let text = std::fs::read_to_string(&file)
-        .with_context(|| format!("cannot read {}", file.display()))?;
-    text.lines()
-        .filter_map(|line| line.trim().strip_prefix("channel"))
-        .filter_map(|rest| rest.trim().strip_prefix('='))
-        .map(|value| value.trim().trim_matches('"').to_owned())
-        .next()
-        .with_context(|| format!("{} has no channel", file.display()))
 }
 
 fn ensure_toolchain(channel: &str, components: &[&str]) -> anyhow::Result<()> {

@@ -201,6 +201,8 @@ pub struct Worker {
     drain_deadline_ns: Option<u64>,
     /// Kernel-path directions paused for a slow reader, waiting for the kernel to drain.
     draining: Vec<(u32, u64, Which)>,
+    /// The periodic tick completed since the last loop turn.
+    ticked: bool,
 }
 
 impl Worker {
@@ -237,6 +239,7 @@ impl Worker {
             shutdown,
             drain_deadline_ns: None,
             draining: Vec::new(),
+            ticked: false,
         })
     }
 
@@ -271,7 +274,10 @@ impl Worker {
             for key in fired.drain(..) {
                 self.on_timer(key, now);
             }
-            self.check_draining();
+            if std::mem::take(&mut self.ticked) {
+                // Once per tick, not per completion batch: a stuck reader may stay here long.
+                self.check_draining();
+            }
             if self.manage_shutdown(now) {
                 tracing::debug!(worker = self.index, "worker stopped");
                 return Ok(());
@@ -473,7 +479,10 @@ impl Worker {
             return;
         };
         match token.op {
-            Op::Tick => self.arm_tick(),
+            Op::Tick => {
+                self.ticked = true;
+                self.arm_tick();
+            }
             Op::Accept => self.on_accept(token.slot as usize, result, flags),
             Op::CancelAccept => {}
             Op::Wake => self.on_inbox(flags),
