@@ -147,10 +147,15 @@ async fn a_reader_that_falls_behind_still_gets_every_byte_in_order() {
                 seq,
                 "{datapath:?}"
             );
-            assert!(
-                data[4..].iter().all(|&b| b == (seq % 251) as u8),
-                "{datapath:?}: frame {seq} corrupted"
-            );
+            if let Some(at) = data[4..].iter().position(|&b| b != (seq % 251) as u8) {
+                let wrong = data[4 + at];
+                let run = data[4 + at..].iter().take_while(|&&b| b == wrong).count();
+                panic!(
+                    "{datapath:?}: frame {seq} corrupted at byte {}: {run} bytes of {wrong} instead of {}",
+                    4 + at,
+                    seq % 251
+                );
+            }
         }
         let last = bounded(ws.next()).await;
         assert!(

@@ -97,6 +97,7 @@ pub fn serve(
         let handle = thread::Builder::new()
             .name(format!("wsplice-w{index}"))
             .spawn(move || {
+                pin_to_cpu(index);
                 let result = worker.run();
                 running.fetch_sub(1, Ordering::SeqCst);
                 result
@@ -135,6 +136,29 @@ pub fn serve(
         None => {
             tracing::info!("all tunnels closed; exiting");
             Ok(())
+        }
+    }
+}
+
+/// Thread per core: worker `index` runs on CPU `index` (modulo the CPUs this process may use),
+/// so its ring, sockets and timers stay warm in one core's caches.
+fn pin_to_cpu(index: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET/sched_*affinity work on this thread.
+    unsafe {
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut allowed) != 0 {
+            return;
+        }
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &allowed))
+            .collect();
+        let Some(&cpu) = cpus.get(index % cpus.len().max(1)) else {
+            return;
+        };
+        let mut only: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut only);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &only) != 0 {
+            tracing::debug!(index, cpu, "could not pin the worker");
         }
     }
 }

@@ -203,6 +203,8 @@ pub struct Worker {
     draining: Vec<(u32, u64, Which)>,
     /// The periodic tick completed since the last loop turn.
     ticked: bool,
+    /// Kernel-path FINs waiting until the kernel has delivered what it redirected.
+    fin_pending: Vec<(u32, u64, Which)>,
 }
 
 impl Worker {
@@ -240,6 +242,7 @@ impl Worker {
             drain_deadline_ns: None,
             draining: Vec::new(),
             ticked: false,
+            fin_pending: Vec::new(),
         })
     }
 
@@ -277,6 +280,7 @@ impl Worker {
             if std::mem::take(&mut self.ticked) {
                 // Once per tick, not per completion batch: a stuck reader may stay here long.
                 self.check_draining();
+                self.check_pending_fins();
             }
             if self.manage_shutdown(now) {
                 tracing::debug!(worker = self.index, "worker stopped");
@@ -1073,7 +1077,7 @@ impl Worker {
             }
             Stage::Spliced(state) if direction_finished => {
                 state.source_done(destination);
-                if !(state.client_eof && state.upstream_eof) {
+                if !state.both_closed() {
                     return;
                 }
                 "both sides closed"

@@ -35,6 +35,20 @@ impl SplicedState {
             Which::Upstream => self.client_eof = true,
             Which::Client => self.upstream_eof = true,
         }
+        self.fin_passed(destination);
+    }
+
+    /// Records that `destination` got its FIN (`shutdown(SHUT_WR)`).
+    fn fin_passed(&mut self, destination: Which) {
+        match destination {
+            Which::Upstream => self.fin_to_upstream = true,
+            Which::Client => self.fin_to_client = true,
+        }
+    }
+
+    /// Both sources ended and both FINs were passed on: the tunnel is done.
+    pub(super) fn both_closed(&self) -> bool {
+        self.fin_to_client && self.fin_to_upstream
     }
 
     /// The cookie of the socket whose bytes go to `destination`.
@@ -77,8 +91,12 @@ pub(super) struct SplicedState {
     pub(super) relay_activity_ns: u64,
     pub(super) client_cookie: u64,
     pub(super) upstream_cookie: u64,
+    /// FIN seen from the client / the upstream.
     pub(super) client_eof: bool,
     pub(super) upstream_eof: bool,
+    /// FIN passed on to the upstream / the client.
+    pub(super) fin_to_upstream: bool,
+    pub(super) fin_to_client: bool,
     pub(super) since_ns: u64,
     pub(super) idle_ns: u64,
     /// Bytes each way read from the eBPF counters when the tunnel closed.
@@ -160,6 +178,12 @@ pub(super) fn last_activity(program: &SpliceProgram, state: &SplicedState) -> u6
         .filter_map(|cookie| program.activity(cookie).ok().flatten())
         .map(|activity| activity.last_ns)
         .fold(state.since_ns.max(state.relay_activity_ns), u64::max)
+}
+
+/// Returns once no receive processing (and so no verdict) is running on the socket: re-sets
+/// TCP_NODELAY, which takes and releases the socket lock.
+fn serialize_with_receive(fd: BorrowedFd<'_>) -> io::Result<()> {
+    socket2::SockRef::from(&fd).set_tcp_nodelay(true)
 }
 
 /// What a readiness event on a spliced socket means.
@@ -248,6 +272,8 @@ impl Worker {
             upstream_cookie,
             client_eof: false,
             upstream_eof: false,
+            fin_to_upstream: false,
+            fin_to_client: false,
             since_ns: now,
             idle_ns,
             bytes_up: 0,
@@ -277,6 +303,48 @@ impl Worker {
         self.start_relay(slot, Vec::new(), Vec::new());
     }
 
+    /// Passes a FIN on to `destination` once the kernel has delivered everything it redirected
+    /// there: the redirect is asynchronous, so a FIN sent at once could overtake queued bytes
+    /// (which the kernel then drops with EPIPE).
+    pub(super) fn pass_fin(&mut self, slot: u32, destination: Which) {
+        if self
+            .kernel_backlog(slot, destination)
+            .is_some_and(|backlog| backlog > 0)
+        {
+            if let Some(conn) = self.conns[slot as usize].as_ref() {
+                self.fin_pending.push((slot, conn.id, destination));
+            }
+            return;
+        }
+        let Some(conn) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
+        let fd = conn.side_mut(destination).raw();
+        let Stage::Spliced(state) = &mut conn.stage else {
+            return;
+        };
+        shutdown_write(fd);
+        state.fin_passed(destination);
+        if state.both_closed() {
+            self.begin_close(slot, "both sides closed".into(), false);
+        }
+    }
+
+    /// Retries the FINs waiting for the kernel to drain (once per tick; usually empty).
+    pub(super) fn check_pending_fins(&mut self) {
+        if self.fin_pending.is_empty() {
+            return;
+        }
+        for (slot, id, destination) in std::mem::take(&mut self.fin_pending) {
+            let alive = self.conns[slot as usize]
+                .as_ref()
+                .is_some_and(|conn| conn.id == id && conn.closing.is_none());
+            if alive {
+                self.pass_fin(slot, destination);
+            }
+        }
+    }
+
     /// A spliced socket woke up: a FIN, a reset, or (never expected) stray bytes — unless the
     /// direction it feeds was demoted to the relay.
     pub(super) fn on_spliced_readable(&mut self, slot: u32, which: Which) {
@@ -284,7 +352,6 @@ impl Worker {
             return;
         };
         let fd = conn.side_mut(which).raw();
-        let peer_fd = conn.side_mut(which.peer()).raw();
         let Stage::Spliced(state) = &mut conn.stage else {
             return;
         };
@@ -301,10 +368,7 @@ impl Worker {
                     Which::Client => state.client_eof = true,
                     Which::Upstream => state.upstream_eof = true,
                 }
-                shutdown_write(peer_fd);
-                if state.client_eof && state.upstream_eof {
-                    self.begin_close(slot, "both sides closed".into(), false);
-                }
+                self.pass_fin(slot, which.peer());
             }
             SplicedEvent::Stray => self.begin_close(
                 slot,
@@ -383,10 +447,12 @@ impl Worker {
             return self.begin_close(slot, reason, false);
         }
         *state.flow_to(destination) = Flow::Draining;
-        // Taking the source's socket lock waits out a verdict running right now, so every
-        // redirect is counted before the drain is judged.
+        // Wait out a verdict running right now on the source (it may not have seen the pause):
+        // a setsockopt that takes the socket lock. Not SO_RCVLOWAT: this kernel sets it without
+        // the lock and runs the verdict from the calling thread, concurrently with softirq, which
+        // can reorder the source's bytes.
         // SAFETY: `source_fd` belongs to this live connection.
-        let _ = kick(unsafe { BorrowedFd::borrow_raw(source_fd) });
+        let _ = serialize_with_receive(unsafe { BorrowedFd::borrow_raw(source_fd) });
         self.services.metrics.kernel_demotions.inc();
         tracing::info!(
             ?destination,
