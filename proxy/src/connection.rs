@@ -69,6 +69,9 @@ pub enum ConnectFailure {
     Error,
     /// No answer within the connect timeout.
     TimedOut,
+    /// The proxy itself could not open a socket (out of descriptors or memory): not the
+    /// upstream's fault, so no server is marked down and no other is tried.
+    Local,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,6 +195,12 @@ impl Handshake {
         services: &Services,
         now_ns: u64,
     ) -> Action {
+        if failure == ConnectFailure::Local {
+            return self.reject(
+                503,
+                "cannot open an upstream socket: the proxy is out of descriptors or memory".into(),
+            );
+        }
         if let Some(addr) = self.current {
             services.pools[self.pool].report_failure(addr, now_ns);
         }
@@ -209,7 +218,7 @@ impl Handshake {
                             "connect to upstream {upstream} timed out (last server of the pool)"
                         ),
                     ),
-                    ConnectFailure::Error => self.reject(
+                    ConnectFailure::Error | ConnectFailure::Local => self.reject(
                         502,
                         format!("connect to upstream {upstream} failed (last server of the pool)"),
                     ),
@@ -500,6 +509,19 @@ Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\
             panic!("expected 503");
         };
         assert_eq!(rejection.status, 503);
+    }
+
+    #[test]
+    fn running_out_of_local_sockets_is_503_and_marks_no_server_down() {
+        let services = services("\"127.0.0.1:1\", \"127.0.0.1:2\"", "");
+        let mut h = Handshake::new(client(), Scheme::Ws);
+        h.on_client_data(REQUEST, &services, 0);
+        let Action::Reject(rejection) = h.on_connect_failed(ConnectFailure::Local, &services, 0)
+        else {
+            panic!("expected 503");
+        };
+        assert_eq!(rejection.status, 503);
+        assert_eq!(services.pools[0].plan(1).unwrap().len(), 2);
     }
 
     #[test]

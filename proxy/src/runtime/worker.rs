@@ -205,6 +205,8 @@ pub struct Worker {
     ticked: bool,
     /// Kernel-path FINs waiting until the kernel has delivered what it redirected.
     fin_pending: Vec<(u32, u64, Which)>,
+    /// When the last "accept failed" warning was logged.
+    last_accept_warning_ns: u64,
 }
 
 impl Worker {
@@ -243,6 +245,7 @@ impl Worker {
             draining: Vec::new(),
             ticked: false,
             fin_pending: Vec::new(),
+            last_accept_warning_ns: 0,
         })
     }
 
@@ -396,6 +399,19 @@ impl Worker {
         }
     }
 
+    /// Re-arms listeners whose accept stopped (it ran out of descriptors), unless draining.
+    fn rearm_idle_listeners(&mut self) {
+        if self.drain_deadline_ns.is_some() {
+            return;
+        }
+        for index in 0..self.listeners.len() {
+            let slot = &self.listeners[index];
+            if slot.listener.is_some() && !slot.accepting {
+                self.arm_accept(index);
+            }
+        }
+    }
+
     fn arm_accept(&mut self, index: usize) {
         let Some(listener) = self.listeners[index].listener.as_ref() else {
             return;
@@ -486,6 +502,7 @@ impl Worker {
             Op::Tick => {
                 self.ticked = true;
                 self.arm_tick();
+                self.rearm_idle_listeners();
             }
             Op::Accept => self.on_accept(token.slot as usize, result, flags),
             Op::CancelAccept => {}
@@ -535,15 +552,23 @@ impl Worker {
     fn on_accept(&mut self, index: usize, result: i32, flags: u32) {
         if !io_uring::cqueue::more(flags) {
             self.listeners[index].accepting = false;
+            let out_of_descriptors = result == -libc::EMFILE || result == -libc::ENFILE;
             if self.drain_deadline_ns.is_some() {
                 self.listeners[index].listener = None;
-            } else {
+            } else if !out_of_descriptors {
                 self.arm_accept(index);
             }
+            // Out of descriptors: accepting again at once would fail again at once; the next
+            // tick re-arms it (`rearm_idle_listeners`), after closes may have freed some.
         }
         if result < 0 {
             let error = io::Error::from_raw_os_error(-result);
-            if result != -libc::ECANCELED {
+            let now = monotonic_ns();
+            if result != -libc::ECANCELED
+                && now.saturating_sub(self.last_accept_warning_ns) > 1_000_000_000
+            {
+                // At most one warning a second: a full descriptor table fails every accept.
+                self.last_accept_warning_ns = now;
                 tracing::warn!(worker = self.index, %error, "accept failed");
             }
             return;
@@ -863,7 +888,7 @@ impl Worker {
                 let Stage::Handshake(machine) = &mut conn.stage else {
                     return;
                 };
-                let action = machine.on_connect_failed(ConnectFailure::Error, &services, now);
+                let action = machine.on_connect_failed(ConnectFailure::Local, &services, now);
                 self.apply(slot, action);
                 return;
             }
