@@ -5,7 +5,9 @@
 //! commands work on a machine that has only rustup, gcc and git.
 
 mod bench;
+mod demo;
 mod ebpf_build;
+mod process;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -50,7 +52,7 @@ enum Task {
 
 fn main() -> ExitCode {
     match run(Cli::parse().task) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("xtask: {error:#}");
             ExitCode::FAILURE
@@ -58,22 +60,23 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(task: Task) -> anyhow::Result<()> {
+/// Runs one task; the exit code is the task's (for `run`, the proxy's).
+fn run(task: Task) -> anyhow::Result<ExitCode> {
     let root = repository_root()?;
     match task {
-        Task::Setup => setup::setup(&root),
+        Task::Setup => setup::setup(&root).map(|()| ExitCode::SUCCESS),
         Task::BuildEbpf => {
             setup::setup(&root)?;
-            let object = ebpf_build::build_ebpf(&root).map_err(anyhow::Error::msg)?;
+            let object = ebpf_build::build_ebpf(&root)?;
             println!("{}", object.display());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Task::Run { args } => {
             setup::setup(&root)?;
             step("build wsplice (release)", || {
                 cargo(&root, &["build", "--release", "-p", "wsplice"])
             })?;
-            run_demo(&root, &args)
+            demo::run(&root, &args)
         }
         Task::Bench { quick } => {
             setup::setup(&root)?;
@@ -97,11 +100,13 @@ fn run(task: Task) -> anyhow::Result<()> {
                 } else {
                     bench::Scale::FULL
                 },
-            )
+            )?;
+            Ok(ExitCode::SUCCESS)
         }
         Task::Test { args } => {
             setup::setup(&root)?;
-            test(&root, &args)
+            test(&root, &args)?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -185,55 +190,4 @@ fn step(name: &str, body: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result
         Err(_) => println!("==> {name}: FAILED ({seconds:.1} s)"),
     }
     result
-}
-
-/// `cargo xtask run`: the echo upstream and the proxy as children, stopped together.
-fn run_demo(root: &Path, args: &[String]) -> anyhow::Result<()> {
-    let binary = root.join("target/release/wsplice");
-    let mut echo = Command::new(&binary)
-        .args(["echo", "--listen", "127.0.0.1:9001"])
-        .current_dir(root)
-        .spawn()
-        .context("cannot start the echo upstream")?;
-    let proxy = Command::new(&binary)
-        .args(["run", "-c", "wsplice.toml"])
-        .args(args)
-        .current_dir(root)
-        .spawn();
-    let mut proxy = match proxy {
-        Ok(proxy) => proxy,
-        Err(error) => {
-            stop(&mut echo);
-            return Err(error).context("cannot start the proxy");
-        }
-    };
-    println!();
-    println!("wsplice is running: ws://127.0.0.1:8080/ -> echo upstream 127.0.0.1:9001");
-    println!("  try:     python3 -m websockets ws://127.0.0.1:8080/   (pip install websockets)");
-    println!("  metrics: curl http://127.0.0.1:9901/metrics");
-    println!("  stop:    Ctrl-C");
-    println!();
-    // Ctrl-C reaches both children (same process group); wait for the proxy, then the echo.
-    let status = proxy.wait().context("waiting for the proxy")?;
-    stop(&mut echo);
-    if !status.success() {
-        bail!("the proxy exited with {status}");
-    }
-    Ok(())
-}
-
-/// SIGTERM, a grace period, then SIGKILL.
-fn stop(child: &mut std::process::Child) {
-    if let Ok(pid) = i32::try_from(child.id()) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-    }
-    for _ in 0..50 {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }

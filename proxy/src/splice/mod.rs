@@ -5,6 +5,8 @@
 
 mod pressure;
 mod program;
+#[cfg(test)]
+mod tests;
 
 pub use pressure::{eventfd, wake, Mailbox, Owner, PressureWatcher};
 pub use program::{kick, queued_bytes, socket_cookie, SpliceError, SpliceProgram, EBPF_OBJECT};

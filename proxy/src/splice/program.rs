@@ -13,21 +13,90 @@ use wsplice_common::{
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsplice-ebpf.o"));
 
-/// Loading or using the program failed.
+/// Loading or using the program failed. Each message carries the whole cause chain (the
+/// kernel's errno, the verifier's log), since callers log only the top-level `Display`.
 #[derive(Debug, thiserror::Error)]
 pub enum SpliceError {
-    /// The object could not be loaded (permissions, verifier, map creation).
-    #[error("cannot load the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
-    /// The program could not be loaded or attached.
-    #[error("cannot load or attach the verdict program: {0}")]
-    Program(#[from] aya::programs::ProgramError),
+    /// The kernel refused a bpf() call with EPERM/EACCES: not root, or CAP_BPF and
+    /// CAP_NET_ADMIN are missing (or a locked-down kernel).
+    #[error("not permitted to load eBPF (run as root or with CAP_BPF + CAP_NET_ADMIN): {0}")]
+    PermissionDenied(String),
+    /// The object could not be loaded (parsing, BTF, map creation).
+    #[error("cannot load the eBPF object: {}", causes(.0))]
+    Load(aya::EbpfError),
+    /// The verdict program could not be loaded (the message holds the verifier's log) or
+    /// attached to the sockhash.
+    #[error("cannot load or attach the verdict program: {}", causes(.0))]
+    Program(aya::programs::ProgramError),
     /// A map operation failed.
-    #[error("map operation failed: {0}")]
-    Map(#[from] aya::maps::MapError),
+    #[error("map operation failed: {}", causes(.0))]
+    Map(aya::maps::MapError),
     /// The object lacks a map or program this build expects.
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+}
+
+impl SpliceError {
+    /// `PermissionDenied` when the chain of `error` holds an EPERM/EACCES, else `otherwise`.
+    fn classify<E>(error: E, otherwise: fn(E) -> SpliceError) -> SpliceError
+    where
+        E: std::error::Error + 'static,
+    {
+        if is_permission_error(&error) {
+            SpliceError::PermissionDenied(causes(&error))
+        } else {
+            otherwise(error)
+        }
+    }
+}
+
+impl From<aya::EbpfError> for SpliceError {
+    fn from(error: aya::EbpfError) -> Self {
+        SpliceError::classify(error, SpliceError::Load)
+    }
+}
+
+impl From<aya::programs::ProgramError> for SpliceError {
+    fn from(error: aya::programs::ProgramError) -> Self {
+        SpliceError::classify(error, SpliceError::Program)
+    }
+}
+
+impl From<aya::maps::MapError> for SpliceError {
+    fn from(error: aya::maps::MapError) -> Self {
+        SpliceError::classify(error, SpliceError::Map)
+    }
+}
+
+/// `error` and its sources joined by ": ", e.g. "failed to create map `PEER`: Operation not
+/// permitted (os error 1)".
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some aya variants already print their source; do not repeat it.
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Whether any error in the chain is an `io::Error` with EPERM or EACCES.
+fn is_permission_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES)) {
+                return true;
+            }
+        }
+        current = error.source();
+    }
+    false
 }
 
 /// The loaded program with its `PEER` sockhash and `ACTIVITY` hash map.

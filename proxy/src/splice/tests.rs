@@ -1,0 +1,355 @@
+//! The loader against the real kernel: each test loads the embedded program (they need root or
+//! CAP_BPF + CAP_NET_ADMIN, as in CI) and splices real TCP connections over 127.0.0.1.
+//!
+//! Topology of one tunnel, as the proxy sees it:
+//! `client ⇄ proxy_client` (the accepted socket) and `proxy_upstream ⇄ upstream` (the connected
+//! socket and the upstream's accepted one). The kernel moves bytes between the two proxy sockets.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::{kick, queued_bytes, socket_cookie, SpliceError, SpliceProgram};
+
+/// How long a test waits for bytes or for the kernel to drop map entries.
+const PATIENCE: Duration = Duration::from_secs(5);
+
+fn load() -> SpliceProgram {
+    match SpliceProgram::load(64) {
+        Ok(program) => program,
+        Err(error) => panic!("loading the splice program (these tests need root): {error}"),
+    }
+}
+
+/// A connected pair over loopback: (the connecting side, the accepted side).
+fn tcp_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback listener");
+    let connecting = TcpStream::connect(listener.local_addr().expect("listener address"))
+        .expect("connect over loopback");
+    let (accepted, _) = listener.accept().expect("accept the connection");
+    for stream in [&connecting, &accepted] {
+        stream
+            .set_read_timeout(Some(PATIENCE))
+            .expect("set a read timeout");
+    }
+    (connecting, accepted)
+}
+
+/// Both connections of one tunnel, not yet spliced.
+struct Tunnel {
+    client: TcpStream,
+    proxy_client: TcpStream,
+    proxy_upstream: TcpStream,
+    upstream: TcpStream,
+}
+
+impl Tunnel {
+    fn new() -> Tunnel {
+        let (client, proxy_client) = tcp_pair();
+        let (proxy_upstream, upstream) = tcp_pair();
+        Tunnel {
+            client,
+            proxy_client,
+            proxy_upstream,
+            upstream,
+        }
+    }
+
+    fn client_cookie(&self) -> u64 {
+        socket_cookie(self.proxy_client.as_fd()).expect("cookie of the client-facing socket")
+    }
+
+    fn upstream_cookie(&self) -> u64 {
+        socket_cookie(self.proxy_upstream.as_fd()).expect("cookie of the upstream-facing socket")
+    }
+
+    /// DESIGN.md §4 steps 4–6: track both sockets, `cookie(upstream) → client`, then
+    /// `cookie(client) → upstream`, then kick both.
+    fn splice(&self, program: &mut SpliceProgram) {
+        let (client_cookie, upstream_cookie) = (self.client_cookie(), self.upstream_cookie());
+        program
+            .track(client_cookie, 1)
+            .expect("track the client socket");
+        program
+            .track(upstream_cookie, 2)
+            .expect("track the upstream socket");
+        program
+            .insert_peer(upstream_cookie, self.proxy_client.as_fd())
+            .expect("insert cookie(upstream) → client");
+        program
+            .insert_peer(client_cookie, self.proxy_upstream.as_fd())
+            .expect("insert cookie(client) → upstream");
+        kick(self.proxy_upstream.as_fd()).expect("kick the upstream socket");
+        kick(self.proxy_client.as_fd()).expect("kick the client socket");
+    }
+}
+
+/// `len` bytes that are not periodic over small strides, so a reordering shows.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[2] ^ seed)
+        .collect()
+}
+
+fn read_exactly(stream: &mut TcpStream, len: usize) -> Vec<u8> {
+    let mut buffer = vec![0; len];
+    stream
+        .read_exact(&mut buffer)
+        .unwrap_or_else(|error| panic!("reading {len} bytes: {error}"));
+    buffer
+}
+
+/// Writes `bytes` from another thread (a large write may block until the far side reads) and
+/// reads as many on `reader`.
+fn send_through(writer: &TcpStream, reader: &mut TcpStream, bytes: &[u8]) -> Vec<u8> {
+    let mut writer = writer.try_clone().expect("clone the writing socket");
+    let owned = bytes.to_vec();
+    let sending = thread::spawn(move || writer.write_all(&owned));
+    let received = read_exactly(reader, bytes.len());
+    sending
+        .join()
+        .expect("the writer thread panicked")
+        .expect("writing the bytes");
+    received
+}
+
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into a valid pointer.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC)");
+    u64::try_from(now.tv_sec).expect("monotonic seconds are positive") * 1_000_000_000
+        + u64::try_from(now.tv_nsec).expect("nanoseconds are positive")
+}
+
+/// Bytes waiting in the socket's receive queue (`FIONREAD`).
+fn readable_bytes(stream: &TcpStream) -> usize {
+    let mut pending: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut pending) };
+    assert_eq!(rc, 0, "ioctl(FIONREAD)");
+    usize::try_from(pending).expect("FIONREAD is not negative")
+}
+
+/// Polls `condition` until it holds or `PATIENCE` runs out.
+fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn spliced_bytes_flow_both_ways_in_order() {
+    let mut program = load();
+    let mut tunnel = Tunnel::new();
+    tunnel.splice(&mut program);
+
+    // Over a MiB each way: several skbs, a full socket buffer, the pressure report.
+    let up = pattern(1_500_000, 0x11);
+    assert!(send_through(&tunnel.client, &mut tunnel.upstream, &up) == up);
+    let down = pattern(1_200_000, 0x22);
+    assert!(send_through(&tunnel.upstream, &mut tunnel.client, &down) == down);
+}
+
+#[test]
+fn activity_counts_redirected_bytes_and_stamps_the_time() {
+    let mut program = load();
+    let mut tunnel = Tunnel::new();
+    tunnel.splice(&mut program);
+    let (client_cookie, upstream_cookie) = (tunnel.client_cookie(), tunnel.upstream_cookie());
+    let fresh = program.activity(client_cookie).expect("read activity");
+    assert_eq!(fresh.map(|a| (a.bytes, a.last_ns)), Some((0, 0)));
+
+    let before = monotonic_ns();
+    send_through(&tunnel.client, &mut tunnel.upstream, &pattern(3000, 1));
+    let after = monotonic_ns();
+    let first = program
+        .activity(client_cookie)
+        .expect("read activity")
+        .expect("the client socket is tracked");
+    assert_eq!(first.bytes, 3000);
+    assert!(
+        (before..=after).contains(&first.last_ns),
+        "last_ns {} outside [{before}, {after}]",
+        first.last_ns
+    );
+
+    thread::sleep(Duration::from_millis(5));
+    send_through(&tunnel.client, &mut tunnel.upstream, &pattern(500, 2));
+    let second = program
+        .activity(client_cookie)
+        .expect("read activity")
+        .expect("the client socket is tracked");
+    assert_eq!(second.bytes, 3500);
+    assert!(second.last_ns > first.last_ns, "last_ns did not move");
+
+    send_through(&tunnel.upstream, &mut tunnel.client, &pattern(700, 3));
+    let upstream = program
+        .activity(upstream_cookie)
+        .expect("read activity")
+        .expect("the upstream socket is tracked");
+    assert_eq!(upstream.bytes, 700);
+    // What the kernel pushed into the client-facing socket's send queue.
+    let pushed = queued_bytes(tunnel.proxy_client.as_fd()).expect("queued bytes");
+    assert_eq!(pushed, 700);
+}
+
+#[test]
+fn bytes_queued_before_insertion_arrive_after_the_kick() {
+    let mut program = load();
+    let mut tunnel = Tunnel::new();
+    let early_up = pattern(4000, 0x33);
+    let early_down = pattern(2500, 0x44);
+    tunnel.client.write_all(&early_up).expect("client writes");
+    tunnel
+        .upstream
+        .write_all(&early_down)
+        .expect("upstream writes");
+    // Let both land in the proxy sockets' receive queues before the splice.
+    eventually("the early bytes are queued", || {
+        readable_bytes(&tunnel.proxy_client) == 4000
+            && readable_bytes(&tunnel.proxy_upstream) == 2500
+    });
+
+    tunnel.splice(&mut program);
+
+    assert!(read_exactly(&mut tunnel.upstream, early_up.len()) == early_up);
+    assert!(read_exactly(&mut tunnel.client, early_down.len()) == early_down);
+    // And the splice goes on carrying what comes after, behind them.
+    let later = pattern(900, 0x55);
+    assert!(send_through(&tunnel.client, &mut tunnel.upstream, &later) == later);
+}
+
+#[test]
+fn a_socket_without_a_peer_entry_keeps_its_bytes() {
+    let mut program = load();
+    let mut tunnel = Tunnel::new();
+    let client_cookie = tunnel.client_cookie();
+    program.track(client_cookie, 1).expect("track");
+    // Step 4 alone: the client-facing socket is live as a map value but has no key of its own.
+    program
+        .insert_peer(tunnel.upstream_cookie(), tunnel.proxy_client.as_fd())
+        .expect("insert cookie(upstream) → client");
+
+    let early = pattern(1000, 0x66);
+    tunnel.client.write_all(&early).expect("client writes");
+    assert!(read_exactly(&mut tunnel.proxy_client, early.len()) == early);
+    let activity = program
+        .activity(client_cookie)
+        .expect("read activity")
+        .expect("tracked");
+    assert_eq!(
+        activity.bytes, 0,
+        "bytes that were not redirected were counted"
+    );
+}
+
+#[test]
+fn removing_a_peer_entry_stops_the_redirect() {
+    let mut program = load();
+    let mut tunnel = Tunnel::new();
+    tunnel.splice(&mut program);
+    send_through(&tunnel.client, &mut tunnel.upstream, &pattern(100, 7));
+
+    program
+        .remove_peer(tunnel.client_cookie())
+        .expect("remove the client's peer entry");
+    let after = pattern(800, 8);
+    tunnel.client.write_all(&after).expect("client writes");
+    assert!(read_exactly(&mut tunnel.proxy_client, after.len()) == after);
+    assert_eq!(program.peer_entries(), 1);
+}
+
+#[test]
+fn a_paused_socket_keeps_its_bytes() {
+    let mut program = load();
+    let mut tunnel = Tunnel::new();
+    tunnel.splice(&mut program);
+    let upstream_cookie = tunnel.upstream_cookie();
+
+    program.pause(upstream_cookie).expect("pause");
+    let held = pattern(1200, 9);
+    tunnel.upstream.write_all(&held).expect("upstream writes");
+    assert!(read_exactly(&mut tunnel.proxy_upstream, held.len()) == held);
+    let activity = program
+        .activity(upstream_cookie)
+        .expect("read activity")
+        .expect("tracked");
+    assert_eq!(activity.bytes, 0);
+    // The other direction is still spliced.
+    let up = pattern(300, 10);
+    assert!(send_through(&tunnel.client, &mut tunnel.upstream, &up) == up);
+}
+
+#[test]
+fn closed_sockets_leave_peer_and_untrack_empties_activity() {
+    let mut program = load();
+    let tunnel = Tunnel::new();
+    tunnel.splice(&mut program);
+    let (client_cookie, upstream_cookie) = (tunnel.client_cookie(), tunnel.upstream_cookie());
+    assert_eq!(program.peer_entries(), 2);
+    assert_eq!(program.tracked_entries(), 2);
+
+    drop(tunnel);
+    eventually("PEER empties by itself", || program.peer_entries() == 0);
+    assert_eq!(
+        program.tracked_entries(),
+        2,
+        "the kernel keeps ACTIVITY entries"
+    );
+    // Removing entries the kernel already dropped is not an error.
+    program
+        .remove_peer(client_cookie)
+        .expect("remove a gone peer");
+    program.untrack(client_cookie).expect("untrack");
+    program.untrack(upstream_cookie).expect("untrack");
+    program.untrack(upstream_cookie).expect("untrack twice");
+    assert_eq!(program.tracked_entries(), 0);
+    assert_eq!(
+        program.activity(client_cookie).expect("read activity"),
+        None
+    );
+}
+
+#[test]
+fn cookies_are_stable_per_socket_and_distinct_across_sockets() {
+    let (a, b) = tcp_pair();
+    let first = socket_cookie(a.as_fd()).expect("cookie");
+    assert_eq!(socket_cookie(a.as_fd()).expect("cookie"), first);
+    assert_ne!(socket_cookie(b.as_fd()).expect("cookie"), first);
+    assert_ne!(first, 0);
+}
+
+#[test]
+fn cookie_of_a_non_socket_is_an_error() {
+    let file = std::fs::File::open("/proc/self/stat").expect("open a regular file");
+    let error = socket_cookie(file.as_fd()).expect_err("a file has no socket cookie");
+    assert_eq!(error.raw_os_error(), Some(libc::ENOTSOCK));
+}
+
+#[test]
+fn permission_errors_are_told_apart() {
+    let denied = aya::maps::MapError::CreateError {
+        name: "PEER".into(),
+        io_error: std::io::Error::from_raw_os_error(libc::EPERM),
+    };
+    let error = SpliceError::from(denied);
+    assert!(matches!(error, SpliceError::PermissionDenied(_)), "{error}");
+    assert!(error.to_string().contains("CAP_BPF"), "{error}");
+
+    let full = aya::maps::MapError::CreateError {
+        name: "PEER".into(),
+        io_error: std::io::Error::from_raw_os_error(libc::ENOMEM),
+    };
+    let error = SpliceError::from(full);
+    assert!(matches!(error, SpliceError::Map(_)), "{error}");
+    // The kernel's reason is in the message, not only in the source chain.
+    assert!(error.to_string().contains("os error 12"), "{error}");
+}
