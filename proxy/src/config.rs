@@ -14,6 +14,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod tls;
+pub use tls::{CryptoProvider, SniCertificate, TlsConfig, TlsFiles, TlsVersion, CIPHER_SUITES};
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -38,17 +41,8 @@ pub struct Config {
 pub struct ListenerConfig {
     /// Address to bind.
     pub bind: SocketAddr,
-    /// TLS files (`wss://`), when set.
-    pub tls: Option<TlsFiles>,
-}
-
-/// Certificate chain and key of a TLS listener.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    /// PEM certificate chain.
-    pub cert: PathBuf,
-    /// PEM private key.
-    pub key: PathBuf,
+    /// TLS settings (`wss://`), when set.
+    pub tls: Option<TlsConfig>,
 }
 
 /// Header rules of a route, as configured.
@@ -260,14 +254,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawListener {
     bind: Spanned<String>,
-    tls: Option<Spanned<RawTls>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTls {
-    cert: String,
-    key: String,
+    tls: Option<Spanned<tls::RawTls>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -387,21 +374,11 @@ impl RawConfig {
 impl RawListener {
     fn to_config(&self, base: &Path) -> Result<ListenerConfig, Spot> {
         let bind = parse_addr(&self.bind)?;
-        let tls = match &self.tls {
-            Some(tls) => {
-                let files = TlsFiles {
-                    cert: base.join(&tls.get_ref().cert),
-                    key: base.join(&tls.get_ref().key),
-                };
-                // Parsed so the shape is checked, refused so no one believes wss:// is served.
-                let _ = files;
-                return Err(spot(
-                    tls,
-                    "TLS listeners are not supported by this build yet",
-                ));
-            }
-            None => None,
-        };
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|tls| tls.get_ref().to_config(base))
+            .transpose()?;
         Ok(ListenerConfig { bind, tls })
     }
 }
@@ -745,19 +722,85 @@ servers = ["127.0.0.1:9001"]
     }
 
     #[test]
-    fn duplicate_listeners_and_tls_are_refused_clearly() {
+    fn duplicate_listeners_are_refused_clearly() {
         let text = MINIMAL.replace(
             "[[route]]",
             "[[listener]]\nbind = \"127.0.0.1:8080\"\n\n[[route]]",
         );
         assert!(error(&text).message.contains("defined twice"));
-        let text = MINIMAL.replace(
+    }
+
+    fn with_tls(tls: &str) -> String {
+        MINIMAL.replace(
             "bind = \"127.0.0.1:8080\"",
-            "bind = \"127.0.0.1:8080\"\ntls = { cert = \"c.pem\", key = \"k.pem\" }",
+            &format!("bind = \"127.0.0.1:8080\"\n{tls}"),
+        )
+    }
+
+    #[test]
+    fn tls_listener_defaults_and_relative_paths() {
+        let text = with_tls("tls = { cert = \"c.pem\", key = \"k.pem\" }");
+        let config = Config::parse_in(&text, Some(Path::new("/etc/wsplice/wsplice.toml"))).unwrap();
+        let tls = config.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(tls.default.cert, Path::new("/etc/wsplice/c.pem"));
+        assert_eq!(tls.default.key, Path::new("/etc/wsplice/k.pem"));
+        assert_eq!(tls.min_version, TlsVersion::V1_2);
+        assert!(tls.ciphers.is_empty() && tls.sni.is_empty() && !tls.strict_sni);
+        assert!(tls.session_tickets && tls.session_cache > 0);
+        assert_eq!(tls.provider, CryptoProvider::AwsLcRs);
+    }
+
+    #[test]
+    fn tls_table_with_sni_versions_and_suites() {
+        let text = with_tls(
+            "[listener.tls]\ncert = \"d.pem\"\nkey = \"d.key\"\nmin_version = \"1.3\"\n\
+             ciphers = [\"tls13_aes_128_gcm_sha256\"]\nsession_cache = 0\nprovider = \"ring\"\n\
+             strict_sni = true\n[[listener.tls.sni]]\nnames = [\"Chat.Example.com.\", \"*.example.org\"]\n\
+             cert = \"c.pem\"\nkey = \"c.key\"\n",
         );
-        let e = error(&text);
+        let config = Config::parse(&text).unwrap();
+        let tls = config.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(tls.min_version, TlsVersion::V1_3);
+        assert_eq!(tls.ciphers, ["TLS13_AES_128_GCM_SHA256"]);
+        assert_eq!(tls.sni[0].names, ["chat.example.com", "*.example.org"]);
+        assert_eq!(tls.provider, CryptoProvider::Ring);
+        assert!(tls.strict_sni && tls.session_cache == 0);
+    }
+
+    #[test]
+    fn bad_tls_settings_are_refused_with_their_position() {
+        let e = error(&with_tls(
+            "tls = { cert = \"c\", key = \"k\", min_version = \"1.1\" }",
+        ));
         assert_eq!(e.line, 4, "{e}");
-        assert!(e.message.contains("TLS"), "{e}");
+        assert!(e.message.contains("min_version \"1.1\""), "{e}");
+        let e = error(&with_tls(
+            "tls = { cert = \"c\", key = \"k\", ciphers = [\"RC4_MD5\"] }",
+        ));
+        assert!(
+            e.message.contains("RC4_MD5") && e.message.contains("known:"),
+            "{e}"
+        );
+        let e = error(&with_tls(
+            "tls = { cert = \"c\", key = \"k\", min_version = \"1.3\", \
+             ciphers = [\"TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256\"] }",
+        ));
+        assert!(e.message.contains("no suite for TLS 1.3"), "{e}");
+        let e = error(&with_tls(
+            "tls = { cert = \"c\", key = \"k\", sni = [{ names = [\"a.b\"], cert = \"x\", key = \"y\" }, \
+             { names = [\"A.b\"], cert = \"x\", key = \"y\" }] }",
+        ));
+        assert!(e.message.contains("listed twice"), "{e}");
+        let e = error(&with_tls(
+            "tls = { cert = \"c\", key = \"k\", sni = [{ names = [\"a b\"], cert = \"x\", key = \"y\" }] }",
+        ));
+        assert!(e.message.contains("not a DNS name"), "{e}");
+        let e = error(&with_tls("tls = { cert = \"c\" }"));
+        assert!(e.message.contains("key"), "{e}");
+        let e = error(&with_tls(
+            "tls = { cert = \"c\", key = \"k\", provider = \"openssl\" }",
+        ));
+        assert!(e.message.contains("openssl"), "{e}");
     }
 
     #[test]

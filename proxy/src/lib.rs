@@ -21,5 +21,6 @@ pub mod runtime;
 pub mod services;
 pub mod splice;
 pub mod timeouts;
+pub mod tls;
 pub mod tunnel;
 pub mod upstream;

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -20,6 +21,8 @@ pub struct Listener {
     pub addr: SocketAddr,
     /// `ws` or `wss`.
     pub scheme: Scheme,
+    /// The TLS configuration of a `wss` listener.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Binding a listener failed.
@@ -34,8 +37,12 @@ pub struct BindError {
 }
 
 impl Listener {
-    /// Binds `addr` with `SO_REUSEPORT` (every worker binds its own socket to the same address).
-    pub fn bind(addr: SocketAddr, scheme: Scheme) -> Result<Listener, BindError> {
+    /// Binds `addr` with `SO_REUSEPORT` (every worker binds its own socket to the same address);
+    /// with `tls` it serves `wss://`.
+    pub fn bind(
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<Listener, BindError> {
         let bind = || -> std::io::Result<Socket> {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
             socket.set_cloexec(true)?;
@@ -49,7 +56,12 @@ impl Listener {
         Ok(Listener {
             socket: socket.into(),
             addr,
-            scheme,
+            scheme: if tls.is_some() {
+                Scheme::Wss
+            } else {
+                Scheme::Ws
+            },
+            tls,
         })
     }
 }

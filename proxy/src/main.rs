@@ -87,7 +87,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             wsplice::runtime::serve(&config, workers, splice).context("proxy stopped with an error")
         }
         Command::Check { file } => {
-            Config::load(&file)?;
+            let config = Config::load(&file)?;
+            // Certificates and keys are read and matched, as `run` would.
+            wsplice::runtime::tls_configs(&config)
+                .with_context(|| format!("{}", file.display()))?;
             println!("{}: ok", file.display());
             Ok(())
         }

@@ -74,13 +74,34 @@ pub struct Metrics {
     pub relayed_bytes_userspace: Counter,
     /// Tunnel payload bytes moved by the kernel splice path, both directions.
     pub spliced_bytes_kernel: Counter,
+    /// TLS handshakes completed (`wss://`).
+    pub tls_handshakes: Counter,
+    /// TLS handshakes that resumed a session (ticket or cache).
+    pub tls_resumed: Counter,
+    /// TLS handshakes that failed (bad input, no certificate, timeout, plain HTTP).
+    pub tls_failures: Counter,
 }
 
 impl Metrics {
     /// Renders every metric in the Prometheus text exposition format; `extra` holds gauges read
     /// at scrape time (name, help, value).
     pub fn render(&self, extra: &[(&str, &str, u64)]) -> String {
-        let counters: [(&str, &str, u64); 10] = [
+        let counters: [(&str, &str, u64); 13] = [
+            (
+                "tls_handshakes_total",
+                "TLS handshakes completed.",
+                self.tls_handshakes.get(),
+            ),
+            (
+                "tls_resumed_total",
+                "TLS handshakes that resumed a session.",
+                self.tls_resumed.get(),
+            ),
+            (
+                "tls_failures_total",
+                "TLS handshakes that failed.",
+                self.tls_failures.get(),
+            ),
             (
                 "connections_accepted_total",
                 "Client connections accepted.",

@@ -12,7 +12,6 @@ use std::time::Duration;
 pub use worker::{Inbox, WorkerError};
 
 use crate::config::Config;
-use crate::headers::Scheme;
 use crate::listener::{BindError, Listener};
 use crate::services::Services;
 use crate::splice::SpliceProgram;
@@ -42,9 +41,39 @@ pub enum RuntimeError {
     /// The admin listener could not start.
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
+    /// A TLS listener's certificates or settings are unusable.
+    #[error("listener {bind}: {source}")]
+    Tls {
+        /// The listener.
+        bind: std::net::SocketAddr,
+        /// What is wrong.
+        #[source]
+        source: crate::tls::TlsSetupError,
+    },
     /// Signal handling could not be set up.
     #[error("signal set-up failed: {0}")]
     Signals(#[source] std::io::Error),
+}
+
+/// The rustls configuration of each listener (`None` for plain ones), in config order.
+pub fn tls_configs(
+    config: &Config,
+) -> Result<Vec<Option<Arc<rustls::ServerConfig>>>, RuntimeError> {
+    config
+        .listeners
+        .iter()
+        .map(|listener| {
+            listener
+                .tls
+                .as_ref()
+                .map(crate::tls::server_config)
+                .transpose()
+                .map_err(|source| RuntimeError::Tls {
+                    bind: listener.bind,
+                    source,
+                })
+        })
+        .collect()
 }
 
 /// Runs the proxy with `workers` threads until SIGTERM or SIGINT, then drains and returns.
@@ -59,18 +88,22 @@ pub fn serve(
     let shutdown = Arc::new(AtomicBool::new(false));
     let running = Arc::new(AtomicUsize::new(0));
 
-    // Bind everything before starting any worker, so a bad address fails the start cleanly.
+    // Load certificates and bind everything before starting any worker, so a bad file or
+    // address fails the start cleanly.
+    let tls = tls_configs(config)?;
     let mut per_worker = Vec::with_capacity(workers);
     for _ in 0..workers {
         let listeners = config
             .listeners
             .iter()
-            .map(|l| Listener::bind(l.bind, Scheme::Ws))
+            .zip(&tls)
+            .map(|(l, tls)| Listener::bind(l.bind, tls.clone()))
             .collect::<Result<Vec<_>, _>>()?;
         per_worker.push(listeners);
     }
     for listener in &config.listeners {
-        tracing::info!(bind = %listener.bind, workers, "listening (ws://)");
+        let scheme = if listener.tls.is_some() { "wss" } else { "ws" };
+        tracing::info!(bind = %listener.bind, workers, "listening ({scheme}://)");
     }
     if let Some(admin) = &config.admin {
         crate::admin::spawn(

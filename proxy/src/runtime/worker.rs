@@ -26,9 +26,11 @@ use crate::runtime::token::{Op, Token};
 use crate::services::Services;
 use crate::splice::Owner;
 use crate::timeouts::{TimerKey, TimerWheel};
+use crate::tls::TlsSession;
 use crate::tunnel::relay::{AfterSource, Direction};
 
 mod kernel;
+mod tls;
 use kernel::{Flow, SplicedState};
 
 /// Submission queue size of each worker's ring.
@@ -165,6 +167,8 @@ struct Conn {
     connect: Option<Box<ConnectArgs>>,
     /// This tunnel goes to the kernel path once upgraded (plain listener, program loaded).
     kernel: bool,
+    /// The client's TLS session (`wss://` listener): client bytes pass through it both ways.
+    tls: Option<Box<TlsSession>>,
 }
 
 #[derive(Debug)]
@@ -475,8 +479,18 @@ impl Worker {
         self.submit_for(slot, entry);
     }
 
+    /// Sends `out` to one side. Bytes for a TLS client are encrypted first: they go into its
+    /// session, and the ciphertext is sent in their place.
     fn send(&mut self, slot: u32, which: Which, out: Outgoing) {
         let Some(conn) = self.conn(slot) else { return };
+        if let (Which::Client, Some(session)) = (which, conn.tls.as_deref_mut()) {
+            session.write_plaintext(out.remaining());
+            if let Payload::Pooled(buffer) = out.data {
+                self.buffers.give(buffer);
+            }
+            self.flush_tls(slot);
+            return;
+        }
         conn.side_mut(which).out = Some(out);
         self.submit_send(slot, which);
     }
@@ -575,14 +589,14 @@ impl Worker {
         }
         // SAFETY: a non-negative accept result is a new file descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(result) };
-        let scheme = self.listeners[index]
+        let (scheme, tls) = self.listeners[index]
             .listener
             .as_ref()
-            .map_or(Scheme::Ws, |l| l.scheme);
-        self.open(fd, scheme);
+            .map_or((Scheme::Ws, None), |l| (l.scheme, l.tls.clone()));
+        self.open(fd, scheme, tls);
     }
 
-    fn open(&mut self, fd: OwnedFd, scheme: Scheme) {
+    fn open(&mut self, fd: OwnedFd, scheme: Scheme, tls: Option<Arc<rustls::ServerConfig>>) {
         let socket = SockRef::from(&fd);
         let client_addr = match socket.peer_addr().map(|a| a.as_socket()) {
             Ok(Some(addr)) => addr,
@@ -594,6 +608,13 @@ impl Worker {
         if let Err(error) = socket.set_tcp_nodelay(true) {
             tracing::debug!(%error, "TCP_NODELAY on a client socket");
         }
+        let tls = match tls.map(|config| TlsSession::new(&config)).transpose() {
+            Ok(tls) => tls.map(Box::new),
+            Err(error) => {
+                tracing::warn!(client = %client_addr, %error, "cannot start a TLS session");
+                return;
+            }
+        };
         let now = monotonic_ns();
         let id = self.next_id;
         self.next_id += 1;
@@ -617,6 +638,7 @@ impl Worker {
             upstream_addr: None,
             connect: None,
             kernel: self.services.splice.is_some() && scheme == Scheme::Ws,
+            tls,
         };
         let slot = match self.free_slots.pop() {
             Some(slot) => {
@@ -662,7 +684,21 @@ impl Worker {
         // Kernel path: the response head is only peeked, so it stays queued for the splice.
         let peek = which == Which::Upstream && conn.kernel;
         let flags = if peek { libc::MSG_PEEK } else { 0 };
-        let read = recv_flags(fd, &mut self.scratch, flags);
+        let read = match (which, conn.tls.as_deref_mut()) {
+            (Which::Client, Some(session)) => tls::read(fd, session, &mut self.scratch),
+            _ => recv_flags(fd, &mut self.scratch, flags),
+        };
+        if which == Which::Client && conn.tls.is_some() {
+            if let Err(error) = &read {
+                if error.kind() == io::ErrorKind::InvalidData {
+                    return self.fail_tls(slot, error);
+                }
+            }
+            self.after_tls_read(slot);
+        }
+        let Some(conn) = self.conns[slot as usize].as_mut() else {
+            return;
+        };
         let services = Arc::clone(&self.services);
         let now = monotonic_ns();
         let Stage::Handshake(machine) = &mut conn.stage else {
@@ -738,6 +774,16 @@ impl Worker {
         }) = side.out.take()
         {
             self.buffers.give(buffer);
+        }
+        if which == Which::Client && self.conn(slot).is_some_and(|conn| conn.tls.is_some()) {
+            // Everything the session queued goes out before the stage learns the send is done;
+            // TLS handshake flights are not the stage's sends at all.
+            if self.flush_tls(slot) {
+                return;
+            }
+            if matches!(self.conn(slot).map(|c| &c.stage), Some(Stage::Handshake(_))) {
+                return;
+            }
         }
         let Some(conn) = self.conn(slot) else { return };
         match &mut conn.stage {
@@ -824,7 +870,12 @@ impl Worker {
             self.set_deadline(key.slot, deadline);
             return;
         }
+        let tls_unfinished = conn.tls.as_ref().is_some_and(|s| s.is_handshaking());
         match &mut conn.stage {
+            Stage::Handshake(_) if tls_unfinished => {
+                self.services.metrics.tls_failures.inc();
+                self.begin_close(key.slot, "TLS handshake timed out".into(), false);
+            }
             Stage::Handshake(machine) => {
                 let action = machine.on_deadline();
                 self.apply(key.slot, action);
@@ -844,7 +895,18 @@ impl Worker {
 
     fn apply(&mut self, slot: u32, action: Action) {
         match action {
-            Action::ReadClient => self.arm_poll(slot, Which::Client),
+            Action::ReadClient => {
+                let buffered = self
+                    .conn(slot)
+                    .and_then(|conn| conn.tls.as_deref_mut())
+                    .is_some_and(TlsSession::has_plaintext);
+                if buffered {
+                    // TLS: the rest of the head may already be decrypted; no poll would fire.
+                    self.read_head(slot, Which::Client);
+                } else {
+                    self.arm_poll(slot, Which::Client);
+                }
+            }
             Action::ReadUpstream => self.arm_poll(slot, Which::Upstream),
             Action::Connect(addr) => self.connect(slot, addr),
             Action::SendRequest(bytes) => self.send(slot, Which::Upstream, Outgoing::owned(bytes)),
@@ -947,6 +1009,11 @@ impl Worker {
             self.cancel_fd(slot, fd);
         }
         self.send(slot, Which::Client, Outgoing::owned(rejection.response));
+        // TLS: the answer is followed by close_notify, then the FIN (once all is sent).
+        if let Some(session) = self.conn(slot).and_then(|c| c.tls.as_deref_mut()) {
+            session.close_notify();
+            self.flush_tls(slot);
+        }
     }
 
     /// Kernel path: send what the client pipelined (now that the 101 is valid), then splice.
@@ -1039,7 +1106,7 @@ impl Worker {
         }
         let source_fd = conn.side_mut(source).raw();
         let destination_fd = conn.side_mut(destination).raw();
-        let Some((direction, last_activity_ns)) = conn.stage.relay_mut(destination) else {
+        let Some((direction, _)) = conn.stage.relay_mut(destination) else {
             return;
         };
         let budget = direction.read_budget(capacity);
@@ -1048,7 +1115,29 @@ impl Worker {
             return;
         }
         let mut buffer = self.buffers.take();
-        match recv(source_fd, &mut buffer[..budget]) {
+        let read = match (source, conn.tls.as_deref_mut()) {
+            (Which::Client, Some(session)) => tls::read(source_fd, session, &mut buffer[..budget]),
+            _ => recv(source_fd, &mut buffer[..budget]),
+        };
+        if source == Which::Client && conn.tls.is_some() {
+            if let Err(error) = &read {
+                if error.kind() == io::ErrorKind::InvalidData {
+                    self.buffers.give(buffer);
+                    return self.fail_tls(slot, error);
+                }
+            }
+            // A key update or alert from the client may need an answer.
+            self.flush_tls(slot);
+        }
+        let Some(conn) = self.conns[slot as usize].as_mut() else {
+            self.buffers.give(buffer);
+            return;
+        };
+        let Some((direction, last_activity_ns)) = conn.stage.relay_mut(destination) else {
+            self.buffers.give(buffer);
+            return;
+        };
+        match read {
             Ok(0) => {
                 self.buffers.give(buffer);
                 direction.on_source_eof();
@@ -1084,6 +1173,21 @@ impl Worker {
     /// The direction towards `destination` has nothing in flight and its source is exhausted:
     /// pass the FIN on, and close the connection once both directions are done.
     fn flush_direction(&mut self, slot: u32, destination: Which, destination_fd: RawFd) {
+        let Some(conn) = self.conn(slot) else { return };
+        if destination == Which::Client {
+            if let Some(session) = conn.tls.as_deref_mut() {
+                let source_done = conn
+                    .stage
+                    .relay_mut(destination)
+                    .is_some_and(|(direction, _)| direction.source_done());
+                if source_done && !session.closing() {
+                    // close_notify goes before the FIN; its send completion brings us back.
+                    session.close_notify();
+                    self.flush_tls(slot);
+                    return;
+                }
+            }
+        }
         let Some(conn) = self.conn(slot) else { return };
         let Some((direction, _)) = conn.stage.relay_mut(destination) else {
             return;
@@ -1262,7 +1366,17 @@ fn log_access(conn: &Conn) {
         Stage::Rejecting { status, .. } => (*status, 0, 0, ""),
         Stage::Handshake(_) | Stage::Handoff => (0, 0, 0, ""),
     };
+    let tls = conn.tls.as_ref().map(|session| match session.negotiated() {
+        Some(done) => serde_json::json!({
+            "version": done.version,
+            "suite": done.suite,
+            "sni": done.server_name,
+            "resumed": done.resumed,
+        }),
+        None => serde_json::json!({ "handshake": "unfinished" }),
+    });
     let line = serde_json::json!({
+        "tls": tls,
         "client": conn.client_addr.to_string(),
         "upstream": conn.upstream_addr.map(|a| a.to_string()),
         "host": conn.summary.host,

@@ -1,0 +1,11 @@
+//! TLS termination (`wss://`) with rustls: certificates and SNI, the per-listener server
+//! configuration, and the sans-IO session of one client. The io_uring worker feeds sessions
+//! socket bytes; TLS tunnels are always relayed in userspace (DESIGN.md §6).
+
+mod certificates;
+mod server_config;
+mod session;
+
+pub use certificates::{load_certified_key, CertificateError, SniResolver};
+pub use server_config::{server_config, TlsSetupError};
+pub use session::{Negotiated, TlsSession};
