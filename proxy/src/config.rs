@@ -112,7 +112,7 @@ pub struct Limits {
     /// Tunnels the kernel splice maps are sized for (default 1,048,576).
     pub max_tunnels: usize,
     /// Kernel path: bytes a tunnel may have redirected but not yet taken in by the reader's
-    /// socket before it is closed as a slow consumer (default 16 MiB).
+    /// socket before the tunnel is closed as a slow consumer (default 64 MiB).
     pub kernel_backlog: usize,
 }
 
@@ -141,7 +141,7 @@ impl Default for Limits {
             max_headers: 100,
             relay_buffer: 64 * 1024,
             max_tunnels: 1 << 20,
-            kernel_backlog: 16 << 20,
+            kernel_backlog: 64 << 20,
         }
     }
 }

@@ -67,9 +67,8 @@ pub struct Metrics {
     pub upstream_connect_failures: Counter,
     /// Tunnels closed by the idle timeout.
     pub idle_timeouts: Counter,
-    /// Kernel-path directions handed to the userspace relay because their reader fell
-    /// `kernel_backlog` behind.
-    pub kernel_demotions: Counter,
+    /// Kernel-path tunnels closed because a reader fell `limits.kernel_backlog` behind.
+    pub kernel_slow_consumers: Counter,
     /// Tunnel payload bytes copied through userspace (the relay), both directions.
     pub relayed_bytes_userspace: Counter,
     /// Tunnel payload bytes moved by the kernel splice path, both directions.
@@ -133,9 +132,9 @@ impl Metrics {
                 self.upstream_connect_failures.get(),
             ),
             (
-                "kernel_demotions_total",
-                "Kernel-path directions moved to the userspace relay for a slow reader.",
-                self.kernel_demotions.get(),
+                "kernel_slow_consumers_total",
+                "Kernel-path tunnels closed because a reader fell limits.kernel_backlog behind.",
+                self.kernel_slow_consumers.get(),
             ),
             (
                 "idle_timeouts_total",

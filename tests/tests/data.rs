@@ -19,6 +19,15 @@ fn random_message(rng: &mut rand::rngs::StdRng) -> Message {
     }
 }
 
+/// These tests push 80 MB as fast as they can while the reader checks every message, so on the
+/// kernel path the reader may lag tens of MiB behind: they check integrity, not the slow-consumer
+/// policy (`backpressure.rs` does), so the kernel backlog limit is set out of their way.
+fn integrity_config(servers: &[std::net::SocketAddr]) -> ProxyConfig {
+    let mut config = ProxyConfig::new(servers);
+    config.limits = "kernel_backlog = \"1024MiB\"";
+    config
+}
+
 fn seed() -> u64 {
     let seed = std::env::var("WSPLICE_SEED")
         .ok()
@@ -52,7 +61,7 @@ async fn text_and_binary_of_every_size_echo_unchanged() {
 async fn ten_thousand_random_messages_from_the_client_come_back_in_order() {
     let echo = Echo::start();
     for datapath in datapaths() {
-        let proxy = Proxy::start(datapath, &ProxyConfig::new(&[echo.addr()]));
+        let proxy = Proxy::start(datapath, &integrity_config(&[echo.addr()]));
         let ws = connect(&proxy.url("/random")).await;
         let (mut sink, mut stream) = ws.split();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed());
@@ -95,7 +104,7 @@ async fn ten_thousand_random_messages_from_the_upstream_arrive_in_order() {
     })
     .await;
     for datapath in datapaths() {
-        let proxy = Proxy::start(datapath, &ProxyConfig::new(&[upstream.addr()]));
+        let proxy = Proxy::start(datapath, &integrity_config(&[upstream.addr()]));
         let mut ws = connect(&proxy.url("/push")).await;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         for index in 0..10_000 {

@@ -31,7 +31,7 @@ use crate::tunnel::relay::{AfterSource, Direction};
 
 mod kernel;
 mod tls;
-use kernel::{Flow, SplicedState};
+use kernel::SplicedState;
 
 /// Submission queue size of each worker's ring.
 const RING_ENTRIES: u32 = 4096;
@@ -203,8 +203,6 @@ pub struct Worker {
     tick: Box<types::Timespec>,
     shutdown: Arc<AtomicBool>,
     drain_deadline_ns: Option<u64>,
-    /// Kernel-path directions paused for a slow reader, waiting for the kernel to drain.
-    draining: Vec<(u32, u64, Which)>,
     /// The periodic tick completed since the last loop turn.
     ticked: bool,
     /// Kernel-path FINs waiting until the kernel has delivered what it redirected.
@@ -246,7 +244,6 @@ impl Worker {
             tick: Box::new(types::Timespec::from(TICK)),
             shutdown,
             drain_deadline_ns: None,
-            draining: Vec::new(),
             ticked: false,
             fin_pending: Vec::new(),
             last_accept_warning_ns: 0,
@@ -285,8 +282,7 @@ impl Worker {
                 self.on_timer(key, now);
             }
             if std::mem::take(&mut self.ticked) {
-                // Once per tick, not per completion batch: a stuck reader may stay here long.
-                self.check_draining();
+                // Once per tick, not per completion batch: a slow reader may stay listed long.
                 self.check_pending_fins();
             }
             if self.manage_shutdown(now) {
@@ -803,8 +799,7 @@ impl Worker {
                 self.pump(slot, which.peer());
             }
             Stage::Handoff => self.splice_now(slot),
-            // A demoted direction's destination is free again.
-            Stage::Spliced(_) => self.pump(slot, which.peer()),
+            Stage::Spliced(_) => {}
         }
     }
 
@@ -1195,7 +1190,6 @@ impl Worker {
         if direction.after_flush() == AfterSource::ShutDownDestination {
             shutdown_write(destination_fd);
         }
-        let direction_finished = direction.finished();
         let reason = match &mut conn.stage {
             Stage::Tunnel(tunnel) if tunnel.up.finished() && tunnel.down.finished() => {
                 if tunnel.status == 101 {
@@ -1203,13 +1197,6 @@ impl Worker {
                 } else {
                     "refused upgrade relayed"
                 }
-            }
-            Stage::Spliced(state) if direction_finished => {
-                state.source_done(destination);
-                if !state.both_closed() {
-                    return;
-                }
-                "both sides closed"
             }
             _ => return,
         };
@@ -1238,6 +1225,9 @@ impl Worker {
         let spliced = matches!(conn.stage, Stage::Spliced(_));
         if spliced {
             self.unsplice(slot);
+        }
+        if !abortive {
+            self.tls_goodbye(slot);
         }
         let Some(conn) = self.conn(slot) else { return };
         if abortive {
@@ -1303,7 +1293,7 @@ impl Which {
 
 impl Stage {
     /// The userspace-relayed direction towards `destination` and the activity stamp its
-    /// traffic moves: the whole relay, or a kernel-path direction demoted for a slow reader.
+    /// traffic moves.
     fn relay_mut(&mut self, destination: Which) -> Option<(&mut Direction, &mut u64)> {
         match self {
             Stage::Tunnel(TunnelState {
@@ -1317,22 +1307,6 @@ impl Stage {
                     Which::Client => down,
                 };
                 Some((direction, last_activity_ns))
-            }
-            Stage::Spliced(state) => {
-                let SplicedState {
-                    to_upstream,
-                    to_client,
-                    relay_activity_ns,
-                    ..
-                } = state;
-                let flow = match destination {
-                    Which::Upstream => to_upstream,
-                    Which::Client => to_client,
-                };
-                match flow {
-                    Flow::Relay(direction) => Some((direction, relay_activity_ns)),
-                    Flow::Kernel | Flow::Draining => None,
-                }
             }
             _ => None,
         }

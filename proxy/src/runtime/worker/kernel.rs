@@ -17,27 +17,8 @@ use crate::clock::monotonic_ns;
 use crate::splice::{kick, queued_bytes, socket_cookie, Owner, SpliceProgram};
 
 use super::{shutdown_write, Stage, Which, Worker};
-use crate::tunnel::relay::Direction;
 
 impl SplicedState {
-    /// The flow of the direction towards `destination`.
-    pub(super) fn flow_to(&mut self, destination: Which) -> &mut Flow {
-        match destination {
-            Which::Upstream => &mut self.to_upstream,
-            Which::Client => &mut self.to_client,
-        }
-    }
-
-    /// Records that the source of the direction towards `destination` has ended and its FIN
-    /// was passed on.
-    pub(super) fn source_done(&mut self, destination: Which) {
-        match destination {
-            Which::Upstream => self.client_eof = true,
-            Which::Client => self.upstream_eof = true,
-        }
-        self.fin_passed(destination);
-    }
-
     /// Records that `destination` got its FIN (`shutdown(SHUT_WR)`).
     fn fin_passed(&mut self, destination: Which) {
         match destination {
@@ -68,27 +49,9 @@ impl SplicedState {
     }
 }
 
-/// How the bytes of one direction of a spliced tunnel move.
-#[derive(Debug)]
-pub(super) enum Flow {
-    /// Redirected by the verdict program.
-    Kernel,
-    /// Paused in the program (its reader fell behind); waiting until the kernel has pushed
-    /// everything it redirected into the destination, so the relay cannot overtake it.
-    Draining,
-    /// Relayed in userspace with backpressure, for the rest of the tunnel.
-    Relay(Direction),
-}
-
 /// A tunnel carried by the kernel; userspace holds only this.
 #[derive(Debug)]
 pub(super) struct SplicedState {
-    /// Client → upstream.
-    pub(super) to_upstream: Flow,
-    /// Upstream → client.
-    pub(super) to_client: Flow,
-    /// Last byte relayed in userspace (a demoted direction).
-    pub(super) relay_activity_ns: u64,
     pub(super) client_cookie: u64,
     pub(super) upstream_cookie: u64,
     /// FIN seen from the client / the upstream.
@@ -177,13 +140,7 @@ pub(super) fn last_activity(program: &SpliceProgram, state: &SplicedState) -> u6
         .into_iter()
         .filter_map(|cookie| program.activity(cookie).ok().flatten())
         .map(|activity| activity.last_ns)
-        .fold(state.since_ns.max(state.relay_activity_ns), u64::max)
-}
-
-/// Returns once no receive processing (and so no verdict) is running on the socket: re-sets
-/// TCP_NODELAY, which takes and releases the socket lock.
-fn serialize_with_receive(fd: BorrowedFd<'_>) -> io::Result<()> {
-    socket2::SockRef::from(&fd).set_tcp_nodelay(true)
+        .fold(state.since_ns, u64::max)
 }
 
 /// What a readiness event on a spliced socket means.
@@ -265,9 +222,6 @@ impl Worker {
             return;
         };
         conn.stage = Stage::Spliced(SplicedState {
-            to_upstream: Flow::Kernel,
-            to_client: Flow::Kernel,
-            relay_activity_ns: now,
             client_cookie,
             upstream_cookie,
             client_eof: false,
@@ -345,8 +299,7 @@ impl Worker {
         }
     }
 
-    /// A spliced socket woke up: a FIN, a reset, or (never expected) stray bytes — unless the
-    /// direction it feeds was demoted to the relay.
+    /// A spliced socket woke up: a FIN, a reset, or (never expected) stray bytes.
     pub(super) fn on_spliced_readable(&mut self, slot: u32, which: Which) {
         let Some(conn) = self.conns[slot as usize].as_mut() else {
             return;
@@ -355,12 +308,6 @@ impl Worker {
         let Stage::Spliced(state) = &mut conn.stage else {
             return;
         };
-        match state.flow_to(which.peer()) {
-            Flow::Relay(_) => return self.pump(slot, which),
-            // Held bytes wait for the relay; it re-arms the poll when it starts.
-            Flow::Draining => return,
-            Flow::Kernel => {}
-        }
         match inspect(fd) {
             SplicedEvent::Nothing => self.arm_poll(slot, which),
             SplicedEvent::Eof => {
@@ -383,20 +330,39 @@ impl Worker {
     }
 
     /// The program reported that a socket of this tunnel moved another `PRESSURE_STEP` bytes:
-    /// a direction whose reader is more than `kernel_backlog` behind is paused in the program
-    /// and handed to the userspace relay (which has backpressure) once the kernel has pushed
-    /// out what it already redirected.
+    /// a tunnel whose reader is more than `kernel_backlog` behind is closed as a slow consumer
+    /// (reset both ways), which frees what the kernel queued for it.
+    ///
+    /// Why not slow the writer down instead: the only way to stop the redirect for one socket
+    /// is to make the program pass its bytes to the socket itself, and on this kernel bytes
+    /// passed to a socket that also has redirected bytes waiting to be sent to it go through
+    /// the psock backlog, which loses their direction when it must retry (they are then sent
+    /// back out of the socket they came from). A tunnel busy both ways was corrupted that way
+    /// in testing (about one run in six), so the kernel path keeps no such state: it closes.
+    /// `--datapath userspace` throttles slow readers instead (TCP backpressure).
     pub(super) fn check_pressure(&mut self, slot: u32) {
         for destination in [Which::Client, Which::Upstream] {
-            let backlog = self.kernel_backlog(slot, destination);
-            if backlog.is_some_and(|b| b > self.services.kernel_backlog) {
-                self.demote(slot, destination, backlog.unwrap_or(0));
+            let Some(backlog) = self.kernel_backlog(slot, destination) else {
+                continue;
+            };
+            if backlog > self.services.kernel_backlog {
+                self.services.metrics.kernel_slow_consumers.inc();
+                let reason = format!(
+                    "slow consumer: {destination:?} is {backlog} bytes behind on the kernel path \
+                     (limits.kernel_backlog)"
+                );
+                tracing::info!(
+                    ?destination,
+                    backlog,
+                    "closing a tunnel whose reader fell behind"
+                );
+                return self.begin_close(slot, reason, true);
             }
         }
     }
 
     /// Bytes the program redirected towards `destination` that its socket has not taken in
-    /// yet; `None` unless that direction is on the kernel path or draining.
+    /// yet; `None` unless the tunnel is spliced.
     pub(super) fn kernel_backlog(&mut self, slot: u32, destination: Which) -> Option<u64> {
         let program = self.services.splice.clone()?;
         let conn = self.conns.get_mut(slot as usize)?.as_mut()?;
@@ -404,9 +370,6 @@ impl Worker {
         let Stage::Spliced(state) = &mut conn.stage else {
             return None;
         };
-        if matches!(state.flow_to(destination), Flow::Relay(_)) {
-            return None;
-        }
         let redirected = program
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -419,82 +382,6 @@ impl Worker {
             .unwrap_or(0)
             .saturating_sub(state.baseline(destination));
         Some(redirected.saturating_sub(taken))
-    }
-
-    /// Pauses the direction towards `destination` in the program and queues it for the relay.
-    fn demote(&mut self, slot: u32, destination: Which, backlog: u64) {
-        let Some(program) = self.services.splice.clone() else {
-            return;
-        };
-        let Some(conn) = self.conns[slot as usize].as_mut() else {
-            return;
-        };
-        let id = conn.id;
-        let source_fd = conn.side_mut(destination.peer()).raw();
-        let Stage::Spliced(state) = &mut conn.stage else {
-            return;
-        };
-        if !matches!(state.flow_to(destination), Flow::Kernel) {
-            return; // already demoted
-        }
-        let cookie = state.source_cookie(destination);
-        let paused = program
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .pause(cookie);
-        if let Err(error) = paused {
-            let reason = format!("cannot pause a slow direction: {error}");
-            return self.begin_close(slot, reason, false);
-        }
-        *state.flow_to(destination) = Flow::Draining;
-        // Wait out a verdict running right now on the source (it may not have seen the pause):
-        // a setsockopt that takes the socket lock. Not SO_RCVLOWAT: this kernel sets it without
-        // the lock and runs the verdict from the calling thread, concurrently with softirq, which
-        // can reorder the source's bytes.
-        // SAFETY: `source_fd` belongs to this live connection.
-        let _ = serialize_with_receive(unsafe { BorrowedFd::borrow_raw(source_fd) });
-        self.services.metrics.kernel_demotions.inc();
-        tracing::info!(
-            ?destination,
-            backlog,
-            "reader fell behind on the kernel path; relaying that direction in userspace"
-        );
-        self.draining.push((slot, id, destination));
-    }
-
-    /// Moves every drained direction to the userspace relay (called once per loop turn; the
-    /// list is empty unless a reader fell behind).
-    pub(super) fn check_draining(&mut self) {
-        if self.draining.is_empty() {
-            return;
-        }
-        let waiting = std::mem::take(&mut self.draining);
-        for (slot, id, destination) in waiting {
-            let alive = self.conns[slot as usize]
-                .as_ref()
-                .is_some_and(|conn| conn.id == id && conn.closing.is_none());
-            if !alive {
-                continue;
-            }
-            match self.kernel_backlog(slot, destination) {
-                Some(0) => self.start_demoted_relay(slot, destination),
-                Some(_) => self.draining.push((slot, id, destination)),
-                None => {}
-            }
-        }
-    }
-
-    fn start_demoted_relay(&mut self, slot: u32, destination: Which) {
-        let Some(conn) = self.conns[slot as usize].as_mut() else {
-            return;
-        };
-        let Stage::Spliced(state) = &mut conn.stage else {
-            return;
-        };
-        *state.flow_to(destination) = Flow::Relay(Direction::unbounded());
-        state.relay_activity_ns = monotonic_ns();
-        // Whatever arrived since the pause waits on the source socket, in order.
-        self.pump(slot, destination.peer());
     }
 
     /// Stops the kernel from moving this tunnel's bytes and records what it moved.
@@ -512,12 +399,8 @@ impl Worker {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let (up, down) = forget(&mut program, state.client_cookie, state.upstream_cookie);
-        let relayed = |flow: &Flow| match flow {
-            Flow::Relay(direction) => direction.bytes,
-            Flow::Kernel | Flow::Draining => 0,
-        };
-        state.bytes_up = up + relayed(&state.to_upstream);
-        state.bytes_down = down + relayed(&state.to_client);
+        state.bytes_up = up;
+        state.bytes_down = down;
         self.services.metrics.spliced_bytes_kernel.add(up + down);
     }
 }
