@@ -19,6 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod tls;
+
 /// Largest message the test clients accept.
 pub const MAX_MESSAGE: usize = 64 << 20;
 
@@ -156,6 +158,8 @@ pub struct ProxyConfig {
     pub limits: &'static str,
     /// Worker threads.
     pub workers: usize,
+    /// The listener's `tls` value (see [`tls::tls_table`]): the proxy serves `wss://`.
+    pub tls: Option<String>,
 }
 
 impl ProxyConfig {
@@ -171,13 +175,18 @@ impl ProxyConfig {
             route_extra: "",
             limits: "",
             workers: 2,
+            tls: None,
         }
     }
 
     fn to_toml(&self, listen: SocketAddr, admin: SocketAddr) -> String {
         let servers: Vec<String> = self.servers.iter().map(|s| format!("\"{s}\"")).collect();
+        let tls = self
+            .tls
+            .as_ref()
+            .map_or_else(String::new, |tls| format!("tls = {tls}\n"));
         format!(
-            "workers = {}\n\n[[listener]]\nbind = \"{listen}\"\n\n[[route]]\nupstream = \"default\"\n{}\n\n\
+            "workers = {}\n\n[[listener]]\nbind = \"{listen}\"\n{tls}\n[[route]]\nupstream = \"default\"\n{}\n\n\
              [upstream.default]\nservers = [{}]\nfail_timeout = \"{}\"\n\n\
              [timeouts]\nidle = \"{}\"\nhandshake = \"{}\"\nconnect = \"{}\"\ndrain = \"{}\"\n\n\
              [limits]\n{}\n\n[admin]\nbind = \"{admin}\"\n",

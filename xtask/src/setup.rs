@@ -26,6 +26,51 @@ pub fn setup(root: &Path) -> anyhow::Result<()> {
     ensure_bpf_linker(root, &nightly)
 }
 
+/// The clients the `wss://` tests drive besides the Rust ones: `openssl s_client` and Python
+/// `websockets`. Installed from Debian packages when missing.
+pub fn ensure_test_clients() -> anyhow::Result<()> {
+    let has_openssl = probe("openssl", &["version"]);
+    let has_python = probe("python3", &["-c", "import websockets"]);
+    if has_openssl && has_python {
+        return Ok(());
+    }
+    apt_install(&["openssl", "python3", "python3-websockets"])
+        .context("the TLS tests need openssl and python3-websockets")?;
+    if !probe("openssl", &["version"]) || !probe("python3", &["-c", "import websockets"]) {
+        bail!("openssl or python3-websockets still missing after apt-get install");
+    }
+    Ok(())
+}
+
+/// Whether `program args` runs and succeeds.
+fn probe(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// `apt-get install -y PACKAGES` (after an `apt-get update`), non-interactive.
+pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    println!("==> installing {} from Debian packages", packages.join(" "));
+    let update = Command::new("apt-get")
+        .arg("update")
+        .status()
+        .context("cannot run apt-get")?;
+    let install = Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("cannot run apt-get")?;
+    if !update.success() || !install.success() {
+        bail!("apt-get install {} failed", packages.join(" "));
+    }
+    Ok(())
+}
+
 /// Installs `channel` with `components` unless rustup lists them all as installed. Explicit,
 /// because rustup's auto-install may be off (RUSTUP_AUTO_INSTALL=0).
 fn ensure_toolchain(channel: &str, components: &[&str]) -> anyhow::Result<()> {

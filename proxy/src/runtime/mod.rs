@@ -42,7 +42,7 @@ pub enum RuntimeError {
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
     /// A TLS listener's certificates or settings are unusable.
-    #[error("listener {bind}: {source}")]
+    #[error("listener {bind}")]
     Tls {
         /// The listener.
         bind: std::net::SocketAddr,

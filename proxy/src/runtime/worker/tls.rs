@@ -78,6 +78,24 @@ impl Worker {
         self.flush_tls(slot);
     }
 
+    /// A TLS client's connection closes on our initiative (idle, drain, upstream gone): say
+    /// `close_notify` first if the stream is established and the socket is free, so the client
+    /// sees an orderly end rather than a truncation.
+    pub(super) fn tls_goodbye(&mut self, slot: u32) {
+        let Some(conn) = self.conns.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let fd = conn.client.raw();
+        let free = conn.client.out.is_none();
+        let Some(session) = conn.tls.as_deref_mut() else {
+            return;
+        };
+        if free && !session.is_handshaking() && !session.closing() {
+            session.close_notify();
+            send_now(fd, &session.take_all_ciphertext());
+        }
+    }
+
     /// The client's TLS stream is broken (bad handshake, garbage, plain HTTP): tell the client
     /// what we can without waiting (a 400 for plain HTTP, else the alert rustls queued) and
     /// close.
