@@ -675,3 +675,51 @@ fn check_reads_every_key_format_and_reports_unreadable_or_mismatched_pairs() {
     );
     assert!(!ok && stderr.contains("private key"), "{stderr}");
 }
+
+/// Sends `request` over TLS and reads until the proxy ends the stream; the end must be a clean
+/// one (close_notify), returned as the whole answer.
+async fn tls_exchange(addr: std::net::SocketAddr, ca: &TestCa, request: &[u8]) -> String {
+    let mut tls = tls_connect(addr, "localhost", ca.client_config())
+        .await
+        .expect("TLS");
+    tls.write_all(request).await.expect("write request");
+    let mut answer = Vec::new();
+    bounded(tls.read_to_end(&mut answer))
+        .await
+        .expect("the answer ends with close_notify, not a cut");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_and_refused_upgrades_are_answered_inside_tls_then_closed_cleanly() {
+    let ca = TestCa::new();
+    let leaf = ca.issue("localhost", &["localhost"]);
+    let refusing = Scripted::start(|mut stream, _, _| async move {
+        let body = "members only";
+        let answer = format!(
+            "HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(answer.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    })
+    .await;
+    let mut config = ProxyConfig::new(&[refusing.addr()]);
+    config.tls = Some(tls_table(&leaf, ""));
+    config.route_extra = "path_prefix = \"/app\"";
+    let proxy = Proxy::start(DataPath::Userspace, &config);
+
+    let answer = tls_exchange(proxy.addr(), &ca, &upgrade_request("/elsewhere", &[])).await;
+    assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
+    let answer = tls_exchange(proxy.addr(), &ca, b"POST /app HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 405 "), "{answer}");
+    let answer = tls_exchange(proxy.addr(), &ca, &upgrade_request("/app", &[])).await;
+    assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");
+    assert!(answer.ends_with("members only"), "{answer}");
+    let statuses: Vec<u64> = proxy
+        .wait_access_lines(3)
+        .iter()
+        .filter_map(|line| line["status"].as_u64())
+        .collect();
+    assert_eq!(statuses, [404, 405, 403]);
+}
