@@ -64,7 +64,7 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("wsplice: {error:#}");
+            eprintln!("wsplice: {}", describe(&error));
             ExitCode::FAILURE
         }
     }
@@ -133,6 +133,25 @@ fn choose_datapath(
             }
         },
     }
+}
+
+/// The error and its causes joined by ": ", skipping a cause whose message the error before it
+/// already includes (many errors say "what failed: {source}" and also report that source).
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    let mut previous = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if previous.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+        previous = message;
+    }
+    text
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).
