@@ -67,10 +67,19 @@ pub fn binary() -> PathBuf {
     }
 }
 
-/// A port free at the time of asking on 127.0.0.1.
+/// A port free at the time of asking on 127.0.0.1, for a process the test starts.
+///
+/// Chosen at random below the ephemeral range (32768+, and 20000+ while `cargo xtask bench`
+/// widens it): a port the kernel handed out for "port 0" could be taken by any of the thousands
+/// of outgoing connections the tests make before the child binds it.
 pub fn free_port() -> u16 {
-    let listener = StdListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
+    for _ in 0..1000 {
+        let port = rand::random_range(10_000..20_000);
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 10000..20000 on 127.0.0.1");
 }
 
 /// A fresh scratch folder for one process's files.
@@ -87,18 +96,31 @@ pub fn scratch_dir(what: &str) -> PathBuf {
 
 /// Waits until `addr` accepts TCP connections, or panics after [`WAIT`].
 pub fn wait_for_port(addr: SocketAddr, child: &mut Child, what: &str, log: &Path) {
+    if let Err(error) = try_wait_for_port(addr, child, what, log) {
+        panic!("{error}");
+    }
+}
+
+/// Waits until `addr` accepts TCP connections; the error says why not (early exit with the
+/// child's log, or time-out).
+pub fn try_wait_for_port(
+    addr: SocketAddr,
+    child: &mut Child,
+    what: &str,
+    log: &Path,
+) -> Result<(), String> {
     let deadline = Instant::now() + WAIT;
     while Instant::now() < deadline {
         if StdStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return;
+            return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
             let log = std::fs::read_to_string(log).unwrap_or_default();
-            panic!("{what} exited early with {status}:\n{log}");
+            return Err(format!("{what} exited early with {status}:\n{log}"));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("{what} did not listen on {addr} in time");
+    Err(format!("{what} did not listen on {addr} in time"))
 }
 
 /// A child process killed by PID when dropped.
@@ -215,8 +237,21 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts a proxy with `config` on `datapath` and waits until it listens.
+    /// Starts a proxy with `config` on `datapath` and waits until it listens. A port taken
+    /// between choosing and binding it (another test's process) is retried with new ports.
     pub fn start(datapath: DataPath, config: &ProxyConfig) -> Proxy {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Proxy::try_start(datapath, config) {
+                Ok(proxy) => return proxy,
+                Err(error) if attempt < 3 && error.contains("Address already in use") => continue,
+                Err(error) => panic!("{error}"),
+            }
+        }
+    }
+
+    fn try_start(datapath: DataPath, config: &ProxyConfig) -> Result<Proxy, String> {
         let dir = scratch_dir("proxy");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
@@ -234,8 +269,8 @@ impl Proxy {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary().display()));
         let mut process = Process { child };
-        wait_for_port(addr, &mut process.child, "wsplice run", &log);
-        wait_for_port(admin, &mut process.child, "wsplice admin", &log);
+        try_wait_for_port(addr, &mut process.child, "wsplice run", &log)?;
+        try_wait_for_port(admin, &mut process.child, "wsplice admin", &log)?;
         let proxy = Proxy {
             process,
             addr,
@@ -245,7 +280,7 @@ impl Proxy {
         };
         // One full admin exchange: the readiness probes' connections are closed after it.
         let _ = proxy.metrics();
-        proxy
+        Ok(proxy)
     }
 
     /// The listener address.
