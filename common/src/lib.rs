@@ -15,9 +15,6 @@ pub const PRESSURE_MAP: &str = "PRESSURE";
 pub const PRESSURE_RING_BYTES: u32 = 256 * 1024;
 /// A socket is reported each time it has redirected this many more bytes.
 pub const PRESSURE_STEP: u64 = 1 << 20;
-/// Name of the HASH map of sockets whose bytes the program must leave on the socket (key:
-/// cookie): userspace relays that direction itself from then on.
-pub const PAUSED_MAP: &str = "PAUSED";
 /// Name of the `sk_skb/stream_verdict` program.
 pub const VERDICT_PROGRAM: &str = "wsplice_verdict";
 /// Entries the maps are compiled with; the loader resizes them to the configured capacity.

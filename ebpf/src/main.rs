@@ -22,11 +22,6 @@ static PEER: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAP_ENTRIES, 0);
 #[map(name = "ACTIVITY")]
 static ACTIVITY: HashMap<u64, Activity> = HashMap::with_max_entries(DEFAULT_MAP_ENTRIES, 0);
 
-/// cookie(socket) → present: do not redirect, leave the bytes readable on the socket (the
-/// direction was handed back to userspace because its reader fell behind).
-#[map(name = "PAUSED")]
-static PAUSED: HashMap<u64, u32> = HashMap::with_max_entries(DEFAULT_MAP_ENTRIES, 0);
-
 /// Owners of sockets that moved another `PRESSURE_STEP` bytes (userspace checks their backlog).
 #[map(name = "PRESSURE")]
 static PRESSURE: RingBuf = RingBuf::with_byte_size(PRESSURE_RING_BYTES, 0);
@@ -36,10 +31,6 @@ static PRESSURE: RingBuf = RingBuf::with_byte_size(PRESSURE_RING_BYTES, 0);
 pub fn wsplice_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the context pointer is the skb this program was called with.
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: a plain lookup; the value is not dereferenced.
-    if unsafe { PAUSED.get(&cookie) }.is_some() {
-        return SK_PASS;
-    }
     // Flags 0: the peer's egress (its send queue), not its ingress.
     let verdict = PEER.redirect_skb(&ctx, &mut cookie, 0);
     if verdict == i64::from(SK_PASS) {

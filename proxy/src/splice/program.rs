@@ -6,7 +6,7 @@ use aya::maps::{HashMap, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
 use wsplice_common::{
-    Activity, ACTIVITY_MAP, PAUSED_MAP, PEER_MAP, PRESSURE_MAP, PRESSURE_STEP, VERDICT_PROGRAM,
+    Activity, ACTIVITY_MAP, PEER_MAP, PRESSURE_MAP, PRESSURE_STEP, VERDICT_PROGRAM,
 };
 
 /// The eBPF object built from `ebpf/` by `build.rs`, embedded in the binary.
@@ -103,7 +103,6 @@ fn is_permission_error(error: &(dyn std::error::Error + 'static)) -> bool {
 pub struct SpliceProgram {
     peer: SockHash<MapData, u64>,
     activity: HashMap<MapData, u64, Activity>,
-    paused: HashMap<MapData, u64, u32>,
     /// Taken by the pressure watcher (`take_pressure_ring`).
     pressure: Option<RingBuf<MapData>>,
     /// Owns the program and its attachment; dropping it detaches the verdict.
@@ -124,7 +123,6 @@ impl SpliceProgram {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(PEER_MAP, max_sockets)
             .map_max_entries(ACTIVITY_MAP, max_sockets)
-            .map_max_entries(PAUSED_MAP, max_sockets)
             .load(EBPF_OBJECT)?;
         let peer: SockHash<MapData, u64> = SockHash::try_from(
             ebpf.take_map(PEER_MAP)
@@ -133,10 +131,6 @@ impl SpliceProgram {
         let activity: HashMap<MapData, u64, Activity> = HashMap::try_from(
             ebpf.take_map(ACTIVITY_MAP)
                 .ok_or(SpliceError::Missing("ACTIVITY map"))?,
-        )?;
-        let paused: HashMap<MapData, u64, u32> = HashMap::try_from(
-            ebpf.take_map(PAUSED_MAP)
-                .ok_or(SpliceError::Missing("PAUSED map"))?,
         )?;
         let pressure = RingBuf::try_from(
             ebpf.take_map(PRESSURE_MAP)
@@ -151,7 +145,6 @@ impl SpliceProgram {
         Ok(SpliceProgram {
             peer,
             activity,
-            paused,
             pressure: Some(pressure),
             _ebpf: ebpf,
         })
@@ -197,15 +190,7 @@ impl SpliceProgram {
 
     /// Stops recording activity for `cookie` (per-socket records are not removed by the kernel).
     pub fn untrack(&mut self, cookie: u64) -> Result<(), SpliceError> {
-        ignore_missing(self.paused.remove(&cookie))?;
         ignore_missing(self.activity.remove(&cookie))
-    }
-
-    /// From now on the program leaves bytes arriving on `cookie`'s socket readable there
-    /// instead of redirecting them (userspace relays that direction).
-    pub fn pause(&mut self, cookie: u64) -> Result<(), SpliceError> {
-        self.paused.insert(&cookie, &1, 0)?;
-        Ok(())
     }
 
     /// Entries in `PEER` (walks the map: for metrics and tests, not the hot path).

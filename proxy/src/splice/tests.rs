@@ -268,27 +268,6 @@ fn removing_a_peer_entry_stops_the_redirect() {
 }
 
 #[test]
-fn a_paused_socket_keeps_its_bytes() {
-    let mut program = load();
-    let mut tunnel = Tunnel::new();
-    tunnel.splice(&mut program);
-    let upstream_cookie = tunnel.upstream_cookie();
-
-    program.pause(upstream_cookie).expect("pause");
-    let held = pattern(1200, 9);
-    tunnel.upstream.write_all(&held).expect("upstream writes");
-    assert!(read_exactly(&mut tunnel.proxy_upstream, held.len()) == held);
-    let activity = program
-        .activity(upstream_cookie)
-        .expect("read activity")
-        .expect("tracked");
-    assert_eq!(activity.bytes, 0);
-    // The other direction is still spliced.
-    let up = pattern(300, 10);
-    assert!(send_through(&tunnel.client, &mut tunnel.upstream, &up) == up);
-}
-
-#[test]
 fn closed_sockets_leave_peer_and_untrack_empties_activity() {
     let mut program = load();
     let tunnel = Tunnel::new();
