@@ -297,3 +297,28 @@ async fn a_reset_upstream_closes_the_client() {
         assert!(took < Duration::from_secs(3), "{datapath:?}: {took:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_vanishes_with_echoes_unread_leaves_no_tunnel_behind() {
+    let echo = Echo::start();
+    for datapath in datapaths() {
+        let proxy = Proxy::start(datapath, &ProxyConfig::new(&[echo.addr()]));
+        for _ in 0..8 {
+            let mut ws = connect(&proxy.url("/vanish")).await;
+            // Keep sending, never read: the echoes pile up in the client's socket, so closing
+            // it resets the connection while the proxy still has bytes on their way to it.
+            for _ in 0..64 {
+                bounded(ws.send(Message::binary(vec![7u8; 64 * 1024])))
+                    .await
+                    .expect("send");
+            }
+            drop(ws);
+        }
+        // Well before the 60 s idle timeout, every tunnel is gone.
+        assert!(
+            eventually(|| proxy.metrics()["tunnels_open"] == 0),
+            "{datapath:?}: tunnels left open: {:?}",
+            proxy.metrics()
+        );
+    }
+}

@@ -9,4 +9,6 @@ mod program;
 mod tests;
 
 pub use pressure::{eventfd, wake, Mailbox, Owner, PressureWatcher};
-pub use program::{kick, queued_bytes, socket_cookie, SpliceError, SpliceProgram, EBPF_OBJECT};
+pub use program::{
+    is_closed, kick, queued_bytes, socket_cookie, SpliceError, SpliceProgram, EBPF_OBJECT,
+};

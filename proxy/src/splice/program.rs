@@ -237,9 +237,8 @@ pub fn socket_cookie(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
     }
 }
 
-/// Bytes ever written into the socket's send queue: acked bytes plus what is still queued
-/// (`TCP_INFO.tcpi_bytes_acked + SIOCOUTQ`). On a spliced socket, what the kernel pushed in.
-pub fn queued_bytes(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
+/// `TCP_INFO` of a socket.
+fn tcp_info(fd: BorrowedFd<'_>) -> std::io::Result<libc::tcp_info> {
     // SAFETY: tcp_info is plain data; zeroed is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -256,6 +255,21 @@ pub fn queued_bytes(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(info)
+}
+
+/// Whether the connection is gone (TCP state CLOSE: reset, or closed both ways): bytes
+/// redirected to it can no longer be delivered.
+pub fn is_closed(fd: BorrowedFd<'_>) -> bool {
+    // TCP_CLOSE in the kernel's enum (include/net/tcp_states.h).
+    const TCP_CLOSE: u8 = 7;
+    tcp_info(fd).is_ok_and(|info| info.tcpi_state == TCP_CLOSE)
+}
+
+/// Bytes ever written into the socket's send queue: acked bytes plus what is still queued
+/// (`TCP_INFO.tcpi_bytes_acked + SIOCOUTQ`). On a spliced socket, what the kernel pushed in.
+pub fn queued_bytes(fd: BorrowedFd<'_>) -> std::io::Result<u64> {
+    let info = tcp_info(fd)?;
     let mut outq: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut outq) };

@@ -14,7 +14,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 use crate::clock::monotonic_ns;
-use crate::splice::{kick, queued_bytes, socket_cookie, Owner, SpliceProgram};
+use crate::splice::{is_closed, kick, queued_bytes, socket_cookie, Owner, SpliceProgram};
 
 use super::{shutdown_write, Stage, Which, Worker};
 
@@ -261,10 +261,14 @@ impl Worker {
     /// there: the redirect is asynchronous, so a FIN sent at once could overtake queued bytes
     /// (which the kernel then drops with EPIPE).
     pub(super) fn pass_fin(&mut self, slot: u32, destination: Which) {
-        if self
-            .kernel_backlog(slot, destination)
-            .is_some_and(|backlog| backlog > 0)
-        {
+        let backlog = self.kernel_backlog(slot, destination);
+        if backlog.is_some_and(|backlog| backlog > 0) && self.is_gone(slot, destination) {
+            // What the program redirected there can never be delivered (the psock drops it
+            // once the socket failed): waiting for it would keep the tunnel open forever.
+            let reason = format!("{destination:?} connection is gone (reset) with bytes queued");
+            return self.begin_close(slot, reason, true);
+        }
+        if backlog.is_some_and(|backlog| backlog > 0) {
             if let Some(conn) = self.conns[slot as usize].as_ref() {
                 self.fin_pending.push((slot, conn.id, destination));
             }
@@ -282,6 +286,17 @@ impl Worker {
         if state.both_closed() {
             self.begin_close(slot, "both sides closed".into(), false);
         }
+    }
+
+    /// Whether the `which` socket of this tunnel is closed (see [`is_closed`]).
+    fn is_gone(&mut self, slot: u32, which: Which) -> bool {
+        let Some(conn) = self.conns[slot as usize].as_mut() else {
+            return true;
+        };
+        conn.side_mut(which)
+            .fd
+            .as_ref()
+            .is_none_or(|fd| is_closed(fd.as_fd()))
     }
 
     /// Retries the FINs waiting for the kernel to drain (once per tick; usually empty).
