@@ -361,7 +361,19 @@ async fn fleet(client: &Client, options: FleetOptions) -> anyhow::Result<serde_j
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + phase, interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                ticks.tick().await;
+                // The next tick, unless the window ends first.
+                let window_end = async {
+                    let mut rx = start_rx.clone();
+                    match rx.wait_for(Option::is_some).await.map(|s| *s) {
+                        Ok(Some(start)) => tokio::time::sleep_until((start + window).into()).await,
+                        // The sender is gone without a start: wait for ticks only.
+                        _ => std::future::pending::<()>().await,
+                    }
+                };
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    () = window_end => break,
+                }
                 let start = *start_rx.borrow();
                 let sent = Instant::now();
                 let counted = start.is_some_and(|s| sent >= s && sent < s + window);

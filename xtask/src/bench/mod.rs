@@ -11,7 +11,7 @@ mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
@@ -100,8 +100,8 @@ impl Scale {
         fleet: 9000,
         fleet_window: 8.0,
         rounds: 3,
-        percore_steps: &[1000, 2000, 4000, 8000, 12000, 16000],
-        percore_window: 6.0,
+        percore_steps: &[1000, 2000, 4000, 8000, 16000],
+        percore_window: 4.0,
     };
     /// A quick pass (under 2 minutes).
     pub const QUICK: Scale = Scale {
@@ -230,8 +230,12 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
         Some(files) => wsplice_refuses_tls(&wsplice, &work, files)?,
         None => None,
     };
+    let mut results = Results::default();
     if let Some(reason) = &wsplice_tls_refused {
         progress.say(&format!("wsplice check refuses a TLS listener: {reason}"));
+        results.notes.push(format!(
+            "wsplice wss cells are n/a: `wsplice check` refuses a TLS listener: {reason}"
+        ));
     }
     let env = Env {
         load: root.join("target/release/wsplice-load"),
@@ -246,7 +250,6 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
         },
         progress,
     };
-    let mut results = Results::default();
     let alternation: Vec<Workload> = workloads
         .iter()
         .copied()
@@ -325,6 +328,16 @@ fn run_target(
             env.progress.say(&message);
             results.notes.push(message);
         }
+    }
+    let stopping = Instant::now();
+    drop(running);
+    if stopping.elapsed() > Duration::from_secs(1) {
+        let message = format!(
+            "{at}: took {:.1} s to stop after SIGTERM (tunnels still draining?)",
+            stopping.elapsed().as_secs_f64()
+        );
+        env.progress.say(&message);
+        results.notes.push(message);
     }
 }
 

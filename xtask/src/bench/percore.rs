@@ -16,7 +16,7 @@ const TUNNELS_PER_PROCESS: usize = 9000;
 /// The echo upstream is one process: its 20,000 fds bound N.
 const ECHO_MAX_CONNS: usize = 18_000;
 /// Time allowed per target.
-const BUDGET: Duration = Duration::from_secs(100);
+const BUDGET: Duration = Duration::from_secs(60);
 
 /// One fleet size tried.
 #[derive(Debug, Clone)]

@@ -153,6 +153,26 @@ const RATIOS: [(&str, usize, usize); 3] = [
     ("kernel / nginx", 4, 1),
 ];
 
+/// The order of the table's rows.
+const ROW_ORDER: [&str; 16] = [
+    "bulk1",
+    "bulk16",
+    "storm",
+    "latency_p50",
+    "latency_p99",
+    "hold_rss",
+    "hold_slab",
+    "hold_machine",
+    "fleet_p50",
+    "fleet_p99",
+    "fleet_messages",
+    "fleet_failures",
+    "fleet_cpu",
+    "fleet_cpu_proxy",
+    "wss_storm",
+    "wss_bulk1",
+];
+
 fn markdown(header: &Header, results: &Results) -> String {
     let mut out = format!(
         "Measured {} on {} ({} cores, {:.0} GiB, Linux {}). Versions: {}.\n\n\
@@ -178,7 +198,14 @@ fn markdown(header: &Header, results: &Results) -> String {
         header.scale,
         header.seconds,
     );
-    if !results.rows.is_empty() {
+    let mut rows: Vec<&Row> = results.rows.iter().collect();
+    rows.sort_by_key(|row| {
+        ROW_ORDER
+            .iter()
+            .position(|k| *k == row.key)
+            .unwrap_or(usize::MAX)
+    });
+    if !rows.is_empty() {
         out.push_str("| metric |");
         for kind in targets::ALL {
             out.push_str(&format!(" {} |", kind.name()));
@@ -191,7 +218,7 @@ fn markdown(header: &Header, results: &Results) -> String {
             out.push_str("---:|");
         }
         out.push('\n');
-        for row in &results.rows {
+        for row in rows {
             out.push_str(&format!("| {} |", row.label));
             for cell in &row.cells {
                 match (summary(&cell.samples), &cell.note) {

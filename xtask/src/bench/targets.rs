@@ -252,10 +252,9 @@ pub fn start(kind: Kind, layout: &Layout, tools: &Tools) -> anyhow::Result<Runni
             let conf = work.join(format!("wsplice-{datapath}.toml"));
             let tls = match (tls_port.zip(tls_files), &tools.wsplice_tls_refused) {
                 (Some(tls), None) => Some(tls),
-                (Some(_), Some(reason)) => {
-                    wss = Wss::Unavailable(format!(
-                        "n/a (TLS not supported by this build: {reason})"
-                    ));
+                // The reason is in the report's notes, once.
+                (Some(_), Some(_)) => {
+                    wss = Wss::Unavailable("n/a (TLS not supported by this build)".into());
                     None
                 }
                 (None, _) => None,
