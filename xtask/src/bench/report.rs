@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::targets::{self, Tools};
 use super::{Results, Row, Scale, Workload};
@@ -410,9 +411,10 @@ fn bar_chart(path: &Path, title: &str, unit: &str, bars: &Bars) -> anyhow::Resul
             number(b.1),
             (
                 SegmentValue::CenterOf(i as i32),
-                b.1.max(0.0) + (top - bottom) * 0.03,
+                b.1.max(0.0) + (top - bottom) * 0.01,
             ),
-            ("sans-serif", 14),
+            TextStyle::from(("sans-serif", 14).into_font())
+                .pos(Pos::new(HPos::Center, VPos::Bottom)),
         )
     }))?;
     root.present()?;
