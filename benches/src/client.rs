@@ -40,16 +40,29 @@ pub struct Client {
     request_url: Arc<str>,
     source: Option<IpAddr>,
     tls: Option<Arc<rustls::ClientConfig>>,
+    buffers: Buffers,
 }
 
-fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
+/// Per-connection buffers: large for throughput, small for many mostly idle connections (the
+/// 128 KiB defaults would make the load side, not the proxy, the cost of a large fleet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Buffers {
+    Large,
+    Small,
+}
+
+fn ws_config(buffers: Buffers) -> WebSocketConfig {
+    let config = WebSocketConfig::default()
         .max_message_size(Some(64 << 20))
-        .max_frame_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20));
+    match buffers {
+        Buffers::Large => config,
+        Buffers::Small => config.read_buffer_size(4096).write_buffer_size(0),
+    }
 }
 
 impl Client {
-    pub async fn new(args: &ConnArgs) -> anyhow::Result<Self> {
+    pub async fn new(args: &ConnArgs, buffers: Buffers) -> anyhow::Result<Self> {
         let (scheme, rest) = args
             .url
             .split_once("://")
@@ -81,6 +94,7 @@ impl Client {
             request_url: request_url.into(),
             source: args.source,
             tls,
+            buffers,
         })
     }
 
@@ -114,7 +128,7 @@ impl Client {
         let (ws, _) = tokio_tungstenite::client_async_tls_with_config(
             &*self.request_url,
             stream,
-            Some(ws_config()),
+            Some(ws_config(self.buffers)),
             Some(connector),
         )
         .await

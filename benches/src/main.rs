@@ -25,7 +25,7 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use rand::Rng as _;
 use tokio_tungstenite::tungstenite::Message;
 
-use client::{Client, ConnArgs};
+use client::{Buffers, Client, ConnArgs};
 
 #[derive(Debug, Parser)]
 #[command(name = "wsplice-load")]
@@ -117,19 +117,38 @@ async fn main() -> anyhow::Result<()> {
             size,
             seconds,
             warmup,
-        } => bulk(&Client::new(&conn).await?, conns, size, seconds, warmup).await?,
+        } => {
+            bulk(
+                &Client::new(&conn, Buffers::Large).await?,
+                conns,
+                size,
+                seconds,
+                warmup,
+            )
+            .await?
+        }
         Workload::Latency {
             conn,
             conns,
             size,
             seconds,
-        } => latency(&Client::new(&conn).await?, conns, size, seconds).await?,
+        } => {
+            latency(
+                &Client::new(&conn, Buffers::Small).await?,
+                conns,
+                size,
+                seconds,
+            )
+            .await?
+        }
         Workload::Storm {
             conn,
             conns,
             seconds,
-        } => storm(&Client::new(&conn).await?, conns, seconds).await?,
-        Workload::Hold { conn, conns } => hold(&Client::new(&conn).await?, conns).await?,
+        } => storm(&Client::new(&conn, Buffers::Small).await?, conns, seconds).await?,
+        Workload::Hold { conn, conns } => {
+            hold(&Client::new(&conn, Buffers::Small).await?, conns).await?
+        }
         Workload::Fleet {
             conn,
             conns,
@@ -145,7 +164,7 @@ async fn main() -> anyhow::Result<()> {
                 seconds: Duration::from_secs_f64(seconds),
                 wait_for_start: !no_wait,
             };
-            fleet(&Client::new(&conn).await?, options).await?
+            fleet(&Client::new(&conn, Buffers::Small).await?, options).await?
         }
     };
     println!("{result}");
@@ -346,7 +365,8 @@ async fn fleet(client: &Client, options: FleetOptions) -> anyhow::Result<serde_j
         serde_json::json!({"connected": sockets.len(), "connect_failures": connect_failures,
             "connect_seconds": connect_seconds})
     );
-    // The window: from the start the orchestrator sends (Unix ms), else 1 s from now.
+    // The window: from the start the orchestrator sends (Unix ms), else after one interval and
+    // a half second, so every connection has sent once before it.
     let (start_tx, start_rx) = tokio::sync::watch::channel(None::<Instant>);
     let interval = options.interval;
     let payload = Message::binary(vec![0x33u8; options.size]);
@@ -415,9 +435,9 @@ async fn fleet(client: &Client, options: FleetOptions) -> anyhow::Result<serde_j
             .await
             .trim()
             .parse::<u64>()
-            .unwrap_or_else(|_| unix_ms() + 1000)
+            .unwrap_or_else(|_| unix_ms() + interval.as_millis() as u64 + 500)
     } else {
-        unix_ms() + 1000
+        unix_ms() + interval.as_millis() as u64 + 500
     };
     let now_ms = unix_ms();
     let start = Instant::now() + Duration::from_millis(start_unix_ms.saturating_sub(now_ms));

@@ -242,9 +242,12 @@ pub fn fleet(
         }
         readers.push(reader);
     }
+    // Every connection sends once (one 2 s interval) before the window: first-message costs
+    // (buffers faulted in on both sides) stay out of it.
+    let lead = Duration::from_millis(2500);
     let now_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64;
-    let start_ms = now_ms + 500;
-    let start = Instant::now() + Duration::from_millis(500);
+    let start_ms = now_ms + lead.as_millis() as u64;
+    let start = Instant::now() + lead;
     for child in &mut children {
         if let Some(stdin) = child.0.stdin.as_mut() {
             writeln!(stdin, "{start_ms}")?;

@@ -333,7 +333,7 @@ fn run_target(
     drop(running);
     if stopping.elapsed() > Duration::from_secs(1) {
         let message = format!(
-            "{at}: took {:.1} s to stop after SIGTERM (tunnels still draining?)",
+            "{at}: took {:.1} s to stop after SIGTERM: tunnels still open after every client had left",
             stopping.elapsed().as_secs_f64()
         );
         env.progress.say(&message);

@@ -152,10 +152,27 @@ pub fn spawn(
     Ok(Guard(child))
 }
 
+/// Fails when something already listens on `port` (a leftover process would be measured instead).
+pub fn ensure_free(port: u16) -> anyhow::Result<()> {
+    if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        bail!("127.0.0.1:{port} is already in use: stop whatever listens there first");
+    }
+    Ok(())
+}
+
+/// Waits until `port` accepts connections and every process of `guards` still runs.
 pub fn wait_port(port: u16, guards: &mut [Guard], log: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            // A process that failed to bind (the port taken after all) has exited by now.
+            std::thread::sleep(Duration::from_millis(100));
+            for guard in guards.iter_mut() {
+                if let Ok(Some(status)) = guard.0.try_wait() {
+                    let tail = std::fs::read_to_string(log).unwrap_or_default();
+                    bail!("it exited ({status}) after {port} opened: {}", tail.trim());
+                }
+            }
             return Ok(());
         }
         for guard in guards.iter_mut() {
@@ -179,6 +196,7 @@ pub fn start_echo(
     pin: Option<&str>,
     work: &Path,
 ) -> anyhow::Result<Guard> {
+    ensure_free(port)?;
     let log = work.join(format!("echo-{port}.log"));
     let listen = format!("127.0.0.1:{port}");
     let mut guard = spawn(
@@ -198,6 +216,12 @@ pub fn start(kind: Kind, layout: &Layout, tools: &Tools) -> anyhow::Result<Runni
     let tls_port = if layout.tls { kind.tls_port() } else { None };
     let tls_files = tools.tls.as_ref().filter(|_| tls_port.is_some());
     let work = &tools.work;
+    if kind != Kind::Direct {
+        ensure_free(port)?;
+        if let Some(p) = tls_port {
+            ensure_free(p)?;
+        }
+    }
     let mut wss = match (kind, tls_port, tls_files) {
         (Kind::Direct, ..) => Wss::Unavailable("n/a (the echo upstream has no TLS)".into()),
         (_, Some(p), Some(_)) => Wss::Port(p),
