@@ -102,6 +102,10 @@ enum Workload {
         /// Measured seconds.
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+        /// Handshakes in flight while connecting (keep the sum over all load processes under
+        /// the upstream's listen backlog: a burst is not what this workload measures).
+        #[arg(long, default_value_t = 32)]
+        connect_parallel: usize,
         /// Start the window at once instead of reading its start (Unix ms) from stdin.
         #[arg(long)]
         no_wait: bool,
@@ -155,6 +159,7 @@ async fn main() -> anyhow::Result<()> {
             interval,
             size,
             seconds,
+            connect_parallel,
             no_wait,
         } => {
             let options = FleetOptions {
@@ -163,6 +168,7 @@ async fn main() -> anyhow::Result<()> {
                 size,
                 seconds: Duration::from_secs_f64(seconds),
                 wait_for_start: !no_wait,
+                connect_parallel: connect_parallel.max(1),
             };
             fleet(&Client::new(&conn, Buffers::Small).await?, options).await?
         }
@@ -332,6 +338,7 @@ struct FleetOptions {
     size: usize,
     seconds: Duration,
     wait_for_start: bool,
+    connect_parallel: usize,
 }
 
 /// What one fleet connection saw in the measured window.
@@ -342,13 +349,13 @@ struct FleetTally {
 }
 
 async fn fleet(client: &Client, options: FleetOptions) -> anyhow::Result<serde_json::Value> {
-    // Connect everything first, 128 handshakes at a time.
+    // Connect everything first, `connect_parallel` handshakes at a time.
     let connect_started = Instant::now();
     let mut sockets = Vec::with_capacity(options.conns);
     let mut connect_failures = 0u64;
     let mut first_error = None;
-    let mut pending =
-        futures_util::stream::iter((0..options.conns).map(|_| client.open())).buffer_unordered(128);
+    let mut pending = futures_util::stream::iter((0..options.conns).map(|_| client.open()))
+        .buffer_unordered(options.connect_parallel);
     while let Some(result) = pending.next().await {
         match result {
             Ok(ws) => sockets.push(ws),

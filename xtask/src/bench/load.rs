@@ -216,6 +216,9 @@ pub fn fleet(
                 &window.to_string(),
             ])
             .args(["--source", &format!("127.0.0.{}", 2 + i)])
+            // At most 96 handshakes in flight in all: under the echo upstream's listen backlog
+            // (128), which the proxies' upstream connects fill during a burst.
+            .args(["--connect-parallel", &(96 / processes).max(8).to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(
