@@ -208,6 +208,8 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
             .filter(|w| options.only.contains(w))
             .collect()
     };
+    // SIGINT/SIGTERM end the run between steps, so every process started is stopped by PID.
+    crate::process::catch_termination().context("cannot handle SIGINT/SIGTERM")?;
     let work = root.join("target/bench");
     std::fs::create_dir_all(&work)?;
     // Many short-lived loopback connections: let new connects reuse TIME_WAIT ports.
@@ -260,6 +262,7 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
         for round in 1..=scale.rounds {
             let mut direct_fleet = None;
             for (index, kind) in targets::ALL.into_iter().enumerate() {
+                stop_requested()?;
                 let at = format!("round {round}/{} · {}", scale.rounds, kind.name());
                 run_target(
                     &env,
@@ -277,10 +280,32 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
     if workloads.contains(&Workload::Percore) {
         results.percore = percore::run(&env, &scale, &mut results.notes)?;
     }
+    stop_requested()?;
     let header = report::Header::collect(root, &env.tools, &scale, &workloads, started);
-    report::write(root, &header, &results)?;
+    // A run of every workload is `latest`; an `--only` run gets its own name.
+    let stem = if options.only.is_empty() {
+        "latest".to_owned()
+    } else {
+        format!(
+            "latest-{}",
+            workloads
+                .iter()
+                .map(|w| w.name())
+                .collect::<Vec<_>>()
+                .join("-")
+        )
+    };
+    report::write(root, &stem, &header, &results)?;
     env.progress.say("done");
     Ok(())
+}
+
+/// Fails once SIGINT or SIGTERM arrived (the callers' guards then stop their processes).
+pub(crate) fn stop_requested() -> anyhow::Result<()> {
+    match crate::process::termination_requested() {
+        Some(signal) => bail!("stopped by signal {signal}"),
+        None => Ok(()),
+    }
 }
 
 /// Runs every workload of the alternation against one target, once.
@@ -313,6 +338,9 @@ fn run_target(
         }
     };
     for &workload in workloads {
+        if crate::process::termination_requested().is_some() {
+            break;
+        }
         env.progress.say(&format!("{at} · {}", workload.name()));
         if let Err(error) = run_workload(
             env,

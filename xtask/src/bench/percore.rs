@@ -61,6 +61,7 @@ pub fn run(
             stopped: "tried every N of the scale".into(),
         };
         for &conns in scale.percore_steps {
+            super::stop_requested()?;
             if conns > ECHO_MAX_CONNS {
                 result.stopped = format!("bound: the echo upstream holds at most {ECHO_MAX_CONNS}");
                 break;

@@ -496,7 +496,7 @@ fn charts(dir: &Path, results: &Results) -> anyhow::Result<Vec<String>> {
     Ok(written)
 }
 
-pub fn write(root: &Path, header: &Header, results: &Results) -> anyhow::Result<()> {
+pub fn write(root: &Path, stem: &str, header: &Header, results: &Results) -> anyhow::Result<()> {
     let dir = root.join("benches/results");
     std::fs::create_dir_all(&dir)?;
     let charts = charts(&dir, results)?;
@@ -504,12 +504,12 @@ pub fn write(root: &Path, header: &Header, results: &Results) -> anyhow::Result<
     if !charts.is_empty() {
         markdown.push_str(&format!("\nCharts: {}\n", charts.join(", ")));
     }
-    std::fs::write(dir.join("latest.md"), &markdown)?;
-    let mut file = std::fs::File::create(dir.join("latest.json"))?;
+    std::fs::write(dir.join(format!("{stem}.md")), &markdown)?;
+    let mut file = std::fs::File::create(dir.join(format!("{stem}.json")))?;
     writeln!(file, "{:#}", json(header, results))?;
     println!("\n{markdown}");
     println!(
-        "written to benches/results/latest.md, latest.json and {} chart(s)",
+        "written to benches/results/{stem}.md, {stem}.json and {} chart(s)",
         charts.len()
     );
     Ok(())
