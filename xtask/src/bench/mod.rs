@@ -214,6 +214,10 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
     std::fs::create_dir_all(&work)?;
     // Many short-lived loopback connections: let new connects reuse TIME_WAIT ports.
     let _ = std::fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1");
+    // Every proxy connects to the one echo address: with the TIME_WAITs of the previous steps,
+    // 16,000 upstream connects exhaust the default 28,000 ephemeral ports (EADDRNOTAVAIL, 502).
+    // Ports 20000-65535 (above the bench's own 19xxx) for the run; restored when it ends.
+    let _ports = Sysctl::set("/proc/sys/net/ipv4/ip_local_port_range", "20000 65535");
     let progress = Progress { started };
     progress.say(&format!(
         "workloads {:?}, {} round(s)",
@@ -298,6 +302,31 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
     report::write(root, &stem, &header, &results)?;
     env.progress.say("done");
     Ok(())
+}
+
+/// A sysctl set for the run and restored when dropped.
+struct Sysctl {
+    path: &'static str,
+    old: Option<String>,
+}
+
+impl Sysctl {
+    fn set(path: &'static str, value: &str) -> Sysctl {
+        let old = std::fs::read_to_string(path).ok();
+        let old = match std::fs::write(path, value) {
+            Ok(()) => old,
+            Err(_) => None,
+        };
+        Sysctl { path, old }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        if let Some(old) = &self.old {
+            let _ = std::fs::write(self.path, old.trim());
+        }
+    }
 }
 
 /// Fails once SIGINT or SIGTERM arrived (the callers' guards then stop their processes).
