@@ -75,7 +75,17 @@ pub fn run(
                 "percore · {} · {conns} conns ({processes} process(es) on CPU 0)",
                 kind.name()
             ));
-            let step = match one_step(env, scale, kind, conns, processes) {
+            let mut attempt = one_step(env, scale, kind, conns, processes);
+            // The machine is shared: a step that fails on p99 alone gets a second try.
+            if matches!(&attempt, Ok(step) if !step.passed && step.failures == 0) {
+                env.progress.say(&format!(
+                    "percore · {} · {conns}: p99 over 10 ms, trying again",
+                    kind.name()
+                ));
+                super::stop_requested()?;
+                attempt = one_step(env, scale, kind, conns, processes);
+            }
+            let step = match attempt {
                 Ok(step) => step,
                 Err(error) => Step {
                     conns,

@@ -245,7 +245,7 @@ fn markdown(header: &Header, results: &Results) -> String {
     if !results.percore.is_empty() {
         out.push_str(
             "\n**Per core** (fleet, 64 B every 2 s; proxy with one worker on CPU 0 via `taskset -c 0`, \
-             echo upstream and load generators on CPU 1; largest N with p99 ≤ 10 ms and no failure; \
+             echo upstream and load generators on CPU 1; largest N with p99 ≤ 10 ms and no failure, a step failing on p99 alone is tried twice; \
              `direct` shows the limit of the load side alone):\n\n\
              | target | largest N passing | processes on CPU 0 | p99 at that N, ms | steps (N: p99 ms) | stopped because |\n\
              |---|---:|---:|---:|---|---|\n",
