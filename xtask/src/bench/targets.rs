@@ -416,3 +416,42 @@ pub fn children_of(parent: u32) -> Vec<u32> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout {
+            workers: 1,
+            processes: 2,
+            pin: Some("0"),
+            tls: false,
+            echo_port: PINNED_ECHO_PORT,
+        }
+    }
+
+    #[test]
+    fn haproxy_config_matches_the_nginx_one() {
+        let config = haproxy_config(&layout(), 19083, None);
+        for needed in [
+            "mode http",
+            "timeout tunnel 3600s",
+            "option forwardfor",
+            "set-header X-Real-IP %[src]",
+            "set-header X-Forwarded-Proto http if !{ ssl_fc }",
+            "nbthread 1",
+            "server echo 127.0.0.1:19002",
+        ] {
+            assert!(config.contains(needed), "missing {needed:?} in\n{config}");
+        }
+    }
+
+    #[test]
+    fn nginx_runs_one_worker_per_process_on_a_reuseport_listener() {
+        let config = nginx_config(Path::new("/tmp"), &layout(), 19080, None);
+        assert!(config.contains("worker_processes 2;"));
+        assert!(config.contains("listen 127.0.0.1:19080 reuseport;"));
+        assert!(config.contains("proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"));
+    }
+}
