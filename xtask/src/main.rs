@@ -36,11 +36,17 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Side-by-side benchmarks: direct, nginx, wsplice userspace and kernel paths.
+    /// Side-by-side benchmarks: direct, nginx, HAProxy, wsplice userspace and kernel paths.
     Bench {
-        /// A short pass (1,000 held tunnels, 2 s runs).
+        /// A short pass (1 round, 1 s runs, 1,000 held tunnels, fleet of 2,000; under 2 minutes).
         #[arg(long)]
         quick: bool,
+        /// Only these workloads (repeat or comma-separate).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<bench::Workload>,
+        /// Rounds of the alternation (default: 3, quick: 1).
+        #[arg(long)]
+        rounds: Option<usize>,
     },
     /// fmt, clippy, build, unit and end-to-end tests.
     Test {
@@ -78,7 +84,11 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
             })?;
             demo::run(&root, &args)
         }
-        Task::Bench { quick } => {
+        Task::Bench {
+            quick,
+            only,
+            rounds,
+        } => {
             setup::setup(&root)?;
             step("build wsplice and wsplice-load (release)", || {
                 cargo(
@@ -95,10 +105,10 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
             })?;
             bench::bench(
                 &root,
-                if quick {
-                    bench::Scale::QUICK
-                } else {
-                    bench::Scale::FULL
+                &bench::Options {
+                    quick,
+                    only,
+                    rounds,
                 },
             )?;
             Ok(ExitCode::SUCCESS)
