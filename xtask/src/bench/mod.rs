@@ -583,23 +583,9 @@ fn ensure_package(binary: &str, package: &str, progress: &Progress) -> anyhow::R
         return Ok(path);
     }
     progress.say(&format!("installing {package} from Debian packages"));
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", package])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
-    let ok = install()
-        || (Command::new("apt-get")
-            .arg("update")
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-            && install());
-    if !ok || !path.is_file() {
-        bail!("cannot install {package} (apt-get install {package})");
+    crate::setup::apt_install(&[package])?;
+    if !path.is_file() {
+        bail!("{package} is installed but {binary} is missing");
     }
     Ok(path)
 }
