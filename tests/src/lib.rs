@@ -278,6 +278,21 @@ impl Proxy {
             log,
             datapath,
         };
+        // The listeners are bound before the workers' rings exist: wait for every ring, so
+        // descriptor counts taken from now on are stable.
+        let rings = |proxy: &Proxy| {
+            proxy
+                .fd_targets()
+                .iter()
+                .filter(|target| target.contains("io_uring"))
+                .count()
+        };
+        if !eventually(|| rings(&proxy) >= config.workers) {
+            return Err(format!(
+                "wsplice did not start its {} workers",
+                config.workers
+            ));
+        }
         // One full admin exchange: the readiness probes' connections are closed after it.
         let _ = proxy.metrics();
         Ok(proxy)
