@@ -560,6 +560,14 @@ pub fn accept_for(head: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha.finalize())
 }
 
+/// A server→client text frame (unmasked), payload under 126 bytes.
+pub fn server_frame(payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mut frame = vec![0x81, payload.len() as u8];
+    frame.extend_from_slice(payload);
+    frame
+}
+
 /// The 101 answer for a request head.
 pub fn switching_protocols(head: &str) -> Vec<u8> {
     format!(

@@ -1,7 +1,7 @@
 //! TLS fixtures for the `wss://` tests: a throw-away CA issuing leaf certificates, and a
 //! tokio-tungstenite client over tokio-rustls that trusts that CA.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
@@ -98,6 +98,11 @@ impl Default for TestCa {
 
 /// The `tls = { … }` value of a listener serving `leaf` (plus `extra` keys).
 pub fn tls_table(leaf: &LeafFiles, extra: &str) -> String {
+    files_table(&leaf.cert, &leaf.key, extra)
+}
+
+/// The `tls = { … }` value for any certificate and key files (plus `extra` keys).
+pub fn files_table(cert: &Path, key: &Path, extra: &str) -> String {
     let extra = if extra.is_empty() {
         String::new()
     } else {
@@ -105,8 +110,8 @@ pub fn tls_table(leaf: &LeafFiles, extra: &str) -> String {
     };
     format!(
         "{{ cert = \"{}\", key = \"{}\"{extra} }}",
-        leaf.cert.display(),
-        leaf.key.display()
+        cert.display(),
+        key.display()
     )
 }
 

@@ -393,14 +393,6 @@ async fn bad_tls_input_is_closed_cleanly_without_disturbing_a_live_tunnel() {
     );
 }
 
-/// A server→client text frame (unmasked).
-fn server_frame(payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len() < 126);
-    let mut frame = vec![0x81, payload.len() as u8];
-    frame.extend_from_slice(payload);
-    frame
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_notify_precedes_the_fin_and_a_client_half_close_reaches_the_upstream() {
     let ca = TestCa::new();
@@ -591,14 +583,7 @@ fn check_reads_every_key_format_and_reports_unreadable_or_mismatched_pairs() {
     ]);
     let sec1 = std::fs::read_to_string(path("sec1.key")).unwrap();
     assert!(sec1.contains("BEGIN EC PRIVATE KEY"), "{sec1}");
-    let (ok, stderr) = check_tls(
-        &dir,
-        &format!(
-            "{{ cert = \"{}\", key = \"{}\" }}",
-            one.cert.display(),
-            path("sec1.key")
-        ),
-    );
+    let (ok, stderr) = check_tls(&dir, &files_table(&one.cert, &dir.join("sec1.key"), ""));
     assert!(ok, "SEC1 key refused: {stderr}");
     openssl(&["genrsa", "-traditional", "-out", &path("rsa.key"), "2048"]);
     openssl(&[
@@ -619,23 +604,12 @@ fn check_reads_every_key_format_and_reports_unreadable_or_mismatched_pairs() {
         .contains("BEGIN RSA PRIVATE KEY"));
     let (ok, stderr) = check_tls(
         &dir,
-        &format!(
-            "{{ cert = \"{}\", key = \"{}\" }}",
-            path("rsa.pem"),
-            path("rsa.key")
-        ),
+        &files_table(&dir.join("rsa.pem"), &dir.join("rsa.key"), ""),
     );
     assert!(ok, "PKCS#1 RSA key refused: {stderr}");
 
     // A key from another certificate.
-    let (ok, stderr) = check_tls(
-        &dir,
-        &format!(
-            "{{ cert = \"{}\", key = \"{}\" }}",
-            one.cert.display(),
-            two.key.display()
-        ),
-    );
+    let (ok, stderr) = check_tls(&dir, &files_table(&one.cert, &two.key, ""));
     assert!(!ok);
     assert!(stderr.contains("does not match certificate"), "{stderr}");
     assert!(
@@ -643,36 +617,15 @@ fn check_reads_every_key_format_and_reports_unreadable_or_mismatched_pairs() {
         "names the listener: {stderr}"
     );
     // Missing files and files without PEM.
-    let (ok, stderr) = check_tls(
-        &dir,
-        &format!(
-            "{{ cert = \"{}\", key = \"{}\" }}",
-            path("missing.pem"),
-            one.key.display()
-        ),
-    );
+    let (ok, stderr) = check_tls(&dir, &files_table(&dir.join("missing.pem"), &one.key, ""));
     assert!(
         !ok && stderr.contains("missing.pem") && stderr.contains("cannot read"),
         "{stderr}"
     );
     std::fs::write(path("empty.pem"), "not a certificate\n").unwrap();
-    let (ok, stderr) = check_tls(
-        &dir,
-        &format!(
-            "{{ cert = \"{}\", key = \"{}\" }}",
-            path("empty.pem"),
-            one.key.display()
-        ),
-    );
+    let (ok, stderr) = check_tls(&dir, &files_table(&dir.join("empty.pem"), &one.key, ""));
     assert!(!ok && stderr.contains("BEGIN CERTIFICATE"), "{stderr}");
-    let (ok, stderr) = check_tls(
-        &dir,
-        &format!(
-            "{{ cert = \"{}\", key = \"{}\" }}",
-            one.cert.display(),
-            one.cert.display()
-        ),
-    );
+    let (ok, stderr) = check_tls(&dir, &files_table(&one.cert, &one.cert, ""));
     assert!(!ok && stderr.contains("private key"), "{stderr}");
 }
 

@@ -8,14 +8,6 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use wsplice_tests::*;
 
-/// A server→client text frame (unmasked).
-fn server_frame(payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len() < 126);
-    let mut frame = vec![0x81, payload.len() as u8];
-    frame.extend_from_slice(payload);
-    frame
-}
-
 /// A client→server text frame, masked with a zero key (payload unchanged on the wire).
 fn client_frame(payload: &[u8]) -> Vec<u8> {
     assert!(payload.len() < 126);

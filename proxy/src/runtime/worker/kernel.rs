@@ -54,9 +54,6 @@ impl SplicedState {
 pub(super) struct SplicedState {
     pub(super) client_cookie: u64,
     pub(super) upstream_cookie: u64,
-    /// FIN seen from the client / the upstream.
-    pub(super) client_eof: bool,
-    pub(super) upstream_eof: bool,
     /// FIN passed on to the upstream / the client.
     pub(super) fin_to_upstream: bool,
     pub(super) fin_to_client: bool,
@@ -224,8 +221,6 @@ impl Worker {
         conn.stage = Stage::Spliced(SplicedState {
             client_cookie,
             upstream_cookie,
-            client_eof: false,
-            upstream_eof: false,
             fin_to_upstream: false,
             fin_to_client: false,
             since_ns: now,
@@ -320,18 +315,12 @@ impl Worker {
             return;
         };
         let fd = conn.side_mut(which).raw();
-        let Stage::Spliced(state) = &mut conn.stage else {
+        if !matches!(conn.stage, Stage::Spliced(_)) {
             return;
-        };
+        }
         match inspect(fd) {
             SplicedEvent::Nothing => self.arm_poll(slot, which),
-            SplicedEvent::Eof => {
-                match which {
-                    Which::Client => state.client_eof = true,
-                    Which::Upstream => state.upstream_eof = true,
-                }
-                self.pass_fin(slot, which.peer());
-            }
+            SplicedEvent::Eof => self.pass_fin(slot, which.peer()),
             SplicedEvent::Stray => self.begin_close(
                 slot,
                 format!("bytes from {which:?} bypassed the splice (no peer entry)"),
