@@ -20,9 +20,21 @@ pub const VERDICT_PROGRAM: &str = "wsplice_verdict";
 /// Entries the maps are compiled with; the loader resizes them to the configured capacity.
 pub const DEFAULT_MAP_ENTRIES: u32 = 1 << 16;
 
-/// What the verdict program records for one socket: when bytes last arrived on it and how many
-/// it has redirected to the peer. Userspace writes it once (at hand-off); afterwards only the
-/// program writes it, running under that socket's lock.
+/// [`Activity::flags`]: `next_seq` holds the sequence number after the last byte passed on.
+pub const SEQ_KNOWN: u32 = 1;
+/// [`Activity::flags`]: the program could not cut repeated bytes off an skb, so it stopped
+/// redirecting this socket; its bytes stay on the socket, where userspace sees them and closes
+/// the tunnel (abortively: a byte is missing downstream).
+pub const DIVERTED: u32 = 2;
+/// Most bytes one `bpf_skb_adjust_room` call may cut from an `sk_skb` (the kernel's limit).
+pub const TRIM_STEP: u32 = 0xfff;
+/// Calls the program makes at most to cut repeated bytes off one skb (1 MiB in all; a TCP
+/// receive skb is far smaller).
+pub const TRIM_STEPS: u32 = 256;
+
+/// What the verdict program records for one socket: when bytes last arrived on it, how many it
+/// has redirected to the peer, and where in the TCP byte stream it is. Userspace writes it once
+/// (at hand-off); afterwards only the program writes it, running under that socket's lock.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Activity {
@@ -35,8 +47,17 @@ pub struct Activity {
     pub notify_at: u64,
     /// Opaque to the kernel: who in userspace owns this socket (worker, slot, generation).
     pub owner: u64,
+    /// TCP sequence number just after the last byte passed on (valid with [`SEQ_KNOWN`]).
+    pub next_seq: u32,
+    /// [`SEQ_KNOWN`], [`DIVERTED`].
+    pub flags: u32,
+    /// Bytes the kernel handed to the program a second time (an skb that overlaps bytes already
+    /// passed on: TCP queues partly retransmitted segments whole, and the sockmap's receive
+    /// path does not skip what was already consumed), cut off instead of being sent twice.
+    pub repeated_bytes: u64,
 }
 
-// SAFETY: `Activity` is `repr(C)`, has no padding (four u64) and every bit pattern is valid.
+// SAFETY: `Activity` is `repr(C)`, has no padding (u64 fields, then two u32 that fill one u64,
+// then a u64) and every bit pattern is valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Activity {}

@@ -2,7 +2,15 @@
 //! on a spliced socket to its peer's egress, and stamps the socket's activity for userspace.
 //!
 //! It never drops: a socket without a peer entry gets `SK_PASS`, so its bytes stay readable and
-//! userspace notices them (DESIGN.md §4 step 7).
+//! userspace notices them.
+//!
+//! It also never passes a byte on twice. TCP may queue a segment that starts before bytes it
+//! already delivered (a retransmission that covers received bytes and new ones, out-of-order
+//! segments merged and then partly resent); `tcp_recvmsg` skips the old part, but the receive
+//! path the sockmap uses (`tcp_read_skb`) hands the whole skb to this program. So the program
+//! remembers where each socket's stream is (`Activity::next_seq`) and cuts the repeated head off
+//! before redirecting. Found by the soak test: without it a busy tunnel now and then received
+//! two MSS-sized chunks of its stream twice.
 #![no_std]
 #![no_main]
 
@@ -12,7 +20,10 @@ use aya_ebpf::macros::{map, stream_verdict};
 use aya_ebpf::maps::{HashMap, RingBuf, SockHash};
 use aya_ebpf::programs::SkBuffContext;
 use aya_ebpf::EbpfContext as _;
-use wsplice_common::{Activity, DEFAULT_MAP_ENTRIES, PRESSURE_RING_BYTES, PRESSURE_STEP};
+use wsplice_common::{
+    Activity, DEFAULT_MAP_ENTRIES, DIVERTED, PRESSURE_RING_BYTES, PRESSURE_STEP, SEQ_KNOWN,
+    TRIM_STEP, TRIM_STEPS,
+};
 
 /// cookie(socket) → peer socket.
 #[map(name = "PEER")]
@@ -26,31 +37,93 @@ static ACTIVITY: HashMap<u64, Activity> = HashMap::with_max_entries(DEFAULT_MAP_
 #[map(name = "PRESSURE")]
 static PRESSURE: RingBuf = RingBuf::with_byte_size(PRESSURE_RING_BYTES, 0);
 
-/// Redirects each skb to the egress of the socket's peer.
+/// Redirects each skb to the egress of the socket's peer, without bytes it already passed on.
 #[stream_verdict]
 pub fn wsplice_verdict(ctx: SkBuffContext) -> u32 {
     // SAFETY: the context pointer is the skb this program was called with.
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(activity) = ACTIVITY.get_ptr_mut(&cookie) else {
+        // Not a spliced socket: the bytes stay on it.
+        return SK_PASS;
+    };
+    // SAFETY: a valid map value pointer; the verdict for one socket runs under that socket's
+    // lock, so plain read-modify-write is not racy (and bpfel has no fetch_add).
+    let activity = unsafe { &mut *activity };
+    if !skip_repeated_bytes(&ctx, activity) {
+        activity.flags |= DIVERTED;
+    }
+    if activity.flags & DIVERTED != 0 {
+        // Keep this skb and every later one on the socket, in order: userspace reads nothing
+        // from a spliced socket, sees them waiting and closes the tunnel.
+        return SK_PASS;
+    }
     // Flags 0: the peer's egress (its send queue), not its ingress.
     let verdict = PEER.redirect_skb(&ctx, &mut cookie, 0);
     if verdict == i64::from(SK_PASS) {
-        if let Some(activity) = ACTIVITY.get_ptr_mut(&cookie) {
-            // SAFETY: a valid map value pointer; the verdict for one socket runs under that
-            // socket's lock, so plain read-modify-write is not racy (and bpfel has no fetch_add).
-            unsafe {
-                (*activity).last_ns = bpf_ktime_get_ns();
-                (*activity).bytes += u64::from(ctx.len());
-                if (*activity).bytes >= (*activity).notify_at {
-                    (*activity).notify_at = (*activity).bytes + PRESSURE_STEP;
-                    // A full ring only delays the check to the next step: nothing is lost.
-                    let _ = PRESSURE.output(&(*activity).owner, 0);
-                }
-            }
+        // SAFETY: plain helper call without arguments.
+        activity.last_ns = unsafe { bpf_ktime_get_ns() };
+        activity.bytes += u64::from(ctx.len());
+        if activity.bytes >= activity.notify_at {
+            activity.notify_at = activity.bytes + PRESSURE_STEP;
+            // A full ring only delays the check to the next step: nothing is lost.
+            let _ = PRESSURE.output(&activity.owner, 0);
         }
     }
     // After a successful redirect SK_PASS means "deliver to the peer"; without a peer entry the
     // redirect is not set and SK_PASS keeps the bytes on this socket.
     SK_PASS
+}
+
+/// Cuts off the head of the skb that this socket already passed on (see the crate docs), and
+/// moves `next_seq` past the skb. False when the skb cannot be passed on without repeating
+/// bytes (a whole repeated skb, or the kernel refused to cut).
+///
+/// The sequence numbers come from the skb's control block, where TCP keeps `seq` and
+/// `end_seq` of a received skb (`struct tcp_skb_cb`, first two words, which `__sk_buff.cb`
+/// maps for `sk_skb` programs). They are trusted only if they span the skb's length (plus one
+/// for a FIN), so a kernel laid out otherwise gets the old behaviour instead of wrong cuts.
+#[inline(always)]
+fn skip_repeated_bytes(ctx: &SkBuffContext, activity: &mut Activity) -> bool {
+    let len = ctx.len();
+    let [seq, end, ..] = *ctx.cb();
+    let span = end.wrapping_sub(seq);
+    if len == 0 || (span != len && span != len + 1) {
+        return true;
+    }
+    if activity.flags & SEQ_KNOWN == 0 {
+        // The first skb after the hand-off: userspace left nothing half-read on the socket,
+        // so it starts exactly where the stream stands.
+        activity.next_seq = end;
+        activity.flags |= SEQ_KNOWN;
+        return true;
+    }
+    // Serial-number arithmetic: the distance is far below 2^31 either way.
+    let repeated = activity.next_seq.wrapping_sub(seq) as i32;
+    if repeated <= 0 {
+        activity.next_seq = end;
+        return true;
+    }
+    let repeated = repeated as u32;
+    if repeated >= len {
+        return false;
+    }
+    let mut left = repeated;
+    for _ in 0..TRIM_STEPS {
+        if left == 0 {
+            break;
+        }
+        let step = if left < TRIM_STEP { left } else { TRIM_STEP };
+        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+            return false;
+        }
+        left -= step;
+    }
+    if left != 0 {
+        return false;
+    }
+    activity.repeated_bytes += u64::from(repeated);
+    activity.next_seq = end;
+    true
 }
 
 #[cfg(not(test))]

@@ -73,6 +73,11 @@ pub struct Metrics {
     pub relayed_bytes_userspace: Counter,
     /// Tunnel payload bytes moved by the kernel splice path, both directions.
     pub spliced_bytes_kernel: Counter,
+    /// Bytes the kernel handed to the splice program a second time (TCP segments overlapping
+    /// bytes already passed on), cut off instead of being forwarded twice.
+    pub kernel_repeated_bytes_cut: Counter,
+    /// Kernel-path tunnels closed because repeated bytes could not be cut off.
+    pub kernel_diverted: Counter,
     /// TLS handshakes completed (`wss://`).
     pub tls_handshakes: Counter,
     /// TLS handshakes that resumed a session (ticket or cache).
@@ -85,7 +90,7 @@ impl Metrics {
     /// Renders every metric in the Prometheus text exposition format; `extra` holds gauges read
     /// at scrape time (name, help, value).
     pub fn render(&self, extra: &[(&str, &str, u64)]) -> String {
-        let counters: [(&str, &str, u64); 13] = [
+        let counters: [(&str, &str, u64); 15] = [
             (
                 "tls_handshakes_total",
                 "TLS handshakes completed.",
@@ -150,6 +155,16 @@ impl Metrics {
                 "spliced_bytes_kernel_total",
                 "Tunnel bytes moved by the kernel splice path.",
                 self.spliced_bytes_kernel.get(),
+            ),
+            (
+                "kernel_repeated_bytes_cut_total",
+                "Bytes the kernel handed to the splice program twice, cut off instead of forwarded again.",
+                self.kernel_repeated_bytes_cut.get(),
+            ),
+            (
+                "kernel_diverted_total",
+                "Kernel-path tunnels closed because repeated bytes could not be cut off.",
+                self.kernel_diverted.get(),
             ),
         ];
         let gauges: [(&str, &str, u64); 2] = [

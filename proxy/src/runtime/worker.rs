@@ -1011,18 +1011,6 @@ impl Worker {
         }
     }
 
-    /// Kernel path: send what the client pipelined (now that the 101 is valid), then splice.
-    /// The peeked 101 stays queued in the upstream socket for the kernel to deliver.
-    fn hand_off_to_kernel(&mut self, slot: u32, to_upstream: Vec<u8>) {
-        if to_upstream.is_empty() {
-            return self.splice_now(slot);
-        }
-        if let Some(conn) = self.conn(slot) {
-            conn.stage = Stage::Handoff;
-        }
-        self.send(slot, Which::Upstream, Outgoing::owned(to_upstream));
-    }
-
     /// Userspace relay of an upgraded tunnel.
     fn start_relay(&mut self, slot: u32, to_client: Vec<u8>, to_upstream: Vec<u8>) {
         self.start_tunnel(slot, to_client, to_upstream, Direction::unbounded(), 101);
@@ -1366,7 +1354,7 @@ fn log_access(conn: &Conn) {
 }
 
 /// A non-blocking `recv` on a blocking socket.
-fn recv(fd: RawFd, buffer: &mut [u8]) -> io::Result<usize> {
+pub(super) fn recv(fd: RawFd, buffer: &mut [u8]) -> io::Result<usize> {
     recv_flags(fd, buffer, 0)
 }
 

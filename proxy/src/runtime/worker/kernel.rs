@@ -3,7 +3,9 @@
 //!
 //! Hand-off order, each step a reason:
 //! 1. the upstream's response head was only *peeked* (still queued in the upstream socket);
-//! 2. bytes the client pipelined behind its request are sent upstream now, after the valid 101;
+//! 2. bytes the client pipelined behind its request, and anything else it sent since, are read
+//!    and sent upstream now, after the valid 101 (so no skb is left half-read: the program
+//!    takes each socket's place in its TCP stream from the first skb it sees);
 //! 3. `PEER[cookie(upstream)] = client` — the client socket goes live without its own key, safe
 //!    because the client is silent until it sees the 101;
 //! 4. `PEER[cookie(client)] = upstream` — the upstream goes live with its key already present;
@@ -13,10 +15,12 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
+use wsplice_common::DIVERTED;
+
 use crate::clock::monotonic_ns;
 use crate::splice::{is_closed, kick, queued_bytes, socket_cookie, Owner, SpliceProgram};
 
-use super::{shutdown_write, Stage, Which, Worker};
+use super::{recv, shutdown_write, Outgoing, Stage, Which, Worker};
 
 impl SplicedState {
     /// Records that `destination` got its FIN (`shutdown(SHUT_WR)`).
@@ -103,32 +107,41 @@ pub(super) fn hand_off(
     Ok((client_cookie, upstream_cookie))
 }
 
+/// What the program counted for a tunnel, read when it leaves the kernel.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Counted {
+    /// Bytes client → upstream.
+    pub(super) up: u64,
+    /// Bytes upstream → client.
+    pub(super) down: u64,
+    /// Bytes the kernel handed over twice that the program cut off (both sockets).
+    pub(super) repeated: u64,
+}
+
 /// Removes a tunnel's entries (peer links first, so nothing is redirected any more) and returns
-/// the bytes each way (client → upstream, upstream → client) the program counted.
+/// what the program counted.
 pub(super) fn forget(
     program: &mut SpliceProgram,
     client_cookie: u64,
     upstream_cookie: u64,
-) -> (u64, u64) {
+) -> Counted {
     for cookie in [client_cookie, upstream_cookie] {
         if let Err(error) = program.remove_peer(cookie) {
             tracing::debug!(%error, cookie, "removing a peer entry");
         }
     }
-    let bytes = |cookie| {
-        program
-            .activity(cookie)
-            .ok()
-            .flatten()
-            .map_or(0, |activity| activity.bytes)
-    };
-    let counted = (bytes(client_cookie), bytes(upstream_cookie));
+    let activity = |cookie| program.activity(cookie).ok().flatten().unwrap_or_default();
+    let (client, upstream) = (activity(client_cookie), activity(upstream_cookie));
     for cookie in [client_cookie, upstream_cookie] {
         if let Err(error) = program.untrack(cookie) {
             tracing::debug!(%error, cookie, "removing an activity record");
         }
     }
-    counted
+    Counted {
+        up: client.bytes,
+        down: upstream.bytes,
+        repeated: client.repeated_bytes + upstream.repeated_bytes,
+    }
 }
 
 /// The latest activity the program recorded on either socket, or `since_ns`.
@@ -182,11 +195,58 @@ pub(super) fn inspect(fd: RawFd) -> SplicedEvent {
     }
 }
 
+/// Most bytes a client may send behind its request before it has seen the 101 and still get a
+/// kernel-path tunnel (they are read and sent upstream in userspace first); beyond this the
+/// tunnel is relayed in userspace.
+const MAX_UNREAD_BEFORE_SPLICE: usize = 1 << 20;
+
 impl Worker {
+    /// Kernel path: send what the client pipelined (now that the 101 is valid), then splice.
+    /// The peeked 101 stays queued in the upstream socket for the kernel to deliver.
+    ///
+    /// The program takes each socket's place in its TCP stream from the first skb it sees, so
+    /// no skb may be half-read by userspace when the splice starts: everything the client has
+    /// sent so far is read here and goes upstream with the pipelined bytes. (The upstream
+    /// socket was only peeked at, so nothing of it is half-read.)
+    pub(super) fn hand_off_to_kernel(&mut self, slot: u32, mut to_upstream: Vec<u8>) {
+        if !self.read_unread_client_bytes(slot, &mut to_upstream) {
+            let reason = format!(
+                "the client sent more than {MAX_UNREAD_BEFORE_SPLICE} bytes before the 101"
+            );
+            return self.fall_back_to_relay(slot, reason, to_upstream);
+        }
+        if to_upstream.is_empty() {
+            return self.splice_now(slot);
+        }
+        if let Some(conn) = self.conn(slot) {
+            conn.stage = Stage::Handoff;
+        }
+        self.send(slot, Which::Upstream, Outgoing::owned(to_upstream));
+    }
+
+    /// Appends every byte queued on the client socket to `into`; false when that would pass
+    /// [`MAX_UNREAD_BEFORE_SPLICE`].
+    fn read_unread_client_bytes(&mut self, slot: u32, into: &mut Vec<u8>) -> bool {
+        let Some(fd) = self.conn(slot).map(|conn| conn.client.raw()) else {
+            return true;
+        };
+        loop {
+            match recv(fd, &mut self.scratch) {
+                Ok(0) | Err(_) => return true, // drained, or the poll will report it
+                Ok(n) => {
+                    into.extend_from_slice(&self.scratch[..n]);
+                    if into.len() > MAX_UNREAD_BEFORE_SPLICE {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
     /// The pipelined bytes are upstream (or there were none): splice the tunnel now.
     pub(super) fn splice_now(&mut self, slot: u32) {
         let Some(program) = self.services.splice.clone() else {
-            return self.fall_back_to_relay(slot, "no splice program".into());
+            return self.fall_back_to_relay(slot, "no splice program".into(), Vec::new());
         };
         let now = monotonic_ns();
         let Some(conn) = self.conns[slot as usize].as_mut() else {
@@ -212,7 +272,7 @@ impl Worker {
         };
         let (client_cookie, upstream_cookie) = match handed {
             Ok(cookies) => cookies,
-            Err(error) => return self.fall_back_to_relay(slot, error.to_string()),
+            Err(error) => return self.fall_back_to_relay(slot, error.to_string(), Vec::new()),
         };
         let idle_ns = self.route_idle_ns(slot);
         let Some(conn) = self.conns[slot as usize].as_mut() else {
@@ -239,9 +299,10 @@ impl Worker {
         self.arm_poll(slot, Which::Upstream);
     }
 
-    /// The kernel could not take the tunnel: relay it in userspace instead. The upstream's 101
-    /// is still queued in its socket, so the relay delivers it like any other byte.
-    fn fall_back_to_relay(&mut self, slot: u32, reason: String) {
+    /// The kernel could not take the tunnel: relay it in userspace instead, starting with
+    /// `to_upstream`. The upstream's 101 is still queued in its socket, so the relay delivers
+    /// it like any other byte.
+    fn fall_back_to_relay(&mut self, slot: u32, reason: String, to_upstream: Vec<u8>) {
         tracing::warn!(%reason, "kernel hand-off failed; relaying this tunnel in userspace");
         if let Some(conn) = self.conns[slot as usize].as_ref() {
             if let Some(fd) = conn.upstream.fd.as_ref() {
@@ -249,7 +310,7 @@ impl Worker {
                 let _ = kick(fd.as_fd());
             }
         }
-        self.start_relay(slot, Vec::new(), Vec::new());
+        self.start_relay(slot, Vec::new(), to_upstream);
     }
 
     /// Passes a FIN on to `destination` once the kernel has delivered everything it redirected
@@ -321,16 +382,49 @@ impl Worker {
         match inspect(fd) {
             SplicedEvent::Nothing => self.arm_poll(slot, which),
             SplicedEvent::Eof => self.pass_fin(slot, which.peer()),
-            SplicedEvent::Stray => self.begin_close(
-                slot,
-                format!("bytes from {which:?} bypassed the splice (no peer entry)"),
-                false,
-            ),
+            SplicedEvent::Stray => self.on_stray_bytes(slot, which),
             SplicedEvent::Failed(error) => {
                 let abortive = error.raw_os_error() == Some(libc::ECONNRESET);
                 self.begin_close(slot, format!("{which:?} socket failed: {error}"), abortive);
             }
         }
+    }
+
+    /// Bytes wait on a spliced socket: the program did not redirect them, so the peer will never
+    /// get them. The tunnel cannot go on without a gap: reset both sides.
+    fn on_stray_bytes(&mut self, slot: u32, which: Which) {
+        let diverted = self
+            .services
+            .splice
+            .clone()
+            .zip(self.conn(slot))
+            .is_some_and(|(program, conn)| {
+                let Stage::Spliced(state) = &conn.stage else {
+                    return false;
+                };
+                let cookie = match which {
+                    Which::Client => state.client_cookie,
+                    Which::Upstream => state.upstream_cookie,
+                };
+                program
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .activity(cookie)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|activity| activity.flags & DIVERTED != 0)
+            });
+        let reason = if diverted {
+            self.services.metrics.kernel_diverted.inc();
+            format!(
+                "the kernel handed over bytes from {which:?} twice and the copy could not be cut \
+                 off; the bytes were held back"
+            )
+        } else {
+            format!("bytes from {which:?} bypassed the splice (no peer entry)")
+        };
+        tracing::warn!(%reason, "resetting a kernel-path tunnel");
+        self.begin_close(slot, reason, true);
     }
 
     /// The program reported that a socket of this tunnel moved another `PRESSURE_STEP` bytes:
@@ -402,9 +496,18 @@ impl Worker {
         let mut program = program
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (up, down) = forget(&mut program, state.client_cookie, state.upstream_cookie);
-        state.bytes_up = up;
-        state.bytes_down = down;
-        self.services.metrics.spliced_bytes_kernel.add(up + down);
+        let counted = forget(&mut program, state.client_cookie, state.upstream_cookie);
+        state.bytes_up = counted.up;
+        state.bytes_down = counted.down;
+        let metrics = &self.services.metrics;
+        metrics.spliced_bytes_kernel.add(counted.up + counted.down);
+        if counted.repeated > 0 {
+            metrics.kernel_repeated_bytes_cut.add(counted.repeated);
+            tracing::debug!(
+                client = %conn.client_addr,
+                bytes = counted.repeated,
+                "the kernel handed this tunnel's bytes over twice; the copies were cut off"
+            );
+        }
     }
 }
