@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | run | test`.
+//! Project tasks: `cargo xtask setup | build-ebpf | run | test | bench | soak`.
 //!
 //! `setup` makes a fresh machine able to build everything (pinned toolchains, bpf-linker built
 //! against the eBPF nightly's own LLVM); the other tasks run it first, so the README's two
@@ -47,6 +47,22 @@ enum Task {
         /// Rounds of the alternation (default: 3, quick: 1).
         #[arg(long)]
         rounds: Option<usize>,
+    },
+    /// The long soak: sequenced bulk tunnels, checked byte for byte (see tests/tests/soak.rs).
+    Soak {
+        /// Runs per data path and scenario (default 500: 2,000 runs in all).
+        #[arg(long, default_value_t = 500)]
+        runs: u32,
+        /// The bounded shape of `cargo xtask test` (16 tunnels x 24 messages) instead of the
+        /// full one (16 x 300 messages up to 1 MiB).
+        #[arg(long)]
+        bounded: bool,
+        /// Only these data paths (`kernel`, `userspace`; comma-separated).
+        #[arg(long)]
+        datapath: Option<String>,
+        /// Only these scenarios (`delayed-echo`, `flood`; comma-separated).
+        #[arg(long)]
+        scenario: Option<String>,
     },
     /// fmt, clippy, build, unit and end-to-end tests.
     Test {
@@ -116,6 +132,39 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         Task::Test { args } => {
             setup::setup(&root)?;
             test(&root, &args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Task::Soak {
+            runs,
+            bounded,
+            datapath,
+            scenario,
+        } => {
+            setup::setup(&root)?;
+            step("build wsplice (release)", || {
+                cargo(&root, &["build", "--release", "-p", "wsplice"])
+            })?;
+            let mut command = Command::new("cargo");
+            command
+                .args(["test", "--release", "-p", "wsplice-tests", "--test", "soak"])
+                .args(["--", "--nocapture"])
+                .current_dir(&root)
+                .env("WSPLICE_BIN", root.join("target/release/wsplice"))
+                .env("WSPLICE_SOAK_RUNS", runs.to_string())
+                .env("WSPLICE_SOAK_SHAPE", if bounded { "bounded" } else { "full" });
+            if let Some(datapath) = datapath {
+                command.env("WSPLICE_DATAPATHS", datapath);
+            }
+            if let Some(scenario) = scenario {
+                command.env("WSPLICE_SOAK_SCENARIOS", scenario);
+            }
+            step("soak", || {
+                let status = command.status().context("cannot run cargo test")?;
+                if !status.success() {
+                    bail!("the soak failed ({status})");
+                }
+                Ok(())
+            })?;
             Ok(ExitCode::SUCCESS)
         }
     }
