@@ -151,7 +151,10 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
                 .current_dir(&root)
                 .env("WSPLICE_BIN", root.join("target/release/wsplice"))
                 .env("WSPLICE_SOAK_RUNS", runs.to_string())
-                .env("WSPLICE_SOAK_SHAPE", if bounded { "bounded" } else { "full" });
+                .env(
+                    "WSPLICE_SOAK_SHAPE",
+                    if bounded { "bounded" } else { "full" },
+                );
             if let Some(datapath) = datapath {
                 command.env("WSPLICE_DATAPATHS", datapath);
             }
