@@ -6,12 +6,14 @@
 //! bookkeeping) and `timeouts` (the timer wheel). The I/O sits around them: `runtime` (the
 //! io_uring workers) and `listener`.
 
+pub mod access;
 pub mod admin;
 pub mod buffers;
 pub mod clock;
 pub mod config;
 pub mod connection;
 pub mod echo;
+pub mod error_chain;
 pub mod handshake;
 pub mod headers;
 pub mod listener;
@@ -20,6 +22,8 @@ pub mod route;
 pub mod runtime;
 pub mod services;
 pub mod splice;
+pub mod sys;
+pub mod tag;
 pub mod timeouts;
 pub mod tls;
 pub mod tunnel;

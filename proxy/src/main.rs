@@ -64,7 +64,10 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("wsplice: {}", describe(&error));
+            eprintln!(
+                "wsplice: {}",
+                wsplice::error_chain::describe(error.as_ref())
+            );
             ExitCode::FAILURE
         }
     }
@@ -135,25 +138,6 @@ fn choose_datapath(
     }
 }
 
-/// The error and its causes joined by ": ", skipping a cause whose message the error before it
-/// already includes (many errors say "what failed: {source}" and also report that source).
-fn describe(error: &anyhow::Error) -> String {
-    let mut text = String::new();
-    let mut previous = String::new();
-    for cause in error.chain() {
-        let message = cause.to_string();
-        if previous.contains(&message) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&message);
-        previous = message;
-    }
-    text
-}
-
 /// Logs to stderr; `RUST_LOG` filters (default `info`).
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -167,17 +151,6 @@ fn init_logging() {
 
 /// Each tunnel holds two descriptors: lift the soft RLIMIT_NOFILE to the hard limit.
 fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid, initialised struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-    tracing::debug!(fds = limit.rlim_cur, "file descriptor limit");
+    let fds = wsplice::sys::raise_fd_limit();
+    tracing::debug!(fds, "file descriptor limit");
 }

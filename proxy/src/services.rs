@@ -2,7 +2,7 @@
 //!
 //! Read-mostly: workers hold an `Arc<Services>`; the only mutable parts are the pools' atomics.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::duration_ns;
@@ -55,13 +55,14 @@ pub struct Services {
     pub kernel_backlog: u64,
     /// Process-wide counters.
     pub metrics: Arc<Metrics>,
-    /// The loaded sockmap program when plain tunnels go to the kernel path.
-    pub splice: Option<Arc<Mutex<SpliceProgram>>>,
+    /// The loaded sockmap program when plain tunnels go to the kernel path (each worker opens
+    /// its own handle on the maps).
+    pub splice: Option<Arc<SpliceProgram>>,
 }
 
 impl Services {
     /// Builds the shared services from a validated config.
-    pub fn new(config: &Config, splice: Option<SpliceProgram>) -> Services {
+    pub fn new(config: &Config, splice: Option<Arc<SpliceProgram>>) -> Services {
         let pools: Vec<Pool> = config
             .upstreams
             .iter()
@@ -90,7 +91,7 @@ impl Services {
             drain: config.timeouts.drain,
             kernel_backlog: config.limits.kernel_backlog as u64,
             metrics: Arc::default(),
-            splice: splice.map(|program| Arc::new(Mutex::new(program))),
+            splice,
         }
     }
 }

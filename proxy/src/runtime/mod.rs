@@ -1,7 +1,14 @@
-//! The thread-per-core io_uring runtime (DESIGN.md §2): start one worker per core, each with its
-//! own ring and `SO_REUSEPORT` listeners, and stop them all on SIGTERM/SIGINT after a drain.
+//! The thread-per-core io_uring runtime: one worker per core, each with its own ring,
+//! `SO_REUSEPORT` listeners, connections and timers, stopped on SIGTERM/SIGINT after a drain.
+//! Everything here is I/O; what to do with a connection is decided by `connection`.
 
-mod token;
+mod execute;
+mod reads;
+mod relay;
+mod ring;
+mod splice;
+mod stream;
+mod table;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -14,7 +21,8 @@ pub use worker::{Inbox, WorkerError};
 use crate::config::Config;
 use crate::listener::{BindError, Listener};
 use crate::services::Services;
-use crate::splice::SpliceProgram;
+use crate::splice::{SpliceMaps, SpliceProgram};
+use crate::sys::{self, SignalSet};
 use worker::Worker;
 
 /// Why the proxy could not start or stopped with an error.
@@ -53,6 +61,9 @@ pub enum RuntimeError {
     /// Signal handling could not be set up.
     #[error("signal set-up failed: {0}")]
     Signals(#[source] std::io::Error),
+    /// A handle on the splice maps could not be opened.
+    #[error("cannot open the splice maps: {0}")]
+    Splice(#[source] crate::splice::SpliceError),
 }
 
 /// The rustls configuration of each listener (`None` for plain ones), in config order.
@@ -81,10 +92,16 @@ pub fn tls_configs(
 pub fn serve(
     config: &Config,
     workers: usize,
-    splice: Option<SpliceProgram>,
+    mut splice: Option<SpliceProgram>,
 ) -> Result<(), RuntimeError> {
-    let signals = SignalSet::termination()?;
-    let services = Arc::new(Services::new(config, splice));
+    let signals = SignalSet::block_termination().map_err(RuntimeError::Signals)?;
+    let ring = splice.as_mut().and_then(SpliceProgram::take_pressure_ring);
+    let gauges = splice
+        .as_ref()
+        .map(SpliceProgram::maps)
+        .transpose()
+        .map_err(RuntimeError::Splice)?;
+    let services = Arc::new(Services::new(config, splice.map(Arc::new)));
     let shutdown = Arc::new(AtomicBool::new(false));
     let running = Arc::new(AtomicUsize::new(0));
 
@@ -109,11 +126,11 @@ pub fn serve(
         crate::admin::spawn(
             admin.bind,
             Arc::clone(&services.metrics),
-            splice_gauges(services.splice.clone()),
+            splice_gauges(gauges),
         )?;
     }
 
-    let mut inboxes = pressure_watch(&services, workers, &shutdown)?;
+    let mut inboxes = pressure_watch(ring, workers, &shutdown)?;
     let mut handles = Vec::with_capacity(workers);
     for (index, listeners) in per_worker.into_iter().enumerate() {
         let inbox = inboxes.get_mut(index).and_then(Option::take);
@@ -130,7 +147,7 @@ pub fn serve(
         let handle = thread::Builder::new()
             .name(format!("wsplice-w{index}"))
             .spawn(move || {
-                pin_to_cpu(index);
+                sys::pin_to_cpu(index);
                 let result = worker.run();
                 running.fetch_sub(1, Ordering::SeqCst);
                 result
@@ -173,50 +190,20 @@ pub fn serve(
     }
 }
 
-/// Thread per core: worker `index` runs on CPU `index` (modulo the CPUs this process may use),
-/// so its ring, sockets and timers stay warm in one core's caches.
-fn pin_to_cpu(index: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET/sched_*affinity work on this thread.
-    unsafe {
-        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut allowed) != 0 {
-            return;
-        }
-        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
-            .filter(|&cpu| libc::CPU_ISSET(cpu, &allowed))
-            .collect();
-        let Some(&cpu) = cpus.get(index % cpus.len().max(1)) else {
-            return;
-        };
-        let mut only: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut only);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &only) != 0 {
-            tracing::debug!(index, cpu, "could not pin the worker");
-        }
-    }
-}
-
 /// Kernel path: starts the thread that turns the program's pressure reports into checks by the
 /// owning worker; returns each worker's inbox (none on the userspace path).
 fn pressure_watch(
-    services: &Services,
+    ring: Option<aya::maps::RingBuf<aya::maps::MapData>>,
     workers: usize,
     shutdown: &Arc<AtomicBool>,
 ) -> Result<Vec<Option<Inbox>>, RuntimeError> {
-    let Some(program) = services.splice.as_ref() else {
-        return Ok((0..workers).map(|_| None).collect());
-    };
-    let ring = program
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .take_pressure_ring();
     let Some(ring) = ring else {
         return Ok((0..workers).map(|_| None).collect());
     };
     let mut inboxes = Vec::with_capacity(workers);
     let mut mailboxes = Vec::with_capacity(workers);
     for _ in 0..workers {
-        let wake = Arc::new(crate::splice::eventfd().map_err(RuntimeError::Spawn)?);
+        let wake = Arc::new(sys::eventfd().map_err(RuntimeError::Spawn)?);
         let (sender, receiver) = std::sync::mpsc::channel();
         mailboxes.push(crate::splice::Mailbox {
             sender,
@@ -229,64 +216,24 @@ fn pressure_watch(
     Ok(inboxes)
 }
 
-/// Gauges of the splice maps, read at scrape time (tests use them to prove cleanup).
-fn splice_gauges(
-    splice: Option<Arc<std::sync::Mutex<SpliceProgram>>>,
-) -> crate::admin::ExtraGauges {
+/// Gauges of the splice maps, read at scrape time through the admin's own handle (tests use
+/// them to prove cleanup).
+fn splice_gauges(maps: Option<SpliceMaps>) -> crate::admin::ExtraGauges {
     Box::new(move || {
-        let Some(program) = splice.as_ref() else {
+        let Some(maps) = maps.as_ref() else {
             return Vec::new();
         };
-        let program = program
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
         vec![
             (
                 "splice_peer_entries",
                 "Sockets in the PEER sockhash.",
-                program.peer_entries() as u64,
+                maps.peer_entries() as u64,
             ),
             (
                 "splice_activity_entries",
                 "Per-socket activity records.",
-                program.tracked_entries() as u64,
+                maps.tracked_entries() as u64,
             ),
         ]
     })
-}
-
-/// SIGTERM, SIGINT and SIGHUP, blocked in every thread and received synchronously here.
-struct SignalSet {
-    set: libc::sigset_t,
-}
-
-impl SignalSet {
-    /// Blocks the signals in this thread (threads spawned later inherit the mask).
-    fn termination() -> Result<SignalSet, RuntimeError> {
-        // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it; pthread_sigmask
-        // only changes this thread's mask.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-                libc::sigaddset(&mut set, signal);
-            }
-            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            if rc != 0 {
-                return Err(RuntimeError::Signals(std::io::Error::from_raw_os_error(rc)));
-            }
-            Ok(SignalSet { set })
-        }
-    }
-
-    /// The next pending signal, waiting at most `timeout`.
-    fn wait(&self, timeout: Duration) -> Option<i32> {
-        let ts = libc::timespec {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_nsec: timeout.subsec_nanos() as libc::c_long,
-        };
-        // SAFETY: `self.set` is an initialised signal set; a null siginfo pointer is allowed.
-        let signal = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), &ts) };
-        (signal > 0).then_some(signal)
-    }
 }

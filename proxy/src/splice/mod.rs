@@ -1,14 +1,15 @@
-//! The kernel data path's userspace half: loading the sockmap program and driving its maps.
+//! The kernel data path's userspace half: loading the sockmap program, per-worker handles on
+//! its maps, and the pressure reports.
 //!
-//! The worker decides *when* to hand a tunnel over (see `runtime`); this module knows *how*:
-//! the embedded object, the maps, socket cookies and the receive kick.
+//! The connection lifecycle decides *when* to hand a tunnel over (`connection`); the worker
+//! carries it out (`runtime/splice.rs`); this module knows the program and its maps.
 
+mod maps;
 mod pressure;
 mod program;
 #[cfg(test)]
 mod tests;
 
-pub use pressure::{eventfd, wake, Mailbox, Owner, PressureWatcher};
-pub use program::{
-    is_closed, kick, queued_bytes, socket_cookie, SpliceError, SpliceProgram, EBPF_OBJECT,
-};
+pub use maps::SpliceMaps;
+pub use pressure::{Mailbox, PressureWatcher};
+pub use program::{SpliceError, SpliceProgram, EBPF_OBJECT};

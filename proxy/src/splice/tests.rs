@@ -11,14 +11,24 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{kick, queued_bytes, socket_cookie, SpliceError, SpliceProgram};
+use super::{SpliceError, SpliceMaps, SpliceProgram};
+use crate::sys::{queued_bytes, set_rcvlowat, socket_cookie};
+
+/// The hand-off kick (`SO_RCVLOWAT` = 1).
+fn kick(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    set_rcvlowat(fd, 1)
+}
 
 /// How long a test waits for bytes or for the kernel to drop map entries.
 const PATIENCE: Duration = Duration::from_secs(5);
 
-fn load() -> SpliceProgram {
+/// The loaded program (kept alive by the caller) and a handle on its maps.
+fn load() -> (SpliceProgram, SpliceMaps) {
     match SpliceProgram::load(64) {
-        Ok(program) => program,
+        Ok(program) => {
+            let maps = program.maps().expect("a handle on the maps");
+            (program, maps)
+        }
         Err(error) => panic!("loading the splice program (these tests need root): {error}"),
     }
 }
@@ -67,7 +77,7 @@ impl Tunnel {
 
     /// DESIGN.md §4 steps 4–6: track both sockets, `cookie(upstream) → client`, then
     /// `cookie(client) → upstream`, then kick both.
-    fn splice(&self, program: &mut SpliceProgram) {
+    fn splice(&self, program: &mut SpliceMaps) {
         let (client_cookie, upstream_cookie) = (self.client_cookie(), self.upstream_cookie());
         program
             .track(client_cookie, 1)
@@ -147,7 +157,7 @@ fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
 
 #[test]
 fn spliced_bytes_flow_both_ways_in_order() {
-    let mut program = load();
+    let (_loaded, mut program) = load();
     let mut tunnel = Tunnel::new();
     tunnel.splice(&mut program);
 
@@ -160,7 +170,7 @@ fn spliced_bytes_flow_both_ways_in_order() {
 
 #[test]
 fn activity_counts_redirected_bytes_and_stamps_the_time() {
-    let mut program = load();
+    let (_loaded, mut program) = load();
     let mut tunnel = Tunnel::new();
     tunnel.splice(&mut program);
     let (client_cookie, upstream_cookie) = (tunnel.client_cookie(), tunnel.upstream_cookie());
@@ -203,7 +213,7 @@ fn activity_counts_redirected_bytes_and_stamps_the_time() {
 
 #[test]
 fn bytes_queued_before_insertion_arrive_after_the_kick() {
-    let mut program = load();
+    let (_loaded, mut program) = load();
     let mut tunnel = Tunnel::new();
     let early_up = pattern(4000, 0x33);
     let early_down = pattern(2500, 0x44);
@@ -229,7 +239,7 @@ fn bytes_queued_before_insertion_arrive_after_the_kick() {
 
 #[test]
 fn a_socket_without_a_peer_entry_keeps_its_bytes() {
-    let mut program = load();
+    let (_loaded, mut program) = load();
     let mut tunnel = Tunnel::new();
     let client_cookie = tunnel.client_cookie();
     program.track(client_cookie, 1).expect("track");
@@ -253,7 +263,7 @@ fn a_socket_without_a_peer_entry_keeps_its_bytes() {
 
 #[test]
 fn removing_a_peer_entry_stops_the_redirect() {
-    let mut program = load();
+    let (_loaded, mut program) = load();
     let mut tunnel = Tunnel::new();
     tunnel.splice(&mut program);
     send_through(&tunnel.client, &mut tunnel.upstream, &pattern(100, 7));
@@ -269,7 +279,7 @@ fn removing_a_peer_entry_stops_the_redirect() {
 
 #[test]
 fn closed_sockets_leave_peer_and_untrack_empties_activity() {
-    let mut program = load();
+    let (_loaded, mut program) = load();
     let tunnel = Tunnel::new();
     tunnel.splice(&mut program);
     let (client_cookie, upstream_cookie) = (tunnel.client_cookie(), tunnel.upstream_cookie());

@@ -1,0 +1,202 @@
+//! The config loader: defaults, every key, and errors with their positions.
+
+use super::*;
+
+const MINIMAL: &str = r#"
+[[listener]]
+bind = "127.0.0.1:8080"
+
+[[route]]
+upstream = "default"
+
+[upstream.default]
+servers = ["127.0.0.1:9001"]
+"#;
+
+fn error(text: &str) -> ConfigError {
+    Config::parse(text).expect_err("must fail")
+}
+
+#[test]
+fn the_sample_config_at_the_repository_root_loads() {
+    let config = Config::parse(include_str!("../../../wsplice.toml")).unwrap();
+    assert_eq!(config.listeners[0].bind, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(
+        config.upstreams["default"].servers,
+        vec!["127.0.0.1:9001".parse().unwrap()]
+    );
+    assert!(config.admin.is_some());
+}
+
+#[test]
+fn defaults_apply() {
+    let config = Config::parse(MINIMAL).unwrap();
+    assert_eq!(config.timeouts, Timeouts::default());
+    assert_eq!(config.limits, Limits::default());
+    assert_eq!(
+        config.upstreams["default"].fail_timeout,
+        Duration::from_secs(10)
+    );
+    assert_eq!(config.workers, None);
+    assert_eq!(config.admin, None);
+}
+
+#[test]
+fn everything_optional_parses() {
+    let text = format!(
+        "workers = 3\n{MINIMAL}\n[[route]]\nhost = \"chat.example\"\npath_prefix = \"/chat\"\n\
+         upstream = \"default\"\nidle_timeout = \"5m\"\n\
+         headers = {{ set = {{ \"X-A\" = \"1\" }}, remove = [\"Cookie\"] }}\n\
+         [timeouts]\nidle = \"90s\"\nhandshake = \"250ms\"\nconnect = \"1s\"\ndrain = \"0s\"\n\
+         [limits]\nmax_request_head = \"8KiB\"\nmax_headers = 50\nrelay_buffer = 16384\n\
+         [admin]\nbind = \"127.0.0.1:9901\"\n"
+    );
+    let config = Config::parse(&text).unwrap();
+    assert_eq!(config.workers, Some(3));
+    let route = &config.routes[1];
+    assert_eq!(route.host.as_deref(), Some("chat.example"));
+    assert_eq!(route.idle_timeout, Some(Duration::from_secs(300)));
+    assert_eq!(route.headers.set, vec![("X-A".to_owned(), "1".to_owned())]);
+    assert_eq!(route.headers.remove, vec!["Cookie".to_owned()]);
+    assert_eq!(config.timeouts.handshake, Duration::from_millis(250));
+    assert_eq!(config.timeouts.drain, Duration::ZERO);
+    assert_eq!(config.limits.max_request_head, 8192);
+    assert_eq!(config.limits.relay_buffer, 16384);
+}
+
+#[test]
+fn an_unknown_upstream_is_reported_at_its_line_and_column() {
+    let text = MINIMAL.replace("upstream = \"default\"", "upstream = \"chat\"");
+    let e = error(&text);
+    assert_eq!((e.line, e.column), (6, 12), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "6:12: route upstream \"chat\" is not defined in [upstream]"
+    );
+}
+
+#[test]
+fn syntax_and_type_errors_have_positions() {
+    let e = error("[[listener]]\nbind = 8080\n");
+    assert_eq!(e.line, 2, "{e}");
+    let e = error("[[listener]]\nbind = \"127.0.0.1:1\"\nbogus = 1\n");
+    assert_eq!(e.line, 3, "{e}");
+    assert!(e.message.contains("bogus"), "{e}");
+    let e = error("[[listener]\n");
+    assert_eq!(e.line, 1, "{e}");
+}
+
+#[test]
+fn bad_values_are_reported_where_they_stand() {
+    let e = error(&MINIMAL.replace("127.0.0.1:9001", "localhost"));
+    assert_eq!(e.line, 9, "{e}");
+    assert!(e.message.contains("not an IP:port"), "{e}");
+    let e = error(&format!("{MINIMAL}[timeouts]\nidle = \"ten seconds\"\n"));
+    assert_eq!(e.line, 11, "{e}");
+    let e = error(&format!("{MINIMAL}[timeouts]\nidle = \"0s\"\n"));
+    assert!(e.message.contains("longer than zero"), "{e}");
+    let e = error(&MINIMAL.replace("servers = [\"127.0.0.1:9001\"]", "servers = []"));
+    assert!(e.message.contains("no servers"), "{e}");
+    let e = error(&format!("{MINIMAL}[limits]\nmax_request_head = \"3GB\"\n"));
+    assert!(e.message.contains("not a size"), "{e}");
+}
+
+#[test]
+fn duplicate_listeners_are_refused_clearly() {
+    let text = MINIMAL.replace(
+        "[[route]]",
+        "[[listener]]\nbind = \"127.0.0.1:8080\"\n\n[[route]]",
+    );
+    assert!(error(&text).message.contains("defined twice"));
+}
+
+fn with_tls(tls: &str) -> String {
+    MINIMAL.replace(
+        "bind = \"127.0.0.1:8080\"",
+        &format!("bind = \"127.0.0.1:8080\"\n{tls}"),
+    )
+}
+
+#[test]
+fn tls_listener_defaults_and_relative_paths() {
+    let text = with_tls("tls = { cert = \"c.pem\", key = \"k.pem\" }");
+    let config = Config::parse_in(&text, Some(Path::new("/etc/wsplice/wsplice.toml"))).unwrap();
+    let tls = config.listeners[0].tls.as_ref().unwrap();
+    assert_eq!(tls.default.cert, Path::new("/etc/wsplice/c.pem"));
+    assert_eq!(tls.default.key, Path::new("/etc/wsplice/k.pem"));
+    assert_eq!(tls.min_version, TlsVersion::V1_2);
+    assert!(tls.ciphers.is_empty() && tls.sni.is_empty() && !tls.strict_sni);
+    assert!(tls.session_tickets && tls.session_cache > 0);
+    assert_eq!(tls.provider, CryptoProvider::AwsLcRs);
+}
+
+#[test]
+fn tls_table_with_sni_versions_and_suites() {
+    let text = with_tls(
+        "[listener.tls]\ncert = \"d.pem\"\nkey = \"d.key\"\nmin_version = \"1.3\"\n\
+         ciphers = [\"tls13_aes_128_gcm_sha256\"]\nsession_cache = 0\nprovider = \"ring\"\n\
+         strict_sni = true\n[[listener.tls.sni]]\nnames = [\"Chat.Example.com.\", \"*.example.org\"]\n\
+         cert = \"c.pem\"\nkey = \"c.key\"\n",
+    );
+    let config = Config::parse(&text).unwrap();
+    let tls = config.listeners[0].tls.as_ref().unwrap();
+    assert_eq!(tls.min_version, TlsVersion::V1_3);
+    assert_eq!(tls.ciphers, ["TLS13_AES_128_GCM_SHA256"]);
+    assert_eq!(tls.sni[0].names, ["chat.example.com", "*.example.org"]);
+    assert_eq!(tls.provider, CryptoProvider::Ring);
+    assert!(tls.strict_sni && tls.session_cache == 0);
+}
+
+#[test]
+fn bad_tls_settings_are_refused_with_their_position() {
+    let e = error(&with_tls(
+        "tls = { cert = \"c\", key = \"k\", min_version = \"1.1\" }",
+    ));
+    assert_eq!(e.line, 4, "{e}");
+    assert!(e.message.contains("min_version \"1.1\""), "{e}");
+    let e = error(&with_tls(
+        "tls = { cert = \"c\", key = \"k\", ciphers = [\"RC4_MD5\"] }",
+    ));
+    assert!(
+        e.message.contains("RC4_MD5") && e.message.contains("known:"),
+        "{e}"
+    );
+    let e = error(&with_tls(
+        "tls = { cert = \"c\", key = \"k\", min_version = \"1.3\", \
+         ciphers = [\"TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256\"] }",
+    ));
+    assert!(e.message.contains("no suite for TLS 1.3"), "{e}");
+    let e = error(&with_tls(
+        "tls = { cert = \"c\", key = \"k\", sni = [{ names = [\"a.b\"], cert = \"x\", key = \"y\" }, \
+         { names = [\"A.b\"], cert = \"x\", key = \"y\" }] }",
+    ));
+    assert!(e.message.contains("listed twice"), "{e}");
+    let e = error(&with_tls(
+        "tls = { cert = \"c\", key = \"k\", sni = [{ names = [\"a b\"], cert = \"x\", key = \"y\" }] }",
+    ));
+    assert!(e.message.contains("not a DNS name"), "{e}");
+    let e = error(&with_tls("tls = { cert = \"c\" }"));
+    assert!(e.message.contains("key"), "{e}");
+    let e = error(&with_tls(
+        "tls = { cert = \"c\", key = \"k\", provider = \"openssl\" }",
+    ));
+    assert!(e.message.contains("openssl"), "{e}");
+}
+
+#[test]
+fn header_rules_with_cr_lf_are_refused() {
+    let text = MINIMAL.replace(
+        "upstream = \"default\"",
+        "upstream = \"default\"\nheaders = { set = { \"X-A\" = \"a\\r\\nInjected: 1\" } }",
+    );
+    assert!(error(&text).message.contains("CR or LF"));
+}
+
+#[test]
+fn load_names_the_file() {
+    let e = Config::load(Path::new("/nonexistent/wsplice.toml")).unwrap_err();
+    assert!(
+        e.to_string().starts_with("/nonexistent/wsplice.toml:"),
+        "{e}"
+    );
+}

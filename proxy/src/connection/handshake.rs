@@ -1,0 +1,353 @@
+//! The upgrade handshake of one client connection, before its tunnel exists: the first phase of
+//! the [`Connection`](super::Connection) lifecycle.
+//!
+//! [`Handshake`] takes events (bytes read, connect results, deadlines) and answers with the next
+//! [`Step`] for its connection to carry out. It never touches a socket, so every path (each
+//! rejection, retries over the pool, refusals, pipelined bytes) is unit-tested without one.
+//!
+//! Steps: read the request head → route → connect (next server on failure) → send the rewritten
+//! request → read the response head → tunnel, refusal relay, or error answer.
+
+use std::net::SocketAddr;
+
+use crate::handshake::{
+    error_response, parse_request, parse_response, BodyLength, UpgradeRequest, UpstreamAnswer,
+};
+use crate::headers::{rewrite_request, ForwardContext, HeaderRules, Scheme};
+use crate::services::Services;
+
+/// What the I/O layer must do next for this connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Wait for more bytes from the client, then call [`Handshake::on_client_data`].
+    ReadClient,
+    /// Open a TCP connection to this upstream server (bounded by the connect timeout), then call
+    /// [`Handshake::on_connected`] or [`Handshake::on_connect_failed`].
+    Connect(SocketAddr),
+    /// Send these bytes (the rewritten request) to the upstream, then call
+    /// [`Handshake::on_request_sent`].
+    SendRequest(Vec<u8>),
+    /// Wait for more bytes from the upstream, then call [`Handshake::on_upstream_data`].
+    ReadUpstream,
+    /// Answer the client with `response` (an HTTP error), then close.
+    Reject(Rejection),
+    /// The upgrade succeeded: deliver these bytes first, in this order per direction, then move
+    /// bytes both ways until a side closes.
+    Tunnel {
+        /// The upstream's 101 head and whatever it sent behind it.
+        to_client: Vec<u8>,
+        /// What the client pipelined behind its request head.
+        to_upstream: Vec<u8>,
+    },
+    /// The upstream answered with a final non-101 status: relay its answer, then close.
+    Refused {
+        /// The status the upstream answered with.
+        status: u16,
+        /// The answer's bytes read so far (head and the part of the body already here).
+        to_client: Vec<u8>,
+        /// How much more of the upstream's body to relay after `to_client`.
+        remaining: BodyLength,
+    },
+    /// Close without an answer (the client went away or never sent a request).
+    Close(String),
+}
+
+/// An HTTP error answer to send before closing, and why.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// HTTP status of the answer.
+    pub status: u16,
+    /// The complete answer.
+    pub response: Vec<u8>,
+    /// The reason, for the log.
+    pub reason: String,
+}
+
+/// Why a connect attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// Refused, unreachable or another error.
+    Error,
+    /// No answer within the connect timeout.
+    TimedOut,
+    /// The proxy itself could not open a socket (out of descriptors or memory): not the
+    /// upstream's fault, so no server is marked down and no other is tried.
+    Local,
+}
+
+/// What the request was, for routing decisions and the access log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestSummary {
+    /// Host header as sent.
+    pub host: String,
+    /// Request target as sent.
+    pub path: String,
+    /// Index of the chosen route.
+    pub route: Option<usize>,
+}
+
+/// The handshake state machine of one client connection.
+#[derive(Debug)]
+pub struct Handshake {
+    context: ForwardContext,
+    /// Client bytes: the request head while it is read, then the pipelined bytes behind it.
+    client_bytes: Vec<u8>,
+    /// Upstream bytes read while waiting for its response head.
+    upstream_bytes: Vec<u8>,
+    request: Option<UpgradeRequest>,
+    summary: RequestSummary,
+    /// Servers still to try, in order; `current` is being tried.
+    plan: std::vec::IntoIter<SocketAddr>,
+    current: Option<SocketAddr>,
+    pool: usize,
+    rules: HeaderRules,
+}
+
+impl Handshake {
+    /// A new connection from `client_addr` on a listener of `scheme`.
+    pub fn new(client_addr: SocketAddr, scheme: Scheme) -> Handshake {
+        Handshake {
+            context: ForwardContext {
+                client_addr: client_addr.ip(),
+                scheme,
+            },
+            client_bytes: Vec::new(),
+            upstream_bytes: Vec::new(),
+            request: None,
+            summary: RequestSummary::default(),
+            plan: Vec::new().into_iter(),
+            current: None,
+            pool: 0,
+            rules: HeaderRules::default(),
+        }
+    }
+
+    /// The first action of a new connection.
+    pub fn start(&self) -> Step {
+        Step::ReadClient
+    }
+
+    /// The request as far as it is known, for logs.
+    pub fn summary(&self) -> &RequestSummary {
+        &self.summary
+    }
+
+    /// The upstream server being tried or used.
+    pub fn upstream(&self) -> Option<SocketAddr> {
+        self.current
+    }
+
+    /// The route's pool index, once routed.
+    pub fn pool(&self) -> Option<usize> {
+        self.summary.route.map(|_| self.pool)
+    }
+
+    /// Bytes read from the client while its request head is incomplete.
+    pub fn on_client_data(&mut self, data: &[u8], services: &Services, now_ns: u64) -> Step {
+        self.client_bytes.extend_from_slice(data);
+        match parse_request(&self.client_bytes, &services.request_limits) {
+            Ok(None) => Step::ReadClient,
+            Ok(Some((request, head_len))) => {
+                self.client_bytes.drain(..head_len);
+                self.route(request, services, now_ns)
+            }
+            Err(error) => self.reject_with(error.status(), error.response(), error.to_string()),
+        }
+    }
+
+    /// The client closed (or reset) before its request head was complete.
+    pub fn on_client_eof(&mut self) -> Step {
+        if self.client_bytes.is_empty() {
+            Step::Close("client closed before sending a request".into())
+        } else {
+            Step::Close("client closed in the middle of its request head".into())
+        }
+    }
+
+    /// The connect attempt to [`Handshake::upstream`] succeeded.
+    pub fn on_connected(&mut self) -> Step {
+        let Some(request) = self.request.as_ref() else {
+            return self.fail_internal("connected without a request");
+        };
+        Step::SendRequest(rewrite_request(request, &self.context, &self.rules))
+    }
+
+    /// The connect attempt failed: try the next server of the plan, or answer 502/504.
+    pub fn on_connect_failed(
+        &mut self,
+        failure: ConnectFailure,
+        services: &Services,
+        now_ns: u64,
+    ) -> Step {
+        if failure == ConnectFailure::Local {
+            return self.reject(
+                503,
+                "cannot open an upstream socket: the proxy is out of descriptors or memory".into(),
+            );
+        }
+        if let Some(addr) = self.current {
+            services.pools[self.pool].report_failure(addr, now_ns);
+        }
+        match self.plan.next() {
+            Some(next) => {
+                self.current = Some(next);
+                Step::Connect(next)
+            }
+            None => {
+                let upstream = self.current.map(|a| a.to_string()).unwrap_or_default();
+                match failure {
+                    ConnectFailure::TimedOut => self.reject(
+                        504,
+                        format!(
+                            "connect to upstream {upstream} timed out (last server of the pool)"
+                        ),
+                    ),
+                    ConnectFailure::Error | ConnectFailure::Local => self.reject(
+                        502,
+                        format!("connect to upstream {upstream} failed (last server of the pool)"),
+                    ),
+                }
+            }
+        }
+    }
+
+    /// The rewritten request is fully written to the upstream.
+    pub fn on_request_sent(&mut self) -> Step {
+        Step::ReadUpstream
+    }
+
+    /// Bytes read from the upstream while waiting for its response head.
+    pub fn on_upstream_data(&mut self, data: &[u8], services: &Services) -> Step {
+        self.upstream_bytes.extend_from_slice(data);
+        self.judge_response(services)
+    }
+
+    /// Everything the upstream has sent so far, read with `MSG_PEEK` (the kernel path leaves the
+    /// response in the socket so the splice delivers it verbatim, DESIGN.md §4 step 3).
+    /// `ReadUpstream` then means: wait until more than `peeked.len()` bytes are queued.
+    pub fn on_upstream_peek(&mut self, peeked: &[u8], services: &Services) -> Step {
+        self.upstream_bytes.clear();
+        self.upstream_bytes.extend_from_slice(peeked);
+        self.judge_response(services)
+    }
+
+    fn judge_response(&mut self, services: &Services) -> Step {
+        let Some(key) = self.request.as_ref().map(|r| r.key.as_str()) else {
+            return self.fail_internal("response without a request");
+        };
+        match parse_response(&self.upstream_bytes, key, &services.response_limits) {
+            Ok(None) => Step::ReadUpstream,
+            Ok(Some(UpstreamAnswer::Upgraded { .. })) => Step::Tunnel {
+                to_client: std::mem::take(&mut self.upstream_bytes),
+                to_upstream: std::mem::take(&mut self.client_bytes),
+            },
+            Ok(Some(UpstreamAnswer::Refused {
+                status,
+                head_len,
+                body,
+            })) => {
+                let mut to_client = std::mem::take(&mut self.upstream_bytes);
+                let remaining = match body {
+                    BodyLength::Known(length) => {
+                        let here = (to_client.len() - head_len).min(length);
+                        to_client.truncate(head_len + here);
+                        BodyLength::Known(length - here)
+                    }
+                    BodyLength::UntilClose => BodyLength::UntilClose,
+                };
+                Step::Refused {
+                    status,
+                    to_client,
+                    remaining,
+                }
+            }
+            Err(error) => {
+                let upstream = self.current.map(|a| a.to_string()).unwrap_or_default();
+                self.reject(502, format!("bad answer from upstream {upstream}: {error}"))
+            }
+        }
+    }
+
+    /// The upstream closed before its response head was complete.
+    pub fn on_upstream_eof(&mut self) -> Step {
+        let upstream = self.current.map(|a| a.to_string()).unwrap_or_default();
+        self.reject(
+            502,
+            format!("upstream {upstream} closed the connection before answering"),
+        )
+    }
+
+    /// The handshake deadline passed; `request_read` tells whether the request head was
+    /// complete by then.
+    pub fn on_deadline(&mut self, request_read: bool) -> Step {
+        if !request_read {
+            return Step::Close("no complete request head within the handshake timeout".into());
+        }
+        let upstream = self.current.map(|a| a.to_string()).unwrap_or_default();
+        self.reject(
+            504,
+            format!("upstream {upstream} did not answer within the handshake timeout"),
+        )
+    }
+
+    fn route(&mut self, request: UpgradeRequest, services: &Services, now_ns: u64) -> Step {
+        self.summary.host = request.host.clone();
+        self.summary.path = request.path.clone();
+        let Some(route_index) = services.router.select(&request.host, &request.path) else {
+            let reason = format!(
+                "no route for host {:?} path {:?}",
+                request.host, request.path
+            );
+            return self.reject(404, reason);
+        };
+        self.summary.route = Some(route_index);
+        let route = &services.routes[route_index];
+        self.pool = route.pool;
+        self.rules = route.rules.clone();
+        self.request = Some(request);
+        match services.pools[route.pool].plan(now_ns) {
+            Ok(plan) => {
+                let mut plan = plan.into_iter();
+                self.current = plan.next();
+                self.plan = plan;
+                match self.current {
+                    Some(first) => Step::Connect(first),
+                    None => self.reject(503, "upstream pool has no servers".into()),
+                }
+            }
+            Err(error) => self.reject(503, error.to_string()),
+        }
+    }
+
+    fn reject(&mut self, status: u16, reason: String) -> Step {
+        let body = status_body(status);
+        self.reject_with(status, error_response(status, body), reason)
+    }
+
+    fn reject_with(&mut self, status: u16, response: Vec<u8>, reason: String) -> Step {
+        Step::Reject(Rejection {
+            status,
+            response,
+            reason,
+        })
+    }
+
+    fn fail_internal(&mut self, what: &str) -> Step {
+        self.reject(500, format!("internal error: {what}"))
+    }
+}
+
+/// The short text body of an error answer (the reason goes to the log, not to the client).
+fn status_body(status: u16) -> &'static str {
+    match status {
+        404 => "no route for this host and path\n",
+        500 => "internal proxy error\n",
+        502 => "upstream unavailable\n",
+        503 => "no healthy upstream\n",
+        504 => "upstream timed out\n",
+        _ => "request rejected\n",
+    }
+}
+
+#[cfg(test)]
+mod tests;

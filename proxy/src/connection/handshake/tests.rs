@@ -1,0 +1,194 @@
+//! The upgrade handshake's paths, without sockets.
+
+use super::*;
+use crate::config::Config;
+
+const REQUEST: &[u8] = b"GET /chat HTTP/1.1\r\nHost: example.com\r\nUpgrade: websocket\r\n\
+Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+const UPGRADED: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+
+fn services(servers: &str, extra: &str) -> Services {
+    let text = format!(
+        "[[listener]]\nbind = \"127.0.0.1:8080\"\n\n[[route]]\nupstream = \"default\"\n{extra}\n\n\
+         [upstream.default]\nservers = [{servers}]\n"
+    );
+    Services::new(&Config::parse(&text).expect("test config parses"), None)
+}
+
+fn client() -> SocketAddr {
+    "10.1.2.3:5555".parse().unwrap()
+}
+
+fn connected(services: &Services) -> Handshake {
+    let mut h = Handshake::new(client(), Scheme::Ws);
+    assert!(matches!(
+        h.on_client_data(REQUEST, services, 0),
+        Step::Connect(_)
+    ));
+    assert!(matches!(h.on_connected(), Step::SendRequest(_)));
+    assert_eq!(h.on_request_sent(), Step::ReadUpstream);
+    h
+}
+
+#[test]
+fn a_valid_upgrade_goes_connect_send_read_then_tunnel_with_pipelined_bytes_in_order() {
+    let services = services("\"127.0.0.1:9001\"", "");
+    let mut h = Handshake::new(client(), Scheme::Ws);
+    assert_eq!(h.start(), Step::ReadClient);
+    // The request arrives in two pieces, with a frame pipelined behind the head.
+    let mut bytes = REQUEST.to_vec();
+    bytes.extend_from_slice(b"\x81\x02hi");
+    let (first, second) = bytes.split_at(20);
+    assert_eq!(h.on_client_data(first, &services, 0), Step::ReadClient);
+    assert_eq!(
+        h.on_client_data(second, &services, 0),
+        Step::Connect("127.0.0.1:9001".parse().unwrap())
+    );
+    let Step::SendRequest(request) = h.on_connected() else {
+        panic!("expected the rewritten request");
+    };
+    let request = String::from_utf8(request).unwrap();
+    assert!(request.starts_with("GET /chat HTTP/1.1\r\n"), "{request}");
+    assert!(
+        request.contains("X-Forwarded-For: 10.1.2.3\r\n"),
+        "{request}"
+    );
+    assert!(
+        !request.contains("hi"),
+        "pipelined bytes must wait for the 101"
+    );
+    assert_eq!(h.on_request_sent(), Step::ReadUpstream);
+    // The 101 arrives split, with a frame right behind it.
+    assert_eq!(
+        h.on_upstream_data(&UPGRADED[..30], &services),
+        Step::ReadUpstream
+    );
+    let mut rest = UPGRADED[30..].to_vec();
+    rest.extend_from_slice(b"\x81\x03abc");
+    let mut to_client_expected = UPGRADED.to_vec();
+    to_client_expected.extend_from_slice(b"\x81\x03abc");
+    assert_eq!(
+        h.on_upstream_data(&rest, &services),
+        Step::Tunnel {
+            to_client: to_client_expected,
+            to_upstream: b"\x81\x02hi".to_vec(),
+        }
+    );
+    assert_eq!(h.summary().host, "example.com");
+    assert_eq!(h.summary().path, "/chat");
+}
+
+#[test]
+fn an_invalid_request_is_rejected_with_its_status() {
+    let services = services("\"127.0.0.1:9001\"", "");
+    let mut h = Handshake::new(client(), Scheme::Ws);
+    let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    let Step::Reject(rejection) = h.on_client_data(request, &services, 0) else {
+        panic!("expected a rejection");
+    };
+    assert_eq!(rejection.status, 426);
+    assert!(rejection.response.starts_with(b"HTTP/1.1 426 "));
+}
+
+#[test]
+fn no_matching_route_is_404() {
+    let services = services("\"127.0.0.1:9001\"", "path_prefix = \"/other\"");
+    let mut h = Handshake::new(client(), Scheme::Ws);
+    let Step::Reject(rejection) = h.on_client_data(REQUEST, &services, 0) else {
+        panic!("expected a rejection");
+    };
+    assert_eq!(rejection.status, 404);
+}
+
+#[test]
+fn a_failed_connect_tries_the_next_server_then_answers_502() {
+    let services = services("\"127.0.0.1:1\", \"127.0.0.1:2\"", "");
+    let mut h = Handshake::new(client(), Scheme::Ws);
+    let Step::Connect(first) = h.on_client_data(REQUEST, &services, 0) else {
+        panic!("expected a connect");
+    };
+    let Step::Connect(second) = h.on_connect_failed(ConnectFailure::Error, &services, 0) else {
+        panic!("expected the next server");
+    };
+    assert_ne!(first, second);
+    let Step::Reject(rejection) = h.on_connect_failed(ConnectFailure::Error, &services, 0) else {
+        panic!("expected 502");
+    };
+    assert_eq!(rejection.status, 502);
+    // Both servers are now marked down: the next request is answered 503 at once.
+    let mut next = Handshake::new(client(), Scheme::Ws);
+    let Step::Reject(rejection) = next.on_client_data(REQUEST, &services, 1) else {
+        panic!("expected 503");
+    };
+    assert_eq!(rejection.status, 503);
+}
+
+#[test]
+fn running_out_of_local_sockets_is_503_and_marks_no_server_down() {
+    let services = services("\"127.0.0.1:1\", \"127.0.0.1:2\"", "");
+    let mut h = Handshake::new(client(), Scheme::Ws);
+    h.on_client_data(REQUEST, &services, 0);
+    let Step::Reject(rejection) = h.on_connect_failed(ConnectFailure::Local, &services, 0) else {
+        panic!("expected 503");
+    };
+    assert_eq!(rejection.status, 503);
+    assert_eq!(services.pools[0].plan(1).unwrap().len(), 2);
+}
+
+#[test]
+fn a_connect_timeout_on_the_last_server_is_504() {
+    let services = services("\"127.0.0.1:1\"", "");
+    let mut h = Handshake::new(client(), Scheme::Ws);
+    h.on_client_data(REQUEST, &services, 0);
+    let Step::Reject(rejection) = h.on_connect_failed(ConnectFailure::TimedOut, &services, 0)
+    else {
+        panic!("expected 504");
+    };
+    assert_eq!(rejection.status, 504);
+}
+
+#[test]
+fn a_refusal_is_relayed_with_the_rest_of_its_body_still_to_come() {
+    let services = services("\"127.0.0.1:9001\"", "");
+    let mut h = connected(&services);
+    let answer = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 10\r\n\r\nnope";
+    assert_eq!(
+        h.on_upstream_data(answer, &services),
+        Step::Refused {
+            status: 403,
+            to_client: answer.to_vec(),
+            remaining: BodyLength::Known(6),
+        }
+    );
+}
+
+#[test]
+fn a_broken_101_is_502_and_an_early_close_is_502() {
+    let services = services("\"127.0.0.1:9001\"", "");
+    let mut h = connected(&services);
+    let bad = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n";
+    let Step::Reject(rejection) = h.on_upstream_data(bad, &services) else {
+        panic!("expected 502");
+    };
+    assert_eq!(rejection.status, 502);
+
+    let mut h = connected(&services);
+    let Step::Reject(rejection) = h.on_upstream_eof() else {
+        panic!("expected 502");
+    };
+    assert_eq!(rejection.status, 502);
+}
+
+#[test]
+fn the_deadline_closes_a_silent_client_and_answers_504_while_waiting_for_the_upstream() {
+    let services = services("\"127.0.0.1:9001\"", "");
+    let mut silent = Handshake::new(client(), Scheme::Ws);
+    assert!(matches!(silent.on_deadline(false), Step::Close(_)));
+    let mut waiting = connected(&services);
+    let Step::Reject(rejection) = waiting.on_deadline(true) else {
+        panic!("expected 504");
+    };
+    assert_eq!(rejection.status, 504);
+}

@@ -1,0 +1,523 @@
+//! The life of one client connection, from accept to its access line, as a sans-IO state
+//! machine.
+//!
+//! A [`Connection`] takes events — bytes read, operations completed, facts the I/O layer
+//! measured, deadlines — and answers with [`Action`]s for the I/O layer to carry out. It never
+//! touches a socket, a clock or the kernel program: time is passed in, and so is everything the
+//! I/O layer measured (how far behind the kernel is, when it last moved a byte). So every path
+//! of a connection (each rejection, both data paths, FINs and resets in every stage, idle
+//! expiry, drain, TLS close ordering) is unit-tested without a socket (`connection/tests/`).
+//!
+//! The stages, in order (see ARCHITECTURE.md):
+//!
+//! ```text
+//! ReadingRequest ─▶ Connecting ─▶ SendingRequest ─▶ ReadingResponse ─┬─▶ Relaying (userspace)
+//!        │               │ (next server)                   │          ├─▶ HandingOff ─▶ Spliced
+//!        └───────────────┴──────────▶ Rejecting ◀──────────┘          └─▶ Relaying (refusal)
+//! ```
+//!
+//! Any stage ends in a close with a reason (graceful, or abortive: a reset both ways).
+
+mod handshake;
+mod relay;
+mod splice;
+#[cfg(test)]
+mod tests;
+mod upgrade;
+
+use std::net::SocketAddr;
+
+pub use handshake::{ConnectFailure, Handshake, Rejection, RequestSummary, Step};
+pub use relay::Relay;
+pub use splice::{Backlog, Counted, Splice, SplicedEvent};
+
+use crate::access::AccessRecord;
+use crate::headers::Scheme;
+use crate::services::Services;
+
+/// How long a rejected client may keep sending before its socket is closed (lingering close, so
+/// the error answer is not destroyed by a reset).
+pub const LINGER_NS: u64 = 2_000_000_000;
+/// Most bytes a client may send behind its request before it has seen the 101 and still get a
+/// kernel-path tunnel (they are read and sent upstream in userspace first); beyond this the
+/// tunnel is relayed in userspace.
+pub const MAX_UNREAD_BEFORE_SPLICE: usize = 1 << 20;
+
+/// One of the two sockets of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The accepted client socket.
+    Client,
+    /// The socket to the upstream server.
+    Upstream,
+}
+
+impl Side {
+    /// The other side.
+    pub fn peer(self) -> Side {
+        match self {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        }
+    }
+
+    /// 0 for the client, 1 for the upstream (for per-side arrays).
+    pub fn index(self) -> usize {
+        match self {
+            Side::Client => 0,
+            Side::Upstream => 1,
+        }
+    }
+}
+
+/// How a tunnel's bytes move once the upgrade succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPath {
+    /// Userspace: read into a buffer, write out (TLS tunnels, hosts without the program).
+    Relay,
+    /// The kernel's sockmap program moves them; userspace only watches.
+    Splice,
+}
+
+/// The actions an event asks for, in order (the I/O layer carries them out front to back).
+pub type Actions = std::collections::VecDeque<Action>;
+
+/// What the I/O layer must do for a connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Call [`Connection::on_deadline`] at this time (monotonic ns), or later.
+    ArmDeadline(u64),
+    /// When the side is readable, read it (the client's plaintext for TLS) and call
+    /// [`Connection::on_data`], or [`Connection::on_read_end`] at end of stream or on an error.
+    Read(Side),
+    /// Kernel path: once more than `seen` bytes are queued on the upstream socket, look at them
+    /// without consuming them and call [`Connection::on_peeked`] (so the splice later delivers
+    /// them verbatim).
+    PeekUpstream {
+        /// Bytes already seen.
+        seen: usize,
+    },
+    /// Kernel path: consume `len` bytes that were only peeked at (the tunnel will not be
+    /// spliced) and undo the peek's receive mark.
+    ConsumeUpstream {
+        /// Bytes to read and drop.
+        len: usize,
+    },
+    /// Open a TCP connection to this server (bounded by the connect timeout), then call
+    /// [`Connection::on_connected`] or [`Connection::on_connect_failed`].
+    Connect(SocketAddr),
+    /// Abandon whatever is pending on the upstream socket (connect, response read).
+    CancelUpstream,
+    /// Send these bytes to the side (encrypted first for a TLS client), then call
+    /// [`Connection::on_sent`].
+    Send(Side, Vec<u8>),
+    /// Relay: read up to `budget` bytes from `from` and send them to its peer. Call
+    /// [`Connection::on_forwarded`] once read, then [`Connection::on_sent`] for the peer once
+    /// written; [`Connection::on_source_eof`] / [`Connection::on_source_failed`] when the read
+    /// ends; if nothing is readable, call [`Connection::on_readable`] when it is.
+    Forward {
+        /// The source side.
+        from: Side,
+        /// Most bytes to read.
+        budget: usize,
+    },
+    /// `shutdown(side, SHUT_WR)`: pass a FIN on.
+    ShutdownWrite(Side),
+    /// TLS: queue `close_notify` to the client and send it, then call [`Connection::on_sent`]
+    /// for the client.
+    CloseNotify,
+    /// Kernel path: read everything the client has sent so far, at most `limit` bytes plus one
+    /// read, and call [`Connection::on_client_drained`].
+    DrainClient {
+        /// Bytes beyond which the drain stops.
+        limit: usize,
+    },
+    /// Kernel path: hand both sockets to the splice program, then call
+    /// [`Connection::on_splice_result`].
+    Splice,
+    /// Kernel path: the tunnel goes to the userspace relay after all; reset the upstream
+    /// socket's receive mark set while peeking.
+    UndoPeekMark,
+    /// Kernel path: watch the spliced socket for a FIN, a reset or stray bytes and call
+    /// [`Connection::on_spliced_event`].
+    WatchSpliced(Side),
+    /// Kernel path: measure what the kernel still has to deliver towards `towards` and call
+    /// [`Connection::on_kernel_backlog`] (at the next tick if `next_tick`).
+    CheckKernelBacklog {
+        /// The destination socket.
+        towards: Side,
+        /// Measure at the next tick rather than now.
+        next_tick: bool,
+    },
+    /// Kernel path: remove the tunnel from the splice maps and call
+    /// [`Connection::on_unspliced`] with what the program counted.
+    Unsplice,
+    /// Close both sockets once their operations completed, then call
+    /// [`Connection::finish`]. Abortive: reset both ways (`SO_LINGER` 0); graceful: say
+    /// `close_notify` first to a TLS client if nothing else is being sent to it.
+    Close {
+        /// Reset instead of FIN.
+        abortive: bool,
+    },
+}
+
+/// Why and how a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ending {
+    /// For the access line.
+    pub reason: String,
+    /// Reset both ways.
+    pub abortive: bool,
+}
+
+/// Where a connection is in its lifecycle, with what that stage needs.
+#[derive(Debug)]
+pub enum Stage {
+    /// Reading the client's request head.
+    ReadingRequest(Box<Handshake>),
+    /// Connecting to an upstream server.
+    Connecting(Box<Handshake>),
+    /// Sending the rewritten request upstream.
+    SendingRequest(Box<Handshake>),
+    /// Reading (or, on the kernel path, peeking at) the upstream's response head.
+    ReadingResponse(Box<Handshake>),
+    /// Sending an error answer, then discarding what the client still sends (lingering).
+    Rejecting {
+        /// The answer's status.
+        status: u16,
+        /// The answer is sent; the client is being drained until EOF or the linger deadline.
+        lingering: bool,
+    },
+    /// Kernel path: what the client sent early goes upstream before the splice.
+    HandingOff {
+        /// Bytes for the upstream, sent in userspace before the splice.
+        early: Vec<u8>,
+    },
+    /// The userspace relay (of a tunnel, or of a refused upgrade's answer).
+    Relaying(Relay),
+    /// The kernel moves the bytes.
+    Spliced(Splice),
+}
+
+/// One client connection's lifecycle state (see the module docs).
+#[derive(Debug)]
+pub struct Connection {
+    id: u64,
+    client_addr: SocketAddr,
+    started_ns: u64,
+    tls: bool,
+    datapath: DataPath,
+    stage: Stage,
+    /// Deadline of the handshake or the lingering close.
+    deadline_ns: u64,
+    summary: RequestSummary,
+    upstream_addr: Option<SocketAddr>,
+    /// Kernel path: bytes of the response seen by peeking.
+    peeked: usize,
+    /// Something is being sent to this side (indexed by [`Side::index`]).
+    sending: [bool; 2],
+    /// TLS: `close_notify` was queued.
+    close_notified: bool,
+    ending: Option<Ending>,
+}
+
+impl Connection {
+    /// A connection accepted from `client_addr` on a listener of `scheme`; `tls` when the
+    /// listener terminates TLS, `datapath` for its tunnel once upgraded.
+    #[allow(clippy::too_many_arguments)]
+    pub fn accept(
+        id: u64,
+        client_addr: SocketAddr,
+        scheme: Scheme,
+        tls: bool,
+        datapath: DataPath,
+        now_ns: u64,
+        services: &Services,
+        out: &mut Actions,
+    ) -> Connection {
+        services.metrics.connections_accepted.inc();
+        services.metrics.connections_open.inc();
+        let handshake = Handshake::new(client_addr, scheme);
+        let deadline_ns = now_ns.saturating_add(services.handshake_ns);
+        let connection = Connection {
+            id,
+            client_addr,
+            started_ns: now_ns,
+            tls,
+            datapath,
+            stage: Stage::ReadingRequest(Box::new(handshake)),
+            deadline_ns,
+            summary: RequestSummary::default(),
+            upstream_addr: None,
+            peeked: 0,
+            sending: [false; 2],
+            close_notified: false,
+            ending: None,
+        };
+        out.push_back(Action::ArmDeadline(deadline_ns));
+        out.push_back(Action::Read(Side::Client));
+        connection
+    }
+
+    /// The connection's unique id (in this worker).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The client's address.
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_addr
+    }
+
+    /// The current stage.
+    pub fn stage(&self) -> &Stage {
+        &self.stage
+    }
+
+    /// The upstream server connected to (or being tried).
+    pub fn upstream_addr(&self) -> Option<SocketAddr> {
+        self.upstream_addr
+    }
+
+    /// Why it ended, once it is closing.
+    pub fn ending(&self) -> Option<&Ending> {
+        self.ending.as_ref()
+    }
+
+    /// True once a close was decided: later events are ignored.
+    pub fn is_closing(&self) -> bool {
+        self.ending.is_some()
+    }
+
+    /// True while the upstream's answer is read by peeking (kernel path).
+    pub fn peeks_upstream(&self) -> bool {
+        self.datapath == DataPath::Splice
+    }
+
+    fn handshake(&mut self) -> Option<&mut Handshake> {
+        match &mut self.stage {
+            Stage::ReadingRequest(h)
+            | Stage::Connecting(h)
+            | Stage::SendingRequest(h)
+            | Stage::ReadingResponse(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// Bytes read from `side` (the client's plaintext for TLS).
+    pub fn on_data(
+        &mut self,
+        side: Side,
+        bytes: &[u8],
+        now_ns: u64,
+        services: &Services,
+        out: &mut Actions,
+    ) {
+        if self.is_closing() {
+            return;
+        }
+        match (&mut self.stage, side) {
+            (Stage::ReadingRequest(h), Side::Client) => {
+                let step = h.on_client_data(bytes, services, now_ns);
+                self.after_step(step, now_ns, services, out);
+            }
+            (Stage::ReadingResponse(h), Side::Upstream) => {
+                let step = h.on_upstream_data(bytes, services);
+                self.after_step(step, now_ns, services, out);
+            }
+            // Lingering close: what the client still sends is dropped.
+            (Stage::Rejecting { .. }, Side::Client) => out.push_back(Action::Read(Side::Client)),
+            _ => {}
+        }
+    }
+
+    /// A [`Action::Read`] (or peek) of `side` found the end of the stream, or failed.
+    pub fn on_read_end(&mut self, side: Side, now_ns: u64, services: &Services, out: &mut Actions) {
+        if self.is_closing() {
+            return;
+        }
+        match (&mut self.stage, side) {
+            (Stage::ReadingRequest(h), Side::Client) => {
+                let step = h.on_client_eof();
+                self.after_step(step, now_ns, services, out);
+            }
+            (Stage::ReadingResponse(h), Side::Upstream) => {
+                let step = h.on_upstream_eof();
+                self.after_step(step, now_ns, services, out);
+            }
+            (Stage::Rejecting { .. }, Side::Client) => self.close("rejected".into(), false, out),
+            _ => {}
+        }
+    }
+
+    /// Everything sent to `side` (by [`Action::Send`], a forwarded chunk or
+    /// [`Action::CloseNotify`]) is written.
+    pub fn on_sent(&mut self, side: Side, now_ns: u64, services: &Services, out: &mut Actions) {
+        self.sending[side.index()] = false;
+        if self.is_closing() {
+            return;
+        }
+        match &mut self.stage {
+            Stage::SendingRequest(h) if side == Side::Upstream => {
+                let step = h.on_request_sent();
+                self.after_step(step, now_ns, services, out);
+            }
+            Stage::Rejecting { lingering, .. } if side == Side::Client && !*lingering => {
+                *lingering = true;
+                self.deadline_ns = now_ns.saturating_add(LINGER_NS);
+                out.push_back(Action::ShutdownWrite(Side::Client));
+                out.push_back(Action::ArmDeadline(self.deadline_ns));
+                out.push_back(Action::Read(Side::Client));
+            }
+            Stage::HandingOff { .. } if side == Side::Upstream => out.push_back(Action::Splice),
+            // The destination is free again: read the next chunk from its source.
+            Stage::Relaying(_) => self.pump(side.peer(), services, out),
+            _ => {}
+        }
+    }
+
+    /// A send to `side` failed.
+    pub fn on_send_failed(&mut self, side: Side, error: &str, reset: bool, out: &mut Actions) {
+        self.sending[side.index()] = false;
+        self.close(format!("send to {side:?} failed: {error}"), reset, out);
+    }
+
+    /// Waiting for `side` to become readable failed.
+    pub fn on_poll_failed(&mut self, side: Side, error: &str, out: &mut Actions) {
+        self.close(format!("poll on {side:?} failed: {error}"), false, out);
+    }
+
+    /// The client's TLS stream broke (bad handshake, garbage, plain HTTP on a TLS port); the I/O
+    /// layer already sent what it could (an alert, or a 400 for plain HTTP).
+    pub fn on_tls_failed(
+        &mut self,
+        during_handshake: bool,
+        reason: String,
+        services: &Services,
+        out: &mut Actions,
+    ) {
+        if self.is_closing() {
+            return;
+        }
+        if during_handshake {
+            services.metrics.tls_failures.inc();
+        }
+        tracing::info!(client = %self.client_addr, %reason, "TLS connection closed");
+        // A broken stream mid-tunnel is passed on as a reset, like a client that vanished.
+        let in_tunnel = matches!(self.stage, Stage::Relaying(_));
+        self.close(reason, in_tunnel, out);
+    }
+
+    /// The deadline armed last has passed (or a reminder for an older one fired). Kernel path:
+    /// `kernel_activity_ns` is when the program last moved a byte of this tunnel;
+    /// `tls_handshaking` is true while a TLS client has not finished its handshake.
+    pub fn on_deadline(
+        &mut self,
+        now_ns: u64,
+        kernel_activity_ns: Option<u64>,
+        tls_handshaking: bool,
+        services: &Services,
+        out: &mut Actions,
+    ) {
+        if self.is_closing() {
+            return;
+        }
+        let deadline = match &self.stage {
+            Stage::Relaying(relay) => relay.deadline(),
+            Stage::Spliced(splice) => splice.deadline(kernel_activity_ns),
+            _ => self.deadline_ns,
+        };
+        if now_ns < deadline {
+            out.push_back(Action::ArmDeadline(deadline));
+            return;
+        }
+        match &mut self.stage {
+            Stage::ReadingRequest(_) if tls_handshaking => {
+                services.metrics.tls_failures.inc();
+                self.close("TLS handshake timed out".into(), false, out);
+            }
+            Stage::ReadingRequest(h) => {
+                let step = h.on_deadline(false);
+                self.after_step(step, now_ns, services, out);
+            }
+            Stage::Connecting(h) | Stage::SendingRequest(h) | Stage::ReadingResponse(h) => {
+                let step = h.on_deadline(true);
+                self.after_step(step, now_ns, services, out);
+            }
+            Stage::Rejecting { .. } => self.close("rejected".into(), false, out),
+            Stage::Relaying(relay) => {
+                let idle_ms = relay.idle_ns() / 1_000_000;
+                services.metrics.idle_timeouts.inc();
+                self.close(
+                    format!("idle timeout ({idle_ms} ms without traffic)"),
+                    false,
+                    out,
+                );
+            }
+            Stage::Spliced(splice) => {
+                let idle_ms = splice.idle_ns() / 1_000_000;
+                services.metrics.idle_timeouts.inc();
+                self.close(
+                    format!("idle timeout ({idle_ms} ms without traffic)"),
+                    false,
+                    out,
+                );
+            }
+            // The hand-off waits for one send; its completion or failure ends it.
+            Stage::HandingOff { .. } => {}
+        }
+    }
+
+    /// Shutdown: the drain deadline passed.
+    pub fn on_drain_deadline(&mut self, out: &mut Actions) {
+        self.close("drain deadline reached".into(), false, out);
+    }
+
+    /// Decides to close (once; later calls keep the first reason).
+    pub(super) fn close(&mut self, reason: String, abortive: bool, out: &mut Actions) {
+        if self.is_closing() {
+            return;
+        }
+        self.ending = Some(Ending { reason, abortive });
+        if matches!(self.stage, Stage::Spliced(_)) {
+            out.push_back(Action::Unsplice);
+        }
+        out.push_back(Action::Close { abortive });
+    }
+
+    /// The connection's sockets are closed: update the gauges and give its access line.
+    pub fn finish(self, now_ns: u64, services: &Services) -> AccessRecord {
+        let metrics = &services.metrics;
+        metrics.connections_open.dec();
+        let (status, bytes_up, bytes_down, datapath) = match &self.stage {
+            Stage::Relaying(relay) => (
+                relay.status(),
+                relay.bytes_up(),
+                relay.bytes_down(),
+                "userspace",
+            ),
+            Stage::Spliced(splice) => (101, splice.bytes_up(), splice.bytes_down(), "kernel"),
+            Stage::Rejecting { status, .. } => (*status, 0, 0, ""),
+            _ => (0, 0, 0, ""),
+        };
+        if status == 101 {
+            metrics.tunnels_open.dec();
+        }
+        let before_request =
+            matches!(self.stage, Stage::ReadingRequest(_)) && self.summary.host.is_empty();
+        AccessRecord {
+            client: self.client_addr,
+            upstream: self.upstream_addr,
+            host: self.summary.host,
+            path: self.summary.path,
+            status,
+            bytes_up,
+            bytes_down,
+            datapath,
+            duration_ms: now_ns.saturating_sub(self.started_ns) / 1_000_000,
+            reason: self.ending.map(|ending| ending.reason).unwrap_or_default(),
+            before_request,
+            tls: None,
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! The kernel path's stages: the hand-off (what the client sent early goes upstream first, then
+//! both sockets go to the splice program) and the spliced tunnel, which userspace only watches
+//! for FINs, resets, stray bytes, idleness and slow readers.
+//!
+//! Hand-off steps (numbered as in ARCHITECTURE.md):
+//! 1. the upstream's response head was only peeked at: it stays queued for the kernel;
+//! 2. everything the client sent so far is read ([`Action::DrainClient`]) and sent upstream,
+//!    so no skb is left half-read (the program takes each socket's place in its TCP stream
+//!    from the first skb it sees);
+//! 3. [`Action::Splice`]: the I/O layer inserts `PEER[cookie(upstream)] = client`,
+//! 4. then `PEER[cookie(client)] = upstream`,
+//! 5. and kicks both sockets (`runtime/splice.rs`).
+
+use super::{Action, Actions, Connection, DataPath, Side, Stage, MAX_UNREAD_BEFORE_SPLICE};
+use crate::services::Services;
+use crate::tunnel::relay::Direction;
+
+/// A tunnel carried by the kernel; userspace holds only this.
+#[derive(Debug)]
+pub struct Splice {
+    since_ns: u64,
+    idle_ns: u64,
+    /// A FIN was passed on to this side (indexed by [`Side::index`]).
+    fin_passed: [bool; 2],
+    /// Bytes each way, read from the program's counters when the tunnel left the kernel.
+    bytes_up: u64,
+    bytes_down: u64,
+}
+
+impl Splice {
+    /// When the tunnel becomes idle, given when the program last moved one of its bytes.
+    pub fn deadline(&self, kernel_activity_ns: Option<u64>) -> u64 {
+        kernel_activity_ns
+            .unwrap_or(0)
+            .max(self.since_ns)
+            .saturating_add(self.idle_ns)
+    }
+
+    /// The idle timeout.
+    pub fn idle_ns(&self) -> u64 {
+        self.idle_ns
+    }
+
+    /// Bytes client → upstream (known once unspliced).
+    pub fn bytes_up(&self) -> u64 {
+        self.bytes_up
+    }
+
+    /// Bytes upstream → client (known once unspliced).
+    pub fn bytes_down(&self) -> u64 {
+        self.bytes_down
+    }
+}
+
+/// What the kernel still has to deliver towards one socket of a spliced tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// Bytes the program redirected there that the socket has not taken in yet.
+    pub bytes: u64,
+    /// The socket is gone (reset, or closed both ways): those bytes can never be delivered.
+    pub destination_gone: bool,
+}
+
+/// What a readiness event on a spliced socket turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SplicedEvent {
+    /// A spurious wake-up.
+    Nothing,
+    /// The side sent its FIN.
+    Eof,
+    /// Bytes wait on the socket: the program did not redirect them. `diverted`: it stopped on
+    /// purpose (repeated bytes it could not cut off); else the socket had no peer entry.
+    Stray {
+        /// The program stopped redirecting this socket.
+        diverted: bool,
+    },
+    /// The socket failed.
+    Failed {
+        /// A connection reset.
+        reset: bool,
+        /// The error, for the log.
+        error: String,
+    },
+}
+
+/// What the program counted for a tunnel, read when it left the kernel.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    /// Bytes client → upstream.
+    pub up: u64,
+    /// Bytes upstream → client.
+    pub down: u64,
+    /// Bytes the kernel handed over twice that the program cut off (both sockets).
+    pub repeated: u64,
+}
+
+impl Connection {
+    /// The upgrade succeeded on the kernel path: hand-off step 2.
+    pub(super) fn hand_off(&mut self, early: Vec<u8>, out: &mut Actions) {
+        self.stage = Stage::HandingOff { early };
+        out.push_back(Action::DrainClient {
+            limit: MAX_UNREAD_BEFORE_SPLICE,
+        });
+    }
+
+    /// What the client had sent beyond its request; `complete` is false when it sent more than
+    /// the drain's limit (then the tunnel is relayed in userspace).
+    pub fn on_client_drained(
+        &mut self,
+        bytes: &[u8],
+        complete: bool,
+        now_ns: u64,
+        services: &Services,
+        out: &mut Actions,
+    ) {
+        if self.is_closing() {
+            return;
+        }
+        let Stage::HandingOff { early } = &mut self.stage else {
+            return;
+        };
+        early.extend_from_slice(bytes);
+        let early = std::mem::take(early);
+        if !complete {
+            let reason = format!(
+                "the client sent more than {MAX_UNREAD_BEFORE_SPLICE} bytes before the 101"
+            );
+            return self.fall_back_to_relay(reason, early, now_ns, services, out);
+        }
+        if early.is_empty() {
+            out.push_back(Action::Splice);
+        } else {
+            self.sending[Side::Upstream.index()] = true;
+            out.push_back(Action::Send(Side::Upstream, early));
+        }
+    }
+
+    /// The hand-off to the kernel succeeded (`Ok`) or not (`Err` with the reason, and the
+    /// tunnel goes to the userspace relay).
+    pub fn on_splice_result(
+        &mut self,
+        result: Result<(), String>,
+        now_ns: u64,
+        services: &Services,
+        out: &mut Actions,
+    ) {
+        if self.is_closing() || !matches!(self.stage, Stage::HandingOff { .. }) {
+            return;
+        }
+        if let Err(reason) = result {
+            return self.fall_back_to_relay(reason, Vec::new(), now_ns, services, out);
+        }
+        let idle_ns = self.idle_ns(services);
+        self.stage = Stage::Spliced(Splice {
+            since_ns: now_ns,
+            idle_ns,
+            fin_passed: [false; 2],
+            bytes_up: 0,
+            bytes_down: 0,
+        });
+        let metrics = &services.metrics;
+        metrics.tunnels_opened.inc();
+        metrics.tunnels_open.inc();
+        metrics.tunnels_spliced.inc();
+        out.push_back(Action::ArmDeadline(now_ns.saturating_add(idle_ns)));
+        out.push_back(Action::WatchSpliced(Side::Client));
+        out.push_back(Action::WatchSpliced(Side::Upstream));
+    }
+
+    /// The kernel cannot take the tunnel: relay it in userspace, starting with `to_upstream`.
+    /// The upstream's 101 is still queued in its socket, so the relay delivers it like any
+    /// other byte.
+    fn fall_back_to_relay(
+        &mut self,
+        reason: String,
+        to_upstream: Vec<u8>,
+        now_ns: u64,
+        services: &Services,
+        out: &mut Actions,
+    ) {
+        tracing::warn!(%reason, "kernel hand-off failed; relaying this tunnel in userspace");
+        self.datapath = DataPath::Relay;
+        out.push_back(Action::UndoPeekMark);
+        self.start_relay(
+            Vec::new(),
+            to_upstream,
+            Direction::unbounded(),
+            101,
+            now_ns,
+            services,
+            out,
+        );
+    }
+
+    /// A spliced socket woke up.
+    pub fn on_spliced_event(
+        &mut self,
+        side: Side,
+        event: SplicedEvent,
+        services: &Services,
+        out: &mut Actions,
+    ) {
+        if self.is_closing() || !matches!(self.stage, Stage::Spliced(_)) {
+            return;
+        }
+        match event {
+            SplicedEvent::Nothing => out.push_back(Action::WatchSpliced(side)),
+            // Passed on only once the kernel delivered what it redirected there: the redirect
+            // is asynchronous, and a FIN sent at once could overtake queued bytes.
+            SplicedEvent::Eof => out.push_back(Action::CheckKernelBacklog {
+                towards: side.peer(),
+                next_tick: false,
+            }),
+            SplicedEvent::Stray { diverted } => {
+                let reason = if diverted {
+                    services.metrics.kernel_diverted.inc();
+                    format!(
+                        "the kernel handed over bytes from {side:?} twice and the copy could not be \
+                         cut off; the bytes were held back"
+                    )
+                } else {
+                    format!("bytes from {side:?} bypassed the splice (no peer entry)")
+                };
+                tracing::warn!(%reason, "resetting a kernel-path tunnel");
+                // The peer will never get those bytes: the tunnel cannot go on without a gap.
+                self.close(reason, true, out);
+            }
+            SplicedEvent::Failed { reset, error } => {
+                self.close(format!("{side:?} socket failed: {error}"), reset, out);
+            }
+        }
+    }
+
+    /// What the kernel still has to deliver towards `towards`, measured after its source sent
+    /// a FIN: pass the FIN on once it is zero.
+    pub fn on_kernel_backlog(&mut self, towards: Side, backlog: Backlog, out: &mut Actions) {
+        if self.is_closing() {
+            return;
+        }
+        let Stage::Spliced(splice) = &mut self.stage else {
+            return;
+        };
+        if backlog.bytes > 0 && backlog.destination_gone {
+            // What the program redirected there can never be delivered (the psock drops it
+            // once the socket failed): waiting for it would keep the tunnel open forever.
+            let reason = format!("{towards:?} connection is gone (reset) with bytes queued");
+            return self.close(reason, true, out);
+        }
+        if backlog.bytes > 0 {
+            out.push_back(Action::CheckKernelBacklog {
+                towards,
+                next_tick: true,
+            });
+            return;
+        }
+        splice.fin_passed[towards.index()] = true;
+        out.push_back(Action::ShutdownWrite(towards));
+        if splice.fin_passed.iter().all(|&passed| passed) {
+            self.close("both sides closed".into(), false, out);
+        }
+    }
+
+    /// The program reported that this tunnel moved another `PRESSURE_STEP` bytes; the I/O
+    /// layer measured the backlog towards each side (client, upstream). A reader more than
+    /// `limits.kernel_backlog` behind closes the tunnel as a slow consumer (reset both ways),
+    /// which frees what the kernel queued for it.
+    ///
+    /// Why not slow the writer down: see the README, "Slow readers".
+    pub fn on_pressure(
+        &mut self,
+        to_client: u64,
+        to_upstream: u64,
+        services: &Services,
+        out: &mut Actions,
+    ) {
+        if self.is_closing() || !matches!(self.stage, Stage::Spliced(_)) {
+            return;
+        }
+        for (destination, backlog) in [(Side::Client, to_client), (Side::Upstream, to_upstream)] {
+            if backlog > services.kernel_backlog {
+                services.metrics.kernel_slow_consumers.inc();
+                tracing::info!(
+                    ?destination,
+                    backlog,
+                    "closing a tunnel whose reader fell behind"
+                );
+                let reason = format!(
+                    "slow consumer: {destination:?} is {backlog} bytes behind on the kernel path \
+                     (limits.kernel_backlog)"
+                );
+                return self.close(reason, true, out);
+            }
+        }
+    }
+
+    /// The tunnel left the kernel; `counted` is what the program counted.
+    pub fn on_unspliced(&mut self, counted: Counted, services: &Services) {
+        let Stage::Spliced(splice) = &mut self.stage else {
+            return;
+        };
+        splice.bytes_up = counted.up;
+        splice.bytes_down = counted.down;
+        let metrics = &services.metrics;
+        metrics.spliced_bytes_kernel.add(counted.up + counted.down);
+        if counted.repeated > 0 {
+            metrics.kernel_repeated_bytes_cut.add(counted.repeated);
+            tracing::debug!(
+                client = %self.client_addr,
+                bytes = counted.repeated,
+                "the kernel handed this tunnel's bytes over twice; the copies were cut off"
+            );
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! The connection lifecycle without sockets.

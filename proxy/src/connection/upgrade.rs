@@ -1,0 +1,165 @@
+//! The upgrade stages — reading the request, connecting (the next server on failure),
+//! sending the rewritten request, reading the response — and what their outcome leads to: a
+//! tunnel on either data path, a relayed refusal, or an error answer with a lingering close.
+
+use super::{
+    Action, Actions, ConnectFailure, Connection, DataPath, Handshake, Rejection, Side, Stage, Step,
+};
+use crate::handshake::BodyLength;
+use crate::services::Services;
+use crate::tunnel::relay::Direction;
+
+impl Connection {
+    /// Kernel path: everything queued on the upstream socket, looked at without consuming it.
+    pub fn on_peeked(&mut self, bytes: &[u8], now_ns: u64, services: &Services, out: &mut Actions) {
+        if self.is_closing() {
+            return;
+        }
+        let Stage::ReadingResponse(h) = &mut self.stage else {
+            return;
+        };
+        let step = h.on_upstream_peek(bytes, services);
+        self.peeked = bytes.len();
+        if !matches!(step, Step::ReadUpstream | Step::Tunnel { .. }) {
+            // Any outcome but a splice goes on in userspace: what was seen is consumed.
+            out.push_back(Action::ConsumeUpstream { len: bytes.len() });
+        }
+        self.after_step(step, now_ns, services, out);
+    }
+
+    /// The connect to [`Connection::upstream_addr`] succeeded.
+    pub fn on_connected(&mut self, now_ns: u64, services: &Services, out: &mut Actions) {
+        if self.is_closing() {
+            return;
+        }
+        if let Stage::Connecting(h) = &mut self.stage {
+            let step = h.on_connected();
+            self.after_step(step, now_ns, services, out);
+        }
+    }
+
+    /// The connect failed (`error` for the log).
+    pub fn on_connect_failed(
+        &mut self,
+        failure: ConnectFailure,
+        error: &str,
+        now_ns: u64,
+        services: &Services,
+        out: &mut Actions,
+    ) {
+        if self.is_closing() {
+            return;
+        }
+        let upstream = self.upstream_addr;
+        let Stage::Connecting(h) = &mut self.stage else {
+            return;
+        };
+        if failure != ConnectFailure::Local {
+            tracing::info!(upstream = ?upstream, %error, "upstream connect failed");
+            services.metrics.upstream_connect_failures.inc();
+        }
+        let step = h.on_connect_failed(failure, services, now_ns);
+        self.after_step(step, now_ns, services, out);
+    }
+
+    /// Carries out what the handshake decided.
+    pub(super) fn after_step(
+        &mut self,
+        step: Step,
+        now_ns: u64,
+        services: &Services,
+        out: &mut Actions,
+    ) {
+        if let Some(h) = self.handshake() {
+            let summary = h.summary().clone();
+            self.summary = summary;
+        }
+        match step {
+            Step::ReadClient => out.push_back(Action::Read(Side::Client)),
+            Step::Connect(addr) => {
+                self.upstream_addr = Some(addr);
+                self.enter_handshake_stage(Stage::Connecting);
+                out.push_back(Action::Connect(addr));
+            }
+            Step::SendRequest(bytes) => {
+                self.enter_handshake_stage(Stage::SendingRequest);
+                self.sending[Side::Upstream.index()] = true;
+                out.push_back(Action::Send(Side::Upstream, bytes));
+            }
+            Step::ReadUpstream => {
+                self.enter_handshake_stage(Stage::ReadingResponse);
+                out.push_back(match self.datapath {
+                    DataPath::Splice => Action::PeekUpstream { seen: self.peeked },
+                    DataPath::Relay => Action::Read(Side::Upstream),
+                });
+            }
+            Step::Reject(rejection) => self.reject(rejection, services, out),
+            Step::Tunnel {
+                to_client,
+                to_upstream,
+            } => match self.datapath {
+                // The 101 (`to_client`) stays queued in the upstream socket: the kernel delivers it.
+                DataPath::Splice => self.hand_off(to_upstream, out),
+                DataPath::Relay => self.start_relay(
+                    to_client,
+                    to_upstream,
+                    Direction::unbounded(),
+                    101,
+                    now_ns,
+                    services,
+                    out,
+                ),
+            },
+            Step::Refused {
+                status,
+                to_client,
+                remaining,
+            } => {
+                let down = match remaining {
+                    BodyLength::Known(n) => Direction::bounded(n as u64),
+                    BodyLength::UntilClose => Direction::unbounded(),
+                };
+                self.start_relay(to_client, Vec::new(), down, status, now_ns, services, out);
+            }
+            Step::Close(reason) => self.close(reason, false, out),
+        }
+    }
+
+    /// Moves the handshake into the stage `next` (one of the four upgrade stages).
+    pub(super) fn enter_handshake_stage(&mut self, next: fn(Box<Handshake>) -> Stage) {
+        let stage = std::mem::replace(&mut self.stage, Stage::HandingOff { early: Vec::new() });
+        self.stage = match stage {
+            Stage::ReadingRequest(h)
+            | Stage::Connecting(h)
+            | Stage::SendingRequest(h)
+            | Stage::ReadingResponse(h) => next(h),
+            other => other,
+        };
+    }
+
+    /// Answers the client with an HTTP error, then closes lingering.
+    pub(super) fn reject(&mut self, rejection: Rejection, services: &Services, out: &mut Actions) {
+        tracing::info!(
+            client = %self.client_addr,
+            status = rejection.status,
+            reason = %rejection.reason,
+            "request rejected"
+        );
+        services.metrics.requests_rejected.inc();
+        if self.upstream_addr.is_some() {
+            // Anything still pending on the upstream (a connect, a response read) is abandoned.
+            out.push_back(Action::CancelUpstream);
+        }
+        self.stage = Stage::Rejecting {
+            status: rejection.status,
+            lingering: false,
+        };
+        self.sending[Side::Client.index()] = true;
+        out.push_back(Action::Send(Side::Client, rejection.response));
+        if self.tls {
+            // The answer is followed by close_notify, then the FIN (once all is sent).
+            self.close_notified = true;
+            out.push_back(Action::CloseNotify);
+        }
+    }
+}

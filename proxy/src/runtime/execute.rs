@@ -1,0 +1,366 @@
+//! Carrying out a connection's actions: each [`Action`] becomes ring submissions or a few
+//! syscalls, and what those find out goes back to the connection as an event.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
+
+use super::ring::{ConnectArgs, Op};
+use super::splice;
+use super::table::{Intent, Outgoing, Payload};
+use super::worker::Worker;
+use crate::clock::monotonic_ns;
+use crate::connection::{Action, Actions, ConnectFailure, Side};
+use crate::sys;
+use crate::tag::Tag;
+use crate::timeouts::TimerKey;
+
+impl Worker {
+    /// Carries out one action for the connection in `slot`; events it causes append their
+    /// actions to `actions`.
+    pub(super) fn execute(&mut self, slot: u32, action: Action, actions: &mut Actions) {
+        let services = std::sync::Arc::clone(&self.services);
+        let now = monotonic_ns();
+        match action {
+            Action::ArmDeadline(deadline) => self.arm_deadline(slot, deadline),
+            Action::Read(side) => {
+                let buffered = side == Side::Client
+                    && self
+                        .table
+                        .get(slot)
+                        .is_some_and(|entry| entry.stream.has_plaintext());
+                if buffered {
+                    // TLS: the rest may already be decrypted; no poll would announce it.
+                    self.read_side_into(slot, side, actions);
+                } else {
+                    self.arm_poll(slot, side, Intent::Read);
+                }
+            }
+            Action::PeekUpstream { seen } => {
+                if seen > 0 {
+                    // Wait until more than the bytes already seen are queued.
+                    if let Some(fd) = self.table.get(slot).and_then(|e| e.upstream.fd.as_ref()) {
+                        let _ = sys::set_rcvlowat(fd.as_fd(), seen + 1);
+                    }
+                }
+                self.arm_poll(slot, Side::Upstream, Intent::Peek);
+            }
+            Action::ConsumeUpstream { len } => {
+                if let Some(fd) = self.table.get(slot).and_then(|e| e.upstream.fd.as_ref()) {
+                    let _ = sys::set_rcvlowat(fd.as_fd(), 1);
+                    let raw = std::os::fd::AsRawFd::as_raw_fd(fd);
+                    let len = len.min(self.scratch.len());
+                    let _ = sys::recv(raw, &mut self.scratch[..len]);
+                }
+            }
+            Action::Connect(addr) => self.connect(slot, addr, actions),
+            Action::CancelUpstream => {
+                if let Some(fd) = self.table.get(slot).map(|entry| entry.upstream.raw()) {
+                    if fd >= 0 {
+                        self.cancel_fd(slot, fd);
+                    }
+                }
+            }
+            Action::Send(side, bytes) => self.send_to(slot, side, Outgoing::owned(bytes)),
+            Action::Forward { from, budget } => self.forward(slot, from, budget, actions),
+            Action::ShutdownWrite(side) => {
+                if let Some(entry) = self.table.get(slot) {
+                    sys::shutdown_write(entry.side(side).raw());
+                }
+            }
+            Action::CloseNotify => {
+                if let Some(entry) = self.table.get(slot) {
+                    entry.stream.close_notify();
+                    entry.client.owes_sent = true;
+                }
+                self.flush_client(slot);
+            }
+            Action::DrainClient { limit } => {
+                let (bytes, complete) = self.drain_client(slot, limit);
+                if let Some(entry) = self.table.get(slot) {
+                    entry
+                        .conn
+                        .on_client_drained(&bytes, complete, now, &services, actions);
+                }
+            }
+            Action::Splice => {
+                let result = self.splice(slot);
+                if let Some(entry) = self.table.get(slot) {
+                    entry.conn.on_splice_result(result, now, &services, actions);
+                }
+            }
+            Action::UndoPeekMark => {
+                if let Some(fd) = self.table.get(slot).and_then(|e| e.upstream.fd.as_ref()) {
+                    let _ = sys::set_rcvlowat(fd.as_fd(), 1);
+                }
+            }
+            Action::WatchSpliced(side) => self.arm_poll(slot, side, Intent::WatchSpliced),
+            Action::CheckKernelBacklog { towards, next_tick } => {
+                let id = self.table.get(slot).map(|entry| entry.conn.id());
+                match (next_tick, id) {
+                    (true, Some(id)) => self.backlog_checks.push((slot, id, towards)),
+                    (false, Some(_)) => {
+                        if let Some(backlog) = self.measure_backlog(slot, towards) {
+                            if let Some(entry) = self.table.get(slot) {
+                                entry.conn.on_kernel_backlog(towards, backlog, actions);
+                            }
+                        }
+                    }
+                    (_, None) => {}
+                }
+            }
+            Action::Unsplice => {
+                let maps = self.maps.as_mut();
+                let Some(entry) = self.table.get(slot) else {
+                    return;
+                };
+                if let (Some(maps), Some(sockets)) = (maps, entry.spliced.take()) {
+                    let counted = splice::forget(maps, &sockets);
+                    entry.conn.on_unspliced(counted, &services);
+                }
+            }
+            Action::Close { abortive } => self.close(slot, abortive),
+        }
+    }
+
+    fn arm_deadline(&mut self, slot: u32, deadline: u64) {
+        let Some(entry) = self.table.get(slot) else {
+            return;
+        };
+        if deadline < entry.armed_ns {
+            entry.armed_ns = deadline;
+            let key = TimerKey {
+                slot,
+                id: entry.conn.id(),
+            };
+            self.wheel.arm(key, deadline);
+        }
+    }
+
+    /// Counts an operation of the connection in `slot` as in flight.
+    fn count_inflight(&mut self, slot: u32) -> Option<u64> {
+        let entry = self.table.get(slot)?;
+        entry.inflight += 1;
+        Some(entry.conn.id())
+    }
+
+    pub(super) fn arm_poll(&mut self, slot: u32, side: Side, intent: Intent) {
+        let Some(entry) = self.table.get(slot) else {
+            return;
+        };
+        let id = entry.conn.id();
+        let io = entry.side(side);
+        io.intent = intent;
+        if io.polling || io.fd.is_none() {
+            return;
+        }
+        io.polling = true;
+        let fd = io.raw();
+        entry.inflight += 1;
+        let op = match side {
+            Side::Client => Op::PollClient,
+            Side::Upstream => Op::PollUpstream,
+        };
+        self.ring.poll_readable(fd, op.user_data(slot, id));
+    }
+
+    pub(super) fn cancel_fd(&mut self, slot: u32, fd: std::os::fd::RawFd) {
+        if let Some(id) = self.count_inflight(slot) {
+            self.ring.cancel_fd(fd, Op::Cancel.user_data(slot, id));
+        }
+    }
+
+    /// Submits a send of what the side's in-flight send has left.
+    pub(super) fn submit_send(&mut self, slot: u32, side: Side) {
+        let Some(entry) = self.table.get(slot) else {
+            return;
+        };
+        let id = entry.conn.id();
+        let io = entry.side(side);
+        let fd = io.raw();
+        let Some(out) = io.in_flight() else {
+            return;
+        };
+        let bytes = out.remaining();
+        // Relay buffers and heads are far below 4 GiB; a larger send is split by the kernel.
+        let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        let pointer = bytes.as_ptr();
+        entry.inflight += 1;
+        let op = match side {
+            Side::Client => Op::SendClient,
+            Side::Upstream => Op::SendUpstream,
+        };
+        self.ring.send(fd, pointer, len, op.user_data(slot, id));
+    }
+
+    /// Sends `out` to a side on the connection's behalf (it then owes `on_sent`). Bytes for a
+    /// TLS client are encrypted first: the ciphertext is sent in their place.
+    pub(super) fn send_to(&mut self, slot: u32, side: Side, out: Outgoing) {
+        let Some(entry) = self.table.get(slot) else {
+            return;
+        };
+        entry.side(side).owes_sent = true;
+        if side == Side::Client && entry.stream.is_tls() {
+            entry.stream.encrypt(out.remaining());
+            if let Payload::Pooled(buffer) = out.data {
+                self.buffers.give(buffer);
+            }
+            self.flush_client(slot);
+            return;
+        }
+        if let Err(refused) = entry.side(side).begin_send(out) {
+            // The connection sends to a side only when its previous send completed.
+            tracing::error!(?side, "a second send on a side while one is in flight");
+            if let Payload::Pooled(buffer) = refused.data {
+                self.buffers.give(buffer);
+            }
+            return;
+        }
+        self.submit_send(slot, side);
+    }
+
+    /// TLS: sends what the client's session has queued, if nothing is in flight to the client.
+    /// True when a send was started.
+    pub(super) fn flush_client(&mut self, slot: u32) -> bool {
+        let Some(entry) = self.table.get(slot) else {
+            return false;
+        };
+        if entry.client.sending() || !entry.stream.is_tls() {
+            return false;
+        }
+        let mut buffer = self.buffers.take();
+        let len = entry.stream.take_ciphertext(&mut buffer);
+        if len == 0 {
+            self.buffers.give(buffer);
+            return false;
+        }
+        if entry
+            .client
+            .begin_send(Outgoing::pooled(buffer, len))
+            .is_err()
+        {
+            return false; // not reached: checked above
+        }
+        self.submit_send(slot, Side::Client);
+        true
+    }
+
+    /// Opens the upstream socket and starts a connect bounded by the connect timeout.
+    fn connect(&mut self, slot: u32, addr: SocketAddr, actions: &mut Actions) {
+        let timeout = self.services.connect_timeout;
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .and_then(|socket| socket.set_cloexec(true).map(|()| socket));
+        let socket = match socket {
+            Ok(socket) => socket,
+            Err(error) => {
+                tracing::warn!(%error, "cannot create an upstream socket");
+                let services = std::sync::Arc::clone(&self.services);
+                if let Some(entry) = self.table.get(slot) {
+                    let error = error.to_string();
+                    let now = monotonic_ns();
+                    entry.conn.on_connect_failed(
+                        ConnectFailure::Local,
+                        &error,
+                        now,
+                        &services,
+                        actions,
+                    );
+                }
+                return;
+            }
+        };
+        let Some(entry) = self.table.get(slot) else {
+            return;
+        };
+        let id = entry.conn.id();
+        entry.upstream.fd = Some(socket.into());
+        let fd = entry.upstream.raw();
+        let args = entry.connect.insert(Box::new(ConnectArgs {
+            addr: SockAddr::from(addr),
+            timeout: io_uring::types::Timespec::from(timeout),
+        }));
+        let args: *const ConnectArgs = &**args;
+        entry.inflight += 2;
+        // SAFETY: `args` points into the entry's boxed connect arguments, which live until the
+        // connect completes (the entry is freed only with no operation in flight).
+        let args = unsafe { &*args };
+        self.ring.connect(
+            fd,
+            args,
+            Op::Connect.user_data(slot, id),
+            Op::ConnectTimeout.user_data(slot, id),
+        );
+    }
+
+    /// Kernel path: reads everything the client has sent so far (at most `limit` plus one
+    /// read); false with it when there was more.
+    fn drain_client(&mut self, slot: u32, limit: usize) -> (Vec<u8>, bool) {
+        let Some(fd) = self.table.get(slot).map(|entry| entry.client.raw()) else {
+            return (Vec::new(), true);
+        };
+        let mut bytes = Vec::new();
+        loop {
+            match sys::recv(fd, &mut self.scratch) {
+                Ok(0) | Err(_) => return (bytes, true), // drained, or the poll will report it
+                Ok(n) => {
+                    bytes.extend_from_slice(&self.scratch[..n]);
+                    if bytes.len() > limit {
+                        return (bytes, false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Kernel path: hand-off steps 3–5.
+    fn splice(&mut self, slot: u32) -> Result<(), String> {
+        let index = self.index;
+        let maps = self.maps.as_mut().ok_or("no splice program")?;
+        let entry = self.table.get(slot).ok_or("connection gone")?;
+        let (Some(client), Some(upstream)) = (entry.client.fd.as_ref(), entry.upstream.fd.as_ref())
+        else {
+            return Err("a socket is missing".into());
+        };
+        // The owner comes back on the pressure ring: kind = this worker's index.
+        let owner = Tag::new(index as u8, slot, entry.conn.id());
+        let sockets = splice::hand_off(maps, client.as_fd(), upstream.as_fd(), owner)
+            .map_err(|error| error.to_string())?;
+        entry.spliced = Some(sockets);
+        Ok(())
+    }
+
+    /// Starts closing: resets both ways if abortive (else says goodbye to a TLS client), and
+    /// cancels pending operations; the entry is freed (sockets closed) once none is in flight.
+    fn close(&mut self, slot: u32, abortive: bool) {
+        let Some(entry) = self.table.get(slot) else {
+            return;
+        };
+        if abortive {
+            // Propagate a reset: close with SO_LINGER 0 sends RST instead of FIN.
+            for side in [&entry.client, &entry.upstream] {
+                if let Some(fd) = side.fd.as_ref() {
+                    let _ = SockRef::from(fd).set_linger(Some(Duration::ZERO));
+                }
+            }
+        } else {
+            let fd = entry.client.raw();
+            let free = !entry.client.sending();
+            entry.stream.goodbye(fd, free);
+        }
+        if entry.inflight == 0 {
+            return self.finish(slot);
+        }
+        let fds = [entry.client.raw(), entry.upstream.raw()];
+        for fd in fds.into_iter().filter(|&fd| fd >= 0) {
+            self.cancel_fd(slot, fd);
+        }
+    }
+
+    /// A read or a send on a socket failed with this error: was it a reset?
+    pub(super) fn is_reset(error: &io::Error) -> bool {
+        error.raw_os_error() == Some(libc::ECONNRESET)
+    }
+}

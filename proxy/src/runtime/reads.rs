@@ -1,0 +1,133 @@
+//! What a readable socket means before and around the tunnel: the request and response heads
+//! (read, or on the kernel path peeked at), a TLS client's handshake, and spliced sockets.
+
+use std::io;
+
+use super::splice;
+use super::table::Intent;
+use super::worker::Worker;
+use crate::clock::monotonic_ns;
+use crate::connection::{Actions, Side};
+use crate::sys;
+
+impl Worker {
+    /// Reads a head's bytes (the client's plaintext for TLS) into the scratch buffer and hands
+    /// them to the connection.
+    pub(super) fn read_side_into(&mut self, slot: u32, side: Side, actions: &mut Actions) {
+        let services = std::sync::Arc::clone(&self.services);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let Some(entry) = self.table.get(slot) else {
+            self.scratch = scratch;
+            return;
+        };
+        let fd = entry.side(side).raw();
+        let read = match side {
+            Side::Client => entry.stream.read(fd, &mut scratch),
+            Side::Upstream => sys::recv(fd, &mut scratch),
+        };
+        if side == Side::Client && entry.stream.is_tls() {
+            if let Err(error) = &read {
+                if error.kind() == io::ErrorKind::InvalidData {
+                    self.scratch = scratch;
+                    return self.tls_failed(slot, error, actions);
+                }
+            }
+            self.after_tls_read(slot);
+        }
+        let now = monotonic_ns();
+        match read {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                self.arm_poll(slot, side, Intent::Read);
+            }
+            Ok(0) | Err(_) => {
+                if let Some(entry) = self.table.get(slot) {
+                    entry.conn.on_read_end(side, now, &services, actions);
+                }
+            }
+            Ok(n) => {
+                if let Some(entry) = self.table.get(slot) {
+                    entry
+                        .conn
+                        .on_data(side, &scratch[..n], now, &services, actions);
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// Kernel path: looks at the upstream's response without consuming it.
+    pub(super) fn peek_upstream(&mut self, slot: u32, actions: &mut Actions) {
+        let services = std::sync::Arc::clone(&self.services);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let Some(entry) = self.table.get(slot) else {
+            self.scratch = scratch;
+            return;
+        };
+        let read = sys::peek(entry.upstream.raw(), &mut scratch);
+        let now = monotonic_ns();
+        match read {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                self.arm_poll(slot, Side::Upstream, Intent::Peek);
+            }
+            Ok(0) | Err(_) => entry
+                .conn
+                .on_read_end(Side::Upstream, now, &services, actions),
+            Ok(n) => entry.conn.on_peeked(&scratch[..n], now, &services, actions),
+        }
+        self.scratch = scratch;
+    }
+
+    /// A spliced socket woke up: a FIN, a reset, or stray bytes.
+    pub(super) fn look_at_spliced(&mut self, slot: u32, side: Side, actions: &mut Actions) {
+        let services = std::sync::Arc::clone(&self.services);
+        let Some(maps) = self.maps.as_ref() else {
+            return;
+        };
+        let Some(entry) = self.table.get(slot) else {
+            return;
+        };
+        let Some(sockets) = entry.spliced else {
+            return;
+        };
+        let event = splice::inspect(maps, &sockets, side, entry.side(side).raw());
+        entry.conn.on_spliced_event(side, event, &services, actions);
+    }
+
+    /// After bytes from a TLS client were processed: count a finished handshake, send what the
+    /// session wants to send (handshake flights, tickets, key updates).
+    pub(super) fn after_tls_read(&mut self, slot: u32) {
+        let Some(entry) = self.table.get(slot) else {
+            return;
+        };
+        if let Some(done) = entry.stream.take_completed() {
+            let metrics = &self.services.metrics;
+            metrics.tls_handshakes.inc();
+            if done.resumed {
+                metrics.tls_resumed.inc();
+            }
+            tracing::debug!(
+                client = %entry.conn.client_addr(),
+                version = %done.version,
+                suite = %done.suite,
+                sni = done.server_name.as_deref().unwrap_or(""),
+                resumed = done.resumed,
+                "TLS handshake done"
+            );
+        }
+        self.flush_client(slot);
+    }
+
+    /// The client's TLS stream is broken: tell the client what we can, then the connection.
+    pub(super) fn tls_failed(&mut self, slot: u32, error: &io::Error, actions: &mut Actions) {
+        let services = std::sync::Arc::clone(&self.services);
+        let Some(entry) = self.table.get(slot) else {
+            return;
+        };
+        let fd = entry.client.raw();
+        let free = !entry.client.sending();
+        let failure = entry.stream.fail(fd, error, free);
+        entry
+            .conn
+            .on_tls_failed(failure.during_handshake, failure.reason, &services, actions);
+    }
+}

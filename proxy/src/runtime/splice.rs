@@ -1,0 +1,174 @@
+//! The kernel path's I/O inside a worker: hand-off steps 3–5, looking at spliced sockets,
+//! measuring what the kernel still has to deliver, and taking a tunnel out of the maps.
+//! Decisions are the connection's (`connection/splice.rs`); this only does and measures.
+//!
+//! Hand-off steps 3–5 (steps 1–2 are the connection's):
+//! 3. `PEER[cookie(upstream)] = client` — the client socket goes live without its own key, safe
+//!    because the client is silent until it sees the 101;
+//! 4. `PEER[cookie(client)] = upstream` — the upstream goes live with its key already present;
+//! 5. kick both (`SO_RCVLOWAT`): the queued 101 and every frame behind it pass through the verdict
+//!    program to the client in order, and anything the client queued goes upstream.
+
+use std::io;
+use std::os::fd::{BorrowedFd, RawFd};
+
+use wsplice_common::DIVERTED;
+
+use crate::connection::{Backlog, Counted, Side, SplicedEvent};
+use crate::splice::{SpliceError, SpliceMaps};
+use crate::sys;
+use crate::tag::Tag;
+
+/// A tunnel's sockets as the splice maps know them.
+#[derive(Debug, Clone, Copy)]
+pub struct SplicedSockets {
+    client_cookie: u64,
+    upstream_cookie: u64,
+    /// `queued_bytes` of each socket at the hand-off (what userspace wrote before the splice).
+    client_baseline: u64,
+    upstream_baseline: u64,
+}
+
+impl SplicedSockets {
+    fn cookie(&self, side: Side) -> u64 {
+        match side {
+            Side::Client => self.client_cookie,
+            Side::Upstream => self.upstream_cookie,
+        }
+    }
+
+    fn baseline(&self, side: Side) -> u64 {
+        match side {
+            Side::Client => self.client_baseline,
+            Side::Upstream => self.upstream_baseline,
+        }
+    }
+}
+
+/// Why a hand-off to the kernel failed (the tunnel then goes to the userspace relay).
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    /// `SO_COOKIE` failed.
+    #[error("socket cookie: {0}")]
+    Cookie(#[source] io::Error),
+    /// A map update failed.
+    #[error("sockmap: {0}")]
+    Map(#[from] SpliceError),
+    /// The kick failed.
+    #[error("kick: {0}")]
+    Kick(#[source] io::Error),
+}
+
+/// Hand-off steps 3–5: tracks both sockets, inserts them in the safe order and kicks them.
+pub fn hand_off(
+    maps: &mut SpliceMaps,
+    client: BorrowedFd<'_>,
+    upstream: BorrowedFd<'_>,
+    owner: Tag,
+) -> Result<SplicedSockets, HandoffError> {
+    let sockets = SplicedSockets {
+        client_cookie: sys::socket_cookie(client).map_err(HandoffError::Cookie)?,
+        upstream_cookie: sys::socket_cookie(upstream).map_err(HandoffError::Cookie)?,
+        // What userspace wrote before the splice; everything queued beyond it came from the
+        // kernel.
+        client_baseline: sys::queued_bytes(client).unwrap_or(0),
+        upstream_baseline: sys::queued_bytes(upstream).unwrap_or(0),
+    };
+    let inserted = (|| {
+        maps.track(sockets.client_cookie, owner.encode())?;
+        maps.track(sockets.upstream_cookie, owner.encode())?;
+        maps.insert_peer(sockets.upstream_cookie, client)?;
+        maps.insert_peer(sockets.client_cookie, upstream)?;
+        Ok::<(), SpliceError>(())
+    })();
+    if let Err(error) = inserted {
+        forget(maps, &sockets);
+        return Err(error.into());
+    }
+    sys::set_rcvlowat(upstream, 1).map_err(HandoffError::Kick)?;
+    sys::set_rcvlowat(client, 1).map_err(HandoffError::Kick)?;
+    Ok(sockets)
+}
+
+/// Removes a tunnel's entries (peer links first, so nothing is redirected any more) and
+/// returns what the program counted.
+pub fn forget(maps: &mut SpliceMaps, sockets: &SplicedSockets) -> Counted {
+    let cookies = [sockets.client_cookie, sockets.upstream_cookie];
+    for cookie in cookies {
+        if let Err(error) = maps.remove_peer(cookie) {
+            tracing::debug!(%error, cookie, "removing a peer entry");
+        }
+    }
+    let activity = |cookie| maps.activity(cookie).ok().flatten().unwrap_or_default();
+    let (client, upstream) = (
+        activity(sockets.client_cookie),
+        activity(sockets.upstream_cookie),
+    );
+    for cookie in cookies {
+        if let Err(error) = maps.untrack(cookie) {
+            tracing::debug!(%error, cookie, "removing an activity record");
+        }
+    }
+    Counted {
+        up: client.bytes,
+        down: upstream.bytes,
+        repeated: client.repeated_bytes + upstream.repeated_bytes,
+    }
+}
+
+/// When the program last moved a byte of the tunnel (either socket).
+pub fn last_activity(maps: &SpliceMaps, sockets: &SplicedSockets) -> Option<u64> {
+    [sockets.client_cookie, sockets.upstream_cookie]
+        .into_iter()
+        .filter_map(|cookie| maps.activity(cookie).ok().flatten())
+        .map(|activity| activity.last_ns)
+        .max()
+}
+
+/// Bytes the program redirected towards `towards` that its socket `fd` has not taken in yet.
+pub fn backlog(
+    maps: &SpliceMaps,
+    sockets: &SplicedSockets,
+    towards: Side,
+    fd: BorrowedFd<'_>,
+) -> Backlog {
+    let redirected = maps
+        .activity(sockets.cookie(towards.peer()))
+        .ok()
+        .flatten()
+        .map_or(0, |activity| activity.bytes);
+    let taken = sys::queued_bytes(fd)
+        .unwrap_or(0)
+        .saturating_sub(sockets.baseline(towards));
+    Backlog {
+        bytes: redirected.saturating_sub(taken),
+        destination_gone: sys::is_closed(fd),
+    }
+}
+
+/// Looks at a spliced socket without consuming anything.
+pub fn inspect(maps: &SpliceMaps, sockets: &SplicedSockets, side: Side, fd: RawFd) -> SplicedEvent {
+    let mut byte = [0u8; 1];
+    match sys::peek(fd, &mut byte) {
+        Ok(0) => SplicedEvent::Eof,
+        Ok(_) => SplicedEvent::Stray {
+            diverted: maps
+                .activity(sockets.cookie(side))
+                .ok()
+                .flatten()
+                .is_some_and(|activity| activity.flags & DIVERTED != 0),
+        },
+        Err(error) => match error.raw_os_error() {
+            Some(libc::EAGAIN) => SplicedEvent::Nothing,
+            // The kernel reports EPIPE on a socket when it could not push redirected bytes
+            // into the peer after that peer's send side was shut down (a half-close in
+            // progress, e.g. the zero-length skb behind a FIN). Reading it cleared it; the
+            // FIN itself arrives as EOF.
+            Some(libc::EPIPE) => SplicedEvent::Nothing,
+            _ => SplicedEvent::Failed {
+                reset: error.raw_os_error() == Some(libc::ECONNRESET),
+                error: error.to_string(),
+            },
+        },
+    }
+}

@@ -1,0 +1,221 @@
+//! A worker's connections: slots with generations, each holding the lifecycle machine and the
+//! I/O state of its two sockets.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use super::ring::ConnectArgs;
+use super::splice::SplicedSockets;
+use super::stream::ClientStream;
+use crate::connection::{Connection, Side};
+
+/// Bytes being written to one socket.
+#[derive(Debug)]
+pub enum Payload {
+    /// Bytes the connection produced (an answer, a request, early bytes).
+    Owned(Vec<u8>),
+    /// A relay buffer from the worker's pool.
+    Pooled(Box<[u8]>),
+}
+
+/// A send in flight: its bytes and how far the kernel has taken them.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// The bytes.
+    pub data: Payload,
+    /// Bytes already sent.
+    pub pos: usize,
+    /// Bytes to send in all.
+    pub len: usize,
+}
+
+impl Outgoing {
+    /// Sends all of `bytes`.
+    pub fn owned(bytes: Vec<u8>) -> Outgoing {
+        let len = bytes.len();
+        Outgoing {
+            data: Payload::Owned(bytes),
+            pos: 0,
+            len,
+        }
+    }
+
+    /// Sends the first `len` bytes of a pooled buffer.
+    pub fn pooled(buffer: Box<[u8]>, len: usize) -> Outgoing {
+        Outgoing {
+            data: Payload::Pooled(buffer),
+            pos: 0,
+            len,
+        }
+    }
+
+    /// What is left to send.
+    pub fn remaining(&self) -> &[u8] {
+        let bytes: &[u8] = match &self.data {
+            Payload::Owned(v) => v,
+            Payload::Pooled(b) => b,
+        };
+        &bytes[self.pos..self.len]
+    }
+}
+
+/// What a side's readiness means now (set by the action that armed the poll).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Intent {
+    /// Nothing is waited for.
+    #[default]
+    None,
+    /// Read and hand the bytes to the connection.
+    Read,
+    /// Kernel path: peek at the upstream's response.
+    Peek,
+    /// Relay: the connection wants the next chunk from this side.
+    Forward,
+    /// Kernel path: look at a spliced socket.
+    WatchSpliced,
+}
+
+/// One socket of a connection and the operations pending on it.
+#[derive(Debug, Default)]
+pub struct SideIo {
+    /// The socket (the upstream's only once a connect started).
+    pub fd: Option<OwnedFd>,
+    /// A readiness poll is in flight.
+    pub polling: bool,
+    /// What the poll is for.
+    pub intent: Intent,
+    /// The send in flight: it owns its bytes until its completion arrives.
+    out: Option<Outgoing>,
+    /// The connection waits for `on_sent` of this side.
+    pub owes_sent: bool,
+}
+
+impl SideIo {
+    /// A side with this socket and nothing in flight.
+    pub fn with(fd: OwnedFd) -> SideIo {
+        SideIo {
+            fd: Some(fd),
+            ..SideIo::default()
+        }
+    }
+
+    /// The raw descriptor, or -1.
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_ref().map_or(-1, |fd| fd.as_raw_fd())
+    }
+
+    /// Whether a send is in flight.
+    pub fn sending(&self) -> bool {
+        self.out.is_some()
+    }
+
+    /// Takes `out` as the side's send; refused (given back) while another is in flight.
+    pub fn begin_send(&mut self, out: Outgoing) -> Result<&Outgoing, Outgoing> {
+        if self.out.is_some() {
+            return Err(out);
+        }
+        Ok(self.out.insert(out))
+    }
+
+    /// The send in flight.
+    pub fn in_flight(&mut self) -> Option<&mut Outgoing> {
+        self.out.as_mut()
+    }
+
+    /// Ends the send in flight, giving back its bytes.
+    pub fn end_send(&mut self) -> Option<Outgoing> {
+        self.out.take()
+    }
+}
+
+/// A connection and its I/O state.
+#[derive(Debug)]
+pub struct Entry {
+    /// The lifecycle machine.
+    pub conn: Connection,
+    /// The accepted socket.
+    pub client: SideIo,
+    /// The upstream socket.
+    pub upstream: SideIo,
+    /// Plain or TLS bytes to and from the client.
+    pub stream: ClientStream,
+    /// Operations submitted and not yet completed; the entry is freed only at zero.
+    pub inflight: u32,
+    /// The earliest reminder armed in the wheel for this connection.
+    pub armed_ns: u64,
+    /// An in-flight connect's arguments (read by the kernel at submission).
+    pub connect: Option<Box<ConnectArgs>>,
+    /// Kernel path: the spliced sockets' cookies and baselines.
+    pub spliced: Option<SplicedSockets>,
+}
+
+impl Entry {
+    /// One side's I/O state.
+    pub fn side(&mut self, side: Side) -> &mut SideIo {
+        match side {
+            Side::Client => &mut self.client,
+            Side::Upstream => &mut self.upstream,
+        }
+    }
+}
+
+/// The worker's connections by slot.
+#[derive(Debug, Default)]
+pub struct Table {
+    entries: Vec<Option<Entry>>,
+    free: Vec<u32>,
+    live: usize,
+    next_id: u64,
+}
+
+impl Table {
+    /// The id the next connection gets.
+    pub fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Stores an entry; returns its slot.
+    pub fn insert(&mut self, entry: Entry) -> u32 {
+        self.live += 1;
+        match self.free.pop() {
+            Some(slot) => {
+                self.entries[slot as usize] = Some(entry);
+                slot
+            }
+            None => {
+                self.entries.push(Some(entry));
+                (self.entries.len() - 1) as u32
+            }
+        }
+    }
+
+    /// The entry in `slot`.
+    pub fn get(&mut self, slot: u32) -> Option<&mut Entry> {
+        self.entries.get_mut(slot as usize).and_then(Option::as_mut)
+    }
+
+    /// The entry in `slot` if it is still connection `id` (slots are reused).
+    pub fn get_if(&mut self, slot: u32, matches: impl FnOnce(u64) -> bool) -> Option<&mut Entry> {
+        self.get(slot).filter(|entry| matches(entry.conn.id()))
+    }
+
+    /// Frees `slot`, returning its entry.
+    pub fn remove(&mut self, slot: u32) -> Option<Entry> {
+        let entry = self.entries.get_mut(slot as usize)?.take()?;
+        self.free.push(slot);
+        self.live -= 1;
+        Some(entry)
+    }
+
+    /// Connections alive.
+    pub fn live(&self) -> usize {
+        self.live
+    }
+
+    /// Every occupied slot.
+    pub fn slots(&self) -> Vec<u32> {
+        (0..self.entries.len() as u32)
+            .filter(|&slot| self.entries[slot as usize].is_some())
+            .collect()
+    }
+}

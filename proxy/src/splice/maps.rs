@@ -1,0 +1,91 @@
+//! A handle on the program's maps: `PEER` (which socket each socket's bytes go to) and
+//! `ACTIVITY` (what the program records per socket). Each worker owns one, so inserts and
+//! lookups take no lock in userspace; the kernel serializes map updates itself.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use aya::maps::{HashMap, MapData, SockHash};
+use wsplice_common::{Activity, PRESSURE_STEP};
+
+use super::SpliceError;
+
+/// `PEER` and `ACTIVITY`, through this handle's own descriptors.
+pub struct SpliceMaps {
+    peer: SockHash<MapData, u64>,
+    activity: HashMap<MapData, u64, Activity>,
+}
+
+impl std::fmt::Debug for SpliceMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpliceMaps").finish_non_exhaustive()
+    }
+}
+
+impl SpliceMaps {
+    pub(super) fn new(
+        peer: SockHash<MapData, u64>,
+        activity: HashMap<MapData, u64, Activity>,
+    ) -> SpliceMaps {
+        SpliceMaps { peer, activity }
+    }
+
+    /// `PEER[cookie] = peer`: bytes arriving on the socket with `cookie` go to `peer`'s egress.
+    /// The kernel keeps a reference to the socket, not to the descriptor.
+    pub fn insert_peer(&mut self, cookie: u64, peer: BorrowedFd<'_>) -> Result<(), SpliceError> {
+        self.peer.insert(&cookie, peer.as_raw_fd(), 0)?;
+        Ok(())
+    }
+
+    /// Removes `PEER[cookie]`; a missing entry (the socket closed) is fine.
+    pub fn remove_peer(&mut self, cookie: u64) -> Result<(), SpliceError> {
+        ignore_missing(self.peer.remove(&cookie))
+    }
+
+    /// Starts recording activity for the socket with `cookie`; `owner` comes back on the
+    /// pressure ring each time the socket has redirected another `PRESSURE_STEP` bytes.
+    pub fn track(&mut self, cookie: u64, owner: u64) -> Result<(), SpliceError> {
+        let record = Activity {
+            notify_at: PRESSURE_STEP,
+            owner,
+            ..Activity::default()
+        };
+        self.activity.insert(&cookie, &record, 0)?;
+        Ok(())
+    }
+
+    /// The activity recorded for `cookie`, if tracked.
+    pub fn activity(&self, cookie: u64) -> Result<Option<Activity>, SpliceError> {
+        match self.activity.get(&cookie, 0) {
+            Ok(activity) => Ok(Some(activity)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Stops recording activity for `cookie` (per-socket records are not removed by the kernel).
+    pub fn untrack(&mut self, cookie: u64) -> Result<(), SpliceError> {
+        ignore_missing(self.activity.remove(&cookie))
+    }
+
+    /// Entries in `PEER` (walks the map: for metrics and tests, not the hot path).
+    pub fn peer_entries(&self) -> usize {
+        self.peer.keys().filter(Result::is_ok).count()
+    }
+
+    /// Entries in `ACTIVITY` (walks the map).
+    pub fn tracked_entries(&self) -> usize {
+        self.activity.keys().filter(Result::is_ok).count()
+    }
+}
+
+fn ignore_missing(result: Result<(), aya::maps::MapError>) -> Result<(), SpliceError> {
+    match result {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(error))
+            if error.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
