@@ -1,19 +1,27 @@
-//! Embeds the eBPF object (DESIGN.md §7: `cargo build --release -p wsplice` alone gives a
-//! complete binary): builds `ebpf/` with the pinned nightly and the bpf-linker of `.tools/`
-//! (the same code as `cargo xtask build-ebpf`), or takes the file named by
-//! `WSPLICE_EBPF_OBJECT`. The object lands in `OUT_DIR/wsplice-ebpf.o`.
-
-#[path = "../xtask/src/ebpf_build.rs"]
-mod ebpf_build;
+//! Embeds the eBPF object, so `cargo build --release -p wsplice` alone gives a complete binary.
+//!
+//! Which object:
+//! - `WSPLICE_EBPF_OBJECT=path`: that file;
+//! - release builds, or `WSPLICE_EBPF=build`: built from `ebpf/` with the pinned nightly and the
+//!   bpf-linker of `.tools/` (`cargo xtask setup` installs them; the same code as
+//!   `cargo xtask build-ebpf`);
+//! - otherwise (`cargo check`, `cargo clippy`, debug builds, or `WSPLICE_EBPF=stub`): a stub, so
+//!   the Rust code builds without the eBPF toolchain. A binary with the stub runs the userspace
+//!   relay only (`--datapath kernel` says why it cannot).
+//!
+//! The object lands in `OUT_DIR/wsplice-ebpf.o`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Name of the embedded object in OUT_DIR (`splice::program` includes it).
 const OBJECT_NAME: &str = "wsplice-ebpf.o";
+/// The stub's contents (`splice::program` recognises it).
+const STUB: &[u8] = b"wsplice: no eBPF object in this build\n";
 
 fn main() -> ExitCode {
     println!("cargo:rerun-if-env-changed=WSPLICE_EBPF_OBJECT");
+    println!("cargo:rerun-if-env-changed=WSPLICE_EBPF");
     for path in [
         "../ebpf/src",
         "../ebpf/Cargo.toml",
@@ -22,7 +30,6 @@ fn main() -> ExitCode {
         "../ebpf/.cargo/config.toml",
         "../common/src",
         "../common/Cargo.toml",
-        "../xtask/src/ebpf_build.rs",
     ] {
         println!("cargo:rerun-if-changed={path}");
     }
@@ -36,27 +43,33 @@ fn main() -> ExitCode {
     }
 }
 
-/// Finds or builds the object and copies it into OUT_DIR.
+/// Finds, builds or stubs the object and puts it into OUT_DIR.
 fn embed() -> Result<(), String> {
-    let out_dir = env_path("OUT_DIR")?;
-    let object = match std::env::var_os("WSPLICE_EBPF_OBJECT") {
-        Some(path) => {
-            let path = PathBuf::from(path);
-            println!("cargo:rerun-if-changed={}", path.display());
-            path
-        }
-        None => {
-            let manifest_dir = env_path("CARGO_MANIFEST_DIR")?;
-            let root = manifest_dir
-                .parent()
-                .map(Path::to_owned)
-                .ok_or("proxy/ has no parent folder")?;
-            ebpf_build::build_ebpf(&root).map_err(|error| error.to_string())?
-        }
-    };
-    std::fs::copy(&object, out_dir.join(OBJECT_NAME))
-        .map_err(|error| format!("cannot copy {}: {error}", object.display()))?;
-    Ok(())
+    let out = env_path("OUT_DIR")?.join(OBJECT_NAME);
+    if let Some(path) = std::env::var_os("WSPLICE_EBPF_OBJECT") {
+        let path = PathBuf::from(path);
+        println!("cargo:rerun-if-changed={}", path.display());
+        return copy(&path, &out);
+    }
+    let wanted = std::env::var("WSPLICE_EBPF").unwrap_or_default();
+    let release = std::env::var("PROFILE").is_ok_and(|profile| profile == "release");
+    if wanted == "stub" || (wanted != "build" && !release) {
+        return std::fs::write(&out, STUB)
+            .map_err(|error| format!("cannot write the stub: {error}"));
+    }
+    let manifest_dir = env_path("CARGO_MANIFEST_DIR")?;
+    let root = manifest_dir
+        .parent()
+        .map(Path::to_owned)
+        .ok_or("proxy/ has no parent folder")?;
+    let object = wsplice_ebpf_build::build_ebpf(&root).map_err(|error| error.to_string())?;
+    copy(&object, &out)
+}
+
+fn copy(from: &Path, to: &Path) -> Result<(), String> {
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .map_err(|error| format!("cannot copy {}: {error}", from.display()))
 }
 
 /// A path cargo passes to every build script.

@@ -1,5 +1,5 @@
 //! Relay buffers, taken only while bytes are in flight and returned when a direction goes idle,
-//! so an idle tunnel holds no userspace buffer (DESIGN.md §2).
+//! so an idle tunnel holds no userspace buffer.
 
 /// A per-worker pool of equally sized byte buffers.
 #[derive(Debug)]

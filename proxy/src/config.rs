@@ -1,4 +1,4 @@
-//! The TOML configuration (DESIGN.md §7), parsed into typed values with line-precise errors.
+//! The TOML configuration, parsed into typed values with line-precise errors.
 //!
 //! Parsing happens in two steps: serde reads the raw shape (keeping the source span of every
 //! value checked later), then each value is turned into its typed form. Any error, syntactic or

@@ -1,4 +1,4 @@
-//! Header rewriting with nginx's defaults for a WebSocket `proxy_pass` (DESIGN.md §3), pure.
+//! Header rewriting with nginx's defaults for a WebSocket `proxy_pass`, pure.
 //!
 //! `Host` is kept, `X-Real-IP` is the client address, `X-Forwarded-For` appends it to what came
 //! in (`$proxy_add_x_forwarded_for`), `X-Forwarded-Proto` says `http`/`https`, hop-by-hop headers

@@ -48,17 +48,28 @@ impl DataPath {
     }
 }
 
-/// The data paths to test: `WSPLICE_DATAPATHS` (comma list), default both.
+/// The data paths to test: `WSPLICE_DATAPATHS` (comma list), default both. The kernel path
+/// needs root (loading eBPF): without it, it is left out with a message.
 pub fn datapaths() -> Vec<DataPath> {
     let wanted = std::env::var("WSPLICE_DATAPATHS").unwrap_or_else(|_| "userspace,kernel".into());
     wanted
         .split(',')
         .filter_map(|name| match name.trim() {
             "userspace" => Some(DataPath::Userspace),
-            "kernel" => Some(DataPath::Kernel),
+            "kernel" if is_root() => Some(DataPath::Kernel),
+            "kernel" => {
+                println!("skipped the kernel data path: loading eBPF needs root");
+                None
+            }
             _ => None,
         })
         .collect()
+}
+
+/// Whether this process runs as root (eBPF, `TCP_REPAIR` and raw sockets need it).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// The wsplice binary under test.

@@ -6,7 +6,6 @@
 
 mod bench;
 mod demo;
-mod ebpf_build;
 mod process;
 mod setup;
 
@@ -89,7 +88,7 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         Task::Setup => setup::setup(&root).map(|()| ExitCode::SUCCESS),
         Task::BuildEbpf => {
             setup::setup(&root)?;
-            let object = ebpf_build::build_ebpf(&root)?;
+            let object = wsplice_ebpf_build::build_ebpf(&root)?;
             println!("{}", object.display());
             Ok(ExitCode::SUCCESS)
         }

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-use crate::ebpf_build::{
+use wsplice_ebpf_build::{
     bpf_linker, command_line, ebpf_nightly, nested_tool, run_command, toolchain_channel, TOOLS_DIR,
 };
 

@@ -223,7 +223,7 @@ impl Handshake {
     }
 
     /// Everything the upstream has sent so far, read with `MSG_PEEK` (the kernel path leaves the
-    /// response in the socket so the splice delivers it verbatim, DESIGN.md §4 step 3).
+    /// response in the socket so the splice delivers it verbatim: hand-off step 1).
     /// `ReadUpstream` then means: wait until more than `peeked.len()` bytes are queued.
     pub fn on_upstream_peek(&mut self, peeked: &[u8], services: &Services) -> Step {
         self.upstream_bytes.clear();

@@ -12,4 +12,4 @@ mod tests;
 
 pub use maps::SpliceMaps;
 pub use pressure::{Mailbox, PressureWatcher};
-pub use program::{SpliceError, SpliceProgram, EBPF_OBJECT};
+pub use program::{ebpf_object_built, SpliceError, SpliceProgram, EBPF_OBJECT};

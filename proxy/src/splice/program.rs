@@ -9,9 +9,14 @@ use wsplice_common::{Activity, ACTIVITY_MAP, PEER_MAP, PRESSURE_MAP, VERDICT_PRO
 
 use super::SpliceMaps;
 
-/// The eBPF object built from `ebpf/` by `build.rs`, embedded in the binary.
+/// The eBPF object built from `ebpf/` by `build.rs`, embedded in the binary (or a stub).
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wsplice-ebpf.o"));
+
+/// Whether this binary carries the real object (`build.rs` embeds a stub in debug builds).
+pub fn ebpf_object_built() -> bool {
+    !EBPF_OBJECT.starts_with(b"wsplice: no eBPF object")
+}
 
 /// Loading or using the program failed. Each message carries the whole cause chain (the
 /// kernel's errno, the verifier's log), since callers log only the top-level `Display`.
@@ -34,6 +39,12 @@ pub enum SpliceError {
     /// The object lacks a map or program this build expects.
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
+    /// This binary was built without the eBPF object (a debug build or `WSPLICE_EBPF=stub`).
+    #[error(
+        "this binary has no eBPF object (a debug build, or WSPLICE_EBPF=stub): build it with \
+         `cargo build --release -p wsplice` or WSPLICE_EBPF=build"
+    )]
+    NotBuilt,
     /// A map's descriptor could not be duplicated for a new handle.
     #[error("cannot duplicate a map descriptor: {0}")]
     Duplicate(#[source] std::io::Error),
@@ -120,6 +131,9 @@ impl SpliceProgram {
     /// Loads the embedded object, sizes both maps for `max_sockets` and attaches the verdict
     /// program to `PEER`. Needs root or CAP_BPF + CAP_NET_ADMIN.
     pub fn load(max_sockets: u32) -> Result<SpliceProgram, SpliceError> {
+        if !ebpf_object_built() {
+            return Err(SpliceError::NotBuilt);
+        }
         let max_sockets = max_sockets.max(2);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(PEER_MAP, max_sockets)

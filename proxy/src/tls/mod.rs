@@ -1,6 +1,6 @@
 //! TLS termination (`wss://`) with rustls: certificates and SNI, the per-listener server
 //! configuration, and the sans-IO session of one client. The io_uring worker feeds sessions
-//! socket bytes; TLS tunnels are always relayed in userspace (DESIGN.md §6).
+//! socket bytes; TLS tunnels are always relayed in userspace (no kTLS here).
 
 mod certificates;
 mod server_config;

@@ -327,7 +327,7 @@ pub fn start(kind: Kind, layout: &Layout, tools: &Tools) -> anyhow::Result<Runni
     })
 }
 
-/// nginx as people run it in front of a ws backend (DESIGN.md §3 headers, long read timeout).
+/// nginx as people run it in front of a ws backend (the headers wsplice rewrites, long read timeout).
 /// `reuseport` spreads connections evenly over the workers (each has its own fd limit).
 fn nginx_config(work: &Path, layout: &Layout, port: u16, tls: Option<(u16, &TlsFiles)>) -> String {
     let echo = layout.echo_port;

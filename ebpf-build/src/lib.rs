@@ -1,6 +1,6 @@
 //! The one way to build the eBPF crate, shared by `cargo xtask build-ebpf`, `cargo xtask setup`
-//! and `proxy/build.rs` (included there with `#[path]`), so all of them run the same commands.
-//! Standard library only: a build script has no other dependencies.
+//! and `proxy/build.rs`, so all of them run the same commands. Standard library only: it is a
+//! build dependency.
 
 use std::ffi::OsStr;
 use std::fmt;
