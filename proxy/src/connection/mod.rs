@@ -445,23 +445,11 @@ impl Connection {
                 self.after_step(step, now_ns, services, out);
             }
             Stage::Rejecting { .. } => self.close("rejected".into(), false, out),
-            Stage::Relaying(relay) => {
-                let idle_ms = relay.idle_ns() / 1_000_000;
+            Stage::Relaying(_) | Stage::Spliced(_) => {
+                let idle_ms = self.idle_ns(services) / 1_000_000;
                 services.metrics.idle_timeouts.inc();
-                self.close(
-                    format!("idle timeout ({idle_ms} ms without traffic)"),
-                    false,
-                    out,
-                );
-            }
-            Stage::Spliced(splice) => {
-                let idle_ms = splice.idle_ns() / 1_000_000;
-                services.metrics.idle_timeouts.inc();
-                self.close(
-                    format!("idle timeout ({idle_ms} ms without traffic)"),
-                    false,
-                    out,
-                );
+                let reason = format!("idle timeout ({idle_ms} ms without traffic)");
+                self.close(reason, false, out);
             }
             // The hand-off waits for one send; its completion or failure ends it.
             Stage::HandingOff { .. } => {}

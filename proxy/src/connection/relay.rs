@@ -100,6 +100,19 @@ impl Connection {
         }
     }
 
+    /// Starts relaying a tunnel (the upgrade succeeded): both directions, unbounded.
+    pub(super) fn start_tunnel_relay(
+        &mut self,
+        to_client: Vec<u8>,
+        to_upstream: Vec<u8>,
+        now_ns: u64,
+        services: &Services,
+        out: &mut Actions,
+    ) {
+        let down = Direction::unbounded();
+        self.start_relay(to_client, to_upstream, down, 101, now_ns, services, out);
+    }
+
     /// The idle timeout of the connection's route.
     pub(super) fn idle_ns(&self, services: &Services) -> u64 {
         self.summary

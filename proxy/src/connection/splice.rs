@@ -13,7 +13,6 @@
 
 use super::{Action, Actions, Connection, DataPath, Side, Stage, MAX_UNREAD_BEFORE_SPLICE};
 use crate::services::Services;
-use crate::tunnel::relay::Direction;
 
 /// A tunnel carried by the kernel; userspace holds only this.
 #[derive(Debug)]
@@ -181,15 +180,7 @@ impl Connection {
         tracing::warn!(%reason, "kernel hand-off failed; relaying this tunnel in userspace");
         self.datapath = DataPath::Relay;
         out.push_back(Action::UndoPeekMark);
-        self.start_relay(
-            Vec::new(),
-            to_upstream,
-            Direction::unbounded(),
-            101,
-            now_ns,
-            services,
-            out,
-        );
+        self.start_tunnel_relay(Vec::new(), to_upstream, now_ns, services, out);
     }
 
     /// A spliced socket woke up.
