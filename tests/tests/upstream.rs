@@ -71,6 +71,31 @@ async fn an_upstream_that_never_answers_is_504_within_the_handshake_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_closes_in_the_middle_of_its_answer_is_502_at_once() {
+    let cut = Scripted::start(|mut stream, _, _| async move {
+        use tokio::io::AsyncWriteExt as _;
+        let _ = stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: webso")
+            .await;
+        // Dropping the stream sends the FIN right behind the half head.
+    })
+    .await;
+    for datapath in datapaths() {
+        let mut config = ProxyConfig::new(&[cut.addr()]);
+        config.handshake = "5s";
+        let proxy = Proxy::start(datapath, &config);
+        let started = Instant::now();
+        let (status, answer) = raw_exchange(proxy.addr(), &upgrade_request("/", &[])).await;
+        let took = started.elapsed();
+        assert_eq!(status, 502, "{datapath:?}: {answer}");
+        assert!(
+            took < Duration::from_secs(2),
+            "{datapath:?}: answered after {took:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_101_answer_is_relayed_as_is_then_closed() {
     let refusing = Scripted::start(|mut stream, _, _| async move {
         let body = "not allowed here";

@@ -18,7 +18,15 @@ impl Connection {
         let Stage::ReadingResponse(h) = &mut self.stage else {
             return;
         };
-        let step = h.on_upstream_peek(bytes, services);
+        // The peek waits for more than `peeked` bytes; woken with no new byte, the upstream
+        // closed (or failed) in the middle of its head: answering at once beats spinning on a
+        // socket that stays readable until the handshake deadline.
+        let closed_mid_head = !bytes.is_empty() && bytes.len() == self.peeked;
+        let step = if closed_mid_head {
+            h.on_upstream_eof()
+        } else {
+            h.on_upstream_peek(bytes, services)
+        };
         self.peeked = bytes.len();
         if !matches!(step, Step::ReadUpstream | Step::Tunnel { .. }) {
             // Any outcome but a splice goes on in userspace: what was seen is consumed.

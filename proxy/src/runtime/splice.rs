@@ -85,8 +85,12 @@ pub fn hand_off(
         forget(maps, &sockets);
         return Err(error.into());
     }
-    sys::set_rcvlowat(upstream, 1).map_err(HandoffError::Kick)?;
-    sys::set_rcvlowat(client, 1).map_err(HandoffError::Kick)?;
+    let kicked = sys::set_rcvlowat(upstream, 1).and_then(|()| sys::set_rcvlowat(client, 1));
+    if let Err(error) = kicked {
+        // The tunnel goes to the userspace relay: the kernel must not move its bytes too.
+        forget(maps, &sockets);
+        return Err(HandoffError::Kick(error));
+    }
     Ok(sockets)
 }
 

@@ -78,6 +78,19 @@ fn a_partial_response_head_is_peeked_at_again_once_more_bytes_are_queued() {
 }
 
 #[test]
+fn on_the_kernel_path_an_upstream_that_closes_mid_head_is_502_at_once() {
+    let mut h = Harness::upstream_asked(DataPath::Splice, false);
+    assert_eq!(
+        h.peeked(&UPGRADED[..30]),
+        vec![Action::PeekUpstream { seen: 30 }]
+    );
+    // Woken again with the same 30 bytes: a FIN (or an error), not more of the head.
+    let actions = h.peeked(&UPGRADED[..30]);
+    assert_eq!(actions[0], Action::ConsumeUpstream { len: 30 });
+    assert!(sent_bytes(&actions, Side::Client).starts_with("HTTP/1.1 502 "));
+}
+
+#[test]
 fn a_malformed_request_is_answered_400_without_touching_an_upstream() {
     let mut h = Harness::accept(DataPath::Relay, false);
     let actions = h.client_sends(b"GET /chat HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n");
