@@ -80,6 +80,18 @@ pub fn binary() -> PathBuf {
     }
 }
 
+/// The Python with the `websockets` package the tests drive: the project's virtual environment
+/// that `cargo xtask test` creates in `.tools/python` (whatever `python3` comes first on PATH),
+/// or `python3` when the tests run without it.
+pub fn python() -> PathBuf {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/python/bin/python");
+    if venv.is_file() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
 /// A port free at the time of asking on 127.0.0.1, for a process the test starts.
 ///
 /// Chosen at random below the ephemeral range (32768+, and 20000+ while `cargo xtask bench`

@@ -301,10 +301,10 @@ asyncio.run(asyncio.wait_for(main(), 20))
         ca = ca.ca_pem().display(),
         port = proxy.addr().port()
     );
-    let output = Command::new("python3")
+    let output = Command::new(python())
         .args(["-c", &script])
         .output()
-        .expect("python3 with the websockets package (Debian: python3-websockets)");
+        .expect("a Python with the websockets package (`cargo xtask test` makes .tools/python)");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success() && stdout.contains("python ok"),

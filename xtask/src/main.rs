@@ -202,10 +202,9 @@ fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     step("build wsplice (release)", || {
         cargo(root, &["build", "--release", "-p", "wsplice"])
     })?;
-    step(
-        "TLS test clients (openssl, python3-websockets)",
-        setup::ensure_test_clients,
-    )?;
+    step("TLS test clients (openssl, Python websockets)", || {
+        setup::ensure_test_clients(root)
+    })?;
     let binary = root.join("target/release/wsplice");
     step("cargo test (unit and end-to-end)", || {
         let mut args = vec!["test", "--workspace", "--release"];

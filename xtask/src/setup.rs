@@ -26,20 +26,86 @@ pub fn setup(root: &Path) -> anyhow::Result<()> {
     ensure_bpf_linker(root, &nightly)
 }
 
-/// The clients the `wss://` tests drive besides the Rust ones: `openssl s_client` and Python
-/// `websockets`. Installed from Debian packages when missing.
-pub fn ensure_test_clients() -> anyhow::Result<()> {
-    let has_openssl = probe("openssl", &["version"]);
-    let has_python = probe("python3", &["-c", "import websockets"]);
-    if has_openssl && has_python {
+/// The Python `websockets` release the tests' virtual environment pins.
+const PYTHON_WEBSOCKETS: &str = "15.0.1";
+
+/// Where the tests' Python virtual environment lives (git-ignored, under [`TOOLS_DIR`]). The test
+/// harness runs `bin/python` from here (`wsplice_tests::python`).
+const PYTHON_VENV: &str = "python";
+
+/// The clients the `wss://` tests drive besides the Rust ones: `openssl s_client` (a Debian
+/// package when missing) and Python `websockets` in a project-local virtual environment, so
+/// whichever `python3` comes first on PATH (a pyenv shim, say) does not matter.
+pub fn ensure_test_clients(root: &Path) -> anyhow::Result<()> {
+    if !probe("openssl", &["version"]) {
+        apt_install(&["openssl"]).context("the TLS tests need openssl s_client")?;
+        if !probe("openssl", &["version"]) {
+            bail!("openssl still missing after apt-get install openssl");
+        }
+    }
+    ensure_python_venv(root)
+}
+
+/// `.tools/python` with the pinned `websockets`, created from a Python that can make virtual
+/// environments (Debian's own first, then the one on PATH; `python3-venv` installed if neither).
+fn ensure_python_venv(root: &Path) -> anyhow::Result<()> {
+    let venv = root.join(TOOLS_DIR).join(PYTHON_VENV);
+    let python = venv.join("bin/python");
+    let check = format!(
+        "import websockets, sys; sys.exit(websockets.__version__ != '{PYTHON_WEBSOCKETS}')"
+    );
+    if probe_path(&python, &["-c", &check]) {
         return Ok(());
     }
-    apt_install(&["openssl", "python3", "python3-websockets"])
-        .context("the TLS tests need openssl and python3-websockets")?;
-    if !probe("openssl", &["version"]) || !probe("python3", &["-c", "import websockets"]) {
-        bail!("openssl or python3-websockets still missing after apt-get install");
+    let base = match venv_capable_python() {
+        Some(base) => base,
+        None => {
+            apt_install(&["python3", "python3-venv"])
+                .context("the Python client tests need python3 with the venv module")?;
+            venv_capable_python().context(
+                "no python3 can create a virtual environment even after apt-get install \
+                 python3-venv; install python3 with venv and ensurepip, then run again",
+            )?
+        }
+    };
+    println!("==> creating {} from {base}", venv.display());
+    run_command(
+        Command::new(&base)
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv),
+    )
+    .context("python3 -m venv failed")?;
+    run_command(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-input",
+        &format!("websockets=={PYTHON_WEBSOCKETS}"),
+    ]))
+    .context("pip could not install websockets from PyPI (is pypi.org reachable?)")?;
+    if !probe_path(&python, &["-c", &check]) {
+        bail!(
+            "{} still lacks websockets {PYTHON_WEBSOCKETS} after pip install",
+            python.display()
+        );
     }
     Ok(())
+}
+
+/// The first of Debian's `/usr/bin/python3` and the `python3` on PATH that has `venv` and
+/// `ensurepip` (Debian splits them into `python3-venv`).
+fn venv_capable_python() -> Option<String> {
+    ["/usr/bin/python3", "python3"]
+        .into_iter()
+        .find(|python| probe(python, &["-c", "import venv, ensurepip"]))
+        .map(str::to_owned)
+}
+
+/// [`probe`] for a program given by path.
+fn probe_path(program: &Path, args: &[&str]) -> bool {
+    program.is_file() && program.to_str().is_some_and(|program| probe(program, args))
 }
 
 /// Whether `program args` runs and succeeds.
