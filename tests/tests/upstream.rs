@@ -157,3 +157,63 @@ async fn a_bad_101_is_502_and_pipelined_bytes_never_reach_the_upstream() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_answers_101_and_never_reads_is_closed_at_the_idle_timeout() {
+    // A tiny receive window, and an MSS as on a real network (on loopback's 64 KiB MSS the
+    // proxy's send buffer starts at 4 MiB and swallows any early bytes), so the client's early
+    // bytes cannot all be queued towards the upstream.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.set_tcp_mss(1460).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    socket.bind(&any.into()).unwrap();
+    socket.listen(16).unwrap();
+    let listener = tokio::net::TcpListener::from_std(socket.into()).unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (head, _) = read_head(&mut stream).await;
+            // The client's early bytes queue in the proxy meanwhile.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            stream.write_all(&switching_protocols(&head)).await.unwrap();
+            held.push(stream); // never read
+        }
+    });
+    for datapath in datapaths() {
+        let mut config = ProxyConfig::new(&[upstream]);
+        config.idle = "1s";
+        let proxy = Proxy::start(datapath, &config);
+        let stream = bounded(tokio::net::TcpStream::connect(proxy.addr()))
+            .await
+            .unwrap();
+        let (mut reader, mut writer) = stream.into_split();
+        let writing = tokio::spawn(async move {
+            let _ = writer.write_all(&upgrade_request("/", &[])).await;
+            let _ = writer.write_all(&vec![0x82; 512 * 1024]).await;
+        });
+        let started = Instant::now();
+        let mut buf = vec![0u8; 4096];
+        use tokio::io::AsyncReadExt as _;
+        let closed = tokio::time::timeout(Duration::from_secs(6), async {
+            while let Ok(n) = reader.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "{datapath:?}: the tunnel was still open after {:?} with a 1 s idle timeout",
+            started.elapsed()
+        );
+        let lines = proxy.wait_access_lines(1);
+        let reason = lines[0]["reason"].as_str().unwrap_or_default().to_owned();
+        assert!(reason.starts_with("idle timeout"), "{datapath:?}: {reason}");
+        writing.abort();
+    }
+    server.abort();
+}

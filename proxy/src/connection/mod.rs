@@ -451,8 +451,16 @@ impl Connection {
                 let reason = format!("idle timeout ({idle_ms} ms without traffic)");
                 self.close(reason, false, out);
             }
-            // The hand-off waits for one send; its completion or failure ends it.
-            Stage::HandingOff { .. } => {}
+            // Only the send of the client's early bytes can keep a hand-off waiting.
+            Stage::HandingOff { .. } => {
+                let idle_ms = self.idle_ns(services) / 1_000_000;
+                services.metrics.idle_timeouts.inc();
+                let reason = format!(
+                    "idle timeout ({idle_ms} ms) in the hand-off: the upstream did not take \
+                     the client's early bytes"
+                );
+                self.close(reason, false, out);
+            }
         }
     }
 

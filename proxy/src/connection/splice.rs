@@ -94,9 +94,19 @@ pub struct Counted {
 }
 
 impl Connection {
-    /// The upgrade succeeded on the kernel path: hand-off step 2.
-    pub(super) fn hand_off(&mut self, early: Vec<u8>, out: &mut Actions) {
+    /// The upgrade succeeded on the kernel path: hand-off step 2. The hand-off gets the tunnel's
+    /// idle timeout: an upstream that answers 101 and never reads the client's early bytes holds
+    /// both sockets no longer than an idle tunnel would.
+    pub(super) fn hand_off(
+        &mut self,
+        early: Vec<u8>,
+        now_ns: u64,
+        services: &Services,
+        out: &mut Actions,
+    ) {
         self.stage = Stage::HandingOff { early };
+        self.deadline_ns = now_ns.saturating_add(self.idle_ns(services));
+        out.push_back(Action::ArmDeadline(self.deadline_ns));
         out.push_back(Action::DrainClient {
             limit: MAX_UNREAD_BEFORE_SPLICE,
         });

@@ -107,7 +107,7 @@ impl Connection {
                 to_upstream,
             } => match self.datapath {
                 // The 101 (`to_client`) stays queued in the upstream socket: the kernel delivers it.
-                DataPath::Splice => self.hand_off(to_upstream, out),
+                DataPath::Splice => self.hand_off(to_upstream, now_ns, services, out),
                 DataPath::Relay => {
                     self.start_tunnel_relay(to_client, to_upstream, now_ns, services, out)
                 }

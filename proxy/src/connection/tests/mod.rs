@@ -174,9 +174,12 @@ impl Harness {
         let mut h = Harness::upstream_asked(DataPath::Splice, false);
         assert_eq!(
             h.peeked(UPGRADED),
-            vec![Action::DrainClient {
-                limit: MAX_UNREAD_BEFORE_SPLICE
-            }]
+            vec![
+                Action::ArmDeadline(h.now + IDLE),
+                Action::DrainClient {
+                    limit: MAX_UNREAD_BEFORE_SPLICE
+                }
+            ]
         );
         assert_eq!(
             h.event(|c, now, s, out| c.on_client_drained(&[], true, now, s, out)),

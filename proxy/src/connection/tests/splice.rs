@@ -52,6 +52,31 @@ fn early_client_bytes_go_upstream_in_userspace_before_the_splice() {
 }
 
 #[test]
+fn a_hand_off_whose_upstream_never_takes_the_early_bytes_ends_at_the_idle_timeout() {
+    let mut h = Harness::accept(DataPath::Splice, false);
+    let mut bytes = REQUEST.to_vec();
+    bytes.extend_from_slice(b"\x81\x01a");
+    h.client_sends(&bytes);
+    h.connected();
+    h.sent(Side::Upstream);
+    let upgraded_at = h.now;
+    let actions = h.peeked(UPGRADED);
+    assert!(actions.contains(&Action::ArmDeadline(upgraded_at + IDLE)));
+    let actions = h.event(|c, now, s, out| c.on_client_drained(b"", true, now, s, out));
+    assert_eq!(
+        actions,
+        vec![Action::Send(Side::Upstream, b"\x81\x01a".to_vec())]
+    );
+    // The send never completes. The handshake's own deadline passes first: not yet.
+    let actions = h.deadline(upgraded_at + HANDSHAKE);
+    assert_eq!(actions, vec![Action::ArmDeadline(upgraded_at + IDLE)]);
+    let actions = h.deadline(upgraded_at + IDLE);
+    assert!(closes(&actions, false), "{actions:?}");
+    assert!(h.reason().starts_with("idle timeout"), "{}", h.reason());
+    assert_eq!(h.services.metrics.idle_timeouts.get(), 1);
+}
+
+#[test]
 fn a_client_that_sent_too_much_before_the_101_is_relayed_in_userspace() {
     let mut h = Harness::upstream_asked(DataPath::Splice, false);
     h.peeked(UPGRADED);

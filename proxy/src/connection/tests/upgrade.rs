@@ -71,9 +71,12 @@ fn a_partial_response_head_is_peeked_at_again_once_more_bytes_are_queued() {
     );
     assert_eq!(
         h.peeked(UPGRADED),
-        vec![Action::DrainClient {
-            limit: MAX_UNREAD_BEFORE_SPLICE
-        }]
+        vec![
+            Action::ArmDeadline(h.now + IDLE),
+            Action::DrainClient {
+                limit: MAX_UNREAD_BEFORE_SPLICE
+            }
+        ]
     );
 }
 
