@@ -194,12 +194,14 @@ async fn bulk(
             let payload = Message::binary(vec![0x5au8; size]);
             let started = Instant::now();
             let mut counted = 0u64;
+            let mut echoed = 0u64;
             // Two messages in flight keep both directions busy.
             for _ in 0..2 {
                 sink.send(payload.clone()).await?;
             }
             loop {
                 let message = stream.next().await.context("stream ended")??;
+                echoed += message.len() as u64;
                 let elapsed = started.elapsed();
                 if elapsed >= warm_up + measured {
                     break;
@@ -209,15 +211,24 @@ async fn bulk(
                 }
                 sink.send(payload.clone()).await?;
             }
-            anyhow::Ok(counted)
+            anyhow::Ok((counted, echoed))
         }));
     }
-    let mut bytes = 0;
+    let (mut bytes, mut echoed_total) = (0, 0);
     for task in tasks {
-        bytes += task.await??;
+        let (counted, echoed) = task.await??;
+        bytes += counted;
+        echoed_total += echoed;
     }
     let mb_per_s = bytes as f64 / measured.as_secs_f64() / 1e6;
-    Ok(serde_json::json!({"workload": "bulk", "conns": conns, "size": size, "mb_per_s": mb_per_s}))
+    // Every echoed byte of the run, warm-up included: what the proxy's CPU is divided by.
+    Ok(serde_json::json!({
+        "workload": "bulk",
+        "conns": conns,
+        "size": size,
+        "mb_per_s": mb_per_s,
+        "echoed_bytes_total": echoed_total,
+    }))
 }
 
 /// The `q` quantile of sorted samples (0 when there are none).

@@ -422,13 +422,24 @@ fn run_workload(
                 ("bulk1", "bulk 1 tunnel, MB/s", "1"),
                 ("bulk16", "bulk 16 tunnels, MB/s", "16"),
             ] {
+                let cpu_before = load::process_cpu_seconds(&running.pids);
                 let json = load::run_json(
                     &env.load,
                     "bulk",
                     &plain,
                     &["--conns", conns, "--seconds", &seconds, "--warmup", &warmup],
                 )?;
+                let cpu = load::process_cpu_seconds(&running.pids) - cpu_before;
                 results.add(key, label, index, f(&json, "mb_per_s"));
+                if conns == "1" && !running.pids.is_empty() {
+                    let gb = f(&json, "echoed_bytes_total") / 1e9;
+                    results.add(
+                        "bulk1_cpu_per_gb",
+                        "bulk 1 tunnel: proxy process CPU-s per GB echoed",
+                        index,
+                        if gb > 0.0 { cpu / gb } else { 0.0 },
+                    );
+                }
             }
         }
         Workload::Storm => {
