@@ -9,7 +9,8 @@ pub const PEER_MAP: &str = "PEER";
 /// Name of the HASH map of per-socket activity (key: socket cookie).
 pub const ACTIVITY_MAP: &str = "ACTIVITY";
 /// Name of the ring buffer through which the program reports sockets that moved another
-/// [`PRESSURE_STEP`] bytes, so userspace checks their peer's backlog.
+/// [`PRESSURE_STEP`] bytes, so userspace checks their peer's backlog, and sockets where bytes
+/// stayed ([`STRAY_REPORTED`]).
 pub const PRESSURE_MAP: &str = "PRESSURE";
 /// Size of the pressure ring buffer in bytes (a power of two, a multiple of the page size).
 pub const PRESSURE_RING_BYTES: u32 = 256 * 1024;
@@ -26,6 +27,11 @@ pub const SEQ_KNOWN: u32 = 1;
 /// redirecting this socket; its bytes stay on the socket, where userspace sees them and closes
 /// the tunnel (abortively: a byte is missing downstream).
 pub const DIVERTED: u32 = 2;
+/// [`Activity::flags`]: bytes stayed on this socket (no peer to redirect to, or [`DIVERTED`])
+/// and the program reported its owner on the pressure ring. Spliced sockets are not polled for
+/// bytes (that would wake userspace per message), so this report is how userspace learns of
+/// them; once per socket is enough, as the tunnel is closed on it.
+pub const STRAY_REPORTED: u32 = 4;
 /// Most bytes one `bpf_skb_adjust_room` call may cut from an `sk_skb` (the kernel's limit).
 pub const TRIM_STEP: u32 = 0xfff;
 /// Calls the program makes at most to cut repeated bytes off one skb (1 MiB in all; a TCP
@@ -49,7 +55,7 @@ pub struct Activity {
     pub owner: u64,
     /// TCP sequence number just after the last byte passed on (valid with [`SEQ_KNOWN`]).
     pub next_seq: u32,
-    /// [`SEQ_KNOWN`], [`DIVERTED`].
+    /// [`SEQ_KNOWN`], [`DIVERTED`], [`STRAY_REPORTED`].
     pub flags: u32,
     /// Bytes the kernel handed to the program a second time (an skb that overlaps bytes already
     /// passed on: TCP queues partly retransmitted segments whole, and the sockmap's receive

@@ -1,8 +1,9 @@
 //! The kernel half of wsplice: an `sk_skb/stream_verdict` program that moves every byte arriving
 //! on a spliced socket to its peer's egress, and stamps the socket's activity for userspace.
 //!
-//! It never drops: a socket without a peer entry gets `SK_PASS`, so its bytes stay readable and
-//! userspace notices them.
+//! It never drops: a socket without a peer entry gets `SK_PASS`, so its bytes stay readable, and
+//! the program reports the socket on the pressure ring so userspace notices them (userspace does
+//! not poll spliced sockets for bytes: that would wake it for every message).
 //!
 //! It also never passes a byte on twice. TCP may queue a segment that starts before bytes it
 //! already delivered (a retransmission that covers received bytes and new ones, out-of-order
@@ -22,7 +23,7 @@ use aya_ebpf::programs::SkBuffContext;
 use aya_ebpf::EbpfContext as _;
 use wsplice_common::{
     Activity, DEFAULT_MAP_ENTRIES, DIVERTED, PRESSURE_RING_BYTES, PRESSURE_STEP, SEQ_KNOWN,
-    TRIM_STEP, TRIM_STEPS,
+    STRAY_REPORTED, TRIM_STEP, TRIM_STEPS,
 };
 
 /// cookie(socket) → peer socket.
@@ -54,12 +55,15 @@ pub fn wsplice_verdict(ctx: SkBuffContext) -> u32 {
     }
     if activity.flags & DIVERTED != 0 {
         // Keep this skb and every later one on the socket, in order: userspace reads nothing
-        // from a spliced socket, sees them waiting and closes the tunnel.
+        // from a spliced socket; told of them, it closes the tunnel.
+        report_stray(activity);
         return SK_PASS;
     }
     // Flags 0: the peer's egress (its send queue), not its ingress.
     let verdict = PEER.redirect_skb(&ctx, &mut cookie, 0);
-    if verdict == i64::from(SK_PASS) {
+    if verdict != i64::from(SK_PASS) {
+        report_stray(activity);
+    } else {
         // SAFETY: plain helper call without arguments.
         activity.last_ns = unsafe { bpf_ktime_get_ns() };
         activity.bytes += u64::from(ctx.len());
@@ -72,6 +76,16 @@ pub fn wsplice_verdict(ctx: SkBuffContext) -> u32 {
     // After a successful redirect SK_PASS means "deliver to the peer"; without a peer entry the
     // redirect is not set and SK_PASS keeps the bytes on this socket.
     SK_PASS
+}
+
+/// Tells userspace, once per socket, that bytes stay on it: spliced sockets are watched for a
+/// FIN or an error only, so nothing else would wake it. A full ring leaves the flag clear, so
+/// the next such skb tries again.
+#[inline(always)]
+fn report_stray(activity: &mut Activity) {
+    if activity.flags & STRAY_REPORTED == 0 && PRESSURE.output(&activity.owner, 0).is_ok() {
+        activity.flags |= STRAY_REPORTED;
+    }
 }
 
 /// Cuts off the head of the skb that this socket already passed on (see the crate docs), and

@@ -164,7 +164,11 @@ impl Worker {
             Side::Client => Op::PollClient,
             Side::Upstream => Op::PollUpstream,
         };
-        self.ring.poll_readable(fd, op.user_data(slot, id));
+        if intent == Intent::WatchSpliced {
+            self.ring.poll_hangup(fd, op.user_data(slot, id));
+        } else {
+            self.ring.poll_readable(fd, op.user_data(slot, id));
+        }
     }
 
     pub(super) fn cancel_fd(&mut self, slot: u32, fd: std::os::fd::RawFd) {

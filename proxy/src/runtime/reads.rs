@@ -2,12 +2,13 @@
 //! (read, or on the kernel path peeked at), a TLS client's handshake, and spliced sockets.
 
 use std::io;
+use std::os::fd::AsRawFd as _;
 
 use super::splice;
 use super::table::Intent;
 use super::worker::Worker;
 use crate::clock::monotonic_ns;
-use crate::connection::{Actions, Side};
+use crate::connection::{Actions, Side, SplicedEvent};
 use crate::sys;
 
 impl Worker {
@@ -91,6 +92,28 @@ impl Worker {
         };
         let event = splice::inspect(maps, &sockets, side, entry.side(side).raw());
         entry.conn.on_spliced_event(side, event, &services, actions);
+    }
+
+    /// Reports are also how the program tells of bytes that stayed on a spliced socket (spliced
+    /// sockets are polled for FINs and errors only): peek at both sockets.
+    pub(super) fn look_for_stray_bytes(&mut self, slot: u32) {
+        for side in [Side::Client, Side::Upstream] {
+            let Some(maps) = self.maps.as_ref() else {
+                return;
+            };
+            let Some(entry) = self.table.get(slot) else {
+                return;
+            };
+            let (Some(sockets), Some(fd)) = (entry.spliced, entry.side(side).fd.as_ref()) else {
+                return;
+            };
+            let event = splice::inspect(maps, &sockets, side, fd.as_raw_fd());
+            if matches!(event, SplicedEvent::Stray { .. }) {
+                self.drive(slot, |conn, services, out| {
+                    conn.on_spliced_event(side, event, services, out)
+                });
+            }
+        }
     }
 
     /// After bytes from a TLS client were processed: count a finished handshake, send what the

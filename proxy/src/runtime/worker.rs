@@ -540,6 +540,7 @@ impl Worker {
             self.drive(owner.slot, |conn, services, out| {
                 conn.on_pressure(to_client.bytes, to_upstream.bytes, services, out)
             });
+            self.look_for_stray_bytes(owner.slot);
         }
     }
 
