@@ -17,6 +17,7 @@ use toml::Spanned;
 mod tls;
 mod values;
 
+use crate::tag::MAX_WORKERS;
 pub use tls::{CryptoProvider, SniCertificate, TlsConfig, TlsFiles, TlsVersion, CIPHER_SUITES};
 use values::{is_token, parse_addr, parse_duration, parse_nonzero_duration, parse_size};
 
@@ -354,8 +355,11 @@ impl RawConfig {
             .map(|raw| raw.get_ref().to_config(&upstreams))
             .collect::<Result<Vec<_>, _>>()?;
         let workers = match self.workers {
-            Some(w) if *w.get_ref() == 0 || *w.get_ref() > 1024 => {
-                return Err(spot(&w, "workers must be between 1 and 1024"))
+            Some(w) if *w.get_ref() == 0 || *w.get_ref() > MAX_WORKERS => {
+                return Err(spot(
+                    &w,
+                    format!("workers must be between 1 and {MAX_WORKERS}"),
+                ))
             }
             other => other.map(Spanned::into_inner),
         };

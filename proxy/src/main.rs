@@ -83,7 +83,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             let workers = workers
                 .or(config.workers)
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+                .unwrap_or_else(|| {
+                    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+                    cpus.min(wsplice::tag::MAX_WORKERS)
+                })
                 .max(1);
             raise_fd_limit();
             let splice = choose_datapath(datapath, config.limits.max_tunnels)?;

@@ -18,6 +18,10 @@ pub struct Tag {
 
 const GENERATION_MASK: u64 = 0xff_ffff;
 
+/// Most worker threads a proxy runs: the splice program names a socket's worker in the tag's
+/// `kind` byte.
+pub const MAX_WORKERS: usize = u8::MAX as usize + 1;
+
 impl Tag {
     /// A tag of `kind` for `slot` of connection `id`.
     pub fn new(kind: u8, slot: u32, id: u64) -> Tag {

@@ -200,3 +200,16 @@ fn load_names_the_file() {
         "{e}"
     );
 }
+
+#[test]
+fn workers_beyond_what_a_socket_tag_can_name_are_refused() {
+    assert_eq!(
+        Config::parse(&format!("workers = 256\n{MINIMAL}"))
+            .unwrap()
+            .workers,
+        Some(256)
+    );
+    let e = error(&format!("workers = 257\n{MINIMAL}"));
+    assert_eq!(e.line, 1, "{e}");
+    assert!(e.message.contains("between 1 and 256"), "{e}");
+}

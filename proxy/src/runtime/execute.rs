@@ -328,8 +328,10 @@ impl Worker {
         else {
             return Err("a socket is missing".into());
         };
-        // The owner comes back on the pressure ring: kind = this worker's index.
-        let owner = Tag::new(index as u8, slot, entry.conn.id());
+        // The owner comes back on the pressure ring: kind = this worker's index, which fits a
+        // byte (`serve` refuses more than MAX_WORKERS workers).
+        let worker = u8::try_from(index).map_err(|_| "worker index over 255")?;
+        let owner = Tag::new(worker, slot, entry.conn.id());
         let sockets = splice::hand_off(maps, client.as_fd(), upstream.as_fd(), owner)
             .map_err(|error| error.to_string())?;
         entry.spliced = Some(sockets);

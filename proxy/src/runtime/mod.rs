@@ -28,6 +28,9 @@ use worker::Worker;
 /// Why the proxy could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
+    /// More workers than a tag can name.
+    #[error("{0} workers asked for; at most {max}", max = crate::tag::MAX_WORKERS)]
+    TooManyWorkers(usize),
     /// A listener address could not be bound.
     #[error(transparent)]
     Bind(#[from] BindError),
@@ -94,6 +97,9 @@ pub fn serve(
     workers: usize,
     mut splice: Option<SpliceProgram>,
 ) -> Result<(), RuntimeError> {
+    if workers == 0 || workers > crate::tag::MAX_WORKERS {
+        return Err(RuntimeError::TooManyWorkers(workers));
+    }
     let signals = SignalSet::block_termination().map_err(RuntimeError::Signals)?;
     let ring = splice.as_mut().and_then(SpliceProgram::take_pressure_ring);
     let gauges = splice
