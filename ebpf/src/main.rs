@@ -16,6 +16,7 @@
 #![no_main]
 
 use aya_ebpf::bindings::sk_action::SK_PASS;
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns};
 use aya_ebpf::macros::{map, stream_verdict};
 use aya_ebpf::maps::{HashMap, RingBuf, SockHash};
@@ -31,8 +32,14 @@ use wsplice_common::{
 static PEER: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAP_ENTRIES, 0);
 
 /// cookie(socket) → activity of that socket (inserted and removed by userspace).
+///
+/// Not preallocated: entries take kernel memory only while their tunnel is spliced (a
+/// preallocated map of the default capacity pins about 200 MB from the start), and a removed
+/// entry is freed after an RCU grace period instead of being reused at once, so a verdict still
+/// running for a tunnel that is being taken out never writes into the next tunnel's record.
 #[map(name = "ACTIVITY")]
-static ACTIVITY: HashMap<u64, Activity> = HashMap::with_max_entries(DEFAULT_MAP_ENTRIES, 0);
+static ACTIVITY: HashMap<u64, Activity> =
+    HashMap::with_max_entries(DEFAULT_MAP_ENTRIES, BPF_F_NO_PREALLOC);
 
 /// Owners of sockets that moved another `PRESSURE_STEP` bytes (userspace checks their backlog).
 #[map(name = "PRESSURE")]
