@@ -1,9 +1,12 @@
 //! The admin listener: `GET /metrics` (Prometheus text), `/healthz` and `/readyz`.
 //!
-//! Off the hot path: one small blocking thread, one request per connection, short timeouts.
+//! Off the hot path: an accept thread and a short-lived thread per request (at most
+//! [`MAX_CONCURRENT`] at once), one request per connection, short timeouts. A slow client
+//! holds only its own thread, so a probe of `/healthz` is never stuck behind it.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,29 +26,83 @@ pub struct AdminError {
     pub source: std::io::Error,
 }
 
-/// Binds `addr` and serves the admin endpoints from a background thread.
+/// Requests the admin listener answers at once; a connection beyond them is closed unanswered.
+pub const MAX_CONCURRENT: usize = 16;
+
+/// What the admin endpoints read.
+struct State {
+    metrics: Arc<Metrics>,
+    extra: ExtraGauges,
+    /// Set when the drain starts: `/readyz` then answers 503 so load balancers stop sending.
+    draining: Arc<AtomicBool>,
+    in_flight: AtomicUsize,
+}
+
+/// Binds `addr` and serves the admin endpoints from background threads. `draining` is the
+/// proxy's shutdown flag.
 pub fn spawn(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     extra: ExtraGauges,
+    draining: Arc<AtomicBool>,
 ) -> Result<(), AdminError> {
     let error = |source| AdminError { addr, source };
     let listener = TcpListener::bind(addr).map_err(error)?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "the admin listener is reachable beyond this host: /metrics tells anyone who can \
+             connect how busy the proxy is; bind it to 127.0.0.1 unless a firewall guards it"
+        );
+    }
+    let state = Arc::new(State {
+        metrics,
+        extra,
+        draining,
+        in_flight: AtomicUsize::new(0),
+    });
     std::thread::Builder::new()
         .name("wsplice-admin".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if let Err(e) = answer(stream, &metrics, &extra) {
-                    tracing::debug!(error = %e, "admin request failed");
-                }
-            }
-        })
+        .spawn(move || accept_loop(&listener, &state))
         .map_err(error)?;
     tracing::info!(%addr, "admin listener: /metrics /healthz /readyz");
     Ok(())
 }
 
-fn answer(mut stream: TcpStream, metrics: &Metrics, extra: &ExtraGauges) -> std::io::Result<()> {
+fn accept_loop(listener: &TcpListener, state: &Arc<State>) {
+    loop {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of descriptors (EMFILE/ENFILE) or memory: the error repeats until some
+                // are freed, so wait instead of spinning.
+                tracing::warn!(%error, "admin listener cannot accept");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if state.in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_CONCURRENT {
+            state.in_flight.fetch_sub(1, Ordering::AcqRel);
+            tracing::debug!("admin listener busy: closing a connection unanswered");
+            continue;
+        }
+        let request_state = Arc::clone(state);
+        let spawned = std::thread::Builder::new()
+            .name("wsplice-admin-req".into())
+            .spawn(move || {
+                if let Err(error) = answer(stream, &request_state) {
+                    tracing::debug!(%error, "admin request failed");
+                }
+                request_state.in_flight.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(error) = spawned {
+            state.in_flight.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(%error, "admin listener cannot start a request thread");
+        }
+    }
+}
+
+fn answer(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut head = [0u8; 2048];
@@ -57,7 +114,8 @@ fn answer(mut stream: TcpStream, metrics: &Metrics, extra: &ExtraGauges) -> std:
         }
         len += n;
     }
-    let (status, body) = route(&head[..len], metrics, extra);
+    let draining = state.draining.load(Ordering::Relaxed);
+    let (status, body) = route(&head[..len], &state.metrics, &state.extra, draining);
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -65,14 +123,23 @@ fn answer(mut stream: TcpStream, metrics: &Metrics, extra: &ExtraGauges) -> std:
     stream.write_all(response.as_bytes())
 }
 
-fn route(head: &[u8], metrics: &Metrics, extra: &ExtraGauges) -> (&'static str, String) {
+/// The answer to a request head: `/healthz` says the process serves, `/readyz` whether it
+/// takes new connections (not while `draining`).
+fn route(
+    head: &[u8],
+    metrics: &Metrics,
+    extra: &ExtraGauges,
+    draining: bool,
+) -> (&'static str, String) {
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
     let mut parts = line.split(|&b| b == b' ');
     match (parts.next(), parts.next()) {
         (Some(b"GET"), Some(b"/metrics")) => ("200 OK", metrics.render(&extra())),
-        (Some(b"GET"), Some(b"/healthz")) | (Some(b"GET"), Some(b"/readyz")) => {
-            ("200 OK", "ok\n".into())
+        (Some(b"GET"), Some(b"/healthz")) => ("200 OK", "ok\n".into()),
+        (Some(b"GET"), Some(b"/readyz")) if draining => {
+            ("503 Service Unavailable", "draining\n".into())
         }
+        (Some(b"GET"), Some(b"/readyz")) => ("200 OK", "ok\n".into()),
         (Some(b"GET"), Some(_)) => ("404 Not Found", "not found\n".into()),
         _ => ("405 Method Not Allowed", "GET only\n".into()),
     }
@@ -86,41 +153,82 @@ mod tests {
         Box::new(Vec::new)
     }
 
+    fn status_of(head: &[u8], metrics: &Metrics, draining: bool) -> &'static str {
+        route(head, metrics, &no_extra(), draining).0
+    }
+
     #[test]
     fn routes_metrics_health_and_unknown_paths() {
         let metrics = Metrics::default();
         metrics.tunnels_opened.inc();
-        let (status, body) = route(b"GET /metrics HTTP/1.1\r\n\r\n", &metrics, &no_extra());
+        let (status, body) = route(
+            b"GET /metrics HTTP/1.1\r\n\r\n",
+            &metrics,
+            &no_extra(),
+            false,
+        );
         assert_eq!(status, "200 OK");
         assert!(body.contains("wsplice_tunnels_opened_total 1"));
-        assert_eq!(
-            route(b"GET /healthz HTTP/1.1\r\n\r\n", &metrics, &no_extra()).0,
-            "200 OK"
-        );
-        assert_eq!(
-            route(b"GET /x HTTP/1.1\r\n\r\n", &metrics, &no_extra()).0,
-            "404 Not Found"
-        );
-        assert_eq!(
-            route(b"POST /metrics HTTP/1.1\r\n\r\n", &metrics, &no_extra()).0,
-            "405 Method Not Allowed"
-        );
+        let healthz = b"GET /healthz HTTP/1.1\r\n\r\n";
+        assert_eq!(status_of(healthz, &metrics, false), "200 OK");
+        let unknown = b"GET /x HTTP/1.1\r\n\r\n";
+        assert_eq!(status_of(unknown, &metrics, false), "404 Not Found");
+        let post = b"POST /metrics HTTP/1.1\r\n\r\n";
+        assert_eq!(status_of(post, &metrics, false), "405 Method Not Allowed");
     }
 
     #[test]
-    fn serves_over_tcp() {
-        let port = {
-            let probe = TcpListener::bind("127.0.0.1:0").unwrap();
-            probe.local_addr().unwrap()
-        };
-        spawn(port, Arc::new(Metrics::default()), no_extra()).unwrap();
-        let mut stream = TcpStream::connect(port).unwrap();
+    fn a_draining_proxy_is_alive_but_not_ready() {
+        let metrics = Metrics::default();
+        let readyz = b"GET /readyz HTTP/1.1\r\n\r\n";
+        let healthz = b"GET /healthz HTTP/1.1\r\n\r\n";
+        assert_eq!(status_of(readyz, &metrics, false), "200 OK");
+        assert_eq!(status_of(readyz, &metrics, true), "503 Service Unavailable");
+        assert_eq!(status_of(healthz, &metrics, true), "200 OK");
+    }
+
+    fn get(addr: SocketAddr, path: &str) -> String {
+        let mut stream = TcpStream::connect(addr).unwrap();
         stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
             .unwrap();
         let mut answer = String::new();
         stream.read_to_string(&mut answer).unwrap();
+        answer
+    }
+
+    #[test]
+    fn a_client_that_trickles_its_request_does_not_hold_up_health_checks() {
+        let addr = {
+            let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap()
+        };
+        let draining = Arc::new(AtomicBool::new(false));
+        spawn(
+            addr,
+            Arc::new(Metrics::default()),
+            no_extra(),
+            Arc::clone(&draining),
+        )
+        .unwrap();
+        // One byte, then silence: the old single-threaded loop waited 2 s on it.
+        let mut slow = TcpStream::connect(addr).unwrap();
+        slow.write_all(b"G").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let started = std::time::Instant::now();
+        let answer = get(addr, "/healthz");
         assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
         assert!(answer.ends_with("ok\n"));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "answered after {:?}, behind the slow client",
+            started.elapsed()
+        );
+        draining.store(true, Ordering::Relaxed);
+        assert!(get(addr, "/readyz").starts_with("HTTP/1.1 503 "));
+        drop(slow);
     }
 }

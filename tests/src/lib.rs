@@ -398,16 +398,22 @@ impl Proxy {
         }
     }
 
-    /// The `/metrics` values by name (without the `wsplice_` prefix).
-    pub fn metrics(&self) -> BTreeMap<String, u64> {
+    /// The whole answer (status line, headers, body) of the admin listener to `GET path`.
+    pub fn admin_get(&self, path: &str) -> String {
         let mut stream = StdStream::connect(self.admin).expect("admin connect");
         use std::io::{Read, Write};
         stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
             .expect("admin write");
         let mut text = String::new();
         stream.read_to_string(&mut text).expect("admin read");
-        text.lines()
+        text
+    }
+
+    /// The `/metrics` values by name (without the `wsplice_` prefix).
+    pub fn metrics(&self) -> BTreeMap<String, u64> {
+        self.admin_get("/metrics")
+            .lines()
             .filter(|line| line.starts_with("wsplice_"))
             .filter_map(|line| {
                 let (name, value) = line.split_once(' ')?;

@@ -52,10 +52,18 @@ async fn sigterm_stops_accepting_drains_open_tunnels_and_exits_zero() {
         config.drain = "2s";
         let mut proxy = Proxy::start(datapath, &config);
         let mut ws = connect(&proxy.url("/draining")).await;
+        assert!(proxy.admin_get("/readyz").starts_with("HTTP/1.1 200 "));
         let pid = proxy.process().pid();
         // SAFETY: kill(2) on the proxy we started.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         tokio::time::sleep(Duration::from_millis(300)).await;
+        // Alive, but load balancers are told to send no more.
+        let readyz = proxy.admin_get("/readyz");
+        assert!(
+            readyz.starts_with("HTTP/1.1 503 "),
+            "{datapath:?}: {readyz}"
+        );
+        assert!(proxy.admin_get("/healthz").starts_with("HTTP/1.1 200 "));
         // New connections are refused, the open tunnel still works.
         assert!(
             tokio::net::TcpStream::connect(proxy.addr()).await.is_err(),

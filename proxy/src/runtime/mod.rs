@@ -133,6 +133,7 @@ pub fn serve(
             admin.bind,
             Arc::clone(&services.metrics),
             splice_gauges(gauges),
+            Arc::clone(&shutdown),
         )?;
     }
 
