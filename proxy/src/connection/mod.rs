@@ -218,7 +218,8 @@ pub struct Connection {
     sending: [bool; 2],
     /// TLS: `close_notify` was queued.
     close_notified: bool,
-    ending: Option<Ending>,
+    /// Boxed: set only once the connection closes, so idle connections do not carry it.
+    ending: Option<Box<Ending>>,
 }
 
 impl Connection {
@@ -281,7 +282,7 @@ impl Connection {
 
     /// Why it ended, once it is closing.
     pub fn ending(&self) -> Option<&Ending> {
-        self.ending.as_ref()
+        self.ending.as_deref()
     }
 
     /// True once a close was decided: later events are ignored.
@@ -474,7 +475,7 @@ impl Connection {
         if self.is_closing() {
             return;
         }
-        self.ending = Some(Ending { reason, abortive });
+        self.ending = Some(Box::new(Ending { reason, abortive }));
         if matches!(self.stage, Stage::Spliced(_)) {
             out.push_back(Action::Unsplice);
         }
