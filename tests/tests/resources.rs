@@ -120,7 +120,7 @@ fn map_memlock(pid: u32) -> Vec<(u32, u64)> {
 }
 
 #[test]
-fn the_splice_maps_take_kernel_memory_per_tunnel_not_up_front() {
+fn the_splice_maps_do_not_lock_kernel_memory_for_every_possible_tunnel_at_start() {
     if !datapaths().contains(&DataPath::Kernel) {
         return;
     }

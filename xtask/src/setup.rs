@@ -54,7 +54,7 @@ fn ensure_python_venv(root: &Path) -> anyhow::Result<()> {
     let check = format!(
         "import websockets, sys; sys.exit(websockets.__version__ != '{PYTHON_WEBSOCKETS}')"
     );
-    if probe_path(&python, &["-c", &check]) {
+    if probe(&python, &["-c", &check]) {
         return Ok(());
     }
     let base = match venv_capable_python() {
@@ -85,7 +85,7 @@ fn ensure_python_venv(root: &Path) -> anyhow::Result<()> {
         &format!("websockets=={PYTHON_WEBSOCKETS}"),
     ]))
     .context("pip could not install websockets from PyPI (is pypi.org reachable?)")?;
-    if !probe_path(&python, &["-c", &check]) {
+    if !probe(&python, &["-c", &check]) {
         bail!(
             "{} still lacks websockets {PYTHON_WEBSOCKETS} after pip install",
             python.display()
@@ -103,13 +103,8 @@ fn venv_capable_python() -> Option<String> {
         .map(str::to_owned)
 }
 
-/// [`probe`] for a program given by path.
-fn probe_path(program: &Path, args: &[&str]) -> bool {
-    program.is_file() && program.to_str().is_some_and(|program| probe(program, args))
-}
-
 /// Whether `program args` runs and succeeds.
-fn probe(program: &str, args: &[&str]) -> bool {
+fn probe(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> bool {
     Command::new(program)
         .args(args)
         .stdout(std::process::Stdio::null())

@@ -164,11 +164,8 @@ impl Worker {
             Side::Client => Op::PollClient,
             Side::Upstream => Op::PollUpstream,
         };
-        if intent == Intent::WatchSpliced {
-            self.ring.poll_hangup(fd, op.user_data(slot, id));
-        } else {
-            self.ring.poll_readable(fd, op.user_data(slot, id));
-        }
+        self.ring
+            .poll_once(fd, intent.poll_events(), op.user_data(slot, id));
     }
 
     pub(super) fn cancel_fd(&mut self, slot: u32, fd: std::os::fd::RawFd) {

@@ -2,7 +2,6 @@
 //! (read, or on the kernel path peeked at), a TLS client's handshake, and spliced sockets.
 
 use std::io;
-use std::os::fd::AsRawFd as _;
 
 use super::splice;
 use super::table::Intent;
@@ -81,39 +80,37 @@ impl Worker {
     /// A spliced socket woke up: a FIN, a reset, or stray bytes.
     pub(super) fn look_at_spliced(&mut self, slot: u32, side: Side, actions: &mut Actions) {
         let services = std::sync::Arc::clone(&self.services);
-        let Some(maps) = self.maps.as_ref() else {
-            return;
-        };
-        let Some(entry) = self.table.get(slot) else {
-            return;
-        };
-        let Some(sockets) = entry.spliced else {
-            return;
-        };
-        let event = splice::inspect(maps, &sockets, side, entry.side(side).raw());
-        entry.conn.on_spliced_event(side, event, &services, actions);
+        if let Some(event) = self.inspect_spliced(slot, side) {
+            if let Some(entry) = self.table.get(slot) {
+                entry.conn.on_spliced_event(side, event, &services, actions);
+            }
+        }
     }
 
     /// Reports are also how the program tells of bytes that stayed on a spliced socket (spliced
-    /// sockets are polled for FINs and errors only): peek at both sockets.
+    /// sockets are polled for FINs and errors only): peek at both sockets; anything else a
+    /// peek finds is left to the poll.
     pub(super) fn look_for_stray_bytes(&mut self, slot: u32) {
         for side in [Side::Client, Side::Upstream] {
-            let Some(maps) = self.maps.as_ref() else {
-                return;
-            };
-            let Some(entry) = self.table.get(slot) else {
-                return;
-            };
-            let (Some(sockets), Some(fd)) = (entry.spliced, entry.side(side).fd.as_ref()) else {
-                return;
-            };
-            let event = splice::inspect(maps, &sockets, side, fd.as_raw_fd());
-            if matches!(event, SplicedEvent::Stray { .. }) {
+            if let Some(event @ SplicedEvent::Stray { .. }) = self.inspect_spliced(slot, side) {
                 self.drive(slot, |conn, services, out| {
                     conn.on_spliced_event(side, event, services, out)
                 });
             }
         }
+    }
+
+    /// What a peek at a spliced socket finds (`None`: not a spliced connection any more).
+    fn inspect_spliced(&mut self, slot: u32, side: Side) -> Option<SplicedEvent> {
+        let maps = self.maps.as_ref()?;
+        let entry = self.table.get(slot)?;
+        let sockets = entry.spliced?;
+        Some(splice::inspect(
+            maps,
+            &sockets,
+            side,
+            entry.side(side).raw(),
+        ))
     }
 
     /// After bytes from a TLS client were processed: count a finished handshake, send what the

@@ -139,19 +139,9 @@ impl Ring {
         self.push(entry);
     }
 
-    /// A oneshot readiness poll for bytes or a FIN.
-    pub fn poll_readable(&mut self, fd: RawFd, user_data: u64) {
-        let entry = opcode::PollAdd::new(types::Fd(fd), (libc::POLLIN | libc::POLLRDHUP) as u32)
-            .build()
-            .user_data(user_data);
-        self.push(entry);
-    }
-
-    /// A oneshot poll for a FIN or an error only (errors and hang-ups always report). For spliced
-    /// sockets: the kernel wakes a socket's readers for every skb the verdict program moves,
-    /// and a poll for bytes would complete on each.
-    pub fn poll_hangup(&mut self, fd: RawFd, user_data: u64) {
-        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLRDHUP as u32)
+    /// A oneshot readiness poll for `events` (errors and hang-ups always report).
+    pub fn poll_once(&mut self, fd: RawFd, events: libc::c_short, user_data: u64) {
+        let entry = opcode::PollAdd::new(types::Fd(fd), events as u32)
             .build()
             .user_data(user_data);
         self.push(entry);

@@ -74,6 +74,19 @@ pub enum Intent {
     WatchSpliced,
 }
 
+impl Intent {
+    /// What a poll for this intent waits for. A spliced socket is watched for a FIN or an
+    /// error only: the kernel wakes its readers for every skb the splice program moves, and a
+    /// poll for bytes would complete on each (bytes that stay on it are reported by the
+    /// program instead).
+    pub fn poll_events(self) -> libc::c_short {
+        match self {
+            Intent::WatchSpliced => libc::POLLRDHUP,
+            _ => libc::POLLIN | libc::POLLRDHUP,
+        }
+    }
+}
+
 /// One socket of a connection and the operations pending on it.
 #[derive(Debug, Default)]
 pub struct SideIo {

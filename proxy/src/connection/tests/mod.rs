@@ -169,6 +169,19 @@ impl Harness {
         h
     }
 
+    /// Kernel path: the client pipelined `early` behind its request, the upstream's 101 was
+    /// peeked at; returns the harness and what the peek led to (the hand-off's first actions).
+    pub fn upgraded_with_early(early: &[u8]) -> (Harness, Vec<Action>) {
+        let mut h = Harness::accept(DataPath::Splice, false);
+        let mut bytes = REQUEST.to_vec();
+        bytes.extend_from_slice(early);
+        h.client_sends(&bytes);
+        h.connected();
+        h.sent(Side::Upstream);
+        let actions = h.peeked(UPGRADED);
+        (h, actions)
+    }
+
     /// A spliced tunnel at t = now.
     pub fn spliced() -> Harness {
         let mut h = Harness::upstream_asked(DataPath::Splice, false);

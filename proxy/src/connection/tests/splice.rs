@@ -35,13 +35,7 @@ fn a_hand_off_with_nothing_early_splices_at_once_and_counts_the_tunnel() {
 
 #[test]
 fn early_client_bytes_go_upstream_in_userspace_before_the_splice() {
-    let mut h = Harness::accept(DataPath::Splice, false);
-    let mut bytes = REQUEST.to_vec();
-    bytes.extend_from_slice(b"\x81\x01a");
-    h.client_sends(&bytes);
-    h.connected();
-    h.sent(Side::Upstream);
-    h.peeked(UPGRADED);
+    let (mut h, _) = Harness::upgraded_with_early(b"\x81\x01a");
     // The drain found more: it joins the pipelined frame, in order.
     let actions = h.event(|c, now, s, out| c.on_client_drained(b"\x81\x01b", true, now, s, out));
     assert_eq!(
@@ -53,14 +47,8 @@ fn early_client_bytes_go_upstream_in_userspace_before_the_splice() {
 
 #[test]
 fn a_hand_off_whose_upstream_never_takes_the_early_bytes_ends_at_the_idle_timeout() {
-    let mut h = Harness::accept(DataPath::Splice, false);
-    let mut bytes = REQUEST.to_vec();
-    bytes.extend_from_slice(b"\x81\x01a");
-    h.client_sends(&bytes);
-    h.connected();
-    h.sent(Side::Upstream);
+    let (mut h, actions) = Harness::upgraded_with_early(b"\x81\x01a");
     let upgraded_at = h.now;
-    let actions = h.peeked(UPGRADED);
     assert!(actions.contains(&Action::ArmDeadline(upgraded_at + IDLE)));
     let actions = h.event(|c, now, s, out| c.on_client_drained(b"", true, now, s, out));
     assert_eq!(
