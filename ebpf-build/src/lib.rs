@@ -46,14 +46,14 @@ const KEPT_CARGO_ENV_PREFIXES: [&str; 7] = [
 /// Why the eBPF build (or finding what it needs) failed. Each message says what to try.
 #[derive(Debug)]
 pub enum EbpfBuildError {
-    /// A `rust-toolchain.toml` could not be read.
+    /// A toolchain file could not be read.
     ToolchainFile {
         /// The file.
         file: PathBuf,
         /// Why reading failed.
         error: std::io::Error,
     },
-    /// A `rust-toolchain.toml` names no channel.
+    /// A toolchain file names no channel.
     NoChannel(PathBuf),
     /// bpf-linker is not installed in `.tools/`.
     LinkerMissing {
@@ -126,12 +126,18 @@ impl std::error::Error for EbpfBuildError {
     }
 }
 
+/// The userspace toolchain pinned in `toolchain.toml` (not a `rust-toolchain.toml`, so that the
+/// first `cargo` call on a fresh machine does not need it; `cargo xtask` installs it).
+pub fn userspace_toolchain(root: &Path) -> Result<String, EbpfBuildError> {
+    toolchain_channel(&root.join("toolchain.toml"))
+}
+
 /// The nightly channel pinned in `ebpf/rust-toolchain.toml`.
 pub fn ebpf_nightly(root: &Path) -> Result<String, EbpfBuildError> {
     toolchain_channel(&root.join("ebpf/rust-toolchain.toml"))
 }
 
-/// The `channel` of a `rust-toolchain.toml`.
+/// The `channel` of a toolchain file (`rust-toolchain.toml` format).
 pub fn toolchain_channel(file: &Path) -> Result<String, EbpfBuildError> {
     let text = std::fs::read_to_string(file).map_err(|error| EbpfBuildError::ToolchainFile {
         file: file.to_owned(),
@@ -249,7 +255,15 @@ mod tests {
             .expect("xtask sits in the repository root");
         let nightly = ebpf_nightly(root).expect("ebpf/rust-toolchain.toml");
         assert!(nightly.starts_with("nightly-"), "{nightly}");
-        toolchain_channel(&root.join("rust-toolchain.toml")).expect("rust-toolchain.toml");
+        let userspace = userspace_toolchain(root).expect("toolchain.toml");
+        assert!(
+            userspace.split('.').all(|part| part.parse::<u32>().is_ok()),
+            "the userspace toolchain is a release number: {userspace}"
+        );
+        assert!(
+            !root.join("rust-toolchain.toml").exists(),
+            "a root rust-toolchain.toml would make the first cargo call need the pinned toolchain"
+        );
     }
 
     #[test]

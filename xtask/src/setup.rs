@@ -1,8 +1,10 @@
 //! `cargo xtask setup`: everything a fresh machine lacks, installed once and cached.
 //!
-//! 1. the userspace toolchain of `rust-toolchain.toml` with rustfmt and clippy;
+//! 1. the userspace toolchain of `toolchain.toml` with rustfmt and clippy, which every cargo
+//!    that xtask starts afterwards uses (xtask itself builds with any stable Rust);
 //! 2. the eBPF nightly of `ebpf/rust-toolchain.toml` with rust-src;
-//! 3. bpf-linker built against that nightly's own LLVM (shared/ebpf-toolchain.md) in `.tools/`,
+//! 3. bpf-linker built against that nightly's own LLVM (its release, with that LLVM's static
+//!    libraries; see [`ensure_bpf_linker`]) in `.tools/`,
 //!    with a stamp recording the version and nightly, so bumping either rebuilds it.
 
 use std::path::{Path, PathBuf};
@@ -11,19 +13,27 @@ use std::process::Command;
 use anyhow::{bail, Context};
 
 use wsplice_ebpf_build::{
-    bpf_linker, command_line, ebpf_nightly, nested_tool, run_command, toolchain_channel, TOOLS_DIR,
+    bpf_linker, command_line, ebpf_nightly, nested_tool, run_command, userspace_toolchain,
+    TOOLS_DIR,
 };
 
 /// The bpf-linker release built for the eBPF nightly.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Installs the pinned toolchains and bpf-linker; fast when everything is there.
+/// Installs the pinned toolchains and bpf-linker; fast when everything is there. Afterwards
+/// every child process (cargo, rustc, the tests) runs with the pinned userspace toolchain.
 pub fn setup(root: &Path) -> anyhow::Result<()> {
-    let userspace = toolchain_channel(&root.join("rust-toolchain.toml"))?;
+    let userspace = userspace_toolchain(root)?;
     let nightly = ebpf_nightly(root)?;
     ensure_toolchain(&userspace, &["rustfmt", "clippy"])?;
     ensure_toolchain(&nightly, &["rust-src"])?;
-    ensure_bpf_linker(root, &nightly)
+    ensure_bpf_linker(root, &nightly)?;
+    // The one place the pinned toolchain is chosen for what xtask runs: rustup's proxies
+    // (`cargo`, `rustc`) honour RUSTUP_TOOLCHAIN over any file, and xtask, built by whatever
+    // stable Rust the machine has, is still single-threaded here. Nested eBPF builds remove it
+    // again (`nested_tool`).
+    std::env::set_var("RUSTUP_TOOLCHAIN", &userspace);
+    Ok(())
 }
 
 /// The Python `websockets` release the tests' virtual environment pins.
