@@ -6,6 +6,12 @@
 
 /// Name of the SOCKHASH that links a socket (key: its cookie) to its peer socket (value).
 pub const PEER_MAP: &str = "PEER";
+/// Name of the SOCKHASH that bridges a socket's bytes to its peer while a hand-off inserts the
+/// `PEER` entries (key: the sending socket's cookie). No program is attached to it, so being
+/// in it does not make a socket's bytes go through the program.
+pub const BRIDGE_MAP: &str = "BRIDGE";
+/// Entries of [`BRIDGE_MAP`]: one per hand-off in progress, at most one per worker.
+pub const BRIDGE_ENTRIES: u32 = 1024;
 /// Name of the HASH map of per-socket activity (key: socket cookie).
 pub const ACTIVITY_MAP: &str = "ACTIVITY";
 /// Name of the ring buffer through which the program reports sockets that moved another

@@ -23,13 +23,20 @@ use aya_ebpf::maps::{HashMap, RingBuf, SockHash};
 use aya_ebpf::programs::SkBuffContext;
 use aya_ebpf::EbpfContext as _;
 use wsplice_common::{
-    Activity, DEFAULT_MAP_ENTRIES, DIVERTED, PRESSURE_RING_BYTES, PRESSURE_STEP, SEQ_KNOWN,
+    Activity, BRIDGE_ENTRIES, DEFAULT_MAP_ENTRIES, DIVERTED, PRESSURE_RING_BYTES, PRESSURE_STEP, SEQ_KNOWN,
     STRAY_REPORTED, TRIM_STEP, TRIM_STEPS,
 };
 
 /// cookie(socket) → peer socket.
 #[map(name = "PEER")]
 static PEER: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAP_ENTRIES, 0);
+
+/// cookie(socket) → peer socket, only while a hand-off inserts the `PEER` entries: a socket
+/// goes live (its bytes reach this program) as soon as it is a `PEER` value, which is before
+/// its own `PEER` key exists; when both sides may be sending (a tunnel promoted from the
+/// userspace relay), its bytes find the peer here in that moment.
+#[map(name = "BRIDGE")]
+static BRIDGE: SockHash<u64> = SockHash::with_max_entries(BRIDGE_ENTRIES, 0);
 
 /// cookie(socket) → activity of that socket (inserted and removed by userspace).
 ///
@@ -67,7 +74,10 @@ pub fn wsplice_verdict(ctx: SkBuffContext) -> u32 {
         return SK_PASS;
     }
     // Flags 0: the peer's egress (its send queue), not its ingress.
-    let verdict = PEER.redirect_skb(&ctx, &mut cookie, 0);
+    let mut verdict = PEER.redirect_skb(&ctx, &mut cookie, 0);
+    if verdict != i64::from(SK_PASS) {
+        verdict = BRIDGE.redirect_skb(&ctx, &mut cookie, 0);
+    }
     if verdict != i64::from(SK_PASS) {
         report_stray(activity);
     } else {

@@ -34,10 +34,43 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// `[limits]`.
     pub limits: Limits,
+    /// `[kernel]`: when plain tunnels move to the kernel path (if the program is loaded).
+    pub splicing: Splicing,
     /// `[admin]`: the metrics/health listener, if any.
     pub admin: Option<AdminConfig>,
     /// `workers = N`: worker threads (default: one per CPU).
     pub workers: Option<usize>,
+}
+
+/// When a plain tunnel moves from the userspace relay to the kernel path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Splicing {
+    /// Right after the 101 (`wsplice run --datapath kernel`, used by tests and benchmarks).
+    AtOnce,
+    /// On the userspace relay first, then promoted at the first quiet moment (nothing held in
+    /// userspace either way) once it has lived `after` or relayed `after_bytes` (both ways),
+    /// whichever comes first: a hand-off costs about as much as relaying a few hundred small
+    /// messages, so short tunnels are cheaper in userspace.
+    Promote {
+        /// `kernel.promote_after` (default 1 s).
+        after: Duration,
+        /// `kernel.promote_after_bytes` (default 1 MiB).
+        after_bytes: u64,
+    },
+}
+
+/// `kernel.promote_after` by default.
+const DEFAULT_PROMOTE_AFTER: Duration = Duration::from_secs(1);
+/// `kernel.promote_after_bytes` by default.
+const DEFAULT_PROMOTE_AFTER_BYTES: u64 = 1 << 20;
+
+impl Default for Splicing {
+    fn default() -> Splicing {
+        Splicing::Promote {
+            after: DEFAULT_PROMOTE_AFTER,
+            after_bytes: DEFAULT_PROMOTE_AFTER_BYTES,
+        }
+    }
 }
 
 /// One listening address.
@@ -251,6 +284,8 @@ struct RawConfig {
     timeouts: RawTimeouts,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    kernel: RawKernel,
     admin: Option<RawAdmin>,
 }
 
@@ -305,6 +340,13 @@ struct RawLimits {
     relay_buffer: Option<Spanned<RawSize>>,
     max_tunnels: Option<Spanned<usize>>,
     kernel_backlog: Option<Spanned<RawSize>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKernel {
+    promote_after: Option<Spanned<String>>,
+    promote_after_bytes: Option<Spanned<RawSize>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -369,6 +411,7 @@ impl RawConfig {
             upstreams,
             timeouts: self.timeouts.to_config()?,
             limits: self.limits.to_config()?,
+            splicing: self.kernel.to_config()?,
             admin: self
                 .admin
                 .map(|admin| parse_addr(&admin.bind).map(|bind| AdminConfig { bind }))
@@ -537,6 +580,20 @@ impl RawLimits {
                 1 << 30,
             )?,
         })
+    }
+}
+
+impl RawKernel {
+    fn to_config(&self) -> Result<Splicing, Spot> {
+        let after = match &self.promote_after {
+            Some(value) => parse_duration(value)?,
+            None => DEFAULT_PROMOTE_AFTER,
+        };
+        let after_bytes = match &self.promote_after_bytes {
+            Some(value) => parse_size(value)? as u64,
+            None => DEFAULT_PROMOTE_AFTER_BYTES,
+        };
+        Ok(Splicing::Promote { after, after_bytes })
     }
 }
 

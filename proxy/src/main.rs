@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use wsplice::config::Config;
+use wsplice::config::{Config, Splicing};
 use wsplice::splice::SpliceProgram;
 
 /// WebSocket edge proxy: io_uring front end, kernel splice for plain tunnels.
@@ -51,9 +51,11 @@ enum Command {
 /// Which data path moves the bytes of plain tunnels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DataPath {
-    /// The kernel path when the eBPF program loads, else userspace.
+    /// The kernel path when the eBPF program loads, else userspace: tunnels start on the
+    /// userspace relay and are promoted once they have earned it (`[kernel]` in the config).
     Auto,
-    /// The sockmap eBPF program (fails to start if it cannot be loaded).
+    /// The sockmap eBPF program for every plain tunnel right after the 101 (fails to start if
+    /// the program cannot be loaded).
     Kernel,
     /// The io_uring userspace relay.
     Userspace,
@@ -80,7 +82,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             datapath,
             workers,
         } => {
-            let config = Config::load(&config)?;
+            let mut config = Config::load(&config)?;
+            if datapath == DataPath::Kernel {
+                // Tests and benchmarks measure the kernel path itself: no userspace prelude.
+                config.splicing = Splicing::AtOnce;
+            }
             let workers = workers
                 .or(config.workers)
                 .unwrap_or_else(|| {

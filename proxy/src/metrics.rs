@@ -59,6 +59,10 @@ pub struct Metrics {
     pub tunnels_open: Gauge,
     /// Tunnels carried by the kernel splice path.
     pub tunnels_spliced: Counter,
+    /// Of those, tunnels that started on the userspace relay and were promoted.
+    pub tunnels_promoted: Counter,
+    /// Hand-offs to the kernel that failed (the tunnel stayed on the userspace relay).
+    pub kernel_handoff_failures: Counter,
     /// Requests answered with an HTTP error by the proxy.
     pub requests_rejected: Counter,
     /// Non-101 upstream answers relayed.
@@ -90,7 +94,7 @@ impl Metrics {
     /// Renders every metric in the Prometheus text exposition format; `extra` holds gauges read
     /// at scrape time (name, help, value).
     pub fn render(&self, extra: &[(&str, &str, u64)]) -> String {
-        let counters: [(&str, &str, u64); 15] = [
+        let counters: [(&str, &str, u64); 17] = [
             (
                 "tls_handshakes_total",
                 "TLS handshakes completed.",
@@ -120,6 +124,16 @@ impl Metrics {
                 "tunnels_spliced_total",
                 "Tunnels carried by the kernel splice path.",
                 self.tunnels_spliced.get(),
+            ),
+            (
+                "tunnels_promoted_total",
+                "Tunnels moved from the userspace relay to the kernel splice path.",
+                self.tunnels_promoted.get(),
+            ),
+            (
+                "kernel_handoff_failures_total",
+                "Hand-offs to the kernel that failed (the tunnel stayed in userspace).",
+                self.kernel_handoff_failures.get(),
             ),
             (
                 "requests_rejected_total",

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::duration_ns;
-use crate::config::{Config, RouteConfig};
+use crate::config::{Config, RouteConfig, Splicing};
 use crate::handshake::HeadLimits;
 use crate::headers::HeaderRules;
 use crate::metrics::Metrics;
@@ -28,6 +28,15 @@ pub struct Route {
     pub rules: HeaderRules,
     /// Idle timeout of tunnels on this route, in ns.
     pub idle_ns: u64,
+}
+
+/// When a tunnel relayed in userspace has earned the kernel path (`[kernel]` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Promotion {
+    /// It has been open this long (ns)...
+    pub after_ns: u64,
+    /// ...or has relayed this many bytes, both ways together.
+    pub after_bytes: u64,
 }
 
 /// Routes, pools and limits shared by all workers.
@@ -53,6 +62,9 @@ pub struct Services {
     pub drain: Duration,
     /// Kernel path: backlog beyond which a tunnel is closed as a slow consumer.
     pub kernel_backlog: u64,
+    /// Kernel path: when a relayed plain tunnel is promoted to the kernel; `None`: plain
+    /// tunnels are spliced right after the 101.
+    pub promotion: Option<Promotion>,
     /// Process-wide counters.
     pub metrics: Arc<Metrics>,
     /// The loaded sockmap program when plain tunnels go to the kernel path (each worker opens
@@ -90,6 +102,13 @@ impl Services {
             relay_buffer: config.limits.relay_buffer,
             drain: config.timeouts.drain,
             kernel_backlog: config.limits.kernel_backlog as u64,
+            promotion: match config.splicing {
+                Splicing::AtOnce => None,
+                Splicing::Promote { after, after_bytes } => Some(Promotion {
+                    after_ns: duration_ns(after),
+                    after_bytes,
+                }),
+            },
             metrics: Arc::default(),
             splice,
         }

@@ -34,8 +34,10 @@ pub const WAIT: Duration = Duration::from_secs(20);
 pub enum DataPath {
     /// io_uring userspace relay.
     Userspace,
-    /// sockmap eBPF splice.
+    /// sockmap eBPF splice from the 101 on.
     Kernel,
+    /// The userspace relay first, the kernel once a tunnel is promoted (`[kernel]` keys).
+    Auto,
 }
 
 impl DataPath {
@@ -44,21 +46,28 @@ impl DataPath {
         match self {
             DataPath::Userspace => "userspace",
             DataPath::Kernel => "kernel",
+            DataPath::Auto => "auto",
         }
     }
 }
 
-/// The data paths to test: `WSPLICE_DATAPATHS` (comma list), default both. The kernel path
-/// needs root (loading eBPF): without it, it is left out with a message.
+/// The data paths to test: `WSPLICE_DATAPATHS` (comma list), default userspace and kernel.
+/// The kernel path needs root (loading eBPF): without it, it is left out with a message.
 pub fn datapaths() -> Vec<DataPath> {
-    let wanted = std::env::var("WSPLICE_DATAPATHS").unwrap_or_else(|_| "userspace,kernel".into());
+    datapaths_or("userspace,kernel")
+}
+
+/// [`datapaths`] with another default list (`auto`: promotion, which needs the program too).
+pub fn datapaths_or(default: &str) -> Vec<DataPath> {
+    let wanted = std::env::var("WSPLICE_DATAPATHS").unwrap_or_else(|_| default.into());
     wanted
         .split(',')
         .filter_map(|name| match name.trim() {
             "userspace" => Some(DataPath::Userspace),
             "kernel" if is_root() => Some(DataPath::Kernel),
-            "kernel" => {
-                println!("skipped the kernel data path: loading eBPF needs root");
+            "auto" if is_root() => Some(DataPath::Auto),
+            "kernel" | "auto" => {
+                println!("skipped the {name} data path: loading eBPF needs root");
                 None
             }
             _ => None,
@@ -203,6 +212,8 @@ pub struct ProxyConfig {
     pub route_extra: &'static str,
     /// `[limits]` body.
     pub limits: &'static str,
+    /// `[kernel]` body (promotion thresholds for `--datapath auto`).
+    pub kernel: &'static str,
     /// Worker threads.
     pub workers: usize,
     /// The listener's `tls` value (see [`tls::tls_table`]): the proxy serves `wss://`.
@@ -221,6 +232,7 @@ impl ProxyConfig {
             fail_timeout: "0s",
             route_extra: "",
             limits: "",
+            kernel: "",
             workers: 2,
             tls: None,
         }
@@ -236,7 +248,7 @@ impl ProxyConfig {
             "workers = {}\n\n[[listener]]\nbind = \"{listen}\"\n{tls}\n[[route]]\nupstream = \"default\"\n{}\n\n\
              [upstream.default]\nservers = [{}]\nfail_timeout = \"{}\"\n\n\
              [timeouts]\nidle = \"{}\"\nhandshake = \"{}\"\nconnect = \"{}\"\ndrain = \"{}\"\n\n\
-             [limits]\n{}\n\n[admin]\nbind = \"{admin}\"\n",
+             [limits]\n{}\n\n[kernel]\n{}\n\n[admin]\nbind = \"{admin}\"\n",
             self.workers,
             self.route_extra,
             servers.join(", "),
@@ -246,6 +258,7 @@ impl ProxyConfig {
             self.connect,
             self.drain,
             self.limits,
+            self.kernel,
         )
     }
 }

@@ -103,8 +103,9 @@ async fn stuck_reader(datapath: DataPath) {
     );
     let metrics = proxy.metrics();
     let (slow_consumers, open) = match datapath {
-        // Throttled, still open.
-        DataPath::Userspace => (0, 2),
+        // Throttled, still open (auto: never quiet while the reader is stuck, so never
+        // promoted).
+        DataPath::Userspace | DataPath::Auto => (0, 2),
         // Closed as a slow consumer; the other tunnel stays open.
         DataPath::Kernel => (1, 1),
     };

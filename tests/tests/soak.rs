@@ -1,5 +1,6 @@
 //! Soak: sequenced bulk tunnels, many at once, on every data path; not one byte may be lost,
-//! duplicated, changed or reordered (see `wsplice_tests::soak`).
+//! duplicated, changed or reordered (see `wsplice_tests::soak`). `auto` promotes tunnels from
+//! the userspace relay to the kernel in the middle of their traffic (after 64 KiB).
 //!
 //! `cargo xtask test` runs the bounded form; `cargo xtask soak` the long one. Settings:
 //! `WSPLICE_SOAK_RUNS` (rounds per data path, each round both scenarios), `WSPLICE_SOAK_SHAPE`
@@ -39,12 +40,14 @@ fn scenarios() -> Vec<Scenario> {
 
 /// The delayed-echo scenario runs with default limits, as a user would. The flood has no
 /// window, so on the kernel path its reader may fall far behind: the slow-consumer limit is
-/// lifted out of its way (`backpressure.rs` tests that policy).
+/// lifted out of its way (`backpressure.rs` tests that policy). Promotion comes early, so it
+/// happens while bytes flow.
 fn config(scenario: Scenario, upstream: &SoakUpstream) -> ProxyConfig {
     let mut config = ProxyConfig::new(&[upstream.addr()]);
     if scenario == Scenario::Flood {
         config.limits = "kernel_backlog = \"1024MiB\"";
     }
+    config.kernel = "promote_after = \"1h\"\npromote_after_bytes = \"64KiB\"";
     config
 }
 
@@ -59,7 +62,7 @@ async fn sequenced_bulk_tunnels_arrive_intact_on_every_data_path() {
         .unwrap_or_else(rand::random::<u64>);
     println!("soak: {runs} runs per data path and scenario, {shape:?}, first seed {first_seed}");
     let mut failures = Vec::new();
-    for datapath in datapaths() {
+    for datapath in datapaths_or("userspace,kernel,auto") {
         for scenario in scenarios() {
             let proxy = Proxy::start(datapath, &config(scenario, &upstream));
             let started = Instant::now();
@@ -103,13 +106,22 @@ async fn sequenced_bulk_tunnels_arrive_intact_on_every_data_path() {
             let metric = |name: &str| metrics.get(name).copied().unwrap_or(0);
             println!(
                 "soak {datapath:?} {}: {runs} runs, {} MB in {:.1} s; the kernel handed over \
-                 {} bytes twice (cut off by the splice program), {} tunnels diverted",
+                 {} bytes twice (cut off by the splice program), {} tunnels diverted; {} of {} \
+                 tunnels promoted from userspace",
                 scenario.name(),
                 moved / 1_000_000,
                 started.elapsed().as_secs_f64(),
                 metric("kernel_repeated_bytes_cut_total"),
                 metric("kernel_diverted_total"),
+                metric("tunnels_promoted_total"),
+                metric("tunnels_opened_total"),
             );
+            if datapath == DataPath::Auto && metric("tunnels_promoted_total") == 0 {
+                failures.push(format!(
+                    "auto {}: no tunnel was promoted to the kernel",
+                    scenario.name()
+                ));
+            }
         }
     }
     assert!(

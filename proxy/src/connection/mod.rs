@@ -12,7 +12,8 @@
 //!
 //! ```text
 //! ReadingRequest ─▶ Connecting ─▶ SendingRequest ─▶ ReadingResponse ─┬─▶ Relaying (userspace)
-//!        │               │ (next server)                   │          ├─▶ HandingOff ─▶ Spliced
+//!        │               │ (next server)                   │          │     └─▶ Promoting ─▶ Spliced
+//!        │               │                                 │          ├─▶ HandingOff ─▶ Spliced
 //!        └───────────────┴──────────▶ Rejecting ◀──────────┘          └─▶ Relaying (refusal)
 //! ```
 //!
@@ -75,8 +76,13 @@ impl Side {
 pub enum DataPath {
     /// Userspace: read into a buffer, write out (TLS tunnels, hosts without the program).
     Relay,
-    /// The kernel's sockmap program moves them; userspace only watches.
+    /// The kernel's sockmap program moves them from the 101 on; userspace only watches
+    /// (`--datapath kernel`).
     Splice,
+    /// The userspace relay first; the kernel once the tunnel has earned it
+    /// ([`Services::promotion`](crate::services::Services::promotion)), at a moment when
+    /// userspace holds none of its bytes.
+    Promote,
 }
 
 /// The actions an event asks for, in order (the I/O layer carries them out front to back).
@@ -114,7 +120,8 @@ pub enum Action {
     /// Relay: read up to `budget` bytes from `from` and send them to its peer. Call
     /// [`Connection::on_forwarded`] once read, then [`Connection::on_sent`] for the peer once
     /// written; [`Connection::on_source_eof`] / [`Connection::on_source_failed`] when the read
-    /// ends; if nothing is readable, call [`Connection::on_readable`] when it is.
+    /// ends; if nothing is readable, call [`Connection::on_source_waiting`], then
+    /// [`Connection::on_readable`] when it is.
     Forward {
         /// The source side.
         from: Side,
@@ -134,7 +141,12 @@ pub enum Action {
     },
     /// Kernel path: hand both sockets to the splice program, then call
     /// [`Connection::on_splice_result`].
-    Splice,
+    Splice {
+        /// Both sides may be sending (a promotion): bridge the client's bytes to the upstream
+        /// while the `PEER` entries go in. Right after the 101 the client is silent (it has
+        /// not seen the 101 yet), so the bridge is not needed.
+        bridged: bool,
+    },
     /// Kernel path: the tunnel goes to the userspace relay after all; reset the upstream
     /// socket's receive mark set while peeking.
     UndoPeekMark,
@@ -195,6 +207,9 @@ pub enum Stage {
     },
     /// The userspace relay (of a tunnel, or of a refused upgrade's answer).
     Relaying(Relay),
+    /// A relayed tunnel being handed to the kernel at a quiet moment (nothing held in
+    /// userspace); back to `Relaying` if the hand-off fails.
+    Promoting(Relay),
     /// The kernel moves the bytes.
     Spliced(Splice),
 }
@@ -358,6 +373,14 @@ impl Connection {
         if self.is_closing() {
             return;
         }
+        if matches!(self.stage, Stage::Relaying(_)) {
+            // The destination is free again: a quiet moment to move to the kernel, or read the
+            // next chunk from its source.
+            if !self.try_promote(now_ns, services, out) {
+                self.pump(side.peer(), services, out);
+            }
+            return;
+        }
         match &mut self.stage {
             Stage::SendingRequest(h) if side == Side::Upstream => {
                 let step = h.on_request_sent();
@@ -370,9 +393,9 @@ impl Connection {
                 out.push_back(Action::ArmDeadline(self.deadline_ns));
                 out.push_back(Action::Read(Side::Client));
             }
-            Stage::HandingOff { .. } if side == Side::Upstream => out.push_back(Action::Splice),
-            // The destination is free again: read the next chunk from its source.
-            Stage::Relaying(_) => self.pump(side.peer(), services, out),
+            Stage::HandingOff { .. } if side == Side::Upstream => {
+                out.push_back(Action::Splice { bridged: false })
+            }
             _ => {}
         }
     }
@@ -405,7 +428,7 @@ impl Connection {
         }
         tracing::info!(client = %self.client_addr, %reason, "TLS connection closed");
         // A broken stream mid-tunnel is passed on as a reset, like a client that vanished.
-        let in_tunnel = matches!(self.stage, Stage::Relaying(_));
+        let in_tunnel = matches!(self.stage, Stage::Relaying(_) | Stage::Promoting(_));
         self.close(reason, in_tunnel, out);
     }
 
@@ -424,11 +447,20 @@ impl Connection {
             return;
         }
         let deadline = match &self.stage {
-            Stage::Relaying(relay) => relay.deadline(),
+            Stage::Relaying(relay) | Stage::Promoting(relay) => relay.deadline(),
             Stage::Spliced(splice) => splice.deadline(kernel_activity_ns),
             _ => self.deadline_ns,
         };
         if now_ns < deadline {
+            if let Stage::Relaying(relay) = &self.stage {
+                // Perhaps the moment the tunnel became due for the kernel path.
+                let reminder = relay.reminder(now_ns);
+                if self.try_promote(now_ns, services, out) {
+                    return;
+                }
+                out.push_back(Action::ArmDeadline(reminder));
+                return;
+            }
             out.push_back(Action::ArmDeadline(deadline));
             return;
         }
@@ -446,7 +478,7 @@ impl Connection {
                 self.after_step(step, now_ns, services, out);
             }
             Stage::Rejecting { .. } => self.close("rejected".into(), false, out),
-            Stage::Relaying(_) | Stage::Spliced(_) => {
+            Stage::Relaying(_) | Stage::Promoting(_) | Stage::Spliced(_) => {
                 let idle_ms = self.idle_ns(services) / 1_000_000;
                 services.metrics.idle_timeouts.inc();
                 let reason = format!("idle timeout ({idle_ms} ms without traffic)");
@@ -487,7 +519,7 @@ impl Connection {
         let metrics = &services.metrics;
         metrics.connections_open.dec();
         let (status, bytes_up, bytes_down, datapath) = match &self.stage {
-            Stage::Relaying(relay) => (
+            Stage::Relaying(relay) | Stage::Promoting(relay) => (
                 relay.status(),
                 relay.bytes_up(),
                 relay.bytes_down(),

@@ -2,7 +2,7 @@
 //! only when its previous chunk is written (a slow reader throttles its own writer), and a FIN
 //! is passed on once everything before it is written.
 
-use super::{Action, Actions, Connection, Side, Stage};
+use super::{Action, Actions, Connection, DataPath, Side, Stage};
 use crate::services::Services;
 use crate::tunnel::relay::{AfterSource, Direction};
 
@@ -17,6 +17,8 @@ pub struct Relay {
     idle_ns: u64,
     /// 101 for a tunnel; the upstream's status when relaying a refusal.
     status: u16,
+    /// When the tunnel becomes due for the kernel path (`DataPath::Promote`; else never).
+    promote_at_ns: u64,
 }
 
 impl Relay {
@@ -36,6 +38,35 @@ impl Relay {
     /// The idle timeout.
     pub fn idle_ns(&self) -> u64 {
         self.idle_ns
+    }
+
+    /// When the connection next needs a deadline event: the idle deadline, or the moment the
+    /// tunnel becomes due for promotion if that is still ahead and comes first.
+    pub fn reminder(&self, now_ns: u64) -> u64 {
+        let idle = self.deadline();
+        if self.promote_at_ns > now_ns {
+            idle.min(self.promote_at_ns)
+        } else {
+            idle
+        }
+    }
+
+    /// Whether the tunnel has earned the kernel path: open long enough, or enough bytes.
+    pub(super) fn is_due(&self, now_ns: u64, after_bytes: u64) -> bool {
+        now_ns >= self.promote_at_ns || self.up.bytes + self.down.bytes >= after_bytes
+    }
+
+    /// Never promote (the hand-off failed once).
+    pub(super) fn stay_in_userspace(&mut self) {
+        self.promote_at_ns = u64::MAX;
+    }
+
+    /// The direction whose bytes go to `destination` (read-only).
+    pub(super) fn direction(&self, destination: Side) -> &Direction {
+        match destination {
+            Side::Upstream => &self.up,
+            Side::Client => &self.down,
+        }
     }
 
     /// 101, or the refused upgrade's status.
@@ -79,13 +110,22 @@ impl Connection {
         } else {
             Direction::closed()
         };
-        self.stage = Stage::Relaying(Relay {
+        let promote_at_ns = match (self.datapath, services.promotion) {
+            (DataPath::Promote, Some(promotion)) if status == 101 => {
+                now_ns.saturating_add(promotion.after_ns)
+            }
+            _ => u64::MAX,
+        };
+        let relay = Relay {
             up,
             down,
             last_activity_ns: now_ns,
             idle_ns,
             status,
-        });
+            promote_at_ns,
+        };
+        let reminder = relay.reminder(now_ns);
+        self.stage = Stage::Relaying(relay);
         if status == 101 {
             tracing::debug!(client = %self.client_addr, upstream = ?self.upstream_addr, "tunnel open");
             services.metrics.tunnels_opened.inc();
@@ -93,7 +133,7 @@ impl Connection {
         } else {
             services.metrics.upgrades_refused.inc();
         }
-        out.push_back(Action::ArmDeadline(now_ns.saturating_add(idle_ns)));
+        out.push_back(Action::ArmDeadline(reminder));
         self.start_direction(Side::Client, to_client, services, out);
         if status == 101 {
             self.start_direction(Side::Upstream, to_upstream, services, out);
@@ -154,25 +194,59 @@ impl Connection {
         if budget == 0 {
             return self.flush_direction(destination, out);
         }
+        relay.towards(destination).on_read_asked();
         out.push_back(Action::Forward {
             from: source,
             budget,
         });
     }
 
-    /// A [`Action::Forward`]'s source became readable: try again.
-    pub fn on_readable(&mut self, source: Side, services: &Services, out: &mut Actions) {
-        if !self.is_closing() {
-            self.pump(source, services, out);
+    /// A [`Action::Forward`] found nothing to read on `source`; the I/O layer waits for it to
+    /// become readable (then [`Connection::on_readable`]). A quiet moment: the tunnel may move
+    /// to the kernel now.
+    pub fn on_source_waiting(
+        &mut self,
+        source: Side,
+        now_ns: u64,
+        services: &Services,
+        out: &mut Actions,
+    ) {
+        if self.is_closing() {
+            return;
         }
+        let Stage::Relaying(relay) = &mut self.stage else {
+            return;
+        };
+        relay.towards(source.peer()).on_read_done(true, true);
+        self.try_promote(now_ns, services, out);
     }
 
-    /// `count` bytes were read from `source` and are being sent to its peer.
-    pub fn on_forwarded(&mut self, source: Side, count: usize, now_ns: u64, services: &Services) {
+    /// A [`Action::Forward`]'s source became readable: try again.
+    pub fn on_readable(&mut self, source: Side, services: &Services, out: &mut Actions) {
+        if self.is_closing() {
+            return;
+        }
+        if let Stage::Relaying(relay) = &mut self.stage {
+            relay.towards(source.peer()).on_read_done(false, false);
+        }
+        self.pump(source, services, out);
+    }
+
+    /// `count` bytes were read from `source` and are being sent to its peer; `drained` when the
+    /// read took everything queued (it returned less than it could take).
+    pub fn on_forwarded(
+        &mut self,
+        source: Side,
+        count: usize,
+        drained: bool,
+        now_ns: u64,
+        services: &Services,
+    ) {
         let Stage::Relaying(relay) = &mut self.stage else {
             return;
         };
         relay.towards(source.peer()).on_read(count);
+        relay.towards(source.peer()).on_read_done(drained, false);
         relay.last_activity_ns = now_ns;
         services.metrics.relayed_bytes_userspace.add(count as u64);
         self.sending[source.peer().index()] = true;

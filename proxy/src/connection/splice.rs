@@ -7,12 +7,20 @@
 //! 2. everything the client sent so far is read ([`Action::DrainClient`]) and sent upstream,
 //!    so no skb is left half-read (the program takes each socket's place in its TCP stream
 //!    from the first skb it sees);
-//! 3. [`Action::Splice`]: the I/O layer inserts `PEER[cookie(upstream)] = client`,
+//! 3. [`Action::Splice`]: the I/O layer inserts `PEER[cookie(upstream)] = client` (for a
+//!    promotion, `BRIDGE[cookie(client)] = upstream` first: the client may be sending),
 //! 4. then `PEER[cookie(client)] = upstream`,
 //! 5. and kicks both sockets (`runtime/splice.rs`).
+//!
+//! Promotion (`DataPath::Promote`) hands over a tunnel that the userspace relay carries, once
+//! it has lived `kernel.promote_after` or relayed `kernel.promote_after_bytes`, at a quiet
+//! moment: no read pending, nothing being written, and each socket's last read took everything
+//! queued (so no segment is half-read: the program would get it whole and pass its head on a
+//! second time). Bytes that arrive afterwards wait whole in the socket until step 5's kick.
 
 use super::{Action, Actions, Connection, DataPath, Side, Stage, MAX_UNREAD_BEFORE_SPLICE};
 use crate::services::Services;
+use crate::tunnel::relay::SourceRead;
 
 /// A tunnel carried by the kernel; userspace holds only this.
 #[derive(Debug)]
@@ -137,15 +145,45 @@ impl Connection {
             return self.fall_back_to_relay(reason, early, now_ns, services, out);
         }
         if early.is_empty() {
-            out.push_back(Action::Splice);
+            out.push_back(Action::Splice { bridged: false });
         } else {
             self.sending[Side::Upstream.index()] = true;
             out.push_back(Action::Send(Side::Upstream, early));
         }
     }
 
+    /// Promotion: moves a relayed tunnel to the kernel if it is due and userspace holds none
+    /// of its bytes (see the module docs); true when the hand-off was asked for.
+    pub(super) fn try_promote(
+        &mut self,
+        now_ns: u64,
+        services: &Services,
+        out: &mut Actions,
+    ) -> bool {
+        if self.datapath != DataPath::Promote || self.tls || self.is_closing() {
+            return false;
+        }
+        let (Some(promotion), Stage::Relaying(relay)) = (services.promotion, &self.stage) else {
+            return false;
+        };
+        let quiet = [Side::Client, Side::Upstream]
+            .into_iter()
+            .all(|destination| {
+                !self.sending[destination.index()] && relay.direction(destination).is_quiet()
+            });
+        if relay.status() != 101 || !quiet || !relay.is_due(now_ns, promotion.after_bytes) {
+            return false;
+        }
+        let stage = std::mem::replace(&mut self.stage, Stage::HandingOff { early: Vec::new() });
+        if let Stage::Relaying(relay) = stage {
+            self.stage = Stage::Promoting(relay);
+        }
+        out.push_back(Action::Splice { bridged: true });
+        true
+    }
+
     /// The hand-off to the kernel succeeded (`Ok`) or not (`Err` with the reason, and the
-    /// tunnel goes to the userspace relay).
+    /// tunnel goes to, or stays on, the userspace relay).
     pub fn on_splice_result(
         &mut self,
         result: Result<(), String>,
@@ -153,27 +191,64 @@ impl Connection {
         services: &Services,
         out: &mut Actions,
     ) {
-        if self.is_closing() || !matches!(self.stage, Stage::HandingOff { .. }) {
+        if self.is_closing() {
             return;
         }
-        if let Err(reason) = result {
-            return self.fall_back_to_relay(reason, Vec::new(), now_ns, services, out);
-        }
+        let metrics = &services.metrics;
+        let (bytes_up, bytes_down) = match (&self.stage, &result) {
+            (Stage::HandingOff { .. }, Err(reason)) => {
+                let reason = reason.clone();
+                return self.fall_back_to_relay(reason, Vec::new(), now_ns, services, out);
+            }
+            (Stage::Promoting(_), Err(reason)) => {
+                let reason = reason.clone();
+                return self.stay_in_userspace(&reason, services, out);
+            }
+            (Stage::HandingOff { .. }, Ok(())) => {
+                metrics.tunnels_opened.inc();
+                metrics.tunnels_open.inc();
+                (0, 0)
+            }
+            (Stage::Promoting(relay), Ok(())) => {
+                metrics.tunnels_promoted.inc();
+                (relay.bytes_up(), relay.bytes_down())
+            }
+            _ => return,
+        };
         let idle_ns = self.idle_ns(services);
         self.stage = Stage::Spliced(Splice {
             since_ns: now_ns,
             idle_ns,
             fin_passed: [false; 2],
-            bytes_up: 0,
-            bytes_down: 0,
+            bytes_up,
+            bytes_down,
         });
-        let metrics = &services.metrics;
-        metrics.tunnels_opened.inc();
-        metrics.tunnels_open.inc();
         metrics.tunnels_spliced.inc();
         out.push_back(Action::ArmDeadline(now_ns.saturating_add(idle_ns)));
         out.push_back(Action::WatchSpliced(Side::Client));
         out.push_back(Action::WatchSpliced(Side::Upstream));
+    }
+
+    /// A promotion failed: the relay goes on where it stopped, for good. A direction waiting
+    /// for its source still has its readiness wait armed; the others read again.
+    fn stay_in_userspace(&mut self, reason: &str, services: &Services, out: &mut Actions) {
+        services.metrics.kernel_handoff_failures.inc();
+        tracing::warn!(%reason, "kernel hand-off failed; this tunnel stays on the userspace relay");
+        self.datapath = DataPath::Relay;
+        let stage = std::mem::replace(&mut self.stage, Stage::HandingOff { early: Vec::new() });
+        let Stage::Promoting(mut relay) = stage else {
+            self.stage = stage;
+            return;
+        };
+        relay.stay_in_userspace();
+        let resume: Vec<Side> = [Side::Client, Side::Upstream]
+            .into_iter()
+            .filter(|&source| relay.direction(source.peer()).source_read() != SourceRead::Waiting)
+            .collect();
+        self.stage = Stage::Relaying(relay);
+        for source in resume {
+            self.pump(source, services, out);
+        }
     }
 
     /// The kernel cannot take the tunnel: relay it in userspace, starting with `to_upstream`.
@@ -187,6 +262,7 @@ impl Connection {
         services: &Services,
         out: &mut Actions,
     ) {
+        services.metrics.kernel_handoff_failures.inc();
         tracing::warn!(%reason, "kernel hand-off failed; relaying this tunnel in userspace");
         self.datapath = DataPath::Relay;
         out.push_back(Action::UndoPeekMark);
@@ -299,8 +375,9 @@ impl Connection {
         let Stage::Spliced(splice) = &mut self.stage else {
             return;
         };
-        splice.bytes_up = counted.up;
-        splice.bytes_down = counted.down;
+        // A promoted tunnel counted its relayed bytes already.
+        splice.bytes_up += counted.up;
+        splice.bytes_down += counted.down;
         let metrics = &services.metrics;
         metrics.spliced_bytes_kernel.add(counted.up + counted.down);
         if counted.repeated > 0 {

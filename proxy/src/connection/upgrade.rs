@@ -98,7 +98,7 @@ impl Connection {
                 self.enter_handshake_stage(Stage::ReadingResponse);
                 out.push_back(match self.datapath {
                     DataPath::Splice => Action::PeekUpstream { seen: self.peeked },
-                    DataPath::Relay => Action::Read(Side::Upstream),
+                    DataPath::Relay | DataPath::Promote => Action::Read(Side::Upstream),
                 });
             }
             Step::Reject(rejection) => self.reject(rejection, services, out),
@@ -108,7 +108,7 @@ impl Connection {
             } => match self.datapath {
                 // The 101 (`to_client`) stays queued in the upstream socket: the kernel delivers it.
                 DataPath::Splice => self.hand_off(to_upstream, now_ns, services, out),
-                DataPath::Relay => {
+                DataPath::Relay | DataPath::Promote => {
                     self.start_tunnel_relay(to_client, to_upstream, now_ns, services, out)
                 }
             },

@@ -86,8 +86,16 @@ impl Worker {
                         .on_client_drained(&bytes, complete, now, &services, actions);
                 }
             }
-            Action::Splice => {
-                let result = self.splice(slot);
+            Action::Splice { bridged } => {
+                if self
+                    .table
+                    .get(slot)
+                    .is_none_or(|entry| entry.conn.is_closing())
+                {
+                    // Decided to close since: the sockets must not enter the maps.
+                    return;
+                }
+                let result = self.splice(slot, bridged);
                 if let Some(entry) = self.table.get(slot) {
                     entry.conn.on_splice_result(result, now, &services, actions);
                 }
@@ -316,8 +324,8 @@ impl Worker {
         }
     }
 
-    /// Kernel path: hand-off steps 3–5.
-    fn splice(&mut self, slot: u32) -> Result<(), String> {
+    /// Kernel path: hand-off steps 3–5 (`bridged`: both sides may be sending).
+    fn splice(&mut self, slot: u32, bridged: bool) -> Result<(), String> {
         let index = self.index;
         let maps = self.maps.as_mut().ok_or("no splice program")?;
         let entry = self.table.get(slot).ok_or("connection gone")?;
@@ -329,7 +337,7 @@ impl Worker {
         // byte (`serve` refuses more than MAX_WORKERS workers).
         let worker = u8::try_from(index).map_err(|_| "worker index over 255")?;
         let owner = Tag::new(worker, slot, entry.conn.id());
-        let sockets = splice::hand_off(maps, client.as_fd(), upstream.as_fd(), owner)
+        let sockets = splice::hand_off(maps, client.as_fd(), upstream.as_fd(), owner, bridged)
             .map_err(|error| error.to_string())?;
         entry.spliced = Some(sockets);
         Ok(())

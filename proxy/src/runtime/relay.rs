@@ -43,12 +43,21 @@ impl Worker {
                 entry.conn.on_source_eof(from, actions);
             }
             Ok(n) => {
-                entry.conn.on_forwarded(from, n, monotonic_ns(), &services);
+                // Fewer bytes than asked for: the read took everything queued.
+                let drained = n < budget;
+                entry
+                    .conn
+                    .on_forwarded(from, n, drained, monotonic_ns(), &services);
                 self.send_to(slot, from.peer(), Outgoing::pooled(buffer, n));
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                 self.buffers.give(buffer);
                 self.arm_poll(slot, from, Intent::Forward);
+                if let Some(entry) = self.table.get(slot) {
+                    entry
+                        .conn
+                        .on_source_waiting(from, monotonic_ns(), &services, actions);
+                }
             }
             Err(error) => {
                 self.buffers.give(buffer);

@@ -4,7 +4,10 @@
 //!
 //! Hand-off steps 3–5 (steps 1–2 are the connection's):
 //! 3. `PEER[cookie(upstream)] = client` — the client socket goes live without its own key, safe
-//!    because the client is silent until it sees the 101;
+//!    right after the 101 because the client is silent until it sees it; a promoted tunnel's
+//!    client may be sending, so `BRIDGE[cookie(client)] = upstream` goes in first (the program
+//!    looks there when `PEER` has no entry; the bridge has no program, so the upstream does not
+//!    go live by it) and comes out after step 4;
 //! 4. `PEER[cookie(client)] = upstream` — the upstream goes live with its key already present;
 //! 5. kick both (`SO_RCVLOWAT`): the queued 101 and every frame behind it pass through the verdict
 //!    program to the client in order, and anything the client queued goes upstream.
@@ -59,12 +62,14 @@ pub enum HandoffError {
     Kick(#[source] io::Error),
 }
 
-/// Hand-off steps 3–5: tracks both sockets, inserts them in the safe order and kicks them.
+/// Hand-off steps 3–5: tracks both sockets, inserts them in the safe order (`bridged`: with the
+/// client's bridge, for a client that may be sending) and kicks them.
 pub fn hand_off(
     maps: &mut SpliceMaps,
     client: BorrowedFd<'_>,
     upstream: BorrowedFd<'_>,
     owner: Tag,
+    bridged: bool,
 ) -> Result<SplicedSockets, HandoffError> {
     let sockets = SplicedSockets {
         client_cookie: sys::socket_cookie(client).map_err(HandoffError::Cookie)?,
@@ -77,10 +82,19 @@ pub fn hand_off(
     let inserted = (|| {
         maps.track(sockets.client_cookie, owner.encode())?;
         maps.track(sockets.upstream_cookie, owner.encode())?;
+        if bridged {
+            maps.insert_bridge(sockets.client_cookie, upstream)?;
+        }
         maps.insert_peer(sockets.upstream_cookie, client)?;
         maps.insert_peer(sockets.client_cookie, upstream)?;
         Ok::<(), SpliceError>(())
     })();
+    if bridged {
+        // PEER has both entries now (or the hand-off is being undone): the bridge is done.
+        if let Err(error) = maps.remove_bridge(sockets.client_cookie) {
+            tracing::warn!(%error, "removing a bridge entry");
+        }
+    }
     if let Err(error) = inserted {
         forget(maps, &sockets);
         return Err(error.into());

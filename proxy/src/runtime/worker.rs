@@ -335,11 +335,12 @@ impl Worker {
                 return;
             }
         };
-        // TLS tunnels are relayed in userspace; plain ones go to the kernel when it is loaded.
-        let datapath = if self.maps.is_some() && !stream.is_tls() {
-            DataPath::Splice
-        } else {
-            DataPath::Relay
+        // TLS tunnels are relayed in userspace; plain ones go to the kernel when it is loaded,
+        // at once or once they have earned it.
+        let datapath = match (&self.maps, stream.is_tls(), self.services.promotion) {
+            (Some(_), false, None) => DataPath::Splice,
+            (Some(_), false, Some(_)) => DataPath::Promote,
+            _ => DataPath::Relay,
         };
         let mut first = Actions::new();
         let id = self.table.next_id();

@@ -1,5 +1,5 @@
-//! A handle on the program's maps: `PEER` (which socket each socket's bytes go to) and
-//! `ACTIVITY` (what the program records per socket). Each worker owns one, so inserts and
+//! A handle on the program's maps: `PEER` (which socket each socket's bytes go to), `BRIDGE`
+//! (the same, only during a hand-off) and `ACTIVITY` (what the program records per socket). Each worker owns one, so inserts and
 //! lookups take no lock in userspace; the kernel serializes map updates itself.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -9,9 +9,10 @@ use wsplice_common::{Activity, PRESSURE_STEP};
 
 use super::SpliceError;
 
-/// `PEER` and `ACTIVITY`, through this handle's own descriptors.
+/// `PEER`, `BRIDGE` and `ACTIVITY`, through this handle's own descriptors.
 pub struct SpliceMaps {
     peer: SockHash<MapData, u64>,
+    bridge: SockHash<MapData, u64>,
     activity: HashMap<MapData, u64, Activity>,
 }
 
@@ -24,9 +25,14 @@ impl std::fmt::Debug for SpliceMaps {
 impl SpliceMaps {
     pub(super) fn new(
         peer: SockHash<MapData, u64>,
+        bridge: SockHash<MapData, u64>,
         activity: HashMap<MapData, u64, Activity>,
     ) -> SpliceMaps {
-        SpliceMaps { peer, activity }
+        SpliceMaps {
+            peer,
+            bridge,
+            activity,
+        }
     }
 
     /// `PEER[cookie] = peer`: bytes arriving on the socket with `cookie` go to `peer`'s egress.
@@ -39,6 +45,18 @@ impl SpliceMaps {
     /// Removes `PEER[cookie]`; a missing entry (the socket closed) is fine.
     pub fn remove_peer(&mut self, cookie: u64) -> Result<(), SpliceError> {
         ignore_missing(self.peer.remove(&cookie))
+    }
+
+    /// `BRIDGE[cookie] = peer`: while the socket with `cookie` is live without its own `PEER`
+    /// entry, its bytes still go to `peer`. `peer` does not go live by this.
+    pub fn insert_bridge(&mut self, cookie: u64, peer: BorrowedFd<'_>) -> Result<(), SpliceError> {
+        self.bridge.insert(&cookie, peer.as_raw_fd(), 0)?;
+        Ok(())
+    }
+
+    /// Removes `BRIDGE[cookie]`; a missing entry is fine.
+    pub fn remove_bridge(&mut self, cookie: u64) -> Result<(), SpliceError> {
+        ignore_missing(self.bridge.remove(&cookie))
     }
 
     /// Starts recording activity for the socket with `cookie`; `owner` comes back on the

@@ -5,7 +5,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use aya::maps::{HashMap, Map, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
-use wsplice_common::{Activity, ACTIVITY_MAP, PEER_MAP, PRESSURE_MAP, VERDICT_PROGRAM};
+use wsplice_common::{Activity, ACTIVITY_MAP, BRIDGE_MAP, PEER_MAP, PRESSURE_MAP, VERDICT_PROGRAM};
 
 use super::SpliceMaps;
 
@@ -100,8 +100,9 @@ fn is_permission_error(error: &(dyn std::error::Error + 'static)) -> bool {
 /// through their own [`SpliceMaps`] handles (duplicated descriptors), so no lock is taken on
 /// the hot path.
 pub struct SpliceProgram {
-    /// Descriptors of `PEER` and `ACTIVITY`, duplicated into each handle.
+    /// Descriptors of `PEER`, `BRIDGE` and `ACTIVITY`, duplicated into each handle.
     peer_fd: OwnedFd,
+    bridge_fd: OwnedFd,
     activity_fd: OwnedFd,
     /// Taken by the pressure watcher (`take_pressure_ring`).
     pressure: Option<RingBuf<MapData>>,
@@ -145,7 +146,11 @@ impl SpliceProgram {
         let activity_map = ebpf
             .take_map(ACTIVITY_MAP)
             .ok_or(SpliceError::Missing("ACTIVITY map"))?;
+        let bridge_map = ebpf
+            .take_map(BRIDGE_MAP)
+            .ok_or(SpliceError::Missing("BRIDGE map"))?;
         let (peer_fd, activity_fd) = (duplicate(&peer_map)?, duplicate(&activity_map)?);
+        let bridge_fd = duplicate(&bridge_map)?;
         let peer: SockHash<MapData, u64> = SockHash::try_from(peer_map)?;
         let pressure = RingBuf::try_from(
             ebpf.take_map(PRESSURE_MAP)
@@ -159,8 +164,11 @@ impl SpliceProgram {
         program.attach(peer.fd())?;
         // Checks the activity map's type once, so `maps()` cannot fail on it later.
         let _: HashMap<MapData, u64, Activity> = HashMap::try_from(activity_map)?;
+        // Checked once too; the program is not attached to it.
+        let _: SockHash<MapData, u64> = SockHash::try_from(bridge_map)?;
         Ok(SpliceProgram {
             peer_fd,
+            bridge_fd,
             activity_fd,
             pressure: Some(pressure),
             _ebpf: ebpf,
@@ -175,6 +183,7 @@ impl SpliceProgram {
         };
         Ok(SpliceMaps::new(
             SockHash::try_from(Map::SockHash(open(&self.peer_fd)?))?,
+            SockHash::try_from(Map::SockHash(open(&self.bridge_fd)?))?,
             HashMap::try_from(Map::HashMap(open(&self.activity_fd)?))?,
         ))
     }

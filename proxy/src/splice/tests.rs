@@ -281,6 +281,50 @@ fn a_socket_without_a_peer_entry_keeps_its_bytes() {
 }
 
 #[test]
+fn a_live_socket_without_its_own_entry_reaches_its_peer_through_the_bridge() {
+    let Some((_loaded, mut program)) = load() else {
+        return;
+    };
+    let mut tunnel = Tunnel::new();
+    let (client_cookie, upstream_cookie) = (tunnel.client_cookie(), tunnel.upstream_cookie());
+    program.track(client_cookie, 1).expect("track");
+    program.track(upstream_cookie, 2).expect("track");
+    // A promotion's step 3: the bridge first, then the client-facing socket goes live.
+    program
+        .insert_bridge(client_cookie, tunnel.proxy_upstream.as_fd())
+        .expect("bridge cookie(client) → upstream");
+    // Being a bridge value does not make the upstream-facing socket live.
+    let unspliced = pattern(300, 0x21);
+    tunnel
+        .upstream
+        .write_all(&unspliced)
+        .expect("upstream writes");
+    assert!(read_exactly(&mut tunnel.proxy_upstream, unspliced.len()) == unspliced);
+    program
+        .insert_peer(upstream_cookie, tunnel.proxy_client.as_fd())
+        .expect("insert cookie(upstream) → client");
+    // The client talks in the moment before its own entry exists: over the bridge.
+    let during = pattern(1500, 0x31);
+    assert!(send_through(&tunnel.client, &mut tunnel.upstream, &during) == during);
+    // Step 4, then the bridge comes out: the stream goes on, in order.
+    program
+        .insert_peer(client_cookie, tunnel.proxy_upstream.as_fd())
+        .expect("insert cookie(client) → upstream");
+    program
+        .remove_bridge(client_cookie)
+        .expect("remove the bridge");
+    let after = pattern(64 * 1024, 0x41);
+    assert!(send_through(&tunnel.client, &mut tunnel.upstream, &after) == after);
+    let back = pattern(2000, 0x51);
+    assert!(send_through(&tunnel.upstream, &mut tunnel.client, &back) == back);
+    let activity = program
+        .activity(client_cookie)
+        .expect("read activity")
+        .expect("tracked");
+    assert_eq!(activity.bytes, (during.len() + after.len()) as u64);
+}
+
+#[test]
 fn removing_a_peer_entry_stops_the_redirect() {
     let Some((_loaded, mut program)) = load() else {
         return;

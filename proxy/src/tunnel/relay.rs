@@ -15,6 +15,24 @@ pub struct Direction {
     source_done: bool,
     /// The FIN has been passed on (`shutdown(destination, SHUT_WR)`).
     shut_down: bool,
+    /// Where reading the source stands.
+    read: SourceRead,
+}
+
+/// Where reading a direction's source stands. The kernel path can take a relayed tunnel over
+/// only when no read is pending and no segment is left half-read on either socket (the
+/// sockmap hands the program whole segments, so a half-read one would be forwarded again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceRead {
+    /// Nothing known yet, or the last read filled its buffer: more may be queued, and the
+    /// segment at the head may be half-read.
+    Partial,
+    /// A read was asked for and has not reported back.
+    Asked,
+    /// The last read took everything queued (it returned less than it could take).
+    Drained,
+    /// The last read found nothing: a readiness wait on the source is armed.
+    Waiting,
 }
 
 /// What to do after the source had nothing more to read.
@@ -34,6 +52,7 @@ impl Direction {
             limit: None,
             source_done: false,
             shut_down: false,
+            read: SourceRead::Partial,
         }
     }
 
@@ -75,6 +94,32 @@ impl Direction {
                 self.source_done = true;
             }
         }
+    }
+
+    /// A read of the source was asked for.
+    pub fn on_read_asked(&mut self) {
+        self.read = SourceRead::Asked;
+    }
+
+    /// The read asked for reported back: `drained` when it took everything queued, `waiting`
+    /// when it found nothing (and a readiness wait is armed).
+    pub fn on_read_done(&mut self, drained: bool, waiting: bool) {
+        self.read = match (waiting, drained) {
+            (true, _) => SourceRead::Waiting,
+            (false, true) => SourceRead::Drained,
+            (false, false) => SourceRead::Partial,
+        };
+    }
+
+    /// Where reading the source stands.
+    pub fn source_read(&self) -> SourceRead {
+        self.read
+    }
+
+    /// Nothing of this direction is held or pending in userspace, given that nothing is being
+    /// written to its destination: no read pending, nothing half-read, the source still open.
+    pub fn is_quiet(&self) -> bool {
+        !self.source_done && matches!(self.read, SourceRead::Drained | SourceRead::Waiting)
     }
 
     /// The source reached end of stream.
@@ -139,5 +184,30 @@ mod tests {
     fn a_zero_limit_is_done_at_once_and_a_closed_direction_is_finished() {
         assert_eq!(Direction::bounded(0).read_budget(10), 0);
         assert!(Direction::closed().finished());
+    }
+
+    #[test]
+    fn a_direction_is_quiet_only_when_its_last_read_took_everything() {
+        let mut d = Direction::unbounded();
+        assert!(!d.is_quiet(), "nothing is known before the first read");
+        d.on_read_asked();
+        assert!(!d.is_quiet(), "a read is pending");
+        d.on_read(4096);
+        d.on_read_done(false, false);
+        assert_eq!(d.source_read(), SourceRead::Partial);
+        assert!(
+            !d.is_quiet(),
+            "a full buffer may have left a segment half-read"
+        );
+        d.on_read_asked();
+        d.on_read(100);
+        d.on_read_done(true, false);
+        assert!(d.is_quiet());
+        d.on_read_asked();
+        d.on_read_done(true, true);
+        assert_eq!(d.source_read(), SourceRead::Waiting);
+        assert!(d.is_quiet());
+        d.on_source_eof();
+        assert!(!d.is_quiet(), "a finished source is not taken over");
     }
 }

@@ -3,6 +3,7 @@
 //! closed, in which order, and why.
 
 mod close;
+mod promote;
 mod relay;
 mod splice;
 mod upgrade;
@@ -196,7 +197,7 @@ impl Harness {
         );
         assert_eq!(
             h.event(|c, now, s, out| c.on_client_drained(&[], true, now, s, out)),
-            vec![Action::Splice]
+            vec![Action::Splice { bridged: false }]
         );
         let actions = h.event(|c, now, s, out| c.on_splice_result(Ok(()), now, s, out));
         assert_eq!(
