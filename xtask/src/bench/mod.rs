@@ -299,7 +299,14 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
                 .join("-")
         )
     };
-    report::write(root, &stem, &header, &results)?;
+    // The committed results are a full run's: `--quick` and `--only` runs are written beside
+    // them (git-ignored), never over them.
+    let folder = if options.quick || !options.only.is_empty() {
+        "benches/results/partial"
+    } else {
+        "benches/results"
+    };
+    report::write(root, folder, &stem, &header, &results)?;
     env.progress.say("done");
     Ok(())
 }

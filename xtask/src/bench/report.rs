@@ -148,10 +148,11 @@ fn number(v: f64) -> String {
 }
 
 /// Ratio columns: (label, numerator target, denominator target).
-const RATIOS: [(&str, usize, usize); 3] = [
+const RATIOS: [(&str, usize, usize); 4] = [
     ("haproxy / nginx", 2, 1),
     ("userspace / nginx", 3, 1),
     ("kernel / nginx", 4, 1),
+    ("auto / nginx", 5, 1),
 ];
 
 /// The order of the table's rows.
@@ -178,7 +179,8 @@ fn markdown(header: &Header, results: &Results) -> String {
     let mut out = format!(
         "Measured {} on {} ({} cores, {:.0} GiB, Linux {}). Versions: {}.\n\n\
          Same load generator (`wsplice-load`) and echo upstream (`wsplice echo`) for every target; \
-         targets run in alternation (direct, nginx, haproxy, wsplice userspace, wsplice kernel), \
+         targets run in alternation (direct, nginx, haproxy, wsplice userspace, wsplice kernel, \
+         wsplice auto: userspace first, promoted to the kernel after 1 s or 1 MiB), \
          {} round(s); each cell is the median, with the min–max of the rounds in parentheses. \
          Every proxy runs 2 workers (nginx worker_processes 2, HAProxy nbthread 2, wsplice --workers 2). \
          CPU is machine-wide (/proc/stat: user+nice+system+irq+softirq+steal of all CPUs) over the \
@@ -338,12 +340,13 @@ fn bars_of(row: &Row, skip_direct: bool) -> Bars {
         .collect()
 }
 
-const COLORS: [RGBColor; 5] = [
+const COLORS: [RGBColor; 6] = [
     RGBColor(140, 140, 140),
     RGBColor(0, 150, 57),
     RGBColor(30, 90, 180),
     RGBColor(230, 140, 20),
     RGBColor(200, 40, 40),
+    RGBColor(130, 60, 170),
 ];
 
 fn color_of(name: &str) -> RGBColor {
@@ -496,8 +499,15 @@ fn charts(dir: &Path, results: &Results) -> anyhow::Result<Vec<String>> {
     Ok(written)
 }
 
-pub fn write(root: &Path, stem: &str, header: &Header, results: &Results) -> anyhow::Result<()> {
-    let dir = root.join("benches/results");
+/// Writes `FOLDER/STEM.md`, `FOLDER/STEM.json` and the charts (`folder` is relative to `root`).
+pub fn write(
+    root: &Path,
+    folder: &str,
+    stem: &str,
+    header: &Header,
+    results: &Results,
+) -> anyhow::Result<()> {
+    let dir = root.join(folder);
     std::fs::create_dir_all(&dir)?;
     let charts = charts(&dir, results)?;
     let mut markdown = markdown(header, results);
@@ -509,7 +519,7 @@ pub fn write(root: &Path, stem: &str, header: &Header, results: &Results) -> any
     writeln!(file, "{:#}", json(header, results))?;
     println!("\n{markdown}");
     println!(
-        "written to benches/results/{stem}.md, {stem}.json and {} chart(s)",
+        "written to {folder}/{stem}.md, {stem}.json and {} chart(s)",
         charts.len()
     );
     Ok(())

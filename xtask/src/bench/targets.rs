@@ -1,4 +1,5 @@
-//! The systems under test: direct (no proxy), nginx, HAProxy, wsplice on both data paths; their
+//! The systems under test: direct (no proxy), nginx, HAProxy, wsplice on each data path
+//! (userspace, kernel from the 101, auto: userspace then promoted); their
 //! configurations (equivalent headers and timeouts), how they are started, pinned and stopped.
 
 use std::path::{Path, PathBuf};
@@ -22,15 +23,17 @@ pub enum Kind {
     Haproxy,
     WspliceUserspace,
     WspliceKernel,
+    WspliceAuto,
 }
 
 /// The order of the alternation.
-pub const ALL: [Kind; 5] = [
+pub const ALL: [Kind; 6] = [
     Kind::Direct,
     Kind::Nginx,
     Kind::Haproxy,
     Kind::WspliceUserspace,
     Kind::WspliceKernel,
+    Kind::WspliceAuto,
 ];
 
 impl Kind {
@@ -41,6 +44,7 @@ impl Kind {
             Kind::Haproxy => "haproxy",
             Kind::WspliceUserspace => "wsplice userspace",
             Kind::WspliceKernel => "wsplice kernel",
+            Kind::WspliceAuto => "wsplice auto",
         }
     }
 
@@ -52,6 +56,7 @@ impl Kind {
             Kind::WspliceKernel => 19081,
             Kind::WspliceUserspace => 19082,
             Kind::Haproxy => 19083,
+            Kind::WspliceAuto => 19084,
         }
     }
 
@@ -63,14 +68,15 @@ impl Kind {
             Kind::WspliceKernel => Some(19481),
             Kind::WspliceUserspace => Some(19482),
             Kind::Haproxy => Some(19483),
+            Kind::WspliceAuto => Some(19484),
         }
     }
 
     fn datapath(self) -> &'static str {
-        if self == Kind::WspliceKernel {
-            "kernel"
-        } else {
-            "userspace"
+        match self {
+            Kind::WspliceKernel => "kernel",
+            Kind::WspliceAuto => "auto",
+            _ => "userspace",
         }
     }
 }
@@ -271,7 +277,7 @@ pub fn start(kind: Kind, layout: &Layout, tools: &Tools) -> anyhow::Result<Runni
             }
             (guards, log)
         }
-        Kind::WspliceUserspace | Kind::WspliceKernel => {
+        Kind::WspliceUserspace | Kind::WspliceKernel | Kind::WspliceAuto => {
             let datapath = kind.datapath();
             let conf = work.join(format!("wsplice-{datapath}.toml"));
             let tls = match (tls_port.zip(tls_files), &tools.wsplice_tls_refused) {
