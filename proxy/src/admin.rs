@@ -12,9 +12,6 @@ use std::time::Duration;
 
 use crate::metrics::Metrics;
 
-/// Reads gauges that live elsewhere (e.g. eBPF map sizes) at scrape time.
-pub type ExtraGauges = Box<dyn Fn() -> Vec<(&'static str, &'static str, u64)> + Send + Sync>;
-
 /// The admin listener could not start.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot start the admin listener on {addr}: {source}")]
@@ -32,7 +29,6 @@ pub const MAX_CONCURRENT: usize = 16;
 /// What the admin endpoints read.
 struct State {
     metrics: Arc<Metrics>,
-    extra: ExtraGauges,
     /// Set when the drain starts: `/readyz` then answers 503 so load balancers stop sending.
     draining: Arc<AtomicBool>,
     in_flight: AtomicUsize,
@@ -43,7 +39,6 @@ struct State {
 pub fn spawn(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
-    extra: ExtraGauges,
     draining: Arc<AtomicBool>,
 ) -> Result<(), AdminError> {
     let error = |source| AdminError { addr, source };
@@ -57,7 +52,6 @@ pub fn spawn(
     }
     let state = Arc::new(State {
         metrics,
-        extra,
         draining,
         in_flight: AtomicUsize::new(0),
     });
@@ -115,7 +109,7 @@ fn answer(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
         len += n;
     }
     let draining = state.draining.load(Ordering::Relaxed);
-    let (status, body) = route(&head[..len], &state.metrics, &state.extra, draining);
+    let (status, body) = route(&head[..len], &state.metrics, draining);
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -125,16 +119,11 @@ fn answer(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
 
 /// The answer to a request head: `/healthz` says the process serves, `/readyz` whether it
 /// takes new connections (not while `draining`).
-fn route(
-    head: &[u8],
-    metrics: &Metrics,
-    extra: &ExtraGauges,
-    draining: bool,
-) -> (&'static str, String) {
+fn route(head: &[u8], metrics: &Metrics, draining: bool) -> (&'static str, String) {
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
     let mut parts = line.split(|&b| b == b' ');
     match (parts.next(), parts.next()) {
-        (Some(b"GET"), Some(b"/metrics")) => ("200 OK", metrics.render(&extra())),
+        (Some(b"GET"), Some(b"/metrics")) => ("200 OK", metrics.render()),
         (Some(b"GET"), Some(b"/healthz")) => ("200 OK", "ok\n".into()),
         (Some(b"GET"), Some(b"/readyz")) if draining => {
             ("503 Service Unavailable", "draining\n".into())
@@ -149,24 +138,15 @@ fn route(
 mod tests {
     use super::*;
 
-    fn no_extra() -> ExtraGauges {
-        Box::new(Vec::new)
-    }
-
     fn status_of(head: &[u8], metrics: &Metrics, draining: bool) -> &'static str {
-        route(head, metrics, &no_extra(), draining).0
+        route(head, metrics, draining).0
     }
 
     #[test]
     fn routes_metrics_health_and_unknown_paths() {
         let metrics = Metrics::default();
         metrics.tunnels_opened.inc();
-        let (status, body) = route(
-            b"GET /metrics HTTP/1.1\r\n\r\n",
-            &metrics,
-            &no_extra(),
-            false,
-        );
+        let (status, body) = route(b"GET /metrics HTTP/1.1\r\n\r\n", &metrics, false);
         assert_eq!(status, "200 OK");
         assert!(body.contains("wsplice_tunnels_opened_total 1"));
         let healthz = b"GET /healthz HTTP/1.1\r\n\r\n";
@@ -207,13 +187,7 @@ mod tests {
             probe.local_addr().unwrap()
         };
         let draining = Arc::new(AtomicBool::new(false));
-        spawn(
-            addr,
-            Arc::new(Metrics::default()),
-            no_extra(),
-            Arc::clone(&draining),
-        )
-        .unwrap();
+        spawn(addr, Arc::new(Metrics::default()), Arc::clone(&draining)).unwrap();
         // One byte, then silence: the old single-threaded loop waited 2 s on it.
         let mut slow = TcpStream::connect(addr).unwrap();
         slow.write_all(b"G").unwrap();

@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod bpf;
 pub mod segment;
 pub mod soak;
 pub mod tls;
@@ -349,6 +350,11 @@ impl Proxy {
     /// The process.
     pub fn process(&mut self) -> &mut Process {
         &mut self.process
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
     }
 
     /// Open file descriptors of the proxy process.

@@ -60,8 +60,12 @@ async fn twenty_thousand_connections_leave_fds_and_maps_where_they_started() {
         assert_eq!(metrics["connections_open"], 0, "{datapath:?}");
         if datapath == DataPath::Kernel {
             assert_eq!(metrics["tunnels_spliced_total"], CONNECTIONS as u64 + 1);
-            assert_eq!(metrics["splice_peer_entries"], 0);
-            assert_eq!(metrics["splice_activity_entries"], 0);
+            assert_eq!(metrics["tunnels_spliced_open"], 0);
+            // What the kernel holds, walked from outside the proxy.
+            let entries = wsplice_tests::bpf::map_entries(proxy.pid());
+            for map in ["PEER", "BRIDGE", "ACTIVITY"] {
+                assert_eq!(entries.get(map), Some(&0), "{map}: {entries:?}");
+            }
         }
     }
 }
@@ -79,6 +83,19 @@ async fn the_kernel_path_moves_payload_without_userspace_copies() {
         bounded(ws.send(payload.clone())).await.unwrap();
         assert_eq!(bounded(ws.next()).await.unwrap().unwrap(), payload);
     }
+    // While it is open: one tunnel in the kernel, its two sockets in PEER and ACTIVITY, and
+    // nothing left on the hand-off's bridge.
+    assert_eq!(proxy.metrics()["tunnels_spliced_open"], 1);
+    let entries = wsplice_tests::bpf::map_entries(proxy.pid());
+    assert_eq!(
+        (
+            entries.get("PEER"),
+            entries.get("ACTIVITY"),
+            entries.get("BRIDGE")
+        ),
+        (Some(&2), Some(&2), Some(&0)),
+        "{entries:?}"
+    );
     bounded(ws.close(None)).await.unwrap();
     while let Some(Ok(_)) = bounded(ws.next()).await {}
     drop(ws);
@@ -95,30 +112,6 @@ async fn the_kernel_path_moves_payload_without_userspace_copies() {
     assert!(metrics["spliced_bytes_kernel_total"] > 16 << 20);
 }
 
-/// `memlock` of each distinct BPF map the process holds, by map type (`/proc/PID/fdinfo`).
-fn map_memlock(pid: u32) -> Vec<(u32, u64)> {
-    let mut seen = std::collections::BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return Vec::new();
-    };
-    for entry in entries.flatten() {
-        let Ok(info) = std::fs::read_to_string(entry.path()) else {
-            continue;
-        };
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|line| line.strip_prefix(name))
-                .and_then(|value| value.trim().parse::<u64>().ok())
-        };
-        if let (Some(id), Some(kind), Some(memlock)) =
-            (field("map_id:"), field("map_type:"), field("memlock:"))
-        {
-            seen.insert(id, (kind as u32, memlock));
-        }
-    }
-    seen.into_values().collect()
-}
-
 #[test]
 fn the_splice_maps_do_not_lock_kernel_memory_for_every_possible_tunnel_at_start() {
     if !datapaths().contains(&DataPath::Kernel) {
@@ -126,15 +119,14 @@ fn the_splice_maps_do_not_lock_kernel_memory_for_every_possible_tunnel_at_start(
     }
     let echo = Echo::start();
     // The default capacity: a million tunnels, two million sockets.
-    let mut proxy = Proxy::start(DataPath::Kernel, &ProxyConfig::new(&[echo.addr()]));
-    let maps = map_memlock(proxy.process().pid());
-    const BPF_MAP_TYPE_HASH: u32 = 1;
+    let proxy = Proxy::start(DataPath::Kernel, &ProxyConfig::new(&[echo.addr()]));
+    let maps = wsplice_tests::bpf::held_maps(proxy.pid());
     let activity: Vec<u64> = maps
-        .iter()
-        .filter(|(kind, _)| *kind == BPF_MAP_TYPE_HASH)
-        .map(|(_, memlock)| *memlock)
+        .values()
+        .filter(|map| map.name == "ACTIVITY")
+        .map(|map| map.memlock)
         .collect();
-    assert_eq!(activity.len(), 1, "one ACTIVITY hash map: {maps:?}");
+    assert_eq!(activity.len(), 1, "one ACTIVITY map: {maps:?}");
     // Preallocated, two million entries took 251 MB; the buckets alone are 32 MiB.
     assert!(
         activity[0] < 64 << 20,

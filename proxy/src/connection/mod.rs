@@ -532,6 +532,9 @@ impl Connection {
         if status == 101 {
             metrics.tunnels_open.dec();
         }
+        if matches!(self.stage, Stage::Spliced(_)) {
+            metrics.tunnels_spliced_open.dec();
+        }
         let before_request =
             matches!(self.stage, Stage::ReadingRequest(_)) && self.summary.host.is_empty();
         AccessRecord {

@@ -224,6 +224,7 @@ impl Connection {
             bytes_down,
         });
         metrics.tunnels_spliced.inc();
+        metrics.tunnels_spliced_open.inc();
         out.push_back(Action::ArmDeadline(now_ns.saturating_add(idle_ns)));
         out.push_back(Action::WatchSpliced(Side::Client));
         out.push_back(Action::WatchSpliced(Side::Upstream));

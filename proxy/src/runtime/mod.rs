@@ -21,7 +21,7 @@ pub use worker::{Inbox, WorkerError};
 use crate::config::Config;
 use crate::listener::{BindError, Listener};
 use crate::services::Services;
-use crate::splice::{SpliceMaps, SpliceProgram};
+use crate::splice::SpliceProgram;
 use crate::sys::{self, SignalSet};
 use worker::Worker;
 
@@ -102,11 +102,6 @@ pub fn serve(
     }
     let signals = SignalSet::block_termination().map_err(RuntimeError::Signals)?;
     let ring = splice.as_mut().and_then(SpliceProgram::take_pressure_ring);
-    let gauges = splice
-        .as_ref()
-        .map(SpliceProgram::maps)
-        .transpose()
-        .map_err(RuntimeError::Splice)?;
     let services = Arc::new(Services::new(config, splice.map(Arc::new)));
     let shutdown = Arc::new(AtomicBool::new(false));
     let running = Arc::new(AtomicUsize::new(0));
@@ -132,7 +127,6 @@ pub fn serve(
         crate::admin::spawn(
             admin.bind,
             Arc::clone(&services.metrics),
-            splice_gauges(gauges),
             Arc::clone(&shutdown),
         )?;
     }
@@ -221,26 +215,4 @@ fn pressure_watch(
     crate::splice::PressureWatcher::spawn(ring, mailboxes, Arc::clone(shutdown))
         .map_err(RuntimeError::Spawn)?;
     Ok(inboxes)
-}
-
-/// Gauges of the splice maps, read at scrape time through the admin's own handle (tests use
-/// them to prove cleanup).
-fn splice_gauges(maps: Option<SpliceMaps>) -> crate::admin::ExtraGauges {
-    Box::new(move || {
-        let Some(maps) = maps.as_ref() else {
-            return Vec::new();
-        };
-        vec![
-            (
-                "splice_peer_entries",
-                "Sockets in the PEER sockhash.",
-                maps.peer_entries() as u64,
-            ),
-            (
-                "splice_activity_entries",
-                "Per-socket activity records.",
-                maps.tracked_entries() as u64,
-            ),
-        ]
-    })
 }

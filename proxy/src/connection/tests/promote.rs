@@ -73,6 +73,7 @@ fn an_idle_tunnel_is_promoted_when_it_becomes_due_and_counted_once() {
         ),
         (1, 1, 1, 1)
     );
+    assert_eq!(metrics.tunnels_spliced_open.get(), 1);
 }
 
 #[test]
@@ -179,7 +180,9 @@ fn the_access_line_counts_the_relayed_bytes_and_the_kernel_ones() {
         repeated: 0,
     };
     h.event(|c, _, s, _| c.on_unspliced(counted, s));
+    let metrics = std::sync::Arc::clone(&h.services.metrics);
     let record = h.finish();
+    assert_eq!(metrics.tunnels_spliced_open.get(), 0);
     assert_eq!(
         (record.bytes_up, record.bytes_down, record.datapath),
         (1010, relayed.1 + 2000, "kernel")
