@@ -151,6 +151,9 @@ pub struct Limits {
     /// Kernel path: bytes a tunnel may have redirected but not yet taken in by the reader's
     /// socket before the tunnel is closed as a slow consumer (default 64 MiB).
     pub kernel_backlog: usize,
+    /// Kernel path: the same, summed over all tunnels of the process; a tunnel that adds to
+    /// the backlog beyond it is closed as a slow consumer (default 1 GiB).
+    pub kernel_backlog_total: usize,
 }
 
 /// `[admin]`.
@@ -179,6 +182,7 @@ impl Default for Limits {
             relay_buffer: 64 * 1024,
             max_tunnels: 1 << 20,
             kernel_backlog: 64 << 20,
+            kernel_backlog_total: 1 << 30,
         }
     }
 }
@@ -340,6 +344,7 @@ struct RawLimits {
     relay_buffer: Option<Spanned<RawSize>>,
     max_tunnels: Option<Spanned<usize>>,
     kernel_backlog: Option<Spanned<RawSize>>,
+    kernel_backlog_total: Option<Spanned<RawSize>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -578,6 +583,12 @@ impl RawLimits {
                 defaults.kernel_backlog,
                 1 << 20,
                 1 << 30,
+            )?,
+            kernel_backlog_total: size(
+                &self.kernel_backlog_total,
+                defaults.kernel_backlog_total,
+                1 << 20,
+                1 << 40,
             )?,
         })
     }

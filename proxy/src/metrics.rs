@@ -40,6 +40,15 @@ impl Gauge {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Moves the value from `old` (this caller's earlier share) to `new`.
+    pub fn replace_share(&self, old: u64, new: u64) {
+        if new >= old {
+            self.0.fetch_add(new - old, Ordering::Relaxed);
+        } else {
+            self.0.fetch_sub(old - new, Ordering::Relaxed);
+        }
+    }
+
     /// Current value.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -60,6 +69,9 @@ pub struct Metrics {
     /// Tunnels the kernel carries now (their two sockets are in the splice maps). Kept by the
     /// workers: nothing walks the maps to count them.
     pub tunnels_spliced_open: Gauge,
+    /// Bytes the program redirected that their readers have not taken in yet, over all spliced
+    /// tunnels, as last measured (kernel memory no socket buffer accounts for).
+    pub kernel_backlog_bytes: Gauge,
     /// Tunnels carried by the kernel splice path.
     pub tunnels_spliced: Counter,
     /// Of those, tunnels that started on the userspace relay and were promoted.
@@ -184,7 +196,7 @@ impl Metrics {
                 self.kernel_diverted.get(),
             ),
         ];
-        let gauges: [(&str, &str, u64); 3] = [
+        let gauges: [(&str, &str, u64); 4] = [
             (
                 "connections_open",
                 "Connections open now.",
@@ -195,6 +207,12 @@ impl Metrics {
                 "tunnels_spliced_open",
                 "Tunnels the kernel carries now (two sockets each in the splice maps).",
                 self.tunnels_spliced_open.get(),
+            ),
+            (
+                "kernel_backlog_bytes",
+                "Bytes redirected by the kernel path that their readers have not taken in yet \
+                 (all tunnels, as last measured; bounded by limits.kernel_backlog_total).",
+                self.kernel_backlog_bytes.get(),
             ),
         ];
         let mut out = String::new();

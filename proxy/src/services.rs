@@ -62,6 +62,8 @@ pub struct Services {
     pub drain: Duration,
     /// Kernel path: backlog beyond which a tunnel is closed as a slow consumer.
     pub kernel_backlog: u64,
+    /// Kernel path: the same, over all tunnels of the process.
+    pub kernel_backlog_total: u64,
     /// Kernel path: when a relayed plain tunnel is promoted to the kernel; `None`: plain
     /// tunnels are spliced right after the 101.
     pub promotion: Option<Promotion>,
@@ -102,6 +104,7 @@ impl Services {
             relay_buffer: config.limits.relay_buffer,
             drain: config.timeouts.drain,
             kernel_backlog: config.limits.kernel_backlog as u64,
+            kernel_backlog_total: config.limits.kernel_backlog_total as u64,
             promotion: match config.splicing {
                 Splicing::AtOnce => None,
                 Splicing::Promote { after, after_bytes } => Some(Promotion {

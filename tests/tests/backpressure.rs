@@ -26,38 +26,7 @@ async fn a_stuck_reader_pins_bounded_memory_and_stalls_no_other_tunnel() {
 /// the proxy closes that tunnel as a slow consumer, freeing what was queued for it.
 async fn stuck_reader(datapath: DataPath) {
     let written = Arc::new(AtomicU64::new(0));
-    let counter = written.clone();
-    let upstream = Scripted::start(move |mut stream, head, _| {
-        let counter = counter.clone();
-        async move {
-            stream.write_all(&switching_protocols(&head)).await.unwrap();
-            if head.starts_with("GET /flood") {
-                let mut frame = vec![0x82, 127];
-                frame.extend_from_slice(&65536u64.to_be_bytes());
-                frame.extend_from_slice(&[0x33; 65536]);
-                let started = Instant::now();
-                while started.elapsed() < Duration::from_secs(3) {
-                    match tokio::time::timeout(Duration::from_millis(200), stream.write_all(&frame))
-                        .await
-                    {
-                        Ok(Ok(())) => {
-                            counter.fetch_add(frame.len() as u64, Ordering::Relaxed);
-                        }
-                        Ok(Err(_)) => return,
-                        Err(_) => {} // blocked: backpressure reached the upstream
-                    }
-                }
-            } else {
-                let mut ws = server_socket(stream).await;
-                while let Some(Ok(message)) = ws.next().await {
-                    if ws.send(message).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    })
-    .await;
+    let upstream = flooding_upstream(written.clone()).await;
     let mut config = ProxyConfig::new(&[upstream.addr()]);
     config.limits = "kernel_backlog = \"4MiB\"";
     let proxy = Proxy::start(datapath, &config);
@@ -184,4 +153,103 @@ async fn a_reader_that_falls_behind_still_gets_every_byte_in_order() {
             "{datapath:?}"
         );
     }
+}
+
+/// An upstream that answers 101 and then, on `/flood`, writes 64 KiB binary frames for 3 s
+/// (counting what it could write in `written`); on any other path it echoes.
+async fn flooding_upstream(written: Arc<AtomicU64>) -> Scripted {
+    let counter = written;
+    Scripted::start(move |mut stream, head, _| {
+        let counter = counter.clone();
+        async move {
+            stream.write_all(&switching_protocols(&head)).await.unwrap();
+            if head.starts_with("GET /flood") {
+                let mut frame = vec![0x82, 127];
+                frame.extend_from_slice(&65536u64.to_be_bytes());
+                frame.extend_from_slice(&[0x33; 65536]);
+                let started = Instant::now();
+                while started.elapsed() < Duration::from_secs(3) {
+                    match tokio::time::timeout(Duration::from_millis(200), stream.write_all(&frame))
+                        .await
+                    {
+                        Ok(Ok(())) => {
+                            counter.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                        }
+                        Ok(Err(_)) => return,
+                        Err(_) => {} // blocked: backpressure reached the upstream
+                    }
+                }
+            } else {
+                let mut ws = server_socket(stream).await;
+                while let Some(Ok(message)) = ws.next().await {
+                    if ws.send(message).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// `limits.kernel_backlog_total` bounds what all slow readers together make the kernel hold:
+/// twelve readers that stop reading while their upstreams flood, each far below the per-tunnel
+/// limit, are closed as slow consumers once together they pass 16 MiB; a tunnel beside them
+/// keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_stuck_readers_stay_inside_the_total_kernel_backlog() {
+    if !datapaths().contains(&DataPath::Kernel) {
+        return;
+    }
+    const READERS: usize = 12;
+    const TOTAL: u64 = 16 << 20;
+    let upstream = flooding_upstream(Arc::new(AtomicU64::new(0))).await;
+    let mut config = ProxyConfig::new(&[upstream.addr()]);
+    config.limits = "kernel_backlog = \"64MiB\"\nkernel_backlog_total = \"16MiB\"";
+    let proxy = Proxy::start(DataPath::Kernel, &config);
+    let mut stuck = Vec::new();
+    for _ in 0..READERS {
+        let mut reader = bounded(TcpStream::connect(proxy.addr())).await.unwrap();
+        reader
+            .write_all(&upgrade_request("/flood", &[]))
+            .await
+            .unwrap();
+        let (head, _) = read_head(&mut reader).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        stuck.push(reader);
+    }
+    let mut other = connect(&proxy.url("/echo")).await;
+    let mut highest = 0;
+    let started = Instant::now();
+    let mut round = 0;
+    while started.elapsed() < Duration::from_secs(4) {
+        highest = highest.max(proxy.metrics()["kernel_backlog_bytes"]);
+        let message = Message::text(format!("ping {round}"));
+        bounded(other.send(message.clone())).await.unwrap();
+        assert_eq!(bounded(other.next()).await.unwrap().unwrap(), message);
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = proxy.metrics();
+    // Each tunnel is measured once per MiB it moves: the total may overshoot by about a step
+    // per tunnel before the one that crosses it is closed.
+    assert!(
+        highest <= TOTAL + READERS as u64 * (2 << 20),
+        "the kernel held {highest} bytes for stuck readers (limit {TOTAL})"
+    );
+    assert!(
+        metrics["kernel_slow_consumers_total"] >= 1,
+        "no reader was closed: {metrics:?}"
+    );
+    let closed_for_the_total = proxy
+        .access_lines()
+        .iter()
+        .filter(|line| {
+            line["reason"]
+                .as_str()
+                .is_some_and(|reason| reason.contains("limits.kernel_backlog_total"))
+        })
+        .count();
+    assert!(closed_for_the_total >= 1, "{:?}", proxy.access_lines());
+    drop(stuck);
 }

@@ -49,6 +49,8 @@ fn everything_optional_parses() {
          headers = {{ set = {{ \"X-A\" = \"1\" }}, remove = [\"Cookie\"] }}\n\
          [timeouts]\nidle = \"90s\"\nhandshake = \"250ms\"\nconnect = \"1s\"\ndrain = \"0s\"\n\
          [limits]\nmax_request_head = \"8KiB\"\nmax_headers = 50\nrelay_buffer = 16384\n\
+         kernel_backlog_total = \"2GiB\"\n\
+         [kernel]\npromote_after = \"250ms\"\npromote_after_bytes = \"64KiB\"\n\
          [admin]\nbind = \"127.0.0.1:9901\"\n"
     );
     let config = Config::parse(&text).unwrap();
@@ -62,6 +64,14 @@ fn everything_optional_parses() {
     assert_eq!(config.timeouts.drain, Duration::ZERO);
     assert_eq!(config.limits.max_request_head, 8192);
     assert_eq!(config.limits.relay_buffer, 16384);
+    assert_eq!(config.limits.kernel_backlog_total, 2 << 30);
+    assert_eq!(
+        config.splicing,
+        Splicing::Promote {
+            after: Duration::from_millis(250),
+            after_bytes: 64 << 10
+        }
+    );
 }
 
 #[test]

@@ -30,8 +30,7 @@ pub(super) fn parse_nonzero_duration(value: &Spanned<String>) -> Result<Duration
     Ok(duration)
 }
 
-/// `"250ms"`, `"10s"`, `"5m"`, `"1h"`; at most 30 days.
-/// A duration: a number with `ms`, `s`, `m` or `h`.
+/// A duration: a number with `ms`, `s`, `m` or `h` (`"250ms"`, `"10s"`, `"5m"`); at most 30 days.
 pub(super) fn parse_duration(value: &Spanned<String>) -> Result<Duration, Spot> {
     let text = value.get_ref().trim();
     let split = text
@@ -58,8 +57,7 @@ pub(super) fn parse_duration(value: &Spanned<String>) -> Result<Duration, Spot> 
     Ok(duration)
 }
 
-/// Bytes as an integer, or `"16KiB"`, `"1MiB"`, `"512B"`.
-/// A size in bytes: a number, or a number with `KiB`, `MiB` or `GiB`.
+/// A size in bytes: an integer, or a number with `B`, `KiB`, `MiB` or `GiB` (`"16KiB"`).
 pub(super) fn parse_size(value: &Spanned<RawSize>) -> Result<usize, Spot> {
     let bytes = match value.get_ref() {
         RawSize::Bytes(n) => *n,
@@ -73,10 +71,13 @@ pub(super) fn parse_size(value: &Spanned<RawSize>) -> Result<usize, Spot> {
                 "" | "B" => 1,
                 "KiB" => 1 << 10,
                 "MiB" => 1 << 20,
+                "GiB" => 1 << 30,
                 _ => {
                     return Err(spot(
                         value,
-                        format!("{text:?} is not a size (use bytes, or e.g. \"16KiB\", \"1MiB\")"),
+                        format!(
+                        "{text:?} is not a size (use bytes, or e.g. \"16KiB\", \"1MiB\", \"2GiB\")"
+                    ),
                     ))
                 }
             };

@@ -161,6 +161,9 @@ pub enum Action {
         /// Measure at the next tick rather than now.
         next_tick: bool,
     },
+    /// Kernel path: at the next tick, measure what the kernel still has to deliver towards
+    /// each side and call [`Connection::on_pressure`].
+    MeasurePressure,
     /// Kernel path: remove the tunnel from the splice maps and call
     /// [`Connection::on_unspliced`] with what the program counted.
     Unsplice,
@@ -532,8 +535,11 @@ impl Connection {
         if status == 101 {
             metrics.tunnels_open.dec();
         }
-        if matches!(self.stage, Stage::Spliced(_)) {
+        if let Stage::Spliced(splice) = &self.stage {
             metrics.tunnels_spliced_open.dec();
+            metrics
+                .kernel_backlog_bytes
+                .replace_share(splice.backlog(), 0);
         }
         let before_request =
             matches!(self.stage, Stage::ReadingRequest(_)) && self.summary.host.is_empty();

@@ -32,6 +32,9 @@ pub struct Splice {
     /// Bytes each way, read from the program's counters when the tunnel left the kernel.
     bytes_up: u64,
     bytes_down: u64,
+    /// Bytes the kernel still had to deliver (both ways) when last measured: this tunnel's
+    /// share of `kernel_backlog_bytes`.
+    backlog: u64,
 }
 
 impl Splice {
@@ -56,6 +59,11 @@ impl Splice {
     /// Bytes upstream → client (known once unspliced).
     pub fn bytes_down(&self) -> u64 {
         self.bytes_down
+    }
+
+    /// This tunnel's share of the process-wide kernel backlog, as last measured.
+    pub fn backlog(&self) -> u64 {
+        self.backlog
     }
 }
 
@@ -222,6 +230,7 @@ impl Connection {
             fin_passed: [false; 2],
             bytes_up,
             bytes_down,
+            backlog: 0,
         });
         metrics.tunnels_spliced.inc();
         metrics.tunnels_spliced_open.inc();
@@ -338,10 +347,13 @@ impl Connection {
         }
     }
 
-    /// The program reported that this tunnel moved another `PRESSURE_STEP` bytes; the I/O
-    /// layer measured the backlog towards each side (client, upstream). A reader more than
-    /// `limits.kernel_backlog` behind closes the tunnel as a slow consumer (reset both ways),
-    /// which frees what the kernel queued for it.
+    /// The program reported that this tunnel moved another `PRESSURE_STEP` bytes, or a
+    /// measurement asked for at the last tick is due; the I/O layer measured the backlog
+    /// towards each side (client, upstream). A reader more than `limits.kernel_backlog` behind,
+    /// or one that adds to a process-wide backlog beyond `limits.kernel_backlog_total`, closes
+    /// the tunnel as a slow consumer (reset both ways), which frees what the kernel queued for
+    /// it. While anything is queued the tunnel is measured again at every tick, so its share
+    /// of the total follows its reader catching up.
     ///
     /// Why not slow the writer down: see the README, "Slow readers".
     pub fn on_pressure(
@@ -351,9 +363,18 @@ impl Connection {
         services: &Services,
         out: &mut Actions,
     ) {
-        if self.is_closing() || !matches!(self.stage, Stage::Spliced(_)) {
+        if self.is_closing() {
             return;
         }
+        let Stage::Spliced(splice) = &mut self.stage else {
+            return;
+        };
+        let metrics = &services.metrics;
+        let measured = to_client.saturating_add(to_upstream);
+        metrics
+            .kernel_backlog_bytes
+            .replace_share(splice.backlog, measured);
+        splice.backlog = measured;
         for (destination, backlog) in [(Side::Client, to_client), (Side::Upstream, to_upstream)] {
             if backlog > services.kernel_backlog {
                 services.metrics.kernel_slow_consumers.inc();
@@ -368,6 +389,23 @@ impl Connection {
                 );
                 return self.close(reason, true, out);
             }
+        }
+        let total = metrics.kernel_backlog_bytes.get();
+        if measured > 0 && total > services.kernel_backlog_total {
+            metrics.kernel_slow_consumers.inc();
+            tracing::info!(
+                backlog = measured,
+                total,
+                "closing a tunnel whose reader adds to a kernel backlog over the process limit"
+            );
+            let reason = format!(
+                "slow consumer: {measured} bytes behind on the kernel path while all tunnels \
+                 were {total} bytes behind (limits.kernel_backlog_total)"
+            );
+            return self.close(reason, true, out);
+        }
+        if measured > 0 {
+            out.push_back(Action::MeasurePressure);
         }
     }
 

@@ -120,6 +120,14 @@ impl Worker {
                     (_, None) => {}
                 }
             }
+            Action::MeasurePressure => {
+                let id = self.table.get(slot).map(|entry| entry.conn.id());
+                if let Some(id) = id {
+                    if !self.pressure_checks.contains(&(slot, id)) {
+                        self.pressure_checks.push((slot, id));
+                    }
+                }
+            }
             Action::Unsplice => {
                 let maps = self.maps.as_mut();
                 let Some(entry) = self.table.get(slot) else {

@@ -88,6 +88,8 @@ pub struct Worker {
     ticked: bool,
     /// Kernel-path backlogs to measure again at the next tick (slot, id, towards).
     pub(super) backlog_checks: Vec<(u32, u64, Side)>,
+    /// Kernel-path tunnels with bytes still queued, measured again at the next tick (slot, id).
+    pub(super) pressure_checks: Vec<(u32, u64)>,
     /// When the last "accept failed" warning was logged.
     last_accept_warning_ns: u64,
     /// Reused queue of actions.
@@ -133,6 +135,7 @@ impl Worker {
             drain_deadline_ns: None,
             ticked: false,
             backlog_checks: Vec::new(),
+            pressure_checks: Vec::new(),
             last_accept_warning_ns: 0,
             actions: Actions::new(),
         })
@@ -533,16 +536,21 @@ impl Worker {
             if !current.is_some_and(|id| owner.is_for(id)) {
                 continue;
             }
-            let to_client = self.measure_backlog(owner.slot, Side::Client);
-            let to_upstream = self.measure_backlog(owner.slot, Side::Upstream);
-            let (Some(to_client), Some(to_upstream)) = (to_client, to_upstream) else {
-                continue;
-            };
-            self.drive(owner.slot, |conn, services, out| {
-                conn.on_pressure(to_client.bytes, to_upstream.bytes, services, out)
-            });
+            self.measure_pressure(owner.slot);
             self.look_for_stray_bytes(owner.slot);
         }
+    }
+
+    /// Measures the backlog towards both sides of a spliced tunnel for the connection.
+    fn measure_pressure(&mut self, slot: u32) {
+        let to_client = self.measure_backlog(slot, Side::Client);
+        let to_upstream = self.measure_backlog(slot, Side::Upstream);
+        let (Some(to_client), Some(to_upstream)) = (to_client, to_upstream) else {
+            return;
+        };
+        self.drive(slot, |conn, services, out| {
+            conn.on_pressure(to_client.bytes, to_upstream.bytes, services, out)
+        });
     }
 
     /// What the kernel still has to deliver towards `towards` (spliced tunnels only).
@@ -558,8 +566,18 @@ impl Worker {
         Some(splice::backlog(maps, &sockets, towards, fd.as_fd()))
     }
 
-    /// Measures again the backlogs a FIN waits for (once per tick; usually none).
+    /// Measures again the backlogs a FIN waits for, and those of tunnels with bytes still
+    /// queued (once per tick; usually none).
     fn check_backlogs_again(&mut self) {
+        for (slot, id) in std::mem::take(&mut self.pressure_checks) {
+            let alive = self
+                .table
+                .get_if(slot, |current| current == id)
+                .is_some_and(|entry| !entry.conn.is_closing());
+            if alive {
+                self.measure_pressure(slot);
+            }
+        }
         for (slot, id, towards) in std::mem::take(&mut self.backlog_checks) {
             let alive = self
                 .table

@@ -226,7 +226,7 @@ fn a_reader_too_far_behind_closes_the_tunnel_as_a_slow_consumer() {
     let limit = h.services.kernel_backlog;
     assert_eq!(
         h.event(|c, _, s, out| c.on_pressure(limit, 0, s, out)),
-        vec![]
+        vec![Action::MeasurePressure]
     );
     let actions = h.event(|c, _, s, out| c.on_pressure(0, limit + 1, s, out));
     assert!(closes(&actions, true));
@@ -236,6 +236,45 @@ fn a_reader_too_far_behind_closes_the_tunnel_as_a_slow_consumer() {
         h.reason()
     );
     assert_eq!(h.services.metrics.kernel_slow_consumers.get(), 1);
+}
+
+#[test]
+fn a_tunnel_with_bytes_queued_is_measured_until_its_reader_caught_up() {
+    let mut h = Harness::spliced();
+    let gauge = |h: &Harness| h.services.metrics.kernel_backlog_bytes.get();
+    let actions = h.event(|c, _, s, out| c.on_pressure(500, 200, s, out));
+    assert_eq!(actions, vec![Action::MeasurePressure]);
+    assert_eq!(gauge(&h), 700);
+    let actions = h.event(|c, _, s, out| c.on_pressure(100, 0, s, out));
+    assert_eq!(actions, vec![Action::MeasurePressure]);
+    assert_eq!(gauge(&h), 100);
+    assert_eq!(h.event(|c, _, s, out| c.on_pressure(0, 0, s, out)), vec![]);
+    assert_eq!(gauge(&h), 0);
+}
+
+#[test]
+fn a_reader_that_adds_to_a_total_backlog_over_the_process_limit_is_closed() {
+    let mut h = Harness::spliced();
+    let metrics = std::sync::Arc::clone(&h.services.metrics);
+    // Other tunnels' readers are already nearly at the process-wide limit.
+    let others = h.services.kernel_backlog_total - 1000;
+    metrics.kernel_backlog_bytes.replace_share(0, others);
+    // Far below the per-tunnel limit, but over the total.
+    let actions = h.event(|c, _, s, out| c.on_pressure(0, 4000, s, out));
+    assert!(closes(&actions, true), "{actions:?}");
+    assert!(
+        h.reason().contains("limits.kernel_backlog_total"),
+        "{}",
+        h.reason()
+    );
+    assert_eq!(metrics.kernel_slow_consumers.get(), 1);
+    h.event(|c, _, s, _| c.on_unspliced(Counted::default(), s));
+    h.finish();
+    assert_eq!(
+        metrics.kernel_backlog_bytes.get(),
+        others,
+        "its share left the total with it"
+    );
 }
 
 #[test]
