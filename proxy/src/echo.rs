@@ -60,13 +60,10 @@ pub fn run(options: EchoOptions) -> Result<(), EchoError> {
         .build()
         .map_err(EchoError::Runtime)?;
     runtime.block_on(async {
-        let listener =
-            TcpListener::bind(options.listen)
-                .await
-                .map_err(|source| EchoError::Bind {
-                    addr: options.listen,
-                    source,
-                })?;
+        let listener = bind_shared(options.listen).map_err(|source| EchoError::Bind {
+            addr: options.listen,
+            source,
+        })?;
         tracing::info!(addr = %options.listen, "echo upstream listening");
         let record = open_record(options.record)?;
         tokio::select! {
@@ -75,6 +72,19 @@ pub fn run(options: EchoOptions) -> Result<(), EchoError> {
         }
         Ok(())
     })
+}
+
+/// Binds `addr` with `SO_REUSEPORT`, so several echo processes can share one port (one
+/// process holds at most its descriptor limit's worth of connections).
+fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// Where handshakes are recorded.

@@ -100,7 +100,7 @@ impl Scale {
         fleet: 9000,
         fleet_window: 8.0,
         rounds: 3,
-        percore_steps: &[1000, 2000, 4000, 8000, 16000],
+        percore_steps: &[1000, 2000, 4000, 8000, 16000, 32000],
         percore_window: 4.0,
     };
     /// A quick pass (under 2 minutes).

@@ -248,11 +248,18 @@ fn markdown(header: &Header, results: &Results) -> String {
         out.push_str(
             "\n**Per core** (fleet, 64 B every 2 s; proxy with one worker on CPU 0 via `taskset -c 0`, \
              echo upstream and load generators on CPU 1; largest N with p99 ≤ 10 ms and no failure, a step failing on p99 alone is tried twice; \
-             `direct` shows the limit of the load side alone):\n\n\
-             | target | largest N passing | processes on CPU 0 | p99 at that N, ms | steps (N: p99 ms) | stopped because |\n\
-             |---|---:|---:|---:|---|---|\n",
+             `direct` shows the limit of the load side alone; *per machine core* is N divided by the machine-wide CPU \
+             above the direct run's at that N, in cores, so kernel work on any CPU counts):\n\n\
+             | target | largest N passing | per machine core | processes on CPU 0 | p99 at that N, ms | steps (N: p99 ms) | stopped because |\n\
+             |---|---:|---:|---:|---:|---|---|\n",
         );
+        let direct = results.percore.iter().find(|r| r.target == "direct");
         for result in &results.percore {
+            let per_core = match (result.target, result.per_machine_core(direct)) {
+                ("direct", _) => "–".to_owned(),
+                (_, Some(n)) => format!("{n:.0}"),
+                (_, None) => "n/a".to_owned(),
+            };
             let steps = result
                 .steps
                 .iter()
@@ -277,7 +284,7 @@ fn markdown(header: &Header, results: &Results) -> String {
                         )
                     });
             out.push_str(&format!(
-                "| {} | {n} | {processes} | {p99} | {steps} | {} |\n",
+                "| {} | {n} | {per_core} | {processes} | {p99} | {steps} | {} |\n",
                 result.target, result.stopped
             ));
         }
@@ -315,10 +322,12 @@ fn json(header: &Header, results: &Results) -> serde_json::Value {
         "percore": results.percore.iter().map(|r| serde_json::json!({
             "target": r.target,
             "largest_passing": r.largest().map(|s| s.conns),
+            "per_machine_core": r.per_machine_core(results.percore.iter().find(|d| d.target == "direct")),
             "stopped": r.stopped,
             "steps": r.steps.iter().map(|s| serde_json::json!({
                 "conns": s.conns, "processes": s.processes, "p99_us": s.p99_us,
-                "failures": s.failures, "messages": s.messages, "passed": s.passed, "why": s.why,
+                "failures": s.failures, "messages": s.messages, "machine_cores": s.machine_cores,
+                "passed": s.passed, "why": s.why,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "notes": results.notes,

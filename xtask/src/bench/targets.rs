@@ -202,18 +202,37 @@ pub fn start_echo(
     pin: Option<&str>,
     work: &Path,
 ) -> anyhow::Result<Guard> {
+    let mut group = start_echo_group(wsplice, port, pin, work, 1)?;
+    group.pop().context("no echo process started")
+}
+
+/// `processes` echo upstreams sharing `port` (SO_REUSEPORT): one process holds at most its
+/// 20,000 fds' worth of connections.
+pub fn start_echo_group(
+    wsplice: &Path,
+    port: u16,
+    pin: Option<&str>,
+    work: &Path,
+    processes: usize,
+) -> anyhow::Result<Vec<Guard>> {
     ensure_free(port)?;
     let log = work.join(format!("echo-{port}.log"));
     let listen = format!("127.0.0.1:{port}");
-    let mut guard = spawn(
-        wsplice,
-        &["echo", "--listen", &listen],
-        pin,
-        &log,
-        &[("RUST_LOG", "warn")],
-    )?;
-    wait_port(port, std::slice::from_mut(&mut guard), &log)?;
-    Ok(guard)
+    let mut guards = Vec::new();
+    for _ in 0..processes.max(1) {
+        guards.push(spawn(
+            wsplice,
+            &["echo", "--listen", &listen],
+            pin,
+            &log,
+            &[("RUST_LOG", "warn")],
+        )?);
+    }
+    wait_port(port, &mut guards, &log)?;
+    // Every process has bound its socket before traffic starts (the port answers as soon as
+    // the first one has).
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(guards)
 }
 
 /// Starts `kind` as `layout` says.
