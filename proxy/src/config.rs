@@ -17,6 +17,7 @@ use toml::Spanned;
 mod tls;
 mod values;
 
+use crate::cidr::Cidr;
 use crate::tag::MAX_WORKERS;
 pub use tls::{CryptoProvider, SniCertificate, TlsConfig, TlsFiles, TlsVersion, CIPHER_SUITES};
 use values::{is_token, parse_addr, parse_duration, parse_nonzero_duration, parse_size};
@@ -40,6 +41,10 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// `workers = N`: worker threads (default: one per CPU).
     pub workers: Option<usize>,
+    /// `trusted_proxies = ["10.0.0.0/8"]`: peers whose forwarding headers (`X-Forwarded-For`,
+    /// `Forwarded`, `X-Forwarded-Host`, `X-Forwarded-Port`) are passed on; from anyone else
+    /// they are replaced (default: nobody).
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 /// When a plain tunnel moves from the userspace relay to the kernel path.
@@ -279,6 +284,8 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 struct RawConfig {
     workers: Option<Spanned<usize>>,
     #[serde(default)]
+    trusted_proxies: Vec<Spanned<String>>,
+    #[serde(default)]
     listener: Vec<Spanned<RawListener>>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
@@ -410,6 +417,16 @@ impl RawConfig {
             }
             other => other.map(Spanned::into_inner),
         };
+        let trusted_proxies = self
+            .trusted_proxies
+            .iter()
+            .map(|range| {
+                range
+                    .get_ref()
+                    .parse::<Cidr>()
+                    .map_err(|error| spot(range, format!("trusted_proxies: {error}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
             listeners,
             routes,
@@ -422,6 +439,7 @@ impl RawConfig {
                 .map(|admin| parse_addr(&admin.bind).map(|bind| AdminConfig { bind }))
                 .transpose()?,
             workers,
+            trusted_proxies,
         })
     }
 }

@@ -1,8 +1,12 @@
 //! Header rewriting with nginx's defaults for a WebSocket `proxy_pass`, pure.
 //!
-//! `Host` is kept, `X-Real-IP` is the client address, `X-Forwarded-For` appends it to what came
-//! in (`$proxy_add_x_forwarded_for`), `X-Forwarded-Proto` says `http`/`https`, hop-by-hop headers
-//! are dropped and `Upgrade: websocket` / `Connection: upgrade` are sent. Route rules come last.
+//! `Host` is kept, `X-Real-IP` is the client address, `X-Forwarded-Proto` says `http`/`https`,
+//! hop-by-hop headers are dropped and `Upgrade: websocket` / `Connection: upgrade` are sent.
+//! `X-Forwarded-For` appends the client to what came in (`$proxy_add_x_forwarded_for`) only
+//! when the peer is a trusted proxy (`trusted_proxies`); from anyone else it is the client
+//! alone, and the client's own `Forwarded`, `X-Forwarded-Host` and `X-Forwarded-Port` are
+//! dropped, so an upstream never takes a client's word for where it came from. Route rules
+//! come last.
 
 use std::net::IpAddr;
 
@@ -34,6 +38,8 @@ pub struct ForwardContext {
     pub client_addr: IpAddr,
     /// The listener's scheme.
     pub scheme: Scheme,
+    /// The peer is a trusted proxy: its forwarding headers are passed on.
+    pub trusted_peer: bool,
 }
 
 /// Per-route rules: headers to set (replace or add) and to remove (case-insensitive names).
@@ -46,7 +52,8 @@ pub struct HeaderRules {
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 and the usual extras), never forwarded as sent.
-const HOP_BY_HOP: [&str; 8] = [
+/// `Proxy-Authorization` is the client's credential for this proxy, not for the upstream.
+const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -55,7 +62,11 @@ const HOP_BY_HOP: [&str; 8] = [
     "transfer-encoding",
     "upgrade",
     "proxy-authenticate",
+    "proxy-authorization",
 ];
+
+/// Forwarding headers passed on only from a trusted peer (`X-Forwarded-For` is rebuilt).
+const FORWARDING: [&str; 3] = ["forwarded", "x-forwarded-host", "x-forwarded-port"];
 
 /// Headers the proxy sets itself; the client's own values are replaced.
 const REPLACED: [&str; 3] = ["x-real-ip", "x-forwarded-for", "x-forwarded-proto"];
@@ -73,7 +84,7 @@ pub fn rewrite_request(req: &UpgradeRequest, ctx: &ForwardContext, rules: &Heade
     let incoming_xff: Vec<&[u8]> = req
         .headers
         .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+        .filter(|h| ctx.trusted_peer && h.name.eq_ignore_ascii_case("x-forwarded-for"))
         .map(|h| h.value.trim_ascii())
         .filter(|v| !v.is_empty())
         .collect();
@@ -94,6 +105,7 @@ pub fn rewrite_request(req: &UpgradeRequest, ctx: &ForwardContext, rules: &Heade
                 name != "host"
                     && !HOP_BY_HOP.contains(&name.as_str())
                     && !REPLACED.contains(&name.as_str())
+                    && !(FORWARDING.contains(&name.as_str()) && !ctx.trusted_peer)
                     && !named_in_connection.contains(&name)
             })
             .cloned(),
@@ -179,6 +191,7 @@ mod tests {
         ForwardContext {
             client_addr: "203.0.113.7".parse().unwrap(),
             scheme: Scheme::Ws,
+            trusted_peer: false,
         }
     }
 
@@ -215,6 +228,31 @@ mod tests {
     }
 
     #[test]
+    fn an_untrusted_peer_cannot_say_where_the_request_came_from() {
+        let req = request(&[
+            ("Host", b"a"),
+            ("X-Forwarded-For", b"10.0.0.1"),
+            ("Forwarded", b"for=10.0.0.1;proto=https"),
+            ("X-Forwarded-Host", b"admin.internal"),
+            ("X-Forwarded-Port", b"8443"),
+            ("Proxy-Authorization", b"Basic c2VjcmV0"),
+            ("X-Other", b"kept"),
+        ]);
+        let out = text(rewrite_request(&req, &ctx(), &HeaderRules::default()));
+        assert!(out.contains("X-Forwarded-For: 203.0.113.7\r\n"), "{out}");
+        for gone in [
+            "10.0.0.1",
+            "Forwarded:",
+            "admin.internal",
+            "8443",
+            "c2VjcmV0",
+        ] {
+            assert!(!out.contains(gone), "{gone} passed: {out}");
+        }
+        assert!(out.contains("X-Other: kept\r\n"));
+    }
+
+    #[test]
     fn forwarded_for_chains_and_client_values_are_replaced() {
         let req = request(&[
             ("Host", b"a"),
@@ -225,6 +263,7 @@ mod tests {
         ]);
         let ctx = ForwardContext {
             scheme: Scheme::Wss,
+            trusted_peer: true,
             ..ctx()
         };
         let out = text(rewrite_request(&req, &ctx, &HeaderRules::default()));

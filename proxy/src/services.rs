@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cidr::Cidr;
 use crate::clock::duration_ns;
 use crate::config::{Config, RouteConfig, Splicing};
 use crate::handshake::HeadLimits;
@@ -48,6 +49,8 @@ pub struct Services {
     pub routes: Vec<Route>,
     /// Upstream pools.
     pub pools: Vec<Pool>,
+    /// Peers whose forwarding headers are passed on (`trusted_proxies`).
+    pub trusted_proxies: Vec<Cidr>,
     /// Limits on the client's request head.
     pub request_limits: HeadLimits,
     /// Limits on the upstream's response head.
@@ -91,6 +94,7 @@ impl Services {
             router: Router::new(&config.routes),
             routes,
             pools,
+            trusted_proxies: config.trusted_proxies.clone(),
             request_limits: HeadLimits {
                 max_bytes: config.limits.max_request_head,
                 max_headers: config.limits.max_headers,

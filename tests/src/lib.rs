@@ -215,6 +215,8 @@ pub struct ProxyConfig {
     pub limits: &'static str,
     /// `[kernel]` body (promotion thresholds for `--datapath auto`).
     pub kernel: &'static str,
+    /// The `trusted_proxies` array's items (e.g. `"127.0.0.0/8"`), if any.
+    pub trusted_proxies: &'static str,
     /// Worker threads.
     pub workers: usize,
     /// The listener's `tls` value (see [`tls::tls_table`]): the proxy serves `wss://`.
@@ -234,6 +236,7 @@ impl ProxyConfig {
             route_extra: "",
             limits: "",
             kernel: "",
+            trusted_proxies: "",
             workers: 2,
             tls: None,
         }
@@ -246,11 +249,12 @@ impl ProxyConfig {
             .as_ref()
             .map_or_else(String::new, |tls| format!("tls = {tls}\n"));
         format!(
-            "workers = {}\n\n[[listener]]\nbind = \"{listen}\"\n{tls}\n[[route]]\nupstream = \"default\"\n{}\n\n\
+            "workers = {}\ntrusted_proxies = [{}]\n\n[[listener]]\nbind = \"{listen}\"\n{tls}\n[[route]]\nupstream = \"default\"\n{}\n\n\
              [upstream.default]\nservers = [{}]\nfail_timeout = \"{}\"\n\n\
              [timeouts]\nidle = \"{}\"\nhandshake = \"{}\"\nconnect = \"{}\"\ndrain = \"{}\"\n\n\
              [limits]\n{}\n\n[kernel]\n{}\n\n[admin]\nbind = \"{admin}\"\n",
             self.workers,
+            self.trusted_proxies,
             self.route_extra,
             servers.join(", "),
             self.fail_timeout,

@@ -117,10 +117,59 @@ async fn every_bad_request_gets_its_status_and_the_proxy_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_is_not_a_trusted_proxy_cannot_forge_where_it_came_from() {
+    let echo = Echo::start();
+    let proxy = Proxy::start(DataPath::Userspace, &ProxyConfig::new(&[echo.addr()]));
+    let lines = [
+        "GET /who HTTP/1.1",
+        "Host: chat.test",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        KEY,
+        "Sec-WebSocket-Version: 13",
+        "X-Forwarded-For: 10.9.8.7",
+        "Forwarded: for=10.9.8.7;host=admin.internal",
+        "X-Forwarded-Host: admin.internal",
+        "X-Forwarded-Port: 8443",
+        "Proxy-Authorization: Basic c2VjcmV0",
+    ];
+    let mut stream = bounded(tokio::net::TcpStream::connect(proxy.addr()))
+        .await
+        .unwrap();
+    use tokio::io::AsyncWriteExt as _;
+    stream.write_all(&request(&lines)).await.unwrap();
+    let (head, _) = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    drop(stream);
+    let record = echo.records().pop().expect("the upstream saw the request");
+    let value = |name: &str| {
+        record
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(value("X-Forwarded-For"), ["127.0.0.1"]);
+    for dropped in [
+        "Forwarded",
+        "X-Forwarded-Host",
+        "X-Forwarded-Port",
+        "Proxy-Authorization",
+    ] {
+        assert!(value(dropped).is_empty(), "{dropped}: {:?}", record.headers);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_upstream_receives_the_nginx_equivalent_header_set() {
     let echo = Echo::start();
     for datapath in datapaths() {
-        let proxy = Proxy::start(datapath, &ProxyConfig::new(&[echo.addr()]));
+        // The client is a trusted proxy: the chain it sent is extended, as nginx's
+        // `$proxy_add_x_forwarded_for` does.
+        let mut config = ProxyConfig::new(&[echo.addr()]);
+        config.trusted_proxies = "\"127.0.0.0/8\"";
+        let proxy = Proxy::start(datapath, &config);
         let before = echo.records().len();
         let lines = [
             "GET /room/1?x=y HTTP/1.1",

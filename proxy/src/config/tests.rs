@@ -44,7 +44,7 @@ fn defaults_apply() {
 #[test]
 fn everything_optional_parses() {
     let text = format!(
-        "workers = 3\n{MINIMAL}\n[[route]]\nhost = \"chat.example\"\npath_prefix = \"/chat\"\n\
+        "workers = 3\ntrusted_proxies = [\"10.0.0.0/8\", \"2001:db8::1\"]\n{MINIMAL}\n[[route]]\nhost = \"chat.example\"\npath_prefix = \"/chat\"\n\
          upstream = \"default\"\nidle_timeout = \"5m\"\n\
          headers = {{ set = {{ \"X-A\" = \"1\" }}, remove = [\"Cookie\"] }}\n\
          [timeouts]\nidle = \"90s\"\nhandshake = \"250ms\"\nconnect = \"1s\"\ndrain = \"0s\"\n\
@@ -65,6 +65,12 @@ fn everything_optional_parses() {
     assert_eq!(config.limits.max_request_head, 8192);
     assert_eq!(config.limits.relay_buffer, 16384);
     assert_eq!(config.limits.kernel_backlog_total, 2 << 30);
+    let trusted: Vec<String> = config
+        .trusted_proxies
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(trusted, ["10.0.0.0/8", "2001:db8::1/128"]);
     assert_eq!(
         config.splicing,
         Splicing::Promote {
@@ -222,4 +228,12 @@ fn workers_beyond_what_a_socket_tag_can_name_are_refused() {
     let e = error(&format!("workers = 257\n{MINIMAL}"));
     assert_eq!(e.line, 1, "{e}");
     assert!(e.message.contains("between 1 and 256"), "{e}");
+}
+
+#[test]
+fn a_bad_trusted_proxy_range_is_reported_at_its_position() {
+    let text = format!("trusted_proxies = [\"10.0.0.0/8\", \"10.1/40\"]\n{MINIMAL}");
+    let e = error(&text);
+    assert_eq!((e.line, e.column), (1, 34), "{e}");
+    assert!(e.message.contains("trusted_proxies"), "{e}");
 }

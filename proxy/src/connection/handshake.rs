@@ -104,12 +104,14 @@ pub struct Handshake {
 }
 
 impl Handshake {
-    /// A new connection from `client_addr` on a listener of `scheme`.
-    pub fn new(client_addr: SocketAddr, scheme: Scheme) -> Handshake {
+    /// A new connection from `client_addr` on a listener of `scheme`; `trusted_peer` when the
+    /// peer is one of `trusted_proxies`.
+    pub fn new(client_addr: SocketAddr, scheme: Scheme, trusted_peer: bool) -> Handshake {
         Handshake {
             context: ForwardContext {
                 client_addr: client_addr.ip(),
                 scheme,
+                trusted_peer,
             },
             client_bytes: Vec::new(),
             upstream_bytes: Vec::new(),

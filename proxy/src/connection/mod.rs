@@ -256,7 +256,11 @@ impl Connection {
     ) -> Connection {
         services.metrics.connections_accepted.inc();
         services.metrics.connections_open.inc();
-        let handshake = Handshake::new(client_addr, scheme);
+        let trusted_peer = services
+            .trusted_proxies
+            .iter()
+            .any(|range| range.contains(client_addr.ip()));
+        let handshake = Handshake::new(client_addr, scheme, trusted_peer);
         let deadline_ns = now_ns.saturating_add(services.handshake_ns);
         let connection = Connection {
             id,

@@ -21,7 +21,7 @@ fn client() -> SocketAddr {
 }
 
 fn connected(services: &Services) -> Handshake {
-    let mut h = Handshake::new(client(), Scheme::Ws);
+    let mut h = Handshake::new(client(), Scheme::Ws, false);
     assert!(matches!(
         h.on_client_data(REQUEST, services, 0),
         Step::Connect(_)
@@ -34,7 +34,7 @@ fn connected(services: &Services) -> Handshake {
 #[test]
 fn a_valid_upgrade_goes_connect_send_read_then_tunnel_with_pipelined_bytes_in_order() {
     let services = services("\"127.0.0.1:9001\"", "");
-    let mut h = Handshake::new(client(), Scheme::Ws);
+    let mut h = Handshake::new(client(), Scheme::Ws, false);
     assert_eq!(h.start(), Step::ReadClient);
     // The request arrives in two pieces, with a frame pipelined behind the head.
     let mut bytes = REQUEST.to_vec();
@@ -82,7 +82,7 @@ fn a_valid_upgrade_goes_connect_send_read_then_tunnel_with_pipelined_bytes_in_or
 #[test]
 fn an_invalid_request_is_rejected_with_its_status() {
     let services = services("\"127.0.0.1:9001\"", "");
-    let mut h = Handshake::new(client(), Scheme::Ws);
+    let mut h = Handshake::new(client(), Scheme::Ws, false);
     let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
     let Step::Reject(rejection) = h.on_client_data(request, &services, 0) else {
         panic!("expected a rejection");
@@ -94,7 +94,7 @@ fn an_invalid_request_is_rejected_with_its_status() {
 #[test]
 fn no_matching_route_is_404() {
     let services = services("\"127.0.0.1:9001\"", "path_prefix = \"/other\"");
-    let mut h = Handshake::new(client(), Scheme::Ws);
+    let mut h = Handshake::new(client(), Scheme::Ws, false);
     let Step::Reject(rejection) = h.on_client_data(REQUEST, &services, 0) else {
         panic!("expected a rejection");
     };
@@ -104,7 +104,7 @@ fn no_matching_route_is_404() {
 #[test]
 fn a_failed_connect_tries_the_next_server_then_answers_502() {
     let services = services("\"127.0.0.1:1\", \"127.0.0.1:2\"", "");
-    let mut h = Handshake::new(client(), Scheme::Ws);
+    let mut h = Handshake::new(client(), Scheme::Ws, false);
     let Step::Connect(first) = h.on_client_data(REQUEST, &services, 0) else {
         panic!("expected a connect");
     };
@@ -117,7 +117,7 @@ fn a_failed_connect_tries_the_next_server_then_answers_502() {
     };
     assert_eq!(rejection.status, 502);
     // Both servers are now marked down: the next request is answered 503 at once.
-    let mut next = Handshake::new(client(), Scheme::Ws);
+    let mut next = Handshake::new(client(), Scheme::Ws, false);
     let Step::Reject(rejection) = next.on_client_data(REQUEST, &services, 1) else {
         panic!("expected 503");
     };
@@ -127,7 +127,7 @@ fn a_failed_connect_tries_the_next_server_then_answers_502() {
 #[test]
 fn running_out_of_local_sockets_is_503_and_marks_no_server_down() {
     let services = services("\"127.0.0.1:1\", \"127.0.0.1:2\"", "");
-    let mut h = Handshake::new(client(), Scheme::Ws);
+    let mut h = Handshake::new(client(), Scheme::Ws, false);
     h.on_client_data(REQUEST, &services, 0);
     let Step::Reject(rejection) = h.on_connect_failed(ConnectFailure::Local, &services, 0) else {
         panic!("expected 503");
@@ -139,7 +139,7 @@ fn running_out_of_local_sockets_is_503_and_marks_no_server_down() {
 #[test]
 fn a_connect_timeout_on_the_last_server_is_504() {
     let services = services("\"127.0.0.1:1\"", "");
-    let mut h = Handshake::new(client(), Scheme::Ws);
+    let mut h = Handshake::new(client(), Scheme::Ws, false);
     h.on_client_data(REQUEST, &services, 0);
     let Step::Reject(rejection) = h.on_connect_failed(ConnectFailure::TimedOut, &services, 0)
     else {
@@ -184,7 +184,7 @@ Sec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n";
 #[test]
 fn the_deadline_closes_a_silent_client_and_answers_504_while_waiting_for_the_upstream() {
     let services = services("\"127.0.0.1:9001\"", "");
-    let mut silent = Handshake::new(client(), Scheme::Ws);
+    let mut silent = Handshake::new(client(), Scheme::Ws, false);
     assert!(matches!(silent.on_deadline(false), Step::Close(_)));
     let mut waiting = connected(&services);
     let Step::Reject(rejection) = waiting.on_deadline(true) else {
