@@ -4,6 +4,7 @@
 //! [`RequestError`] that knows its HTTP status; [`parse_response`] judges the upstream's answer.
 //! Both work on a prefix of the stream: `Ok(None)` means "read more".
 
+use crate::target::{is_valid_host, normalize, TargetError};
 use base64::Engine as _;
 use sha1::{Digest, Sha1};
 
@@ -31,7 +32,8 @@ pub struct Header {
 /// A validated WebSocket Upgrade request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpgradeRequest {
-    /// Request target exactly as sent.
+    /// Request target in normal origin form (`crate::target`): what routing matches and the
+    /// upstream receives.
     pub path: String,
     /// `Host` header value as sent.
     pub host: String,
@@ -62,6 +64,12 @@ pub enum RequestError {
     /// No Host header, or more than one.
     #[error("request needs exactly one Host header, found {0}")]
     BadHost(usize),
+    /// A Host value that is not a host name or address with an optional port.
+    #[error("the Host header is not a valid host name or address")]
+    InvalidHost,
+    /// A request target that could be read two ways (see [`crate::target`]).
+    #[error("bad request target: {0}")]
+    BadTarget(#[from] TargetError),
     /// No `Upgrade: websocket`.
     #[error("not a WebSocket upgrade (Upgrade header lacks \"websocket\")")]
     NotWebSocket,
@@ -86,6 +94,8 @@ impl RequestError {
             RequestError::Malformed(_)
             | RequestError::WrongVersion(_)
             | RequestError::BadHost(_)
+            | RequestError::InvalidHost
+            | RequestError::BadTarget(_)
             | RequestError::BadKey(_)
             | RequestError::BodyNotAllowed(_) => 400,
             RequestError::MethodNotAllowed(_) => 405,
@@ -211,6 +221,11 @@ fn validate(path: String, headers: Vec<Header>) -> Result<UpgradeRequest, Reques
         [_] => return Err(RequestError::BadHost(0)),
         other => return Err(RequestError::BadHost(other.len())),
     };
+    if !is_valid_host(&host) {
+        return Err(RequestError::InvalidHost);
+    }
+    // Routing and the upstream see the same, normal form of the target.
+    let path = normalize(&path, &host)?;
     if !has_token(values("upgrade"), "websocket") {
         return Err(RequestError::NotWebSocket);
     }

@@ -25,6 +25,7 @@ pub mod services;
 pub mod splice;
 pub mod sys;
 pub mod tag;
+pub mod target;
 pub mod timeouts;
 pub mod tls;
 pub mod tunnel;

@@ -273,3 +273,65 @@ async fn no_route_is_404() {
         Message::text("routed")
     );
 }
+
+/// Routing and the upstream see one normal form of the target: a route for `/chat` cannot be
+/// used to reach another path (`..`, encoded dots, doubled slashes), targets that servers read
+/// in different ways are refused, and an absolute URI must name the Host it is sent to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_target_is_normalised_before_routing_and_forwarding() {
+    let echo = Echo::start();
+    let mut config = ProxyConfig::new(&[echo.addr()]);
+    config.route_extra = "path_prefix = \"/chat\"";
+    let proxy = Proxy::start(DataPath::Userspace, &config);
+    let upgrade = |target: &str, host: &str| {
+        let first = format!("GET {target} HTTP/1.1");
+        let host = format!("Host: {host}");
+        request(&[
+            &first,
+            &host,
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            KEY,
+            "Sec-WebSocket-Version: 13",
+        ])
+    };
+    let refused = [
+        ("/chat/../admin", "chat.test", 404),
+        ("/chat/%2e%2e/admin", "chat.test", 404),
+        ("/chat/%2E%2E/%2e%2e/admin", "chat.test", 400),
+        ("/chat\\..\\admin", "chat.test", 400),
+        ("/chat%2F..%2Fadmin", "chat.test", 400),
+        ("http://admin.internal/chat", "chat.test", 400),
+        ("/chat", "chat.test/../admin", 400),
+        ("/chat", "user@chat.test", 400),
+    ];
+    for (target, host, status) in refused {
+        let (got, answer) = raw_exchange(proxy.addr(), &upgrade(target, host)).await;
+        assert_eq!(got, status, "{target} (Host {host}): {answer}");
+    }
+    let forwarded = [
+        ("//chat/room", "chat.test", "/chat/room"),
+        ("/chat/./a/../b?x=/../y", "chat.test", "/chat/b?x=/../y"),
+        ("/c%68at", "chat.test", "/chat"),
+        ("http://chat.test:8080/chat?q", "chat.test:8080", "/chat?q"),
+    ];
+    for (target, host, expected) in forwarded {
+        let before = echo.records().len();
+        let mut stream = bounded(tokio::net::TcpStream::connect(proxy.addr()))
+            .await
+            .unwrap();
+        use tokio::io::AsyncWriteExt as _;
+        stream.write_all(&upgrade(target, host)).await.unwrap();
+        let (head, _) = read_head(&mut stream).await;
+        assert!(head.starts_with("HTTP/1.1 101 "), "{target}: {head}");
+        drop(stream);
+        let records = echo.records();
+        assert_eq!(records.len(), before + 1, "{target}");
+        assert_eq!(records[before].path, expected, "{target}");
+    }
+    assert_eq!(
+        echo.records().len(),
+        forwarded.len(),
+        "a refused target reached the upstream"
+    );
+}
