@@ -92,6 +92,10 @@ pub struct Handshake {
     context: ForwardContext,
     /// Client bytes: the request head while it is read, then the pipelined bytes behind it.
     client_bytes: Vec<u8>,
+    /// Times the request head was parsed (tests check that a trickled head is not re-parsed
+    /// for every byte).
+    #[cfg(test)]
+    pub(crate) parses: usize,
     /// Upstream bytes read while waiting for its response head.
     upstream_bytes: Vec<u8>,
     request: Option<UpgradeRequest>,
@@ -114,6 +118,8 @@ impl Handshake {
                 trusted_peer,
             },
             client_bytes: Vec::new(),
+            #[cfg(test)]
+            parses: 0,
             upstream_bytes: Vec::new(),
             request: None,
             summary: RequestSummary::default(),
@@ -147,6 +153,17 @@ impl Handshake {
     /// Bytes read from the client while its request head is incomplete.
     pub fn on_client_data(&mut self, data: &[u8], services: &Services, now_ns: u64) -> Step {
         self.client_bytes.extend_from_slice(data);
+        // Parsing is worth it only when a line was completed (the head may be complete, or a
+        // line may be malformed) or the head reached its size limit: a head trickled byte by
+        // byte is then parsed once per line, not once per byte.
+        let limit = services.request_limits.max_bytes;
+        if !data.contains(&b'\n') && self.client_bytes.len() < limit {
+            return Step::ReadClient;
+        }
+        #[cfg(test)]
+        {
+            self.parses += 1;
+        }
         match parse_request(&self.client_bytes, &services.request_limits) {
             Ok(None) => Step::ReadClient,
             Ok(Some((request, head_len))) => {

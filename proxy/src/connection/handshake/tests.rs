@@ -192,3 +192,36 @@ fn the_deadline_closes_a_silent_client_and_answers_504_while_waiting_for_the_ups
     };
     assert_eq!(rejection.status, 504);
 }
+
+#[test]
+fn a_head_trickled_byte_by_byte_is_parsed_once_per_line_not_once_per_byte() {
+    let services = services("\"127.0.0.1:9001\"", "");
+    let mut h = Handshake::new(client(), Scheme::Ws, false);
+    let mut head = REQUEST[..REQUEST.len() - 2].to_vec();
+    // A long header line, sent one byte at a time.
+    head.extend_from_slice(b"X-Padding: ");
+    head.extend(std::iter::repeat_n(b'p', 8000));
+    head.extend_from_slice(b"\r\n\r\n");
+    let lines = head.iter().filter(|&&b| b == b'\n').count();
+    let mut last = Step::ReadClient;
+    for byte in &head {
+        last = h.on_client_data(std::slice::from_ref(byte), &services, 0);
+    }
+    assert!(matches!(last, Step::Connect(_)), "{last:?}");
+    assert!(h.parses <= lines, "{} parses for {lines} lines", h.parses);
+}
+
+#[test]
+fn a_malformed_line_is_refused_as_soon_as_it_ends() {
+    let services = services("\"127.0.0.1:9001\"", "");
+    let mut h = Handshake::new(client(), Scheme::Ws, false);
+    assert_eq!(
+        h.on_client_data(b"GET /chat HTTP/1.1\r\nHost", &services, 0),
+        Step::ReadClient
+    );
+    let step = h.on_client_data(b" x\r\n", &services, 0);
+    assert!(
+        matches!(step, Step::Reject(ref rejection) if rejection.status == 400),
+        "{step:?}"
+    );
+}
