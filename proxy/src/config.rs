@@ -159,6 +159,10 @@ pub struct Limits {
     /// Kernel path: the same, summed over all tunnels of the process; a tunnel that adds to
     /// the backlog beyond it is closed as a slow consumer (default 1 GiB).
     pub kernel_backlog_total: usize,
+    /// Client connections held at once, any stage (default: no limit); more are closed at once.
+    pub max_connections: Option<usize>,
+    /// The same per client address (default: no limit).
+    pub max_connections_per_ip: Option<usize>,
 }
 
 /// `[admin]`.
@@ -188,6 +192,8 @@ impl Default for Limits {
             max_tunnels: 1 << 20,
             kernel_backlog: 64 << 20,
             kernel_backlog_total: 1 << 30,
+            max_connections: None,
+            max_connections_per_ip: None,
         }
     }
 }
@@ -352,6 +358,8 @@ struct RawLimits {
     max_tunnels: Option<Spanned<usize>>,
     kernel_backlog: Option<Spanned<RawSize>>,
     kernel_backlog_total: Option<Spanned<RawSize>>,
+    max_connections: Option<Spanned<usize>>,
+    max_connections_per_ip: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -608,7 +616,20 @@ impl RawLimits {
                 1 << 20,
                 1 << 40,
             )?,
+            max_connections: optional_count(&self.max_connections)?,
+            max_connections_per_ip: optional_count(&self.max_connections_per_ip)?,
         })
+    }
+}
+
+/// A count that must be at least 1 when given.
+fn optional_count(value: &Option<Spanned<usize>>) -> Result<Option<usize>, Spot> {
+    match value {
+        None => Ok(None),
+        Some(v) if *v.get_ref() == 0 => {
+            Err(spot(v, "must be at least 1 (leave it out for no limit)"))
+        }
+        Some(v) => Ok(Some(*v.get_ref())),
     }
 }
 

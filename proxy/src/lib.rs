@@ -8,6 +8,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod admission;
 pub mod buffers;
 pub mod cidr;
 pub mod clock;

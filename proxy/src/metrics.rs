@@ -60,6 +60,11 @@ impl Gauge {
 pub struct Metrics {
     /// Client connections accepted.
     pub connections_accepted: Counter,
+    /// Client connections closed at once because `limits.max_connections` were open.
+    pub connections_refused_limit: Counter,
+    /// Client connections closed at once because `limits.max_connections_per_ip` were open
+    /// from their address.
+    pub connections_refused_per_ip: Counter,
     /// Connections open now (any phase).
     pub connections_open: Gauge,
     /// Tunnels established (101 relayed).
@@ -109,7 +114,7 @@ impl Metrics {
     /// Renders every metric in the Prometheus text exposition format. Only atomics are read:
     /// no lock a worker takes, no walk over a map.
     pub fn render(&self) -> String {
-        let counters: [(&str, &str, u64); 17] = [
+        let counters: [(&str, &str, u64); 19] = [
             (
                 "tls_handshakes_total",
                 "TLS handshakes completed.",
@@ -129,6 +134,16 @@ impl Metrics {
                 "connections_accepted_total",
                 "Client connections accepted.",
                 self.connections_accepted.get(),
+            ),
+            (
+                "connections_refused_limit_total",
+                "Client connections closed at once: limits.max_connections were open.",
+                self.connections_refused_limit.get(),
+            ),
+            (
+                "connections_refused_per_ip_total",
+                "Client connections closed at once: limits.max_connections_per_ip were open from their address.",
+                self.connections_refused_per_ip.get(),
             ),
             (
                 "tunnels_opened_total",

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::admission::Admission;
 use crate::cidr::Cidr;
 use crate::clock::duration_ns;
 use crate::config::{Config, RouteConfig, Splicing};
@@ -49,6 +50,8 @@ pub struct Services {
     pub routes: Vec<Route>,
     /// Upstream pools.
     pub pools: Vec<Pool>,
+    /// How many connections are taken, in all and per client address.
+    pub admission: Admission,
     /// Peers whose forwarding headers are passed on (`trusted_proxies`).
     pub trusted_proxies: Vec<Cidr>,
     /// Limits on the client's request head.
@@ -94,6 +97,10 @@ impl Services {
             router: Router::new(&config.routes),
             routes,
             pools,
+            admission: Admission::new(
+                config.limits.max_connections,
+                config.limits.max_connections_per_ip,
+            ),
             trusted_proxies: config.trusted_proxies.clone(),
             request_limits: HeadLimits {
                 max_bytes: config.limits.max_request_head,

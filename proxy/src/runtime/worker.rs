@@ -19,6 +19,7 @@ use super::ring::{Op, Ring};
 use super::splice;
 use super::stream::ClientStream;
 use super::table::{Entry, Intent, Payload, SideIo, Table};
+use crate::admission::Refusal;
 use crate::buffers::BufferPool;
 use crate::clock::{duration_ns, monotonic_ns};
 use crate::connection::{Actions, ConnectFailure, Connection, DataPath, Side};
@@ -92,6 +93,9 @@ pub struct Worker {
     pub(super) pressure_checks: Vec<(u32, u64)>,
     /// When the last "accept failed" warning was logged.
     last_accept_warning_ns: u64,
+    /// When admission control last logged, and how many it refused since.
+    last_refusal_log_ns: u64,
+    refused_since_log: u64,
     /// Reused queue of actions.
     actions: Actions,
 }
@@ -137,6 +141,8 @@ impl Worker {
             backlog_checks: Vec::new(),
             pressure_checks: Vec::new(),
             last_accept_warning_ns: 0,
+            last_refusal_log_ns: 0,
+            refused_since_log: 0,
             actions: Actions::new(),
         })
     }
@@ -338,6 +344,11 @@ impl Worker {
                 return;
             }
         };
+        if let Err(refusal) = self.services.admission.admit(client_addr.ip()) {
+            // Closed before a byte is read (dropping `fd` sends the FIN); released nowhere, as
+            // it took no place.
+            return self.refused(client_addr, refusal);
+        }
         // TLS tunnels are relayed in userspace; plain ones go to the kernel when it is loaded,
         // at once or once they have earned it.
         let datapath = match (&self.maps, stream.is_tls(), self.services.promotion) {
@@ -368,6 +379,33 @@ impl Worker {
             spliced: None,
         });
         self.drive(slot, |_, _, out| out.append(&mut first));
+    }
+
+    /// Counts a connection closed by admission control, and says so in the log at most once a
+    /// second per worker (a flood would otherwise flood the log too).
+    fn refused(&mut self, client: std::net::SocketAddr, refusal: Refusal) {
+        let metrics = &self.services.metrics;
+        let limit = match refusal {
+            Refusal::Total => {
+                metrics.connections_refused_limit.inc();
+                "limits.max_connections"
+            }
+            Refusal::PerAddress => {
+                metrics.connections_refused_per_ip.inc();
+                "limits.max_connections_per_ip"
+            }
+        };
+        self.refused_since_log += 1;
+        let now = monotonic_ns();
+        if now.saturating_sub(self.last_refusal_log_ns) > 1_000_000_000 {
+            self.last_refusal_log_ns = now;
+            tracing::warn!(
+                %client,
+                limit,
+                refused = std::mem::take(&mut self.refused_since_log),
+                "connections closed at once: over a connection limit"
+            );
+        }
     }
 
     // ---- completions ----------------------------------------------------------------------
@@ -608,6 +646,9 @@ impl Worker {
                 }
             }
         }
+        self.services
+            .admission
+            .release(entry.conn.client_addr().ip());
         let mut record = entry.conn.finish(monotonic_ns(), &self.services);
         record.tls = entry.stream.negotiated();
         record.log();

@@ -1,0 +1,136 @@
+//! Admission control: how many client connections the proxy holds, in all and per client
+//! address (`limits.max_connections`, `limits.max_connections_per_ip`). A connection over a
+//! limit is closed at once, before a byte of it is read.
+//!
+//! Shared by all workers (a client's connections land on any worker): the total is one atomic,
+//! the per-address counts are sharded maps locked once when a connection opens and once when
+//! it closes, never per message.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Shards of the per-address counts (a power of two).
+const SHARDS: usize = 16;
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `limits.max_connections` are open.
+    Total,
+    /// `limits.max_connections_per_ip` are open from this address.
+    PerAddress,
+}
+
+/// The limits and the counts they apply to.
+#[derive(Debug)]
+pub struct Admission {
+    max_total: Option<usize>,
+    max_per_address: Option<usize>,
+    open: AtomicUsize,
+    per_address: [Mutex<HashMap<IpAddr, usize>>; SHARDS],
+}
+
+impl Admission {
+    /// Admission with these limits (`None`: no limit).
+    pub fn new(max_total: Option<usize>, max_per_address: Option<usize>) -> Admission {
+        Admission {
+            max_total,
+            max_per_address,
+            open: AtomicUsize::new(0),
+            per_address: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Takes a place for a connection from `ip`, or says which limit refuses it. Every admitted
+    /// connection must be [`Admission::release`]d once.
+    pub fn admit(&self, ip: IpAddr) -> Result<(), Refusal> {
+        let ip = ip.to_canonical();
+        let before = self.open.fetch_add(1, Ordering::Relaxed);
+        if self.max_total.is_some_and(|max| before >= max) {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            return Err(Refusal::Total);
+        }
+        let Some(max) = self.max_per_address else {
+            return Ok(());
+        };
+        let mut shard = self.shard(ip);
+        let count = shard.entry(ip).or_insert(0);
+        if *count >= max {
+            drop(shard);
+            self.open.fetch_sub(1, Ordering::Relaxed);
+            return Err(Refusal::PerAddress);
+        }
+        *count += 1;
+        Ok(())
+    }
+
+    /// Gives back the place of a connection from `ip` that was admitted.
+    pub fn release(&self, ip: IpAddr) {
+        let ip = ip.to_canonical();
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        if self.max_per_address.is_none() {
+            return;
+        }
+        let mut shard = self.shard(ip);
+        if let Some(count) = shard.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                shard.remove(&ip);
+            }
+        }
+    }
+
+    fn shard(&self, ip: IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        use std::hash::{BuildHasher as _, RandomState};
+        // A fixed hasher per process would do; RandomState keeps an attacker from picking
+        // addresses that all land in one shard.
+        static STATE: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
+        let hash = STATE.get_or_init(RandomState::new).hash_one(ip);
+        let shard = &self.per_address[hash as usize & (SHARDS - 1)];
+        // A panic while holding the lock cannot leave a count half-updated (plain integers):
+        // the data is usable after poisoning.
+        shard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn the_total_limit_refuses_until_a_place_is_released() {
+        let admission = Admission::new(Some(2), None);
+        assert_eq!(admission.admit(ip("10.0.0.1")), Ok(()));
+        assert_eq!(admission.admit(ip("10.0.0.2")), Ok(()));
+        assert_eq!(admission.admit(ip("10.0.0.3")), Err(Refusal::Total));
+        admission.release(ip("10.0.0.1"));
+        assert_eq!(admission.admit(ip("10.0.0.3")), Ok(()));
+    }
+
+    #[test]
+    fn the_per_address_limit_counts_each_address_alone() {
+        let admission = Admission::new(None, Some(2));
+        for _ in 0..2 {
+            assert_eq!(admission.admit(ip("10.0.0.1")), Ok(()));
+        }
+        assert_eq!(admission.admit(ip("10.0.0.1")), Err(Refusal::PerAddress));
+        // The same address through an IPv6 socket is the same client.
+        assert_eq!(
+            admission.admit(ip("::ffff:10.0.0.1")),
+            Err(Refusal::PerAddress)
+        );
+        assert_eq!(admission.admit(ip("10.0.0.2")), Ok(()));
+        admission.release(ip("10.0.0.1"));
+        assert_eq!(admission.admit(ip("10.0.0.1")), Ok(()));
+        // A refusal took no place: two admitted from .1, one from .2.
+        assert_eq!(admission.open.load(Ordering::Relaxed), 3);
+    }
+}
