@@ -207,6 +207,8 @@ async fn many_stuck_readers_stay_inside_the_total_kernel_backlog() {
     let mut config = ProxyConfig::new(&[upstream.addr()]);
     config.limits = "kernel_backlog = \"64MiB\"\nkernel_backlog_total = \"16MiB\"";
     let proxy = Proxy::start(DataPath::Kernel, &config);
+    // Readers that never read, not even the 101: the first ones may be closed before the last
+    // ones connect.
     let mut stuck = Vec::new();
     for _ in 0..READERS {
         let mut reader = bounded(TcpStream::connect(proxy.addr())).await.unwrap();
@@ -214,8 +216,6 @@ async fn many_stuck_readers_stay_inside_the_total_kernel_backlog() {
             .write_all(&upgrade_request("/flood", &[]))
             .await
             .unwrap();
-        let (head, _) = read_head(&mut reader).await;
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         stuck.push(reader);
     }
     let mut other = connect(&proxy.url("/echo")).await;
