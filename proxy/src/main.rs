@@ -10,9 +10,19 @@ use clap::{Parser, Subcommand, ValueEnum};
 use wsplice::config::{Config, Splicing};
 use wsplice::splice::SpliceProgram;
 
+/// `wsplice --version`: the release, the git revision and whether the eBPF object is in.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("WSPLICE_GIT_REVISION"),
+    "; eBPF object: ",
+    env!("WSPLICE_EBPF_KIND"),
+    ")"
+);
+
 /// WebSocket edge proxy: io_uring front end, kernel splice for plain tunnels.
 #[derive(Debug, Parser)]
-#[command(name = "wsplice", version, about)]
+#[command(name = "wsplice", version = VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -96,6 +106,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .max(1);
             raise_fd_limit();
             let splice = choose_datapath(datapath, config.limits.max_tunnels)?;
+            log_settings(&config, workers, splice.is_some());
             wsplice::runtime::serve(&config, workers, splice).context("proxy stopped with an error")
         }
         Command::Check { file } => {
@@ -145,6 +156,32 @@ fn choose_datapath(
             }
         },
     }
+}
+
+/// One line that says what is in effect: data paths, workers, limits.
+fn log_settings(config: &Config, workers: usize, kernel: bool) {
+    let plain_tunnels = match (kernel, config.splicing) {
+        (false, _) => "userspace relay".to_owned(),
+        (true, Splicing::AtOnce) => "kernel splice from the 101".to_owned(),
+        (true, Splicing::Promote { after, after_bytes }) => format!(
+            "userspace relay, promoted to the kernel after {} ms or {after_bytes} bytes",
+            after.as_millis()
+        ),
+    };
+    let limits = &config.limits;
+    tracing::info!(
+        version = VERSION,
+        workers,
+        plain_tunnels,
+        tls_tunnels = "userspace relay",
+        max_tunnels = limits.max_tunnels,
+        kernel_backlog = limits.kernel_backlog,
+        kernel_backlog_total = limits.kernel_backlog_total,
+        max_connections = ?limits.max_connections,
+        max_connections_per_ip = ?limits.max_connections_per_ip,
+        trusted_proxies = config.trusted_proxies.len(),
+        "wsplice starting"
+    );
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).

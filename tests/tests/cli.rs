@@ -92,3 +92,43 @@ async fn sigterm_stops_accepting_drains_open_tunnels_and_exits_zero() {
         while let Some(Ok(_)) = bounded(ws.next()).await {}
     }
 }
+
+#[test]
+fn version_names_the_revision_and_the_embedded_program() {
+    let output = Command::new(binary()).arg("--version").output().unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    let revision = text
+        .split("(git ")
+        .nth(1)
+        .and_then(|rest| rest.split(';').next())
+        .unwrap_or_default();
+    assert!(
+        revision == "unknown"
+            || (revision.len() >= 7 && revision.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{text}"
+    );
+    // The tests run a release build, which embeds the real object.
+    assert!(text.contains("eBPF object: embedded"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_says_in_one_line_which_data_paths_and_limits_are_in_effect() {
+    let echo = Echo::start();
+    let mut config = ProxyConfig::new(&[echo.addr()]);
+    config.limits = "max_connections = 1000";
+    let proxy = Proxy::start(DataPath::Userspace, &config);
+    let log = proxy.log();
+    let line = log
+        .lines()
+        .find(|line| line.contains("wsplice starting"))
+        .unwrap_or_else(|| panic!("no start line in:\n{log}"));
+    for expected in [
+        "plain_tunnels=\"userspace relay\"",
+        "workers=2",
+        "max_connections=Some(1000)",
+        "kernel_backlog_total=1073741824",
+    ] {
+        assert!(line.contains(expected), "{expected} missing from: {line}");
+    }
+}
