@@ -46,6 +46,9 @@ impl Admission {
     /// Takes a place for a connection from `ip`, or says which limit refuses it. Every admitted
     /// connection must be [`Admission::release`]d once.
     pub fn admit(&self, ip: IpAddr) -> Result<(), Refusal> {
+        if self.unlimited() {
+            return Ok(());
+        }
         let ip = ip.to_canonical();
         let before = self.open.fetch_add(1, Ordering::Relaxed);
         if self.max_total.is_some_and(|max| before >= max) {
@@ -68,6 +71,9 @@ impl Admission {
 
     /// Gives back the place of a connection from `ip` that was admitted.
     pub fn release(&self, ip: IpAddr) {
+        if self.unlimited() {
+            return;
+        }
         let ip = ip.to_canonical();
         self.open.fetch_sub(1, Ordering::Relaxed);
         if self.max_per_address.is_none() {
@@ -80,6 +86,11 @@ impl Admission {
                 shard.remove(&ip);
             }
         }
+    }
+
+    /// No limit is set: nothing is counted (the default costs nothing per connection).
+    fn unlimited(&self) -> bool {
+        self.max_total.is_none() && self.max_per_address.is_none()
     }
 
     fn shard(&self, ip: IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {

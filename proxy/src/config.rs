@@ -616,20 +616,18 @@ impl RawLimits {
                 1 << 20,
                 1 << 40,
             )?,
-            max_connections: optional_count(&self.max_connections)?,
-            max_connections_per_ip: optional_count(&self.max_connections_per_ip)?,
+            // Left out: no limit.
+            max_connections: self
+                .max_connections
+                .as_ref()
+                .map(|_| count(&self.max_connections, 0, 1, usize::MAX))
+                .transpose()?,
+            max_connections_per_ip: self
+                .max_connections_per_ip
+                .as_ref()
+                .map(|_| count(&self.max_connections_per_ip, 0, 1, usize::MAX))
+                .transpose()?,
         })
-    }
-}
-
-/// A count that must be at least 1 when given.
-fn optional_count(value: &Option<Spanned<usize>>) -> Result<Option<usize>, Spot> {
-    match value {
-        None => Ok(None),
-        Some(v) if *v.get_ref() == 0 => {
-            Err(spot(v, "must be at least 1 (leave it out for no limit)"))
-        }
-        Some(v) => Ok(Some(*v.get_ref())),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Route selection from Host and path, pure: the first route whose host and path prefix match.
 
 use crate::config::RouteConfig;
+use crate::target::host_name;
 
 /// Matches requests to routes, in config order.
 #[derive(Debug, Clone)]
@@ -26,7 +27,7 @@ impl Router {
                     host: route
                         .host
                         .as_deref()
-                        .map(|h| strip_port(h).to_ascii_lowercase()),
+                        .map(|h| host_name(h).to_ascii_lowercase()),
                     prefix: route.path_prefix.clone(),
                 })
                 .collect(),
@@ -36,7 +37,7 @@ impl Router {
     /// Index of the first route matching `host` (a Host header value) and `path` (a request
     /// target); `None` when nothing matches (the proxy answers 404).
     pub fn select(&self, host: &str, path: &str) -> Option<usize> {
-        let host = strip_port(host);
+        let host = host_name(host);
         self.routes.iter().position(|route| {
             route
                 .host
@@ -47,17 +48,6 @@ impl Router {
                     .as_deref()
                     .is_none_or(|prefix| prefix_matches(prefix, path))
         })
-    }
-}
-
-/// `example.com:8080` → `example.com`; `[::1]:80` → `[::1]`.
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return host.find(']').map_or(host, |end| &host[..=end]);
-    }
-    match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
     }
 }
 

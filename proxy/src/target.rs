@@ -7,6 +7,8 @@
 //! removed, repeated slashes merged) and that form is both matched and forwarded; whatever could
 //! still be read two ways is refused with 400.
 
+use std::fmt::Write as _;
+
 /// Why a request target is refused (answered 400).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TargetError {
@@ -94,7 +96,10 @@ fn decode_unreserved(path: &str) -> Result<String, TargetError> {
         match value {
             b'/' | b'\\' => return Err(TargetError::AmbiguousSeparator),
             v if v.is_ascii_alphanumeric() || b"-._~".contains(&v) => out.push(char::from(v)),
-            v => out.push_str(&format!("%{v:02X}")),
+            v => {
+                // Writing to a String cannot fail.
+                let _ = write!(out, "%{v:02X}");
+            }
         }
         at += 3;
     }
@@ -139,35 +144,41 @@ fn remove_dot_segments(path: &str) -> Result<String, TargetError> {
 /// digits, `-._~`, sub-delimiters, percent-encodings) or a bracketed IPv6 literal, with an
 /// optional numeric port.
 pub fn is_valid_host(host: &str) -> bool {
-    let (name, port) = if host.starts_with('[') {
-        let Some(end) = host.find(']') else {
-            return false;
-        };
-        let literal = &host[1..end];
-        if literal.is_empty()
-            || !literal
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() || b":.".contains(&b))
-        {
-            return false;
-        }
-        (&host[..=end], &host[end + 1..])
-    } else {
-        match host.rsplit_once(':') {
-            Some((name, _)) => (name, &host[name.len()..]),
-            None => (host, ""),
-        }
-    };
+    let name = host_name(host);
+    // What `host_name` split off is a port; a malformed one (`x:`, `x:8o`) stays in the name,
+    // whose `:` then fails it.
+    let port = &host[name.len()..];
     let port_ok = port.is_empty()
         || (port.len() > 1
             && port.starts_with(':')
             && port[1..].bytes().all(|b| b.is_ascii_digit()));
-    let name_ok = !name.is_empty()
-        && (name.starts_with('[')
-            || name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b)));
+    let name_ok = match name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        Some(literal) => {
+            !literal.is_empty()
+                && literal
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b":.".contains(&b))
+        }
+        None => {
+            !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b))
+        }
+    };
     port_ok && name_ok
+}
+
+/// The host of a Host value without its port: `example.com:8080` → `example.com`,
+/// `[::1]:80` → `[::1]`; a port that is not all digits is left on.
+pub fn host_name(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
 }
 
 #[cfg(test)]

@@ -13,10 +13,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use futures_util::{SinkExt as _, StreamExt as _};
 use sha1::{Digest, Sha1};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub mod bpf;
@@ -458,6 +460,17 @@ pub struct Recorded {
     pub headers: Vec<(String, String)>,
 }
 
+impl Recorded {
+    /// The values of every header named `name` (any case), in received order.
+    pub fn values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
 /// A running `wsplice echo`.
 #[derive(Debug)]
 pub struct Echo {
@@ -541,6 +554,27 @@ pub async fn connect(url: &str) -> Client {
     .await
     .unwrap_or_else(|e| panic!("connect {url}: {e}"));
     ws
+}
+
+/// Sends `text` and asserts it comes back unchanged (through an echo upstream).
+pub async fn echo_text(client: &mut Client, text: &str) {
+    let message = Message::text(text);
+    bounded(client.send(message.clone())).await.expect("send");
+    let reply = bounded(client.next())
+        .await
+        .expect("a reply")
+        .expect("a frame");
+    assert_eq!(reply, message);
+}
+
+/// Sends a raw request head from a new connection and returns the response head, asserting it
+/// is a `101` (`what` names the request in the failure).
+pub async fn upgrade_raw(addr: SocketAddr, request: &[u8], what: &str) -> String {
+    let mut stream = bounded(TcpStream::connect(addr)).await.expect("connect");
+    stream.write_all(request).await.expect("write request");
+    let (head, _) = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{what}: {head}");
+    head
 }
 
 /// Awaits `future`, failing the test after [`WAIT`].

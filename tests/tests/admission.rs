@@ -3,10 +3,8 @@
 
 use std::net::SocketAddr;
 
-use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_tungstenite::tungstenite::Message;
 use wsplice_tests::*;
 
 /// Sends an upgrade request from `source` and returns what came back before the close (empty:
@@ -22,14 +20,6 @@ async fn try_upgrade(proxy: SocketAddr, source: &str) -> Vec<u8> {
         Err(_) => answer.clear(),
     }
     answer
-}
-
-async fn echoes(client: &mut Client) {
-    bounded(client.send(Message::text("hi"))).await.unwrap();
-    assert_eq!(
-        bounded(client.next()).await.unwrap().unwrap(),
-        Message::text("hi")
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,7 +38,7 @@ async fn connections_over_the_total_limit_are_closed_at_once_and_the_others_go_o
     );
     assert_eq!(proxy.metrics()["connections_refused_limit_total"], 1);
     for client in &mut open {
-        echoes(client).await;
+        echo_text(client, "hi").await;
     }
     // A place freed is a place taken again.
     let mut first = open.remove(0);

@@ -224,9 +224,7 @@ async fn many_stuck_readers_stay_inside_the_total_kernel_backlog() {
     let mut round = 0;
     while started.elapsed() < Duration::from_secs(4) {
         highest = highest.max(proxy.metrics()["kernel_backlog_bytes"]);
-        let message = Message::text(format!("ping {round}"));
-        bounded(other.send(message.clone())).await.unwrap();
-        assert_eq!(bounded(other.next()).await.unwrap().unwrap(), message);
+        echo_text(&mut other, &format!("ping {round}")).await;
         round += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -9,14 +9,6 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use tokio_tungstenite::tungstenite::Message;
 use wsplice_tests::*;
 
-async fn echo_round(client: &mut Client, text: String) {
-    bounded(client.send(Message::text(text.clone())))
-        .await
-        .expect("send");
-    let reply = bounded(client.next()).await.expect("reply").expect("frame");
-    assert_eq!(reply, Message::text(text));
-}
-
 fn auto_proxy(echo: &Echo, kernel: &'static str) -> Option<Proxy> {
     if !datapaths_or("auto").contains(&DataPath::Auto) {
         return None;
@@ -35,7 +27,7 @@ async fn a_tunnel_that_lives_past_promote_after_moves_to_the_kernel_without_a_ga
     let mut client = connect(&proxy.url("/")).await;
     // A steady trickle across the promotion: every echo comes back intact and in order.
     for round in 0..40 {
-        echo_round(&mut client, format!("message {round}")).await;
+        echo_text(&mut client, &format!("message {round}")).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let metrics = proxy.metrics();
@@ -70,7 +62,7 @@ async fn short_tunnels_stay_in_userspace() {
     };
     for round in 0..5 {
         let mut client = connect(&proxy.url("/")).await;
-        echo_round(&mut client, format!("short {round}")).await;
+        echo_text(&mut client, &format!("short {round}")).await;
         bounded(client.close(None)).await.expect("close");
         drop(client);
     }

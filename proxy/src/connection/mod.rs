@@ -242,7 +242,8 @@ pub struct Connection {
 
 impl Connection {
     /// A connection accepted from `client_addr` on a listener of `scheme`; `tls` when the
-    /// listener terminates TLS, `datapath` for its tunnel once upgraded.
+    /// listener terminates TLS, `datapath` for its tunnel once upgraded (a TLS tunnel is
+    /// always relayed: the kernel path would move ciphertext, there is no kTLS here).
     #[allow(clippy::too_many_arguments)]
     pub fn accept(
         id: u64,
@@ -262,6 +263,7 @@ impl Connection {
             .any(|range| range.contains(client_addr.ip()));
         let handshake = Handshake::new(client_addr, scheme, trusted_peer);
         let deadline_ns = now_ns.saturating_add(services.handshake_ns);
+        let datapath = if tls { DataPath::Relay } else { datapath };
         let connection = Connection {
             id,
             client_addr,

@@ -245,8 +245,9 @@ impl Connection {
         let Stage::Relaying(relay) = &mut self.stage else {
             return;
         };
-        relay.towards(source.peer()).on_read(count);
-        relay.towards(source.peer()).on_read_done(drained, false);
+        let direction = relay.towards(source.peer());
+        direction.on_read(count);
+        direction.on_read_done(drained, false);
         relay.last_activity_ns = now_ns;
         services.metrics.relayed_bytes_userspace.add(count as u64);
         self.sending[source.peer().index()] = true;

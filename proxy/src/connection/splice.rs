@@ -168,7 +168,7 @@ impl Connection {
         services: &Services,
         out: &mut Actions,
     ) -> bool {
-        if self.datapath != DataPath::Promote || self.tls || self.is_closing() {
+        if self.datapath != DataPath::Promote || self.is_closing() {
             return false;
         }
         let (Some(promotion), Stage::Relaying(relay)) = (services.promotion, &self.stage) else {

@@ -349,12 +349,12 @@ impl Worker {
             // it took no place.
             return self.refused(client_addr, refusal);
         }
-        // TLS tunnels are relayed in userspace; plain ones go to the kernel when it is loaded,
-        // at once or once they have earned it.
-        let datapath = match (&self.maps, stream.is_tls(), self.services.promotion) {
-            (Some(_), false, None) => DataPath::Splice,
-            (Some(_), false, Some(_)) => DataPath::Promote,
-            _ => DataPath::Relay,
+        // Tunnels go to the kernel when it is loaded, at once or once they have earned it (the
+        // connection keeps TLS tunnels in userspace).
+        let datapath = match (&self.maps, self.services.promotion) {
+            (None, _) => DataPath::Relay,
+            (Some(_), None) => DataPath::Splice,
+            (Some(_), Some(_)) => DataPath::Promote,
         };
         let mut first = Actions::new();
         let id = self.table.next_id();

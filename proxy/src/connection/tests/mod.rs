@@ -147,12 +147,18 @@ impl Harness {
 
     /// A userspace-relayed tunnel, 101 sent to the client and its send completed.
     pub fn relaying(tls: bool) -> Harness {
-        let mut h = Harness::upstream_asked(DataPath::Relay, tls);
+        Harness::relaying_on(DataPath::Relay, tls, IDLE)
+    }
+
+    /// [`Harness::relaying`] on `datapath`, whose first reminder comes `reminder_in` after the
+    /// 101 (the idle timeout, or the moment a `Promote` tunnel becomes due).
+    pub fn relaying_on(datapath: DataPath, tls: bool, reminder_in: u64) -> Harness {
+        let mut h = Harness::upstream_asked(datapath, tls);
         let actions = h.upstream_sends(UPGRADED);
         assert_eq!(
             actions,
             vec![
-                Action::ArmDeadline(h.now + IDLE),
+                Action::ArmDeadline(h.now + reminder_in),
                 Action::Send(Side::Client, UPGRADED.to_vec()),
                 Action::Forward {
                     from: Side::Client,

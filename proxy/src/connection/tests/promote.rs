@@ -25,21 +25,10 @@ fn forward(from: Side) -> Action {
     }
 }
 
-/// A plain tunnel on the relay with promotion on: 101 delivered, both sources being read.
+/// A plain tunnel on the relay with promotion on: 101 delivered, both sources being read, the
+/// first reminder at the moment it becomes due.
 fn relaying() -> Harness {
-    let mut h = Harness::upstream_asked(DataPath::Promote, false);
-    let actions = h.upstream_sends(UPGRADED);
-    assert_eq!(
-        actions,
-        vec![
-            // The reminder for the moment the tunnel becomes due.
-            Action::ArmDeadline(h.now + PROMOTE_AFTER),
-            Action::Send(Side::Client, UPGRADED.to_vec()),
-            forward(Side::Client),
-        ]
-    );
-    assert_eq!(h.sent(Side::Client), vec![forward(Side::Upstream)]);
-    h
+    Harness::relaying_on(DataPath::Promote, false, PROMOTE_AFTER)
 }
 
 fn spliced_actions(now: u64) -> Vec<Action> {
@@ -191,9 +180,8 @@ fn the_access_line_counts_the_relayed_bytes_and_the_kernel_ones() {
 
 #[test]
 fn a_tls_tunnel_is_never_promoted() {
-    let mut h = Harness::upstream_asked(DataPath::Promote, true);
-    h.upstream_sends(UPGRADED);
-    h.sent(Side::Client);
+    // Relayed like any TLS tunnel: its reminder is the idle deadline, not a promotion.
+    let mut h = Harness::relaying_on(DataPath::Promote, true, IDLE);
     h.now += PROMOTE_AFTER;
     assert_eq!(waiting(&mut h, Side::Client), vec![]);
     assert_eq!(waiting(&mut h, Side::Upstream), vec![]);
