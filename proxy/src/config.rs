@@ -125,7 +125,8 @@ pub struct UpstreamConfig {
     pub servers: Vec<SocketAddr>,
     /// Balancing.
     pub balance: Balance,
-    /// How long a failed server is skipped (0 = never skipped).
+    /// How long a failed server is tried after the healthy ones (0 = never marked; a pool of
+    /// one server is never marked).
     pub fail_timeout: Duration,
 }
 

@@ -1,7 +1,13 @@
-//! Upstream pools: which server a new tunnel connects to, and passive health.
+//! Upstream pools: which server a new connection goes to, and passive health.
 //!
 //! A pool is shared by all workers (read-mostly): the round-robin cursor and each server's
 //! "down until" mark are atomics, so choosing a server takes no lock.
+//!
+//! Passive health only *orders* the servers: a server that failed within `fail_timeout` is
+//! tried after the healthy ones, never skipped. So a pool whose servers all failed a moment ago
+//! still gets a connect attempt (panic routing, like Envoy's), and a pool of one server is never
+//! marked down at all (like nginx): one refused connect during a restart cannot turn into
+//! `fail_timeout` of refusals for everyone.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -13,7 +19,7 @@ use crate::config::UpstreamConfig;
 #[derive(Debug)]
 struct Server {
     addr: SocketAddr,
-    /// Monotonic ns until which the server is skipped after a failure; 0 = healthy.
+    /// Monotonic ns until which the server is tried last after a failure; 0 = healthy.
     down_until_ns: AtomicU64,
 }
 
@@ -24,14 +30,6 @@ pub struct Pool {
     servers: Vec<Server>,
     cursor: AtomicUsize,
     fail_timeout_ns: u64,
-}
-
-/// Every server of the pool failed recently: the proxy answers 503 without trying.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("no healthy server in upstream pool {pool:?} (all failed within fail_timeout)")]
-pub struct NoHealthyServer {
-    /// The pool's name in the config.
-    pub pool: String,
 }
 
 impl Pool {
@@ -57,27 +55,27 @@ impl Pool {
         &self.name
     }
 
-    /// The servers to try for one new tunnel, in order: round-robin from the cursor, skipping
-    /// servers marked down at `now_ns`.
-    pub fn plan(&self, now_ns: u64) -> Result<Vec<SocketAddr>, NoHealthyServer> {
+    /// The servers to try for one new connection, in order: round-robin from the cursor,
+    /// servers marked down at `now_ns` after all healthy ones. Every server is in the plan
+    /// (empty only for a pool without servers).
+    pub fn plan(&self, now_ns: u64) -> Vec<SocketAddr> {
         let count = self.servers.len();
         let start = self.cursor.fetch_add(1, Ordering::Relaxed);
-        let plan: Vec<SocketAddr> = (0..count)
-            .map(|i| &self.servers[(start + i) % count])
-            .filter(|server| server.down_until_ns.load(Ordering::Relaxed) <= now_ns)
+        let rotated = (0..count).map(|i| &self.servers[(start + i) % count]);
+        let (healthy, down): (Vec<&Server>, Vec<&Server>) =
+            rotated.partition(|server| server.down_until_ns.load(Ordering::Relaxed) <= now_ns);
+        healthy
+            .into_iter()
+            .chain(down)
             .map(|server| server.addr)
-            .collect();
-        if plan.is_empty() {
-            return Err(NoHealthyServer {
-                pool: self.name.clone(),
-            });
-        }
-        Ok(plan)
+            .collect()
     }
 
-    /// Marks `addr` down for `fail_timeout` after a failed connect or a broken answer.
+    /// Marks `addr` as failed for `fail_timeout` (tried after the healthy servers), after a
+    /// failed connect or a broken answer. The only server of a pool is never marked: there is
+    /// nothing to prefer over it.
     pub fn report_failure(&self, addr: SocketAddr, now_ns: u64) {
-        if self.fail_timeout_ns == 0 {
+        if self.fail_timeout_ns == 0 || self.servers.len() < 2 {
             return;
         }
         for server in self.servers.iter().filter(|s| s.addr == addr) {
@@ -86,6 +84,13 @@ impl Pool {
                 Ordering::Relaxed,
             );
         }
+    }
+
+    /// Whether `addr` is marked as failed at `now_ns` (for tests and logs).
+    pub fn is_marked_down(&self, addr: SocketAddr, now_ns: u64) -> bool {
+        self.servers
+            .iter()
+            .any(|s| s.addr == addr && s.down_until_ns.load(Ordering::Relaxed) > now_ns)
     }
 }
 
@@ -104,38 +109,58 @@ mod tests {
         Pool::new("p", &config)
     }
 
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn round_robin_rotates_the_first_choice_and_keeps_the_others_as_fallbacks() {
         let p = pool(&["127.0.0.1:1", "127.0.0.1:2"], Duration::from_secs(10));
-        let a = p.plan(0).unwrap();
-        let b = p.plan(0).unwrap();
+        let a = p.plan(0);
+        let b = p.plan(0);
         assert_eq!(a.len(), 2);
         assert_eq!(a[0], b[1]);
         assert_eq!(a[1], b[0]);
     }
 
     #[test]
-    fn a_failed_server_is_skipped_until_fail_timeout_passes() {
+    fn a_failed_server_is_tried_last_until_fail_timeout_passes() {
         let p = pool(&["127.0.0.1:1", "127.0.0.1:2"], Duration::from_secs(10));
-        let dead: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let dead = addr("127.0.0.1:1");
         p.report_failure(dead, 1_000);
+        assert!(p.is_marked_down(dead, 2_000));
         for _ in 0..3 {
-            assert_eq!(p.plan(2_000).unwrap(), vec!["127.0.0.1:2".parse().unwrap()]);
+            assert_eq!(p.plan(2_000), vec![addr("127.0.0.1:2"), dead]);
         }
-        assert_eq!(p.plan(1_000 + 10_000_000_000).unwrap().len(), 2);
+        let later = 1_000 + 10_000_000_000;
+        assert!(!p.is_marked_down(dead, later));
+        let firsts: Vec<SocketAddr> = (0..2).map(|_| p.plan(later)[0]).collect();
+        assert!(
+            firsts.contains(&dead),
+            "healthy again, it leads in its turn"
+        );
     }
 
     #[test]
-    fn all_servers_down_is_no_healthy_server() {
+    fn when_every_server_failed_all_are_still_tried() {
+        let p = pool(&["127.0.0.1:1", "127.0.0.1:2"], Duration::from_secs(10));
+        p.report_failure(addr("127.0.0.1:1"), 0);
+        p.report_failure(addr("127.0.0.1:2"), 0);
+        assert_eq!(p.plan(5).len(), 2);
+    }
+
+    #[test]
+    fn the_only_server_of_a_pool_is_never_marked_down() {
         let p = pool(&["127.0.0.1:1"], Duration::from_secs(10));
-        p.report_failure("127.0.0.1:1".parse().unwrap(), 0);
-        assert!(p.plan(5).is_err());
+        p.report_failure(addr("127.0.0.1:1"), 0);
+        assert!(!p.is_marked_down(addr("127.0.0.1:1"), 5));
+        assert_eq!(p.plan(5), vec![addr("127.0.0.1:1")]);
     }
 
     #[test]
     fn zero_fail_timeout_never_marks_down() {
-        let p = pool(&["127.0.0.1:1"], Duration::ZERO);
-        p.report_failure("127.0.0.1:1".parse().unwrap(), 0);
-        assert_eq!(p.plan(1).unwrap().len(), 1);
+        let p = pool(&["127.0.0.1:1", "127.0.0.1:2"], Duration::ZERO);
+        p.report_failure(addr("127.0.0.1:1"), 0);
+        assert!(!p.is_marked_down(addr("127.0.0.1:1"), 1));
     }
 }

@@ -482,8 +482,13 @@ pub struct Echo {
 impl Echo {
     /// Starts an echo upstream that records handshakes.
     pub fn start() -> Echo {
-        let dir = scratch_dir("echo");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        Echo::start_on(addr)
+    }
+
+    /// Starts an echo upstream on `addr` (a server coming back where a proxy expects it).
+    pub fn start_on(addr: SocketAddr) -> Echo {
+        let dir = scratch_dir("echo");
         let record = dir.join("record.jsonl");
         let log = dir.join("stderr.log");
         let child = Command::new(binary())

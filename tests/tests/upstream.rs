@@ -1,4 +1,5 @@
-//! Upstream failures as a client sees them: 502, 503, 504, the next server, relayed refusals.
+//! Upstream failures as a client sees them: 502, 504, the next server, panic routing, relayed
+//! refusals.
 
 use std::time::{Duration, Instant};
 
@@ -38,14 +39,45 @@ async fn a_refused_upstream_is_502_and_the_next_server_is_used() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_that_failed_recently_is_skipped_so_an_all_down_pool_is_503() {
-    let mut config = ProxyConfig::new(&[dead_server()]);
+async fn a_restarting_only_server_is_never_marked_down_and_serves_at_once_when_back() {
+    // The only server of the pool refuses for a moment (a restart): the client of that moment
+    // gets 502, and the next one, arriving once it is back, is served at once — no
+    // `fail_timeout` of 503s.
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut config = ProxyConfig::new(&[addr]);
     config.fail_timeout = "30s";
     let proxy = Proxy::start(DataPath::Userspace, &config);
     let (first, _) = raw_exchange(proxy.addr(), &upgrade_request("/", &[])).await;
     assert_eq!(first, 502);
-    let (second, answer) = raw_exchange(proxy.addr(), &upgrade_request("/", &[])).await;
-    assert_eq!(second, 503, "{answer}");
+    let echo = Echo::start_on(addr);
+    let mut ws = connect(&proxy.url("/")).await;
+    bounded(ws.send(Message::text("back"))).await.unwrap();
+    let back = bounded(ws.next()).await.unwrap().unwrap();
+    assert_eq!(back, Message::text("back"));
+    drop(echo);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_whose_servers_all_failed_recently_still_tries_them() {
+    let dead = dead_server();
+    let port = free_port();
+    let revived: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut config = ProxyConfig::new(&[dead, revived]);
+    config.fail_timeout = "30s";
+    let proxy = Proxy::start(DataPath::Userspace, &config);
+    // Both refuse: 502, and both are marked down for 30 s.
+    let (first, answer) = raw_exchange(proxy.addr(), &upgrade_request("/", &[])).await;
+    assert_eq!(first, 502, "{answer}");
+    let echo = Echo::start_on(revived);
+    // Marked down or not, they are tried: the revived one answers.
+    let mut ws = connect(&proxy.url("/")).await;
+    bounded(ws.send(Message::text("panic routing")))
+        .await
+        .unwrap();
+    let back = bounded(ws.next()).await.unwrap().unwrap();
+    assert_eq!(back, Message::text("panic routing"));
+    drop(echo);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

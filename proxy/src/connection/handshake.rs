@@ -324,17 +324,12 @@ impl Handshake {
         self.pool = route.pool;
         self.rules = route.rules.clone();
         self.request = Some(request);
-        match services.pools[route.pool].plan(now_ns) {
-            Ok(plan) => {
-                let mut plan = plan.into_iter();
-                self.current = plan.next();
-                self.plan = plan;
-                match self.current {
-                    Some(first) => Step::Connect(first),
-                    None => self.reject(503, "upstream pool has no servers".into()),
-                }
-            }
-            Err(error) => self.reject(503, error.to_string()),
+        let mut plan = services.pools[route.pool].plan(now_ns).into_iter();
+        self.current = plan.next();
+        self.plan = plan;
+        match self.current {
+            Some(first) => Step::Connect(first),
+            None => self.reject(503, "upstream pool has no servers".into()),
         }
     }
 
