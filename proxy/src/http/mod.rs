@@ -8,11 +8,15 @@
 //! client smuggle a request past it.
 //!
 //! [`request_framing`] and [`response_framing`] decide a message's [`Framing`] from its head
-//! (RFC 9112 §6), refusing heads that could be read two ways. They are sans-IO.
+//! (RFC 9112 §6), refusing heads that could be read two ways. [`BodyReader`] then follows one
+//! body through the stream, validating chunked framing strictly (RFC 9112 §7.1) before it
+//! passes anything on. Both are sans-IO.
 
+mod body;
 mod framing;
 mod syntax;
 
+pub use body::{BodyError, BodyLimits, BodyReader, Fed};
 pub use framing::{
     request_framing, response_framing, Framing, RequestFramingError, ResponseFramingError,
 };

@@ -29,6 +29,12 @@ pub(super) fn trim_ows(bytes: &[u8]) -> &[u8] {
     &bytes[start..end]
 }
 
+/// A field value's bytes: visible ASCII, obs-text, SP and HTAB (RFC 9110 §5.5); no other
+/// control character (NUL, CR, LF, DEL, ...).
+pub(super) fn is_field_value_byte(byte: u8) -> bool {
+    is_ows(byte) || (0x21..=0x7e).contains(&byte) || byte >= 0x80
+}
+
 /// Up to 64 bytes of `bytes` as text, for error messages that go to the log.
 pub(super) fn excerpt(bytes: &[u8]) -> String {
     const MAX: usize = 64;
