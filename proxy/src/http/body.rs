@@ -100,7 +100,7 @@ pub enum BodyError {
     },
 }
 
-/// Where a chunked body is.
+/// Where the reader is in the body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum State {
     /// `Content-Length` framing with this many bytes still to come (never 0).
