@@ -1,21 +1,41 @@
-//! `wsplice echo`: a WebSocket echo upstream for demos and tests.
+//! `wsplice echo`: a WebSocket and plain HTTP/1.1 echo upstream for demos, tests and benchmarks.
 //!
-//! Echoes every text and binary message back unchanged, answers pings, echoes a Close. With a
-//! record file it appends one JSON line per handshake — the path and every request header in the
-//! order received — so tests can check exactly what the proxy forwarded.
+//! A request with `Upgrade: websocket` is handed to the WebSocket library: every text and binary
+//! message is echoed back unchanged, pings answered, a Close echoed. Any other request is served
+//! as plain HTTP/1.1 on a keep-alive connection ([`http`]), and a later upgrade request on that
+//! connection still becomes a WebSocket. With a record file the echo appends one JSON line per
+//! request — the path and every request header in the order received (plain requests also
+//! name their method and connection serial) — so tests can check exactly what the proxy
+//! forwarded.
+
+mod http;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Messages and frames up to this size are accepted.
 const MAX_MESSAGE: usize = 64 << 20;
+
+/// How long the first request head of a connection may take to arrive.
+const FIRST_HEAD: Duration = Duration::from_secs(10);
+
+/// How long a keep-alive connection may wait for its next request head: longer than the idle
+/// timeouts of the proxies' upstream pools, so a pool closes an idle connection first (the echo
+/// closing it under a request in flight would read as a proxy error).
+const KEEP_ALIVE: Duration = Duration::from_secs(75);
+
+/// The serial of the last accepted connection (`X-Echo-Connection`), per process.
+static CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 
 /// Options of the echo upstream.
 #[derive(Debug, Clone)]
@@ -118,20 +138,52 @@ pub async fn serve(listener: TcpListener, record: Record) {
     }
 }
 
-async fn echo(stream: TcpStream, peer: SocketAddr, record: Record) {
+async fn echo(mut stream: TcpStream, peer: SocketAddr, record: Record) {
     let _ = stream.set_nodelay(true);
-    // Record the head as it is on the wire (names in their original spelling) before the
-    // WebSocket library parses it; peeking leaves the bytes for the handshake.
-    let head = match peek_head(&stream).await {
-        Ok(head) => head,
-        Err(error) => {
-            tracing::info!(%peer, %error, "echo: no request head");
-            return;
+    let serial = CONNECTIONS.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut wait = FIRST_HEAD;
+    let mut buf = Vec::new();
+    loop {
+        // The head as it is on the wire (names in their original spelling), peeked: it stays
+        // in the socket for the WebSocket handshake or is consumed by the plain HTTP answer.
+        let head = match peek_head(&stream, &mut buf, wait).await {
+            Ok(head) => head,
+            Err(error) if wait == FIRST_HEAD => {
+                tracing::info!(%peer, %error, "echo: no request head");
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(%peer, %error, serial, "echo: keep-alive connection done");
+                return;
+            }
+        };
+        if head.is_upgrade() {
+            if let Some(file) = &record {
+                write_record(file, &head, None);
+            }
+            // A held tunnel keeps no head buffer.
+            drop(buf);
+            return websocket(stream, peer).await;
         }
-    };
-    if let Some(file) = &record {
-        write_record(file, &head);
+        if let Some(file) = &record {
+            write_record(file, &head, Some(serial));
+        }
+        match http::answer(&mut stream, &head, serial).await {
+            Ok(http::Next::KeepAlive) => wait = KEEP_ALIVE,
+            Ok(http::Next::Close) => {
+                let _ = stream.shutdown().await;
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(%peer, %error, serial, "echo: plain HTTP connection failed");
+                return;
+            }
+        }
     }
+}
+
+/// Serves a WebSocket on `stream`, whose upgrade request is still unread in the socket.
+async fn websocket(stream: TcpStream, peer: SocketAddr) {
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE));
@@ -164,19 +216,51 @@ async fn echo(stream: TcpStream, peer: SocketAddr, record: Record) {
     tracing::debug!(%peer, %reason, "echo connection done");
 }
 
-/// A request head as received: target and headers with original names.
+/// A request head as received: method, target, version and headers with original names.
 struct RawHead {
+    method: String,
     path: String,
+    /// The minor version: `1` for HTTP/1.1, `0` for HTTP/1.0.
+    version: u8,
     headers: Vec<(String, String)>,
+    /// Bytes of the head on the wire, final empty line included.
+    len: usize,
 }
 
-/// Peeks at the stream until a complete request head is there (at most 64 KiB, 10 s).
-async fn peek_head(stream: &TcpStream) -> std::io::Result<RawHead> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+impl RawHead {
+    /// The values of every header named `name` (any case), in received order.
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether a comma-separated header `name` lists `token` (any case).
+    fn lists(&self, name: &str, token: &str) -> bool {
+        self.values(name)
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+
+    /// `Upgrade: websocket`: the request goes to the WebSocket library.
+    fn is_upgrade(&self) -> bool {
+        self.lists("upgrade", "websocket")
+    }
+}
+
+/// Peeks at the stream until a complete request head is there (at most 64 KiB, within `wait`),
+/// into `buf` (the connection's, kept across its requests).
+async fn peek_head(
+    stream: &TcpStream,
+    buf: &mut Vec<u8>,
+    wait: Duration,
+) -> std::io::Result<RawHead> {
+    buf.resize(64 * 1024, 0);
+    let deadline = tokio::time::Instant::now() + wait;
     let mut last = 0;
     loop {
-        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+        let n = tokio::time::timeout_at(deadline, stream.peek(buf))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "head timeout"))??;
         if n == 0 {
@@ -185,9 +269,11 @@ async fn peek_head(stream: &TcpStream) -> std::io::Result<RawHead> {
         let mut slots = [httparse::EMPTY_HEADER; 128];
         let mut request = httparse::Request::new(&mut slots);
         match request.parse(&buf[..n]) {
-            Ok(httparse::Status::Complete(_)) => {
+            Ok(httparse::Status::Complete(len)) => {
                 return Ok(RawHead {
+                    method: request.method.unwrap_or_default().to_owned(),
                     path: request.path.unwrap_or_default().to_owned(),
+                    version: request.version.unwrap_or(1),
                     headers: request
                         .headers
                         .iter()
@@ -198,6 +284,7 @@ async fn peek_head(stream: &TcpStream) -> std::io::Result<RawHead> {
                             )
                         })
                         .collect(),
+                    len,
                 });
             }
             Ok(httparse::Status::Partial) if n < buf.len() => {}
@@ -222,8 +309,18 @@ async fn peek_head(stream: &TcpStream) -> std::io::Result<RawHead> {
     }
 }
 
-fn write_record(file: &Mutex<std::fs::File>, head: &RawHead) {
-    let line = serde_json::json!({ "path": head.path, "headers": head.headers });
+/// Appends `head` to the record file; a plain request (with its connection's serial) also
+/// names its method and connection.
+fn write_record(file: &Mutex<std::fs::File>, head: &RawHead, plain: Option<u64>) {
+    let line = match plain {
+        None => serde_json::json!({ "path": head.path, "headers": head.headers }),
+        Some(serial) => serde_json::json!({
+            "path": head.path,
+            "headers": head.headers,
+            "method": head.method,
+            "connection": serial,
+        }),
+    };
     let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Err(error) = writeln!(file, "{line}").and_then(|()| file.flush()) {
         tracing::warn!(%error, "cannot write the record file");
