@@ -14,9 +14,11 @@
 
 mod body;
 mod framing;
+mod response;
 mod syntax;
 
 pub use body::{BodyError, BodyLimits, BodyReader, Fed};
 pub use framing::{
     request_framing, response_framing, Framing, RequestFramingError, ResponseFramingError,
 };
+pub use response::{parse_response_head, ResponseHead};
