@@ -158,11 +158,18 @@ impl Connection {
         }
         let deadline = exchange.deadline();
         exchange.reading_upstream = true;
+        let watch = exchange.request.is_done() && exchange.next.is_empty();
+        exchange.reading_client = watch;
         self.stage = Stage::Exchanging(Box::new(exchange));
         self.sending[Side::Upstream.index()] = true;
         out.push_back(Action::Send(Side::Upstream, first));
         out.push_back(Action::Read(Side::Upstream));
         out.push_back(Action::ArmDeadline(deadline));
+        if watch {
+            // Watch the client while it waits for its answer: one that goes away (a long poll
+            // given up) ends the request upstream too, as with nginx.
+            out.push_back(Action::Read(Side::Client));
+        }
     }
 
     fn exchange(&mut self) -> Option<&mut Exchange> {
@@ -195,10 +202,20 @@ impl Connection {
         services: &Services,
         out: &mut Actions,
     ) {
+        let pipelined_limit = services.request_limits.max_bytes;
         let Some(exchange) = self.exchange() else {
             return;
         };
         exchange.reading_client = false;
+        if exchange.request.is_done() {
+            // The client is watched while it waits: what it sends now is its next request.
+            exchange.next.extend_from_slice(bytes);
+            if exchange.next.len() < pipelined_limit && !matches!(exchange.answer, Answer::Done) {
+                exchange.reading_client = true;
+                out.push_back(Action::Read(Side::Client));
+            }
+            return;
+        }
         exchange.last_activity_ns = now_ns;
         let mut body = Vec::with_capacity(bytes.len());
         let fed = match exchange.request.feed(bytes, &mut body) {
@@ -402,8 +419,15 @@ impl Connection {
         exchange.last_activity_ns = now_ns;
         match side {
             Side::Upstream => {
-                let wants_body = !exchange.request.is_done() && !exchange.close_client;
-                if wants_body && !exchange.reading_client {
+                // Once the answer started, the rest of the body is not wanted (the connection
+                // closes after the answer).
+                let wants_body = !exchange.request.is_done() && !exchange.answer_started();
+                // Once the request is complete, the client is watched until its answer is
+                // done (see `start_exchange`).
+                let watch = exchange.request.is_done()
+                    && exchange.next.is_empty()
+                    && !matches!(exchange.answer, Answer::Done);
+                if (wants_body || watch) && !exchange.reading_client {
                     exchange.reading_client = true;
                     out.push_back(Action::Read(Side::Client));
                 }
@@ -437,11 +461,12 @@ impl Connection {
         match side {
             Side::Client => {
                 exchange.reading_client = false;
-                self.close(
-                    "client closed in the middle of its request body".into(),
-                    false,
-                    out,
-                );
+                let reason = if exchange.request.is_done() {
+                    "client closed before its answer was complete"
+                } else {
+                    "client closed in the middle of its request body"
+                };
+                self.close(reason.into(), false, out);
             }
             Side::Upstream => {
                 exchange.reading_upstream = false;

@@ -280,3 +280,47 @@ fn a_drain_closes_idle_keep_alive_connections_and_ends_requests_with_close() {
         false
     ));
 }
+
+#[test]
+fn a_closing_client_still_sends_its_whole_body() {
+    let request =
+        b"POST /f HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 6\r\n\r\nabc";
+    let (mut h, _) = exchanging(request, false);
+    assert_eq!(h.sent(Side::Upstream), vec![Action::Read(Side::Client)]);
+    assert_eq!(
+        h.client_sends(b"def"),
+        vec![Action::Send(Side::Upstream, b"def".to_vec())]
+    );
+    h.sent(Side::Upstream);
+    let actions = h.upstream_sends(OK);
+    assert!(text(sent_to(&actions, Side::Client)).contains("Connection: close\r\n"));
+    let actions = h.sent(Side::Client);
+    assert!(
+        matches!(actions[1], Action::ReleaseUpstream { .. }),
+        "the upstream connection is still good: {actions:?}"
+    );
+    assert!(closes(&actions, false));
+}
+
+#[test]
+fn a_waiting_client_is_watched_its_departure_ends_the_request_and_its_next_request_waits() {
+    let (mut h, actions) = exchanging(GET, false);
+    assert!(actions.contains(&Action::Read(Side::Client)), "{actions:?}");
+    h.sent(Side::Upstream);
+    // A request pipelined while the first is answered is kept for its turn.
+    assert_eq!(
+        h.client_sends(b"GET /second HTTP/1.1\r\n"),
+        vec![Action::Read(Side::Client)]
+    );
+    h.upstream_sends(OK);
+    let actions = h.sent(Side::Client);
+    assert!(matches!(actions[0], Action::AccessLine(_)));
+    h.client_sends(b"Host: a\r\n\r\n");
+    assert_eq!(h.conn.summary.path, "/second");
+
+    let (mut h, _) = exchanging(GET, false);
+    h.sent(Side::Upstream);
+    let actions = h.read_end(Side::Client);
+    assert!(closes(&actions, false));
+    assert_eq!(h.reason(), "client closed before its answer was complete");
+}
