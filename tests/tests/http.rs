@@ -439,6 +439,8 @@ async fn a_gib_uploaded_and_a_gib_downloaded_pass_with_bounded_memory() {
             .await
             .expect("2 GiB through the proxy within 5 minutes");
         let (peak, hwm) = sampler.finish(proxy.pid());
+        println!("{datapath:?}: proxy peak RSS {peak} KiB, VmHWM {hwm} KiB");
+        assert!(peak > 0 && hwm > 0, "{datapath:?}: no memory samples");
         assert!(
             peak < MEMORY_BOUND_KIB && hwm < MEMORY_BOUND_KIB,
             "{datapath:?}: the proxy's memory grew with the body: peak RSS {peak} KiB, \
