@@ -667,13 +667,16 @@ fn http(
         for (key, label) in &rows {
             results.note(key, label, index, &why);
         }
+        let prefix = format!("{} http: ", kind.name());
         let message = format!(
-            "{} http: {why}, {} broken connections; first error: {first_error}",
-            kind.name(),
+            "{prefix}{why}, {} broken connections; first error: {first_error}",
             f("failures")
         );
         env.progress.say(&message);
-        results.notes.push(message);
+        // One note per target: the cells show every round's statuses.
+        if !results.notes.iter().any(|n| n.starts_with(&prefix)) {
+            results.notes.push(message);
+        }
         return Ok(());
     }
     let values = [
