@@ -283,3 +283,91 @@ async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
     buf.extend_from_slice(&chunk[..n]);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A server answering every request on a connection with `answer` (a complete response),
+    /// closing after it when `close`.
+    async fn server(answer: &'static [u8], close: bool) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let Ok(n) = stream.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            if stream.write_all(answer).await.is_err() || close {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn options(addr: SocketAddr) -> HttpOptions {
+        HttpOptions {
+            url: format!("http://{addr}/bench"),
+            conns: 4,
+            seconds: 0.3,
+            warmup: 0.1,
+            source: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_keep_alive_answers_and_their_upstream_connections() {
+        let addr = server(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-Echo-Connection: 7\r\n\r\nok\n",
+            false,
+        )
+        .await;
+        let json = run(options(addr)).await.unwrap();
+        assert!(json["requests"].as_u64().unwrap() > 0, "{json}");
+        assert_eq!(json["errors"], 0, "{json}");
+        assert_eq!(json["reopened"], 0, "{json}");
+        assert_eq!(json["upstream_connections"], 1, "{json}");
+    }
+
+    #[tokio::test]
+    async fn counts_refusals_as_errors_by_status() {
+        let addr = server(
+            b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            true,
+        )
+        .await;
+        let json = run(options(addr)).await.unwrap();
+        assert_eq!(json["requests"], 0, "{json}");
+        assert!(json["statuses"]["426"].as_u64().unwrap() > 0, "{json}");
+        assert_eq!(json["non_200"], json["errors"], "{json}");
+        assert_eq!(json["first_error"], "HTTP 426 Upgrade Required");
+    }
+
+    #[tokio::test]
+    async fn a_response_without_content_length_is_a_failure() {
+        let addr = server(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            false,
+        )
+        .await;
+        let json = run(options(addr)).await.unwrap();
+        assert_eq!(json["requests"], 0, "{json}");
+        assert!(json["failures"].as_u64().unwrap() > 0, "{json}");
+    }
+}
