@@ -1,4 +1,5 @@
-//! The access log: one JSON line per connection (target `wsplice::access`) when it closes.
+//! The access log: one JSON line (target `wsplice::access`) per connection when it closes, and
+//! per plain HTTP request when its answer is complete.
 
 use std::net::SocketAddr;
 
@@ -15,6 +16,8 @@ pub struct AccessRecord {
     pub host: String,
     /// Request target as sent.
     pub path: String,
+    /// The request's method (empty before a request).
+    pub method: String,
     /// 101 for a tunnel, the error or refusal status, or 0 when nothing was answered.
     pub status: u16,
     /// Bytes client → upstream once tunnelled.
@@ -50,6 +53,7 @@ impl AccessRecord {
             "client": self.client.to_string(),
             "upstream": self.upstream.map(|a| a.to_string()),
             "host": self.host,
+            "method": self.method,
             "path": self.path,
             "status": self.status,
             "bytes_up": self.bytes_up,
@@ -85,6 +89,7 @@ mod tests {
             upstream: Some("10.0.0.2:80".parse().unwrap()),
             host: "example.com".into(),
             path: "/chat".into(),
+            method: "GET".into(),
             status: 101,
             bytes_up: 3,
             bytes_down: 4,

@@ -68,6 +68,11 @@ pub enum Splicing {
 const DEFAULT_PROMOTE_AFTER: Duration = Duration::from_secs(1);
 /// `kernel.promote_after_bytes` by default.
 const DEFAULT_PROMOTE_AFTER_BYTES: u64 = 1 << 20;
+/// Idle upstream connections kept per server and worker when `keepalive` is not set (nginx's
+/// examples use 16–64).
+const DEFAULT_IDLE_UPSTREAMS: usize = 32;
+/// Most idle upstream connections per server and worker.
+const MAX_IDLE_UPSTREAMS: usize = 4096;
 
 impl Default for Splicing {
     fn default() -> Splicing {
@@ -109,6 +114,8 @@ pub struct RouteConfig {
     pub headers: HeaderRulesConfig,
     /// Idle timeout of this route's tunnels (default: `timeouts.idle`).
     pub idle_timeout: Option<Duration>,
+    /// Plain HTTP requests are refused with 426 instead of proxied (default false).
+    pub websocket_only: bool,
 }
 
 /// How a pool picks its server.
@@ -128,6 +135,11 @@ pub struct UpstreamConfig {
     /// How long a failed server is tried after the healthy ones (0 = never marked; a pool of
     /// one server is never marked).
     pub fail_timeout: Duration,
+    /// Idle upstream connections kept for plain HTTP requests, per server and worker
+    /// (default 32; 0 = a new connection per request).
+    pub keepalive: usize,
+    /// How long an idle upstream connection is kept (default 60 s).
+    pub keepalive_timeout: Duration,
 }
 
 /// `[timeouts]`.
@@ -141,6 +153,12 @@ pub struct Timeouts {
     pub connect: Duration,
     /// How long tunnels may run after SIGTERM (default 30 s).
     pub drain: Duration,
+    /// Plain HTTP: waiting for the upstream's response head once the request is sent
+    /// (default 60 s, like nginx's `proxy_read_timeout`; then 504).
+    pub response: Duration,
+    /// Plain HTTP: a client connection idle between requests (default 75 s, like nginx's
+    /// `keepalive_timeout`; then closed).
+    pub keepalive: Duration,
 }
 
 /// `[limits]`.
@@ -180,6 +198,8 @@ impl Default for Timeouts {
             handshake: Duration::from_secs(10),
             connect: Duration::from_secs(5),
             drain: Duration::from_secs(30),
+            response: Duration::from_secs(60),
+            keepalive: Duration::from_secs(75),
         }
     }
 }
@@ -322,6 +342,7 @@ struct RawRoute {
     upstream: Spanned<String>,
     headers: Option<RawHeaders>,
     idle_timeout: Option<Spanned<String>>,
+    websocket_only: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -339,6 +360,8 @@ struct RawUpstream {
     servers: Spanned<Vec<Spanned<String>>>,
     balance: Option<Spanned<String>>,
     fail_timeout: Option<Spanned<String>>,
+    keepalive: Option<Spanned<usize>>,
+    keepalive_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -348,6 +371,8 @@ struct RawTimeouts {
     handshake: Option<Spanned<String>>,
     connect: Option<Spanned<String>>,
     drain: Option<Spanned<String>>,
+    response: Option<Spanned<String>>,
+    keepalive: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -510,6 +535,7 @@ impl RawRoute {
                 .as_ref()
                 .map(parse_nonzero_duration)
                 .transpose()?,
+            websocket_only: self.websocket_only.unwrap_or(false),
         })
     }
 }
@@ -545,10 +571,26 @@ impl RawUpstream {
             Some(d) => parse_duration(d)?,
             None => Duration::from_secs(10),
         };
+        let keepalive = match &self.keepalive {
+            Some(count) if *count.get_ref() > MAX_IDLE_UPSTREAMS => {
+                return Err(spot(
+                    count,
+                    format!("keepalive must be at most {MAX_IDLE_UPSTREAMS}"),
+                ))
+            }
+            Some(count) => *count.get_ref(),
+            None => DEFAULT_IDLE_UPSTREAMS,
+        };
+        let keepalive_timeout = match &self.keepalive_timeout {
+            Some(d) => parse_nonzero_duration(d)?,
+            None => Duration::from_secs(60),
+        };
         Ok(UpstreamConfig {
             servers,
             balance,
             fail_timeout,
+            keepalive,
+            keepalive_timeout,
         })
     }
 }
@@ -567,6 +609,8 @@ impl RawTimeouts {
                 .drain
                 .as_ref()
                 .map_or(Ok(defaults.drain), parse_duration)?,
+            response: or(&self.response, defaults.response)?,
+            keepalive: or(&self.keepalive, defaults.keepalive)?,
         })
     }
 }

@@ -1,9 +1,12 @@
-//! The WebSocket opening handshake as seen by a proxy (RFC 6455 §4), sans-IO.
+//! Request heads as seen by a proxy, and the WebSocket opening handshake (RFC 6455 §4),
+//! sans-IO.
 //!
-//! [`parse_request`] turns the client's bytes into a validated [`UpgradeRequest`] or a
-//! [`RequestError`] that knows its HTTP status; [`parse_response`] judges the upstream's answer.
-//! Both work on a prefix of the stream: `Ok(None)` means "read more".
+//! [`parse_request`] turns the client's bytes into a validated [`Request`] — a WebSocket
+//! [`UpgradeRequest`] or a [`PlainRequest`] to pass through with its body framing — or a
+//! [`RequestError`] that knows its HTTP status; [`parse_response`] judges the upstream's answer
+//! to an upgrade. Both work on a prefix of the stream: `Ok(None)` means "read more".
 
+use crate::http::{request_framing, Framing, RequestFramingError};
 use crate::target::{is_valid_host, normalize, TargetError};
 use base64::Engine as _;
 use sha1::{Digest, Sha1};
@@ -41,6 +44,67 @@ pub struct UpgradeRequest {
     pub key: String,
     /// Every header, in order, as received.
     pub headers: Vec<Header>,
+}
+
+/// A plain HTTP request (anything but a WebSocket upgrade), validated, to pass through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlainRequest {
+    /// The method as sent (a token).
+    pub method: String,
+    /// Request target in normal origin form, as for upgrades.
+    pub path: String,
+    /// `Host` header value as sent (empty for an HTTP/1.0 request without one).
+    pub host: String,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub http_minor: u8,
+    /// Every header, in order, as received.
+    pub headers: Vec<Header>,
+    /// How the request's body is delimited.
+    pub framing: Framing,
+}
+
+impl PlainRequest {
+    /// The client wants its connection closed after the answer (HTTP/1.0 without
+    /// `keep-alive`, or `Connection: close`).
+    pub fn wants_close(&self) -> bool {
+        let connection = || {
+            self.headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+                .map(|h| h.value.as_slice())
+        };
+        if self.http_minor == 0 {
+            return !has_token(connection(), "keep-alive");
+        }
+        has_token(connection(), "close")
+    }
+}
+
+/// A client's request: a WebSocket upgrade or a plain request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// `Upgrade: websocket`, validated as an opening handshake.
+    Upgrade(UpgradeRequest),
+    /// Anything else: proxied as HTTP.
+    Plain(PlainRequest),
+}
+
+impl Request {
+    /// The Host header as sent.
+    pub fn host(&self) -> &str {
+        match self {
+            Request::Upgrade(r) => &r.host,
+            Request::Plain(r) => &r.host,
+        }
+    }
+
+    /// The normal request target.
+    pub fn path(&self) -> &str {
+        match self {
+            Request::Upgrade(r) => &r.path,
+            Request::Plain(r) => &r.path,
+        }
+    }
 }
 
 /// Why a client's request is refused; each maps to an HTTP status.
@@ -85,6 +149,15 @@ pub enum RequestError {
     /// A body-framing header on the Upgrade GET (request smuggling guard).
     #[error("{0} is not allowed on a WebSocket upgrade request")]
     BodyNotAllowed(&'static str),
+    /// A line of the head ends in a bare LF, or holds a bare CR (parsers disagree on these).
+    #[error("a line of the request head does not end in CRLF")]
+    BareLineEnd,
+    /// A plain request's body framing cannot be trusted (RFC 9112 §6).
+    #[error(transparent)]
+    Framing(#[from] RequestFramingError),
+    /// `CONNECT`: the proxy does not open tunnels to arbitrary hosts.
+    #[error("method CONNECT is not supported")]
+    Connect,
 }
 
 impl RequestError {
@@ -97,8 +170,10 @@ impl RequestError {
             | RequestError::InvalidHost
             | RequestError::BadTarget(_)
             | RequestError::BadKey(_)
-            | RequestError::BodyNotAllowed(_) => 400,
-            RequestError::MethodNotAllowed(_) => 405,
+            | RequestError::BodyNotAllowed(_)
+            | RequestError::BareLineEnd => 400,
+            RequestError::Framing(error) => error.status(),
+            RequestError::MethodNotAllowed(_) | RequestError::Connect => 405,
             RequestError::HeadTooLarge(_) | RequestError::TooManyHeaders(_) => 431,
             RequestError::NotWebSocket
             | RequestError::NoConnectionUpgrade
@@ -111,6 +186,7 @@ impl RequestError {
         let status = self.status();
         let extra: &[(&str, &str)] = match self {
             RequestError::MethodNotAllowed(_) => &[("Allow", "GET")],
+            RequestError::Connect => &[("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")],
             RequestError::NotWebSocket | RequestError::NoConnectionUpgrade => {
                 &[("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")]
             }
@@ -147,6 +223,7 @@ fn reason_phrase(status: u16) -> &'static str {
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         413 => "Payload Too Large",
+        501 => "Not Implemented",
         426 => "Upgrade Required",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
@@ -160,11 +237,12 @@ fn reason_phrase(status: u16) -> &'static str {
 /// Parses and validates the client's request head.
 ///
 /// `Ok(None)`: incomplete, read more. `Ok(Some((request, head_len)))`: bytes after `head_len`
-/// were pipelined by the client and belong to the tunnel.
+/// were pipelined by the client (a plain request's body and what follows it, or the tunnel's
+/// first bytes).
 pub fn parse_request(
     buf: &[u8],
     limits: &HeadLimits,
-) -> Result<Option<(UpgradeRequest, usize)>, RequestError> {
+) -> Result<Option<(Request, usize)>, RequestError> {
     let mut slots = vec![httparse::EMPTY_HEADER; limits.max_headers];
     let mut request = httparse::Request::new(&mut slots);
     let head_len = match request.parse(buf) {
@@ -181,14 +259,11 @@ pub fn parse_request(
         }
         Err(error) => return Err(RequestError::Malformed(error.to_string())),
     };
-    let method = request.method.unwrap_or_default();
-    if method != "GET" {
-        return Err(RequestError::MethodNotAllowed(method.to_owned()));
+    if !lines_end_in_crlf(&buf[..head_len]) {
+        return Err(RequestError::BareLineEnd);
     }
+    let method = request.method.unwrap_or_default().to_owned();
     let version = request.version.unwrap_or_default();
-    if version != 1 {
-        return Err(RequestError::WrongVersion(version));
-    }
     let path = request.path.unwrap_or_default().to_owned();
     let headers: Vec<Header> = request
         .headers
@@ -198,8 +273,72 @@ pub fn parse_request(
             value: h.value.to_vec(),
         })
         .collect();
-    let request = validate(path, headers)?;
+    let wants_websocket = has_token(
+        headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("upgrade"))
+            .map(|h| h.value.as_slice()),
+        "websocket",
+    );
+    let request = if wants_websocket {
+        if method != "GET" {
+            return Err(RequestError::MethodNotAllowed(method));
+        }
+        if version != 1 {
+            return Err(RequestError::WrongVersion(version));
+        }
+        Request::Upgrade(validate(path, headers)?)
+    } else {
+        Request::Plain(validate_plain(method, version, path, headers)?)
+    };
     Ok(Some((request, head_len)))
+}
+
+/// Whether every line of `head` ends in CRLF and no CR stands alone: httparse accepts a bare
+/// LF as a line end, and a proxy that reads a head differently from its upstream is how
+/// requests get smuggled.
+fn lines_end_in_crlf(head: &[u8]) -> bool {
+    head.iter().enumerate().all(|(i, &byte)| match byte {
+        b'\n' => i > 0 && head[i - 1] == b'\r',
+        b'\r' => head.get(i + 1) == Some(&b'\n'),
+        _ => true,
+    })
+}
+
+fn validate_plain(
+    method: String,
+    http_minor: u8,
+    path: String,
+    headers: Vec<Header>,
+) -> Result<PlainRequest, RequestError> {
+    if method.eq_ignore_ascii_case("CONNECT") {
+        return Err(RequestError::Connect);
+    }
+    let hosts: Vec<&[u8]> = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"))
+        .map(|h| h.value.as_slice())
+        .collect();
+    let host = match hosts.as_slice() {
+        [host] if !host.is_empty() => String::from_utf8_lossy(host).into_owned(),
+        // HTTP/1.0 predates Host: such a request matches routes without a host.
+        [] if http_minor == 0 => String::new(),
+        [_] => return Err(RequestError::BadHost(0)),
+        other => return Err(RequestError::BadHost(other.len())),
+    };
+    if !host.is_empty() && !is_valid_host(&host) {
+        return Err(RequestError::InvalidHost);
+    }
+    let path = normalize(&path, &host)?;
+    let framing = request_framing(&headers, http_minor)?;
+    Ok(PlainRequest {
+        method,
+        path,
+        host,
+        http_minor,
+        headers,
+        framing,
+    })
 }
 
 fn validate(path: String, headers: Vec<Header>) -> Result<UpgradeRequest, RequestError> {

@@ -1,7 +1,10 @@
-//! Header rewriting with nginx's defaults for a WebSocket `proxy_pass`, pure.
+//! Header rewriting with nginx's defaults for a WebSocket `proxy_pass` (and plain requests
+//! through the same `location`), pure.
 //!
 //! `Host` is kept, `X-Real-IP` is the client address, `X-Forwarded-Proto` says `http`/`https`,
-//! hop-by-hop headers are dropped and `Upgrade: websocket` / `Connection: upgrade` are sent.
+//! hop-by-hop headers are dropped; an upgrade gets `Upgrade: websocket` /
+//! `Connection: upgrade`, a plain request no `Connection` (keep-alive to the upstream), and a
+//! plain response loses its hop-by-hop headers on the way back.
 //! `X-Forwarded-For` appends the client to what came in (`$proxy_add_x_forwarded_for`) only
 //! when the peer is a trusted proxy (`trusted_proxies`); from anyone else it is the client
 //! alone, and the client's own `Forwarded`, `X-Forwarded-Host` and `X-Forwarded-Port` are
@@ -10,7 +13,8 @@
 
 use std::net::IpAddr;
 
-use crate::handshake::{Header, UpgradeRequest};
+use crate::handshake::{Header, PlainRequest, UpgradeRequest};
+use crate::http::Framing;
 
 /// The scheme of the listener a client came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,34 +75,62 @@ const FORWARDING: [&str; 3] = ["forwarded", "x-forwarded-host", "x-forwarded-por
 /// Headers the proxy sets itself; the client's own values are replaced.
 const REPLACED: [&str; 3] = ["x-real-ip", "x-forwarded-for", "x-forwarded-proto"];
 
-/// The complete request head to send upstream, ending in an empty line.
+/// The complete upgrade request head to send upstream, ending in an empty line.
 pub fn rewrite_request(req: &UpgradeRequest, ctx: &ForwardContext, rules: &HeaderRules) -> Vec<u8> {
-    let named_in_connection: Vec<String> = req
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .flat_map(|h| h.value.split(|&b| b == b','))
-        .map(|token| String::from_utf8_lossy(token.trim_ascii()).to_ascii_lowercase())
-        .filter(|token| !token.is_empty() && token != "upgrade")
-        .collect();
-    let incoming_xff: Vec<&[u8]> = req
-        .headers
+    let mut out = forwarded_headers(&req.headers, ctx);
+    out.push(header("Upgrade", b"websocket"));
+    out.push(header("Connection", b"upgrade"));
+    apply_rules(&mut out, rules);
+    serialize_head("GET", &req.path, 1, &out)
+}
+
+/// The complete head of a plain request to send upstream (nginx `proxy_pass` with
+/// `proxy_http_version 1.1` and an upstream `keepalive`: no `Connection` header, so the
+/// upstream connection stays open for the next request). A chunked body is passed on as it
+/// came, so its `Transfer-Encoding` is too; an HTTP/1.0 request stays HTTP/1.0 (its answer
+/// must not be chunked) and closes.
+pub fn rewrite_plain_request(
+    req: &PlainRequest,
+    ctx: &ForwardContext,
+    rules: &HeaderRules,
+) -> Vec<u8> {
+    let mut out = forwarded_headers(&req.headers, ctx);
+    if req.framing == Framing::Chunked {
+        out.extend(
+            req.headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+                .cloned(),
+        );
+    }
+    if req.http_minor == 0 {
+        out.push(header("Connection", b"close"));
+    }
+    apply_rules(&mut out, rules);
+    serialize_head(&req.method, &req.path, req.http_minor, &out)
+}
+
+/// The request's headers as the upstream gets them, before route rules: Host first, then the
+/// end-to-end headers as received, then the forwarding headers the proxy sets.
+fn forwarded_headers(headers: &[Header], ctx: &ForwardContext) -> Vec<Header> {
+    let named_in_connection = named_in_connection(headers);
+    let incoming_xff: Vec<&[u8]> = headers
         .iter()
         .filter(|h| ctx.trusted_peer && h.name.eq_ignore_ascii_case("x-forwarded-for"))
         .map(|h| h.value.trim_ascii())
         .filter(|v| !v.is_empty())
         .collect();
 
-    let mut out: Vec<Header> = Vec::with_capacity(req.headers.len() + 5);
+    let mut out: Vec<Header> = Vec::with_capacity(headers.len() + 5);
     // Host first, as the client sent it.
     out.extend(
-        req.headers
+        headers
             .iter()
             .filter(|h| h.name.eq_ignore_ascii_case("host"))
             .cloned(),
     );
     out.extend(
-        req.headers
+        headers
             .iter()
             .filter(|h| {
                 let name = h.name.to_ascii_lowercase();
@@ -122,22 +154,64 @@ pub fn rewrite_request(req: &UpgradeRequest, ctx: &ForwardContext, rules: &Heade
         "X-Forwarded-Proto",
         ctx.scheme.forwarded_proto().as_bytes(),
     ));
-    out.push(header("Upgrade", b"websocket"));
-    out.push(header("Connection", b"upgrade"));
-    apply_rules(&mut out, rules);
+    out
+}
 
-    let mut head = Vec::with_capacity(1024);
-    head.extend_from_slice(b"GET ");
-    head.extend_from_slice(req.path.as_bytes());
-    head.extend_from_slice(b" HTTP/1.1\r\n");
-    for h in &out {
-        head.extend_from_slice(h.name.as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(&h.value);
-        head.extend_from_slice(b"\r\n");
+/// Lower-case names listed in `Connection` (hop-by-hop by declaration), `upgrade` aside.
+fn named_in_connection(headers: &[Header]) -> Vec<String> {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .map(|token| String::from_utf8_lossy(token.trim_ascii()).to_ascii_lowercase())
+        .filter(|token| !token.is_empty() && token != "upgrade")
+        .collect()
+}
+
+/// A response head for the client: the upstream's status line (as HTTP/1.1) and its
+/// end-to-end headers; `Transfer-Encoding` stays (the body is passed on as it came), and
+/// `Connection: close` is added when the client connection ends after this answer.
+pub fn rewrite_response(status: u16, reason: &str, headers: &[Header], close: bool) -> Vec<u8> {
+    let named_in_connection = named_in_connection(headers);
+    let mut head = Vec::with_capacity(512);
+    head.extend_from_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+    for h in headers {
+        let name = h.name.to_ascii_lowercase();
+        let hop_by_hop = name != "transfer-encoding" && HOP_BY_HOP.contains(&name.as_str());
+        if hop_by_hop || named_in_connection.contains(&name) {
+            continue;
+        }
+        push_field(&mut head, &h.name, &h.value);
+    }
+    if close {
+        push_field(&mut head, "Connection", b"close");
     }
     head.extend_from_slice(b"\r\n");
     head
+}
+
+fn serialize_head(method: &str, target: &str, http_minor: u8, headers: &[Header]) -> Vec<u8> {
+    let mut head = Vec::with_capacity(1024);
+    head.extend_from_slice(method.as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(if http_minor == 0 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
+    for h in headers {
+        push_field(&mut head, &h.name, &h.value);
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+fn push_field(head: &mut Vec<u8>, name: &str, value: &[u8]) {
+    head.extend_from_slice(name.as_bytes());
+    head.extend_from_slice(b": ");
+    head.extend_from_slice(value);
+    head.extend_from_slice(b"\r\n");
 }
 
 fn header(name: &str, value: &[u8]) -> Header {

@@ -18,6 +18,7 @@ pub mod echo;
 pub mod error_chain;
 pub mod handshake;
 pub mod headers;
+pub mod http;
 pub mod listener;
 pub mod metrics;
 pub mod route;

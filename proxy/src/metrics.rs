@@ -89,6 +89,10 @@ pub struct Metrics {
     pub upgrades_refused: Counter,
     /// Failed upstream connect attempts.
     pub upstream_connect_failures: Counter,
+    /// Plain HTTP requests passed to an upstream.
+    pub http_requests: Counter,
+    /// Plain HTTP requests sent on a kept-alive upstream connection.
+    pub upstream_keepalive_reused: Counter,
     /// Tunnels closed by the idle timeout.
     pub idle_timeouts: Counter,
     /// Kernel-path tunnels closed because a reader fell `limits.kernel_backlog` behind.
@@ -114,7 +118,7 @@ impl Metrics {
     /// Renders every metric in the Prometheus text exposition format. Only atomics are read:
     /// no lock a worker takes, no walk over a map.
     pub fn render(&self) -> String {
-        let counters: [(&str, &str, u64); 19] = [
+        let counters: [(&str, &str, u64); 21] = [
             (
                 "tls_handshakes_total",
                 "TLS handshakes completed.",
@@ -179,6 +183,16 @@ impl Metrics {
                 "upstream_connect_failures_total",
                 "Failed upstream connect attempts.",
                 self.upstream_connect_failures.get(),
+            ),
+            (
+                "http_requests_total",
+                "Plain HTTP requests passed to an upstream.",
+                self.http_requests.get(),
+            ),
+            (
+                "upstream_keepalive_reused_total",
+                "Plain HTTP requests sent on a kept-alive upstream connection.",
+                self.upstream_keepalive_reused.get(),
             ),
             (
                 "kernel_slow_consumers_total",

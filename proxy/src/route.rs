@@ -71,6 +71,7 @@ mod tests {
             upstream: "u".into(),
             headers: HeaderRulesConfig::default(),
             idle_timeout: None,
+            websocket_only: false,
         }
     }
 

@@ -30,6 +30,8 @@ pub struct Route {
     pub rules: HeaderRules,
     /// Idle timeout of tunnels on this route, in ns.
     pub idle_ns: u64,
+    /// Plain HTTP requests on this route are refused (426) instead of proxied.
+    pub websocket_only: bool,
 }
 
 /// When a tunnel relayed in userspace has earned the kernel path (`[kernel]` in the config).
@@ -60,6 +62,10 @@ pub struct Services {
     pub response_limits: HeadLimits,
     /// Deadline for everything before the tunnel (request, connect, response), in ns.
     pub handshake_ns: u64,
+    /// Plain HTTP: how long the upstream's answer head may take once the request is sent.
+    pub response_ns: u64,
+    /// Plain HTTP: how long a client connection may idle between requests.
+    pub keepalive_ns: u64,
     /// Deadline for one connect attempt.
     pub connect_timeout: Duration,
     /// Size of one relay buffer (one per direction while bytes are in flight).
@@ -111,6 +117,8 @@ impl Services {
                 max_headers: MAX_RESPONSE_HEADERS,
             },
             handshake_ns: duration_ns(config.timeouts.handshake),
+            response_ns: duration_ns(config.timeouts.response),
+            keepalive_ns: duration_ns(config.timeouts.keepalive),
             connect_timeout: config.timeouts.connect,
             relay_buffer: config.limits.relay_buffer,
             drain: config.timeouts.drain,
@@ -144,6 +152,7 @@ impl Route {
                 remove: route.headers.remove.clone(),
             },
             idle_ns: duration_ns(route.idle_timeout.unwrap_or(default_idle)),
+            websocket_only: route.websocket_only,
         }
     }
 }

@@ -9,6 +9,10 @@
 //! marked down at all (like nginx): one refused connect during a restart cannot turn into
 //! `fail_timeout` of refusals for everyone.
 
+mod keepalive;
+
+pub use keepalive::{IdleConnections, Keepalive};
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -30,6 +34,7 @@ pub struct Pool {
     servers: Vec<Server>,
     cursor: AtomicUsize,
     fail_timeout_ns: u64,
+    keepalive: Keepalive,
 }
 
 impl Pool {
@@ -47,7 +52,16 @@ impl Pool {
                 .collect(),
             cursor: AtomicUsize::new(0),
             fail_timeout_ns: duration_ns(config.fail_timeout),
+            keepalive: Keepalive {
+                per_server: config.keepalive,
+                timeout_ns: duration_ns(config.keepalive_timeout),
+            },
         }
+    }
+
+    /// How idle connections to this pool's servers are kept for plain HTTP requests.
+    pub fn keepalive(&self) -> Keepalive {
+        self.keepalive
     }
 
     /// The pool's name in the config.
@@ -105,6 +119,8 @@ mod tests {
             servers: servers.iter().map(|s| s.parse().unwrap()).collect(),
             balance: Balance::RoundRobin,
             fail_timeout,
+            keepalive: 0,
+            keepalive_timeout: Duration::from_secs(60),
         };
         Pool::new("p", &config)
     }

@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub mod bpf;
+pub mod http;
 pub mod segment;
 pub mod soak;
 pub mod tls;
@@ -223,6 +224,14 @@ pub struct ProxyConfig {
     pub workers: usize,
     /// The listener's `tls` value (see [`tls::tls_table`]): the proxy serves `wss://`.
     pub tls: Option<String>,
+    /// `timeouts.response` (waiting for an upstream's response head); `None`: the default.
+    pub response: Option<&'static str>,
+    /// `timeouts.keepalive` (a client idle between requests); `None`: the default.
+    pub keepalive: Option<&'static str>,
+    /// `upstream.default.keepalive` (idle upstream connections kept per server and worker).
+    pub upstream_keepalive: Option<usize>,
+    /// `upstream.default.keepalive_timeout`.
+    pub upstream_keepalive_timeout: Option<&'static str>,
 }
 
 impl ProxyConfig {
@@ -241,6 +250,10 @@ impl ProxyConfig {
             trusted_proxies: "",
             workers: 2,
             tls: None,
+            response: None,
+            keepalive: None,
+            upstream_keepalive: None,
+            upstream_keepalive_timeout: None,
         }
     }
 
@@ -250,10 +263,24 @@ impl ProxyConfig {
             .tls
             .as_ref()
             .map_or_else(String::new, |tls| format!("tls = {tls}\n"));
+        let mut upstream_extra = String::new();
+        if let Some(keepalive) = self.upstream_keepalive {
+            upstream_extra.push_str(&format!("keepalive = {keepalive}\n"));
+        }
+        if let Some(timeout) = self.upstream_keepalive_timeout {
+            upstream_extra.push_str(&format!("keepalive_timeout = \"{timeout}\"\n"));
+        }
+        let mut timeouts_extra = String::new();
+        if let Some(response) = self.response {
+            timeouts_extra.push_str(&format!("response = \"{response}\"\n"));
+        }
+        if let Some(keepalive) = self.keepalive {
+            timeouts_extra.push_str(&format!("keepalive = \"{keepalive}\"\n"));
+        }
         format!(
             "workers = {}\ntrusted_proxies = [{}]\n\n[[listener]]\nbind = \"{listen}\"\n{tls}\n[[route]]\nupstream = \"default\"\n{}\n\n\
-             [upstream.default]\nservers = [{}]\nfail_timeout = \"{}\"\n\n\
-             [timeouts]\nidle = \"{}\"\nhandshake = \"{}\"\nconnect = \"{}\"\ndrain = \"{}\"\n\n\
+             [upstream.default]\nservers = [{}]\nfail_timeout = \"{}\"\n{upstream_extra}\n\
+             [timeouts]\nidle = \"{}\"\nhandshake = \"{}\"\nconnect = \"{}\"\ndrain = \"{}\"\n{timeouts_extra}\n\
              [limits]\n{}\n\n[kernel]\n{}\n\n[admin]\nbind = \"{admin}\"\n",
             self.workers,
             self.trusted_proxies,
@@ -451,11 +478,15 @@ impl Proxy {
     }
 }
 
-/// One handshake the echo upstream recorded.
+/// One request head (handshake or plain request) the echo upstream recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
     /// Request target.
     pub path: String,
+    /// Method (plain requests; empty in records without it).
+    pub method: String,
+    /// The echo's serial of the connection it came on (plain requests), if recorded.
+    pub connection: Option<u64>,
     /// Headers in received order, original spelling.
     pub headers: Vec<(String, String)>,
 }
@@ -520,6 +551,12 @@ impl Echo {
             .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
             .map(|value| Recorded {
                 path: value["path"].as_str().unwrap_or_default().to_owned(),
+                method: value["method"].as_str().unwrap_or_default().to_owned(),
+                connection: value["connection"].as_u64().or_else(|| {
+                    value["connection"]
+                        .as_str()
+                        .and_then(|text| text.parse().ok())
+                }),
                 headers: value["headers"]
                     .as_array()
                     .map(|headers| {

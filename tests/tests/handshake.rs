@@ -17,6 +17,9 @@ async fn every_bad_request_gets_its_status_and_the_proxy_keeps_serving() {
     let echo = Echo::start();
     let mut config = ProxyConfig::new(&[echo.addr()]);
     config.limits = "max_request_head = 1024\nmax_headers = 10";
+    // A route for WebSockets only: plain requests get the 426 they got before plain HTTP was
+    // proxied (tests/tests/http.rs covers proxying them).
+    config.route_extra = "websocket_only = true";
     let proxy = Proxy::start(DataPath::Userspace, &config);
     let upgrade = [
         "Host: a",
@@ -40,6 +43,7 @@ async fn every_bad_request_gets_its_status_and_the_proxy_keeps_serving() {
     let cases: Vec<(&str, Vec<u8>, u16)> = vec![
         ("POST", without("-", "POST / HTTP/1.1", &[]), 405),
         ("HTTP/1.0", without("-", "GET / HTTP/1.0", &[]), 400),
+        ("bare LF", without("-", "GET / HTTP/1.1\nX-A: b", &[]), 400),
         ("garbage", b"\x16\x03\x01 hello\r\n\r\n".to_vec(), 400),
         ("no Host", without("Host", "GET / HTTP/1.1", &[]), 400),
         ("plain GET", request(&["GET / HTTP/1.1", "Host: a"]), 426),

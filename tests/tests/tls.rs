@@ -664,7 +664,12 @@ async fn errors_and_refused_upgrades_are_answered_inside_tls_then_closed_cleanly
 
     let answer = tls_exchange(proxy.addr(), &ca, &upgrade_request("/elsewhere", &[])).await;
     assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
-    let answer = tls_exchange(proxy.addr(), &ca, b"POST /app HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let answer = tls_exchange(
+        proxy.addr(),
+        &ca,
+        b"POST /app HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 405 "), "{answer}");
     let answer = tls_exchange(proxy.addr(), &ca, &upgrade_request("/app", &[])).await;
     assert!(answer.starts_with("HTTP/1.1 403 "), "{answer}");

@@ -39,31 +39,57 @@ pub fn setup(root: &Path) -> anyhow::Result<()> {
 /// The Python `websockets` release the tests' virtual environment pins.
 const PYTHON_WEBSOCKETS: &str = "15.0.1";
 
+/// Every package the tests' virtual environment pins (name, version): the
+/// `websockets` client, `requests` for plain HTTP, and a Socket.IO server and client
+/// (`python-socketio` on `aiohttp`, with the `python-engineio` it speaks through).
+const PYTHON_PACKAGES: [(&str, &str); 5] = [
+    ("websockets", PYTHON_WEBSOCKETS),
+    ("requests", "2.34.2"),
+    ("aiohttp", "3.14.5"),
+    ("python-socketio", "5.18.1"),
+    ("python-engineio", "4.15.1"),
+];
+
 /// Where the tests' Python virtual environment lives (git-ignored, under [`TOOLS_DIR`]). The test
 /// harness runs `bin/python` from here (`wsplice_tests::python`).
 const PYTHON_VENV: &str = "python";
 
-/// The clients the `wss://` tests drive besides the Rust ones: `openssl s_client` (a Debian
-/// package when missing) and Python `websockets` in a project-local virtual environment, so
-/// whichever `python3` comes first on PATH (a pyenv shim, say) does not matter.
+/// The clients the end-to-end tests drive besides the Rust ones: `openssl s_client` and `curl`
+/// (Debian packages when missing) and the pinned Python packages in a project-local virtual
+/// environment, so whichever `python3` comes first on PATH (a pyenv shim, say) does not matter.
 pub fn ensure_test_clients(root: &Path) -> anyhow::Result<()> {
-    if !probe("openssl", &["version"]) {
-        apt_install(&["openssl"]).context("the TLS tests need openssl s_client")?;
-        if !probe("openssl", &["version"]) {
-            bail!("openssl still missing after apt-get install openssl");
+    for (program, package) in [("openssl", "openssl"), ("curl", "curl")] {
+        if !probe(program, &["--version"]) && !probe(program, &["version"]) {
+            apt_install(&[package])
+                .with_context(|| format!("the end-to-end tests need {program}"))?;
+            if !probe(program, &["--version"]) && !probe(program, &["version"]) {
+                bail!("{program} still missing after apt-get install {package}");
+            }
         }
     }
     ensure_python_venv(root)
 }
 
-/// `.tools/python` with the pinned `websockets`, created from a Python that can make virtual
+/// A Python check that exits 0 when every pinned package is installed at its version.
+fn venv_check() -> String {
+    let pins: Vec<String> = PYTHON_PACKAGES
+        .iter()
+        .map(|(name, version)| format!("('{name}', '{version}')"))
+        .collect();
+    format!(
+        "import sys\nfrom importlib.metadata import version\n\
+         try:\n    ok = all(version(n) == v for n, v in [{}])\n\
+         except Exception:\n    ok = False\nsys.exit(0 if ok else 1)\n",
+        pins.join(", ")
+    )
+}
+
+/// `.tools/python` with the pinned packages, created from a Python that can make virtual
 /// environments (Debian's own first, then the one on PATH; `python3-venv` installed if neither).
 fn ensure_python_venv(root: &Path) -> anyhow::Result<()> {
     let venv = root.join(TOOLS_DIR).join(PYTHON_VENV);
     let python = venv.join("bin/python");
-    let check = format!(
-        "import websockets, sys; sys.exit(websockets.__version__ != '{PYTHON_WEBSOCKETS}')"
-    );
+    let check = venv_check();
     if probe(&python, &["-c", &check]) {
         return Ok(());
     }
@@ -85,20 +111,33 @@ fn ensure_python_venv(root: &Path) -> anyhow::Result<()> {
             .arg(&venv),
     )
     .context("python3 -m venv failed")?;
-    run_command(Command::new(&python).args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        "--no-input",
-        &format!("websockets=={PYTHON_WEBSOCKETS}"),
-    ]))
-    .context("pip could not install websockets from PyPI (is pypi.org reachable?)")?;
+    let pins: Vec<String> = PYTHON_PACKAGES
+        .iter()
+        .map(|(name, version)| format!("{name}=={version}"))
+        .collect();
+    run_command(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-input",
+            ])
+            .args(&pins),
+    )
+    .with_context(|| {
+        format!(
+            "pip could not install {} from PyPI (is it reachable?)",
+            pins.join(" ")
+        )
+    })?;
     if !probe(&python, &["-c", &check]) {
         bail!(
-            "{} still lacks websockets {PYTHON_WEBSOCKETS} after pip install",
-            python.display()
+            "{} still lacks one of {} after pip install",
+            python.display(),
+            pins.join(" ")
         );
     }
     Ok(())

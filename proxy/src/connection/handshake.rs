@@ -6,14 +6,17 @@
 //! rejection, retries over the pool, refusals, pipelined bytes) is unit-tested without one.
 //!
 //! Steps: read the request head → route → connect (next server on failure) → send the rewritten
-//! request → read the response head → tunnel, refusal relay, or error answer.
+//! request → read the response head → tunnel, refusal relay, or error answer. A plain HTTP
+//! request leaves it once connected: the exchange (`exchange.rs`) sends it and relays the
+//! answer.
 
 use std::net::SocketAddr;
 
 use crate::handshake::{
-    error_response, parse_request, parse_response, BodyLength, UpgradeRequest, UpstreamAnswer,
+    error_response, parse_request, parse_response, BodyLength, PlainRequest, Request, RequestError,
+    UpstreamAnswer,
 };
-use crate::headers::{rewrite_request, ForwardContext, HeaderRules, Scheme};
+use crate::headers::{rewrite_plain_request, rewrite_request, ForwardContext, HeaderRules, Scheme};
 use crate::services::Services;
 
 /// What the I/O layer must do next for this connection.
@@ -50,6 +53,23 @@ pub enum Step {
     },
     /// Close without an answer (the client went away or never sent a request).
     Close(String),
+    /// A plain request, connected: send `head` and relay the request's body and the answer.
+    Exchange(Box<ExchangeStart>),
+}
+
+/// What a plain request's exchange starts from.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ExchangeStart {
+    /// The request as parsed.
+    pub request: PlainRequest,
+    /// The rewritten head for the upstream.
+    pub head: Vec<u8>,
+    /// What the client sent behind its head so far (the body's start, perhaps the next
+    /// request).
+    pub behind: Vec<u8>,
+    /// The upstream connection was kept alive from an earlier request (it may have been
+    /// closed by the server meanwhile).
+    pub reused: bool,
 }
 
 /// An HTTP error answer to send before closing, and why.
@@ -84,6 +104,8 @@ pub struct RequestSummary {
     pub path: String,
     /// Index of the chosen route.
     pub route: Option<usize>,
+    /// The request's method.
+    pub method: String,
 }
 
 /// The handshake state machine of one client connection.
@@ -98,7 +120,7 @@ pub struct Handshake {
     pub(crate) parses: usize,
     /// Upstream bytes read while waiting for its response head.
     upstream_bytes: Vec<u8>,
-    request: Option<UpgradeRequest>,
+    request: Option<Request>,
     summary: RequestSummary,
     /// Servers still to try, in order; `current` is being tried.
     plan: std::vec::IntoIter<SocketAddr>,
@@ -150,6 +172,11 @@ impl Handshake {
         self.summary.route.map(|_| self.pool)
     }
 
+    /// True for a plain request (its exchange may use a kept-alive upstream connection).
+    pub fn is_plain(&self) -> bool {
+        matches!(self.request, Some(Request::Plain(_)))
+    }
+
     /// Bytes read from the client while its request head is incomplete.
     pub fn on_client_data(&mut self, data: &[u8], services: &Services, now_ns: u64) -> Step {
         self.client_bytes.extend_from_slice(data);
@@ -183,12 +210,26 @@ impl Handshake {
         }
     }
 
-    /// The connect attempt to [`Handshake::upstream`] succeeded.
-    pub fn on_connected(&mut self) -> Step {
-        let Some(request) = self.request.as_ref() else {
-            return self.fail_internal("connected without a request");
-        };
-        Step::SendRequest(rewrite_request(request, &self.context, &self.rules))
+    /// The connect attempt to [`Handshake::upstream`] succeeded (`reused`: a kept-alive
+    /// connection was taken instead).
+    pub fn on_connected(&mut self, reused: bool) -> Step {
+        match self.request.take() {
+            None => self.fail_internal("connected without a request"),
+            Some(Request::Upgrade(request)) => {
+                let head = rewrite_request(&request, &self.context, &self.rules);
+                self.request = Some(Request::Upgrade(request));
+                Step::SendRequest(head)
+            }
+            Some(Request::Plain(request)) => {
+                let head = rewrite_plain_request(&request, &self.context, &self.rules);
+                Step::Exchange(Box::new(ExchangeStart {
+                    request,
+                    head,
+                    behind: std::mem::take(&mut self.client_bytes),
+                    reused,
+                }))
+            }
+        }
     }
 
     /// The connect attempt failed: try the next server of the plan, or answer 502/504.
@@ -251,9 +292,10 @@ impl Handshake {
     }
 
     fn judge_response(&mut self, services: &Services) -> Step {
-        let Some(key) = self.request.as_ref().map(|r| r.key.as_str()) else {
-            return self.fail_internal("response without a request");
+        let Some(Request::Upgrade(request)) = self.request.as_ref() else {
+            return self.fail_internal("response without an upgrade request");
         };
+        let key = request.key.as_str();
         match parse_response(&self.upstream_bytes, key, &services.response_limits) {
             Ok(None) => Step::ReadUpstream,
             Ok(Some(UpstreamAnswer::Upgraded { .. })) => Step::Tunnel {
@@ -297,10 +339,17 @@ impl Handshake {
     }
 
     /// The handshake deadline passed; `request_read` tells whether the request head was
-    /// complete by then.
+    /// complete by then. A head begun and not finished is answered 408; a connection that
+    /// sent nothing is closed without a word.
     pub fn on_deadline(&mut self, request_read: bool) -> Step {
+        if !request_read && self.client_bytes.is_empty() {
+            return Step::Close("no request within the timeout".into());
+        }
         if !request_read {
-            return Step::Close("no complete request head within the handshake timeout".into());
+            return self.reject(
+                408,
+                "no complete request head within the handshake timeout".into(),
+            );
         }
         let upstream = self.current.map(|a| a.to_string()).unwrap_or_default();
         self.reject(
@@ -309,18 +358,27 @@ impl Handshake {
         )
     }
 
-    fn route(&mut self, request: UpgradeRequest, services: &Services, now_ns: u64) -> Step {
-        self.summary.host = request.host.clone();
-        self.summary.path = request.path.clone();
-        let Some(route_index) = services.router.select(&request.host, &request.path) else {
+    fn route(&mut self, request: Request, services: &Services, now_ns: u64) -> Step {
+        self.summary.host = request.host().to_owned();
+        self.summary.path = request.path().to_owned();
+        self.summary.method = match &request {
+            Request::Upgrade(_) => "GET".to_owned(),
+            Request::Plain(plain) => plain.method.clone(),
+        };
+        let Some(route_index) = services.router.select(request.host(), request.path()) else {
             let reason = format!(
                 "no route for host {:?} path {:?}",
-                request.host, request.path
+                request.host(),
+                request.path()
             );
             return self.reject(404, reason);
         };
         self.summary.route = Some(route_index);
         let route = &services.routes[route_index];
+        if route.websocket_only && matches!(request, Request::Plain(_)) {
+            let error = RequestError::NotWebSocket;
+            return self.reject_with(error.status(), error.response(), error.to_string());
+        }
         self.pool = route.pool;
         self.rules = route.rules.clone();
         self.request = Some(request);
@@ -355,6 +413,7 @@ impl Handshake {
 fn status_body(status: u16) -> &'static str {
     match status {
         404 => "no route for this host and path\n",
+        408 => "request head not received in time\n",
         500 => "internal proxy error\n",
         502 => "upstream unavailable\n",
         503 => "no healthy upstream\n",

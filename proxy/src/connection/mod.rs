@@ -15,10 +15,14 @@
 //!        │               │ (next server)                   │          │     └─▶ Promoting ─▶ Spliced
 //!        │               │                                 │          ├─▶ HandingOff ─▶ Spliced
 //!        └───────────────┴──────────▶ Rejecting ◀──────────┘          └─▶ Relaying (refusal)
+//!
+//! ReadingRequest ─▶ Connecting (or a kept-alive upstream) ─▶ Exchanging ─▶ ReadingRequest …
+//!   (a plain HTTP request: its answer, then the next request on the same connection)
 //! ```
 //!
 //! Any stage ends in a close with a reason (graceful, or abortive: a reset both ways).
 
+mod exchange;
 mod handshake;
 mod relay;
 mod splice;
@@ -28,13 +32,15 @@ mod upgrade;
 
 use std::net::SocketAddr;
 
-pub use handshake::{ConnectFailure, Handshake, Rejection, RequestSummary, Step};
+pub use exchange::Exchange;
+pub use handshake::{ConnectFailure, ExchangeStart, Handshake, Rejection, RequestSummary, Step};
 pub use relay::Relay;
 pub use splice::{Backlog, Counted, Splice, SplicedEvent};
 
 use crate::access::AccessRecord;
 use crate::headers::Scheme;
 use crate::services::Services;
+use crate::upstream::Keepalive;
 
 /// How long a rejected client may keep sending before its socket is closed (lingering close, so
 /// the error answer is not destroyed by a reset).
@@ -112,6 +118,23 @@ pub enum Action {
     /// Open a TCP connection to this server (bounded by the connect timeout), then call
     /// [`Connection::on_connected`] or [`Connection::on_connect_failed`].
     Connect(SocketAddr),
+    /// Plain HTTP: take an idle kept-alive connection to this server if one is alive (and
+    /// call [`Connection::on_connected`] with `reused`), else as [`Action::Connect`].
+    ConnectReusing(SocketAddr),
+    /// Plain HTTP: the upstream connection can carry another request: keep it idle for the
+    /// worker's next request to `server` (or close it if `keepalive` keeps no more). Nothing
+    /// is pending on it.
+    ReleaseUpstream {
+        /// The server it is connected to.
+        server: SocketAddr,
+        /// How its pool keeps idle connections.
+        keepalive: Keepalive,
+    },
+    /// Plain HTTP: close the upstream connection now (the client's stays). Nothing is pending
+    /// on it.
+    CloseUpstream,
+    /// Write this access line (a plain request ended; the connection goes on).
+    AccessLine(Box<AccessRecord>),
     /// Abandon whatever is pending on the upstream socket (connect, response read).
     CancelUpstream,
     /// Send these bytes to the side (encrypted first for a TLS client), then call
@@ -215,6 +238,8 @@ pub enum Stage {
     Promoting(Relay),
     /// The kernel moves the bytes.
     Spliced(Splice),
+    /// A plain HTTP request and its answer.
+    Exchanging(Box<Exchange>),
 }
 
 /// One client connection's lifecycle state (see the module docs).
@@ -223,6 +248,7 @@ pub struct Connection {
     id: u64,
     client_addr: SocketAddr,
     started_ns: u64,
+    scheme: Scheme,
     tls: bool,
     datapath: DataPath,
     stage: Stage,
@@ -238,6 +264,11 @@ pub struct Connection {
     close_notified: bool,
     /// Boxed: set only once the connection closes, so idle connections do not carry it.
     ending: Option<Box<Ending>>,
+    /// Keep-alive: waiting for the first byte of the next request (then the handshake
+    /// deadline replaces the keep-alive one).
+    waiting_for_request: bool,
+    /// Shutdown began: plain HTTP answers say `Connection: close`.
+    draining: bool,
 }
 
 impl Connection {
@@ -268,6 +299,7 @@ impl Connection {
             id,
             client_addr,
             started_ns: now_ns,
+            scheme,
             tls,
             datapath,
             stage: Stage::ReadingRequest(Box::new(handshake)),
@@ -278,6 +310,8 @@ impl Connection {
             sending: [false; 2],
             close_notified: false,
             ending: None,
+            waiting_for_request: false,
+            draining: false,
         };
         out.push_back(Action::ArmDeadline(deadline_ns));
         out.push_back(Action::Read(Side::Client));
@@ -341,10 +375,20 @@ impl Connection {
         if self.is_closing() {
             return;
         }
+        if self.waiting_for_request {
+            // Keep-alive: a request begins; its head has the handshake timeout.
+            self.waiting_for_request = false;
+            self.started_ns = now_ns;
+            self.deadline_ns = now_ns.saturating_add(services.handshake_ns);
+            out.push_back(Action::ArmDeadline(self.deadline_ns));
+        }
         match (&mut self.stage, side) {
             (Stage::ReadingRequest(h), Side::Client) => {
                 let step = h.on_client_data(bytes, services, now_ns);
                 self.after_step(step, now_ns, services, out);
+            }
+            (Stage::Exchanging(_), side) => {
+                self.on_exchange_data(side, bytes, now_ns, services, out)
             }
             (Stage::ReadingResponse(h), Side::Upstream) => {
                 let step = h.on_upstream_data(bytes, services);
@@ -371,6 +415,7 @@ impl Connection {
                 self.after_step(step, now_ns, services, out);
             }
             (Stage::Rejecting { .. }, Side::Client) => self.close("rejected".into(), false, out),
+            (Stage::Exchanging(_), side) => self.on_exchange_read_end(side, now_ns, services, out),
             _ => {}
         }
     }
@@ -389,6 +434,9 @@ impl Connection {
                 self.pump(side.peer(), services, out);
             }
             return;
+        }
+        if matches!(self.stage, Stage::Exchanging(_)) {
+            return self.on_exchange_sent(side, now_ns, services, out);
         }
         match &mut self.stage {
             Stage::SendingRequest(h) if side == Side::Upstream => {
@@ -458,6 +506,7 @@ impl Connection {
         let deadline = match &self.stage {
             Stage::Relaying(relay) | Stage::Promoting(relay) => relay.deadline(),
             Stage::Spliced(splice) => splice.deadline(kernel_activity_ns),
+            Stage::Exchanging(exchange) => exchange.deadline(),
             _ => self.deadline_ns,
         };
         if now_ns < deadline {
@@ -487,6 +536,7 @@ impl Connection {
                 self.after_step(step, now_ns, services, out);
             }
             Stage::Rejecting { .. } => self.close("rejected".into(), false, out),
+            Stage::Exchanging(_) => self.on_exchange_deadline(services, out),
             Stage::Relaying(_) | Stage::Promoting(_) | Stage::Spliced(_) => {
                 let idle_ms = self.idle_ns(services) / 1_000_000;
                 services.metrics.idle_timeouts.inc();
@@ -503,6 +553,19 @@ impl Connection {
                 );
                 self.close(reason, false, out);
             }
+        }
+    }
+
+    /// Shutdown began: a keep-alive connection waiting for its next request closes now, and
+    /// one in a plain request closes after its answer (tunnels run on until the deadline).
+    pub fn on_drain_start(&mut self, out: &mut Actions) {
+        self.draining = true;
+        if self.waiting_for_request {
+            self.close(
+                "shutting down: idle keep-alive connection".into(),
+                false,
+                out,
+            );
         }
     }
 
@@ -535,6 +598,12 @@ impl Connection {
                 "userspace",
             ),
             Stage::Spliced(splice) => (101, splice.bytes_up(), splice.bytes_down(), "kernel"),
+            Stage::Exchanging(exchange) => (
+                exchange.status(),
+                exchange.bytes_up(),
+                exchange.bytes_down(),
+                "http",
+            ),
             Stage::Rejecting { status, .. } => (*status, 0, 0, ""),
             _ => (0, 0, 0, ""),
         };
@@ -554,6 +623,7 @@ impl Connection {
             upstream: self.upstream_addr,
             host: self.summary.host,
             path: self.summary.path,
+            method: self.summary.method,
             status,
             bytes_up,
             bytes_down,

@@ -35,14 +35,25 @@ impl Connection {
         self.after_step(step, now_ns, services, out);
     }
 
-    /// The connect to [`Connection::upstream_addr`] succeeded.
-    pub fn on_connected(&mut self, now_ns: u64, services: &Services, out: &mut Actions) {
+    /// The connect to [`Connection::upstream_addr`] succeeded (`reused`: an idle kept-alive
+    /// connection to it was taken instead, see [`Action::ConnectReusing`]).
+    pub fn on_connected(
+        &mut self,
+        reused: bool,
+        now_ns: u64,
+        services: &Services,
+        out: &mut Actions,
+    ) {
         if self.is_closing() {
             return;
         }
-        if let Stage::Connecting(h) = &mut self.stage {
-            let step = h.on_connected();
-            self.after_step(step, now_ns, services, out);
+        match &mut self.stage {
+            Stage::Connecting(h) => {
+                let step = h.on_connected(reused);
+                self.after_step(step, now_ns, services, out);
+            }
+            Stage::Exchanging(_) => self.on_exchange_reconnected(out),
+            _ => {}
         }
     }
 
@@ -59,6 +70,13 @@ impl Connection {
             return;
         }
         let upstream = self.upstream_addr;
+        if matches!(self.stage, Stage::Exchanging(_)) {
+            // The new connection that was to replace a closed kept-alive one.
+            services.metrics.upstream_connect_failures.inc();
+            let upstream = upstream.map(|a| a.to_string()).unwrap_or_default();
+            let reason = format!("connect to upstream {upstream} failed: {error}");
+            return self.fail_exchange(502, reason, services, out);
+        }
         let Stage::Connecting(h) = &mut self.stage else {
             return;
         };
@@ -86,8 +104,13 @@ impl Connection {
             Step::ReadClient => out.push_back(Action::Read(Side::Client)),
             Step::Connect(addr) => {
                 self.upstream_addr = Some(addr);
+                let plain = self.handshake().is_some_and(|h| h.is_plain());
                 self.enter_handshake_stage(Stage::Connecting);
-                out.push_back(Action::Connect(addr));
+                out.push_back(if plain {
+                    Action::ConnectReusing(addr)
+                } else {
+                    Action::Connect(addr)
+                });
             }
             Step::SendRequest(bytes) => {
                 self.enter_handshake_stage(Stage::SendingRequest);
@@ -124,6 +147,7 @@ impl Connection {
                 self.start_relay(to_client, Vec::new(), down, status, now_ns, services, out);
             }
             Step::Close(reason) => self.close(reason, false, out),
+            Step::Exchange(start) => self.start_exchange(*start, now_ns, services, out),
         }
     }
 

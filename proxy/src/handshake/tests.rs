@@ -62,6 +62,9 @@ fn a_valid_request_parses_with_its_headers_in_order() {
     let bytes = valid();
     let (request, head_len) = parse_request(&bytes, &LIMITS).unwrap().unwrap();
     assert_eq!(head_len, bytes.len());
+    let Request::Upgrade(request) = request else {
+        panic!("an upgrade");
+    };
     assert_eq!(request.path, "/chat?room=1");
     assert_eq!(request.host, "example.com:8080");
     assert_eq!(request.key, KEY);
@@ -93,11 +96,6 @@ fn rejections_carry_their_status() {
     assert_eq!(status_of(&with("GET / HTTP/1.0", "-", &[])), 400);
     assert_eq!(status_of(&with("GET / HTTP/1.1", "Host", &[])), 400);
     assert_eq!(status_of(&with("GET / HTTP/1.1", "-", &["Host: b"])), 400);
-    assert_eq!(status_of(&with("GET / HTTP/1.1", "Upgrade", &[])), 426);
-    assert_eq!(
-        status_of(&with("GET / HTTP/1.1", "Upgrade", &["Upgrade: h2c"])),
-        426
-    );
     assert_eq!(status_of(&with("GET / HTTP/1.1", "Connection", &[])), 426);
     assert_eq!(
         status_of(&with(
@@ -159,10 +157,60 @@ fn rejections_carry_their_status() {
     );
 }
 
+fn plain(bytes: &[u8]) -> PlainRequest {
+    match parse_request(bytes, &LIMITS) {
+        Ok(Some((Request::Plain(request), _))) => request,
+        other => panic!("expected a plain request, got {other:?}"),
+    }
+}
+
 #[test]
-fn a_plain_get_is_426_and_the_version_answer_names_13() {
-    let error = parse_request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", &LIMITS).unwrap_err();
-    assert_eq!(error.status(), 426);
+fn requests_without_upgrade_websocket_are_plain_with_their_framing() {
+    let get = plain(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!((get.method.as_str(), get.path.as_str()), ("GET", "/a"));
+    assert_eq!(get.framing, Framing::None);
+    assert!(!get.wants_close());
+    let h2c = plain(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n");
+    assert_eq!(h2c.framing, Framing::None);
+    let post = plain(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello");
+    assert_eq!(post.framing, Framing::Length(5));
+    let chunked = plain(
+        b"PUT /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(chunked.framing, Framing::Chunked);
+    assert!(chunked.wants_close());
+    let old = plain(b"GET / HTTP/1.0\r\n\r\n");
+    assert_eq!((old.host.as_str(), old.http_minor), ("", 0));
+    assert!(old.wants_close());
+    assert!(!plain(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").wants_close());
+}
+
+#[test]
+fn plain_requests_that_could_be_read_two_ways_are_refused() {
+    let status = |bytes: &[u8]| parse_request(bytes, &LIMITS).unwrap_err().status();
+    assert_eq!(
+        status(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        400
+    );
+    assert_eq!(
+        status(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: foo, chunked\r\n\r\n"),
+        501
+    );
+    assert_eq!(status(b"GET / HTTP/1.1\r\nHost: a\nX: y\r\n\r\n"), 400);
+    assert_eq!(status(b"GET / HTTP/1.1\r\nHost: a\rX: y\r\n\r\n"), 400);
+    assert_eq!(
+        status(b"GET / HTTP/1.1\r\n\r\n"),
+        400,
+        "HTTP/1.1 needs Host"
+    );
+    assert_eq!(
+        status(b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n"),
+        405
+    );
+}
+
+#[test]
+fn the_version_answer_names_13() {
     let lines = with(
         "GET / HTTP/1.1",
         "Sec-WebSocket-Version",

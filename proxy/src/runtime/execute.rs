@@ -3,14 +3,14 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
 use super::ring::{ConnectArgs, Op};
 use super::splice;
-use super::table::{Intent, Outgoing, Payload};
+use super::table::{Intent, Outgoing, Payload, SideIo};
 use super::worker::Worker;
 use crate::clock::monotonic_ns;
 use crate::connection::{Action, Actions, ConnectFailure, Side};
@@ -57,6 +57,28 @@ impl Worker {
                 }
             }
             Action::Connect(addr) => self.connect(slot, addr, actions),
+            Action::ConnectReusing(server) => match self.take_idle_upstream(server) {
+                Some(fd) => {
+                    if let Some(entry) = self.table.get(slot) {
+                        entry.upstream = SideIo::with(fd);
+                        entry.conn.on_connected(true, now, &services, actions);
+                    }
+                }
+                None => self.connect(slot, server, actions),
+            },
+            Action::ReleaseUpstream { server, keepalive } => {
+                if let Some(fd) = self.detach_upstream(slot) {
+                    // What the pool cannot keep is closed by dropping it.
+                    drop(self.idle_upstreams.put(server, fd, now, keepalive));
+                }
+            }
+            Action::CloseUpstream => drop(self.detach_upstream(slot)),
+            Action::AccessLine(mut record) => {
+                if let Some(entry) = self.table.get(slot) {
+                    record.tls = entry.stream.negotiated();
+                }
+                record.log();
+            }
             Action::CancelUpstream => {
                 if let Some(fd) = self.table.get(slot).map(|entry| entry.upstream.raw()) {
                     if fd >= 0 {
@@ -310,6 +332,17 @@ impl Worker {
             Op::Connect.user_data(slot, id),
             Op::ConnectTimeout.user_data(slot, id),
         );
+    }
+
+    /// Takes the upstream socket out of the connection (plain HTTP, between requests). One with
+    /// an operation still pending stays with the connection and is closed with it.
+    fn detach_upstream(&mut self, slot: u32) -> Option<OwnedFd> {
+        let entry = self.table.get(slot)?;
+        if entry.upstream.polling || entry.upstream.sending() || entry.connect.is_some() {
+            tracing::error!("an upstream connection released with an operation pending");
+            return None;
+        }
+        std::mem::take(&mut entry.upstream).fd
     }
 
     /// Kernel path: reads everything the client has sent so far (at most `limit` plus one

@@ -30,6 +30,7 @@ use crate::splice::{SpliceError, SpliceMaps};
 use crate::sys;
 use crate::tag::Tag;
 use crate::timeouts::{TimerKey, TimerWheel};
+use crate::upstream::IdleConnections;
 
 /// The worker wakes at least this often (timers, shutdown flag).
 const TICK: Duration = Duration::from_millis(50);
@@ -39,6 +40,18 @@ const WHEEL_SLOTS: usize = 8192;
 const SCRATCH: usize = 64 * 1024;
 /// Free relay buffers a worker keeps for reuse.
 const KEEP_BUFFERS: usize = 256;
+/// How often idle upstream connections are checked (expired, or closed by their server).
+const SWEEP_NS: u64 = 1_000_000_000;
+
+/// Whether an idle upstream connection can carry a request: nothing to read (a FIN, a reset or
+/// bytes nobody asked for all mean it cannot).
+fn is_idle_and_open(fd: &OwnedFd) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        sys::peek(fd.as_raw_fd(), &mut byte),
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock
+    )
+}
 
 /// A fatal worker error.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +111,10 @@ pub struct Worker {
     refused_since_log: u64,
     /// Reused queue of actions.
     actions: Actions,
+    /// Plain HTTP: upstream connections kept alive for the next requests.
+    pub(super) idle_upstreams: IdleConnections<OwnedFd>,
+    /// When the idle upstream connections were last swept.
+    last_sweep_ns: u64,
 }
 
 impl Worker {
@@ -144,6 +161,8 @@ impl Worker {
             last_refusal_log_ns: 0,
             refused_since_log: 0,
             actions: Actions::new(),
+            idle_upstreams: IdleConnections::default(),
+            last_sweep_ns: 0,
         })
     }
 
@@ -175,6 +194,7 @@ impl Worker {
             if std::mem::take(&mut self.ticked) {
                 // Once per tick, not per completion batch: a slow reader may stay listed long.
                 self.check_backlogs_again();
+                self.sweep_idle_upstreams(now);
             }
             if self.manage_shutdown(now) {
                 tracing::debug!(worker = self.index, "worker stopped");
@@ -216,6 +236,27 @@ impl Worker {
         self.actions = actions;
     }
 
+    /// Closes idle upstream connections whose keep-alive ran out or whose server closed them
+    /// (at most once a second: a peek per idle connection).
+    fn sweep_idle_upstreams(&mut self, now: u64) {
+        if self.idle_upstreams.is_empty() || now.saturating_sub(self.last_sweep_ns) < SWEEP_NS {
+            return;
+        }
+        self.last_sweep_ns = now;
+        // Dropping them closes them.
+        drop(self.idle_upstreams.sweep(now, |fd| !is_idle_and_open(fd)));
+    }
+
+    /// Plain HTTP: an idle kept-alive connection to `server` that is still open, if any.
+    pub(super) fn take_idle_upstream(&mut self, server: std::net::SocketAddr) -> Option<OwnedFd> {
+        while let Some(fd) = self.idle_upstreams.take(server) {
+            if is_idle_and_open(&fd) {
+                return Some(fd);
+            }
+        }
+        None
+    }
+
     // ---- shutdown -------------------------------------------------------------------------
 
     /// Starts the drain when asked, enforces its deadline; true when the worker may exit.
@@ -235,6 +276,11 @@ impl Worker {
                 );
                 for index in 0..self.listeners.len() {
                     self.stop_accepting(index);
+                }
+                // No request will want them: close them now.
+                drop(self.idle_upstreams.sweep(u64::MAX, |_| true));
+                for slot in self.table.slots() {
+                    self.drive(slot, |conn, _, out| conn.on_drain_start(out));
                 }
                 deadline
             }
@@ -521,7 +567,7 @@ impl Worker {
                 }
             }
             return self.drive(slot, |conn, services, out| {
-                conn.on_connected(now, services, out)
+                conn.on_connected(false, now, services, out)
             });
         }
         let failure = if result == -libc::ECANCELED || result == -libc::ETIMEDOUT {

@@ -26,7 +26,7 @@ fn connected(services: &Services) -> Handshake {
         h.on_client_data(REQUEST, services, 0),
         Step::Connect(_)
     ));
-    assert!(matches!(h.on_connected(), Step::SendRequest(_)));
+    assert!(matches!(h.on_connected(false), Step::SendRequest(_)));
     assert_eq!(h.on_request_sent(), Step::ReadUpstream);
     h
 }
@@ -45,7 +45,7 @@ fn a_valid_upgrade_goes_connect_send_read_then_tunnel_with_pipelined_bytes_in_or
         h.on_client_data(second, &services, 0),
         Step::Connect("127.0.0.1:9001".parse().unwrap())
     );
-    let Step::SendRequest(request) = h.on_connected() else {
+    let Step::SendRequest(request) = h.on_connected(false) else {
         panic!("expected the rewritten request");
     };
     let request = String::from_utf8(request).unwrap();
@@ -83,12 +83,51 @@ fn a_valid_upgrade_goes_connect_send_read_then_tunnel_with_pipelined_bytes_in_or
 fn an_invalid_request_is_rejected_with_its_status() {
     let services = services("\"127.0.0.1:9001\"", "");
     let mut h = Handshake::new(client(), Scheme::Ws, false);
-    let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    let request = b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n";
     let Step::Reject(rejection) = h.on_client_data(request, &services, 0) else {
         panic!("expected a rejection");
     };
     assert_eq!(rejection.status, 426);
     assert!(rejection.response.starts_with(b"HTTP/1.1 426 "));
+}
+
+#[test]
+fn a_plain_request_is_426_only_on_a_websocket_only_route() {
+    let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    let services_ws_only = services("\"127.0.0.1:9001\"", "websocket_only = true");
+    let mut h = Handshake::new(client(), Scheme::Ws, false);
+    let Step::Reject(rejection) = h.on_client_data(request, &services_ws_only, 0) else {
+        panic!("expected a rejection");
+    };
+    assert_eq!(rejection.status, 426);
+    let services = services("\"127.0.0.1:9001\"", "");
+    let mut h = Handshake::new(client(), Scheme::Ws, false);
+    assert!(matches!(
+        h.on_client_data(request, &services, 0),
+        Step::Connect(_)
+    ));
+    assert!(h.is_plain());
+    let Step::Exchange(start) = h.on_connected(true) else {
+        panic!("expected the exchange");
+    };
+    assert!(start.reused);
+    let head = String::from_utf8(start.head).unwrap();
+    assert!(head.starts_with("GET / HTTP/1.1\r\nHost: a\r\n"), "{head}");
+    assert!(!head.to_ascii_lowercase().contains("connection:"), "{head}");
+}
+
+#[test]
+fn a_head_begun_and_not_finished_in_time_is_408() {
+    let services = services("\"127.0.0.1:9001\"", "");
+    let mut h = Handshake::new(client(), Scheme::Ws, false);
+    assert_eq!(
+        h.on_client_data(b"GET / HTTP/1.1\r\nHo", &services, 0),
+        Step::ReadClient
+    );
+    let Step::Reject(rejection) = h.on_deadline(false) else {
+        panic!("expected 408");
+    };
+    assert_eq!(rejection.status, 408);
 }
 
 #[test]

@@ -57,7 +57,7 @@ fn finishing_a_tunnel_updates_the_gauges() {
 #[test]
 fn finishing_a_rejected_connection_leaves_the_tunnel_gauge_alone() {
     let mut h = Harness::accept(DataPath::Relay, false);
-    h.client_sends(b"POST / HTTP/1.1\r\nHost: a\r\n\r\n");
+    h.client_sends(b"POST / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n");
     h.event(|c, _, _, out| c.on_drain_deadline(out));
     let metrics = std::sync::Arc::clone(&h.services.metrics);
     let record = h.finish();

@@ -3,6 +3,7 @@
 //! closed, in which order, and why.
 
 mod close;
+mod exchange;
 mod promote;
 mod relay;
 mod splice;
@@ -113,7 +114,7 @@ impl Harness {
     }
 
     pub fn connected(&mut self) -> Vec<Action> {
-        self.event(|c, now, s, out| c.on_connected(now, s, out))
+        self.event(|c, now, s, out| c.on_connected(false, now, s, out))
     }
 
     pub fn connect_failed(&mut self, failure: ConnectFailure) -> Vec<Action> {
