@@ -414,6 +414,8 @@ fn haproxy_config(layout: &Layout, port: u16, tls: Option<(u16, &TlsFiles)>) -> 
     )
 }
 
+/// wsplice with the same listeners and upstream; plain HTTP keeps as many idle upstream
+/// connections per worker as nginx does (`keepalive = 64`).
 pub fn wsplice_config(port: u16, echo: u16, tls: Option<(u16, &TlsFiles)>) -> String {
     let tls = tls.map_or(String::new(), |(p, files)| {
         format!(
@@ -424,7 +426,7 @@ pub fn wsplice_config(port: u16, echo: u16, tls: Option<(u16, &TlsFiles)>) -> St
     });
     format!(
         "[[listener]]\nbind = \"127.0.0.1:{port}\"\n{tls}[[route]]\nupstream = \"echo\"\n\
-         [upstream.echo]\nservers = [\"127.0.0.1:{echo}\"]\n[timeouts]\nidle = \"3600s\"\n"
+         [upstream.echo]\nservers = [\"127.0.0.1:{echo}\"]\nkeepalive = 64\n[timeouts]\nidle = \"3600s\"\n"
     )
 }
 
