@@ -51,6 +51,8 @@ struct Target {
 struct Tally {
     /// `200` answers completed in the window.
     ok: u64,
+    /// Answers of the whole run, any status, warm-up included.
+    answered: u64,
     /// Round trips of those, µs.
     samples: Vec<u64>,
     /// Non-200 answers (whole run, warm-up included).
@@ -116,6 +118,7 @@ pub async fn run(options: HttpOptions) -> anyhow::Result<serde_json::Value> {
     for task in tasks {
         let tally = task.await?;
         total.ok += tally.ok;
+        total.answered += tally.answered;
         total.samples.extend(tally.samples);
         for (status, n) in tally.statuses {
             *total.statuses.entry(status).or_default() += n;
@@ -137,6 +140,7 @@ pub async fn run(options: HttpOptions) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::json!({
         "workload": "http", "conns": options.conns, "seconds": options.seconds,
         "requests": total.ok, "per_second": total.ok as f64 / options.seconds,
+        "answered": total.answered,
         "p50_us": quantile(&total.samples, 0.50), "p99_us": quantile(&total.samples, 0.99),
         "max_us": total.samples.last().copied().unwrap_or(0),
         "errors": non_200 + total.failures, "non_200": non_200, "statuses": statuses,
@@ -175,6 +179,7 @@ async fn connection(target: &Target, window_start: Instant, window_end: Instant)
         let done = Instant::now();
         match answer {
             Ok(response) => {
+                tally.answered += 1;
                 if let Some(serial) = response.upstream {
                     tally.upstream.insert(serial);
                 }

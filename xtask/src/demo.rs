@@ -74,7 +74,9 @@ fn print_banner() {
     println!("wsplice is running: ws://127.0.0.1:8080/ -> echo upstream {ECHO_LISTEN}");
     println!("  connect: python3 -m websockets ws://127.0.0.1:8080/   (pip install websockets),");
     println!("           or any WebSocket client");
-    println!("  plain:   curl http://127.0.0.1:8080/hello   (plain HTTP goes to the same upstream)");
+    println!(
+        "  plain:   curl http://127.0.0.1:8080/hello   (plain HTTP goes to the same upstream)"
+    );
     println!("  metrics: curl http://127.0.0.1:9901/metrics");
     println!("  stop:    Ctrl-C");
     println!();

@@ -622,6 +622,7 @@ fn http(
         url: format!("http://127.0.0.1:{}/bench", running.port),
         ca: None,
     };
+    let cpu_before = load::process_cpu_seconds(&running.pids);
     let json = load::run_json(
         &env.load,
         "http",
@@ -635,6 +636,7 @@ fn http(
             &scale.warmup.to_string(),
         ],
     )?;
+    let cpu = load::process_cpu_seconds(&running.pids) - cpu_before;
     let f = |key: &str| json[key].as_f64().unwrap_or(0.0);
     let n = HTTP_CONNS;
     let rows = [
@@ -687,6 +689,16 @@ fn http(
     ];
     for ((key, label), value) in rows.iter().zip(values) {
         results.add(key, label, index, value);
+    }
+    // Every request of the run, warm-up included, is what the proxy's CPU is divided by.
+    let answered = f("answered");
+    if !running.pids.is_empty() && answered > 0.0 {
+        results.add(
+            "http_cpu",
+            "http: proxy process CPU-µs per request",
+            index,
+            cpu / answered * 1e6,
+        );
     }
     if f("failures") > 0.0 {
         results.notes.push(format!(

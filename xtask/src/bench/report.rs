@@ -159,7 +159,7 @@ const RATIOS: [(&str, usize, usize); 4] = [
 ];
 
 /// The order of the table's rows.
-const ROW_ORDER: [&str; 21] = [
+const ROW_ORDER: [&str; 22] = [
     "bulk1",
     "bulk16",
     "storm",
@@ -179,6 +179,7 @@ const ROW_ORDER: [&str; 21] = [
     "http_rps",
     "http_p50",
     "http_p99",
+    "http_cpu",
     "http_errors",
     "http_upstream",
 ];
