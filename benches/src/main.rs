@@ -10,12 +10,15 @@
 //! - `fleet`: N connections each send a small message every few seconds (random phase), echoed;
 //!   prints `connected {json}`, waits for the window's start (Unix ms) on stdin so several
 //!   processes measure the same window, then reports the round trips of the window.
+//! - `http`: plain HTTP/1.1, N keep-alive connections each sending sequential small GETs;
+//!   requests/s and p50/p99 of `200` answers, every other answer counted as an error.
 //!
-//! Every workload speaks `wss://` too (`--tls`, or a `wss://` URL) trusting `--ca`, and can bind
+//! Every WebSocket workload speaks `wss://` too (`--tls`, or a `wss://` URL) trusting `--ca`, and can bind
 //! its sockets to a loopback source address (`--source 127.0.0.2`) so several processes can hold
 //! more connections than one address's ephemeral ports and one process's descriptors allow.
 
 mod client;
+mod http;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -110,6 +113,24 @@ enum Workload {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Plain HTTP/1.1: keep-alive connections each sending sequential GETs.
+    Http {
+        /// http:// URL to GET.
+        #[arg(long)]
+        url: String,
+        /// Connections.
+        #[arg(long, default_value_t = 64)]
+        conns: usize,
+        /// Measured seconds (after the warm-up).
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Warm-up seconds, not counted.
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Local address to bind before connecting (e.g. 127.0.0.2).
+        #[arg(long)]
+        source: Option<std::net::IpAddr>,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -171,6 +192,22 @@ async fn main() -> anyhow::Result<()> {
                 connect_parallel: connect_parallel.max(1),
             };
             fleet(&Client::new(&conn, Buffers::Small).await?, options).await?
+        }
+        Workload::Http {
+            url,
+            conns,
+            seconds,
+            warmup,
+            source,
+        } => {
+            http::run(http::HttpOptions {
+                url,
+                conns,
+                seconds,
+                warmup,
+                source,
+            })
+            .await?
         }
     };
     println!("{result}");

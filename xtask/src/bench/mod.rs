@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: side-by-side runs of the same load generator against the echo upstream
 //! directly, through nginx and HAProxy (Debian packages) and through wsplice on both data paths,
-//! in alternation over several rounds. Reports the median and the spread (min–max) of each
+//! in alternation over several rounds: WebSocket workloads, and plain HTTP/1.1 (`http`) on the
+//! same listeners. Reports the median and the spread (min–max) of each
 //! cell: a markdown table, JSON and SVG charts under `benches/results/`.
 
 mod load;
@@ -33,19 +34,22 @@ pub enum Workload {
     Fleet,
     /// storm and bulk 1 tunnel over wss://.
     Wss,
+    /// Plain HTTP/1.1: keep-alive GETs/s and p50/p99 at 64 connections.
+    Http,
     /// Largest fleet one core serves (p99 ≤ 10 ms, no failure).
     Percore,
 }
 
 impl Workload {
     /// Everything, in the order of the report.
-    pub const ALL: [Workload; 7] = [
+    pub const ALL: [Workload; 8] = [
         Workload::Bulk,
         Workload::Storm,
         Workload::Latency,
         Workload::Hold,
         Workload::Fleet,
         Workload::Wss,
+        Workload::Http,
         Workload::Percore,
     ];
 
@@ -57,6 +61,7 @@ impl Workload {
             Workload::Hold => "hold",
             Workload::Fleet => "fleet",
             Workload::Wss => "wss",
+            Workload::Http => "http",
             Workload::Percore => "percore",
         }
     }
@@ -83,6 +88,8 @@ pub struct Scale {
     /// Fleet connections, and the measured window in seconds.
     pub fleet: usize,
     pub fleet_window: f64,
+    /// Measured seconds of the http workload (after `warmup`).
+    pub http_seconds: f64,
     /// Rounds of the alternation.
     pub rounds: usize,
     /// Fleet sizes tried per core, and their window.
@@ -99,6 +106,7 @@ impl Scale {
         // The largest fleet every proxy serves from one process (2 fds per tunnel, 20,000 fds).
         fleet: 9000,
         fleet_window: 8.0,
+        http_seconds: 10.0,
         rounds: 3,
         percore_steps: &[1000, 2000, 4000, 8000, 16000, 32000],
         percore_window: 4.0,
@@ -110,6 +118,7 @@ impl Scale {
         hold: 1000,
         fleet: 2000,
         fleet_window: 4.0,
+        http_seconds: 3.0,
         rounds: 1,
         percore_steps: &[1000, 2000, 4000],
         percore_window: 4.0,
@@ -589,7 +598,114 @@ fn run_workload(
                 }
             }
         }
+        Workload::Http => http(env, results, scale, index, kind, running)?,
         Workload::Percore => {}
+    }
+    Ok(())
+}
+
+/// Client connections of the http workload.
+const HTTP_CONNS: usize = 64;
+
+/// The http workload: keep-alive GETs through `running` to the echo's plain HTTP. A target that
+/// answers anything but 200 (wsplice before it proxied plain HTTP: 426) fails its cells with the
+/// statuses seen, and the run goes on.
+fn http(
+    env: &Env,
+    results: &mut Results,
+    scale: &Scale,
+    index: usize,
+    kind: Kind,
+    running: &Running,
+) -> anyhow::Result<()> {
+    let at = Endpoint {
+        url: format!("http://127.0.0.1:{}/bench", running.port),
+        ca: None,
+    };
+    let cpu_before = load::process_cpu_seconds(&running.pids);
+    let json = load::run_json(
+        &env.load,
+        "http",
+        &at,
+        &[
+            "--conns",
+            &HTTP_CONNS.to_string(),
+            "--seconds",
+            &scale.http_seconds.to_string(),
+            "--warmup",
+            &scale.warmup.to_string(),
+        ],
+    )?;
+    let cpu = load::process_cpu_seconds(&running.pids) - cpu_before;
+    let f = |key: &str| json[key].as_f64().unwrap_or(0.0);
+    let n = HTTP_CONNS;
+    let rows = [
+        ("http_rps", format!("http keep-alive GETs/s at {n} conns")),
+        ("http_p50", format!("http GET p50 at {n} conns, µs")),
+        ("http_p99", format!("http GET p99 at {n} conns, µs")),
+        (
+            "http_upstream",
+            "http upstream connections the answers came over (echo serials)".to_owned(),
+        ),
+    ];
+    let errors_label = "http errors (non-200 answers, broken connections, timeouts)";
+    results.add("http_errors", errors_label, index, f("errors"));
+    let first_error = json["first_error"].as_str().unwrap_or("none");
+    if f("non_200") > 0.0 || f("requests") == 0.0 {
+        let statuses = json["statuses"]
+            .as_object()
+            .map(|s| {
+                s.iter()
+                    .map(|(status, count)| format!("{count}×{status}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        let why = if statuses.is_empty() {
+            "failed: no answer".to_owned()
+        } else {
+            format!("failed: {statuses}")
+        };
+        for (key, label) in &rows {
+            results.note(key, label, index, &why);
+        }
+        let prefix = format!("{} http: ", kind.name());
+        let message = format!(
+            "{prefix}{why}, {} broken connections; first error: {first_error}",
+            f("failures")
+        );
+        env.progress.say(&message);
+        // One note per target: the cells show every round's statuses.
+        if !results.notes.iter().any(|n| n.starts_with(&prefix)) {
+            results.notes.push(message);
+        }
+        return Ok(());
+    }
+    let values = [
+        f("per_second"),
+        f("p50_us"),
+        f("p99_us"),
+        f("upstream_connections"),
+    ];
+    for ((key, label), value) in rows.iter().zip(values) {
+        results.add(key, label, index, value);
+    }
+    // Every request of the run, warm-up included, is what the proxy's CPU is divided by.
+    let answered = f("answered");
+    if !running.pids.is_empty() && answered > 0.0 {
+        results.add(
+            "http_cpu",
+            "http: proxy process CPU-µs per request",
+            index,
+            cpu / answered * 1e6,
+        );
+    }
+    if f("failures") > 0.0 {
+        results.notes.push(format!(
+            "{} http: {} broken connections or timeouts; first error: {first_error}",
+            kind.name(),
+            f("failures")
+        ));
     }
     Ok(())
 }

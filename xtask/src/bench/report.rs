@@ -102,12 +102,15 @@ impl Header {
             versions,
             rounds: scale.rounds,
             scale: format!(
-                "workloads {}; {} s per bulk/storm/latency run, hold {} tunnels, fleet {} conns over {} s",
+                "workloads {}; {} s per bulk/storm/latency run, hold {} tunnels, fleet {} conns over {} s, \
+                 http {} s after {} s of warm-up",
                 workloads.iter().map(|w| w.name()).collect::<Vec<_>>().join(", "),
                 scale.seconds,
                 scale.hold,
                 scale.fleet,
-                scale.fleet_window
+                scale.fleet_window,
+                scale.http_seconds,
+                scale.warmup
             ),
             seconds: started.elapsed().as_secs_f64(),
         }
@@ -156,7 +159,7 @@ const RATIOS: [(&str, usize, usize); 4] = [
 ];
 
 /// The order of the table's rows.
-const ROW_ORDER: [&str; 16] = [
+const ROW_ORDER: [&str; 22] = [
     "bulk1",
     "bulk16",
     "storm",
@@ -173,7 +176,16 @@ const ROW_ORDER: [&str; 16] = [
     "fleet_cpu_proxy",
     "wss_storm",
     "wss_bulk1",
+    "http_rps",
+    "http_p50",
+    "http_p99",
+    "http_cpu",
+    "http_errors",
+    "http_upstream",
 ];
+
+/// Rows without ratio columns: counts, not performance.
+const NO_RATIO: [&str; 3] = ["fleet_failures", "http_errors", "http_upstream"];
 
 fn markdown(header: &Header, results: &Results) -> String {
     let mut out = format!(
@@ -201,6 +213,14 @@ fn markdown(header: &Header, results: &Results) -> String {
         header.scale,
         header.seconds,
     );
+    if results.rows.iter().any(|r| r.key.starts_with("http_")) {
+        out.push_str(
+            "The http rows: 64 keep-alive client connections each sending sequential GETs to the \
+             echo upstream's plain HTTP/1.1 (a 25-byte answer), through each proxy's pool of \
+             upstream connections (nginx `keepalive 64`, HAProxy `http-reuse always`); only 200 \
+             answers count, and a target answering anything else fails its cells.\n\n",
+        );
+    }
     let mut rows: Vec<&Row> = results.rows.iter().collect();
     rows.sort_by_key(|row| {
         ROW_ORDER
@@ -235,7 +255,9 @@ fn markdown(header: &Header, results: &Results) -> String {
             }
             for (_, a, b) in RATIOS {
                 match (median(row, a), median(row, b)) {
-                    (Some(a), Some(b)) if b.abs() > f64::EPSILON && row.key != "fleet_failures" => {
+                    (Some(a), Some(b))
+                        if b.abs() > f64::EPSILON && !NO_RATIO.contains(&row.key) =>
+                    {
                         out.push_str(&format!(" {:.2} |", a / b));
                     }
                     _ => out.push_str(" – |"),
@@ -435,7 +457,7 @@ fn bar_chart(path: &Path, title: &str, unit: &str, bars: &Bars) -> anyhow::Resul
 
 fn charts(dir: &Path, results: &Results) -> anyhow::Result<Vec<String>> {
     let mut written = Vec::new();
-    let specs: [(&str, &str, &str, &str, bool); 6] = [
+    let specs: [(&str, &str, &str, &str, bool); 7] = [
         (
             "hold_rss",
             "memory-per-idle-tunnel.svg",
@@ -477,6 +499,13 @@ fn charts(dir: &Path, results: &Results) -> anyhow::Result<Vec<String>> {
             "wss storm: new tunnels per second",
             "tunnels/s",
             true,
+        ),
+        (
+            "http_rps",
+            "http-requests.svg",
+            "Plain HTTP: keep-alive GETs per second, 64 connections",
+            "requests/s",
+            false,
         ),
     ];
     for (key, file, title, unit, skip_direct) in specs {

@@ -353,7 +353,10 @@ pub fn start(kind: Kind, layout: &Layout, tools: &Tools) -> anyhow::Result<Runni
 }
 
 /// nginx as people run it in front of a ws backend (the headers wsplice rewrites, long read timeout).
-/// `reuseport` spreads connections evenly over the workers (each has its own fd limit).
+/// `reuseport` spreads connections evenly over the workers (each has its own fd limit). Plain
+/// HTTP requests go over kept-alive upstream connections (`keepalive 64`, `Connection` cleared
+/// unless upgrading), with no cap on requests per connection on either side: the http workload
+/// measures steady keep-alive, not reconnects.
 fn nginx_config(work: &Path, layout: &Layout, port: u16, tls: Option<(u16, &TlsFiles)>) -> String {
     let echo = layout.echo_port;
     let workers = layout.workers * layout.processes;
@@ -369,9 +372,9 @@ fn nginx_config(work: &Path, layout: &Layout, port: u16, tls: Option<(u16, &TlsF
          pid {pid};\nerror_log stderr warn;\n\
          events {{ worker_connections 19000; }}\n\
          http {{\n  access_log off;\n\
-           map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}\n\
-           upstream echo {{ server 127.0.0.1:{echo}; }}\n\
-           server {{\n    listen 127.0.0.1:{port} reuseport;\n{tls}    location / {{\n\
+           map $http_upgrade $connection_upgrade {{ default upgrade; '' \"\"; }}\n\
+           upstream echo {{ server 127.0.0.1:{echo}; keepalive 64; keepalive_requests 1000000; }}\n\
+           server {{\n    listen 127.0.0.1:{port} reuseport;\n    keepalive_requests 1000000;\n{tls}    location / {{\n\
                proxy_pass http://echo;\n      proxy_http_version 1.1;\n\
                proxy_set_header Upgrade $http_upgrade;\n\
                proxy_set_header Connection $connection_upgrade;\n\
@@ -385,7 +388,8 @@ fn nginx_config(work: &Path, layout: &Layout, port: u16, tls: Option<(u16, &TlsF
 }
 
 /// HAProxy equivalent of the nginx config: http mode, `timeout tunnel`, X-Forwarded-For
-/// (`option forwardfor`), X-Real-IP and X-Forwarded-Proto set, Host passed through.
+/// (`option forwardfor`), X-Real-IP and X-Forwarded-Proto set, Host passed through; plain HTTP
+/// keeps client connections alive and shares idle upstream connections (`http-reuse always`).
 fn haproxy_config(layout: &Layout, port: u16, tls: Option<(u16, &TlsFiles)>) -> String {
     let echo = layout.echo_port;
     let threads = layout.workers;
@@ -400,15 +404,18 @@ fn haproxy_config(layout: &Layout, port: u16, tls: Option<(u16, &TlsFiles)>) -> 
         "global\n  nbthread {threads}\n  maxconn 9700\n\
          defaults\n  mode http\n  timeout connect 5s\n  timeout client 3600s\n\
          timeout server 3600s\n  timeout tunnel 3600s\n  option forwardfor\n\
+           option http-keep-alive\n\
          frontend ws\n  bind 127.0.0.1:{port}\n{tls}\
            http-request set-header X-Real-IP %[src]\n\
            http-request set-header X-Forwarded-Proto https if {{ ssl_fc }}\n\
            http-request set-header X-Forwarded-Proto http if !{{ ssl_fc }}\n\
            default_backend echo\n\
-         backend echo\n  server echo 127.0.0.1:{echo}\n"
+         backend echo\n  http-reuse always\n  server echo 127.0.0.1:{echo}\n"
     )
 }
 
+/// wsplice with the same listeners and upstream; plain HTTP keeps as many idle upstream
+/// connections per worker as nginx does (`keepalive = 64`).
 pub fn wsplice_config(port: u16, echo: u16, tls: Option<(u16, &TlsFiles)>) -> String {
     let tls = tls.map_or(String::new(), |(p, files)| {
         format!(
@@ -419,7 +426,7 @@ pub fn wsplice_config(port: u16, echo: u16, tls: Option<(u16, &TlsFiles)>) -> St
     });
     format!(
         "[[listener]]\nbind = \"127.0.0.1:{port}\"\n{tls}[[route]]\nupstream = \"echo\"\n\
-         [upstream.echo]\nservers = [\"127.0.0.1:{echo}\"]\n[timeouts]\nidle = \"3600s\"\n"
+         [upstream.echo]\nservers = [\"127.0.0.1:{echo}\"]\nkeepalive = 64\n[timeouts]\nidle = \"3600s\"\n"
     )
 }
 
@@ -467,6 +474,8 @@ mod tests {
             "set-header X-Forwarded-Proto http if !{ ssl_fc }",
             "nbthread 1",
             "server echo 127.0.0.1:19002",
+            "option http-keep-alive",
+            "http-reuse always",
         ] {
             assert!(config.contains(needed), "missing {needed:?} in\n{config}");
         }
@@ -478,5 +487,9 @@ mod tests {
         assert!(config.contains("worker_processes 2;"));
         assert!(config.contains("listen 127.0.0.1:19080 reuseport;"));
         assert!(config.contains("proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"));
+        // Plain HTTP reuses upstream connections: Connection is cleared unless upgrading.
+        assert!(config.contains("keepalive 64;"));
+        assert!(config.contains("default upgrade; '' \"\";"));
+        assert!(config.contains("proxy_http_version 1.1;"));
     }
 }
