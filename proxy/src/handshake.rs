@@ -6,7 +6,7 @@
 //! [`RequestError`] that knows its HTTP status; [`parse_response`] judges the upstream's answer
 //! to an upgrade. Both work on a prefix of the stream: `Ok(None)` means "read more".
 
-use crate::http::{request_framing, Framing, RequestFramingError};
+use crate::http::{parse_response_head, request_framing, Framing, RequestFramingError};
 use crate::target::{is_valid_host, normalize, TargetError};
 use base64::Engine as _;
 use sha1::{Digest, Sha1};
@@ -234,6 +234,22 @@ fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
+/// Header slots for httparse: on the stack for the usual limits, on the heap beyond (a head is
+/// parsed per request, and a plain HTTP request is a few microseconds in all).
+pub fn with_header_slots<'b, R>(
+    max_headers: usize,
+    parse: impl FnOnce(&mut [httparse::Header<'b>]) -> R,
+) -> R {
+    const ON_STACK: usize = 128;
+    if max_headers <= ON_STACK {
+        let mut slots: [httparse::Header<'b>; ON_STACK] = [httparse::EMPTY_HEADER; ON_STACK];
+        parse(&mut slots[..max_headers])
+    } else {
+        let mut slots = vec![httparse::EMPTY_HEADER; max_headers];
+        parse(&mut slots)
+    }
+}
+
 /// Parses and validates the client's request head.
 ///
 /// `Ok(None)`: incomplete, read more. `Ok(Some((request, head_len)))`: bytes after `head_len`
@@ -243,36 +259,19 @@ pub fn parse_request(
     buf: &[u8],
     limits: &HeadLimits,
 ) -> Result<Option<(Request, usize)>, RequestError> {
-    let mut slots = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut request = httparse::Request::new(&mut slots);
-    let head_len = match request.parse(buf) {
-        Ok(httparse::Status::Complete(len)) if len > limits.max_bytes => {
-            return Err(RequestError::HeadTooLarge(limits.max_bytes))
-        }
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() >= limits.max_bytes => {
-            return Err(RequestError::HeadTooLarge(limits.max_bytes))
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(RequestError::TooManyHeaders(limits.max_headers))
-        }
-        Err(error) => return Err(RequestError::Malformed(error.to_string())),
+    let head = with_header_slots(limits.max_headers, |slots| {
+        read_request_head(buf, limits, slots)
+    })?;
+    let Some(RawRequestHead {
+        method,
+        version,
+        path,
+        headers,
+        head_len,
+    }) = head
+    else {
+        return Ok(None);
     };
-    if !lines_end_in_crlf(&buf[..head_len]) {
-        return Err(RequestError::BareLineEnd);
-    }
-    let method = request.method.unwrap_or_default().to_owned();
-    let version = request.version.unwrap_or_default();
-    let path = request.path.unwrap_or_default().to_owned();
-    let headers: Vec<Header> = request
-        .headers
-        .iter()
-        .map(|h| Header {
-            name: h.name.to_owned(),
-            value: h.value.to_vec(),
-        })
-        .collect();
     let wants_websocket = has_token(
         headers
             .iter()
@@ -292,6 +291,55 @@ pub fn parse_request(
         Request::Plain(validate_plain(method, version, path, headers)?)
     };
     Ok(Some((request, head_len)))
+}
+
+/// A request head as httparse read it, before validation.
+struct RawRequestHead {
+    method: String,
+    version: u8,
+    path: String,
+    headers: Vec<Header>,
+    head_len: usize,
+}
+
+/// The request head at the start of `buf`, if complete, with its lines checked for CRLF.
+fn read_request_head<'b>(
+    buf: &'b [u8],
+    limits: &HeadLimits,
+    slots: &mut [httparse::Header<'b>],
+) -> Result<Option<RawRequestHead>, RequestError> {
+    let mut request = httparse::Request::new(slots);
+    let head_len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len > limits.max_bytes => {
+            return Err(RequestError::HeadTooLarge(limits.max_bytes))
+        }
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() >= limits.max_bytes => {
+            return Err(RequestError::HeadTooLarge(limits.max_bytes))
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(RequestError::TooManyHeaders(limits.max_headers))
+        }
+        Err(error) => return Err(RequestError::Malformed(error.to_string())),
+    };
+    if !lines_end_in_crlf(&buf[..head_len]) {
+        return Err(RequestError::BareLineEnd);
+    }
+    Ok(Some(RawRequestHead {
+        method: request.method.unwrap_or_default().to_owned(),
+        version: request.version.unwrap_or_default(),
+        path: request.path.unwrap_or_default().to_owned(),
+        headers: request
+            .headers
+            .iter()
+            .map(|h| Header {
+                name: h.name.to_owned(),
+                value: h.value.to_vec(),
+            })
+            .collect(),
+        head_len,
+    }))
 }
 
 /// Whether every line of `head` ends in CRLF and no CR stands alone: httparse accepts a bare
@@ -472,26 +520,15 @@ pub fn parse_response(
     key: &str,
     limits: &HeadLimits,
 ) -> Result<Option<UpstreamAnswer>, ResponseError> {
-    let mut slots = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut response = httparse::Response::new(&mut slots);
-    let head_len = match response.parse(buf) {
-        Ok(httparse::Status::Complete(len)) if len > limits.max_bytes => {
-            return Err(ResponseError::TooLarge(limits.max_bytes))
-        }
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() >= limits.max_bytes => {
-            return Err(ResponseError::TooLarge(limits.max_bytes))
-        }
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(error) => return Err(ResponseError::Malformed(error.to_string())),
+    let Some(head) = parse_response_head(buf, limits)? else {
+        return Ok(None);
     };
-    let status = response.code.unwrap_or_default();
+    let (status, head_len) = (head.status, head.head_len);
     let values = |name: &'static str| {
-        response
-            .headers
+        head.headers
             .iter()
             .filter(move |h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value)
+            .map(|h| h.value.as_slice())
     };
     match status {
         101 => {

@@ -81,6 +81,8 @@ pub struct Services {
     pub promotion: Option<Promotion>,
     /// Process-wide counters.
     pub metrics: Arc<Metrics>,
+    /// Plain HTTP: give an access line per request (false when the log filter drops them).
+    pub access_lines: bool,
     /// The loaded sockmap program when plain tunnels go to the kernel path (each worker opens
     /// its own handle on the maps).
     pub splice: Option<Arc<SpliceProgram>>,
@@ -132,6 +134,7 @@ impl Services {
                 }),
             },
             metrics: Arc::default(),
+            access_lines: true,
             splice,
         }
     }

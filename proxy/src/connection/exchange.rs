@@ -614,8 +614,10 @@ impl Connection {
         let reusable = exchange.upstream_reusable && exchange.request.is_done();
         let close_client = exchange.close_client;
         let next = std::mem::take(&mut exchange.next);
-        let record = self.exchange_record(now_ns);
-        out.push_back(Action::AccessLine(Box::new(record)));
+        if services.access_lines {
+            let record = self.exchange_record(now_ns);
+            out.push_back(Action::AccessLine(Box::new(record)));
+        }
         match (reusable, self.upstream_addr, self.summary.route) {
             (true, Some(server), Some(route)) => {
                 let keepalive = services.pools[services.routes[route].pool].keepalive();

@@ -162,6 +162,11 @@ impl Handshake {
         &self.summary
     }
 
+    /// Takes the summary (the handshake is over).
+    pub fn take_summary(&mut self) -> RequestSummary {
+        std::mem::take(&mut self.summary)
+    }
+
     /// The upstream server being tried or used.
     pub fn upstream(&self) -> Option<SocketAddr> {
         self.current

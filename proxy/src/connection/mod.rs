@@ -616,14 +616,23 @@ impl Connection {
                 .kernel_backlog_bytes
                 .replace_share(splice.backlog(), 0);
         }
-        let before_request =
-            matches!(self.stage, Stage::ReadingRequest(_)) && self.summary.host.is_empty();
+        let mut summary = self.summary;
+        let mut stage = self.stage;
+        if let Stage::ReadingRequest(h)
+        | Stage::Connecting(h)
+        | Stage::SendingRequest(h)
+        | Stage::ReadingResponse(h) = &mut stage
+        {
+            // Closed in the middle of a handshake: the request as far as it was read.
+            summary = h.take_summary();
+        }
+        let before_request = matches!(stage, Stage::ReadingRequest(_)) && summary.host.is_empty();
         AccessRecord {
             client: self.client_addr,
             upstream: self.upstream_addr,
-            host: self.summary.host,
-            path: self.summary.path,
-            method: self.summary.method,
+            host: summary.host,
+            path: summary.path,
+            method: summary.method,
             status,
             bytes_up,
             bytes_down,

@@ -96,9 +96,16 @@ impl Connection {
         services: &Services,
         out: &mut Actions,
     ) {
-        if let Some(h) = self.handshake() {
-            let summary = h.summary().clone();
-            self.summary = summary;
+        let leaves_handshake = !matches!(
+            step,
+            Step::ReadClient | Step::Connect(_) | Step::SendRequest(_) | Step::ReadUpstream
+        );
+        if leaves_handshake {
+            // The handshake is done with: its summary is the connection's from now on.
+            if let Some(h) = self.handshake() {
+                let summary = h.take_summary();
+                self.summary = summary;
+            }
         }
         match step {
             Step::ReadClient => out.push_back(Action::Read(Side::Client)),

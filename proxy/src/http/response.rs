@@ -1,6 +1,6 @@
 //! The upstream's answer to a plain request: its head, parsed (httparse), sans-IO.
 
-use crate::handshake::{HeadLimits, Header, ResponseError};
+use crate::handshake::{with_header_slots, HeadLimits, Header, ResponseError};
 
 /// A complete response head from the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,8 +42,15 @@ pub fn parse_response_head(
     buf: &[u8],
     limits: &HeadLimits,
 ) -> Result<Option<ResponseHead>, ResponseError> {
-    let mut slots = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut response = httparse::Response::new(&mut slots);
+    with_header_slots(limits.max_headers, |slots| read(buf, limits, slots))
+}
+
+fn read<'b>(
+    buf: &'b [u8],
+    limits: &HeadLimits,
+    slots: &mut [httparse::Header<'b>],
+) -> Result<Option<ResponseHead>, ResponseError> {
+    let mut response = httparse::Response::new(slots);
     let head_len = match response.parse(buf) {
         Ok(httparse::Status::Complete(len)) if len > limits.max_bytes => {
             return Err(ResponseError::TooLarge(limits.max_bytes))

@@ -102,7 +102,10 @@ pub fn serve(
     }
     let signals = SignalSet::block_termination().map_err(RuntimeError::Signals)?;
     let ring = splice.as_mut().and_then(SpliceProgram::take_pressure_ring);
-    let services = Arc::new(Services::new(config, splice.map(Arc::new)));
+    let mut services = Services::new(config, splice.map(Arc::new));
+    // Per-request access lines cost a record each: built only when they would be written.
+    services.access_lines = tracing::enabled!(target: "wsplice::access", tracing::Level::INFO);
+    let services = Arc::new(services);
     let shutdown = Arc::new(AtomicBool::new(false));
     let running = Arc::new(AtomicUsize::new(0));
 
