@@ -32,6 +32,19 @@ pub struct Header {
     pub value: Vec<u8>,
 }
 
+impl Header {
+    /// Owned copies of the headers httparse found.
+    pub fn owned(headers: &[httparse::Header<'_>]) -> Vec<Header> {
+        headers
+            .iter()
+            .map(|h| Header {
+                name: h.name.to_owned(),
+                value: h.value.to_vec(),
+            })
+            .collect()
+    }
+}
+
 /// A validated WebSocket Upgrade request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpgradeRequest {
@@ -330,14 +343,7 @@ fn read_request_head<'b>(
         method: request.method.unwrap_or_default().to_owned(),
         version: request.version.unwrap_or_default(),
         path: request.path.unwrap_or_default().to_owned(),
-        headers: request
-            .headers
-            .iter()
-            .map(|h| Header {
-                name: h.name.to_owned(),
-                value: h.value.to_vec(),
-            })
-            .collect(),
+        headers: Header::owned(request.headers),
         head_len,
     }))
 }

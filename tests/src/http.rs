@@ -28,10 +28,7 @@ pub struct Response {
 impl Response {
     /// The first value of header `name` (any case).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        crate::header_values(&self.headers, name).first().copied()
     }
 
     /// Whether it says `Connection: close`.
@@ -404,11 +401,7 @@ pub struct Request {
 impl Request {
     /// The values of header `name` (any case).
     pub fn values(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
+        crate::header_values(&self.headers, name)
     }
 
     /// `METHOD target`, the target in origin form (`http://host/x` → `/x`).

@@ -478,6 +478,15 @@ impl Proxy {
     }
 }
 
+/// The values of every header named `name` (any case) in `headers`, in order.
+pub fn header_values<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
 /// One request head (handshake or plain request) the echo upstream recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
@@ -494,11 +503,7 @@ pub struct Recorded {
 impl Recorded {
     /// The values of every header named `name` (any case), in received order.
     pub fn values(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
+        header_values(&self.headers, name)
     }
 }
 

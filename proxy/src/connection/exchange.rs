@@ -299,18 +299,7 @@ impl Connection {
                 return;
             }
             Ok(Some(head)) => head,
-            Err(error) => {
-                let upstream = self
-                    .upstream_addr
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
-                return self.fail_exchange(
-                    502,
-                    format!("bad answer from upstream {upstream}: {error}"),
-                    services,
-                    out,
-                );
-            }
+            Err(error) => return self.bad_answer(&error, services, out),
         };
         if head.status == 101 {
             let reason = "upstream switched protocols on a plain request".into();
@@ -332,18 +321,7 @@ impl Connection {
             head.http_minor,
         ) {
             Ok(framing) => framing,
-            Err(error) => {
-                let upstream = self
-                    .upstream_addr
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
-                return self.fail_exchange(
-                    502,
-                    format!("bad answer from upstream {upstream}: {error}"),
-                    services,
-                    out,
-                );
-            }
+            Err(error) => return self.bad_answer(&error, services, out),
         };
         let rest = bytes.split_off(head.head_len);
         exchange.status = head.status;
@@ -388,6 +366,21 @@ impl Connection {
             Answer::Body(reader)
         };
         self.send_answer_piece(piece, out);
+    }
+
+    /// The upstream's answer head cannot be used: 502.
+    fn bad_answer(
+        &mut self,
+        error: &dyn std::fmt::Display,
+        services: &Services,
+        out: &mut Actions,
+    ) {
+        let upstream = self
+            .upstream_addr
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let reason = format!("bad answer from upstream {upstream}: {error}");
+        self.fail_exchange(502, reason, services, out);
     }
 
     /// Sends a piece of the answer to the client, or reads on when there is nothing to send.

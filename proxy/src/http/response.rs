@@ -66,14 +66,7 @@ fn read<'b>(
         status: response.code.unwrap_or_default(),
         reason: response.reason.unwrap_or_default().to_owned(),
         http_minor: response.version.unwrap_or_default(),
-        headers: response
-            .headers
-            .iter()
-            .map(|h| Header {
-                name: h.name.to_owned(),
-                value: h.value.to_vec(),
-            })
-            .collect(),
+        headers: Header::owned(response.headers),
         head_len,
     }))
 }
