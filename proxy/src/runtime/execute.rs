@@ -28,6 +28,10 @@ impl Worker {
         let now = || monotonic_ns();
         match action {
             Action::ArmDeadline(deadline) => self.arm_deadline(slot, deadline),
+            // The upstream's answer comes soon after its request: a receive that waits for it
+            // saves the readiness round trip (a poll, then `recv`) that an idle client's read
+            // needs so that it holds no buffer while it waits.
+            Action::Read(Side::Upstream) => self.recv_upstream(slot),
             Action::Read(side) => {
                 let buffered = side == Side::Client
                     && self
@@ -342,11 +346,39 @@ impl Worker {
     /// an operation still pending stays with the connection and is closed with it.
     fn detach_upstream(&mut self, slot: u32) -> Option<OwnedFd> {
         let entry = self.table.get(slot)?;
-        if entry.upstream.polling || entry.upstream.sending() || entry.connect.is_some() {
+        let upstream = &entry.upstream;
+        let pending = upstream.polling || upstream.sending() || upstream.receiving.is_some();
+        if pending || entry.connect.is_some() {
             tracing::error!("an upstream connection released with an operation pending");
             return None;
         }
         std::mem::take(&mut entry.upstream).fd
+    }
+
+    /// Submits a receive from the upstream into a pooled buffer (unless one is in flight).
+    fn recv_upstream(&mut self, slot: u32) {
+        let Some(entry) = self.table.get(slot) else {
+            return;
+        };
+        if entry.upstream.receiving.is_some() || entry.upstream.fd.is_none() {
+            return;
+        }
+        let id = entry.conn.id();
+        let fd = entry.upstream.raw();
+        let mut buffer = self.buffers.take();
+        // Relay buffers are far below 4 GiB.
+        let len = u32::try_from(buffer.len()).unwrap_or(u32::MAX);
+        let pointer = buffer.as_mut_ptr();
+        let Some(entry) = self.table.get(slot) else {
+            self.buffers.give(buffer);
+            return;
+        };
+        // The buffer moves into the side, its heap memory does not: `pointer` stays valid until
+        // the completion (the entry is freed only with nothing in flight).
+        entry.upstream.receiving = Some(buffer);
+        entry.inflight += 1;
+        self.ring
+            .recv(fd, pointer, len, Op::RecvUpstream.user_data(slot, id));
     }
 
     /// Kernel path: reads everything the client has sent so far (at most `limit` plus one

@@ -44,6 +44,8 @@ pub enum Op {
     ConnectTimeout = 15,
     /// Cancellation of a connection's operations (close).
     Cancel = 16,
+    /// A receive from the upstream into a buffer the side owns until it completes.
+    RecvUpstream = 17,
 }
 
 impl Op {
@@ -61,6 +63,7 @@ impl Op {
             14 => Op::Connect,
             15 => Op::ConnectTimeout,
             16 => Op::Cancel,
+            17 => Op::RecvUpstream,
             _ => return None,
         })
     }
@@ -160,6 +163,15 @@ impl Ring {
     pub fn send(&mut self, fd: RawFd, bytes: *const u8, len: u32, user_data: u64) {
         let entry = opcode::Send::new(types::Fd(fd), bytes, len)
             .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(user_data);
+        self.push(entry);
+    }
+
+    /// A receive of at most `len` bytes into `buffer` (owned by the side's in-flight receive):
+    /// it completes when bytes arrive, at end of stream, or on an error.
+    pub fn recv(&mut self, fd: RawFd, buffer: *mut u8, len: u32, user_data: u64) {
+        let entry = opcode::Recv::new(types::Fd(fd), buffer, len)
             .build()
             .user_data(user_data);
         self.push(entry);

@@ -100,6 +100,8 @@ pub struct SideIo {
     out: Option<Outgoing>,
     /// The connection waits for `on_sent` of this side.
     pub owes_sent: bool,
+    /// A receive in flight (upstream only): it owns its buffer until its completion arrives.
+    pub receiving: Option<Box<[u8]>>,
 }
 
 impl SideIo {

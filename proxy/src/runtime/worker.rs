@@ -498,10 +498,13 @@ impl Worker {
                 Op::SendClient => self.on_send(slot, Side::Client, result),
                 Op::SendUpstream => self.on_send(slot, Side::Upstream, result),
                 Op::Connect => self.on_connect(slot, result),
+                Op::RecvUpstream => self.on_recv_upstream(slot, result),
                 _ => {}
             }
         } else if matches!(op, Op::SendClient | Op::SendUpstream) {
             self.release_send(slot, op);
+        } else if op == Op::RecvUpstream {
+            self.release_recv(slot);
         }
         let done = self
             .table
@@ -509,6 +512,43 @@ impl Worker {
             .is_some_and(|entry| entry.conn.is_closing() && entry.inflight == 0);
         if done {
             self.finish(slot);
+        }
+    }
+
+    /// A receive from the upstream completed: the bytes (or the end) go to the connection.
+    fn on_recv_upstream(&mut self, slot: u32, result: i32) {
+        let Some(buffer) = self
+            .table
+            .get(slot)
+            .and_then(|entry| entry.upstream.receiving.take())
+        else {
+            return;
+        };
+        let now = monotonic_ns();
+        match result {
+            // Cancelled on purpose (the connection gave up on the upstream): nothing to tell.
+            error if error == -libc::ECANCELED => {}
+            n if n > 0 => {
+                let len = (n as usize).min(buffer.len());
+                self.drive(slot, |conn, services, out| {
+                    conn.on_data(Side::Upstream, &buffer[..len], now, services, out)
+                });
+            }
+            _ => self.drive(slot, |conn, services, out| {
+                conn.on_read_end(Side::Upstream, now, services, out)
+            }),
+        }
+        self.buffers.give(buffer);
+    }
+
+    /// A receive of a closing connection completed: its buffer goes back to the pool.
+    fn release_recv(&mut self, slot: u32) {
+        if let Some(buffer) = self
+            .table
+            .get(slot)
+            .and_then(|entry| entry.upstream.receiving.take())
+        {
+            self.buffers.give(buffer);
         }
     }
 
