@@ -182,6 +182,9 @@ pub struct Limits {
     pub max_connections: Option<usize>,
     /// The same per client address (default: no limit).
     pub max_connections_per_ip: Option<usize>,
+    /// Largest plain HTTP request body (default: no limit; beyond → 413), like nginx's
+    /// `client_max_body_size`.
+    pub max_body: Option<u64>,
 }
 
 /// `[admin]`.
@@ -215,6 +218,7 @@ impl Default for Limits {
             kernel_backlog_total: 1 << 30,
             max_connections: None,
             max_connections_per_ip: None,
+            max_body: None,
         }
     }
 }
@@ -386,6 +390,7 @@ struct RawLimits {
     kernel_backlog_total: Option<Spanned<RawSize>>,
     max_connections: Option<Spanned<usize>>,
     max_connections_per_ip: Option<Spanned<usize>>,
+    max_body: Option<Spanned<RawSize>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -672,6 +677,12 @@ impl RawLimits {
                 .as_ref()
                 .map(|_| count(&self.max_connections_per_ip, 0, 1, usize::MAX))
                 .transpose()?,
+            max_body: self
+                .max_body
+                .as_ref()
+                .map(parse_size)
+                .transpose()?
+                .map(|bytes| bytes as u64),
         })
     }
 }

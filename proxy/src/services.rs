@@ -58,6 +58,8 @@ pub struct Services {
     pub trusted_proxies: Vec<Cidr>,
     /// Limits on the client's request head.
     pub request_limits: HeadLimits,
+    /// Plain HTTP: the largest request body passed on (beyond: 413).
+    pub max_body: Option<u64>,
     /// Limits on the upstream's response head.
     pub response_limits: HeadLimits,
     /// Deadline for everything before the tunnel (request, connect, response), in ns.
@@ -114,6 +116,7 @@ impl Services {
                 max_bytes: config.limits.max_request_head,
                 max_headers: config.limits.max_headers,
             },
+            max_body: config.limits.max_body,
             response_limits: HeadLimits {
                 max_bytes: MAX_RESPONSE_HEAD,
                 max_headers: MAX_RESPONSE_HEADERS,

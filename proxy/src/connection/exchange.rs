@@ -91,6 +91,13 @@ impl Exchange {
         self.bytes_down
     }
 
+    /// The request body's size so far when it passed `max` (a chunked body's size shows only
+    /// as it comes; a Content-Length one was checked with the head).
+    fn body_over(&self, max: Option<u64>) -> Option<u64> {
+        let payload = self.request.payload_bytes();
+        max.filter(|&max| payload > max).map(|_| payload)
+    }
+
     fn answer_started(&self) -> bool {
         !matches!(self.answer, Answer::Head(_))
     }
@@ -150,8 +157,13 @@ impl Connection {
             Err(error) => {
                 self.stage = Stage::Exchanging(Box::new(exchange));
                 let reason = format!("bad request body: {error}");
-                return self.refuse_request(reason, services, out);
+                return self.refuse_request(400, reason, services, out);
             }
+        }
+        if let Some(payload) = exchange.body_over(services.max_body) {
+            self.stage = Stage::Exchanging(Box::new(exchange));
+            let reason = format!("request body over limits.max_body ({payload} bytes so far)");
+            return self.refuse_request(413, reason, services, out);
         }
         if exchange.request.is_done() {
             exchange.request_sent_ns = Some(now_ns);
@@ -222,11 +234,15 @@ impl Connection {
             Ok(fed) => fed,
             Err(error) => {
                 let reason = format!("bad request body: {error}");
-                return self.refuse_request(reason, services, out);
+                return self.refuse_request(400, reason, services, out);
             }
         };
         exchange.next.extend_from_slice(&bytes[fed.consumed..]);
         exchange.bytes_up += body.len() as u64;
+        if let Some(payload) = exchange.body_over(services.max_body) {
+            let reason = format!("request body over limits.max_body ({payload} bytes so far)");
+            return self.refuse_request(413, reason, services, out);
+        }
         if exchange.request.is_done() && exchange.request_sent_ns.is_none() {
             exchange.request_sent_ns = Some(now_ns);
         }
@@ -565,11 +581,17 @@ impl Connection {
 
     /// The client's request cannot be passed on (its body broke its framing): 400, and the
     /// upstream connection, which holds a partial request, is dropped with the client's.
-    fn refuse_request(&mut self, reason: String, services: &Services, out: &mut Actions) {
+    fn refuse_request(
+        &mut self,
+        status: u16,
+        reason: String,
+        services: &Services,
+        out: &mut Actions,
+    ) {
         if self.sending[Side::Client.index()] {
             return self.close(reason, true, out);
         }
-        self.answer_error(400, reason, services, out);
+        self.answer_error(status, reason, services, out);
     }
 
     fn answer_error(
@@ -581,6 +603,7 @@ impl Connection {
     ) {
         let body = match status {
             400 => "bad request\n",
+            413 => "request body too large\n",
             502 => "upstream unavailable\n",
             504 => "upstream timed out\n",
             _ => "request failed\n",

@@ -17,6 +17,7 @@ use crate::handshake::{
     UpstreamAnswer,
 };
 use crate::headers::{rewrite_plain_request, rewrite_request, ForwardContext, HeaderRules, Scheme};
+use crate::http::Framing;
 use crate::services::Services;
 
 /// What the I/O layer must do next for this connection.
@@ -384,6 +385,14 @@ impl Handshake {
             let error = RequestError::NotWebSocket;
             return self.reject_with(error.status(), error.response(), error.to_string());
         }
+        if let (Request::Plain(plain), Some(max)) = (&request, services.max_body) {
+            if let Framing::Length(length) = plain.framing {
+                if length > max {
+                    let reason = format!("request body of {length} bytes over limits.max_body");
+                    return self.reject(413, reason);
+                }
+            }
+        }
         self.pool = route.pool;
         self.rules = route.rules.clone();
         self.request = Some(request);
@@ -419,6 +428,7 @@ fn status_body(status: u16) -> &'static str {
     match status {
         404 => "no route for this host and path\n",
         408 => "request head not received in time\n",
+        413 => "request body too large\n",
         500 => "internal proxy error\n",
         502 => "upstream unavailable\n",
         503 => "no healthy upstream\n",

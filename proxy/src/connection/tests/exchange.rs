@@ -327,3 +327,25 @@ fn a_waiting_client_is_watched_its_departure_ends_the_request_and_its_next_reque
     assert!(closes(&actions, false));
     assert_eq!(h.reason(), "client closed before its answer was complete");
 }
+
+#[test]
+fn a_body_over_limits_max_body_is_413_whether_announced_or_chunked() {
+    let mut h = Harness::accept(DataPath::Relay, false);
+    h.services.max_body = Some(8);
+    let actions = h.client_sends(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 9\r\n\r\n");
+    assert!(text(sent_to(&actions, Side::Client)).starts_with("HTTP/1.1 413 "));
+
+    let mut h = Harness::accept(DataPath::Relay, false);
+    h.services.max_body = Some(8);
+    h.client_sends(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n");
+    h.event(|c, now, s, out| c.on_connected(false, now, s, out));
+    h.sent(Side::Upstream);
+    assert_eq!(
+        h.client_sends(b"5\r\nhello\r\n"),
+        vec![Action::Send(Side::Upstream, b"5\r\nhello\r\n".to_vec())]
+    );
+    h.sent(Side::Upstream);
+    let actions = h.client_sends(b"5\r\nworld\r\n");
+    assert!(!text(sent_to(&actions, Side::Upstream)).contains("world"));
+    assert!(text(sent_to(&actions, Side::Client)).starts_with("HTTP/1.1 413 "));
+}
