@@ -557,6 +557,36 @@ async fn websocket_only_routes_refuse_plain_requests_with_426() {
     echo_text(&mut ws, "still a websocket route").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_max_body_is_413_and_a_body_within_it_passes() {
+    let echo = Echo::start();
+    let mut config = ProxyConfig::new(&[echo.addr()]);
+    config.limits = "max_body = 1024";
+    let proxy = Proxy::start(DataPath::Userspace, &config);
+    let (status, answer) = raw_exchange(proxy.addr(), &post("/big", &data(1025))).await;
+    assert_eq!(status, 413, "{answer}");
+    let mut chunked =
+        b"POST /big-chunked HTTP/1.1\r\nHost: wsplice.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
+    for _ in 0..3 {
+        chunked.extend_from_slice(b"200\r\n");
+        chunked.extend_from_slice(&data(512));
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let (status, answer) = raw_exchange(proxy.addr(), &chunked).await;
+    assert_eq!(status, 413, "{answer}");
+    let mut small =
+        b"POST /small HTTP/1.1\r\nHost: wsplice.test\r\nConnection: close\r\nContent-Length: 1024\r\n\r\n"
+            .to_vec();
+    small.extend_from_slice(&data(1024));
+    // `raw_exchange` reads to the end: this one asks for the close.
+    let (status, answer) = raw_exchange(proxy.addr(), &small).await;
+    assert_eq!(status, 200, "{answer}");
+    let seen: Vec<String> = echo.records().into_iter().map(|r| r.path).collect();
+    assert!(!seen.contains(&"/big".to_owned()), "{seen:?}");
+}
+
 /// A masked client text frame (payload under 126 bytes).
 fn client_frame(payload: &[u8]) -> Vec<u8> {
     assert!(payload.len() < 126);
