@@ -21,6 +21,9 @@ pub enum Refusal {
     Total,
     /// `limits.max_connections_per_ip` are open from this address.
     PerAddress,
+    /// The worker has `limits.max_tls_handshakes` TLS handshakes in progress (a handshake
+    /// costs far more CPU than a connection: this caps what a flood of them can take).
+    TlsHandshakes,
 }
 
 /// The limits and the counts they apply to.

@@ -185,6 +185,9 @@ pub struct Limits {
     /// Largest plain HTTP request body (default: no limit; beyond → 413), like nginx's
     /// `client_max_body_size`.
     pub max_body: Option<u64>,
+    /// TLS handshakes in progress per worker (default: no limit); more TLS connections are
+    /// closed at once.
+    pub max_tls_handshakes: Option<usize>,
 }
 
 /// `[admin]`.
@@ -219,6 +222,7 @@ impl Default for Limits {
             max_connections: None,
             max_connections_per_ip: None,
             max_body: None,
+            max_tls_handshakes: None,
         }
     }
 }
@@ -391,6 +395,7 @@ struct RawLimits {
     max_connections: Option<Spanned<usize>>,
     max_connections_per_ip: Option<Spanned<usize>>,
     max_body: Option<Spanned<RawSize>>,
+    max_tls_handshakes: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -683,6 +688,11 @@ impl RawLimits {
                 .map(parse_size)
                 .transpose()?
                 .map(|bytes| bytes as u64),
+            max_tls_handshakes: self
+                .max_tls_handshakes
+                .as_ref()
+                .map(|_| count(&self.max_tls_handshakes, 0, 1, usize::MAX))
+                .transpose()?,
         })
     }
 }

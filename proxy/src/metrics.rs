@@ -65,6 +65,9 @@ pub struct Metrics {
     /// Client connections closed at once because `limits.max_connections_per_ip` were open
     /// from their address.
     pub connections_refused_per_ip: Counter,
+    /// TLS connections closed at once because their worker had `limits.max_tls_handshakes`
+    /// handshakes in progress.
+    pub connections_refused_tls_handshakes: Counter,
     /// Connections open now (any phase).
     pub connections_open: Gauge,
     /// Tunnels established (101 relayed).
@@ -118,7 +121,7 @@ impl Metrics {
     /// Renders every metric in the Prometheus text exposition format. Only atomics are read:
     /// no lock a worker takes, no walk over a map.
     pub fn render(&self) -> String {
-        let counters: [(&str, &str, u64); 21] = [
+        let counters: [(&str, &str, u64); 22] = [
             (
                 "tls_handshakes_total",
                 "TLS handshakes completed.",
@@ -148,6 +151,11 @@ impl Metrics {
                 "connections_refused_per_ip_total",
                 "Client connections closed at once: limits.max_connections_per_ip were open from their address.",
                 self.connections_refused_per_ip.get(),
+            ),
+            (
+                "connections_refused_tls_handshakes_total",
+                "TLS connections closed at once: their worker had limits.max_tls_handshakes handshakes in progress.",
+                self.connections_refused_tls_handshakes.get(),
             ),
             (
                 "tunnels_opened_total",

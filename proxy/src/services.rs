@@ -58,6 +58,8 @@ pub struct Services {
     pub trusted_proxies: Vec<Cidr>,
     /// Limits on the client's request head.
     pub request_limits: HeadLimits,
+    /// TLS handshakes a worker runs at once (beyond: new TLS connections are closed).
+    pub max_tls_handshakes: Option<usize>,
     /// Plain HTTP: the largest request body passed on (beyond: 413).
     pub max_body: Option<u64>,
     /// Limits on the upstream's response head.
@@ -117,6 +119,7 @@ impl Services {
                 max_headers: config.limits.max_headers,
             },
             max_body: config.limits.max_body,
+            max_tls_handshakes: config.limits.max_tls_handshakes,
             response_limits: HeadLimits {
                 max_bytes: MAX_RESPONSE_HEAD,
                 max_headers: MAX_RESPONSE_HEADERS,

@@ -1,8 +1,10 @@
 //! Admission control: past `limits.max_connections` (in all) or `limits.max_connections_per_ip`
-//! (from one address), a new connection is closed at once, counted, and the open ones go on.
+//! (from one address), a new connection is closed at once, counted, and the open ones go on; so
+//! is a TLS connection while its worker runs `limits.max_tls_handshakes` handshakes.
 
 use std::net::SocketAddr;
 
+use futures_util::SinkExt as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
 use wsplice_tests::*;
@@ -64,5 +66,54 @@ async fn one_address_cannot_take_more_than_its_share() {
     assert!(
         answer.starts_with(b"HTTP/1.1 101"),
         "another address was refused: {answer:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections_over_the_handshake_limit_are_closed_until_handshakes_finish() {
+    use wsplice_tests::tls::*;
+    let ca = TestCa::new();
+    let leaf = ca.issue("localhost", &["localhost"]);
+    let echo = Echo::start();
+    let mut config = ProxyConfig::new(&[echo.addr()]);
+    config.tls = Some(tls_table(&leaf, ""));
+    config.workers = 1;
+    config.limits = "max_tls_handshakes = 2";
+    let proxy = Proxy::start(DataPath::Userspace, &config);
+    // The start-up probe's connection took a place too, until it is gone.
+    assert!(eventually(|| proxy.metrics()["connections_open"] == 0));
+    // Two clients that never say hello hold the worker's two handshakes.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(bounded(TcpStream::connect(proxy.addr())).await.unwrap());
+    }
+    assert!(eventually(|| proxy.metrics()["connections_open"] == 2));
+    assert_eq!(
+        proxy.metrics()["connections_refused_tls_handshakes_total"],
+        0
+    );
+    // A third TLS client is closed at once, before its handshake.
+    let refused = tls_connect(proxy.addr(), "localhost", ca.client_config()).await;
+    assert!(refused.is_err(), "a third handshake was served");
+    assert_eq!(
+        proxy.metrics()["connections_refused_tls_handshakes_total"],
+        1
+    );
+    // A finished handshake frees its place: once the silent ones are gone, clients are served,
+    // and a finished one does not count any more.
+    drop(silent);
+    assert!(eventually(|| proxy.metrics()["connections_open"] == 0));
+    let mut tunnels = Vec::new();
+    for _ in 0..3 {
+        tunnels.push(connect_wss(proxy.addr(), "localhost", "/", ca.client_config()).await);
+    }
+    for ws in &mut tunnels {
+        bounded(ws.send(tokio_tungstenite::tungstenite::Message::text("hi")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        proxy.metrics()["connections_refused_tls_handshakes_total"],
+        1
     );
 }

@@ -120,6 +120,9 @@ impl Worker {
             return;
         };
         if let Some(done) = entry.stream.take_completed() {
+            if std::mem::take(&mut entry.counted_handshake) {
+                self.tls_handshakes -= 1;
+            }
             let metrics = &self.services.metrics;
             metrics.tls_handshakes.inc();
             if done.resumed {

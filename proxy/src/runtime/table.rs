@@ -161,6 +161,8 @@ pub struct Entry {
     pub connect: Option<Box<ConnectArgs>>,
     /// Kernel path: the spliced sockets' cookies and baselines.
     pub spliced: Option<SplicedSockets>,
+    /// TLS: the handshake is counted in the worker's handshakes in progress.
+    pub counted_handshake: bool,
 }
 
 impl Entry {

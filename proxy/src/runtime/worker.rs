@@ -115,6 +115,8 @@ pub struct Worker {
     pub(super) idle_upstreams: IdleConnections<OwnedFd>,
     /// When the idle upstream connections were last swept.
     last_sweep_ns: u64,
+    /// TLS handshakes in progress (for `limits.max_tls_handshakes`).
+    pub(super) tls_handshakes: usize,
 }
 
 impl Worker {
@@ -163,6 +165,7 @@ impl Worker {
             actions: Actions::new(),
             idle_upstreams: IdleConnections::default(),
             last_sweep_ns: 0,
+            tls_handshakes: 0,
         })
     }
 
@@ -390,6 +393,14 @@ impl Worker {
                 return;
             }
         };
+        let tls_full = self
+            .services
+            .max_tls_handshakes
+            .is_some_and(|max| self.tls_handshakes >= max);
+        if stream.is_tls() && tls_full {
+            // Closed before a byte is read, like the other limits.
+            return self.refused(client_addr, Refusal::TlsHandshakes);
+        }
         if let Err(refusal) = self.services.admission.admit(client_addr.ip()) {
             // Closed before a byte is read (dropping `fd` sends the FIN); released nowhere, as
             // it took no place.
@@ -414,6 +425,10 @@ impl Worker {
             &self.services,
             &mut first,
         );
+        let counted_handshake = stream.is_tls();
+        if counted_handshake {
+            self.tls_handshakes += 1;
+        }
         let slot = self.table.insert(Entry {
             conn,
             client: SideIo::with(fd),
@@ -423,6 +438,7 @@ impl Worker {
             armed_ns: u64::MAX,
             connect: None,
             spliced: None,
+            counted_handshake,
         });
         self.drive(slot, |_, _, out| out.append(&mut first));
     }
@@ -439,6 +455,10 @@ impl Worker {
             Refusal::PerAddress => {
                 metrics.connections_refused_per_ip.inc();
                 "limits.max_connections_per_ip"
+            }
+            Refusal::TlsHandshakes => {
+                metrics.connections_refused_tls_handshakes.inc();
+                "limits.max_tls_handshakes"
             }
         };
         self.refused_since_log += 1;
@@ -725,6 +745,10 @@ impl Worker {
         let Some(mut entry) = self.table.remove(slot) else {
             return;
         };
+        if entry.counted_handshake {
+            // Closed before its TLS handshake finished.
+            self.tls_handshakes -= 1;
+        }
         for side in [&mut entry.client, &mut entry.upstream] {
             if let Some(out) = side.end_send() {
                 if let Payload::Pooled(buffer) = out.data {
