@@ -86,14 +86,37 @@ pub struct ConnectArgs {
 /// One worker's io_uring.
 pub struct Ring {
     ring: IoUring,
+    /// Created disabled: [`Ring::start`] enables it.
+    disabled: bool,
 }
 
 impl Ring {
-    /// A new ring.
+    /// A new ring, to be used by one thread only: completions are processed when that thread
+    /// waits for them (`DEFER_TASKRUN`) rather than by interrupting it as they happen. It is
+    /// created disabled, so that the worker thread that [`Ring::start`]s it becomes its one
+    /// submitter. Kernels without those flags (before 6.1) get a plain ring.
     pub fn new() -> io::Result<Ring> {
-        Ok(Ring {
-            ring: IoUring::new(RING_ENTRIES)?,
-        })
+        let deferred = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_r_disabled()
+            .build(RING_ENTRIES);
+        let (ring, disabled) = match deferred {
+            Ok(ring) => (ring, true),
+            Err(error) => {
+                tracing::info!(%error, "io_uring without DEFER_TASKRUN (kernel before 6.1?)");
+                (IoUring::new(RING_ENTRIES)?, false)
+            }
+        };
+        Ok(Ring { ring, disabled })
+    }
+
+    /// Enables the ring from the thread that will use it (its only submitter from now on).
+    pub fn start(&mut self) -> io::Result<()> {
+        if std::mem::take(&mut self.disabled) {
+            self.ring.submitter().register_enable_rings()?;
+        }
+        Ok(())
     }
 
     /// Submits what is queued and waits for at least one completion.

@@ -171,6 +171,7 @@ impl Worker {
 
     /// Runs until shutdown has been requested and every connection is gone.
     pub fn run(mut self) -> Result<(), WorkerError> {
+        self.ring.start().map_err(WorkerError::Ring)?;
         for index in 0..self.listeners.len() {
             self.arm_accept(index);
         }
