@@ -127,7 +127,7 @@ pub fn tokenize(text: &str) -> Result<Vec<Token>, LexError> {
                         if !word.ends_with('$') {
                             break;
                         }
-                        while let Some(c) = chars.next() {
+                        for c in chars.by_ref() {
                             word.push(c);
                             if c == '}' {
                                 break;

@@ -79,10 +79,21 @@ pub fn map(tree: &[Directive], source: &Path, conf_dir: &Path) -> Mapped {
         admin: false,
         upgrade_variables: Vec::new(),
     };
-    for d in tree {
-        mapper.main(d);
+    if tree
+        .iter()
+        .any(|d| d.name == "server" || d.name == "upstream")
+    {
+        // A site file (conf.d/, sites-enabled/) imported on its own: its top level is `http`.
+        mapper.http(tree, vec![tree]);
+    } else {
+        for d in tree {
+            mapper.main(d);
+        }
     }
     let toml = mapper.render(source);
+    mapper
+        .warnings
+        .sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
     Mapped {
         toml,
         warnings: mapper.warnings,
@@ -252,6 +263,7 @@ impl<'a> Mapper<'a> {
                 "upstream" => self.upstream(d),
                 "map" => self.map_block(d),
                 "server" => self.server(d, &mut stack),
+                "worker_processes" | "http" => self.main(d),
                 _ => self.setting(d, Level::Http),
             }
         }
@@ -1060,9 +1072,9 @@ fn header_rule(d: &Directive, upgrade_variables: &[String]) -> HeaderRule {
     if default {
         HeaderRule::Default
     } else if value.contains('$') {
-        HeaderRule::Bad(format!(
+        HeaderRule::Bad(
             "wsplice has no variables; it sets Host, X-Real-IP, X-Forwarded-For, X-Forwarded-Proto, Upgrade and Connection itself, and other headers only to constants"
-        ))
+        .into())
     } else if matches!(
         lower.as_str(),
         "connection" | "upgrade" | "keep-alive" | "te" | "transfer-encoding" | "proxy-connection"

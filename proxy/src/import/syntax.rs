@@ -123,7 +123,7 @@ fn block(
                 TokenKind::Open => break Some(block(tokens, file, Some(token.line))?),
                 TokenKind::Close => {
                     return Err(SyntaxError {
-                        line: token.line,
+                        line,
                         message: format!("directive `{name}` does not end with `;` or `{{`"),
                     })
                 }

@@ -54,11 +54,11 @@ pub fn format_duration(duration: Duration) -> Result<String, String> {
     let ms = duration.as_millis();
     Ok(if ms == 0 {
         "0s".to_owned()
-    } else if ms % 3_600_000 == 0 {
+    } else if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 {
+    } else if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -79,11 +79,11 @@ pub fn parse_size(text: &str) -> Option<u64> {
 
 /// A size in wsplice's syntax (`"10MiB"`).
 pub fn format_size(bytes: u64) -> String {
-    if bytes != 0 && bytes % (1 << 30) == 0 {
+    if bytes != 0 && bytes.is_multiple_of(1 << 30) {
         format!("{}GiB", bytes >> 30)
-    } else if bytes != 0 && bytes % (1 << 20) == 0 {
+    } else if bytes != 0 && bytes.is_multiple_of(1 << 20) {
         format!("{}MiB", bytes >> 20)
-    } else if bytes != 0 && bytes % (1 << 10) == 0 {
+    } else if bytes != 0 && bytes.is_multiple_of(1 << 10) {
         format!("{}KiB", bytes >> 10)
     } else {
         bytes.to_string()
