@@ -128,6 +128,10 @@ struct Route {
     remove: Vec<String>,
     idle: Option<(String, String)>,
     source: String,
+    /// The `location` it comes from, for warnings.
+    file: std::path::PathBuf,
+    line: usize,
+    location: String,
     note: Option<String>,
 }
 
@@ -223,7 +227,10 @@ impl<'a> Mapper<'a> {
 
     fn unknown(&mut self, d: &Directive) {
         if !SILENT.contains(&d.name.as_str()) {
-            let why = reason(&d.name);
+            let mut why = reason(&d.name);
+            if !d.children().is_empty() {
+                why.push_str(" (with everything inside it)");
+            }
             self.warn(d, why);
         }
     }
@@ -251,10 +258,16 @@ impl<'a> Mapper<'a> {
 
     fn http(&mut self, children: &'a [Directive], mut stack: Vec<&'a [Directive]>) {
         // Upstreams may be defined after the proxy_pass naming them.
+        // So may maps, before the proxy_set_header using them.
         for d in children {
             if d.name == "upstream" {
                 if let Some(name) = d.args.first() {
                     self.pool_names.insert(name.clone());
+                }
+            }
+            if let ("map", [from, to]) = (d.name.as_str(), d.args.as_slice()) {
+                if from == "$http_upgrade" {
+                    self.upgrade_variables.push(to.clone());
                 }
             }
         }
@@ -271,9 +284,8 @@ impl<'a> Mapper<'a> {
 
     fn map_block(&mut self, d: &Directive) {
         match d.args.as_slice() {
-            [from, to] if from == "$http_upgrade" => {
-                self.upgrade_variables.push(to.clone());
-            }
+            // Taken by `http` before the servers.
+            [from, _] if from == "$http_upgrade" => {}
             _ => self.warn(d, "wsplice has no variables: only `map $http_upgrade $connection_upgrade` (the WebSocket idiom) is understood"),
         }
     }
@@ -793,6 +805,9 @@ impl<'a> Mapper<'a> {
                 remove: remove.clone(),
                 idle: idle.clone(),
                 source: source.clone(),
+                file: location.file.clone(),
+                line: location.line,
+                location: location.text(),
                 note: note.clone(),
             });
         }
@@ -812,13 +827,13 @@ impl<'a> Mapper<'a> {
                         && kept.remove == route.remove
                         && kept.idle == route.idle => {}
                 Some(kept) => {
-                    let (file, line) = split_source(&route.source);
+                    let host = route.host.as_deref().unwrap_or("any host");
                     self.warnings.push(Warning {
-                        file: file.into(),
-                        line,
-                        directive: "proxy_pass".into(),
+                        file: route.file.clone(),
+                        line: route.line,
+                        directive: route.location.clone(),
                         partly: false,
-                        reason: format!("the same host and path are already routed from {} (wsplice routes do not depend on the listener)", kept.source),
+                        reason: format!("{host} with this path is already routed elsewhere by {} (wsplice's routes are shared by all listeners)", kept.source),
                     });
                 }
                 None => routes.push(route),
@@ -1164,13 +1179,6 @@ fn effective_all<'a>(stack: &[&'a [Directive]], name: &str) -> Vec<&'a Directive
         }
     }
     Vec::new()
-}
-
-fn split_source(source: &str) -> (&str, usize) {
-    match source.rsplit_once(':') {
-        Some((file, line)) => (file, line.parse().unwrap_or(0)),
-        None => (source, 0),
-    }
 }
 
 /// A TOML basic string.

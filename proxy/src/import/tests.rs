@@ -434,3 +434,59 @@ fn wildcards() {
     assert!(wildcard_match("site-?.conf", "site-1.conf"));
     assert!(wildcard_match("*", "x"));
 }
+
+/// Two TLS servers on one port: the first (or `default_server`) gives the listener's
+/// certificate, the other's is picked by SNI; the same host and path twice is reported.
+#[test]
+fn virtual_hosts_on_one_tls_port_become_sni_entries() {
+    let (config, warnings, _) = import_text(
+        r#"http {
+    ssl_protocols TLSv1.3;
+    server {
+        listen 443 ssl;
+        server_name a.example.com;
+        ssl_certificate a.pem;
+        ssl_certificate_key a.key;
+        location / { proxy_pass http://127.0.0.1:9001; }
+    }
+    server {
+        listen 443 ssl default_server;
+        server_name b.example.com;
+        ssl_certificate b.pem;
+        ssl_certificate_key b.key;
+        location / { proxy_pass http://127.0.0.1:9002; }
+        if ($host = x) { return 404; }
+    }
+    server {
+        listen 8443 ssl;
+        server_name b.example.com;
+        ssl_certificate b.pem;
+        ssl_certificate_key b.key;
+        location / { proxy_pass http://127.0.0.1:9003; }
+    }
+}
+"#,
+    );
+    assert_eq!(
+        lines(&warnings),
+        ["16: if ($host = x)", "23: location /"],
+        "{warnings:#?}"
+    );
+    assert!(warnings[0].reason.ends_with("(with everything inside it)"));
+    let listener = &config.listeners[0];
+    assert_eq!(listener.bind, addr("0.0.0.0:443"));
+    let tls = listener.tls.as_ref().expect("tls");
+    assert_eq!(tls.default.cert, PathBuf::from("/etc/nginx/b.pem"));
+    assert_eq!(tls.min_version, TlsVersion::V1_3);
+    assert_eq!(tls.sni.len(), 1);
+    assert_eq!(tls.sni[0].names, ["a.example.com"]);
+    assert_eq!(tls.sni[0].files.key, PathBuf::from("/etc/nginx/a.key"));
+    assert_eq!(config.listeners[1].bind, addr("0.0.0.0:8443"));
+    assert_eq!(
+        config.routes,
+        [
+            route(Some("a.example.com"), None, "127_0_0_1_9001"),
+            route(Some("b.example.com"), None, "127_0_0_1_9002"),
+        ]
+    );
+}

@@ -188,6 +188,9 @@ pub fn host_ip(host: &str) -> Option<IpAddr> {
 
 /// `host[:port]` (port 80 when absent) as a socket address, when `host` is an address.
 pub fn server_addr(text: &str) -> Result<SocketAddr, String> {
+    if text.starts_with("unix:") {
+        return Err("wsplice connects to upstreams over TCP only".into());
+    }
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return Ok(addr);
     }
