@@ -128,7 +128,8 @@ pub enum ImportError {
 /// Reads `path` (and its includes) and turns it into a wsplice configuration.
 pub fn import(path: &Path) -> Result<Imported, ImportError> {
     let mut warnings = Vec::new();
-    let tree = load(path, 0, &mut warnings)?;
+    let root = path.parent().unwrap_or(Path::new("."));
+    let tree = load(path, root, 0, &mut warnings)?;
     // nginx takes relative paths (certificates) from the main file's folder.
     let folder = path.parent().unwrap_or(Path::new("."));
     let folder = std::path::absolute(folder).unwrap_or_else(|_| folder.to_owned());
@@ -145,10 +146,13 @@ pub fn import(path: &Path) -> Result<Imported, ImportError> {
 }
 
 /// Reads and parses `path`, replacing each `include` by the directives of the files it names
-/// (except `mime.types`, left for the mapping to pass over). An include naming a missing file
-/// is a warning; a glob matching nothing is fine (as in nginx).
+/// (except `mime.types`, left for the mapping to pass over). A relative include is looked for
+/// in the including file's folder, then in `root` (the main file's folder, where nginx looks).
+/// An include naming a missing file is a warning; a glob matching nothing is fine (as in
+/// nginx).
 pub fn load(
     path: &Path,
+    root: &Path,
     depth: usize,
     warnings: &mut Vec<Warning>,
 ) -> Result<Vec<Directive>, ImportError> {
@@ -162,19 +166,20 @@ pub fn load(
         message: e.message,
     })?;
     let folder = path.parent().unwrap_or(Path::new("."));
-    expand(tree, folder, depth, warnings)
+    expand(tree, folder, root, depth, warnings)
 }
 
 fn expand(
     tree: Vec<Directive>,
     folder: &Path,
+    root: &Path,
     depth: usize,
     warnings: &mut Vec<Warning>,
 ) -> Result<Vec<Directive>, ImportError> {
     let mut out = Vec::with_capacity(tree.len());
     for mut directive in tree {
         if let Some(block) = directive.block.take() {
-            directive.block = Some(expand(block, folder, depth, warnings)?);
+            directive.block = Some(expand(block, folder, root, depth, warnings)?);
         }
         let [pattern] = directive.args.as_slice() else {
             out.push(directive);
@@ -190,8 +195,11 @@ fn expand(
                 line: directive.line,
             });
         }
-        let pattern = folder.join(pattern);
-        let files = match glob(&pattern) {
+        let mut files = glob(&folder.join(pattern));
+        if matches!(&files, Ok(found) if found.iter().all(|f| !f.exists())) && folder != root {
+            files = glob(&root.join(pattern));
+        }
+        let files = match files {
             Ok(files) => files,
             Err(reason) => {
                 warnings.push(Warning::dropped(&directive, reason));
@@ -199,7 +207,7 @@ fn expand(
             }
         };
         for file in files {
-            match load(&file, depth + 1, warnings) {
+            match load(&file, root, depth + 1, warnings) {
                 Err(ImportError::Read { path, source }) => warnings.push(Warning::dropped(
                     &directive,
                     format!("cannot read {}: {source}", path.display()),

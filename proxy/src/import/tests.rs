@@ -272,7 +272,7 @@ fn scratch(what: &str) -> PathBuf {
 }
 
 /// `include conf.d/*.conf` (Debian's layout): each site file in name order, relative to the
-/// including file, warnings naming the included file.
+/// including file (or nginx's folder), warnings naming the included file.
 #[test]
 fn include_of_conf_d() {
     let dir = scratch("include");
@@ -289,10 +289,17 @@ fn include_of_conf_d() {
     .expect("write");
     std::fs::write(
         dir.join("conf.d/b-api.conf"),
-        "server {\n    listen 8080;\n    server_name api.example.com;\n    access_log /var/log/nginx/api.log;\n    location /v1/ { proxy_pass http://127.0.0.1:9002; }\n}\n",
+        "server {\n    listen 8080;\n    server_name api.example.com;\n    access_log /var/log/nginx/api.log;\n    include snippets/proxy.conf;\n}\n",
     )
     .expect("write");
     std::fs::write(dir.join("conf.d/notes.txt"), "not { a config").expect("write");
+    // Relative to nginx's folder, as Debian's `include snippets/...` are.
+    std::fs::create_dir_all(dir.join("snippets")).expect("snippets");
+    std::fs::write(
+        dir.join("snippets/proxy.conf"),
+        "location /v1/ { proxy_pass http://127.0.0.1:9002; }\n",
+    )
+    .expect("write");
     let imported = import(&main).expect("import");
     let warnings: Vec<String> = imported.warnings.iter().map(|w| w.to_string()).collect();
     assert_eq!(
