@@ -554,6 +554,7 @@ impl<'a> Mapper<'a> {
         }
         let proxies = self.routes.len() > routes_before;
         let names: Vec<String> = hosts.iter().flatten().cloned().collect();
+        let binds_before = self.binds.len();
         if listens.is_empty() && proxies {
             // nginx's default: *:80.
             self.bind_listen(d, None, names.clone(), stack);
@@ -564,6 +565,14 @@ impl<'a> Mapper<'a> {
             } else if !(self.admin && !admin_before) {
                 self.warn(listen, "this server proxies nothing (no location with a proxy_pass wsplice can take), so it gets no listener");
             }
+        }
+        if proxies && self.binds.len() == binds_before {
+            // Its routes would be reached through other servers' listeners only.
+            self.routes.truncate(routes_before);
+            self.warn(
+                d,
+                "none of its listens could be imported, so its locations are left out too",
+            );
         }
         stack.pop();
     }
@@ -747,18 +756,7 @@ impl<'a> Mapper<'a> {
         } else {
             match server_addr(authority) {
                 Ok(addr) => {
-                    let name: String = authority
-                        .chars()
-                        .map(|c| {
-                            if c.is_ascii_alphanumeric() || c == '-' {
-                                c
-                            } else {
-                                '_'
-                            }
-                        })
-                        .collect::<String>()
-                        .trim_matches('_')
-                        .to_owned();
+                    let name = pool_name(authority);
                     if !self.pools.iter().any(|p| p.name == name) {
                         self.pool_names.insert(name.clone());
                         self.pools.push(Pool {
@@ -792,7 +790,8 @@ impl<'a> Mapper<'a> {
             let t = format_duration(parse_duration(arg)?).ok()?;
             (t != "0s").then(|| (t, format!("{}:{}", d.file.display(), d.line)))
         });
-        let note = (prefix != "/" && !prefix.ends_with('/')).then(|| {
+        let exact = location.args.first().is_some_and(|m| m == "=");
+        let note = (!exact && prefix != "/" && !prefix.ends_with('/')).then(|| {
             format!("nginx's `location {prefix}` also matched {prefix}x...; wsplice matches whole path segments")
         });
         let source = format!("{}:{}", location.file.display(), location.line);
@@ -1179,6 +1178,23 @@ fn effective_all<'a>(stack: &[&'a [Directive]], name: &str) -> Vec<&'a Directive
         }
     }
     Vec::new()
+}
+
+/// The name of a pool made for `proxy_pass http://IP:PORT`: `127_0_0_1_8010`,
+/// `ipv6_1_9000`.
+fn pool_name(authority: &str) -> String {
+    let mut name = String::new();
+    if authority.starts_with('[') {
+        name.push_str("ipv6_");
+    }
+    for c in authority.chars() {
+        if c.is_ascii_alphanumeric() || c == '-' {
+            name.push(c);
+        } else if !name.is_empty() && !name.ends_with('_') {
+            name.push('_');
+        }
+    }
+    name.trim_end_matches('_').to_owned()
 }
 
 /// A TOML basic string.

@@ -115,8 +115,8 @@ pub enum ImportError {
         /// Its line.
         line: usize,
     },
-    /// Nothing is proxied: wsplice needs at least one route.
-    #[error("{}: no `location` with a `proxy_pass` wsplice can take: there is nothing to import", path.display())]
+    /// Nothing is proxied: wsplice needs at least one route and one listener.
+    #[error("{}: nothing to import: no `server` with a `listen` wsplice can bind and a `location` with a `proxy_pass` it can take", path.display())]
     NothingProxied {
         /// The main file.
         path: PathBuf,

@@ -497,3 +497,45 @@ fn virtual_hosts_on_one_tls_port_become_sni_entries() {
         ]
     );
 }
+
+/// A server whose listens cannot be imported takes its locations along (they would be reached
+/// through other servers' ports); an exact location is a prefix without the segment note;
+/// an IPv6 upstream gets a readable name; an empty header value removes the header.
+#[test]
+fn locations_of_a_server_without_listener_are_left_out() {
+    let (config, warnings, toml) = import_text(
+        r#"
+server {
+    listen 443 ssl;
+    server_name app.example.com;
+    location /ws/ { proxy_pass http://127.0.0.1:9000; }
+}
+server {
+    listen 127.0.0.1:8080;
+    location = /health {
+        proxy_pass http://[::1]:9000;
+        proxy_set_header Authorization "";
+    }
+}
+"#,
+    );
+    assert_eq!(
+        lines(&warnings),
+        [
+            "2: server",
+            "3: listen 443 ssl",
+            "9: location = /health (partly)"
+        ]
+    );
+    assert!(!toml.contains("also matched"), "{toml}");
+    let mut health = route(None, Some("/health"), "ipv6_1_9000");
+    health.headers.remove = vec!["Authorization".into()];
+    assert_eq!(
+        config,
+        config_of(
+            vec![plain("127.0.0.1:8080")],
+            vec![health],
+            vec![("ipv6_1_9000", pool(&["[::1]:9000"]))],
+        )
+    );
+}
