@@ -258,6 +258,7 @@ impl<'a> Mapper<'a> {
 
     fn http(&mut self, children: &'a [Directive], mut stack: Vec<&'a [Directive]>) {
         // Upstreams may be defined after the proxy_pass naming them.
+        self.extra_certificates(children);
         // So may maps, before the proxy_set_header using them.
         for d in children {
             if d.name == "upstream" {
@@ -278,6 +279,23 @@ impl<'a> Mapper<'a> {
                 "server" => self.server(d, &mut stack),
                 "worker_processes" | "http" => self.main(d),
                 _ => self.setting(d, Level::Http),
+            }
+        }
+    }
+
+    /// nginx serves several certificates per server (RSA and ECDSA); wsplice one per name:
+    /// the last of a level is used, the others are reported.
+    fn extra_certificates(&mut self, level: &[Directive]) {
+        for name in ["ssl_certificate", "ssl_certificate_key"] {
+            let all: Vec<&Directive> = level.iter().filter(|d| d.name == name).collect();
+            if let Some((last, others)) = all.split_last() {
+                for d in others {
+                    let why = format!(
+                        "wsplice serves one certificate per server name: the one at line {} is used",
+                        last.line
+                    );
+                    self.warn(d, why);
+                }
             }
         }
     }
@@ -512,6 +530,7 @@ impl<'a> Mapper<'a> {
 
     fn server(&mut self, d: &'a Directive, stack: &mut Vec<&'a [Directive]>) {
         stack.push(d.children());
+        self.extra_certificates(d.children());
         let mut hosts: Vec<Option<String>> = Vec::new();
         let mut named = false;
         for c in d.children().iter().filter(|c| c.name == "server_name") {

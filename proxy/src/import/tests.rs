@@ -459,6 +459,8 @@ fn virtual_hosts_on_one_tls_port_become_sni_entries() {
     server {
         listen 443 ssl default_server;
         server_name b.example.com;
+        ssl_certificate b-rsa.pem;
+        ssl_certificate_key b-rsa.key;
         ssl_certificate b.pem;
         ssl_certificate_key b.key;
         location / { proxy_pass http://127.0.0.1:9002; }
@@ -476,10 +478,15 @@ fn virtual_hosts_on_one_tls_port_become_sni_entries() {
     );
     assert_eq!(
         lines(&warnings),
-        ["16: if ($host = x)", "23: location /"],
+        [
+            "13: ssl_certificate b-rsa.pem",
+            "14: ssl_certificate_key b-rsa.key",
+            "18: if ($host = x)",
+            "25: location /"
+        ],
         "{warnings:#?}"
     );
-    assert!(warnings[0].reason.ends_with("(with everything inside it)"));
+    assert!(warnings[2].reason.ends_with("(with everything inside it)"));
     let listener = &config.listeners[0];
     assert_eq!(listener.bind, addr("0.0.0.0:443"));
     let tls = listener.tls.as_ref().expect("tls");
