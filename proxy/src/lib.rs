@@ -19,6 +19,7 @@ pub mod error_chain;
 pub mod handshake;
 pub mod headers;
 pub mod http;
+pub mod import;
 pub mod listener;
 pub mod metrics;
 pub mod route;

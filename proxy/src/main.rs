@@ -1,4 +1,4 @@
-//! The `wsplice` command line: `run`, `check`, `echo`.
+//! The `wsplice` command line: `run`, `check`, `echo`, `import`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -55,6 +55,12 @@ enum Command {
         /// Append one JSON line per handshake (path and request headers) to this file.
         #[arg(long, value_name = "FILE")]
         record: Option<PathBuf>,
+    },
+    /// Print the wsplice configuration equivalent to an nginx one; what does not carry over
+    /// is reported on stderr, one line per directive.
+    Import {
+        /// The nginx configuration (its `include`s are followed).
+        file: PathBuf,
     },
 }
 
@@ -121,6 +127,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             wsplice::echo::run(wsplice::echo::EchoOptions { listen, record })?;
             Ok(())
         }
+        Command::Import { file } => match wsplice::import::import(&file) {
+            Ok(imported) => {
+                for warning in &imported.warnings {
+                    eprintln!("{warning}");
+                }
+                print!("{}", imported.toml);
+                Ok(())
+            }
+            Err(error) => {
+                if let wsplice::import::ImportError::NothingProxied { warnings, .. } = &error {
+                    for warning in warnings {
+                        eprintln!("{warning}");
+                    }
+                }
+                Err(error.into())
+            }
+        },
     }
 }
 

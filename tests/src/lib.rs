@@ -197,6 +197,32 @@ impl Drop for Process {
     }
 }
 
+/// Starts `wsplice run -c config` (a file the test wrote, e.g. from `wsplice import`) on
+/// `datapath` and waits until every address of `listening` accepts connections. The process
+/// is killed by PID when the returned guard drops; its stderr goes to the second value.
+pub fn run_config_file(
+    config: &Path,
+    datapath: DataPath,
+    listening: &[SocketAddr],
+) -> (Process, PathBuf) {
+    let log = scratch_dir("run").join("stderr.log");
+    let child = Command::new(binary())
+        .args(["run", "-c"])
+        .arg(config)
+        .args(["--datapath", datapath.flag()])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary().display()));
+    let mut process = Process { child };
+    for addr in listening {
+        wait_for_port(*addr, &mut process.child, "wsplice run", &log);
+    }
+    (process, log)
+}
+
 /// Settings of a proxy under test; `to_toml` writes the config.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
