@@ -50,6 +50,9 @@ pub const SILENT: &[&str] = &[
     "proxy_no_cache",
 ];
 
+/// nginx's `client_max_body_size` when a configuration does not set it.
+const NGINX_DEFAULT_MAX_BODY: u64 = 1 << 20;
+
 /// Where the admin listener goes when `stub_status` was used.
 const ADMIN_BIND: &str = "127.0.0.1:9901";
 
@@ -967,14 +970,25 @@ impl<'a> Mapper<'a> {
                 );
             }
         }
-        if let Some((bytes, d)) = &self.max_body {
-            if *bytes > 0 {
+        match &self.max_body {
+            // `client_max_body_size 0`: no limit, as wsplice's default.
+            Some((0, _)) => {}
+            Some((bytes, d)) => {
                 let _ = writeln!(
                     out,
                     "\n[limits]\nmax_body = {}  # client_max_body_size, {}:{}",
                     quote(&format_size(*bytes)),
                     d.file.display(),
                     d.line
+                );
+            }
+            // nginx refuses bodies over 1 MiB unless told otherwise; wsplice has no limit
+            // unless told: say nginx's default, so clients see the same 413s.
+            None => {
+                let _ = writeln!(
+                    out,
+                    "\n[limits]\nmax_body = {}  # nginx's default client_max_body_size (none was set)",
+                    quote(&format_size(NGINX_DEFAULT_MAX_BODY))
                 );
             }
         }

@@ -79,7 +79,11 @@ fn config_of(
             .map(|(name, pool)| (name.to_owned(), pool))
             .collect::<BTreeMap<_, _>>(),
         timeouts: Timeouts::default(),
-        limits: Limits::default(),
+        // nginx refuses bodies over 1 MiB unless a configuration says otherwise.
+        limits: Limits {
+            max_body: Some(1 << 20),
+            ..Limits::default()
+        },
         splicing: Splicing::default(),
         admin: None,
         workers: None,
@@ -545,4 +549,22 @@ server {
             vec![("ipv6_1_9000", pool(&["[::1]:9000"]))],
         )
     );
+}
+
+/// nginx's body limit carries over: its 1 MiB default when none is set (see `config_of`), none
+/// for `client_max_body_size 0`.
+#[test]
+fn client_max_body_size_zero_is_no_limit() {
+    let (config, _, _) = import_text(
+        r#"
+http {
+    client_max_body_size 0;
+    server {
+        listen 8080;
+        location / { proxy_pass http://127.0.0.1:9000; }
+    }
+}
+"#,
+    );
+    assert_eq!(config.limits.max_body, None);
 }
