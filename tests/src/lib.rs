@@ -105,6 +105,17 @@ pub fn python() -> PathBuf {
     }
 }
 
+/// `promtool`, unpacked by `cargo xtask test` into `.tools/prometheus` (or one on PATH).
+pub fn promtool() -> PathBuf {
+    let unpacked =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/prometheus/usr/bin/promtool");
+    if unpacked.is_file() {
+        unpacked
+    } else {
+        PathBuf::from("promtool")
+    }
+}
+
 /// A port free at the time of asking on 127.0.0.1, for a process the test starts.
 ///
 /// Chosen at random below the ephemeral range (32768+, and 20000+ while `cargo xtask bench`

@@ -67,7 +67,69 @@ pub fn ensure_test_clients(root: &Path) -> anyhow::Result<()> {
             }
         }
     }
+    ensure_promtool(root)?;
     ensure_python_venv(root)
+}
+
+/// Where `promtool` is unpacked (git-ignored, under [`TOOLS_DIR`]); the tests run
+/// `usr/bin/promtool` from here (`wsplice_tests::promtool`).
+const PROMETHEUS_DIR: &str = "prometheus";
+
+/// `promtool` (Debian's `prometheus` package), to validate `/metrics` as Prometheus reads it.
+/// The package is unpacked into `.tools/`, not installed: installing it would start a
+/// Prometheus server on the machine.
+fn ensure_promtool(root: &Path) -> anyhow::Result<()> {
+    let dir = root.join(TOOLS_DIR).join(PROMETHEUS_DIR);
+    let promtool = dir.join("usr/bin/promtool");
+    if probe(&promtool, &["--version"]) {
+        return Ok(());
+    }
+    println!(
+        "==> unpacking promtool from Debian's prometheus package into {}",
+        dir.display()
+    );
+    let download = dir.join("download");
+    std::fs::create_dir_all(&download)?;
+    let fetch = |update_first: bool| -> anyhow::Result<bool> {
+        if update_first {
+            Command::new("apt-get")
+                .arg("update")
+                .status()
+                .context("cannot run apt-get")?;
+        }
+        Ok(Command::new("apt-get")
+            .args(["download", "prometheus"])
+            .current_dir(&download)
+            .status()
+            .context("cannot run apt-get")?
+            .success())
+    };
+    // The package lists may be missing on a fresh machine: refresh them once if needed.
+    if !fetch(false)? && !fetch(true)? {
+        bail!("apt-get download prometheus failed: the metrics test needs promtool");
+    }
+    for entry in std::fs::read_dir(&download)? {
+        let deb = entry?.path();
+        if deb.extension().is_some_and(|e| e == "deb") {
+            let unpacked = Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(&deb)
+                .arg(&dir)
+                .status()
+                .context("cannot run dpkg-deb")?;
+            if !unpacked.success() {
+                bail!("dpkg-deb -x {} failed", deb.display());
+            }
+        }
+    }
+    std::fs::remove_dir_all(&download)?;
+    if !probe(&promtool, &["--version"]) {
+        bail!(
+            "promtool missing from Debian's prometheus package at {}",
+            promtool.display()
+        );
+    }
+    Ok(())
 }
 
 /// A Python check that exits 0 when every pinned package is installed at its version.
