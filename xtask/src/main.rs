@@ -202,9 +202,10 @@ fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     step("build wsplice (release)", || {
         cargo(root, &["build", "--release", "-p", "wsplice"])
     })?;
-    step("TLS test clients (openssl, Python websockets)", || {
-        setup::ensure_test_clients(root)
-    })?;
+    step(
+        "test clients (openssl, curl, promtool, Python venv)",
+        || setup::ensure_test_clients(root),
+    )?;
     let binary = root.join("target/release/wsplice");
     step("cargo test (unit and end-to-end)", || {
         let mut args = vec!["test", "--workspace", "--release"];
