@@ -107,12 +107,22 @@ pub fn python() -> PathBuf {
 
 /// `promtool`, unpacked by `cargo xtask test` into `.tools/prometheus` (or one on PATH).
 pub fn promtool() -> PathBuf {
-    let unpacked =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/prometheus/usr/bin/promtool");
+    prometheus_tool("promtool")
+}
+
+/// The Prometheus server from the same package.
+pub fn prometheus() -> PathBuf {
+    prometheus_tool("prometheus")
+}
+
+fn prometheus_tool(name: &str) -> PathBuf {
+    let unpacked = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../.tools/prometheus/usr/bin")
+        .join(name);
     if unpacked.is_file() {
         unpacked
     } else {
-        PathBuf::from("promtool")
+        PathBuf::from(name)
     }
 }
 
@@ -179,6 +189,13 @@ pub struct Process {
 }
 
 impl Process {
+    /// Starts `command` as a process the test owns (killed and reaped when dropped).
+    pub fn spawn(command: &mut Command) -> std::io::Result<Process> {
+        Ok(Process {
+            child: command.spawn()?,
+        })
+    }
+
     /// The PID.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -415,6 +432,11 @@ impl Proxy {
     /// The ws:// URL of `path`.
     pub fn url(&self, path: &str) -> String {
         format!("ws://{}{path}", self.addr)
+    }
+
+    /// Where its admin listener (`/metrics`) is.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
     }
 
     /// The process.

@@ -96,3 +96,115 @@ async fn a_scrape_under_load_passes_promtool_on_every_data_path() {
         assert!(body.contains("wsplice_tunnels_open 8"), "{body}");
     }
 }
+
+/// Asks a Prometheus server at `addr` for `query`; the JSON answer.
+fn prometheus_query(addr: std::net::SocketAddr, query: &str) -> serde_json::Value {
+    use std::io::Read as _;
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return serde_json::Value::Null;
+    };
+    let request = format!("GET /api/v1/query?query={query} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    let mut answer = String::new();
+    if stream.write_all(request.as_bytes()).is_err() || stream.read_to_string(&mut answer).is_err()
+    {
+        return serde_json::Value::Null;
+    }
+    answer
+        .split_once("\r\n\r\n")
+        .and_then(|(_, body)| serde_json::from_str(body).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_the_admin_listener() {
+    let echo = Echo::start();
+    let proxy = Proxy::start(DataPath::Userspace, &ProxyConfig::new(&[echo.addr()]));
+    let mut ws = connect(&proxy.url("/scraped")).await;
+    echo_text(&mut ws, "seen by prometheus").await;
+
+    let dir = scratch_dir("prometheus");
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: wsplice\n    \
+             static_configs:\n      - targets: ['{}']\n",
+            proxy.admin_addr()
+        ),
+    )
+    .unwrap();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    let _prometheus = Process::spawn(
+        Command::new(prometheus())
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={listen}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log),
+    )
+    .expect("prometheus (cargo xtask test unpacks it into .tools/prometheus)");
+    // Scraped: the target is up and the open tunnel is counted.
+    let scraped = eventually(|| {
+        let up = prometheus_query(listen, "up");
+        let tunnels = prometheus_query(listen, "wsplice_tunnels_open");
+        let value = |answer: &serde_json::Value| {
+            answer["data"]["result"][0]["value"][1]
+                .as_str()
+                .map(str::to_owned)
+        };
+        value(&up).as_deref() == Some("1") && value(&tunnels).as_deref() == Some("1")
+    });
+    let log = std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default();
+    assert!(scraped, "Prometheus did not scrape wsplice:\n{log}");
+    echo_text(&mut ws, "still open").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_shows_every_exported_metric_and_only_those() {
+    let echo = Echo::start();
+    let proxy = Proxy::start(DataPath::Userspace, &ProxyConfig::new(&[echo.addr()]));
+    let scrape = proxy.admin_get("/metrics");
+    let exported: std::collections::BTreeSet<String> = scrape
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    assert!(exported.len() > 20, "{scrape}");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/wsplice.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("the dashboard"))
+            .expect("JSON");
+    let mut shown = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("an expression");
+            // Metric names: `wsplice_` and the name characters after it.
+            let mut rest = expr;
+            while let Some(start) = rest.find("wsplice_") {
+                let name: String = rest[start..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[start + name.len()..];
+                shown.insert(name);
+            }
+        }
+    }
+    let unknown: Vec<&String> = shown.difference(&exported).collect();
+    assert!(
+        unknown.is_empty(),
+        "the dashboard queries metrics wsplice does not export: {unknown:?}"
+    );
+    let missing: Vec<&String> = exported.difference(&shown).collect();
+    assert!(
+        missing.is_empty(),
+        "exported metrics the dashboard does not show: {missing:?}"
+    );
+}
