@@ -110,6 +110,12 @@ pub fn promtool() -> PathBuf {
     prometheus_tool("promtool")
 }
 
+/// The `node_modules` folder `cargo xtask test` puts the pinned Node `ws` package in (for
+/// `NODE_PATH`).
+pub fn node_modules() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/node/node_modules")
+}
+
 /// The Prometheus server from the same package.
 pub fn prometheus() -> PathBuf {
     prometheus_tool("prometheus")
@@ -124,6 +130,51 @@ fn prometheus_tool(name: &str) -> PathBuf {
     } else {
         PathBuf::from(name)
     }
+}
+
+/// Runs `command` for at most two minutes (then it is killed by PID); returns its stdout,
+/// failing on a non-zero exit.
+pub fn run_bounded(mut command: Command, what: &str) -> String {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start {what} (`cargo xtask test` installs the clients): {e}")
+        });
+    // Drain both pipes while waiting, so a chatty child cannot block on a full pipe.
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut out, &mut text);
+        text
+    });
+    let err = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut text);
+        text
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{what} failed ({status:?}):\n{stdout}\n{stderr}"
+    );
+    stdout
 }
 
 /// A port free at the time of asking on 127.0.0.1, for a process the test starts.

@@ -86,49 +86,6 @@ fn run_python(script: &str, args: &[&str]) -> String {
     run_bounded(command, "python")
 }
 
-/// Runs `command` for at most two minutes (then it is killed by PID); returns its stdout,
-/// failing on a non-zero exit.
-fn run_bounded(mut command: Command, what: &str) -> String {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("a Python with the pinned packages (`cargo xtask test` makes .tools/python)");
-    // Drain both pipes while waiting, so a chatty child cannot block on a full pipe.
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let out = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut out, &mut text);
-        text
-    });
-    let err = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut err, &mut text);
-        text
-    });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stdout = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "{what} failed ({status:?}):\n{stdout}\n{stderr}"
-    );
-    stdout
-}
-
 #[test]
 fn curl_gets_posts_uploads_chunked_with_expect_and_reuses_one_connection() {
     let echo = Echo::start();

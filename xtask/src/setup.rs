@@ -68,7 +68,73 @@ pub fn ensure_test_clients(root: &Path) -> anyhow::Result<()> {
         }
     }
     ensure_promtool(root)?;
+    ensure_node_ws(root)?;
     ensure_python_venv(root)
+}
+
+/// The Node `ws` release the tests run (it has no dependencies), and its npm integrity.
+const NODE_WS_VERSION: &str = "8.23.0";
+const NODE_WS_INTEGRITY: &str =
+    "sha512-wCkmX8QMOrKjgO8HW2WyDbTSGeqkocxgDzS9iR79rEAexty6/2qzilx3Ag8Tqf9ykop3irLKle0MtVn5qjVnoQ==";
+/// Where `node_modules/ws` is unpacked (git-ignored, under [`TOOLS_DIR`]); the tests set
+/// `NODE_PATH` to its `node_modules` (`wsplice_tests::node_modules`).
+const NODE_DIR: &str = "node";
+
+/// Node.js (Debian's `nodejs` when missing) and the pinned `ws` package from the npm registry,
+/// checked against its published integrity and unpacked without npm.
+fn ensure_node_ws(root: &Path) -> anyhow::Result<()> {
+    if !probe("node", &["--version"]) {
+        apt_install(&["nodejs"]).context("the Node client tests need node")?;
+        if !probe("node", &["--version"]) {
+            bail!("node still missing after apt-get install nodejs");
+        }
+    }
+    let ws = root.join(TOOLS_DIR).join(NODE_DIR).join("node_modules/ws");
+    let manifest = std::fs::read_to_string(ws.join("package.json")).unwrap_or_default();
+    if manifest.contains(&format!("\"version\": \"{NODE_WS_VERSION}\"")) {
+        return Ok(());
+    }
+    println!(
+        "==> fetching Node ws {NODE_WS_VERSION} from the npm registry into {}",
+        ws.display()
+    );
+    let tarball = root.join(TOOLS_DIR).join(NODE_DIR).join("ws.tgz");
+    std::fs::create_dir_all(tarball.parent().unwrap_or(root))?;
+    let url = format!("https://registry.npmjs.org/ws/-/ws-{NODE_WS_VERSION}.tgz");
+    run_command(
+        Command::new("curl")
+            .args(["-fsSL", "-o"])
+            .arg(&tarball)
+            .arg(&url),
+    )
+    .with_context(|| format!("cannot download {url}"))?;
+    let digest = Command::new("sh")
+        .arg("-c")
+        .arg("openssl dgst -sha512 -binary \"$1\" | openssl base64 -A")
+        .arg("sh")
+        .arg(&tarball)
+        .output()
+        .context("cannot run openssl")?;
+    let integrity = format!("sha512-{}", String::from_utf8_lossy(&digest.stdout).trim());
+    if integrity != NODE_WS_INTEGRITY {
+        bail!("{url} does not match its npm integrity ({integrity})");
+    }
+    if ws.exists() {
+        std::fs::remove_dir_all(&ws)?;
+    }
+    std::fs::create_dir_all(&ws)?;
+    // npm tarballs hold the package under `package/`.
+    run_command(
+        Command::new("tar")
+            .arg("-xzf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&ws)
+            .arg("--strip-components=1"),
+    )
+    .context("cannot unpack the ws tarball")?;
+    std::fs::remove_file(&tarball)?;
+    Ok(())
 }
 
 /// Where `promtool` is unpacked (git-ignored, under [`TOOLS_DIR`]); the tests run
