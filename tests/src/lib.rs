@@ -276,6 +276,21 @@ impl Drop for Process {
     }
 }
 
+/// `wsplice run -c config --datapath …` with its stderr (access lines included) in `log`.
+fn spawn_run(config: &Path, datapath: DataPath, log: &Path) -> Process {
+    let child = Command::new(binary())
+        .args(["run", "-c"])
+        .arg(config)
+        .args(["--datapath", datapath.flag()])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary().display()));
+    Process { child }
+}
+
 /// Starts `wsplice run -c config` (a file the test wrote, e.g. from `wsplice import`) on
 /// `datapath` and waits until every address of `listening` accepts connections. The process
 /// is killed by PID when the returned guard drops; its stderr goes to the second value.
@@ -285,17 +300,7 @@ pub fn run_config_file(
     listening: &[SocketAddr],
 ) -> (Process, PathBuf) {
     let log = scratch_dir("run").join("stderr.log");
-    let child = Command::new(binary())
-        .args(["run", "-c"])
-        .arg(config)
-        .args(["--datapath", datapath.flag()])
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary().display()));
-    let mut process = Process { child };
+    let mut process = spawn_run(config, datapath, &log);
     for addr in listening {
         wait_for_port(*addr, &mut process.child, "wsplice run", &log);
     }
@@ -435,17 +440,7 @@ impl Proxy {
         let config_path = dir.join("wsplice.toml");
         std::fs::write(&config_path, config.to_toml(addr, admin)).expect("write config");
         let log = dir.join("stderr.log");
-        let child = Command::new(binary())
-            .args(["run", "-c"])
-            .arg(&config_path)
-            .args(["--datapath", datapath.flag()])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary().display()));
-        let mut process = Process { child };
+        let mut process = spawn_run(&config_path, datapath, &log);
         try_wait_for_port(addr, &mut process.child, "wsplice run", &log)?;
         try_wait_for_port(admin, &mut process.child, "wsplice admin", &log)?;
         let proxy = Proxy {

@@ -39,8 +39,8 @@ pub struct Exchange {
     method: String,
     /// The request's body, as it is read from the client.
     request: BodyReader,
-    /// The rewritten head, kept until the answer starts: a kept-alive upstream connection
-    /// that turns out closed gets it again on a new connection.
+    /// The rewritten head, kept until the answer starts when the upstream connection was kept
+    /// alive: one that turns out closed gets it again on a new connection.
     resend: Option<Vec<u8>>,
     /// What the client sent behind this request (the next one, pipelined).
     next: Vec<u8>,
@@ -133,7 +133,8 @@ impl Connection {
             upstream_reusable: request.http_minor == 1,
             method: request.method,
             request: BodyReader::new(request.framing, body_limits()),
-            resend: Some(head.clone()),
+            // Only a kept-alive connection can turn out closed before answering.
+            resend: reused.then(|| head.clone()),
             next: Vec::new(),
             answer: Answer::Head(Vec::new()),
             reading_client: false,
