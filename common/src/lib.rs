@@ -14,6 +14,11 @@ pub const BRIDGE_MAP: &str = "BRIDGE";
 pub const BRIDGE_ENTRIES: u32 = 1024;
 /// Name of the HASH map of per-socket activity (key: socket cookie).
 pub const ACTIVITY_MAP: &str = "ACTIVITY";
+/// Name of the HASH map of paused sockets (key: socket cookie, value ignored). The program
+/// redirects nothing from a paused socket: its bytes stay on it, in order, for the userspace
+/// relay, charged to its receive buffer (so TCP's window throttles its sender). A tunnel whose
+/// reader fell behind is paused on both sockets, then relayed in userspace.
+pub const PAUSED_MAP: &str = "PAUSED";
 /// Name of the ring buffer through which the program reports sockets that moved another
 /// [`PRESSURE_STEP`] bytes, so userspace checks their peer's backlog, and sockets where bytes
 /// stayed ([`STRAY_REPORTED`]).
@@ -31,7 +36,9 @@ pub const DEFAULT_MAP_ENTRIES: u32 = 1 << 16;
 pub const SEQ_KNOWN: u32 = 1;
 /// [`Activity::flags`]: the program could not cut repeated bytes off an skb, so it stopped
 /// redirecting this socket; its bytes stay on the socket, where userspace sees them and closes
-/// the tunnel (abortively: a byte is missing downstream).
+/// the tunnel (abortively: a byte is missing downstream). On a paused socket (see
+/// [`PAUSED_MAP`]) they are dropped instead: the userspace relay reads what stays on a paused
+/// socket, and must never read the repeated copy.
 pub const DIVERTED: u32 = 2;
 /// [`Activity::flags`]: bytes stayed on this socket (no peer to redirect to, or [`DIVERTED`])
 /// and the program reported its owner on the pressure ring. Spliced sockets are not polled for

@@ -3,7 +3,9 @@
 //!
 //! It never drops: a socket without a peer entry gets `SK_PASS`, so its bytes stay readable, and
 //! the program reports the socket on the pressure ring so userspace notices them (userspace does
-//! not poll spliced sockets for bytes: that would wake it for every message).
+//! not poll spliced sockets for bytes: that would wake it for every message). A paused socket
+//! (`PAUSED`) gets `SK_PASS` too, without a report: its tunnel is leaving the kernel path because
+//! a reader fell behind, and the userspace relay reads those bytes in order.
 //!
 //! It also never passes a byte on twice. TCP may queue a segment that starts before bytes it
 //! already delivered (a retransmission that covers received bytes and new ones, out-of-order
@@ -15,7 +17,7 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::bindings::sk_action::SK_PASS;
+use aya_ebpf::bindings::sk_action::{SK_DROP, SK_PASS};
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns};
 use aya_ebpf::macros::{map, stream_verdict};
@@ -23,8 +25,8 @@ use aya_ebpf::maps::{HashMap, RingBuf, SockHash};
 use aya_ebpf::programs::SkBuffContext;
 use aya_ebpf::EbpfContext as _;
 use wsplice_common::{
-    Activity, BRIDGE_ENTRIES, DEFAULT_MAP_ENTRIES, DIVERTED, PRESSURE_RING_BYTES, PRESSURE_STEP, SEQ_KNOWN,
-    STRAY_REPORTED, TRIM_STEP, TRIM_STEPS,
+    Activity, BRIDGE_ENTRIES, DEFAULT_MAP_ENTRIES, DIVERTED, PRESSURE_RING_BYTES, PRESSURE_STEP,
+    SEQ_KNOWN, STRAY_REPORTED, TRIM_STEP, TRIM_STEPS,
 };
 
 /// cookie(socket) → peer socket.
@@ -48,6 +50,12 @@ static BRIDGE: SockHash<u64> = SockHash::with_max_entries(BRIDGE_ENTRIES, 0);
 static ACTIVITY: HashMap<u64, Activity> =
     HashMap::with_max_entries(DEFAULT_MAP_ENTRIES, BPF_F_NO_PREALLOC);
 
+/// cookie(socket) → anything: the socket is paused (see `PAUSED_MAP` in `wsplice-common`).
+/// Not preallocated: only tunnels whose reader fell behind have entries.
+#[map(name = "PAUSED")]
+static PAUSED: HashMap<u64, u32> =
+    HashMap::with_max_entries(DEFAULT_MAP_ENTRIES, BPF_F_NO_PREALLOC);
+
 /// Owners of sockets that moved another `PRESSURE_STEP` bytes (userspace checks their backlog).
 #[map(name = "PRESSURE")]
 static PRESSURE: RingBuf = RingBuf::with_byte_size(PRESSURE_RING_BYTES, 0);
@@ -67,10 +75,19 @@ pub fn wsplice_verdict(ctx: SkBuffContext) -> u32 {
     if !skip_repeated_bytes(&ctx, activity) {
         activity.flags |= DIVERTED;
     }
+    // SAFETY: the value is only tested for presence, never read through.
+    let paused = unsafe { PAUSED.get(&cookie) }.is_some();
     if activity.flags & DIVERTED != 0 {
-        // Keep this skb and every later one on the socket, in order: userspace reads nothing
-        // from a spliced socket; told of them, it closes the tunnel.
         report_stray(activity);
+        // Not paused: keep this skb and every later one on the socket, in order (userspace
+        // reads nothing from a spliced socket; told of them, it closes the tunnel). Paused: the
+        // userspace relay reads what stays on the socket, so the repeated copy must not stay;
+        // nothing after it may be read either (the tunnel is reset on the report).
+        return if paused { SK_DROP } else { SK_PASS };
+    }
+    if paused {
+        // Userspace relays this socket's bytes now: they stay on it, in order, charged to its
+        // receive buffer, so TCP's window throttles the sender while the relay waits.
         return SK_PASS;
     }
     // Flags 0: the peer's egress (its send queue), not its ingress.

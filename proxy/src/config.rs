@@ -173,10 +173,11 @@ pub struct Limits {
     /// Tunnels the kernel splice maps are sized for (default 1,048,576).
     pub max_tunnels: usize,
     /// Kernel path: bytes a tunnel may have redirected but not yet taken in by the reader's
-    /// socket before the tunnel is closed as a slow consumer (default 64 MiB).
+    /// socket before the tunnel leaves the kernel path for the userspace relay, where TCP
+    /// throttles its writer (default 16 MiB).
     pub kernel_backlog: usize,
     /// Kernel path: the same, summed over all tunnels of the process; a tunnel that adds to
-    /// the backlog beyond it is closed as a slow consumer (default 1 GiB).
+    /// the backlog beyond it leaves the kernel path too (default 1 GiB).
     pub kernel_backlog_total: usize,
     /// Client connections held at once, any stage (default: no limit); more are closed at once.
     pub max_connections: Option<usize>,
@@ -217,7 +218,7 @@ impl Default for Limits {
             max_headers: 100,
             relay_buffer: 64 * 1024,
             max_tunnels: 1 << 20,
-            kernel_backlog: 64 << 20,
+            kernel_backlog: 16 << 20,
             kernel_backlog_total: 1 << 30,
             max_connections: None,
             max_connections_per_ip: None,

@@ -98,7 +98,12 @@ pub struct Metrics {
     pub upstream_keepalive_reused: Counter,
     /// Tunnels closed by the idle timeout.
     pub idle_timeouts: Counter,
-    /// Kernel-path tunnels closed because a reader fell `limits.kernel_backlog` behind.
+    /// Kernel-path tunnels taken off the kernel path (relayed in userspace from then on)
+    /// because a reader fell `limits.kernel_backlog` behind, or the kernel backlog of all
+    /// tunnels passed `limits.kernel_backlog_total`.
+    pub tunnels_demoted: Counter,
+    /// Kernel-path tunnels closed because a reader fell behind and the tunnel could not be
+    /// taken off the kernel path (a last resort).
     pub kernel_slow_consumers: Counter,
     /// Tunnel payload bytes copied through userspace (the relay), both directions.
     pub relayed_bytes_userspace: Counter,
@@ -121,7 +126,7 @@ impl Metrics {
     /// Renders every metric in the Prometheus text exposition format. Only atomics are read:
     /// no lock a worker takes, no walk over a map.
     pub fn render(&self) -> String {
-        let counters: [(&str, &str, u64); 22] = [
+        let counters: [(&str, &str, u64); 23] = [
             (
                 "tls_handshakes_total",
                 "TLS handshakes completed.",
@@ -203,8 +208,15 @@ impl Metrics {
                 self.upstream_keepalive_reused.get(),
             ),
             (
+                "tunnels_demoted_total",
+                "Tunnels moved from the kernel splice path to the userspace relay because a \
+                 reader fell behind.",
+                self.tunnels_demoted.get(),
+            ),
+            (
                 "kernel_slow_consumers_total",
-                "Kernel-path tunnels closed because a reader fell limits.kernel_backlog behind.",
+                "Kernel-path tunnels closed because a reader fell behind and the tunnel could \
+                 not leave the kernel path.",
                 self.kernel_slow_consumers.get(),
             ),
             (

@@ -23,7 +23,8 @@ async fn a_stuck_reader_pins_bounded_memory_and_stalls_no_other_tunnel() {
 
 /// Userspace relay: the upstream is throttled by TCP backpressure. Kernel path: the kernel
 /// queues redirected bytes without backpressure, so once the reader is `kernel_backlog` behind
-/// the proxy closes that tunnel as a slow consumer, freeing what was queued for it.
+/// the tunnel leaves the kernel path: its sockets are paused (TCP throttles the upstream from
+/// then on) and the userspace relay takes over once the reader caught up. It stays open.
 async fn stuck_reader(datapath: DataPath) {
     let written = Arc::new(AtomicU64::new(0));
     let upstream = flooding_upstream(written.clone()).await;
@@ -37,29 +38,20 @@ async fn stuck_reader(datapath: DataPath) {
         .write_all(&upgrade_request("/flood", &[]))
         .await
         .unwrap();
-    // Read only the 101, then never again. On the kernel path the flood can pass the limit
-    // before the 101 is read: the reset then arrives first (the close is checked below).
+    // Read only the 101, then never again.
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         match bounded(stuck.read(&mut byte)).await {
             Ok(1) => head.push(byte[0]),
-            Err(error)
-                if datapath == DataPath::Kernel
-                    && error.raw_os_error() == Some(libc::ECONNRESET) =>
-            {
-                break
-            }
             other => panic!("{datapath:?}: reading the 101: {other:?}"),
         }
     }
-    if head.ends_with(b"\r\n\r\n") {
-        assert!(
-            head.starts_with(b"HTTP/1.1 101"),
-            "{}",
-            String::from_utf8_lossy(&head)
-        );
-    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
 
     // Another tunnel of the same proxy keeps working meanwhile.
     let mut other = connect(&proxy.url("/echo")).await;
@@ -91,32 +83,18 @@ async fn stuck_reader(datapath: DataPath) {
         "{datapath:?}: proxy RSS grew by {grown} KiB"
     );
     let metrics = proxy.metrics();
-    let (slow_consumers, open) = match datapath {
-        // Throttled, still open (auto: never quiet while the reader is stuck, so never
-        // promoted).
-        DataPath::Userspace | DataPath::Auto => (0, 2),
-        // Closed as a slow consumer; the other tunnel stays open.
-        DataPath::Kernel => (1, 1),
-    };
+    // Kept open on every data path, the other tunnel too. On the kernel path the tunnel left
+    // it (auto: never quiet while the reader is stuck, so never promoted).
+    let demoted = u64::from(datapath == DataPath::Kernel);
     assert_eq!(
-        metrics["kernel_slow_consumers_total"], slow_consumers,
-        "{datapath:?}"
+        (
+            metrics["kernel_slow_consumers_total"],
+            metrics["tunnels_demoted_total"],
+            metrics["tunnels_open"]
+        ),
+        (0, demoted, 2),
+        "{datapath:?}: {metrics:?}"
     );
-    assert_eq!(metrics["tunnels_open"], open, "{datapath:?}: {metrics:?}");
-    if datapath == DataPath::Kernel {
-        let line = proxy
-            .wait_access_lines(1)
-            .into_iter()
-            .find(|line| line["path"] == "/flood")
-            .expect("access line of the closed tunnel");
-        assert!(
-            line["reason"]
-                .as_str()
-                .unwrap_or("")
-                .starts_with("slow consumer"),
-            "{line}"
-        );
-    }
     drop(stuck);
 }
 
@@ -138,7 +116,7 @@ async fn a_reader_that_falls_behind_still_gets_every_byte_in_order() {
     })
     .await;
     for datapath in datapaths() {
-        // 48 MiB pushed to a reader that starts a second late: within the default limit.
+        // 48 MiB pushed to a reader that starts a second late.
         let proxy = Proxy::start(datapath, &ProxyConfig::new(&[upstream.addr()]));
         let mut ws = connect(&proxy.url("/slow")).await;
         // Fall behind: read nothing for a while, then everything.
@@ -167,11 +145,14 @@ async fn a_reader_that_falls_behind_still_gets_every_byte_in_order() {
             matches!(last, Some(Ok(Message::Close(_)))),
             "{datapath:?}: {last:?}"
         );
-        assert_eq!(
-            proxy.metrics()["kernel_slow_consumers_total"],
-            0,
-            "{datapath:?}"
-        );
+        let metrics = proxy.metrics();
+        assert_eq!(metrics["kernel_slow_consumers_total"], 0, "{datapath:?}");
+        if datapath == DataPath::Kernel {
+            // 48 MiB sent to a reader that waits a second: more than `kernel_backlog` (16 MiB)
+            // queued in the kernel, so the tunnel left the kernel path in mid-stream, and not
+            // a byte was lost, repeated or reordered by it.
+            assert_eq!(metrics["tunnels_demoted_total"], 1, "{metrics:?}");
+        }
     }
 }
 
@@ -213,22 +194,22 @@ async fn flooding_upstream(written: Arc<AtomicU64>) -> Scripted {
 }
 
 /// `limits.kernel_backlog_total` bounds what all slow readers together make the kernel hold:
-/// twelve readers that stop reading while their upstreams flood, each far below the per-tunnel
-/// limit, are closed as slow consumers once together they pass 16 MiB; a tunnel beside them
-/// keeps working.
+/// a hundred readers that stop reading while their upstreams flood, each far below the
+/// per-tunnel limit, take their tunnels off the kernel path once together they pass 16 MiB;
+/// every one of them stays open, and a tunnel beside them keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_stuck_readers_stay_inside_the_total_kernel_backlog() {
+async fn a_hundred_stuck_readers_are_kept_inside_the_total_kernel_backlog() {
     if !datapaths().contains(&DataPath::Kernel) {
         return;
     }
-    const READERS: usize = 12;
+    const READERS: usize = 100;
     const TOTAL: u64 = 16 << 20;
     let upstream = flooding_upstream(Arc::new(AtomicU64::new(0))).await;
     let mut config = ProxyConfig::new(&[upstream.addr()]);
     config.limits = "kernel_backlog = \"64MiB\"\nkernel_backlog_total = \"16MiB\"";
     let proxy = Proxy::start(DataPath::Kernel, &config);
-    // Readers that never read, not even the 101: the first ones may be closed before the last
-    // ones connect.
+    let mut other = connect(&proxy.url("/echo")).await;
+    // Readers that never read, not even the 101.
     let mut stuck = Vec::new();
     for _ in 0..READERS {
         let mut reader = bounded(TcpStream::connect(proxy.addr())).await.unwrap();
@@ -238,36 +219,43 @@ async fn many_stuck_readers_stay_inside_the_total_kernel_backlog() {
             .unwrap();
         stuck.push(reader);
     }
-    let mut other = connect(&proxy.url("/echo")).await;
     let mut highest = 0;
     let started = Instant::now();
     let mut round = 0;
-    while started.elapsed() < Duration::from_secs(4) {
+    while started.elapsed() < Duration::from_secs(5) {
         highest = highest.max(proxy.metrics()["kernel_backlog_bytes"]);
+        let sent = Instant::now();
         echo_text(&mut other, &format!("ping {round}")).await;
+        assert!(
+            sent.elapsed() < Duration::from_millis(500),
+            "round trip {round} took {:?}",
+            sent.elapsed()
+        );
         round += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let metrics = proxy.metrics();
     // Each tunnel is measured once per MiB it moves: the total may overshoot by about a step
-    // per tunnel before the one that crosses it is closed.
+    // per tunnel still on the kernel path when it is crossed.
     assert!(
         highest <= TOTAL + READERS as u64 * (2 << 20),
         "the kernel held {highest} bytes for stuck readers (limit {TOTAL})"
     );
-    assert!(
-        metrics["kernel_slow_consumers_total"] >= 1,
-        "no reader was closed: {metrics:?}"
+    assert_eq!(
+        (
+            metrics["kernel_slow_consumers_total"],
+            metrics["tunnels_open"]
+        ),
+        (0, READERS as u64 + 1),
+        "every stuck reader is kept: {metrics:?}"
     );
-    let closed_for_the_total = proxy
-        .access_lines()
-        .iter()
-        .filter(|line| {
-            line["reason"]
-                .as_str()
-                .is_some_and(|reason| reason.contains("limits.kernel_backlog_total"))
-        })
-        .count();
-    assert!(closed_for_the_total >= 1, "{:?}", proxy.access_lines());
+    assert!(
+        metrics["tunnels_demoted_total"] >= 1,
+        "no tunnel left the kernel path: {metrics:?}"
+    );
+    assert!(
+        metrics["kernel_backlog_bytes"] <= TOTAL + READERS as u64 * (2 << 20),
+        "{metrics:?}"
+    );
     drop(stuck);
 }

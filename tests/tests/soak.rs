@@ -1,6 +1,7 @@
 //! Soak: sequenced bulk tunnels, many at once, on every data path; not one byte may be lost,
 //! duplicated, changed or reordered (see `wsplice_tests::soak`). `auto` promotes tunnels from
-//! the userspace relay to the kernel in the middle of their traffic (after 64 KiB).
+//! the userspace relay to the kernel in the middle of their traffic (after 64 KiB), and in the
+//! flood, tunnels whose reader falls behind leave the kernel path in the middle of theirs.
 //!
 //! `cargo xtask test` runs the bounded form; `cargo xtask soak` the long one. Settings:
 //! `WSPLICE_SOAK_RUNS` (rounds per data path, each round both scenarios), `WSPLICE_SOAK_SHAPE`
@@ -39,13 +40,13 @@ fn scenarios() -> Vec<Scenario> {
 }
 
 /// The delayed-echo scenario runs with default limits, as a user would. The flood has no
-/// window, so on the kernel path its reader may fall far behind: the slow-consumer limit is
-/// lifted out of its way (`backpressure.rs` tests that policy). Promotion comes early, so it
-/// happens while bytes flow.
+/// window, so on the kernel path its reader falls behind: the backlog limit is set low, so
+/// that tunnels leave the kernel path (pause, then the relay) while both ways are busy, at a
+/// different moment in each run. Promotion comes early, so it happens while bytes flow.
 fn config(scenario: Scenario, upstream: &SoakUpstream) -> ProxyConfig {
     let mut config = ProxyConfig::new(&[upstream.addr()]);
     if scenario == Scenario::Flood {
-        config.limits = "kernel_backlog = \"1024MiB\"";
+        config.limits = "kernel_backlog = \"1MiB\"";
     }
     config.kernel = "promote_after = \"1h\"\npromote_after_bytes = \"64KiB\"";
     config
@@ -107,7 +108,7 @@ async fn sequenced_bulk_tunnels_arrive_intact_on_every_data_path() {
             println!(
                 "soak {datapath:?} {}: {runs} runs, {} MB in {:.1} s; the kernel handed over \
                  {} bytes twice (cut off by the splice program), {} tunnels diverted; {} of {} \
-                 tunnels promoted from userspace",
+                 tunnels promoted from userspace, {} moved back to it (a reader fell behind)",
                 scenario.name(),
                 moved / 1_000_000,
                 started.elapsed().as_secs_f64(),
@@ -115,7 +116,14 @@ async fn sequenced_bulk_tunnels_arrive_intact_on_every_data_path() {
                 metric("kernel_diverted_total"),
                 metric("tunnels_promoted_total"),
                 metric("tunnels_opened_total"),
+                metric("tunnels_demoted_total"),
             );
+            let spliced = matches!(datapath, DataPath::Kernel | DataPath::Auto);
+            if spliced && scenario == Scenario::Flood && metric("tunnels_demoted_total") == 0 {
+                failures.push(format!(
+                    "{datapath:?} flood: no tunnel left the kernel path, the soak did not test it"
+                ));
+            }
             if datapath == DataPath::Auto && metric("tunnels_promoted_total") == 0 {
                 failures.push(format!(
                     "auto {}: no tunnel was promoted to the kernel",

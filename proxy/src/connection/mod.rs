@@ -14,6 +14,8 @@
 //! ReadingRequest ─▶ Connecting ─▶ SendingRequest ─▶ ReadingResponse ─┬─▶ Relaying (userspace)
 //!        │               │ (next server)                   │          │     └─▶ Promoting ─▶ Spliced
 //!        │               │                                 │          ├─▶ HandingOff ─▶ Spliced
+//!        │               │                                 │          │   (a reader falls behind:
+//!        │               │                                 │          │    Spliced ─▶ Relaying)
 //!        └───────────────┴──────────▶ Rejecting ◀──────────┘          └─▶ Relaying (refusal)
 //!
 //! ReadingRequest ─▶ Connecting (or a kept-alive upstream) ─▶ Exchanging ─▶ ReadingRequest …
@@ -35,7 +37,7 @@ use std::net::SocketAddr;
 pub use exchange::Exchange;
 pub use handshake::{ConnectFailure, ExchangeStart, Handshake, Rejection, RequestSummary, Step};
 pub use relay::Relay;
-pub use splice::{Backlog, Counted, Splice, SplicedEvent};
+pub use splice::{Backlog, Counted, Paused, Splice, SplicedEvent};
 
 use crate::access::AccessRecord;
 use crate::headers::Scheme;
@@ -187,6 +189,11 @@ pub enum Action {
     /// Kernel path: at the next tick, measure what the kernel still has to deliver towards
     /// each side and call [`Connection::on_pressure`].
     MeasurePressure,
+    /// Kernel path: a reader fell behind; pause both sockets in the splice maps (their bytes
+    /// then stay on them for the userspace relay), wait until no verdict still redirects,
+    /// stop watching them, measure what the kernel still has to deliver towards each side and
+    /// call [`Connection::on_paused`].
+    PauseSplice,
     /// Kernel path: remove the tunnel from the splice maps and call
     /// [`Connection::on_unspliced`] with what the program counted.
     Unsplice,
@@ -580,7 +587,12 @@ impl Connection {
             return;
         }
         self.ending = Some(Box::new(Ending { reason, abortive }));
-        if matches!(self.stage, Stage::Spliced(_)) {
+        let in_maps = match &self.stage {
+            Stage::Spliced(_) => true,
+            Stage::Relaying(relay) => relay.left_kernel(),
+            _ => false,
+        };
+        if in_maps {
             out.push_back(Action::Unsplice);
         }
         out.push_back(Action::Close { abortive });
@@ -610,11 +622,17 @@ impl Connection {
         if status == 101 {
             metrics.tunnels_open.dec();
         }
-        if let Stage::Spliced(splice) = &self.stage {
-            metrics.tunnels_spliced_open.dec();
-            metrics
+        match &self.stage {
+            Stage::Spliced(splice) => {
+                metrics.tunnels_spliced_open.dec();
+                metrics
+                    .kernel_backlog_bytes
+                    .replace_share(splice.backlog(), 0);
+            }
+            Stage::Relaying(relay) => metrics
                 .kernel_backlog_bytes
-                .replace_share(splice.backlog(), 0);
+                .replace_share(relay.kernel_backlog(), 0),
+            _ => {}
         }
         let mut summary = self.summary;
         let mut stage = self.stage;

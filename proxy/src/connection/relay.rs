@@ -19,6 +19,22 @@ pub struct Relay {
     status: u16,
     /// When the tunnel becomes due for the kernel path (`DataPath::Promote`; else never).
     promote_at_ns: u64,
+    /// Set once the tunnel left the kernel path (boxed: rare, and idle tunnels should not
+    /// carry it).
+    left_kernel: Option<Box<KernelBacklog>>,
+}
+
+/// A tunnel that left the kernel path because a reader fell behind: both its sockets are
+/// paused in the splice maps (their bytes stay on them for the relay), and the kernel still
+/// delivers what it redirected before the pause.
+#[derive(Debug)]
+struct KernelBacklog {
+    /// Per destination ([`Side::index`]): bytes the kernel still has to deliver there, as last
+    /// measured; `None` once delivered, and from then on the relay reads that direction's
+    /// source (its bytes follow the kernel's, never overtake them).
+    pending: [Option<u64>; 2],
+    /// This tunnel's share of the process-wide `kernel_backlog_bytes` gauge.
+    share: u64,
 }
 
 impl Relay {
@@ -87,6 +103,89 @@ impl Relay {
     fn finished(&self) -> bool {
         self.up.finished() && self.down.finished()
     }
+
+    /// A tunnel that leaves the kernel path: `bytes` moved so far and whether a FIN was passed
+    /// on, per destination ([`Side::index`]); `share` of the kernel backlog gauge. Every
+    /// direction not finished yet is held until the kernel delivered its backlog.
+    pub(super) fn left_kernel_path(
+        bytes: [u64; 2],
+        fin_passed: [bool; 2],
+        share: u64,
+        now_ns: u64,
+        idle_ns: u64,
+    ) -> Relay {
+        let direction = |destination: Side| {
+            let index = destination.index();
+            let mut direction = if fin_passed[index] {
+                Direction::closed()
+            } else {
+                Direction::unbounded()
+            };
+            direction.bytes = bytes[index];
+            direction
+        };
+        // Held (with nothing known yet) until measured.
+        let pending = fin_passed.map(|passed| (!passed).then_some(0));
+        Relay {
+            up: direction(Side::Upstream),
+            down: direction(Side::Client),
+            last_activity_ns: now_ns,
+            idle_ns,
+            status: 101,
+            promote_at_ns: u64::MAX,
+            left_kernel: Some(Box::new(KernelBacklog { pending, share })),
+        }
+    }
+
+    /// Whether the tunnel left the kernel path (its sockets are still in the splice maps).
+    pub fn left_kernel(&self) -> bool {
+        self.left_kernel.is_some()
+    }
+
+    /// This tunnel's share of the kernel backlog gauge (0 unless it left the kernel path).
+    pub fn kernel_backlog(&self) -> u64 {
+        self.left_kernel.as_ref().map_or(0, |left| left.share)
+    }
+
+    /// Whether the direction towards `destination` waits for the kernel to deliver.
+    fn is_held(&self, destination: Side) -> bool {
+        self.left_kernel
+            .as_ref()
+            .is_some_and(|left| left.pending[destination.index()].is_some())
+    }
+
+    /// The kernel still has `bytes` to deliver towards `destination`. `None`: that direction
+    /// is not held; `Some(true)`: delivered, released to the relay now; `Some(false)`: still
+    /// held. Progress counts as activity for the idle timeout (a slow reader is reading).
+    pub(super) fn kernel_delivered(
+        &mut self,
+        destination: Side,
+        bytes: u64,
+        now_ns: u64,
+    ) -> Option<bool> {
+        let left = self.left_kernel.as_mut()?;
+        let pending = left.pending[destination.index()].as_mut()?;
+        if bytes == 0 {
+            left.pending[destination.index()] = None;
+            self.last_activity_ns = now_ns;
+            return Some(true);
+        }
+        if bytes < *pending {
+            self.last_activity_ns = now_ns;
+        }
+        *pending = bytes;
+        Some(false)
+    }
+
+    /// Sets the share of the kernel backlog gauge to what is still pending; returns the old
+    /// and the new share.
+    pub(super) fn update_kernel_backlog(&mut self) -> (u64, u64) {
+        let Some(left) = self.left_kernel.as_mut() else {
+            return (0, 0);
+        };
+        let now: u64 = left.pending.iter().flatten().sum();
+        (std::mem::replace(&mut left.share, now), now)
+    }
 }
 
 impl Connection {
@@ -123,6 +222,7 @@ impl Connection {
             idle_ns,
             status,
             promote_at_ns,
+            left_kernel: None,
         };
         let reminder = relay.reminder(now_ns);
         self.stage = Stage::Relaying(relay);
@@ -188,6 +288,9 @@ impl Connection {
         let Stage::Relaying(relay) = &mut self.stage else {
             return;
         };
+        if relay.is_held(destination) {
+            return; // the kernel still delivers what it redirected there
+        }
         let budget = relay
             .towards(destination)
             .read_budget(services.relay_buffer);

@@ -18,7 +18,7 @@
 //! queued (so no segment is half-read: the program would get it whole and pass its head on a
 //! second time). Bytes that arrive afterwards wait whole in the socket until step 5's kick.
 
-use super::{Action, Actions, Connection, DataPath, Side, Stage, MAX_UNREAD_BEFORE_SPLICE};
+use super::{Action, Actions, Connection, DataPath, Relay, Side, Stage, MAX_UNREAD_BEFORE_SPLICE};
 use crate::services::Services;
 use crate::tunnel::relay::SourceRead;
 
@@ -35,6 +35,8 @@ pub struct Splice {
     /// Bytes the kernel still had to deliver (both ways) when last measured: this tunnel's
     /// share of `kernel_backlog_bytes`.
     backlog: u64,
+    /// A reader fell behind: the tunnel is leaving the kernel path ([`Action::PauseSplice`]).
+    leaving: bool,
 }
 
 impl Splice {
@@ -96,6 +98,18 @@ pub enum SplicedEvent {
         /// The error, for the log.
         error: String,
     },
+}
+
+/// A tunnel's sockets were paused ([`Action::PauseSplice`]): what the program had counted, and
+/// what the kernel still has to deliver towards each side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Paused {
+    /// Bytes the program moved, final now.
+    pub counted: Counted,
+    /// Still to deliver towards the client.
+    pub to_client: Backlog,
+    /// Still to deliver towards the upstream.
+    pub to_upstream: Backlog,
 }
 
 /// What the program counted for a tunnel, read when it left the kernel.
@@ -231,6 +245,7 @@ impl Connection {
             bytes_up,
             bytes_down,
             backlog: 0,
+            leaving: false,
         });
         metrics.tunnels_spliced.inc();
         metrics.tunnels_spliced_open.inc();
@@ -279,7 +294,10 @@ impl Connection {
         self.start_tunnel_relay(Vec::new(), to_upstream, now_ns, services, out);
     }
 
-    /// A spliced socket woke up.
+    /// A spliced socket woke up, or a report made the I/O layer look at it. Once the tunnel
+    /// left the kernel path only a diverted socket matters (the relay reads everything else):
+    /// its program dropped the copy it could not cut, and what follows, so the tunnel is
+    /// reset.
     pub fn on_spliced_event(
         &mut self,
         side: Side,
@@ -287,7 +305,20 @@ impl Connection {
         services: &Services,
         out: &mut Actions,
     ) {
-        if self.is_closing() || !matches!(self.stage, Stage::Spliced(_)) {
+        if self.is_closing() {
+            return;
+        }
+        let left_kernel = matches!(&self.stage, Stage::Relaying(relay) if relay.left_kernel());
+        if left_kernel && event == (SplicedEvent::Stray { diverted: true }) {
+            services.metrics.kernel_diverted.inc();
+            let reason = format!(
+                "the kernel handed over bytes from {side:?} twice and the copy could not be cut \
+                 off; the bytes were dropped"
+            );
+            tracing::warn!(%reason, "resetting a tunnel that left the kernel path");
+            return self.close(reason, true, out);
+        }
+        if !matches!(self.stage, Stage::Spliced(_)) {
             return;
         }
         match event {
@@ -349,63 +380,168 @@ impl Connection {
 
     /// The program reported that this tunnel moved another `PRESSURE_STEP` bytes, or a
     /// measurement asked for at the last tick is due; the I/O layer measured the backlog
-    /// towards each side (client, upstream). A reader more than `limits.kernel_backlog` behind,
-    /// or one that adds to a process-wide backlog beyond `limits.kernel_backlog_total`, closes
-    /// the tunnel as a slow consumer (reset both ways), which frees what the kernel queued for
-    /// it. While anything is queued the tunnel is measured again at every tick, so its share
-    /// of the total follows its reader catching up.
+    /// towards each side. A reader more than `limits.kernel_backlog` behind, or one that adds
+    /// to a process-wide backlog beyond `limits.kernel_backlog_total`, takes its tunnel off the
+    /// kernel path ([`Action::PauseSplice`]): the writer is throttled by TCP from then on, and
+    /// the userspace relay takes over each direction once the kernel delivered what it had
+    /// queued there. While anything is queued the tunnel is measured again at every tick, so
+    /// its share of the total follows its reader catching up.
     ///
-    /// Why not slow the writer down: see the README, "Slow readers".
+    /// Why the kernel path itself cannot slow the writer down: see the README, "Slow readers".
     pub fn on_pressure(
         &mut self,
-        to_client: u64,
-        to_upstream: u64,
+        to_client: Backlog,
+        to_upstream: Backlog,
+        now_ns: u64,
         services: &Services,
         out: &mut Actions,
     ) {
         if self.is_closing() {
             return;
         }
+        if matches!(&self.stage, Stage::Relaying(relay) if relay.left_kernel()) {
+            return self.on_kernel_delivering(to_client, to_upstream, now_ns, services, out);
+        }
         let Stage::Spliced(splice) = &mut self.stage else {
             return;
         };
+        if splice.leaving {
+            return;
+        }
         let metrics = &services.metrics;
-        let measured = to_client.saturating_add(to_upstream);
+        let measured = to_client.bytes.saturating_add(to_upstream.bytes);
         metrics
             .kernel_backlog_bytes
             .replace_share(splice.backlog, measured);
         splice.backlog = measured;
         for (destination, backlog) in [(Side::Client, to_client), (Side::Upstream, to_upstream)] {
-            if backlog > services.kernel_backlog {
-                services.metrics.kernel_slow_consumers.inc();
+            if backlog.bytes > services.kernel_backlog {
                 tracing::info!(
+                    client = %self.client_addr,
                     ?destination,
-                    backlog,
-                    "closing a tunnel whose reader fell behind"
+                    backlog = backlog.bytes,
+                    "a reader fell behind (limits.kernel_backlog): this tunnel leaves the \
+                     kernel path for the userspace relay"
                 );
-                let reason = format!(
-                    "slow consumer: {destination:?} is {backlog} bytes behind on the kernel path \
-                     (limits.kernel_backlog)"
-                );
-                return self.close(reason, true, out);
+                splice.leaving = true;
+                out.push_back(Action::PauseSplice);
+                return;
             }
         }
         let total = metrics.kernel_backlog_bytes.get();
         if measured > 0 && total > services.kernel_backlog_total {
-            metrics.kernel_slow_consumers.inc();
             tracing::info!(
+                client = %self.client_addr,
                 backlog = measured,
                 total,
-                "closing a tunnel whose reader adds to a kernel backlog over the process limit"
+                "the kernel backlog of all tunnels is over limits.kernel_backlog_total: this \
+                 tunnel, which adds to it, leaves the kernel path for the userspace relay"
             );
-            let reason = format!(
-                "slow consumer: {measured} bytes behind on the kernel path while all tunnels \
-                 were {total} bytes behind (limits.kernel_backlog_total)"
-            );
-            return self.close(reason, true, out);
+            splice.leaving = true;
+            out.push_back(Action::PauseSplice);
+            return;
         }
         if measured > 0 {
             out.push_back(Action::MeasurePressure);
+        }
+    }
+
+    /// Both sockets are paused ([`Action::PauseSplice`]): the tunnel goes to the userspace
+    /// relay, each direction held until the kernel delivered what it had queued towards its
+    /// destination (so the relay's bytes follow the kernel's, never overtake them). If the
+    /// pause failed, closing is the last resort: the kernel would go on queueing for a reader
+    /// that does not read.
+    pub fn on_paused(
+        &mut self,
+        result: Result<Paused, String>,
+        now_ns: u64,
+        services: &Services,
+        out: &mut Actions,
+    ) {
+        if self.is_closing() {
+            return;
+        }
+        let Stage::Spliced(splice) = &self.stage else {
+            return;
+        };
+        let metrics = &services.metrics;
+        let paused = match result {
+            Ok(paused) => paused,
+            Err(error) => {
+                metrics.kernel_slow_consumers.inc();
+                let reason = format!(
+                    "slow consumer: a reader fell behind on the kernel path and the tunnel could \
+                     not leave it: {error}"
+                );
+                return self.close(reason, true, out);
+            }
+        };
+        let counted = paused.counted;
+        let (up, down) = (
+            splice.bytes_up + counted.up,
+            splice.bytes_down + counted.down,
+        );
+        let fin_passed = splice.fin_passed;
+        let backlog = splice.backlog;
+        metrics.tunnels_spliced_open.dec();
+        metrics.tunnels_demoted.inc();
+        metrics.spliced_bytes_kernel.add(counted.up + counted.down);
+        if counted.repeated > 0 {
+            metrics.kernel_repeated_bytes_cut.add(counted.repeated);
+        }
+        // Never promoted again: un-pausing cannot be made safe (bytes that stay on a socket
+        // between the relay's last read and the un-pause would be overtaken by later ones).
+        self.datapath = DataPath::Relay;
+        let relay = Relay::left_kernel_path(
+            [down, up],
+            fin_passed,
+            backlog,
+            now_ns,
+            self.idle_ns(services),
+        );
+        let deadline = relay.deadline();
+        self.stage = Stage::Relaying(relay);
+        out.push_back(Action::ArmDeadline(deadline));
+        self.on_kernel_delivering(paused.to_client, paused.to_upstream, now_ns, services, out);
+    }
+
+    /// A tunnel that left the kernel path: what the kernel still has to deliver towards each
+    /// side. A direction whose backlog is gone is released to the relay; one whose destination
+    /// is gone with bytes queued can never be delivered (the tunnel is reset).
+    fn on_kernel_delivering(
+        &mut self,
+        to_client: Backlog,
+        to_upstream: Backlog,
+        now_ns: u64,
+        services: &Services,
+        out: &mut Actions,
+    ) {
+        let Stage::Relaying(relay) = &mut self.stage else {
+            return;
+        };
+        let mut released = Vec::new();
+        let mut gone = None;
+        for (destination, backlog) in [(Side::Client, to_client), (Side::Upstream, to_upstream)] {
+            match relay.kernel_delivered(destination, backlog.bytes, now_ns) {
+                Some(true) => released.push(destination),
+                Some(false) if backlog.destination_gone => gone = Some(destination),
+                _ => {}
+            }
+        }
+        let (before, after) = relay.update_kernel_backlog();
+        services
+            .metrics
+            .kernel_backlog_bytes
+            .replace_share(before, after);
+        if let Some(destination) = gone {
+            let reason = format!("{destination:?} connection is gone (reset) with bytes queued");
+            return self.close(reason, true, out);
+        }
+        if after > 0 {
+            out.push_back(Action::MeasurePressure);
+        }
+        for destination in released {
+            self.pump(destination.peer(), services, out);
         }
     }
 

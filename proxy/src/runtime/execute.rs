@@ -158,6 +158,12 @@ impl Worker {
                     }
                 }
             }
+            Action::PauseSplice => {
+                let result = self.pause_splice(slot);
+                if let Some(entry) = self.table.get(slot) {
+                    entry.conn.on_paused(result, now(), &services, actions);
+                }
+            }
             Action::Unsplice => {
                 let maps = self.maps.as_mut();
                 let Some(entry) = self.table.get(slot) else {
@@ -418,6 +424,47 @@ impl Worker {
             .map_err(|error| error.to_string())?;
         entry.spliced = Some(sockets);
         Ok(())
+    }
+
+    /// Kernel path: pauses a tunnel's sockets, stops watching them (the relay polls them for
+    /// bytes from now on) and measures what the kernel still has to deliver each way.
+    fn pause_splice(&mut self, slot: u32) -> Result<crate::connection::Paused, String> {
+        let maps = self.maps.as_mut().ok_or("no splice program")?;
+        let entry = self.table.get(slot).ok_or("connection gone")?;
+        let (Some(client), Some(upstream), Some(sockets)) = (
+            entry.client.fd.as_ref(),
+            entry.upstream.fd.as_ref(),
+            entry.spliced.as_mut(),
+        ) else {
+            return Err("a socket is missing".into());
+        };
+        let counted = splice::pause(maps, sockets, client.as_fd(), upstream.as_fd())
+            .map_err(|error| error.to_string())?;
+        let id = entry.conn.id();
+        for side in [Side::Client, Side::Upstream] {
+            let io = entry.side(side);
+            io.intent = Intent::None;
+            if io.polling {
+                io.poll_removed = true;
+                let target = match side {
+                    Side::Client => Op::PollClient,
+                    Side::Upstream => Op::PollUpstream,
+                };
+                entry.inflight += 1;
+                self.ring
+                    .remove_poll(target.user_data(slot, id), Op::Cancel.user_data(slot, id));
+            }
+        }
+        let to_client = self.measure_backlog(slot, Side::Client);
+        let to_upstream = self.measure_backlog(slot, Side::Upstream);
+        let (Some(to_client), Some(to_upstream)) = (to_client, to_upstream) else {
+            return Err("a socket is missing".into());
+        };
+        Ok(crate::connection::Paused {
+            counted,
+            to_client,
+            to_upstream,
+        })
     }
 
     /// Starts closing: resets both ways if abortive (else says goodbye to a TLS client), and

@@ -223,6 +223,13 @@ impl Ring {
         self.push(limit);
     }
 
+    /// Removes the poll submitted with `target` (its completion then reports `ECANCELED`; a
+    /// poll that completed already is not affected).
+    pub fn remove_poll(&mut self, target: u64, user_data: u64) {
+        let entry = opcode::PollRemove::new(target).build().user_data(user_data);
+        self.push(entry);
+    }
+
     /// Cancels every operation on `fd`.
     pub fn cancel_fd(&mut self, fd: RawFd, user_data: u64) {
         let entry = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())

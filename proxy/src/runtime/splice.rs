@@ -1,5 +1,6 @@
 //! The kernel path's I/O inside a worker: hand-off steps 3–5, looking at spliced sockets,
-//! measuring what the kernel still has to deliver, and taking a tunnel out of the maps.
+//! measuring what the kernel still has to deliver, pausing a tunnel whose reader fell behind,
+//! and taking a tunnel out of the maps.
 //! Decisions are the connection's (`connection/splice.rs`); this only does and measures.
 //!
 //! Hand-off steps 3–5 (steps 1–2 are the connection's):
@@ -13,7 +14,7 @@
 //!    program to the client in order, and anything the client queued goes upstream.
 
 use std::io;
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use wsplice_common::DIVERTED;
 
@@ -30,6 +31,8 @@ pub struct SplicedSockets {
     /// `queued_bytes` of each socket at the hand-off (what userspace wrote before the splice).
     client_baseline: u64,
     upstream_baseline: u64,
+    /// Both sockets are in `PAUSED` (the tunnel left the kernel path for the relay).
+    paused: bool,
 }
 
 impl SplicedSockets {
@@ -78,6 +81,7 @@ pub fn hand_off(
         // kernel.
         client_baseline: sys::queued_bytes(client).unwrap_or(0),
         upstream_baseline: sys::queued_bytes(upstream).unwrap_or(0),
+        paused: false,
     };
     let inserted = (|| {
         maps.track(sockets.client_cookie, owner.encode())?;
@@ -117,21 +121,59 @@ pub fn forget(maps: &mut SpliceMaps, sockets: &SplicedSockets) -> Counted {
             tracing::debug!(%error, cookie, "removing a peer entry");
         }
     }
+    let counted = counted(maps, sockets);
+    for cookie in cookies {
+        if let Err(error) = maps.untrack(cookie) {
+            tracing::debug!(%error, cookie, "removing an activity record");
+        }
+        if sockets.paused {
+            if let Err(error) = maps.unpause(cookie) {
+                tracing::debug!(%error, cookie, "removing a pause");
+            }
+        }
+    }
+    counted
+}
+
+/// What the program counted for the tunnel so far.
+fn counted(maps: &SpliceMaps, sockets: &SplicedSockets) -> Counted {
     let activity = |cookie| maps.activity(cookie).ok().flatten().unwrap_or_default();
     let (client, upstream) = (
         activity(sockets.client_cookie),
         activity(sockets.upstream_cookie),
     );
-    for cookie in cookies {
-        if let Err(error) = maps.untrack(cookie) {
-            tracing::debug!(%error, cookie, "removing an activity record");
-        }
-    }
     Counted {
         up: client.bytes,
         down: upstream.bytes,
         repeated: client.repeated_bytes + upstream.repeated_bytes,
     }
+}
+
+/// Takes a tunnel off the kernel path without dropping a byte: pauses both sockets (their
+/// bytes then stay on them, in order, for the userspace relay), waits for any verdict that
+/// still redirects, and returns what the program counted; from then on the counts no longer
+/// move. Both sockets stay in the maps until the tunnel closes: taking a socket out drops
+/// what the kernel queued for it.
+///
+/// Why a lock is enough: the verdict runs with the source socket's lock held (in softirq, or
+/// from its backlog while a process owns it), and a `recv` takes that lock, so once the peek
+/// on each socket returned, no verdict that missed the pause can still be running.
+pub fn pause(
+    maps: &mut SpliceMaps,
+    sockets: &mut SplicedSockets,
+    client: BorrowedFd<'_>,
+    upstream: BorrowedFd<'_>,
+) -> Result<Counted, SpliceError> {
+    sockets.paused = true;
+    maps.pause(sockets.client_cookie)?;
+    maps.pause(sockets.upstream_cookie)?;
+    for fd in [client, upstream] {
+        let mut byte = [0u8; 1];
+        // Only the lock matters; what the peek finds (bytes, EOF, EAGAIN, an error) is the
+        // relay's to read.
+        let _ = sys::peek(fd.as_raw_fd(), &mut byte);
+    }
+    Ok(counted(maps, sockets))
 }
 
 /// When the program last moved a byte of the tunnel (either socket).
@@ -164,18 +206,21 @@ pub fn backlog(
     }
 }
 
-/// Looks at a spliced socket without consuming anything.
+/// Looks at a spliced socket without consuming anything. A diverted socket is reported as
+/// such even when nothing stays on it (a paused socket's program drops what it diverts).
 pub fn inspect(maps: &SpliceMaps, sockets: &SplicedSockets, side: Side, fd: RawFd) -> SplicedEvent {
+    let diverted = maps
+        .activity(sockets.cookie(side))
+        .ok()
+        .flatten()
+        .is_some_and(|activity| activity.flags & DIVERTED != 0);
+    if diverted {
+        return SplicedEvent::Stray { diverted };
+    }
     let mut byte = [0u8; 1];
     match sys::peek(fd, &mut byte) {
         Ok(0) => SplicedEvent::Eof,
-        Ok(_) => SplicedEvent::Stray {
-            diverted: maps
-                .activity(sockets.cookie(side))
-                .ok()
-                .flatten()
-                .is_some_and(|activity| activity.flags & DIVERTED != 0),
-        },
+        Ok(_) => SplicedEvent::Stray { diverted },
         Err(error) => match error.raw_os_error() {
             Some(libc::EAGAIN) => SplicedEvent::Nothing,
             // The kernel reports EPIPE on a socket when it could not push redirected bytes

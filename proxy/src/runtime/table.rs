@@ -96,6 +96,9 @@ pub struct SideIo {
     pub polling: bool,
     /// What the poll is for.
     pub intent: Intent,
+    /// The poll in flight was removed on purpose (it waited for the wrong events): its
+    /// `ECANCELED` is not a failure.
+    pub poll_removed: bool,
     /// The send in flight: it owns its bytes until its completion arrives.
     out: Option<Outgoing>,
     /// The connection waits for `on_sent` of this side.

@@ -593,6 +593,19 @@ impl Worker {
 
     /// A side became readable (or the poll failed): do what the poll was armed for.
     fn on_poll(&mut self, slot: u32, side: Side, result: i32) {
+        let removed = self
+            .table
+            .get(slot)
+            .map(|entry| std::mem::take(&mut entry.side(side).poll_removed));
+        if result == -libc::ECANCELED && removed == Some(true) {
+            // Removed on purpose (a tunnel leaving the kernel path): if something else was
+            // asked for meanwhile, the arm found this poll still in flight; poll for it now.
+            let intent = self.table.get(slot).map(|entry| entry.side(side).intent);
+            if let Some(intent) = intent.filter(|&intent| intent != Intent::None) {
+                self.arm_poll(slot, side, intent);
+            }
+            return;
+        }
         if result < 0 {
             let error = io::Error::from_raw_os_error(-result).to_string();
             return self.drive(slot, |conn, _, out| conn.on_poll_failed(side, &error, out));
@@ -693,8 +706,9 @@ impl Worker {
         let (Some(to_client), Some(to_upstream)) = (to_client, to_upstream) else {
             return;
         };
+        let now = monotonic_ns();
         self.drive(slot, |conn, services, out| {
-            conn.on_pressure(to_client.bytes, to_upstream.bytes, services, out)
+            conn.on_pressure(to_client, to_upstream, now, services, out)
         });
     }
 

@@ -1,6 +1,7 @@
 //! A handle on the program's maps: `PEER` (which socket each socket's bytes go to), `BRIDGE`
-//! (the same, only during a hand-off) and `ACTIVITY` (what the program records per socket). Each worker owns one, so inserts and
-//! lookups take no lock in userspace; the kernel serializes map updates itself.
+//! (the same, only during a hand-off), `ACTIVITY` (what the program records per socket) and
+//! `PAUSED` (sockets whose bytes stay on them for the userspace relay). Each worker owns one,
+//! so inserts and lookups take no lock in userspace; the kernel serializes map updates itself.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 
@@ -9,11 +10,12 @@ use wsplice_common::{Activity, PRESSURE_STEP};
 
 use super::SpliceError;
 
-/// `PEER`, `BRIDGE` and `ACTIVITY`, through this handle's own descriptors.
+/// `PEER`, `BRIDGE`, `ACTIVITY` and `PAUSED`, through this handle's own descriptors.
 pub struct SpliceMaps {
     peer: SockHash<MapData, u64>,
     bridge: SockHash<MapData, u64>,
     activity: HashMap<MapData, u64, Activity>,
+    paused: HashMap<MapData, u64, u32>,
 }
 
 impl std::fmt::Debug for SpliceMaps {
@@ -27,11 +29,13 @@ impl SpliceMaps {
         peer: SockHash<MapData, u64>,
         bridge: SockHash<MapData, u64>,
         activity: HashMap<MapData, u64, Activity>,
+        paused: HashMap<MapData, u64, u32>,
     ) -> SpliceMaps {
         SpliceMaps {
             peer,
             bridge,
             activity,
+            paused,
         }
     }
 
@@ -83,6 +87,20 @@ impl SpliceMaps {
     /// Stops recording activity for `cookie` (per-socket records are not removed by the kernel).
     pub fn untrack(&mut self, cookie: u64) -> Result<(), SpliceError> {
         ignore_missing(self.activity.remove(&cookie))
+    }
+
+    /// Pauses the socket with `cookie`: from the next skb on, the program leaves its bytes on
+    /// it (in order, charged to its receive buffer) instead of redirecting them. A verdict
+    /// already running may still redirect one skb: the caller takes the socket's lock
+    /// afterwards (any setsockopt does) to wait for it.
+    pub fn pause(&mut self, cookie: u64) -> Result<(), SpliceError> {
+        self.paused.insert(&cookie, &1, 0)?;
+        Ok(())
+    }
+
+    /// Removes the pause of `cookie`; a missing entry is fine.
+    pub fn unpause(&mut self, cookie: u64) -> Result<(), SpliceError> {
+        ignore_missing(self.paused.remove(&cookie))
     }
 
     /// Entries in `PEER` (walks the map: for tests only; metrics come from the workers).

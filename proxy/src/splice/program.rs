@@ -5,7 +5,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use aya::maps::{HashMap, Map, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
-use wsplice_common::{Activity, ACTIVITY_MAP, BRIDGE_MAP, PEER_MAP, PRESSURE_MAP, VERDICT_PROGRAM};
+use wsplice_common::{
+    Activity, ACTIVITY_MAP, BRIDGE_MAP, PAUSED_MAP, PEER_MAP, PRESSURE_MAP, VERDICT_PROGRAM,
+};
 
 use super::SpliceMaps;
 
@@ -100,10 +102,11 @@ fn is_permission_error(error: &(dyn std::error::Error + 'static)) -> bool {
 /// through their own [`SpliceMaps`] handles (duplicated descriptors), so no lock is taken on
 /// the hot path.
 pub struct SpliceProgram {
-    /// Descriptors of `PEER`, `BRIDGE` and `ACTIVITY`, duplicated into each handle.
+    /// Descriptors of `PEER`, `BRIDGE`, `ACTIVITY` and `PAUSED`, duplicated into each handle.
     peer_fd: OwnedFd,
     bridge_fd: OwnedFd,
     activity_fd: OwnedFd,
+    paused_fd: OwnedFd,
     /// Taken by the pressure watcher (`take_pressure_ring`).
     pressure: Option<RingBuf<MapData>>,
     /// Owns the program and its attachment; dropping it detaches the verdict.
@@ -139,6 +142,7 @@ impl SpliceProgram {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(PEER_MAP, max_sockets)
             .map_max_entries(ACTIVITY_MAP, max_sockets)
+            .map_max_entries(PAUSED_MAP, max_sockets)
             .load(EBPF_OBJECT)?;
         let peer_map = ebpf
             .take_map(PEER_MAP)
@@ -151,6 +155,10 @@ impl SpliceProgram {
             .ok_or(SpliceError::Missing("BRIDGE map"))?;
         let (peer_fd, activity_fd) = (duplicate(&peer_map)?, duplicate(&activity_map)?);
         let bridge_fd = duplicate(&bridge_map)?;
+        let paused_map = ebpf
+            .take_map(PAUSED_MAP)
+            .ok_or(SpliceError::Missing("PAUSED map"))?;
+        let paused_fd = duplicate(&paused_map)?;
         let peer: SockHash<MapData, u64> = SockHash::try_from(peer_map)?;
         let pressure = RingBuf::try_from(
             ebpf.take_map(PRESSURE_MAP)
@@ -166,10 +174,12 @@ impl SpliceProgram {
         let _: HashMap<MapData, u64, Activity> = HashMap::try_from(activity_map)?;
         // Checked once too; the program is not attached to it.
         let _: SockHash<MapData, u64> = SockHash::try_from(bridge_map)?;
+        let _: HashMap<MapData, u64, u32> = HashMap::try_from(paused_map)?;
         Ok(SpliceProgram {
             peer_fd,
             bridge_fd,
             activity_fd,
+            paused_fd,
             pressure: Some(pressure),
             _ebpf: ebpf,
         })
@@ -185,6 +195,7 @@ impl SpliceProgram {
             SockHash::try_from(Map::SockHash(open(&self.peer_fd)?))?,
             SockHash::try_from(Map::SockHash(open(&self.bridge_fd)?))?,
             HashMap::try_from(Map::HashMap(open(&self.activity_fd)?))?,
+            HashMap::try_from(Map::HashMap(open(&self.paused_fd)?))?,
         ))
     }
 

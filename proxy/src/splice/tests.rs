@@ -324,6 +324,98 @@ fn a_live_socket_without_its_own_entry_reaches_its_peer_through_the_bridge() {
     assert_eq!(activity.bytes, (during.len() + after.len()) as u64);
 }
 
+/// Writes from `writer` (non-blocking) until it has been blocked for half a second, and
+/// returns how much it could write: what the way to a reader that does not read takes in.
+fn write_until_blocked(writer: &TcpStream, bytes: &[u8]) -> usize {
+    writer.set_nonblocking(true).expect("non-blocking writer");
+    let mut writer = writer;
+    let (mut written, mut blocked_since) = (0, None);
+    let deadline = Instant::now() + PATIENCE;
+    while Instant::now() < deadline {
+        match writer.write(&bytes[written % bytes.len()..]) {
+            Ok(n) => {
+                written += n;
+                blocked_since = None;
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                let since = *blocked_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_millis(500) {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(error) => panic!("writing: {error}"),
+        }
+    }
+    writer.set_nonblocking(false).expect("blocking writer");
+    written
+}
+
+#[test]
+fn a_paused_socket_keeps_its_bytes_in_order_and_its_sender_is_throttled() {
+    let Some((_loaded, mut program)) = load() else {
+        return;
+    };
+    let mut tunnel = Tunnel::new();
+    tunnel.splice(&mut program);
+    let (client_cookie, upstream_cookie) = (tunnel.client_cookie(), tunnel.upstream_cookie());
+    let first = pattern(100_000, 3);
+    assert!(send_through(&tunnel.upstream, &mut tunnel.client, &first) == first);
+    let counted = |program: &SpliceMaps| {
+        program
+            .activity(upstream_cookie)
+            .expect("read activity")
+            .map(|activity| activity.bytes)
+    };
+    let before = counted(&program);
+
+    program
+        .pause(upstream_cookie)
+        .expect("pause the upstream socket");
+    program
+        .pause(client_cookie)
+        .expect("pause the client socket");
+    // The upstream floods; nobody reads the proxy's socket: TCP's window closes, so what it
+    // can write is bounded by the socket buffers (a few MiB), not by the kernel's patience.
+    let flood = pattern(1 << 20, 4);
+    let written = write_until_blocked(&tunnel.upstream, &flood);
+    assert!(written > 0, "nothing could be written");
+    assert!(
+        written < 32 << 20,
+        "a paused socket let its sender write {written} bytes"
+    );
+    // Nothing was redirected to the client...
+    tunnel
+        .client
+        .set_nonblocking(true)
+        .expect("non-blocking client");
+    let mut byte = [0u8; 1];
+    let nothing = (&tunnel.client).read(&mut byte);
+    assert!(
+        matches!(&nothing, Err(error) if error.kind() == std::io::ErrorKind::WouldBlock),
+        "the client got bytes from a paused socket: {nothing:?}"
+    );
+    assert_eq!(
+        counted(&program),
+        before,
+        "the program counted paused bytes"
+    );
+    // ...they wait on the paused socket, whole and in order, for the relay to read.
+    let held = read_exactly(&mut tunnel.proxy_upstream, written);
+    let expected: Vec<u8> = flood.iter().copied().cycle().take(written).collect();
+    assert!(held == expected, "the paused bytes came out changed");
+    // And the other paused socket keeps the client's bytes the same way.
+    let up = pattern(5000, 5);
+    tunnel
+        .client
+        .set_nonblocking(false)
+        .expect("blocking client");
+    tunnel.client.write_all(&up).expect("the client writes");
+    assert!(read_exactly(&mut tunnel.proxy_client, up.len()) == up);
+    program.unpause(upstream_cookie).expect("unpause");
+    program.unpause(client_cookie).expect("unpause");
+}
+
 #[test]
 fn removing_a_peer_entry_stops_the_redirect() {
     let Some((_loaded, mut program)) = load() else {

@@ -1,5 +1,6 @@
 //! The kernel path: each hand-off outcome, FINs that wait for the kernel, resets, stray bytes,
-//! slow consumers, idleness from the program's activity, and the counts for the access line.
+//! readers that fall behind (the tunnel leaves the kernel path), idleness from the program's
+//! activity, and the counts for the access line.
 
 use super::*;
 
@@ -220,61 +221,251 @@ fn bytes_the_program_held_back_reset_the_tunnel_and_are_counted() {
     assert_eq!(h.services.metrics.kernel_diverted.get(), 1);
 }
 
-#[test]
-fn a_reader_too_far_behind_closes_the_tunnel_as_a_slow_consumer() {
+fn pressure(h: &mut Harness, to_client: u64, to_upstream: u64) -> Vec<Action> {
+    h.event(|c, now, s, out| {
+        c.on_pressure(
+            backlog(to_client, false),
+            backlog(to_upstream, false),
+            now,
+            s,
+            out,
+        )
+    })
+}
+
+fn paused(h: &mut Harness, result: Result<Paused, String>) -> Vec<Action> {
+    h.event(|c, now, s, out| c.on_paused(result, now, s, out))
+}
+
+const COUNTED: Counted = Counted {
+    up: 10,
+    down: 20,
+    repeated: 0,
+};
+
+/// What the pause found still queued in the kernel towards each side.
+fn still_queued(to_client: u64, to_upstream: u64) -> Paused {
+    Paused {
+        counted: COUNTED,
+        to_client: backlog(to_client, false),
+        to_upstream: backlog(to_upstream, false),
+    }
+}
+
+fn forward(from: Side) -> Action {
+    Action::Forward {
+        from,
+        budget: RELAY_BUFFER,
+    }
+}
+
+/// A spliced tunnel whose upstream floods a client that stopped reading: it leaves the kernel
+/// path with `to_client` bytes still queued towards the client.
+fn demoted(to_client: u64) -> Harness {
     let mut h = Harness::spliced();
     let limit = h.services.kernel_backlog;
+    assert_eq!(pressure(&mut h, limit + 1, 0), vec![Action::PauseSplice]);
+    let actions = paused(&mut h, Ok(still_queued(to_client, 0)));
+    let mut expected = vec![Action::ArmDeadline(h.now + IDLE)];
+    if to_client > 0 {
+        expected.push(Action::MeasurePressure);
+    } else {
+        expected.push(forward(Side::Upstream));
+    }
+    // The upstream is the destination of nothing queued: the client's bytes are relayed now.
+    expected.push(forward(Side::Client));
+    assert_eq!(actions, expected);
+    h
+}
+
+#[test]
+fn a_reader_too_far_behind_takes_the_tunnel_off_the_kernel_path_instead_of_closing_it() {
+    let mut h = Harness::spliced();
+    let limit = h.services.kernel_backlog;
+    assert_eq!(pressure(&mut h, limit, 0), vec![Action::MeasurePressure]);
+    assert_eq!(pressure(&mut h, 0, limit + 1), vec![Action::PauseSplice]);
+    // Measured again before the pause was carried out: asked once only.
+    assert_eq!(pressure(&mut h, 0, limit + 2), vec![]);
+    let actions = paused(&mut h, Ok(still_queued(0, 3000)));
     assert_eq!(
-        h.event(|c, _, s, out| c.on_pressure(limit, 0, s, out)),
-        vec![Action::MeasurePressure]
+        actions,
+        vec![
+            Action::ArmDeadline(h.now + IDLE),
+            Action::MeasurePressure,
+            // Towards the client nothing is queued: the upstream's bytes are relayed now.
+            forward(Side::Upstream),
+        ]
     );
-    let actions = h.event(|c, _, s, out| c.on_pressure(0, limit + 1, s, out));
-    assert!(closes(&actions, true));
+    assert!(matches!(h.conn.stage(), Stage::Relaying(_)));
+    let metrics = std::sync::Arc::clone(&h.services.metrics);
+    assert_eq!(metrics.tunnels_demoted.get(), 1);
+    assert_eq!(metrics.tunnels_spliced_open.get(), 0);
+    assert_eq!(metrics.kernel_slow_consumers.get(), 0);
+    assert_eq!(metrics.kernel_backlog_bytes.get(), 3000);
+    assert_eq!(metrics.spliced_bytes_kernel.get(), 30);
+    // The client's bytes wait until the kernel delivered what it queued for the upstream.
+    assert_eq!(pressure(&mut h, 0, 1000), vec![Action::MeasurePressure]);
+    assert_eq!(metrics.kernel_backlog_bytes.get(), 1000);
+    assert_eq!(pressure(&mut h, 0, 0), vec![forward(Side::Client)]);
+    assert_eq!(metrics.kernel_backlog_bytes.get(), 0);
+    // Relayed like any tunnel from here on, never promoted again; the access line has
+    // every byte, the kernel's included.
+    h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, 5, true, now, s));
+    let actions = h.sent(Side::Client);
+    assert_eq!(actions, vec![forward(Side::Upstream)]);
+    let actions = h.event(|c, _, _, out| c.on_drain_deadline(out));
+    assert_eq!(
+        actions,
+        vec![Action::Unsplice, Action::Close { abortive: false }],
+        "its sockets leave the splice maps at the close"
+    );
+    let record = h.finish();
+    assert_eq!(
+        (record.bytes_up, record.bytes_down, record.datapath),
+        (10, 25, "userspace")
+    );
+    assert_eq!(metrics.tunnels_open.get(), 0);
+}
+
+#[test]
+fn a_direction_is_relayed_only_once_the_kernel_delivered_what_it_queued() {
+    let mut h = demoted(5000);
+    // The stuck client reads nothing: the upstream's bytes stay held, however long.
+    for _ in 0..3 {
+        assert_eq!(pressure(&mut h, 5000, 0), vec![Action::MeasurePressure]);
+    }
+    // It reads again.
+    assert_eq!(pressure(&mut h, 0, 0), vec![forward(Side::Upstream)]);
+}
+
+#[test]
+fn a_reader_working_through_its_backlog_is_not_idle() {
+    let mut h = demoted(5000);
+    let demoted_at = h.now;
+    h.now = demoted_at + IDLE - SECOND;
+    assert_eq!(pressure(&mut h, 4000, 0), vec![Action::MeasurePressure]);
+    h.now = demoted_at + IDLE;
+    let actions = h.event(|c, now, s, out| c.on_deadline(now, None, false, s, out));
+    assert_eq!(
+        actions,
+        vec![Action::ArmDeadline(demoted_at + 2 * IDLE - SECOND)]
+    );
+    // No progress for the idle timeout: idle, like a relayed tunnel whose reader is stuck.
+    h.now = demoted_at + 2 * IDLE;
+    assert_eq!(pressure(&mut h, 4000, 0), vec![Action::MeasurePressure]);
+    let actions = h.event(|c, now, s, out| c.on_deadline(now, None, false, s, out));
+    assert_eq!(
+        actions,
+        vec![Action::Unsplice, Action::Close { abortive: false }]
+    );
+}
+
+#[test]
+fn a_held_direction_whose_reader_is_gone_resets_the_tunnel() {
+    let mut h = demoted(5000);
+    let actions = h
+        .event(|c, now, s, out| c.on_pressure(backlog(5000, true), backlog(0, false), now, s, out));
+    assert_eq!(
+        actions,
+        vec![Action::Unsplice, Action::Close { abortive: true }]
+    );
+    assert_eq!(
+        h.reason(),
+        "Client connection is gone (reset) with bytes queued"
+    );
+    h.finish();
+}
+
+#[test]
+fn a_pause_that_fails_closes_the_tunnel_as_a_slow_consumer() {
+    let mut h = Harness::spliced();
+    let limit = h.services.kernel_backlog;
+    pressure(&mut h, limit + 1, 0);
+    let actions = paused(&mut h, Err("map full".into()));
+    assert_eq!(
+        actions,
+        vec![Action::Unsplice, Action::Close { abortive: true }]
+    );
+    assert!(h.reason().starts_with("slow consumer"), "{}", h.reason());
+    assert!(h.reason().ends_with("map full"), "{}", h.reason());
+    assert_eq!(h.services.metrics.kernel_slow_consumers.get(), 1);
+    assert_eq!(h.services.metrics.tunnels_demoted.get(), 0);
+}
+
+#[test]
+fn a_fin_passed_on_before_the_pause_is_not_passed_again() {
+    let mut h = Harness::spliced();
+    // The upstream closed and the kernel delivered everything before its FIN.
+    spliced_event(&mut h, Side::Upstream, SplicedEvent::Eof);
+    assert_eq!(
+        kernel_backlog(&mut h, Side::Client, backlog(0, false)),
+        vec![Action::ShutdownWrite(Side::Client)]
+    );
+    let limit = h.services.kernel_backlog;
+    pressure(&mut h, 0, limit + 1);
+    let actions = paused(&mut h, Ok(still_queued(0, 0)));
+    // Only the client's direction is left: its bytes are relayed.
+    assert_eq!(
+        actions,
+        vec![Action::ArmDeadline(h.now + IDLE), forward(Side::Client)]
+    );
+    // The client's FIN ends the tunnel: both sides closed.
+    h.event(|c, _, _, out| c.on_source_eof(Side::Client, out));
+    assert_eq!(h.reason(), "both sides closed");
+}
+
+#[test]
+fn a_diverted_socket_resets_a_tunnel_that_left_the_kernel_path() {
+    let mut h = demoted(0);
+    // Bytes on a paused socket are the relay's, not stray.
+    let actions = spliced_event(
+        &mut h,
+        Side::Client,
+        SplicedEvent::Stray { diverted: false },
+    );
+    assert_eq!(actions, vec![]);
+    let actions = spliced_event(&mut h, Side::Client, SplicedEvent::Stray { diverted: true });
+    assert_eq!(
+        actions,
+        vec![Action::Unsplice, Action::Close { abortive: true }]
+    );
     assert!(
-        h.reason().starts_with("slow consumer: Upstream is"),
+        h.reason().contains("could not be cut off"),
         "{}",
         h.reason()
     );
-    assert_eq!(h.services.metrics.kernel_slow_consumers.get(), 1);
 }
 
 #[test]
-fn a_tunnel_with_bytes_queued_is_measured_until_its_reader_caught_up() {
-    let mut h = Harness::spliced();
-    let gauge = |h: &Harness| h.services.metrics.kernel_backlog_bytes.get();
-    let actions = h.event(|c, _, s, out| c.on_pressure(500, 200, s, out));
-    assert_eq!(actions, vec![Action::MeasurePressure]);
-    assert_eq!(gauge(&h), 700);
-    let actions = h.event(|c, _, s, out| c.on_pressure(100, 0, s, out));
-    assert_eq!(actions, vec![Action::MeasurePressure]);
-    assert_eq!(gauge(&h), 100);
-    assert_eq!(h.event(|c, _, s, out| c.on_pressure(0, 0, s, out)), vec![]);
-    assert_eq!(gauge(&h), 0);
-}
-
-#[test]
-fn a_reader_that_adds_to_a_total_backlog_over_the_process_limit_is_closed() {
+fn a_reader_that_adds_to_a_total_backlog_over_the_process_limit_leaves_the_kernel_path() {
     let mut h = Harness::spliced();
     let metrics = std::sync::Arc::clone(&h.services.metrics);
     // Other tunnels' readers are already nearly at the process-wide limit.
     let others = h.services.kernel_backlog_total - 1000;
     metrics.kernel_backlog_bytes.replace_share(0, others);
     // Far below the per-tunnel limit, but over the total.
-    let actions = h.event(|c, _, s, out| c.on_pressure(0, 4000, s, out));
-    assert!(closes(&actions, true), "{actions:?}");
-    assert!(
-        h.reason().contains("limits.kernel_backlog_total"),
-        "{}",
-        h.reason()
-    );
-    assert_eq!(metrics.kernel_slow_consumers.get(), 1);
-    h.event(|c, _, s, _| c.on_unspliced(Counted::default(), s));
+    assert_eq!(pressure(&mut h, 0, 4000), vec![Action::PauseSplice]);
+    paused(&mut h, Ok(still_queued(0, 4000)));
+    assert_eq!(metrics.kernel_backlog_bytes.get(), others + 4000);
+    h.event(|c, _, _, out| c.on_drain_deadline(out));
     h.finish();
     assert_eq!(
         metrics.kernel_backlog_bytes.get(),
         others,
         "its share left the total with it"
     );
+}
+
+#[test]
+fn a_tunnel_with_bytes_queued_is_measured_until_its_reader_caught_up() {
+    let mut h = Harness::spliced();
+    let gauge = |h: &Harness| h.services.metrics.kernel_backlog_bytes.get();
+    assert_eq!(pressure(&mut h, 500, 200), vec![Action::MeasurePressure]);
+    assert_eq!(gauge(&h), 700);
+    assert_eq!(pressure(&mut h, 100, 0), vec![Action::MeasurePressure]);
+    assert_eq!(gauge(&h), 100);
+    assert_eq!(pressure(&mut h, 0, 0), vec![]);
+    assert_eq!(gauge(&h), 0);
 }
 
 #[test]
