@@ -27,6 +27,11 @@ pub const PRESSURE_MAP: &str = "PRESSURE";
 pub const PRESSURE_RING_BYTES: u32 = 256 * 1024;
 /// A socket is reported each time it has redirected this many more bytes.
 pub const PRESSURE_STEP: u64 = 1 << 20;
+/// A socket is reported the first time once it has redirected this many bytes: a tunnel that
+/// starts flooding a reader that does not read is measured early, so many of them starting at
+/// once overshoot `limits.kernel_backlog_total` by less. Small-message tunnels pay one report
+/// in their life for it.
+pub const PRESSURE_FIRST: u64 = 64 << 10;
 /// Name of the `sk_skb/stream_verdict` program.
 pub const VERDICT_PROGRAM: &str = "wsplice_verdict";
 /// Entries the maps are compiled with; the loader resizes them to the configured capacity.

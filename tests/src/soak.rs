@@ -31,9 +31,9 @@ const BLOCK_TAIL: &[u8; 20] = b"\xc3\xa9--wsplice-soak---\n";
 /// What the upstream does after the 101.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {
-    /// The scenario: the upstream answers the upgrade, waits, sends three 700-byte
-    /// greetings, and only then starts reading and echoing (so at first the client→upstream
-    /// direction backs up).
+    /// The scenario: the upstream answers the upgrade with a 700-byte greeting in the
+    /// same write, waits, sends two more, and only then starts reading and echoing (so at
+    /// first the client→upstream direction backs up).
     DelayedEcho,
     /// Both ends send their own sequence as fast as they can while reading the other's.
     Flood,
@@ -436,7 +436,14 @@ async fn serve(mut stream: TcpStream, head: &str, rest: Vec<u8>) -> Result<(), C
             rest.len()
         )));
     }
-    if stream.write_all(&switching_protocols(head)).await.is_err() {
+    let greetings = plan(seed, &shape, tunnel, Origin::Greeting);
+    let mut answer = switching_protocols(head);
+    if scenario == Scenario::DelayedEcho {
+        // The first greeting goes in the same write as the 101: the proxy must pass on the
+        // bytes behind the head it read (or peeked at), in order, on every data path.
+        answer.extend_from_slice(&frame(false, &greetings[0].payload(), false));
+    }
+    if stream.write_all(&answer).await.is_err() {
         return Ok(());
     }
     let mut ws = server_socket(stream).await;
@@ -444,7 +451,7 @@ async fn serve(mut stream: TcpStream, head: &str, rest: Vec<u8>) -> Result<(), C
     match scenario {
         Scenario::DelayedEcho => {
             tokio::time::sleep(shape.greeting_delay).await;
-            for greeting in plan(seed, &shape, tunnel, Origin::Greeting) {
+            for greeting in greetings.into_iter().skip(1) {
                 if ws.send(Message::binary(greeting.payload())).await.is_err() {
                     return Ok(());
                 }
@@ -548,20 +555,28 @@ fn check_message(want: &Planned, got: &Message) -> Result<(), String> {
 
 /// A masked client frame (mask key 0: the payload stays readable in a packet capture).
 fn client_frame(text: bool, payload: &[u8]) -> Vec<u8> {
+    frame(text, payload, true)
+}
+
+/// One whole frame; a client's is masked (key 0), a server's is not.
+fn frame(text: bool, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mask_bit = if masked { 0x80 } else { 0 };
     let mut frame = Vec::with_capacity(payload.len() + 14);
     frame.push(if text { 0x81 } else { 0x82 });
     match payload.len() {
-        len if len < 126 => frame.push(0x80 | len as u8),
+        len if len < 126 => frame.push(mask_bit | len as u8),
         len if len <= 0xffff => {
-            frame.push(0x80 | 126);
+            frame.push(mask_bit | 126);
             frame.extend_from_slice(&(len as u16).to_be_bytes());
         }
         len => {
-            frame.push(0x80 | 127);
+            frame.push(mask_bit | 127);
             frame.extend_from_slice(&(len as u64).to_be_bytes());
         }
     }
-    frame.extend_from_slice(&[0, 0, 0, 0]);
+    if masked {
+        frame.extend_from_slice(&[0, 0, 0, 0]);
+    }
     frame.extend_from_slice(payload);
     frame
 }

@@ -10,12 +10,17 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use wsplice_tests::*;
 
+/// The tests of this file flood the machine; run beside each other on two cores, each one's
+/// round-trip checks would measure the others' floods. They take turns.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// What the flooding upstream may get written in total while its reader is stuck: the socket
 /// buffers on the way (autotuned, at most a few MiB each) plus one 64 KiB relay buffer.
 const BOUND: u64 = 32 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_reader_pins_bounded_memory_and_stalls_no_other_tunnel() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     for datapath in datapaths() {
         stuck_reader(datapath).await;
     }
@@ -100,6 +105,7 @@ async fn stuck_reader(datapath: DataPath) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_falls_behind_still_gets_every_byte_in_order() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     const FRAMES: u32 = 3000;
     let upstream = Scripted::start(|mut stream, head, _| async move {
         stream.write_all(&switching_protocols(&head)).await.unwrap();
@@ -195,20 +201,34 @@ async fn flooding_upstream(written: Arc<AtomicU64>) -> Scripted {
 
 /// `limits.kernel_backlog_total` bounds what all slow readers together make the kernel hold:
 /// a hundred readers that stop reading while their upstreams flood, each far below the
-/// per-tunnel limit, take their tunnels off the kernel path once together they pass 16 MiB;
-/// every one of them stays open, and a tunnel beside them keeps working.
+/// per-tunnel limit, take their tunnels off the kernel path once together they pass 16 MiB
+/// (give or take the measurement's step per tunnel); every one of them stays open, and a
+/// tunnel beside them keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_stuck_readers_are_kept_inside_the_total_kernel_backlog() {
-    if !datapaths().contains(&DataPath::Kernel) {
-        return;
+    let _turn = ONE_AT_A_TIME.lock().await;
+    // The userspace relay runs it too: its echo round trips beside the floods are what the
+    // kernel path's are compared with.
+    for datapath in datapaths() {
+        hundred_stuck_readers(datapath).await;
     }
+}
+
+async fn hundred_stuck_readers(datapath: DataPath) {
     const READERS: usize = 100;
     const TOTAL: u64 = 16 << 20;
     let upstream = flooding_upstream(Arc::new(AtomicU64::new(0))).await;
     let mut config = ProxyConfig::new(&[upstream.addr()]);
     config.limits = "kernel_backlog = \"64MiB\"\nkernel_backlog_total = \"16MiB\"";
-    let proxy = Proxy::start(DataPath::Kernel, &config);
+    let proxy = Proxy::start(datapath, &config);
     let mut other = connect(&proxy.url("/echo")).await;
+    let mut unloaded = Vec::new();
+    for round in 0..40 {
+        let sent = Instant::now();
+        echo_text(&mut other, &format!("before {round}")).await;
+        unloaded.push(sent.elapsed());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // Readers that never read, not even the 101.
     let mut stuck = Vec::new();
     for _ in 0..READERS {
@@ -221,24 +241,33 @@ async fn a_hundred_stuck_readers_are_kept_inside_the_total_kernel_backlog() {
     }
     let mut highest = 0;
     let started = Instant::now();
-    let mut round = 0;
+    let mut loaded = Vec::new();
     while started.elapsed() < Duration::from_secs(5) {
         highest = highest.max(proxy.metrics()["kernel_backlog_bytes"]);
         let sent = Instant::now();
-        echo_text(&mut other, &format!("ping {round}")).await;
+        echo_text(&mut other, &format!("ping {}", loaded.len())).await;
+        loaded.push(sent.elapsed());
         assert!(
             sent.elapsed() < Duration::from_millis(500),
-            "round trip {round} took {:?}",
+            "round trip {} took {:?}",
+            loaded.len(),
             sent.elapsed()
         );
-        round += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    println!(
+        "{datapath:?}: echo round trip p99: {:?} before the stuck readers, {:?} beside them; \
+         the kernel backlog peaked at {highest} bytes",
+        p99(&mut unloaded),
+        p99(&mut loaded)
+    );
     let metrics = proxy.metrics();
-    // Each tunnel is measured once per MiB it moves: the total may overshoot by about a step
-    // per tunnel still on the kernel path when it is crossed.
+    // Each tunnel is measured once per MiB it moves, and pausing it takes the worker a moment
+    // in which the flood goes on: the total may overshoot by a step and what one flood moves
+    // in that moment (about 2 MiB here, on two cores with a hundred floods) per tunnel still
+    // on the kernel path when it is crossed.
     assert!(
-        highest <= TOTAL + READERS as u64 * (2 << 20),
+        highest <= TOTAL + READERS as u64 * (3 << 20),
         "the kernel held {highest} bytes for stuck readers (limit {TOTAL})"
     );
     assert_eq!(
@@ -247,15 +276,18 @@ async fn a_hundred_stuck_readers_are_kept_inside_the_total_kernel_backlog() {
             metrics["tunnels_open"]
         ),
         (0, READERS as u64 + 1),
-        "every stuck reader is kept: {metrics:?}"
+        "{datapath:?}: every stuck reader is kept: {metrics:?}"
     );
-    assert!(
+    assert_eq!(
         metrics["tunnels_demoted_total"] >= 1,
-        "no tunnel left the kernel path: {metrics:?}"
+        datapath == DataPath::Kernel,
+        "{datapath:?}: {metrics:?}"
     );
-    assert!(
-        metrics["kernel_backlog_bytes"] <= TOTAL + READERS as u64 * (2 << 20),
-        "{metrics:?}"
-    );
+    assert!(metrics["kernel_backlog_bytes"] <= highest, "{metrics:?}");
     drop(stuck);
+}
+
+fn p99(samples: &mut [Duration]) -> Duration {
+    samples.sort();
+    samples[(samples.len() * 99 / 100).min(samples.len() - 1)]
 }

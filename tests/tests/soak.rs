@@ -3,11 +3,17 @@
 //! the userspace relay to the kernel in the middle of their traffic (after 64 KiB), and in the
 //! flood, tunnels whose reader falls behind leave the kernel path in the middle of theirs.
 //!
+//! Two busy loops spin beside it (CPU contention: the kernel-path corruption was found under
+//! it), and every tunnel's access line must give a clean close reason.
+//!
 //! `cargo xtask test` runs the bounded form; `cargo xtask soak` the long one. Settings:
-//! `WSPLICE_SOAK_RUNS` (rounds per data path, each round both scenarios), `WSPLICE_SOAK_SHAPE`
-//! (`full`: 16 tunnels × 300 messages up to 1 MiB; `bounded`, the default: 16 × 24 up to 1 MiB),
-//! `WSPLICE_SEED`.
+//! `WSPLICE_SOAK_RUNS` (rounds per data path, each round both scenarios), `WSPLICE_SOAK_MINUTES`
+//! (instead of a count of runs: this long in all, shared by data paths and scenarios),
+//! `WSPLICE_SOAK_SHAPE` (`full`: 16 tunnels × 300 messages up to 1 MiB; `bounded`, the default:
+//! 16 × 24 up to 1 MiB), `WSPLICE_SOAK_CONTENTION` (busy loops, default 2), `WSPLICE_SEED`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wsplice_tests::soak::{run_once, RunError, Scenario, Shape, SoakUpstream};
@@ -30,6 +36,53 @@ fn runs() -> u32 {
         .and_then(|runs| runs.parse().ok())
         .unwrap_or(50)
 }
+
+/// The time budget of the whole soak, if it runs by time rather than by count.
+fn minutes() -> Option<f64> {
+    std::env::var("WSPLICE_SOAK_MINUTES")
+        .ok()
+        .and_then(|minutes| minutes.parse().ok())
+}
+
+/// Threads that spin while the soak runs.
+struct BusyLoops {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl BusyLoops {
+    fn start() -> BusyLoops {
+        let count = std::env::var("WSPLICE_SOAK_CONTENTION")
+            .ok()
+            .and_then(|count| count.parse().ok())
+            .unwrap_or(2);
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..count)
+            .map(|_| {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let mut spins = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        spins = std::hint::black_box(spins.wrapping_add(1));
+                    }
+                })
+            })
+            .collect();
+        BusyLoops { stop, threads }
+    }
+}
+
+impl Drop for BusyLoops {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What a tunnel of the soak may end with: both sides closed, after the client's close.
+const CLEAN: &str = "both sides closed";
 
 fn scenarios() -> Vec<Scenario> {
     let wanted = std::env::var("WSPLICE_SOAK_SCENARIOS").unwrap_or_default();
@@ -61,14 +114,31 @@ async fn sequenced_bulk_tunnels_arrive_intact_on_every_data_path() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random::<u64>);
-    println!("soak: {runs} runs per data path and scenario, {shape:?}, first seed {first_seed}");
+    let datapaths = datapaths_or("userspace,kernel,auto");
+    let scenarios = scenarios();
+    let share = minutes().map(|minutes| {
+        Duration::from_secs_f64(minutes * 60.0 / (datapaths.len() * scenarios.len()) as f64)
+    });
+    match share {
+        Some(share) => println!(
+            "soak: {share:?} per data path and scenario, {shape:?}, first seed {first_seed}"
+        ),
+        None => println!(
+            "soak: {runs} runs per data path and scenario, {shape:?}, first seed {first_seed}"
+        ),
+    }
+    let _contention = BusyLoops::start();
     let mut failures = Vec::new();
-    for datapath in datapaths_or("userspace,kernel,auto") {
-        for scenario in scenarios() {
+    for &datapath in &datapaths {
+        for &scenario in &scenarios {
             let proxy = Proxy::start(datapath, &config(scenario, &upstream));
             let started = Instant::now();
             let mut moved = 0u64;
+            let runs = if share.is_some() { u32::MAX } else { runs };
             for run in 0..runs {
+                if share.is_some_and(|share| started.elapsed() >= share) {
+                    break;
+                }
                 let seed = first_seed.wrapping_add(u64::from(run));
                 let outcome = run_once(
                     proxy.addr(),
@@ -95,7 +165,7 @@ async fn sequenced_bulk_tunnels_arrive_intact_on_every_data_path() {
                 }
                 if (run + 1) % 50 == 0 {
                     println!(
-                        "soak {datapath:?} {}: {} of {runs} runs done, {} failed so far ({:.0} s)",
+                        "soak {datapath:?} {}: {} runs done, {} failed so far ({:.0} s)",
                         scenario.name(),
                         run + 1,
                         failures.len(),
@@ -103,10 +173,25 @@ async fn sequenced_bulk_tunnels_arrive_intact_on_every_data_path() {
                     );
                 }
             }
+            let unclean: Vec<String> = proxy
+                .access_lines()
+                .iter()
+                .filter(|line| line["status"] == 101)
+                .filter_map(|line| line["reason"].as_str().map(str::to_owned))
+                .filter(|reason| reason != CLEAN)
+                .collect();
+            if !unclean.is_empty() {
+                failures.push(format!(
+                    "{datapath:?} {}: {} tunnels did not end cleanly, e.g. {:?}",
+                    scenario.name(),
+                    unclean.len(),
+                    &unclean[..unclean.len().min(5)]
+                ));
+            }
             let metrics = proxy.metrics();
             let metric = |name: &str| metrics.get(name).copied().unwrap_or(0);
             println!(
-                "soak {datapath:?} {}: {runs} runs, {} MB in {:.1} s; the kernel handed over \
+                "soak {datapath:?} {}: {} MB in {:.1} s; the kernel handed over \
                  {} bytes twice (cut off by the splice program), {} tunnels diverted; {} of {} \
                  tunnels promoted from userspace, {} moved back to it (a reader fell behind)",
                 scenario.name(),

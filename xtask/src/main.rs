@@ -49,14 +49,18 @@ enum Task {
     },
     /// The long soak: sequenced bulk tunnels, checked byte for byte (see tests/tests/soak.rs).
     Soak {
-        /// Runs per data path and scenario (default 500: 2,000 runs in all).
+        /// Runs per data path and scenario (default 500: 3,000 runs in all).
         #[arg(long, default_value_t = 500)]
         runs: u32,
+        /// Run for this many minutes in all instead of a count of runs (shared by the data
+        /// paths and scenarios), e.g. `--minutes 10` for the contention soak of issue #14.
+        #[arg(long)]
+        minutes: Option<f64>,
         /// The bounded shape of `cargo xtask test` (16 tunnels x 24 messages) instead of the
         /// full one (16 x 300 messages up to 1 MiB).
         #[arg(long)]
         bounded: bool,
-        /// Only these data paths (`kernel`, `userspace`; comma-separated).
+        /// Only these data paths (`userspace`, `kernel`, `auto`; comma-separated).
         #[arg(long)]
         datapath: Option<String>,
         /// Only these scenarios (`delayed-echo`, `flood`; comma-separated).
@@ -135,6 +139,7 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         }
         Task::Soak {
             runs,
+            minutes,
             bounded,
             datapath,
             scenario,
@@ -154,6 +159,9 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
                     "WSPLICE_SOAK_SHAPE",
                     if bounded { "bounded" } else { "full" },
                 );
+            if let Some(minutes) = minutes {
+                command.env("WSPLICE_SOAK_MINUTES", minutes.to_string());
+            }
             if let Some(datapath) = datapath {
                 command.env("WSPLICE_DATAPATHS", datapath);
             }

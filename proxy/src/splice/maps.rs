@@ -6,7 +6,7 @@
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use aya::maps::{HashMap, MapData, SockHash};
-use wsplice_common::{Activity, PRESSURE_STEP};
+use wsplice_common::{Activity, PRESSURE_FIRST};
 
 use super::SpliceError;
 
@@ -64,10 +64,11 @@ impl SpliceMaps {
     }
 
     /// Starts recording activity for the socket with `cookie`; `owner` comes back on the
-    /// pressure ring each time the socket has redirected another `PRESSURE_STEP` bytes.
+    /// pressure ring once the socket has redirected `PRESSURE_FIRST` bytes, then each time it
+    /// has redirected another `PRESSURE_STEP`.
     pub fn track(&mut self, cookie: u64, owner: u64) -> Result<(), SpliceError> {
         let record = Activity {
-            notify_at: PRESSURE_STEP,
+            notify_at: PRESSURE_FIRST,
             owner,
             ..Activity::default()
         };
