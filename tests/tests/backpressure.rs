@@ -247,9 +247,11 @@ async fn hundred_stuck_readers(datapath: DataPath) {
         let sent = Instant::now();
         echo_text(&mut other, &format!("ping {}", loaded.len())).await;
         loaded.push(sent.elapsed());
+        // Not stalled behind the floods (how fast it stays is the machine's: two cores
+        // shared with a hundred floods; the numbers are printed below).
         assert!(
-            sent.elapsed() < Duration::from_millis(500),
-            "round trip {} took {:?}",
+            sent.elapsed() < Duration::from_secs(2),
+            "{datapath:?}: round trip {} took {:?}",
             loaded.len(),
             sent.elapsed()
         );
