@@ -237,7 +237,6 @@ pub fn serve(
 /// Kernel path: each worker's inbox for the pressure watcher's reports, and the watcher's
 /// side of them (none on the userspace path). The watcher thread starts later, after the
 /// privileges are dropped.
-#[allow(clippy::type_complexity)]
 fn pressure_mailboxes(
     kernel: bool,
     workers: usize,
