@@ -41,8 +41,20 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     draining: Arc<AtomicBool>,
 ) -> Result<(), AdminError> {
-    let error = |source| AdminError { addr, source };
-    let listener = TcpListener::bind(addr).map_err(error)?;
+    bind(addr)?.serve(metrics, draining)
+}
+
+/// A bound admin listener that serves nothing yet: the proxy binds it with its other ports,
+/// before it drops privileges, and starts its thread after.
+#[derive(Debug)]
+pub struct AdminListener {
+    addr: SocketAddr,
+    listener: TcpListener,
+}
+
+/// Binds the admin listener on `addr` (warning when it is reachable beyond this host).
+pub fn bind(addr: SocketAddr) -> Result<AdminListener, AdminError> {
+    let listener = TcpListener::bind(addr).map_err(|source| AdminError { addr, source })?;
     if !addr.ip().is_loopback() {
         tracing::warn!(
             %addr,
@@ -50,17 +62,26 @@ pub fn spawn(
              connect how busy the proxy is; bind it to 127.0.0.1 unless a firewall guards it"
         );
     }
-    let state = Arc::new(State {
-        metrics,
-        draining,
-        in_flight: AtomicUsize::new(0),
-    });
-    std::thread::Builder::new()
-        .name("wsplice-admin".into())
-        .spawn(move || accept_loop(&listener, &state))
-        .map_err(error)?;
-    tracing::info!(%addr, "admin listener: /metrics /healthz /readyz");
-    Ok(())
+    Ok(AdminListener { addr, listener })
+}
+
+impl AdminListener {
+    /// Serves the admin endpoints from background threads. `draining` is the proxy's
+    /// shutdown flag.
+    pub fn serve(self, metrics: Arc<Metrics>, draining: Arc<AtomicBool>) -> Result<(), AdminError> {
+        let AdminListener { addr, listener } = self;
+        let state = Arc::new(State {
+            metrics,
+            draining,
+            in_flight: AtomicUsize::new(0),
+        });
+        std::thread::Builder::new()
+            .name("wsplice-admin".into())
+            .spawn(move || accept_loop(&listener, &state))
+            .map_err(|source| AdminError { addr, source })?;
+        tracing::info!(%addr, "admin listener: /metrics /healthz /readyz");
+        Ok(())
+    }
 }
 
 fn accept_loop(listener: &TcpListener, state: &Arc<State>) {

@@ -20,7 +20,9 @@ mod values;
 use crate::cidr::Cidr;
 use crate::tag::MAX_WORKERS;
 pub use tls::{CryptoProvider, SniCertificate, TlsConfig, TlsFiles, TlsVersion, CIPHER_SUITES};
-use values::{is_token, parse_addr, parse_duration, parse_nonzero_duration, parse_size};
+use values::{
+    is_token, parse_account, parse_addr, parse_duration, parse_nonzero_duration, parse_size,
+};
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +47,37 @@ pub struct Config {
     /// `Forwarded`, `X-Forwarded-Host`, `X-Forwarded-Port`) are passed on; from anyone else
     /// they are replaced (default: nobody).
     pub trusted_proxies: Vec<Cidr>,
+    /// `user = "wsplice"` (and optionally `group`): the account the proxy switches to once the
+    /// eBPF program is loaded and every listener is bound (default: it keeps running as it
+    /// was started, with a warning when that is root).
+    pub run_as: Option<RunAs>,
+}
+
+/// `user` and `group`: whom the proxy runs as after its privileged start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    /// `user`: a name or a numeric id.
+    pub user: Account,
+    /// `group`: a name or a numeric id (default: the user's primary group).
+    pub group: Option<Account>,
+}
+
+/// A user or group as the config names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Account {
+    /// A name, looked up in the system's user or group database at start.
+    Name(String),
+    /// A numeric id, taken as it is.
+    Id(u32),
+}
+
+impl fmt::Display for Account {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Account::Name(name) => write!(f, "{name:?}"),
+            Account::Id(id) => write!(f, "{id}"),
+        }
+    }
 }
 
 /// When a plain tunnel moves from the userspace relay to the kernel path.
@@ -319,6 +352,8 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     workers: Option<Spanned<usize>>,
+    user: Option<Spanned<RawAccount>>,
+    group: Option<Spanned<RawAccount>>,
     #[serde(default)]
     trusted_proxies: Vec<Spanned<String>>,
     #[serde(default)]
@@ -413,6 +448,14 @@ enum RawSize {
     Text(String),
 }
 
+/// `user` / `group`: a name or a numeric id.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawAccount {
+    Id(i64),
+    Name(String),
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
@@ -472,6 +515,22 @@ impl RawConfig {
                     .map_err(|error| spot(range, format!("trusted_proxies: {error}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let run_as = match (&self.user, &self.group) {
+            (None, None) => None,
+            (None, Some(group)) => {
+                return Err(spot(
+                    group,
+                    "group without user: set `user` too (the group alone is not switched)",
+                ))
+            }
+            (Some(user), group) => Some(RunAs {
+                user: parse_account(user, "user")?,
+                group: group
+                    .as_ref()
+                    .map(|group| parse_account(group, "group"))
+                    .transpose()?,
+            }),
+        };
         Ok(Config {
             listeners,
             routes,
@@ -485,6 +544,7 @@ impl RawConfig {
                 .transpose()?,
             workers,
             trusted_proxies,
+            run_as,
         })
     }
 }

@@ -22,6 +22,7 @@ pub mod http;
 pub mod import;
 pub mod listener;
 pub mod metrics;
+pub mod privileges;
 pub mod route;
 pub mod runtime;
 pub mod services;

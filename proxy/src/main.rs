@@ -41,6 +41,14 @@ enum Command {
         /// Worker threads (default: `workers` from the config, else one per CPU).
         #[arg(long)]
         workers: Option<usize>,
+        /// Fault injection for the end-to-end tests, hidden from `--help`: each worker panics
+        /// when it accepts its N-th connection (tests/tests/panic.rs checks that the process
+        /// then aborts). A hidden flag rather than an environment variable: a variable is
+        /// inherited silently (a shell profile, a unit's EnvironmentFile, a parent test run)
+        /// and shows nowhere, while a flag has to be typed on purpose and shows in `ps` and
+        /// in the unit's ExecStart. It costs one branch per accepted connection.
+        #[arg(long, hide = true, value_name = "N")]
+        test_panic_after_accepts: Option<std::num::NonZeroU64>,
     },
     /// Validate a configuration file; errors name the line and column.
     Check {
@@ -79,6 +87,7 @@ enum DataPath {
 
 fn main() -> ExitCode {
     init_logging();
+    abort_on_panic();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -97,8 +106,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             datapath,
             workers,
+            test_panic_after_accepts,
         } => {
             let mut config = Config::load(&config)?;
+            // Looked up before anything is loaded or bound: an unknown user stops the start.
+            let identity = config
+                .run_as
+                .as_ref()
+                .map(wsplice::privileges::resolve)
+                .transpose()?;
             if datapath == DataPath::Kernel {
                 // Tests and benchmarks measure the kernel path itself: no userspace prelude.
                 config.splicing = Splicing::AtOnce;
@@ -113,7 +129,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             raise_fd_limit();
             let splice = choose_datapath(datapath, config.limits.max_tunnels)?;
             log_settings(&config, workers, splice.is_some());
-            wsplice::runtime::serve(&config, workers, splice).context("proxy stopped with an error")
+            let options = wsplice::runtime::ServeOptions {
+                identity,
+                panic_after_accepts: test_panic_after_accepts,
+            };
+            wsplice::runtime::serve(&config, workers, splice, &options)
+                .context("proxy stopped with an error")
         }
         Command::Check { file } => {
             let config = Config::load(&file)?;
@@ -205,6 +226,34 @@ fn log_settings(config: &Config, workers: usize, kernel: bool) {
         trusted_proxies = config.trusted_proxies.len(),
         "wsplice starting"
     );
+}
+
+/// A panic anywhere is a bug, and the process cannot be trusted after it: a worker that
+/// unwound would leave its connections' tunnels dead, their kernel map entries behind and its
+/// ring's receives writing into buffers being freed, while `/healthz` still said ok. So the
+/// panic is logged (thread, place, message) and the whole process aborts: the supervisor sees
+/// SIGABRT and restarts it. Release builds also set `panic = "abort"` (no unwinding at all).
+fn abort_on_panic() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let location = info
+            .location()
+            .map_or_else(|| "unknown".to_owned(), ToString::to_string);
+        let message = info.payload_as_str().unwrap_or("(not a string)");
+        let backtrace = std::backtrace::Backtrace::capture();
+        let backtrace = match backtrace.status() {
+            std::backtrace::BacktraceStatus::Captured => backtrace.to_string(),
+            _ => "set RUST_BACKTRACE=1 for one".to_owned(),
+        };
+        tracing::error!(
+            thread = thread.name().unwrap_or("unnamed"),
+            %location,
+            message,
+            backtrace,
+            "panic: a bug; aborting the whole process so that it is restarted"
+        );
+        std::process::abort();
+    }));
 }
 
 /// Logs to stderr; `RUST_LOG` filters (default `info`).

@@ -253,6 +253,263 @@ impl SignalSet {
     }
 }
 
+// ---- credentials and capabilities (used once, at start, by `privileges`) ----------------
+
+/// A user database entry: its id and primary group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserEntry {
+    /// The user id.
+    pub uid: u32,
+    /// The primary group id.
+    pub gid: u32,
+}
+
+/// Calls a reentrant `get*_r` lookup with a growing buffer; `Ok(false)` when there is no entry.
+fn lookup_with_buffer(
+    mut call: impl FnMut(&mut [libc::c_char], &mut bool) -> libc::c_int,
+) -> io::Result<bool> {
+    let mut buffer = vec![0 as libc::c_char; 1024];
+    loop {
+        let mut found = false;
+        match call(&mut buffer, &mut found) {
+            0 => return Ok(found),
+            libc::ERANGE if buffer.len() < (1 << 20) => {
+                let grown = buffer.len() * 2;
+                buffer.resize(grown, 0);
+            }
+            // getpwnam_r(3): these also mean "no such entry" on some databases.
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(false),
+            error => return Err(io::Error::from_raw_os_error(error)),
+        }
+    }
+}
+
+/// `getpwnam_r`: the user named `name` (`None`: no such user).
+pub fn user_by_name(name: &str) -> io::Result<Option<UserEntry>> {
+    let name = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: passwd is plain data; zeroed is a valid value that getpwnam_r overwrites.
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let found = lookup_with_buffer(|buffer, found| {
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call: `name` is NUL-terminated, `entry` and
+        // `result` are writable, `buffer` is writable for its length.
+        let rc = unsafe {
+            libc::getpwnam_r(
+                name.as_ptr(),
+                &mut entry,
+                buffer.as_mut_ptr(),
+                buffer.len(),
+                &mut result,
+            )
+        };
+        *found = !result.is_null();
+        rc
+    })?;
+    Ok(found.then_some(UserEntry {
+        uid: entry.pw_uid,
+        gid: entry.pw_gid,
+    }))
+}
+
+/// `getpwuid_r`: the user with `uid` (`None`: not in the database).
+pub fn user_by_id(uid: u32) -> io::Result<Option<UserEntry>> {
+    // SAFETY: as in `user_by_name`.
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let found = lookup_with_buffer(|buffer, found| {
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: as in `user_by_name`.
+        let rc = unsafe {
+            libc::getpwuid_r(
+                uid,
+                &mut entry,
+                buffer.as_mut_ptr(),
+                buffer.len(),
+                &mut result,
+            )
+        };
+        *found = !result.is_null();
+        rc
+    })?;
+    Ok(found.then_some(UserEntry {
+        uid: entry.pw_uid,
+        gid: entry.pw_gid,
+    }))
+}
+
+/// `getgrnam_r`: the id of the group named `name` (`None`: no such group).
+pub fn group_by_name(name: &str) -> io::Result<Option<u32>> {
+    let name = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: group is plain data; zeroed is a valid value that getgrnam_r overwrites.
+    let mut entry: libc::group = unsafe { std::mem::zeroed() };
+    let found = lookup_with_buffer(|buffer, found| {
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: as in `user_by_name`.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                name.as_ptr(),
+                &mut entry,
+                buffer.as_mut_ptr(),
+                buffer.len(),
+                &mut result,
+            )
+        };
+        *found = !result.is_null();
+        rc
+    })?;
+    Ok(found.then_some(entry.gr_gid))
+}
+
+/// Real, effective and saved user ids, then the same for groups.
+pub fn ids() -> ([u32; 3], [u32; 3]) {
+    let (mut ruid, mut euid, mut suid) = (0, 0, 0);
+    let (mut rgid, mut egid, mut sgid) = (0, 0, 0);
+    // SAFETY: getresuid/getresgid write three ids through valid pointers and cannot fail so.
+    unsafe {
+        libc::getresuid(&mut ruid, &mut euid, &mut suid);
+        libc::getresgid(&mut rgid, &mut egid, &mut sgid);
+    }
+    ([ruid, euid, suid], [rgid, egid, sgid])
+}
+
+/// The supplementary groups of this process.
+pub fn supplementary_groups() -> io::Result<Vec<u32>> {
+    // SAFETY: a count of 0 asks for the number of groups only.
+    let count = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+    let mut groups = vec![0; usize::try_from(count).map_err(|_| io::Error::last_os_error())?];
+    // SAFETY: `groups` is writable for `count` ids.
+    let count = unsafe { libc::getgroups(count, groups.as_mut_ptr()) };
+    groups.truncate(usize::try_from(count).map_err(|_| io::Error::last_os_error())?);
+    Ok(groups)
+}
+
+/// `setgroups(0, NULL)`: no supplementary groups.
+pub fn clear_supplementary_groups() -> io::Result<()> {
+    // SAFETY: an empty list needs no pointer.
+    check(unsafe { libc::setgroups(0, std::ptr::null()) })
+}
+
+/// `setresgid(gid, gid, gid)`. glibc applies it to every thread of the process.
+pub fn set_gid(gid: u32) -> io::Result<()> {
+    // SAFETY: plain syscall.
+    check(unsafe { libc::setresgid(gid, gid, gid) })
+}
+
+/// `setresuid(uid, uid, uid)`. glibc applies it to every thread of the process.
+pub fn set_uid(uid: u32) -> io::Result<()> {
+    // SAFETY: plain syscall.
+    check(unsafe { libc::setresuid(uid, uid, uid) })
+}
+
+/// `prctl(PR_SET_KEEPCAPS)`: whether the permitted capabilities survive leaving uid 0.
+pub fn set_keep_capabilities(keep: bool) -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, libc::c_ulong::from(keep), 0, 0, 0) })
+}
+
+/// `prctl(PR_SET_NO_NEW_PRIVS, 1)`: no `execve` can grant privileges again (setuid bits, file
+/// capabilities). Irreversible; inherited by threads created later.
+pub fn set_no_new_privileges() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
+}
+
+/// `prctl(PR_CAPBSET_DROP, cap)`: `cap` leaves the bounding set (needs CAP_SETPCAP).
+pub fn drop_bounding_capability(cap: u32) -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) })
+}
+
+/// `prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)`: no ambient capabilities.
+pub fn clear_ambient_capabilities() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    })
+}
+
+/// The highest capability number this kernel knows (`/proc/sys/kernel/cap_last_cap`).
+pub fn last_capability() -> io::Result<u32> {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")?
+        .trim()
+        .parse()
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
+}
+
+/// A thread's capability sets, one bit per capability number.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CapabilitySets {
+    /// What the thread may use now.
+    pub effective: u64,
+    /// What it may make effective.
+    pub permitted: u64,
+    /// What may pass through `execve`.
+    pub inheritable: u64,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets in two 32-bit halves.
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapabilityHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapabilityData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `capget(2)` on the calling thread.
+pub fn capabilities() -> io::Result<CapabilitySets> {
+    let mut header = CapabilityHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapabilityData::default(); 2];
+    // SAFETY: a version 3 header and two data structs, both valid for writes.
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let join = |low: u32, high: u32| u64::from(low) | (u64::from(high) << 32);
+    Ok(CapabilitySets {
+        effective: join(data[0].effective, data[1].effective),
+        permitted: join(data[0].permitted, data[1].permitted),
+        inheritable: join(data[0].inheritable, data[1].inheritable),
+    })
+}
+
+/// `capset(2)` on the calling thread (threads created later inherit the sets).
+pub fn set_capabilities(sets: CapabilitySets) -> io::Result<()> {
+    let mut header = CapabilityHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let half = |bits: u64, high: bool| (if high { bits >> 32 } else { bits }) as u32;
+    let data = [false, true].map(|high| CapabilityData {
+        effective: half(sets.effective, high),
+        permitted: half(sets.permitted, high),
+        inheritable: half(sets.inheritable, high),
+    });
+    // SAFETY: a version 3 header (valid for writes: the kernel may store its version) and two
+    // data structs valid for reads.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -183,13 +183,18 @@ pub fn run_bounded(mut command: Command, what: &str) -> String {
 /// widens it): a port the kernel handed out for "port 0" could be taken by any of the thousands
 /// of outgoing connections the tests make before the child binds it.
 pub fn free_port() -> u16 {
+    free_port_in(10_000..20_000)
+}
+
+/// A port of `range` free at the time of asking on 127.0.0.1 (below 1024: a privileged one).
+pub fn free_port_in(range: std::ops::Range<u16>) -> u16 {
     for _ in 0..1000 {
-        let port = rand::random_range(10_000..20_000);
+        let port = rand::random_range(range.clone());
         if StdListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
-    panic!("no free port in 10000..20000 on 127.0.0.1");
+    panic!("no free port in {range:?} on 127.0.0.1");
 }
 
 /// A fresh scratch folder for one process's files.
@@ -252,6 +257,20 @@ impl Process {
         self.child.id()
     }
 
+    /// Waits at most `within` for the process to exit on its own; its status if it did.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGTERM, then wait (bounded) for the exit status.
     pub fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
         // SAFETY: kill(2) on our own child.
@@ -276,12 +295,29 @@ impl Drop for Process {
     }
 }
 
-/// `wsplice run -c config --datapath …` with its stderr (access lines included) in `log`.
-fn spawn_run(config: &Path, datapath: DataPath, log: &Path) -> Process {
-    let child = Command::new(binary())
+/// `[WRAPPER…] wsplice run -c config --datapath … EXTRA…` with its stderr (access lines
+/// included) in `log`. It runs in the log's folder, so a core dump (if the machine writes
+/// them) lands there.
+fn spawn_run(
+    config: &Path,
+    datapath: DataPath,
+    (wrapper, extra): (&[String], &[String]),
+    log: &Path,
+) -> Process {
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(binary());
+            command
+        }
+        None => Command::new(binary()),
+    };
+    let child = command
+        .current_dir(log.parent().unwrap_or(Path::new("/")))
         .args(["run", "-c"])
         .arg(config)
         .args(["--datapath", datapath.flag()])
+        .args(extra)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -300,7 +336,7 @@ pub fn run_config_file(
     listening: &[SocketAddr],
 ) -> (Process, PathBuf) {
     let log = scratch_dir("run").join("stderr.log");
-    let mut process = spawn_run(config, datapath, &log);
+    let mut process = spawn_run(config, datapath, (&[], &[]), &log);
     for addr in listening {
         wait_for_port(*addr, &mut process.child, "wsplice run", &log);
     }
@@ -342,6 +378,14 @@ pub struct ProxyConfig {
     pub upstream_keepalive: Option<usize>,
     /// `upstream.default.keepalive_timeout`.
     pub upstream_keepalive_timeout: Option<&'static str>,
+    /// Top-level keys written before the tables (e.g. `user = "nobody"`).
+    pub top_level: String,
+    /// Arguments after `wsplice run -c FILE --datapath D`.
+    pub extra_args: Vec<String>,
+    /// A command the binary runs under (e.g. `setpriv …`; the binary's path is appended).
+    pub wrapper: Vec<String>,
+    /// The listener's port (default: a free one in 10000..20000).
+    pub port: Option<u16>,
 }
 
 impl ProxyConfig {
@@ -364,6 +408,10 @@ impl ProxyConfig {
             keepalive: None,
             upstream_keepalive: None,
             upstream_keepalive_timeout: None,
+            top_level: String::new(),
+            extra_args: Vec::new(),
+            wrapper: Vec::new(),
+            port: None,
         }
     }
 
@@ -388,10 +436,11 @@ impl ProxyConfig {
             timeouts_extra.push_str(&format!("keepalive = \"{keepalive}\"\n"));
         }
         format!(
-            "workers = {}\ntrusted_proxies = [{}]\n\n[[listener]]\nbind = \"{listen}\"\n{tls}\n[[route]]\nupstream = \"default\"\n{}\n\n\
+            "{}\nworkers = {}\ntrusted_proxies = [{}]\n\n[[listener]]\nbind = \"{listen}\"\n{tls}\n[[route]]\nupstream = \"default\"\n{}\n\n\
              [upstream.default]\nservers = [{}]\nfail_timeout = \"{}\"\n{upstream_extra}\n\
              [timeouts]\nidle = \"{}\"\nhandshake = \"{}\"\nconnect = \"{}\"\ndrain = \"{}\"\n{timeouts_extra}\n\
              [limits]\n{}\n\n[kernel]\n{}\n\n[admin]\nbind = \"{admin}\"\n",
+            self.top_level,
             self.workers,
             self.trusted_proxies,
             self.route_extra,
@@ -435,12 +484,14 @@ impl Proxy {
 
     fn try_start(datapath: DataPath, config: &ProxyConfig) -> Result<Proxy, String> {
         let dir = scratch_dir("proxy");
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let port = config.port.unwrap_or_else(free_port);
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let config_path = dir.join("wsplice.toml");
         std::fs::write(&config_path, config.to_toml(addr, admin)).expect("write config");
         let log = dir.join("stderr.log");
-        let mut process = spawn_run(&config_path, datapath, &log);
+        let args = (&config.wrapper[..], &config.extra_args[..]);
+        let mut process = spawn_run(&config_path, datapath, args, &log);
         try_wait_for_port(addr, &mut process.child, "wsplice run", &log)?;
         try_wait_for_port(admin, &mut process.child, "wsplice admin", &log)?;
         let proxy = Proxy {

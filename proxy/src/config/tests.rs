@@ -237,3 +237,33 @@ fn a_bad_trusted_proxy_range_is_reported_at_its_position() {
     assert_eq!((e.line, e.column), (1, 34), "{e}");
     assert!(e.message.contains("trusted_proxies"), "{e}");
 }
+
+#[test]
+fn user_and_group_are_names_or_ids() {
+    assert_eq!(Config::parse(MINIMAL).unwrap().run_as, None);
+    let config = Config::parse(&format!("user = \"wsplice\"\ngroup = 65534\n{MINIMAL}")).unwrap();
+    assert_eq!(
+        config.run_as,
+        Some(RunAs {
+            user: Account::Name("wsplice".into()),
+            group: Some(Account::Id(65534)),
+        })
+    );
+    let config = Config::parse(&format!("user = 1000\n{MINIMAL}")).unwrap();
+    assert_eq!(
+        config.run_as,
+        Some(RunAs {
+            user: Account::Id(1000),
+            group: None,
+        })
+    );
+    let e = error(&format!("group = \"nogroup\"\n{MINIMAL}"));
+    assert_eq!((e.line, e.column), (1, 9), "{e}");
+    assert!(e.message.contains("group without user"), "{e}");
+    let e = error(&format!("user = \"no body\"\n{MINIMAL}"));
+    assert_eq!((e.line, e.column), (1, 8), "{e}");
+    assert!(e.message.contains("not a user or group name"), "{e}");
+    let e = error(&format!("user = \"wsplice\"\ngroup = -1\n{MINIMAL}"));
+    assert_eq!(e.line, 2, "{e}");
+    assert!(e.message.contains("not a valid id"), "{e}");
+}

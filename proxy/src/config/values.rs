@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::{spot, RawSize, Spot};
+use super::{spot, Account, RawAccount, RawSize, Spot};
 
 /// An `IP:port` address.
 pub(super) fn parse_addr(value: &Spanned<String>) -> Result<SocketAddr, Spot> {
@@ -19,6 +19,34 @@ pub(super) fn parse_addr(value: &Spanned<String>) -> Result<SocketAddr, Spot> {
             ),
         )
     })
+}
+
+/// `user` or `group` (`what`): a name as the system's databases spell it, or a numeric id.
+pub(super) fn parse_account(value: &Spanned<RawAccount>, what: &str) -> Result<Account, Spot> {
+    match value.get_ref() {
+        RawAccount::Id(id) => u32::try_from(*id)
+            .ok()
+            .filter(|id| *id != u32::MAX)
+            .map(Account::Id)
+            .ok_or_else(|| spot(value, format!("{what}: {id} is not a valid id"))),
+        RawAccount::Name(name) => {
+            // What useradd/groupadd accept, loosely: no separators of /etc/passwd, no spaces.
+            let valid = !name.is_empty()
+                && name.len() <= 256
+                && !name.starts_with('-')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-$".contains(c));
+            if valid {
+                Ok(Account::Name(name.clone()))
+            } else {
+                Err(spot(
+                    value,
+                    format!("{what}: {name:?} is not a user or group name (letters, digits, '.', '_', '-')"),
+                ))
+            }
+        }
+    }
 }
 
 /// A duration that must not be zero.

@@ -88,6 +88,7 @@ fn config_of(
         admin: None,
         workers: None,
         trusted_proxies: Vec::new(),
+        run_as: None,
     }
 }
 

@@ -67,6 +67,32 @@ pub enum RuntimeError {
     /// A handle on the splice maps could not be opened.
     #[error("cannot open the splice maps: {0}")]
     Splice(#[source] crate::splice::SpliceError),
+    /// Privileges could not be dropped as the config asks.
+    #[error(transparent)]
+    Privileges(#[from] crate::privileges::PrivilegeError),
+}
+
+/// What `wsplice run` adds to the config.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// The account to switch to once everything is bound (`user`/`group`, resolved by
+    /// [`crate::privileges::resolve`]); `None`: stay as started.
+    pub identity: Option<crate::privileges::Identity>,
+    /// Fault injection for tests only (`wsplice run --test-panic-after-accepts N`, hidden):
+    /// each worker panics when it accepts its N-th connection.
+    pub panic_after_accepts: Option<std::num::NonZeroU64>,
+}
+
+/// Counts a worker as running until its thread ends, however it ends: dropped on return and
+/// while unwinding from a panic alike, so the main loop sees a worker that died (with
+/// `panic = "abort"` and the binary's panic hook a panic ends the process first; this is for
+/// builds that unwind).
+struct Running(Arc<AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The rustls configuration of each listener (`None` for plain ones), in config order.
@@ -91,11 +117,13 @@ pub fn tls_configs(
 }
 
 /// Runs the proxy with `workers` threads until SIGTERM or SIGINT, then drains and returns.
-/// With `splice`, plain tunnels are handed to the kernel program.
+/// With `splice`, plain tunnels are handed to the kernel program. Everything privileged
+/// (binding, opening the maps) is done before privileges are dropped and any thread starts.
 pub fn serve(
     config: &Config,
     workers: usize,
     mut splice: Option<SpliceProgram>,
+    options: &ServeOptions,
 ) -> Result<(), RuntimeError> {
     if workers == 0 || workers > crate::tag::MAX_WORKERS {
         return Err(RuntimeError::TooManyWorkers(workers));
@@ -126,19 +154,16 @@ pub fn serve(
         let scheme = if listener.tls.is_some() { "wss" } else { "ws" };
         tracing::info!(bind = %listener.bind, workers, "listening ({scheme}://)");
     }
-    if let Some(admin) = &config.admin {
-        crate::admin::spawn(
-            admin.bind,
-            Arc::clone(&services.metrics),
-            Arc::clone(&shutdown),
-        )?;
-    }
-
-    let mut inboxes = pressure_watch(ring, workers, &shutdown)?;
-    let mut handles = Vec::with_capacity(workers);
+    let admin = config
+        .admin
+        .as_ref()
+        .map(|admin| crate::admin::bind(admin.bind))
+        .transpose()?;
+    let (mut inboxes, mailboxes) = pressure_mailboxes(ring.is_some(), workers)?;
+    let mut ready = Vec::with_capacity(workers);
     for (index, listeners) in per_worker.into_iter().enumerate() {
         let inbox = inboxes.get_mut(index).and_then(Option::take);
-        let worker = Worker::new(
+        let mut worker = Worker::new(
             index,
             Arc::clone(&services),
             listeners,
@@ -146,15 +171,30 @@ pub fn serve(
             inbox,
         )
         .map_err(|source| RuntimeError::Worker { index, source })?;
-        let running = Arc::clone(&running);
+        worker.panic_after_accepts = options.panic_after_accepts;
+        ready.push(worker);
+    }
+
+    // Everything that needed privileges is done: drop them while this is the only thread.
+    drop_privileges(options, services.splice.as_deref())?;
+
+    if let Some(admin) = admin {
+        admin.serve(Arc::clone(&services.metrics), Arc::clone(&shutdown))?;
+    }
+    if let Some(ring) = ring {
+        crate::splice::PressureWatcher::spawn(ring, mailboxes, Arc::clone(&shutdown))
+            .map_err(RuntimeError::Spawn)?;
+    }
+    let mut handles = Vec::with_capacity(workers);
+    for (index, worker) in ready.into_iter().enumerate() {
         running.fetch_add(1, Ordering::SeqCst);
+        let running = Running(Arc::clone(&running));
         let handle = thread::Builder::new()
             .name(format!("wsplice-w{index}"))
             .spawn(move || {
+                let _running = running;
                 sys::pin_to_cpu(index);
-                let result = worker.run();
-                running.fetch_sub(1, Ordering::SeqCst);
-                result
+                worker.run()
             })
             .map_err(RuntimeError::Spawn)?;
         handles.push(handle);
@@ -194,16 +234,16 @@ pub fn serve(
     }
 }
 
-/// Kernel path: starts the thread that turns the program's pressure reports into checks by the
-/// owning worker; returns each worker's inbox (none on the userspace path).
-fn pressure_watch(
-    ring: Option<aya::maps::RingBuf<aya::maps::MapData>>,
+/// Kernel path: each worker's inbox for the pressure watcher's reports, and the watcher's
+/// side of them (none on the userspace path). The watcher thread starts later, after the
+/// privileges are dropped.
+fn pressure_mailboxes(
+    kernel: bool,
     workers: usize,
-    shutdown: &Arc<AtomicBool>,
-) -> Result<Vec<Option<Inbox>>, RuntimeError> {
-    let Some(ring) = ring else {
-        return Ok((0..workers).map(|_| None).collect());
-    };
+) -> Result<(Vec<Option<Inbox>>, Vec<crate::splice::Mailbox>), RuntimeError> {
+    if !kernel {
+        return Ok(((0..workers).map(|_| None).collect(), Vec::new()));
+    }
     let mut inboxes = Vec::with_capacity(workers);
     let mut mailboxes = Vec::with_capacity(workers);
     for _ in 0..workers {
@@ -215,7 +255,36 @@ fn pressure_watch(
         });
         inboxes.push(Some(Inbox { receiver, wake }));
     }
-    crate::splice::PressureWatcher::spawn(ring, mailboxes, Arc::clone(shutdown))
-        .map_err(RuntimeError::Spawn)?;
-    Ok(inboxes)
+    Ok((inboxes, mailboxes))
+}
+
+/// Drops privileges as configured and says what is left. On the kernel path the probe is one
+/// lookup in the program's `ACTIVITY` map through a fresh handle, as the workers will do.
+fn drop_privileges(
+    options: &ServeOptions,
+    splice: Option<&SpliceProgram>,
+) -> Result<(), RuntimeError> {
+    let probe = |program: &SpliceProgram| -> Result<(), (bool, String)> {
+        let refused = |error: crate::splice::SpliceError| {
+            let denied = matches!(error, crate::splice::SpliceError::PermissionDenied(_));
+            (denied, error.to_string())
+        };
+        let maps = program.maps().map_err(refused)?;
+        maps.activity(0).map(|_| ()).map_err(refused)
+    };
+    let probe = splice.map(|program| move || probe(program));
+    let probe = probe
+        .as_ref()
+        .map(|probe| probe as crate::privileges::KernelProbe<'_>);
+    match crate::privileges::drop_privileges(options.identity.as_ref(), probe)? {
+        crate::privileges::Outcome::StillRoot => {}
+        crate::privileges::Outcome::Dropped { uid, gid, kept } => tracing::info!(
+            uid,
+            gid,
+            capabilities = %crate::privileges::capability_names(kept),
+            no_new_privs = true,
+            "privileges dropped"
+        ),
+    }
+    Ok(())
 }

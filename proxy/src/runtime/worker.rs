@@ -117,6 +117,11 @@ pub struct Worker {
     last_sweep_ns: u64,
     /// TLS handshakes in progress (for `limits.max_tls_handshakes`).
     pub(super) tls_handshakes: usize,
+    /// Test hook (`ServeOptions::panic_after_accepts`): panic on accepting this many
+    /// connections. Checked once per accepted connection, never on the data path.
+    pub(super) panic_after_accepts: Option<std::num::NonZeroU64>,
+    /// Connections accepted, counted only while the test hook is set.
+    accepted: u64,
 }
 
 impl Worker {
@@ -166,6 +171,8 @@ impl Worker {
             idle_upstreams: IdleConnections::default(),
             last_sweep_ns: 0,
             tls_handshakes: 0,
+            panic_after_accepts: None,
+            accepted: 0,
         })
     }
 
@@ -368,6 +375,15 @@ impl Worker {
         }
         // SAFETY: a non-negative accept result is a new file descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(result) };
+        if let Some(after) = self.panic_after_accepts {
+            self.accepted += 1;
+            assert!(
+                self.accepted < after.get(),
+                "test hook: worker {} accepted connection {} (--test-panic-after-accepts)",
+                self.index,
+                self.accepted
+            );
+        }
         let (scheme, tls) = self.listeners[index]
             .listener
             .as_ref()
