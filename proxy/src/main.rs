@@ -232,7 +232,7 @@ fn log_settings(config: &Config, workers: usize, kernel: bool) {
 /// unwound would leave its connections' tunnels dead, their kernel map entries behind and its
 /// ring's receives writing into buffers being freed, while `/healthz` still said ok. So the
 /// panic is logged (thread, place, message) and the whole process aborts: the supervisor sees
-/// SIGABRT and restarts it. Release builds also set `panic = "abort"` (no unwinding at all).
+/// SIGABRT and restarts it.
 fn abort_on_panic() {
     std::panic::set_hook(Box::new(|info| {
         let thread = std::thread::current();

@@ -24,9 +24,10 @@ pub fn ebpf_object_built() -> bool {
 /// kernel's errno, the verifier's log), since callers log only the top-level `Display`.
 #[derive(Debug, thiserror::Error)]
 pub enum SpliceError {
-    /// The kernel refused a bpf() call with EPERM/EACCES: not root, or CAP_BPF and
-    /// CAP_NET_ADMIN are missing (or a locked-down kernel).
-    #[error("not permitted to load eBPF (run as root or with CAP_BPF + CAP_NET_ADMIN): {0}")]
+    /// The kernel refused a bpf() call with EPERM/EACCES: not root, or CAP_BPF, CAP_NET_ADMIN
+    /// or CAP_PERFMON is missing (without CAP_PERFMON the verifier also walks speculative paths
+    /// and gives up on the program), or a locked-down kernel.
+    #[error("not permitted to load eBPF (run as root or with CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON): {0}")]
     PermissionDenied(String),
     /// The object could not be loaded (parsing, BTF, map creation).
     #[error("cannot load the eBPF object: {}", crate::error_chain::describe(.0))]
@@ -133,7 +134,7 @@ fn duplicate(map: &Map) -> Result<OwnedFd, SpliceError> {
 
 impl SpliceProgram {
     /// Loads the embedded object, sizes both maps for `max_sockets` and attaches the verdict
-    /// program to `PEER`. Needs root or CAP_BPF + CAP_NET_ADMIN.
+    /// program to `PEER`. Needs root or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON.
     pub fn load(max_sockets: u32) -> Result<SpliceProgram, SpliceError> {
         if !ebpf_object_built() {
             return Err(SpliceError::NotBuilt);

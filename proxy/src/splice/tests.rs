@@ -1,5 +1,5 @@
 //! The loader against the real kernel: each test loads the embedded program and splices real
-//! TCP connections over 127.0.0.1. They need root or CAP_BPF + CAP_NET_ADMIN (as in CI) and a
+//! TCP connections over 127.0.0.1. They need root or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON (as in CI) and a
 //! build with the eBPF object; elsewhere they say so and pass without running.
 //!
 //! Topology of one tunnel, as the proxy sees it:
@@ -37,7 +37,7 @@ fn load() -> Option<(SpliceProgram, SpliceMaps)> {
             Some((program, maps))
         }
         Err(SpliceError::PermissionDenied(reason)) => {
-            println!("skipped: loading eBPF needs root or CAP_BPF + CAP_NET_ADMIN ({reason})");
+            println!("skipped: loading eBPF needs root or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON ({reason})");
             None
         }
         Err(error) => panic!("loading the splice program: {error}"),
