@@ -73,7 +73,7 @@ enum Task {
         #[arg(long, default_value_t = 100_000)]
         step: u64,
         /// Cycles at once.
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 128)]
         in_flight: u32,
         /// Only these data paths (`kernel`, `auto`, `userspace`; comma-separated; default
         /// kernel,auto).
