@@ -2,19 +2,20 @@
 //! do, real clients (tokio-tungstenite: handshake, one message echoed, close) keep connecting,
 //! and their handshake p99 stays within twice the p99 measured on the same proxy just before,
 //! without the tricklers. Every trickler is answered 408 and closed by the proxy at
-//! `timeouts.handshake` (3 s here): each one sees the end of its connection no sooner than 3 s
+//! `timeouts.handshake` (8 s here): each one sees the end of its connection no sooner than 8 s
 //! after it began connecting and no later than [`SLACK`] after that, and each is counted in
 //! `wsplice_requests_rejected_total` and in a 408 access line. On both data paths.
 //!
-//! The tricklers keep 5,000 connections open the whole time: one that the proxy closed connects
-//! again at once, until the real clients are done (so the proxy also accepts and answers about
-//! 1,500 new tricklers a second). They run on a thread of their own, from 127.0.0.2-127.0.0.9.
+//! The tricklers connect over one second from 127.0.0.2-127.0.0.9, on a thread and runtime of
+//! their own (the real clients use 127.0.0.1); the loaded measurement runs from when the proxy
+//! holds all 5,000 until half a second before the first one's deadline.
 //!
-//! Robust on a shared 2-core VM: a p99 is taken over 600 handshakes or more (three rounds of
-//! 200; the loaded rounds last at least 4 s, a whole handshake timeout and more); the unloaded
-//! p99 is raised to [`P99_FLOOR`] before it is doubled; and a failed comparison is measured
-//! again once, unloaded then loaded, before the test fails (a proxy that stalls under the
-//! tricklers fails both times; a neighbour's build that took the CPUs for a moment does not).
+//! Robust on a shared 2-core VM: each p99 is taken over every handshake of 4 s or more (real
+//! clients one after the other, their close handshakes left to run beside the next ones; at
+//! least 200 while loaded); the unloaded p99 is raised to [`P99_FLOOR`] before it is doubled;
+//! and a failed comparison is measured again, unloaded then loaded, up to [`ATTEMPTS`] times
+//! before the test fails (a proxy that stalls under the tricklers fails every time; a
+//! neighbour's build that took the CPUs for a moment does not).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -28,7 +29,7 @@ use wsplice_tests::*;
 const TRICKLERS: usize = 5_000;
 /// `timeouts.handshake` of the proxy under test: long enough for the measurement to fit
 /// between the last trickler connected and the first one closed.
-const HANDSHAKE: Duration = Duration::from_secs(5);
+const HANDSHAKE: Duration = Duration::from_secs(8);
 /// The tricklers connect over this much time (so no listen backlog overflows).
 const RAMP: Duration = Duration::from_secs(1);
 /// How late after `timeouts.handshake` a trickler may see its connection end: the proxy's timer
@@ -43,13 +44,13 @@ const P99_FLOOR: Duration = Duration::from_millis(2);
 /// Handshakes per measured round.
 const ROUND: usize = 100;
 /// How long real clients are measured without tricklers.
-const UNLOADED: Duration = Duration::from_secs(3);
+const UNLOADED: Duration = Duration::from_secs(4);
 /// Measurements (unloaded, then loaded) before a p99 that doubled fails the test.
 const ATTEMPTS: u32 = 3;
 /// Source addresses of the tricklers: 127.0.0.2 to 127.0.0.9 (the real clients use 127.0.0.1).
 const TRICKLER_SOURCES: u8 = 8;
 
-/// What the head looks like, byte after byte (never finished within 3 s).
+/// What the head looks like, byte after byte (never finished within 8 s).
 const HEAD: &[u8] = b"GET /slowloris HTTP/1.1\r\nHost: wsplice.test\r\nUpgrade: websocket\r\n";
 
 /// How one trickler connection ended.
@@ -146,23 +147,33 @@ fn p99(times: &mut [Duration]) -> Duration {
 }
 
 /// One real client: the handshake's duration (TCP connect to the 101), then one message
-/// echoed and the close handshake.
-async fn real_client(url: &str) -> Duration {
+/// echoed; the close handshake goes on in the returned task (the next client does not wait
+/// for it).
+async fn real_client(url: &str) -> (Duration, tokio::task::JoinHandle<()>) {
     let began = Instant::now();
     let mut ws = connect(url).await;
     let took = began.elapsed();
     echo_text(&mut ws, "real client").await;
-    bounded(ws.close(None)).await.expect("close");
-    while let Some(Ok(_)) = bounded(ws.next()).await {}
-    took
+    let closing = tokio::spawn(async move {
+        bounded(ws.close(None)).await.expect("close");
+        while let Some(Ok(_)) = bounded(ws.next()).await {}
+    });
+    (took, closing)
 }
 
-/// Handshake durations of `ROUND` real clients one after the other.
-async fn round(proxy: &Proxy) -> Vec<Duration> {
+/// Handshake durations of up to `ROUND` real clients one after the other, none starting after
+/// `until`.
+async fn round(proxy: &Proxy, until: Instant) -> Vec<Duration> {
     let url = proxy.url("/real");
     let mut times = Vec::with_capacity(ROUND);
-    for _ in 0..ROUND {
-        times.push(real_client(&url).await);
+    let mut closing = Vec::with_capacity(ROUND);
+    while times.len() < ROUND && Instant::now() < until {
+        let (took, close) = real_client(&url).await;
+        times.push(took);
+        closing.push(close);
+    }
+    for close in closing {
+        close.await.expect("a real client's close");
     }
     times
 }
@@ -197,18 +208,16 @@ async fn tricklers_are_closed_at_the_handshake_timeout_and_do_not_slow_real_clie
     let echo = Echo::start();
     for datapath in datapaths() {
         let mut config = ProxyConfig::new(&[echo.addr()]);
-        config.handshake = "5s"; // HANDSHAKE
+        config.handshake = "8s"; // HANDSHAKE
         let proxy = Proxy::start(datapath, &config);
-        for _ in 0..20 {
-            real_client(&proxy.url("/warm-up")).await;
-        }
+        round(&proxy, Instant::now() + Duration::from_millis(500)).await;
         let mut trickled = 0;
         let mut verdicts = Vec::new();
         for attempt in 1..=ATTEMPTS {
             let mut unloaded = Vec::new();
-            let since = Instant::now();
-            while since.elapsed() < UNLOADED {
-                unloaded.extend(round(&proxy).await);
+            let unloaded_until = Instant::now() + UNLOADED;
+            while Instant::now() < unloaded_until {
+                unloaded.extend(round(&proxy, unloaded_until).await);
             }
             let unloaded_p99 = p99(&mut unloaded);
             let rejected_before = proxy.metrics()["requests_rejected_total"];
@@ -220,13 +229,14 @@ async fn tricklers_are_closed_at_the_handshake_timeout_and_do_not_slow_real_clie
                 open,
                 "{datapath:?}: the tricklers did not all get connected"
             );
-            // Measured until half a second before the first trickler's deadline.
+            // Measured until half a second before the first trickler's deadline, so every
+            // sample of the open connections counts all the tricklers.
             let loaded_until = ramp_began + HANDSHAKE - Duration::from_millis(500);
             let mut loaded = Vec::new();
             let mut fewest_open = u64::MAX;
             let loaded_since = Instant::now();
             while Instant::now() < loaded_until {
-                loaded.extend(round(&proxy).await);
+                loaded.extend(round(&proxy, loaded_until).await);
                 fewest_open = fewest_open.min(proxy.metrics()["connections_open"]);
             }
             let loaded_seconds = loaded_since.elapsed().as_secs_f64();
@@ -267,7 +277,7 @@ async fn tricklers_are_closed_at_the_handshake_timeout_and_do_not_slow_real_clie
                 problems[..problems.len().min(10)].join("\n")
             );
             assert!(
-                loaded.len() >= 3 * ROUND && fewest_open >= TRICKLERS as u64,
+                loaded.len() >= 2 * ROUND && fewest_open >= TRICKLERS as u64,
                 "{datapath:?}: {} handshakes measured while the tricklers were open (at least \
                  {fewest_open} connections)",
                 loaded.len()
