@@ -19,6 +19,10 @@ pub struct TimerKey {
     pub id: u64,
 }
 
+/// Reminders an expired bucket may keep room for without holding any: the wheel turns through
+/// every bucket, so room left behind by a burst would be kept in each of them, for good.
+const KEPT_ROOM: usize = 8;
+
 #[derive(Debug, Clone, Copy)]
 struct Reminder {
     key: TimerKey,
@@ -63,6 +67,11 @@ impl TimerWheel {
         self.len == 0
     }
 
+    /// Reminders the buckets have room for: what the wheel's memory is sized by.
+    pub fn room(&self) -> usize {
+        self.slots.iter().map(Vec::capacity).sum()
+    }
+
     /// Arms a reminder for `key` at `deadline_ns`.
     pub fn arm(&mut self, key: TimerKey, deadline_ns: u64) {
         // Round up: a reminder never fires before its deadline.
@@ -91,6 +100,14 @@ impl TimerWheel {
                 !due
             });
             self.len -= before - self.slots[bucket].len();
+            // A bucket fills during its tick and empties when the wheel comes back to it: it
+            // gives back the room of a burst (or of a steady rate that has since dropped)
+            // instead of every bucket keeping the most it ever held. Refilling costs a few
+            // reallocations per tick.
+            let reminders = &mut self.slots[bucket];
+            if reminders.capacity() > KEPT_ROOM.max(4 * reminders.len()) {
+                reminders.shrink_to(2 * reminders.len());
+            }
         }
         self.next_tick = now_tick + 1;
     }
@@ -148,6 +165,34 @@ mod tests {
         let fired = expire(&mut wheel, 5_000 * MS);
         assert_eq!(fired.len(), 20);
         assert_eq!(wheel.len(), 1);
+    }
+
+    #[test]
+    fn buckets_give_back_the_room_of_a_burst_once_it_expired() {
+        // A thousand reminders due in each tick of one turn (a churn of short connections),
+        // then the wheel turns on with nothing armed.
+        let mut wheel = TimerWheel::new(Duration::from_millis(10), 64, 0);
+        for tick in 0..64u64 {
+            for n in 0..1000 {
+                wheel.arm(key(n), tick * 10 * MS + MS);
+            }
+        }
+        assert!(wheel.room() >= 64 * 1000);
+        let fired = expire(&mut wheel, 64 * 10 * MS + MS);
+        assert_eq!(fired.len(), 64 * 1000);
+        assert!(wheel.is_empty());
+        assert!(
+            wheel.room() <= 64 * KEPT_ROOM,
+            "an empty wheel keeps room for {} reminders",
+            wheel.room()
+        );
+        // Reminders still waiting for a later turn keep their bucket's room.
+        for n in 0..100 {
+            wheel.arm(key(n), 10_000 * MS);
+        }
+        expire(&mut wheel, 2_000 * MS);
+        assert_eq!(wheel.len(), 100);
+        assert!(wheel.room() >= 100);
     }
 
     #[test]

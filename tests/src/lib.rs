@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub mod bpf;
+pub mod churn;
 pub mod http;
 pub mod segment;
 pub mod soak;
@@ -296,13 +297,14 @@ impl Drop for Process {
 }
 
 /// `[WRAPPER…] wsplice run -c config --datapath … EXTRA…` with its stderr (access lines
-/// included) in `log`. It runs in the log's folder, so a core dump (if the machine writes
-/// them) lands there.
+/// included) in `log`, logging what `filter` (`RUST_LOG`) lets through. It runs in the log's
+/// folder, so a core dump (if the machine writes them) lands there.
 fn spawn_run(
     config: &Path,
     datapath: DataPath,
     (wrapper, extra): (&[String], &[String]),
     log: &Path,
+    filter: &str,
 ) -> Process {
     let mut command = match wrapper.split_first() {
         Some((program, args)) => {
@@ -318,7 +320,7 @@ fn spawn_run(
         .arg(config)
         .args(["--datapath", datapath.flag()])
         .args(extra)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", filter)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).expect("log file"))
@@ -336,12 +338,16 @@ pub fn run_config_file(
     listening: &[SocketAddr],
 ) -> (Process, PathBuf) {
     let log = scratch_dir("run").join("stderr.log");
-    let mut process = spawn_run(config, datapath, (&[], &[]), &log);
+    let mut process = spawn_run(config, datapath, (&[], &[]), &log, DEFAULT_LOG_FILTER);
     for addr in listening {
         wait_for_port(*addr, &mut process.child, "wsplice run", &log);
     }
     (process, log)
 }
+
+/// What a proxy under test logs unless told otherwise: everything at info, access lines
+/// included.
+pub const DEFAULT_LOG_FILTER: &str = "info";
 
 /// Settings of a proxy under test; `to_toml` writes the config.
 #[derive(Debug, Clone)]
@@ -386,6 +392,9 @@ pub struct ProxyConfig {
     pub wrapper: Vec<String>,
     /// The listener's port (default: a free one in 10000..20000).
     pub port: Option<u16>,
+    /// `RUST_LOG` of the process ([`DEFAULT_LOG_FILTER`]; the churn leaves access lines out,
+    /// a million of them would fill the log).
+    pub log_filter: &'static str,
 }
 
 impl ProxyConfig {
@@ -412,6 +421,7 @@ impl ProxyConfig {
             extra_args: Vec::new(),
             wrapper: Vec::new(),
             port: None,
+            log_filter: DEFAULT_LOG_FILTER,
         }
     }
 
@@ -491,7 +501,7 @@ impl Proxy {
         std::fs::write(&config_path, config.to_toml(addr, admin)).expect("write config");
         let log = dir.join("stderr.log");
         let args = (&config.wrapper[..], &config.extra_args[..]);
-        let mut process = spawn_run(&config_path, datapath, args, &log);
+        let mut process = spawn_run(&config_path, datapath, args, &log, config.log_filter);
         try_wait_for_port(addr, &mut process.child, "wsplice run", &log)?;
         try_wait_for_port(admin, &mut process.child, "wsplice admin", &log)?;
         let proxy = Proxy {
@@ -680,12 +690,25 @@ impl Echo {
 
     /// Starts an echo upstream on `addr` (a server coming back where a proxy expects it).
     pub fn start_on(addr: SocketAddr) -> Echo {
+        Echo::spawn(addr, true)
+    }
+
+    /// Starts an echo upstream that records nothing (for a million handshakes).
+    pub fn start_unrecorded() -> Echo {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        Echo::spawn(addr, false)
+    }
+
+    fn spawn(addr: SocketAddr, recorded: bool) -> Echo {
         let dir = scratch_dir("echo");
         let record = dir.join("record.jsonl");
         let log = dir.join("stderr.log");
-        let child = Command::new(binary())
-            .args(["echo", "--listen", &addr.to_string(), "--record"])
-            .arg(&record)
+        let mut command = Command::new(binary());
+        command.args(["echo", "--listen", &addr.to_string()]);
+        if recorded {
+            command.arg("--record").arg(&record);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -778,6 +801,39 @@ pub async fn upgrade_raw(addr: SocketAddr, request: &[u8], what: &str) -> String
     let (head, _) = read_head(&mut stream).await;
     assert!(head.starts_with("HTTP/1.1 101 "), "{what}: {head}");
     head
+}
+
+/// Opens a TCP connection to `addr` from `source` (any address of 127.0.0.0/8): the port is
+/// chosen at connect time for the whole address pair (`IP_BIND_ADDRESS_NO_PORT`), so many
+/// source addresses multiply the connections that can be open or in TIME_WAIT at once.
+pub async fn connect_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_nonblocking(true)?;
+    socket.set_cloexec(true)?;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int and its size.
+    let result = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+    socket.connect(addr).await
 }
 
 /// Awaits `future`, failing the test after [`WAIT`].

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | run | test | bench | soak`.
+//! Project tasks: `cargo xtask setup | build-ebpf | run | test | bench | soak | churn`.
 //!
 //! `setup` makes a fresh machine able to build everything (pinned toolchains, bpf-linker built
 //! against the eBPF nightly's own LLVM); the other tasks run it first, so the README's two
@@ -66,6 +66,23 @@ enum Task {
         /// Only these scenarios (`delayed-echo`, `flood`; comma-separated).
         #[arg(long)]
         scenario: Option<String>,
+    },
+    /// The full churn: connect/upgrade/close cycles in steps, then descriptors, eBPF map entries,
+    /// RSS and kernel slab checked against where they started (see tests/tests/churn.rs).
+    Churn {
+        /// Cycles per data path (`cargo xtask test` runs 50,000).
+        #[arg(long, default_value_t = 1_000_000)]
+        cycles: u64,
+        /// Cycles per step (the first step is the warm-up that sets the RSS plateau).
+        #[arg(long, default_value_t = 100_000)]
+        step: u64,
+        /// Cycles at once.
+        #[arg(long, default_value_t = 128)]
+        in_flight: u32,
+        /// Only these data paths (`kernel`, `auto`, `userspace`; comma-separated; default
+        /// kernel,auto).
+        #[arg(long)]
+        datapath: Option<String>,
     },
     /// fmt, clippy, build, unit and end-to-end tests.
     Test {
@@ -172,6 +189,44 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
                 let status = command.status().context("cannot run cargo test")?;
                 if !status.success() {
                     bail!("the soak failed ({status})");
+                }
+                Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Task::Churn {
+            cycles,
+            step: step_size,
+            in_flight,
+            datapath,
+        } => {
+            setup::setup(&root)?;
+            step("build wsplice (release)", || {
+                cargo(&root, &["build", "--release", "-p", "wsplice"])
+            })?;
+            let mut command = Command::new("cargo");
+            command
+                .args([
+                    "test",
+                    "--release",
+                    "-p",
+                    "wsplice-tests",
+                    "--test",
+                    "churn",
+                ])
+                .args(["--", "--nocapture"])
+                .current_dir(&root)
+                .env("WSPLICE_BIN", root.join("target/release/wsplice"))
+                .env("WSPLICE_CHURN_CYCLES", cycles.to_string())
+                .env("WSPLICE_CHURN_STEP", step_size.to_string())
+                .env("WSPLICE_CHURN_IN_FLIGHT", in_flight.to_string());
+            if let Some(datapath) = datapath {
+                command.env("WSPLICE_DATAPATHS", datapath);
+            }
+            step("churn", || {
+                let status = command.status().context("cannot run cargo test")?;
+                if !status.success() {
+                    bail!("the churn failed ({status})");
                 }
                 Ok(())
             })?;
