@@ -264,7 +264,7 @@ impl<'a> Mapper<'a> {
         self.extra_certificates(children);
         // So may maps, before the proxy_set_header using them.
         for d in children {
-            if d.name == "upstream" {
+            if d.name == "upstream" && d.block.is_some() {
                 if let Some(name) = d.args.first() {
                     self.pool_names.insert(name.clone());
                 }
@@ -312,9 +312,17 @@ impl<'a> Mapper<'a> {
     }
 
     fn upstream(&mut self, d: &'a Directive) {
-        let Some(name) = d.args.first() else {
-            return self.unknown(d);
+        // `upstream NAME { … }` only: without a block it defines nothing.
+        let (Some(name), Some(_)) = (d.args.first(), &d.block) else {
+            return self.warn(d, "an upstream is a block: `upstream NAME { server …; }`");
         };
+        if let Some(first) = self.pools.iter().find(|p| &p.name == name) {
+            let why = format!(
+                "upstream {name} is already defined at {} (nginx refuses this): that one is used",
+                first.source
+            );
+            return self.warn(d, why);
+        }
         let mut pool = Pool {
             name: name.clone(),
             source: format!("{}:{}", d.file.display(), d.line),

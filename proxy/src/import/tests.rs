@@ -568,3 +568,38 @@ http {
     );
     assert_eq!(config.limits.max_body, None);
 }
+
+/// Found by the import fuzz target: an `upstream` without a block and a second `upstream` of
+/// the same name each wrote an `[upstream.NAME]` table, and the TOML had a duplicate key.
+#[test]
+fn an_upstream_defined_twice_or_without_a_block_is_reported_once() {
+    let (config, warnings, toml) = import_text(
+        r#"
+http {
+    upstream backend pid /run/nginx.pid;
+    upstream backend { server 10.0.0.2:8080; }
+    upstream backend { server 10.0.0.3:8080; }
+    server {
+        listen 8080;
+        location / { proxy_pass http://backend; }
+    }
+}
+"#,
+    );
+    assert_eq!(toml.matches("[upstream.backend]").count(), 1, "{toml}");
+    assert_eq!(
+        config,
+        config_of(
+            vec![plain("0.0.0.0:8080")],
+            vec![route(None, None, "backend")],
+            vec![("backend", pool(&["10.0.0.2:8080"]))],
+        )
+    );
+    assert_eq!(
+        lines(&warnings),
+        [
+            "3: upstream backend pid /run/nginx.pid",
+            "5: upstream backend"
+        ]
+    );
+}
