@@ -881,7 +881,7 @@ impl<'a> Mapper<'a> {
         let _ = writeln!(
             out,
             "# wsplice configuration imported from {} by `wsplice import`.",
-            source.display()
+            comment(&source.display().to_string())
         );
         out.push_str("# Every nginx directive that did not carry over was reported on stderr with its line.\n");
         out.push_str(
@@ -892,9 +892,9 @@ impl<'a> Mapper<'a> {
         }
         self.render_listeners(&mut out);
         for route in &routes {
-            let _ = writeln!(out, "\n[[route]]  # {}", route.source);
+            let _ = writeln!(out, "\n[[route]]  # {}", comment(&route.source));
             if let Some(note) = &route.note {
-                let _ = writeln!(out, "# {note}");
+                let _ = writeln!(out, "# {}", comment(note));
             }
             if let Some(host) = &route.host {
                 let _ = writeln!(out, "host = {}", quote(host));
@@ -904,7 +904,11 @@ impl<'a> Mapper<'a> {
             }
             let _ = writeln!(out, "upstream = {}", quote(&route.upstream));
             if let Some((idle, from)) = &route.idle {
-                let _ = writeln!(out, "# nginx's proxy_read_timeout ({from}): what closes a quiet tunnel there is wsplice's idle timeout");
+                let _ = writeln!(
+                    out,
+                    "# nginx's proxy_read_timeout ({}): what closes a quiet tunnel there is wsplice's idle timeout",
+                    comment(from)
+                );
                 let _ = writeln!(out, "idle_timeout = {}", quote(idle));
             }
             if !route.set.is_empty() || !route.remove.is_empty() {
@@ -929,11 +933,17 @@ impl<'a> Mapper<'a> {
             if !used.contains(pool.name.as_str()) {
                 continue;
             }
-            let _ = writeln!(out, "\n[upstream.{}]  # {}", key(&pool.name), pool.source);
+            let _ = writeln!(
+                out,
+                "\n[upstream.{}]  # {}",
+                key(&pool.name),
+                comment(&pool.source)
+            );
             for name in &pool.unresolved {
                 let _ = writeln!(
                     out,
-                    "# TODO: nginx's server {name} is a host name: add its IP:port"
+                    "# TODO: nginx's server {} is a host name: add its IP:port",
+                    comment(name)
                 );
             }
             let servers: Vec<String> = pool.servers.iter().map(|s| quote(&s.to_string())).collect();
@@ -953,7 +963,8 @@ impl<'a> Mapper<'a> {
                 let _ = writeln!(
                     out,
                     "\n# upstream {} ({}) is not used by any imported location",
-                    pool.name, pool.source
+                    comment(&pool.name),
+                    comment(&pool.source)
                 );
             }
         }
@@ -964,7 +975,7 @@ impl<'a> Mapper<'a> {
                     out,
                     "connect = {}  # proxy_connect_timeout, {}:{}",
                     quote(t),
-                    d.file.display(),
+                    comment(&d.file.display().to_string()),
                     d.line
                 );
             }
@@ -973,7 +984,7 @@ impl<'a> Mapper<'a> {
                     out,
                     "keepalive = {}  # keepalive_timeout, {}:{}",
                     quote(t),
-                    d.file.display(),
+                    comment(&d.file.display().to_string()),
                     d.line
                 );
             }
@@ -986,7 +997,7 @@ impl<'a> Mapper<'a> {
                     out,
                     "\n[limits]\nmax_body = {}  # client_max_body_size, {}:{}",
                     quote(&format_size(*bytes)),
-                    d.file.display(),
+                    comment(&d.file.display().to_string()),
                     d.line
                 );
             }
@@ -1025,7 +1036,7 @@ impl<'a> Mapper<'a> {
             let _ = writeln!(
                 out,
                 "\n[[listener]]  # {}:{}",
-                first.listen.file.display(),
+                comment(&first.listen.file.display().to_string()),
                 first.listen.line
             );
             let _ = writeln!(out, "bind = {}", quote(&addr.to_string()));
@@ -1069,7 +1080,7 @@ impl<'a> Mapper<'a> {
                 let _ = writeln!(
                     out,
                     "[[listener.tls.sni]]  # {}:{}",
-                    bind.listen.file.display(),
+                    comment(&bind.listen.file.display().to_string()),
                     bind.listen.line
                 );
                 let _ = writeln!(out, "names = [{}]", list.join(", "));
@@ -1256,6 +1267,21 @@ fn quote(text: &str) -> String {
     }
     out.push('"');
     out
+}
+
+/// `text` for a TOML comment: a comment ends at the line's end and may hold no other control
+/// character, so those are written as escapes (`\u{a}`); names, paths and values copied from
+/// an nginx file may hold any.
+fn comment(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\t' {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// A TOML key: bare when it can be.

@@ -603,3 +603,29 @@ http {
         ]
     );
 }
+
+/// Found by the import fuzz target: names copied into comments (a server given by host name,
+/// an unused upstream, a location's note) kept their control characters, and a NUL or a line
+/// break there made the TOML invalid or let nginx text become TOML lines.
+#[test]
+fn control_characters_copied_into_comments_are_escaped() {
+    let text = "http {\n\
+        upstream app { server \"app\u{0}.internal:80\"; server 127.0.0.1:3000; }\n\
+        upstream \"unused\n[admin]\" { server 127.0.0.1:1; }\n\
+        server {\n\
+            listen 8080;\n\
+            location \"/a\rb\" { proxy_pass http://app; }\n\
+        }\n\
+    }\n";
+    let tree = syntax::parse(text, Path::new(FILE)).expect("nginx syntax");
+    let mapped = mapping::map(&tree, Path::new(FILE), Path::new("/etc/nginx"));
+    let toml = mapped.toml.expect("a configuration");
+    assert!(
+        toml.contains("# TODO: nginx's server app\\u{0}.internal:80"),
+        "{toml}"
+    );
+    assert!(toml.contains("# upstream unused\\u{a}[admin] ("), "{toml}");
+    assert!(!toml.contains('\0') && !toml.contains('\r'), "{toml}");
+    let table: toml::Table = toml::from_str(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    assert!(!table.contains_key("admin"), "{toml}");
+}
