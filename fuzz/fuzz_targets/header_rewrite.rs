@@ -2,8 +2,8 @@
 //! `headers::rewrite_plain_request`, after `handshake::parse_request`, with route rules.
 //!
 //! Input: a flags byte (trusted peer, TLS listener, IPv6 client), rule lines up to an empty line
-//! (`+Name: value` sets, `-Name` removes; names and values as the config loader accepts them),
-//! then the client's head.
+//! (`+Name: value` sets, `-Name` removes; kept only when the config loader accepts them), then
+//! the client's head.
 //!
 //! Properties: what the upstream gets parses back (same parser) to the same method, target,
 //! version and Host, with Host first; an upgrade is still a valid upgrade with the same key, a
@@ -18,6 +18,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use libfuzzer_sys::fuzz_target;
+use wsplice::config::Config;
 use wsplice::handshake::{parse_request, Header, Request};
 use wsplice::headers::{
     rewrite_plain_request, rewrite_request, ForwardContext, HeaderRules, Scheme,
@@ -50,36 +51,53 @@ const NOT_IN_RULES: [&str; 7] = [
     "sec-websocket-version",
 ];
 
-fn is_token(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
-
-/// Rule lines as the config loader would take them (token names, no CR/LF in values).
+/// Route rules from the rule lines, taken as the config loader takes them: written into a
+/// configuration and read back with `Config::parse` (no rules when it refuses them).
 fn rules(text: &[u8]) -> HeaderRules {
-    let mut rules = HeaderRules::default();
+    let mut set = toml::Table::new();
+    let mut remove = Vec::new();
     for line in text.split(|&b| b == b'\n') {
         let Ok(line) = std::str::from_utf8(line) else {
             continue;
         };
-        if let Some(rest) = line.strip_prefix('+') {
-            if let Some((name, value)) = rest.split_once(':') {
-                let usable = is_token(name)
-                    && !NOT_IN_RULES.contains(&name.to_ascii_lowercase().as_str())
-                    && !value.contains(['\r', '\n']);
-                if usable {
-                    rules.set.push((name.to_owned(), value.trim().to_owned()));
-                }
+        let (name, value) = match line.strip_prefix('+') {
+            Some(rest) => match rest.split_once(':') {
+                Some((name, value)) => (name, Some(value.trim())),
+                None => continue,
+            },
+            None => match line.strip_prefix('-') {
+                Some(name) => (name, None),
+                None => continue,
+            },
+        };
+        if NOT_IN_RULES.contains(&name.to_ascii_lowercase().as_str()) {
+            continue;
+        }
+        match value {
+            Some(value) => {
+                set.insert(name.to_owned(), toml::Value::String(value.to_owned()));
             }
-        } else if let Some(name) = line.strip_prefix('-') {
-            if is_token(name) && !NOT_IN_RULES.contains(&name.to_ascii_lowercase().as_str()) {
-                rules.remove.push(name.to_owned());
-            }
+            None => remove.push(toml::Value::String(name.to_owned())),
         }
     }
-    rules
+    let mut headers = toml::Table::new();
+    headers.insert("set".into(), toml::Value::Table(set));
+    headers.insert("remove".into(), toml::Value::Array(remove));
+    let mut route = toml::Table::new();
+    route.insert("upstream".into(), "u".into());
+    route.insert("headers".into(), toml::Value::Table(headers));
+    let text = format!(
+        "[[listener]]\nbind = \"127.0.0.1:1\"\n\n[upstream.u]\nservers = [\"127.0.0.1:2\"]\n\n\
+         [[route]]\n{}",
+        toml::to_string(&route).unwrap_or_default()
+    );
+    match Config::parse(&text) {
+        Ok(config) => HeaderRules {
+            set: config.routes[0].headers.set.clone(),
+            remove: config.routes[0].headers.remove.clone(),
+        },
+        Err(_) => HeaderRules::default(),
+    }
 }
 
 /// The checks common to both kinds of request: `sent` is the head as received, `got` the head
