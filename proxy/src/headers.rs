@@ -226,9 +226,9 @@ fn apply_rules(headers: &mut Vec<Header>, rules: &HeaderRules) {
         headers.retain(|h| !h.name.eq_ignore_ascii_case(name));
     }
     for (name, value) in &rules.set {
-        if name.contains(['\r', '\n', ':']) || value.contains(['\r', '\n']) {
+        if name.contains(['\r', '\n', ':']) || value.chars().any(|c| c.is_control() && c != '\t') {
             // The config loader rejects these; never emit a broken head if one slips through.
-            tracing::warn!(%name, "header rule with CR/LF skipped");
+            tracing::warn!(%name, "header rule with CR/LF or a control character skipped");
             continue;
         }
         match headers
