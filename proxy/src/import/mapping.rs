@@ -731,6 +731,10 @@ impl<'a> Mapper<'a> {
             }
             _ => return self.unknown(d),
         };
+        if !prefix.starts_with('/') {
+            // wsplice refuses such a path_prefix; in nginx it matches no request path.
+            return self.warn(d, "a location that does not start with `/` matches no request path (with everything inside it)");
+        }
         stack.push(d.children());
         let mut proxy_pass = None;
         let mut status = false;

@@ -629,3 +629,27 @@ fn control_characters_copied_into_comments_are_escaped() {
     let table: toml::Table = toml::from_str(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
     assert!(!table.contains_key("admin"), "{toml}");
 }
+
+/// Found by the import fuzz target: `location chat/ {…}` became `path_prefix = "chat/"`, which
+/// `wsplice check` refuses; in nginx such a location matches no request path.
+#[test]
+fn a_location_not_starting_with_a_slash_is_left_out() {
+    let (config, warnings, _) = import_text(
+        r#"
+http {
+    server {
+        listen 8080;
+        location chat/ { proxy_pass http://127.0.0.1:9001; }
+        location ^~ admin { proxy_pass http://127.0.0.1:9002; }
+        location / { proxy_pass http://127.0.0.1:9000; }
+    }
+}
+"#,
+    );
+    assert_eq!(
+        lines(&warnings),
+        ["5: location chat/", "6: location ^~ admin"]
+    );
+    assert_eq!(config.routes.len(), 1);
+    assert_eq!(config.routes[0].path_prefix, None);
+}
