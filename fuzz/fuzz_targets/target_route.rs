@@ -5,7 +5,8 @@
 //! to the next line end, then the request target.
 //!
 //! Properties: a normal form is an origin-form path (`/…`) with no `.`/`..` segment, no empty
-//! segment (`//`), no backslash and no encoded slash, and normalising it again changes nothing;
+//! segment (`//`), no backslash, no encoded slash and no fragment, and normalising it again
+//! changes nothing;
 //! the query is passed on as sent. The route chosen for the normal form is the first one whose
 //! host and prefix match, and a route for a prefix never takes a path outside it (the segment
 //! after the prefix starts with `/` or `?`, or the path is the prefix).
@@ -92,6 +93,10 @@ fuzz_target!(|data: &[u8]| {
     assert!(
         raw.ends_with(query),
         "the query changed: {raw:?} -> {normal:?}"
+    );
+    assert!(
+        !normal.contains('#'),
+        "a fragment passed: {raw:?} -> {normal:?}"
     );
     assert_eq!(
         normalize(&normal, host).as_deref(),
