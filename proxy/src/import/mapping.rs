@@ -943,6 +943,14 @@ impl<'a> Mapper<'a> {
                 key(&pool.name),
                 comment(&pool.source)
             );
+            if pool.servers.is_empty() && pool.unresolved.is_empty() {
+                // `wsplice check` refuses an empty pool: say what to do rather than guess.
+                let _ = writeln!(
+                    out,
+                    "# TODO: no server of nginx's upstream {} was imported (see the warnings): add its IP:port",
+                    comment(&pool.name)
+                );
+            }
             for name in &pool.unresolved {
                 let _ = writeln!(
                     out,

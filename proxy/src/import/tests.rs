@@ -653,3 +653,28 @@ http {
     assert_eq!(config.routes.len(), 1);
     assert_eq!(config.routes[0].path_prefix, None);
 }
+
+/// Found by the import fuzz target: an upstream none of whose servers could be imported (a
+/// misspelt `server`, only `backup` ones) became `servers = []` with no word on what to do;
+/// it gets the same TODO line as a server given by host name.
+#[test]
+fn an_upstream_without_an_imported_server_says_what_to_add() {
+    let text = "http {\n\
+        upstream app { sever 127.0.0.1:1; server 127.0.0.1:2 backup; }\n\
+        server { listen 8080; location / { proxy_pass http://app; } }\n\
+    }\n";
+    let tree = syntax::parse(text, Path::new(FILE)).expect("nginx syntax");
+    let mapped = mapping::map(&tree, Path::new(FILE), Path::new("/etc/nginx"));
+    let toml = mapped.toml.expect("a configuration");
+    assert!(
+        toml.contains(
+            "[upstream.app]  # /etc/nginx/nginx.conf:2\n# TODO: no server of nginx's upstream app \
+             was imported (see the warnings): add its IP:port\nservers = []\n"
+        ),
+        "{toml}"
+    );
+    assert_eq!(
+        lines(&mapped.warnings),
+        ["2: sever 127.0.0.1:1", "2: server 127.0.0.1:2 backup"]
+    );
+}
