@@ -1133,6 +1133,14 @@ fn header_rule(d: &Directive, upgrade_variables: &[String]) -> HeaderRule {
     let [name, value] = d.args.as_slice() else {
         return HeaderRule::Bad("expected a name and a value".into());
     };
+    let token = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !token {
+        // `wsplice check` refuses it, and no upstream would read it as a header.
+        return HeaderRule::Bad(format!("{name:?} is not a valid header name"));
+    }
     let lower = name.to_ascii_lowercase();
     let default = match lower.as_str() {
         "upgrade" => value == "$http_upgrade",

@@ -678,3 +678,19 @@ fn an_upstream_without_an_imported_server_says_what_to_add() {
         ["2: sever 127.0.0.1:1", "2: server 127.0.0.1:2 backup"]
     );
 }
+
+/// Found by the import fuzz target: `proxy_set_header` with a name that is not a token went
+/// into the route's rules, and `wsplice check` refused the result.
+#[test]
+fn a_header_name_that_is_not_a_token_is_reported() {
+    let (config, warnings, _) = import_text(
+        "http {\n    server {\n        listen 8080;\n        location / {\n            \
+         proxy_pass http://127.0.0.1:9000;\n            \
+         proxy_set_header X-A://b 1;\n            proxy_set_header X-Ok 1;\n        }\n    }\n}\n",
+    );
+    assert_eq!(lines(&warnings), ["6: proxy_set_header X-A://b 1"]);
+    assert_eq!(
+        config.routes[0].headers.set,
+        [("X-Ok".to_owned(), "1".to_owned())]
+    );
+}
