@@ -1141,6 +1141,9 @@ fn header_rule(d: &Directive, upgrade_variables: &[String]) -> HeaderRule {
         // `wsplice check` refuses it, and no upstream would read it as a header.
         return HeaderRule::Bad(format!("{name:?} is not a valid header name"));
     }
+    if value.chars().any(|c| c.is_control() && c != '\t') {
+        return HeaderRule::Bad("the value holds a control character".into());
+    }
     let lower = name.to_ascii_lowercase();
     let default = match lower.as_str() {
         "upgrade" => value == "$http_upgrade",

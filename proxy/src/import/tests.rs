@@ -694,3 +694,17 @@ fn a_header_name_that_is_not_a_token_is_reported() {
         [("X-Ok".to_owned(), "1".to_owned())]
     );
 }
+
+/// Found by the import fuzz target: a `proxy_set_header` value with a control character
+/// went into the rules, which `wsplice check` refuses.
+#[test]
+fn a_header_value_with_a_control_character_is_reported() {
+    let (config, warnings, _) = import_text(
+        "http {\n    server {\n        listen 8080;\n        location / {\n            \
+         proxy_pass http://127.0.0.1:9000;\n            \
+         proxy_set_header X-A \"a\u{1}b\";\n        }\n    }\n}\n",
+    );
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0].line, 6);
+    assert!(config.routes[0].headers.set.is_empty());
+}
