@@ -814,7 +814,11 @@ impl<'a> Mapper<'a> {
         let mut remove = Vec::new();
         for d in effective_all(stack, "proxy_set_header") {
             match header_rule(d, &self.upgrade_variables) {
-                HeaderRule::Set(name, value) => set.push((name, value)),
+                HeaderRule::Set(name, value) => {
+                    // One value per name in wsplice's rules (a TOML table): the last one wins.
+                    set.retain(|(n, _): &(String, String)| !n.eq_ignore_ascii_case(&name));
+                    set.push((name, value));
+                }
                 HeaderRule::Remove(name) => remove.push(name),
                 HeaderRule::Default | HeaderRule::Bad(_) => {}
             }
