@@ -581,8 +581,13 @@ impl RawRoute {
                 if !is_token(name) {
                     return Err(spot(value, format!("{name:?} is not a valid header name")));
                 }
-                if value.get_ref().contains(['\r', '\n']) {
-                    return Err(spot(value, "header values cannot contain CR or LF"));
+                // A field value is visible characters, SP and HTAB (RFC 9110 §5.5): a NUL or
+                // another control character would make the upstream refuse every request.
+                if value.get_ref().chars().any(|c| c.is_control() && c != '\t') {
+                    return Err(spot(
+                        value,
+                        "header values cannot contain CR or LF, nor other control characters but tab",
+                    ));
                 }
                 headers.set.push((name.clone(), value.get_ref().clone()));
             }

@@ -157,14 +157,28 @@ fn forwarded_headers(headers: &[Header], ctx: &ForwardContext) -> Vec<Header> {
     out
 }
 
-/// Lower-case names listed in `Connection` (hop-by-hop by declaration), `upgrade` aside.
+/// Headers a `Connection` list cannot make hop-by-hop: the proxy framed the body, routed the
+/// request or checked the handshake with them, and the next hop must read the same (a body
+/// whose `Content-Length` was dropped would be read by the upstream as the next request).
+const NEVER_HOP_BY_HOP: [&str; 5] = [
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "sec-websocket-key",
+    "sec-websocket-version",
+];
+
+/// Lower-case names listed in `Connection` (hop-by-hop by declaration), `upgrade` and
+/// [`NEVER_HOP_BY_HOP`] aside.
 fn named_in_connection(headers: &[Header]) -> Vec<String> {
     headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
         .flat_map(|h| h.value.split(|&b| b == b','))
         .map(|token| String::from_utf8_lossy(token.trim_ascii()).to_ascii_lowercase())
-        .filter(|token| !token.is_empty() && token != "upgrade")
+        .filter(|token| {
+            !token.is_empty() && token != "upgrade" && !NEVER_HOP_BY_HOP.contains(&token.as_str())
+        })
         .collect()
 }
 
@@ -226,9 +240,9 @@ fn apply_rules(headers: &mut Vec<Header>, rules: &HeaderRules) {
         headers.retain(|h| !h.name.eq_ignore_ascii_case(name));
     }
     for (name, value) in &rules.set {
-        if name.contains(['\r', '\n', ':']) || value.contains(['\r', '\n']) {
+        if name.contains(['\r', '\n', ':']) || value.chars().any(|c| c.is_control() && c != '\t') {
             // The config loader rejects these; never emit a broken head if one slips through.
-            tracing::warn!(%name, "header rule with CR/LF skipped");
+            tracing::warn!(%name, "header rule with CR/LF or a control character skipped");
             continue;
         }
         match headers
@@ -394,5 +408,62 @@ mod tests {
         let out = rewrite_request(&req, &ctx(), &HeaderRules::default());
         let needle = b"X-Bin: caf\xe9\r\n";
         assert!(out.windows(needle.len()).any(|w| w == needle));
+    }
+
+    /// Found by the header_rewrite fuzz target: `Connection: Content-Length` made the proxy
+    /// drop the length it framed the body with, so the upstream read the body as the next
+    /// request (smuggling). Framing, Host and the handshake's own headers are never dropped.
+    #[test]
+    fn connection_cannot_drop_framing_host_or_handshake_headers() {
+        let limits = crate::handshake::HeadLimits {
+            max_bytes: 1024,
+            max_headers: 16,
+        };
+        let parsed = crate::handshake::parse_request(
+            b"POST /x HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Content-Length, Host, X-Hop\r\n\
+              Content-Length: 4\r\nX-Hop: 1\r\n\r\nabcd",
+            &limits,
+        );
+        let Ok(Some((crate::handshake::Request::Plain(plain), _))) = parsed else {
+            panic!("{parsed:?}");
+        };
+        let out = text(rewrite_plain_request(
+            &plain,
+            &ctx(),
+            &HeaderRules::default(),
+        ));
+        assert!(out.contains("\r\nContent-Length: 4\r\n"), "{out}");
+        assert!(out.contains("\r\nHost: a\r\n"), "{out}");
+        assert!(!out.contains("X-Hop"), "{out}");
+
+        let upgrade = request(&[
+            ("Host", b"a"),
+            (
+                "Connection",
+                b"Upgrade, Sec-WebSocket-Key, Sec-WebSocket-Version",
+            ),
+            ("Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", b"13"),
+        ]);
+        let out = text(rewrite_request(&upgrade, &ctx(), &HeaderRules::default()));
+        assert!(
+            out.contains("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("Sec-WebSocket-Version: 13\r\n"), "{out}");
+
+        let answer = text(rewrite_response(
+            200,
+            "OK",
+            &[
+                header("Connection", b"Content-Length, Transfer-Encoding"),
+                header("Transfer-Encoding", b"chunked"),
+            ],
+            false,
+        ));
+        assert!(
+            answer.contains("Transfer-Encoding: chunked\r\n"),
+            "{answer}"
+        );
     }
 }

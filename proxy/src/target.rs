@@ -21,7 +21,8 @@ pub enum TargetError {
     /// A backslash, or an encoded slash or backslash: servers disagree on what they mean.
     #[error("the path contains a backslash or an encoded slash")]
     AmbiguousSeparator,
-    /// `%` not followed by two hex digits, or a byte that must be percent-encoded.
+    /// `%` not followed by two hex digits, or a byte that must be percent-encoded (`#`, bytes
+    /// beyond ASCII).
     #[error("the path has a malformed percent-encoding or a byte that must be encoded")]
     BadEncoding,
     /// Dot segments would climb above the root.
@@ -32,6 +33,12 @@ pub enum TargetError {
 /// Normalises `raw` (the request line's target; `host` is the Host header's value) into
 /// origin form: `/normal/path` plus `?query` as sent.
 pub fn normalize(raw: &str, host: &str) -> Result<String, TargetError> {
+    // A fragment is never part of a request target (RFC 9112 §3.2): an upstream that cuts the
+    // path at `#` would see another path than the one routed (`/admin#x` is not under a
+    // route for `/admin`, `/admin` is).
+    if raw.contains('#') {
+        return Err(TargetError::BadEncoding);
+    }
     let origin = origin_form(raw, host)?;
     let (path, query) = match origin.find('?') {
         Some(at) => origin.split_at(at),
@@ -232,6 +239,10 @@ mod tests {
             ("/chat/%2e%2e/%2e%2e/admin", TargetError::AboveRoot),
             ("/bad%zz", TargetError::BadEncoding),
             ("/bad%4", TargetError::BadEncoding),
+            // Found by the malformed-input corpus: forwarded as sent, read as `/admin` by an
+            // upstream that drops the fragment.
+            ("/admin#x", TargetError::BadEncoding),
+            ("/chat?q=#", TargetError::BadEncoding),
             ("*", TargetError::Form),
             ("chat.test:80", TargetError::Form),
         ];

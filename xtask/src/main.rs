@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | run | test | bench | soak | churn`.
+//! Project tasks: `cargo xtask setup | build-ebpf | run | test | bench | soak | churn | fuzz`.
 //!
 //! `setup` makes a fresh machine able to build everything (pinned toolchains, bpf-linker built
 //! against the eBPF nightly's own LLVM); the other tasks run it first, so the README's two
@@ -6,6 +6,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod process;
 mod setup;
 
@@ -84,11 +85,27 @@ enum Task {
         #[arg(long)]
         datapath: Option<String>,
     },
-    /// fmt, clippy, build, unit and end-to-end tests.
+    /// fmt, clippy, build, unit and end-to-end tests, then each fuzz target for a short while
+    /// (skipped when a test filter is given).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// The cargo-fuzz targets of fuzz/: every one for a bounded time (what `cargo xtask test`
+    /// runs), or one for as long as asked; with input files after `--`, replays them.
+    Fuzz {
+        /// One target (default: all of them, one after the other).
+        target: Option<String>,
+        /// Seconds per target (default: the bounded run of `cargo xtask test`).
+        #[arg(long)]
+        seconds: Option<u32>,
+        /// Only install cargo-fuzz and build the targets.
+        #[arg(long)]
+        build_only: bool,
+        /// Input files to replay through the target (a crash's artifact, a corpus file).
+        #[arg(last = true)]
+        inputs: Vec<String>,
     },
 }
 
@@ -152,6 +169,28 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         Task::Test { args } => {
             setup::setup(&root)?;
             test(&root, &args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Task::Fuzz {
+            target,
+            seconds,
+            build_only,
+            inputs,
+        } => {
+            setup::setup(&root)?;
+            fuzz::ensure_cargo_fuzz(&root)?;
+            step("build the fuzz targets", || fuzz::build(&root))?;
+            if build_only {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let seconds = seconds.unwrap_or(fuzz::BOUNDED_SECONDS);
+            match target {
+                Some(target) if !inputs.is_empty() => fuzz::replay(&root, &target, &inputs)?,
+                Some(target) => step(&format!("fuzz {target} for {seconds} s"), || {
+                    fuzz::run(&root, &target, seconds, None)
+                })?,
+                None => fuzz_all(&root, seconds, None)?,
+            }
             Ok(ExitCode::SUCCESS)
         }
         Task::Soak {
@@ -247,7 +286,11 @@ fn repository_root() -> anyhow::Result<PathBuf> {
 fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
     let started = Instant::now();
     step("cargo fmt --check", || {
-        cargo(root, &["fmt", "--all", "--", "--check"])
+        cargo(root, &["fmt", "--all", "--", "--check"])?;
+        cargo(
+            root,
+            &["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"],
+        )
     })?;
     step("cargo clippy", || {
         cargo(
@@ -255,6 +298,22 @@ fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
             &[
                 "clippy",
                 "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        )?;
+        // fuzz/ is its own workspace (nightly for fuzzing); its code is checked here with the
+        // same toolchain and target folder as the rest.
+        cargo(
+            root,
+            &[
+                "clippy",
+                "--manifest-path",
+                "fuzz/Cargo.toml",
+                "--target-dir",
+                "target",
                 "--all-targets",
                 "--",
                 "-D",
@@ -287,10 +346,31 @@ fn test(root: &Path, extra: &[String]) -> anyhow::Result<()> {
         }
         Ok(())
     })?;
+    if extra.is_empty() {
+        step("cargo fuzz (install, build)", || {
+            fuzz::ensure_cargo_fuzz(root)?;
+            fuzz::build(root)
+        })?;
+        fuzz_all(root, fuzz::BOUNDED_SECONDS, Some(fuzz::TEST_SEED))?;
+    } else {
+        println!(
+            "==> fuzz targets skipped (a test filter was given; `cargo xtask fuzz` runs them)"
+        );
+    }
     println!(
         "xtask test: everything passed in {:.0} s",
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// Every fuzz target for `seconds`, one after the other; the first crash fails.
+fn fuzz_all(root: &Path, seconds: u32, seed: Option<u32>) -> anyhow::Result<()> {
+    for target in fuzz::TARGETS {
+        step(&format!("fuzz {target} for {seconds} s"), || {
+            fuzz::run(root, target, seconds, seed)
+        })?;
+    }
     Ok(())
 }
 

@@ -62,8 +62,16 @@ fn read<'b>(
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(error) => return Err(ResponseError::Malformed(error.to_string())),
     };
+    // httparse takes any three digits; a status outside the five classes (RFC 9110 §15) has no
+    // meaning to relay, and `020` would reach the client as `20`.
+    let status = response.code.unwrap_or_default();
+    if !(100..=599).contains(&status) {
+        return Err(ResponseError::Malformed(format!(
+            "status {status:03} is not in 100-599"
+        )));
+    }
     Ok(Some(ResponseHead {
-        status: response.code.unwrap_or_default(),
+        status,
         reason: response.reason.unwrap_or_default().to_owned(),
         http_minor: response.version.unwrap_or_default(),
         headers: Header::owned(response.headers),
@@ -102,6 +110,31 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(!closing.keeps_alive());
+    }
+
+    #[test]
+    fn statuses_outside_the_five_classes_are_malformed() {
+        // Found by the response_head fuzz target: `020` was relayed as a final answer `20`.
+        for head in [
+            &b"HTTP/1.1 020\n\r\n"[..],
+            b"HTTP/1.1 000 Zero\r\n\r\n",
+            b"HTTP/1.1 099 Low\r\n\r\n",
+            b"HTTP/1.1 600 High\r\n\r\n",
+            b"HTTP/1.1 999 High\r\n\r\n",
+        ] {
+            assert!(
+                matches!(
+                    parse_response_head(head, &LIMITS),
+                    Err(ResponseError::Malformed(_))
+                ),
+                "{head:?}"
+            );
+        }
+        for status in [100, 101, 200, 599] {
+            let head = format!("HTTP/1.1 {status} X\r\n\r\n");
+            let parsed = parse_response_head(head.as_bytes(), &LIMITS);
+            assert_eq!(parsed.map(|h| h.map(|h| h.status)), Ok(Some(status)));
+        }
     }
 
     #[test]

@@ -264,7 +264,7 @@ impl<'a> Mapper<'a> {
         self.extra_certificates(children);
         // So may maps, before the proxy_set_header using them.
         for d in children {
-            if d.name == "upstream" {
+            if d.name == "upstream" && d.block.is_some() {
                 if let Some(name) = d.args.first() {
                     self.pool_names.insert(name.clone());
                 }
@@ -312,9 +312,17 @@ impl<'a> Mapper<'a> {
     }
 
     fn upstream(&mut self, d: &'a Directive) {
-        let Some(name) = d.args.first() else {
-            return self.unknown(d);
+        // `upstream NAME { … }` only: without a block it defines nothing.
+        let (Some(name), Some(_)) = (d.args.first(), &d.block) else {
+            return self.warn(d, "an upstream is a block: `upstream NAME { server …; }`");
         };
+        if let Some(first) = self.pools.iter().find(|p| &p.name == name) {
+            let why = format!(
+                "upstream {name} is already defined at {} (nginx refuses this): that one is used",
+                first.source
+            );
+            return self.warn(d, why);
+        }
         let mut pool = Pool {
             name: name.clone(),
             source: format!("{}:{}", d.file.display(), d.line),
@@ -723,6 +731,10 @@ impl<'a> Mapper<'a> {
             }
             _ => return self.unknown(d),
         };
+        if !prefix.starts_with('/') {
+            // wsplice refuses such a path_prefix; in nginx it matches no request path.
+            return self.warn(d, "a location that does not start with `/` matches no request path (with everything inside it)");
+        }
         stack.push(d.children());
         let mut proxy_pass = None;
         let mut status = false;
@@ -802,7 +814,11 @@ impl<'a> Mapper<'a> {
         let mut remove = Vec::new();
         for d in effective_all(stack, "proxy_set_header") {
             match header_rule(d, &self.upgrade_variables) {
-                HeaderRule::Set(name, value) => set.push((name, value)),
+                HeaderRule::Set(name, value) => {
+                    // One value per name in wsplice's rules (a TOML table): the last one wins.
+                    set.retain(|(n, _): &(String, String)| !n.eq_ignore_ascii_case(&name));
+                    set.push((name, value));
+                }
                 HeaderRule::Remove(name) => remove.push(name),
                 HeaderRule::Default | HeaderRule::Bad(_) => {}
             }
@@ -873,7 +889,7 @@ impl<'a> Mapper<'a> {
         let _ = writeln!(
             out,
             "# wsplice configuration imported from {} by `wsplice import`.",
-            source.display()
+            comment(&source.display().to_string())
         );
         out.push_str("# Every nginx directive that did not carry over was reported on stderr with its line.\n");
         out.push_str(
@@ -884,9 +900,9 @@ impl<'a> Mapper<'a> {
         }
         self.render_listeners(&mut out);
         for route in &routes {
-            let _ = writeln!(out, "\n[[route]]  # {}", route.source);
+            let _ = writeln!(out, "\n[[route]]  # {}", comment(&route.source));
             if let Some(note) = &route.note {
-                let _ = writeln!(out, "# {note}");
+                let _ = writeln!(out, "# {}", comment(note));
             }
             if let Some(host) = &route.host {
                 let _ = writeln!(out, "host = {}", quote(host));
@@ -896,7 +912,11 @@ impl<'a> Mapper<'a> {
             }
             let _ = writeln!(out, "upstream = {}", quote(&route.upstream));
             if let Some((idle, from)) = &route.idle {
-                let _ = writeln!(out, "# nginx's proxy_read_timeout ({from}): what closes a quiet tunnel there is wsplice's idle timeout");
+                let _ = writeln!(
+                    out,
+                    "# nginx's proxy_read_timeout ({}): what closes a quiet tunnel there is wsplice's idle timeout",
+                    comment(from)
+                );
                 let _ = writeln!(out, "idle_timeout = {}", quote(idle));
             }
             if !route.set.is_empty() || !route.remove.is_empty() {
@@ -921,11 +941,25 @@ impl<'a> Mapper<'a> {
             if !used.contains(pool.name.as_str()) {
                 continue;
             }
-            let _ = writeln!(out, "\n[upstream.{}]  # {}", key(&pool.name), pool.source);
+            let _ = writeln!(
+                out,
+                "\n[upstream.{}]  # {}",
+                key(&pool.name),
+                comment(&pool.source)
+            );
+            if pool.servers.is_empty() && pool.unresolved.is_empty() {
+                // `wsplice check` refuses an empty pool: say what to do rather than guess.
+                let _ = writeln!(
+                    out,
+                    "# TODO: no server of nginx's upstream {} was imported (see the warnings): add its IP:port",
+                    comment(&pool.name)
+                );
+            }
             for name in &pool.unresolved {
                 let _ = writeln!(
                     out,
-                    "# TODO: nginx's server {name} is a host name: add its IP:port"
+                    "# TODO: nginx's server {} is a host name: add its IP:port",
+                    comment(name)
                 );
             }
             let servers: Vec<String> = pool.servers.iter().map(|s| quote(&s.to_string())).collect();
@@ -945,7 +979,8 @@ impl<'a> Mapper<'a> {
                 let _ = writeln!(
                     out,
                     "\n# upstream {} ({}) is not used by any imported location",
-                    pool.name, pool.source
+                    comment(&pool.name),
+                    comment(&pool.source)
                 );
             }
         }
@@ -956,7 +991,7 @@ impl<'a> Mapper<'a> {
                     out,
                     "connect = {}  # proxy_connect_timeout, {}:{}",
                     quote(t),
-                    d.file.display(),
+                    comment(&d.file.display().to_string()),
                     d.line
                 );
             }
@@ -965,7 +1000,7 @@ impl<'a> Mapper<'a> {
                     out,
                     "keepalive = {}  # keepalive_timeout, {}:{}",
                     quote(t),
-                    d.file.display(),
+                    comment(&d.file.display().to_string()),
                     d.line
                 );
             }
@@ -978,7 +1013,7 @@ impl<'a> Mapper<'a> {
                     out,
                     "\n[limits]\nmax_body = {}  # client_max_body_size, {}:{}",
                     quote(&format_size(*bytes)),
-                    d.file.display(),
+                    comment(&d.file.display().to_string()),
                     d.line
                 );
             }
@@ -1017,7 +1052,7 @@ impl<'a> Mapper<'a> {
             let _ = writeln!(
                 out,
                 "\n[[listener]]  # {}:{}",
-                first.listen.file.display(),
+                comment(&first.listen.file.display().to_string()),
                 first.listen.line
             );
             let _ = writeln!(out, "bind = {}", quote(&addr.to_string()));
@@ -1061,7 +1096,7 @@ impl<'a> Mapper<'a> {
                 let _ = writeln!(
                     out,
                     "[[listener.tls.sni]]  # {}:{}",
-                    bind.listen.file.display(),
+                    comment(&bind.listen.file.display().to_string()),
                     bind.listen.line
                 );
                 let _ = writeln!(out, "names = [{}]", list.join(", "));
@@ -1102,6 +1137,17 @@ fn header_rule(d: &Directive, upgrade_variables: &[String]) -> HeaderRule {
     let [name, value] = d.args.as_slice() else {
         return HeaderRule::Bad("expected a name and a value".into());
     };
+    let token = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !token {
+        // `wsplice check` refuses it, and no upstream would read it as a header.
+        return HeaderRule::Bad(format!("{name:?} is not a valid header name"));
+    }
+    if value.chars().any(|c| c.is_control() && c != '\t') {
+        return HeaderRule::Bad("the value holds a control character".into());
+    }
     let lower = name.to_ascii_lowercase();
     let default = match lower.as_str() {
         "upgrade" => value == "$http_upgrade",
@@ -1248,6 +1294,21 @@ fn quote(text: &str) -> String {
     }
     out.push('"');
     out
+}
+
+/// `text` for a TOML comment: a comment ends at the line's end and may hold no other control
+/// character, so those are written as escapes (`\u{a}`); names, paths and values copied from
+/// an nginx file may hold any.
+fn comment(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\t' {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// A TOML key: bare when it can be.

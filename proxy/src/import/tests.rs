@@ -569,3 +569,143 @@ http {
     );
     assert_eq!(config.limits.max_body, None);
 }
+
+/// Found by the import fuzz target: an `upstream` without a block and a second `upstream` of
+/// the same name each wrote an `[upstream.NAME]` table, and the TOML had a duplicate key.
+#[test]
+fn an_upstream_defined_twice_or_without_a_block_is_reported_once() {
+    let (config, warnings, toml) = import_text(
+        r#"
+http {
+    upstream backend pid /run/nginx.pid;
+    upstream backend { server 10.0.0.2:8080; }
+    upstream backend { server 10.0.0.3:8080; }
+    server {
+        listen 8080;
+        location / { proxy_pass http://backend; }
+    }
+}
+"#,
+    );
+    assert_eq!(toml.matches("[upstream.backend]").count(), 1, "{toml}");
+    assert_eq!(
+        config,
+        config_of(
+            vec![plain("0.0.0.0:8080")],
+            vec![route(None, None, "backend")],
+            vec![("backend", pool(&["10.0.0.2:8080"]))],
+        )
+    );
+    assert_eq!(
+        lines(&warnings),
+        [
+            "3: upstream backend pid /run/nginx.pid",
+            "5: upstream backend"
+        ]
+    );
+}
+
+/// Found by the import fuzz target: names copied into comments (a server given by host name,
+/// an unused upstream, a location's note) kept their control characters, and a NUL or a line
+/// break there made the TOML invalid or let nginx text become TOML lines.
+#[test]
+fn control_characters_copied_into_comments_are_escaped() {
+    let text = "http {\n\
+        upstream app { server \"app\u{0}.internal:80\"; server 127.0.0.1:3000; }\n\
+        upstream \"unused\n[admin]\" { server 127.0.0.1:1; }\n\
+        server {\n\
+            listen 8080;\n\
+            location \"/a\rb\" { proxy_pass http://app; }\n\
+        }\n\
+    }\n";
+    let tree = syntax::parse(text, Path::new(FILE)).expect("nginx syntax");
+    let mapped = mapping::map(&tree, Path::new(FILE), Path::new("/etc/nginx"));
+    let toml = mapped.toml.expect("a configuration");
+    assert!(
+        toml.contains("# TODO: nginx's server app\\u{0}.internal:80"),
+        "{toml}"
+    );
+    assert!(toml.contains("# upstream unused\\u{a}[admin] ("), "{toml}");
+    assert!(!toml.contains('\0') && !toml.contains('\r'), "{toml}");
+    let table: toml::Table = toml::from_str(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    assert!(!table.contains_key("admin"), "{toml}");
+}
+
+/// Found by the import fuzz target: `location chat/ {…}` became `path_prefix = "chat/"`, which
+/// `wsplice check` refuses; in nginx such a location matches no request path.
+#[test]
+fn a_location_not_starting_with_a_slash_is_left_out() {
+    let (config, warnings, _) = import_text(
+        r#"
+http {
+    server {
+        listen 8080;
+        location chat/ { proxy_pass http://127.0.0.1:9001; }
+        location ^~ admin { proxy_pass http://127.0.0.1:9002; }
+        location / { proxy_pass http://127.0.0.1:9000; }
+    }
+}
+"#,
+    );
+    assert_eq!(
+        lines(&warnings),
+        ["5: location chat/", "6: location ^~ admin"]
+    );
+    assert_eq!(config.routes.len(), 1);
+    assert_eq!(config.routes[0].path_prefix, None);
+}
+
+/// Found by the import fuzz target: an upstream none of whose servers could be imported (a
+/// misspelt `server`, only `backup` ones) became `servers = []` with no word on what to do;
+/// it gets the same TODO line as a server given by host name.
+#[test]
+fn an_upstream_without_an_imported_server_says_what_to_add() {
+    let text = "http {\n\
+        upstream app { sever 127.0.0.1:1; server 127.0.0.1:2 backup; }\n\
+        server { listen 8080; location / { proxy_pass http://app; } }\n\
+    }\n";
+    let tree = syntax::parse(text, Path::new(FILE)).expect("nginx syntax");
+    let mapped = mapping::map(&tree, Path::new(FILE), Path::new("/etc/nginx"));
+    let toml = mapped.toml.expect("a configuration");
+    assert!(
+        toml.contains(
+            "[upstream.app]  # /etc/nginx/nginx.conf:2\n# TODO: no server of nginx's upstream app \
+             was imported (see the warnings): add its IP:port\nservers = []\n"
+        ),
+        "{toml}"
+    );
+    assert_eq!(
+        lines(&mapped.warnings),
+        ["2: sever 127.0.0.1:1", "2: server 127.0.0.1:2 backup"]
+    );
+}
+
+/// Found by the import fuzz target: `proxy_set_header` with a name that is not a token went
+/// into the route's rules, and `wsplice check` refused the result.
+#[test]
+fn a_header_name_that_is_not_a_token_is_reported() {
+    let (config, warnings, _) = import_text(
+        "http {\n    server {\n        listen 8080;\n        location / {\n            \
+         proxy_pass http://127.0.0.1:9000;\n            \
+         proxy_set_header X-A://b 1;\n            proxy_set_header X-Ok 1;\n        }\n    }\n}\n",
+    );
+    assert_eq!(lines(&warnings), ["6: proxy_set_header X-A://b 1"]);
+    assert_eq!(
+        config.routes[0].headers.set,
+        [("X-Ok".to_owned(), "1".to_owned())]
+    );
+}
+
+/// Found by the import fuzz target: a `proxy_set_header` value with a control character
+/// went into the rules, which `wsplice check` refuses.
+#[test]
+fn a_header_value_with_a_control_character_is_reported() {
+    let (config, warnings, _) = import_text(
+        "http {\n    server {\n        listen 8080;\n        location / {\n            \
+         proxy_pass http://127.0.0.1:9000;\n            \
+         proxy_set_header X-A \"a\u{1}b\";\n        }\n    }\n}\n",
+    );
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0].line, 6);
+    assert!(config.routes[0].headers.set.is_empty());
+}
