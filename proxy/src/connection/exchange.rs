@@ -631,7 +631,9 @@ impl Connection {
         let reusable = exchange.upstream_reusable && exchange.request.is_done();
         let close_client = exchange.close_client;
         let next = std::mem::take(&mut exchange.next);
-        if services.access_lines {
+        // The last request of a connection that closes after it gets the connection's own
+        // access line (the same fields, with the reason): one line per request either way.
+        if services.access_lines && !close_client {
             let record = self.exchange_record(now_ns);
             out.push_back(Action::AccessLine(Box::new(record)));
         }
