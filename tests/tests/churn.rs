@@ -247,14 +247,19 @@ async fn step(
         outcome.errors.join("\n")
     );
     let mut held = Held::default();
+    // What the proxy holds must be back at once; a socket it closed may still be finishing its
+    // close in the kernel (an orphan in FIN_WAIT or LAST_ACK, held by no process), which the
+    // kernel ends within `tcp_fin_timeout` (60 s): the sockets get that long.
     let settled = eventually(|| {
         held = Held::of(proxy, ports);
         proxy.metrics()["connections_open"] == 0
             && held.fds <= start.fds
-            && held.sockets == 0
             && ["PEER", "BRIDGE", "ACTIVITY"]
                 .iter()
                 .all(|map| held.map(map) == 0)
+    }) && eventually_for(Duration::from_secs(65), || {
+        held = Held::of(proxy, ports);
+        held.sockets == 0
     });
     assert!(
         settled,
