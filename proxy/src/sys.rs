@@ -287,46 +287,37 @@ fn lookup_with_buffer(
 /// `getpwnam_r`: the user named `name` (`None`: no such user).
 pub fn user_by_name(name: &str) -> io::Result<Option<UserEntry>> {
     let name = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
-    // SAFETY: passwd is plain data; zeroed is a valid value that getpwnam_r overwrites.
-    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-    let found = lookup_with_buffer(|buffer, found| {
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call: `name` is NUL-terminated, `entry` and
-        // `result` are writable, `buffer` is writable for its length.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                name.as_ptr(),
-                &mut entry,
-                buffer.as_mut_ptr(),
-                buffer.len(),
-                &mut result,
-            )
-        };
-        *found = !result.is_null();
-        rc
-    })?;
-    Ok(found.then_some(UserEntry {
-        uid: entry.pw_uid,
-        gid: entry.pw_gid,
-    }))
+    // SAFETY: `name` is NUL-terminated; the other pointers come from `user_lookup`, valid for
+    // the call.
+    user_lookup(|entry, buffer, length, result| unsafe {
+        libc::getpwnam_r(name.as_ptr(), entry, buffer, length, result)
+    })
 }
 
 /// `getpwuid_r`: the user with `uid` (`None`: not in the database).
 pub fn user_by_id(uid: u32) -> io::Result<Option<UserEntry>> {
-    // SAFETY: as in `user_by_name`.
+    // SAFETY: the pointers come from `user_lookup`, valid for the call.
+    user_lookup(|entry, buffer, length, result| unsafe {
+        libc::getpwuid_r(uid, entry, buffer, length, result)
+    })
+}
+
+/// One `getpw*_r` call (`call(entry, buffer, length, result)`), with a buffer grown until it
+/// fits.
+fn user_lookup(
+    mut call: impl FnMut(
+        *mut libc::passwd,
+        *mut libc::c_char,
+        usize,
+        *mut *mut libc::passwd,
+    ) -> libc::c_int,
+) -> io::Result<Option<UserEntry>> {
+    // SAFETY: passwd is plain data; zeroed is a valid value that getpw*_r overwrites.
     let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
     let found = lookup_with_buffer(|buffer, found| {
         let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: as in `user_by_name`.
-        let rc = unsafe {
-            libc::getpwuid_r(
-                uid,
-                &mut entry,
-                buffer.as_mut_ptr(),
-                buffer.len(),
-                &mut result,
-            )
-        };
+        // `entry` and `result` are writable, `buffer` is writable for its length.
+        let rc = call(&mut entry, buffer.as_mut_ptr(), buffer.len(), &mut result);
         *found = !result.is_null();
         rc
     })?;

@@ -200,37 +200,15 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
             datapath,
             scenario,
         } => {
-            setup::setup(&root)?;
-            step("build wsplice (release)", || {
-                cargo(&root, &["build", "--release", "-p", "wsplice"])
-            })?;
-            let mut command = Command::new("cargo");
-            command
-                .args(["test", "--release", "-p", "wsplice-tests", "--test", "soak"])
-                .args(["--", "--nocapture"])
-                .current_dir(&root)
-                .env("WSPLICE_BIN", root.join("target/release/wsplice"))
-                .env("WSPLICE_SOAK_RUNS", runs.to_string())
-                .env(
-                    "WSPLICE_SOAK_SHAPE",
-                    if bounded { "bounded" } else { "full" },
-                );
-            if let Some(minutes) = minutes {
-                command.env("WSPLICE_SOAK_MINUTES", minutes.to_string());
-            }
-            if let Some(datapath) = datapath {
-                command.env("WSPLICE_DATAPATHS", datapath);
-            }
-            if let Some(scenario) = scenario {
-                command.env("WSPLICE_SOAK_SCENARIOS", scenario);
-            }
-            step("soak", || {
-                let status = command.status().context("cannot run cargo test")?;
-                if !status.success() {
-                    bail!("the soak failed ({status})");
-                }
-                Ok(())
-            })?;
+            let shape = if bounded { "bounded" } else { "full" };
+            let mut env = vec![
+                ("WSPLICE_SOAK_RUNS", runs.to_string()),
+                ("WSPLICE_SOAK_SHAPE", shape.to_owned()),
+            ];
+            env.extend(minutes.map(|minutes| ("WSPLICE_SOAK_MINUTES", minutes.to_string())));
+            env.extend(datapath.map(|datapath| ("WSPLICE_DATAPATHS", datapath)));
+            env.extend(scenario.map(|scenario| ("WSPLICE_SOAK_SCENARIOS", scenario)));
+            long_test(&root, "soak", &env)?;
             Ok(ExitCode::SUCCESS)
         }
         Task::Churn {
@@ -239,39 +217,39 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
             in_flight,
             datapath,
         } => {
-            setup::setup(&root)?;
-            step("build wsplice (release)", || {
-                cargo(&root, &["build", "--release", "-p", "wsplice"])
-            })?;
-            let mut command = Command::new("cargo");
-            command
-                .args([
-                    "test",
-                    "--release",
-                    "-p",
-                    "wsplice-tests",
-                    "--test",
-                    "churn",
-                ])
-                .args(["--", "--nocapture"])
-                .current_dir(&root)
-                .env("WSPLICE_BIN", root.join("target/release/wsplice"))
-                .env("WSPLICE_CHURN_CYCLES", cycles.to_string())
-                .env("WSPLICE_CHURN_STEP", step_size.to_string())
-                .env("WSPLICE_CHURN_IN_FLIGHT", in_flight.to_string());
-            if let Some(datapath) = datapath {
-                command.env("WSPLICE_DATAPATHS", datapath);
-            }
-            step("churn", || {
-                let status = command.status().context("cannot run cargo test")?;
-                if !status.success() {
-                    bail!("the churn failed ({status})");
-                }
-                Ok(())
-            })?;
+            let mut env = vec![
+                ("WSPLICE_CHURN_CYCLES", cycles.to_string()),
+                ("WSPLICE_CHURN_STEP", step_size.to_string()),
+                ("WSPLICE_CHURN_IN_FLIGHT", in_flight.to_string()),
+            ];
+            env.extend(datapath.map(|datapath| ("WSPLICE_DATAPATHS", datapath)));
+            long_test(&root, "churn", &env)?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The long form of a standing test (`soak`, `churn`): set-up, the release binary, then that
+/// one test binary of `tests/` with its settings in `env`, its output shown as it runs.
+fn long_test(root: &Path, test: &str, env: &[(&str, String)]) -> anyhow::Result<()> {
+    setup::setup(root)?;
+    step("build wsplice (release)", || {
+        cargo(root, &["build", "--release", "-p", "wsplice"])
+    })?;
+    let mut command = Command::new("cargo");
+    command
+        .args(["test", "--release", "-p", "wsplice-tests", "--test", test])
+        .args(["--", "--nocapture"])
+        .current_dir(root)
+        .env("WSPLICE_BIN", root.join("target/release/wsplice"))
+        .envs(env.iter().map(|(name, value)| (*name, value)));
+    step(test, || {
+        let status = command.status().context("cannot run cargo test")?;
+        if !status.success() {
+            bail!("the {test} failed ({status})");
+        }
+        Ok(())
+    })
 }
 
 /// The repository root: the folder above this crate's manifest.

@@ -414,28 +414,21 @@ impl Connection {
             .kernel_backlog_bytes
             .replace_share(splice.backlog, measured);
         splice.backlog = measured;
-        for (destination, backlog) in [(Side::Client, to_client), (Side::Upstream, to_upstream)] {
-            if backlog.bytes > services.kernel_backlog {
-                tracing::info!(
-                    client = %self.client_addr,
-                    ?destination,
-                    backlog = backlog.bytes,
-                    "a reader fell behind (limits.kernel_backlog): this tunnel leaves the \
-                     kernel path for the userspace relay"
-                );
-                splice.leaving = true;
-                out.push_back(Action::PauseSplice);
-                return;
-            }
-        }
+        let slowest = to_client.bytes.max(to_upstream.bytes);
         let total = metrics.kernel_backlog_bytes.get();
-        if measured > 0 && total > services.kernel_backlog_total {
+        let over = if slowest > services.kernel_backlog {
+            Some("a reader fell behind (limits.kernel_backlog)")
+        } else if measured > 0 && total > services.kernel_backlog_total {
+            Some("the kernel backlog of all tunnels is over limits.kernel_backlog_total")
+        } else {
+            None
+        };
+        if let Some(why) = over {
             tracing::info!(
                 client = %self.client_addr,
                 backlog = measured,
                 total,
-                "the kernel backlog of all tunnels is over limits.kernel_backlog_total: this \
-                 tunnel, which adds to it, leaves the kernel path for the userspace relay"
+                "{why}: this tunnel leaves the kernel path for the userspace relay"
             );
             splice.leaving = true;
             out.push_back(Action::PauseSplice);
