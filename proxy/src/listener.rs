@@ -8,6 +8,7 @@ use std::sync::Arc;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::headers::Scheme;
+use crate::tls::ServerConfigs;
 
 /// Backlog of each listening socket (capped by `net.core.somaxconn`).
 const BACKLOG: i32 = 4096;
@@ -22,7 +23,7 @@ pub struct Listener {
     /// `ws` or `wss`.
     pub scheme: Scheme,
     /// The TLS configuration of a `wss` listener.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<Arc<ServerConfigs>>,
 }
 
 /// Binding a listener failed.
@@ -39,10 +40,7 @@ pub struct BindError {
 impl Listener {
     /// Binds `addr` with `SO_REUSEPORT` (every worker binds its own socket to the same address);
     /// with `tls` it serves `wss://`.
-    pub fn bind(
-        addr: SocketAddr,
-        tls: Option<Arc<rustls::ServerConfig>>,
-    ) -> Result<Listener, BindError> {
+    pub fn bind(addr: SocketAddr, tls: Option<Arc<ServerConfigs>>) -> Result<Listener, BindError> {
         let bind = || -> std::io::Result<Socket> {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
             socket.set_cloexec(true)?;

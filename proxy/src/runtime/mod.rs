@@ -23,6 +23,7 @@ use crate::listener::{BindError, Listener};
 use crate::services::Services;
 use crate::splice::SpliceProgram;
 use crate::sys::{self, SignalSet};
+use crate::tls::ServerConfigs;
 use worker::Worker;
 
 /// Why the proxy could not start or stopped with an error.
@@ -96,9 +97,7 @@ impl Drop for Running {
 }
 
 /// The rustls configuration of each listener (`None` for plain ones), in config order.
-pub fn tls_configs(
-    config: &Config,
-) -> Result<Vec<Option<Arc<rustls::ServerConfig>>>, RuntimeError> {
+pub fn tls_configs(config: &Config) -> Result<Vec<Option<Arc<ServerConfigs>>>, RuntimeError> {
     config
         .listeners
         .iter()
@@ -106,7 +105,7 @@ pub fn tls_configs(
             listener
                 .tls
                 .as_ref()
-                .map(crate::tls::server_config)
+                .map(crate::tls::server_configs)
                 .transpose()
                 .map_err(|source| RuntimeError::Tls {
                     bind: listener.bind,

@@ -7,7 +7,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use crate::sys;
-use crate::tls::{Negotiated, TlsSession};
+use crate::tls::{Negotiated, ServerConfigs, TlsSession};
 
 /// The answer to a plain HTTP request on a TLS port (nginx answers 400 too).
 const PLAIN_HTTP_ON_TLS_PORT: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
@@ -43,11 +43,11 @@ pub struct TlsFailure {
 
 impl ClientStream {
     /// A stream for a new client of a listener with `tls` (its rustls configuration).
-    pub fn new(tls: Option<&Arc<rustls::ServerConfig>>) -> Result<ClientStream, rustls::Error> {
-        Ok(match tls {
-            Some(config) => ClientStream::Tls(Box::new(TlsSession::new(config)?)),
+    pub fn new(tls: Option<&Arc<ServerConfigs>>) -> ClientStream {
+        match tls {
+            Some(configs) => ClientStream::Tls(Box::new(TlsSession::new(configs))),
             None => ClientStream::Plain,
-        })
+        }
     }
 
     /// Whether this is TLS.

@@ -30,6 +30,7 @@ use crate::splice::{SpliceError, SpliceMaps};
 use crate::sys;
 use crate::tag::Tag;
 use crate::timeouts::{TimerKey, TimerWheel};
+use crate::tls::ServerConfigs;
 use crate::upstream::IdleConnections;
 
 /// The worker wakes at least this often (timers, shutdown flag).
@@ -391,7 +392,7 @@ impl Worker {
         self.open(fd, scheme, tls);
     }
 
-    fn open(&mut self, fd: OwnedFd, scheme: Scheme, tls: Option<Arc<rustls::ServerConfig>>) {
+    fn open(&mut self, fd: OwnedFd, scheme: Scheme, tls: Option<Arc<ServerConfigs>>) {
         let socket = SockRef::from(&fd);
         let client_addr = match socket.peer_addr().map(|a| a.as_socket()) {
             Ok(Some(addr)) => addr,
@@ -403,13 +404,7 @@ impl Worker {
         if let Err(error) = socket.set_tcp_nodelay(true) {
             tracing::debug!(%error, "TCP_NODELAY on a client socket");
         }
-        let stream = match ClientStream::new(tls.as_ref()) {
-            Ok(stream) => stream,
-            Err(error) => {
-                tracing::warn!(client = %client_addr, %error, "cannot start a TLS session");
-                return;
-            }
-        };
+        let stream = ClientStream::new(tls.as_ref());
         let tls_full = self
             .services
             .max_tls_handshakes

@@ -3,9 +3,11 @@
 //! socket bytes; TLS tunnels are always relayed in userspace (no kTLS here).
 
 mod certificates;
+mod client_hello;
 mod server_config;
 mod session;
 
 pub use certificates::{load_certified_key, CertificateError, SniResolver};
-pub use server_config::{server_config, TlsSetupError};
+pub use client_hello::{suite_preference, SuitePreference};
+pub use server_config::{server_configs, ServerConfigs, TlsSetupError};
 pub use session::{Negotiated, TlsSession};

@@ -1,11 +1,15 @@
-//! Builds one rustls `ServerConfig` per TLS listener from its [`TlsConfig`].
+//! Builds the rustls server configurations of one TLS listener from its [`TlsConfig`]: one per
+//! cipher-suite preference, chosen per client from its ClientHello.
 
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
-use rustls::server::{NoServerSessionStorage, ServerConfig, ServerSessionMemoryCache};
+use rustls::server::{
+    NoServerSessionStorage, ResolvesServerCert, ServerConfig, ServerSessionMemoryCache,
+};
 
 use super::certificates::{CertificateError, SniResolver};
+use super::client_hello::SuitePreference;
 use crate::config::{self, TlsConfig, TlsVersion};
 
 /// The only application protocol spoken over TLS: the Upgrade handshake is HTTP/1.1.
@@ -48,21 +52,110 @@ fn provider(config: &TlsConfig) -> CryptoProvider {
     provider
 }
 
-/// Loads the certificates and builds the server configuration of one TLS listener.
-pub fn server_config(config: &TlsConfig) -> Result<Arc<ServerConfig>, TlsSetupError> {
-    let provider = Arc::new(provider(config));
-    let resolver = SniResolver::load(config, &provider)?;
+/// The rustls configurations of one TLS listener. They share certificates, the session cache
+/// and the ticket keys, so a session started under one resumes under the other.
+#[derive(Debug)]
+pub struct ServerConfigs {
+    /// For clients that list AES-GCM first: AES-128-GCM is chosen before AES-256-GCM. Its
+    /// SHA-256 runs on the CPU's SHA extensions where SHA-384 (AES-256's hash) often runs
+    /// generic code, for the handshake's transcript and key schedule at both ends.
+    aes_first: Arc<ServerConfig>,
+    /// The client's own order: for clients without AES hardware (they list ChaCha20 first),
+    /// and for servers without it.
+    client_order: Arc<ServerConfig>,
+}
+
+impl ServerConfigs {
+    /// The configuration for a client with this preference (read from its ClientHello).
+    pub fn for_client(&self, preference: SuitePreference) -> &Arc<ServerConfig> {
+        match preference {
+            SuitePreference::Other => &self.aes_first,
+            SuitePreference::ChaCha20 | SuitePreference::Unknown | SuitePreference::NeedMore => {
+                &self.client_order
+            }
+        }
+    }
+}
+
+/// Loads the certificates and builds the server configurations of one TLS listener.
+pub fn server_configs(config: &TlsConfig) -> Result<Arc<ServerConfigs>, TlsSetupError> {
+    let provider = provider(config);
+    let resolver: Arc<dyn ResolvesServerCert> = Arc::new(SniResolver::load(config, &provider)?);
+    let chosen_by_operator = !config.ciphers.is_empty();
+    let base = server_config(config, provider.clone(), Arc::clone(&resolver))?;
+    if chosen_by_operator || !has_aes_hardware() {
+        // Config order is preference order: the server picks.
+        let mut only = base;
+        only.ignore_client_order = chosen_by_operator;
+        let only = Arc::new(only);
+        return Ok(Arc::new(ServerConfigs {
+            aes_first: Arc::clone(&only),
+            client_order: only,
+        }));
+    }
+    let mut aes_first = server_config(config, aes_128_first(provider), resolver)?;
+    aes_first.ignore_client_order = true;
+    aes_first.session_storage = Arc::clone(&base.session_storage);
+    aes_first.ticketer = Arc::clone(&base.ticketer);
+    Ok(Arc::new(ServerConfigs {
+        aes_first: Arc::new(aes_first),
+        client_order: Arc::new(base),
+    }))
+}
+
+/// `provider` with the AES-128-GCM suites first, then AES-256-GCM, then the rest, each version's
+/// suites keeping their order otherwise.
+fn aes_128_first(mut provider: CryptoProvider) -> CryptoProvider {
+    let rank = |suite: &rustls::SupportedCipherSuite| {
+        let name = suite.suite().as_str().unwrap_or_default();
+        if name.contains("AES_128_GCM") {
+            0
+        } else if name.contains("AES_256_GCM") {
+            1
+        } else {
+            2
+        }
+    };
+    provider.cipher_suites.sort_by_key(rank);
+    provider
+}
+
+/// Whether this CPU runs AES-GCM in hardware (else ChaCha20 is as fast for us, and the client
+/// decides).
+pub(super) fn has_aes_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// One rustls configuration (the client's suite order): certificates, versions, ALPN, session
+/// cache and tickets.
+fn server_config(
+    config: &TlsConfig,
+    provider: CryptoProvider,
+    resolver: Arc<dyn ResolvesServerCert>,
+) -> Result<ServerConfig, TlsSetupError> {
     let versions: &[&rustls::SupportedProtocolVersion] = match config.min_version {
         TlsVersion::V1_2 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::V1_3 => &[&rustls::version::TLS13],
     };
-    let mut server = ServerConfig::builder_with_provider(Arc::clone(&provider))
+    let mut server = ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(versions)
         .map_err(TlsSetupError::Settings)?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+        .with_cert_resolver(resolver);
     server.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
-    server.ignore_client_order = !config.ciphers.is_empty();
     server.session_storage = if config.session_cache > 0 {
         ServerSessionMemoryCache::new(config.session_cache)
     } else {
@@ -76,5 +169,5 @@ pub fn server_config(config: &TlsConfig) -> Result<Arc<ServerConfig>, TlsSetupEr
         }
         .map_err(TlsSetupError::Tickets)?;
     }
-    Ok(Arc::new(server))
+    Ok(server)
 }

@@ -4,11 +4,14 @@
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 
-use rustls::{HandshakeKind, ServerConfig, ServerConnection};
+use rustls::{HandshakeKind, ServerConnection};
+
+use super::client_hello::{suite_preference, SuitePreference, MAX_PEEK};
+use super::ServerConfigs;
 
 /// The TLS state of one client connection.
 pub struct TlsSession {
-    conn: ServerConnection,
+    phase: Phase,
     /// The socket reached end of stream.
     eof: bool,
     /// `close_notify` has been queued.
@@ -20,10 +23,22 @@ pub struct TlsSession {
     reported: bool,
 }
 
+/// Before and after the client's cipher-suite preference is known.
+enum Phase {
+    /// Reading the start of the ClientHello: the listener's configurations, and the bytes so
+    /// far (handed to rustls once the configuration is chosen).
+    Hello {
+        configs: Arc<ServerConfigs>,
+        bytes: Vec<u8>,
+    },
+    /// rustls has the connection.
+    Session(Box<ServerConnection>),
+}
+
 impl std::fmt::Debug for TlsSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsSession")
-            .field("handshaking", &self.conn.is_handshaking())
+            .field("handshaking", &self.is_handshaking())
             .field("eof", &self.eof)
             .field("closing", &self.closing)
             .finish()
@@ -43,26 +58,45 @@ pub struct Negotiated {
     pub resumed: bool,
 }
 
+/// Ciphertext read from the socket per call while the ClientHello starts: room for a whole
+/// typical hello (post-quantum key shares included), so rustls gets it in one piece.
+const HELLO_READ: usize = 2048;
+
 impl TlsSession {
-    /// A new server-side session.
-    pub fn new(config: &Arc<ServerConfig>) -> Result<TlsSession, rustls::Error> {
-        let mut conn = ServerConnection::new(Arc::clone(config))?;
-        // The relay bounds memory itself: it encrypts one relay buffer at a time and sends it
-        // before reading more, so rustls may take a whole chunk at once.
-        conn.set_buffer_limit(None);
-        Ok(TlsSession {
-            conn,
+    /// A new server-side session of a listener with these configurations (one is chosen when
+    /// the client's ClientHello arrives).
+    pub fn new(configs: &Arc<ServerConfigs>) -> TlsSession {
+        TlsSession {
+            phase: Phase::Hello {
+                configs: Arc::clone(configs),
+                bytes: Vec::new(),
+            },
             eof: false,
             closing: false,
             first: [0; 8],
             first_len: 0,
             reported: false,
-        })
+        }
+    }
+
+    /// rustls' connection, once the ClientHello chose the configuration.
+    fn conn(&self) -> Option<&ServerConnection> {
+        match &self.phase {
+            Phase::Session(conn) => Some(conn),
+            Phase::Hello { .. } => None,
+        }
+    }
+
+    fn conn_mut(&mut self) -> Option<&mut ServerConnection> {
+        match &mut self.phase {
+            Phase::Session(conn) => Some(conn),
+            Phase::Hello { .. } => None,
+        }
     }
 
     /// Whether the handshake is still running.
     pub fn is_handshaking(&self) -> bool {
-        self.conn.is_handshaking()
+        self.conn().is_none_or(|conn| conn.is_handshaking())
     }
 
     /// Reads plaintext into `buffer`, pulling ciphertext from `source` as needed.
@@ -75,10 +109,30 @@ impl TlsSession {
         source: &mut dyn Read,
         buffer: &mut [u8],
     ) -> io::Result<usize> {
+        let mut recorded = Recording {
+            source,
+            first: &mut self.first,
+            first_len: &mut self.first_len,
+        };
+        let conn = loop {
+            let (configs, bytes) = match &mut self.phase {
+                Phase::Session(conn) => break conn,
+                Phase::Hello { configs, bytes } => (configs, bytes),
+            };
+            let mut conn = match start(configs, bytes, &mut recorded, &mut self.eof) {
+                Ok(conn) => conn,
+                Err(Started::Waiting(error)) => return Err(error),
+                Err(Started::Closed) => return Ok(0),
+            };
+            let fed = feed(&mut conn, bytes);
+            // In place before a failure is reported: the alert rustls queued goes out.
+            self.phase = Phase::Session(conn);
+            fed?;
+        };
         loop {
             // Plaintext already decrypted is handed out before more ciphertext is read, so
             // rustls' received-plaintext buffer never overflows.
-            match self.conn.reader().read(buffer) {
+            match conn.reader().read(buffer) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
@@ -87,17 +141,10 @@ impl TlsSession {
             if self.eof {
                 return Ok(0);
             }
-            let mut recorded = Recording {
-                source,
-                first: &mut self.first,
-                first_len: &mut self.first_len,
-            };
-            if self.conn.read_tls(&mut recorded)? == 0 {
+            if conn.read_tls(&mut recorded)? == 0 {
                 self.eof = true;
             }
-            self.conn
-                .process_new_packets()
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            conn.process_new_packets().map_err(invalid)?;
         }
     }
 
@@ -121,15 +168,21 @@ impl TlsSession {
 
     /// Whether decrypted plaintext is waiting to be read (so the socket need not be polled).
     pub fn has_plaintext(&mut self) -> bool {
-        self.conn
-            .process_new_packets()
-            .is_ok_and(|state| state.plaintext_bytes_to_read() > 0)
+        self.conn_mut().is_some_and(|conn| {
+            conn.process_new_packets()
+                .is_ok_and(|state| state.plaintext_bytes_to_read() > 0)
+        })
     }
 
     /// Queues plaintext to be encrypted.
     pub fn write_plaintext(&mut self, bytes: &[u8]) {
-        // Unlimited buffer (see `new`): `write` takes everything, so `write_all` cannot fail.
-        if let Err(error) = self.conn.writer().write_all(bytes) {
+        // Unlimited buffer (see `start`): `write` takes everything, so `write_all` cannot
+        // fail. Nothing is written before the handshake is done.
+        let Some(conn) = self.conn_mut() else {
+            tracing::error!("plaintext written before the TLS handshake");
+            return;
+        };
+        if let Err(error) = conn.writer().write_all(bytes) {
             tracing::error!(%error, "rustls refused plaintext");
         }
     }
@@ -138,7 +191,9 @@ impl TlsSession {
     pub fn close_notify(&mut self) {
         if !self.closing {
             self.closing = true;
-            self.conn.send_close_notify();
+            if let Some(conn) = self.conn_mut() {
+                conn.send_close_notify();
+            }
         }
     }
 
@@ -149,16 +204,19 @@ impl TlsSession {
 
     /// Whether ciphertext (handshake, records, alerts) is waiting to be sent.
     pub fn wants_write(&self) -> bool {
-        self.conn.wants_write()
+        self.conn().is_some_and(|conn| conn.wants_write())
     }
 
     /// Moves waiting ciphertext into `out`; returns how many bytes were written. What does not
     /// fit stays queued (see [`wants_write`](Self::wants_write)).
     pub fn take_ciphertext(&mut self, out: &mut [u8]) -> usize {
+        let Some(conn) = self.conn_mut() else {
+            return 0;
+        };
         let mut written = 0;
-        while written < out.len() && self.conn.wants_write() {
+        while written < out.len() && conn.wants_write() {
             let mut rest = &mut out[written..];
-            match self.conn.write_tls(&mut rest) {
+            match conn.write_tls(&mut rest) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => written += n,
             }
@@ -169,8 +227,11 @@ impl TlsSession {
     /// All queued ciphertext, however large (handshake flights, alerts).
     pub fn take_all_ciphertext(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
-        while self.conn.wants_write() {
-            match self.conn.write_tls(&mut out) {
+        let Some(conn) = self.conn_mut() else {
+            return out;
+        };
+        while conn.wants_write() {
+            match conn.write_tls(&mut out) {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             }
@@ -180,24 +241,72 @@ impl TlsSession {
 
     /// What the handshake negotiated, once it is done.
     pub fn negotiated(&self) -> Option<Negotiated> {
-        if self.conn.is_handshaking() {
-            return None;
-        }
+        let conn = self.conn().filter(|conn| !conn.is_handshaking())?;
         Some(Negotiated {
-            version: self
-                .conn
+            version: conn
                 .protocol_version()
                 .map_or_else(String::new, |v| format!("{v:?}")),
-            suite: self
-                .conn
+            suite: conn
                 .negotiated_cipher_suite()
                 .and_then(|s| s.suite().as_str())
                 .unwrap_or_default()
                 .to_owned(),
-            server_name: self.conn.server_name().map(str::to_owned),
-            resumed: self.conn.handshake_kind() == Some(HandshakeKind::Resumed),
+            server_name: conn.server_name().map(str::to_owned),
+            resumed: conn.handshake_kind() == Some(HandshakeKind::Resumed),
         })
     }
+}
+
+/// Why the session's connection could not be started yet.
+enum Started {
+    /// The socket has no more bytes now (or failed): the error to return.
+    Waiting(io::Error),
+    /// The client closed before sending a byte.
+    Closed,
+}
+
+/// Reads the start of the ClientHello into `bytes` until the client's suite preference is
+/// known, then starts rustls' connection with the configuration that suits it.
+fn start(
+    configs: &ServerConfigs,
+    bytes: &mut Vec<u8>,
+    source: &mut dyn Read,
+    eof: &mut bool,
+) -> Result<Box<ServerConnection>, Started> {
+    let mut preference = suite_preference(bytes);
+    while preference == SuitePreference::NeedMore && !*eof {
+        let mut chunk = [0u8; HELLO_READ];
+        match source.read(&mut chunk) {
+            Ok(0) => *eof = true,
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(error) => return Err(Started::Waiting(error)),
+        }
+        preference = suite_preference(bytes);
+    }
+    if bytes.is_empty() {
+        return Err(Started::Closed);
+    }
+    debug_assert!(bytes.len() >= MAX_PEEK || preference != SuitePreference::NeedMore || *eof);
+    let config = Arc::clone(configs.for_client(preference));
+    let mut conn = ServerConnection::new(config).map_err(|e| Started::Waiting(invalid(e)))?;
+    // The relay bounds memory itself: it encrypts one relay buffer at a time and sends it
+    // before reading more, so rustls may take a whole chunk at once.
+    conn.set_buffer_limit(None);
+    Ok(Box::new(conn))
+}
+
+/// Hands the ClientHello bytes read by [`start`] to rustls.
+fn feed(conn: &mut ServerConnection, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        conn.read_tls(&mut bytes)?;
+        conn.process_new_packets().map_err(invalid)?;
+    }
+    Ok(())
+}
+
+/// A TLS error as the `InvalidData` the worker treats as a broken stream.
+fn invalid(error: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, error)
 }
 
 /// Passes reads through and keeps a copy of the connection's first bytes.
@@ -266,6 +375,19 @@ mod tests {
     }
 
     fn pair(names: &[&str], server_name: &str) -> Pair {
+        pair_with(
+            names,
+            server_name,
+            rustls::crypto::aws_lc_rs::default_provider(),
+        )
+    }
+
+    /// A pair whose client offers `client_provider`'s suites, in its order.
+    fn pair_with(
+        names: &[&str],
+        server_name: &str,
+        client_provider: rustls::crypto::CryptoProvider,
+    ) -> Pair {
         let certified = rcgen::generate_simple_self_signed(
             names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
         )
@@ -291,16 +413,14 @@ mod tests {
             session_tickets: true,
             provider: CryptoProvider::AwsLcRs,
         };
-        let server_config = super::super::server_config(&config).unwrap();
+        let server_configs = super::super::server_configs(&config).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(certified.cert.der().clone()).unwrap();
-        let client_config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let client_config = rustls::ClientConfig::builder_with_provider(Arc::new(client_provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         let client = rustls::ClientConnection::new(
             Arc::new(client_config),
             server_name.to_owned().try_into().unwrap(),
@@ -308,7 +428,7 @@ mod tests {
         .unwrap();
         Pair {
             client,
-            server: TlsSession::new(&server_config).unwrap(),
+            server: TlsSession::new(&server_configs),
             to_server: Pipe::default(),
             _dir: tempdir::Dir(dir),
         }
@@ -420,5 +540,59 @@ mod tests {
             .unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
         assert!(!pair.server.looks_like_plain_http());
+    }
+
+    /// Runs a handshake; returns the suite the server chose.
+    fn negotiated_suite(client_provider: rustls::crypto::CryptoProvider) -> String {
+        let mut pair = pair_with(&["localhost"], "localhost", client_provider);
+        for _ in 0..4 {
+            pair.exchange().unwrap();
+        }
+        pair.server.take_completed().unwrap().suite
+    }
+
+    #[test]
+    fn clients_with_aes_get_aes_128_and_chacha_clients_get_chacha() {
+        // rustls' default order (AES-256 first) is what most clients send.
+        let aes_client = rustls::crypto::aws_lc_rs::default_provider();
+        let expected = if super::super::server_config::has_aes_hardware() {
+            "TLS13_AES_128_GCM_SHA256"
+        } else {
+            "TLS13_AES_256_GCM_SHA384"
+        };
+        assert_eq!(negotiated_suite(aes_client), expected);
+
+        let mut chacha_client = rustls::crypto::aws_lc_rs::default_provider();
+        chacha_client.cipher_suites.sort_by_key(|suite| {
+            suite.suite() != rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+        });
+        assert_eq!(
+            negotiated_suite(chacha_client),
+            "TLS13_CHACHA20_POLY1305_SHA256"
+        );
+    }
+
+    #[test]
+    fn a_hello_that_trickles_in_byte_by_byte_still_completes() {
+        let mut pair = pair(&["localhost"], "localhost");
+        let mut wire = Vec::new();
+        while pair.client.wants_write() {
+            pair.client.write_tls(&mut wire).unwrap();
+        }
+        let mut plain = [0u8; 64];
+        for byte in &wire {
+            assert!(pair.server.is_handshaking());
+            pair.to_server.bytes.push_back(*byte);
+            let error = pair
+                .server
+                .read_plaintext(&mut pair.to_server, &mut plain)
+                .unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::WouldBlock);
+        }
+        assert!(pair.server.wants_write(), "the server's flight is ready");
+        for _ in 0..4 {
+            pair.exchange().unwrap();
+        }
+        assert!(!pair.server.is_handshaking());
     }
 }
