@@ -153,6 +153,10 @@ pub enum Action {
         /// Most bytes to read.
         budget: usize,
     },
+    /// Relay: the source's last read took everything queued, so a read now would most likely
+    /// find nothing: wait until it is readable (no read first), then call
+    /// [`Connection::on_readable`].
+    AwaitReadable(Side),
     /// `shutdown(side, SHUT_WR)`: pass a FIN on.
     ShutdownWrite(Side),
     /// TLS: queue `close_notify` to the client and send it, then call [`Connection::on_sent`]

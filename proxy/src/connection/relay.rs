@@ -4,7 +4,7 @@
 
 use super::{Action, Actions, Connection, DataPath, Side, Stage};
 use crate::services::Services;
-use crate::tunnel::relay::{AfterSource, Direction};
+use crate::tunnel::relay::{AfterSource, Direction, SourceRead};
 
 /// A relayed tunnel (or a refused upgrade's answer being relayed).
 #[derive(Debug)]
@@ -297,7 +297,15 @@ impl Connection {
         if budget == 0 {
             return self.flush_direction(destination, out);
         }
-        relay.towards(destination).on_read_asked();
+        let direction = relay.towards(destination);
+        if direction.source_read() == SourceRead::Drained {
+            // Saves the `recv` that would only find the socket empty; a readiness wait costs
+            // no system call of its own (it goes out with the loop's next submission).
+            direction.on_read_done(true, true);
+            out.push_back(Action::AwaitReadable(source));
+            return;
+        }
+        direction.on_read_asked();
         out.push_back(Action::Forward {
             from: source,
             budget,

@@ -94,6 +94,21 @@ impl Worker {
             }
             Action::Send(side, bytes) => self.send_to(slot, side, Outgoing::owned(bytes)),
             Action::Forward { from, budget } => self.forward(slot, from, budget, actions),
+            Action::AwaitReadable(side) => {
+                let buffered = side == Side::Client
+                    && self
+                        .table
+                        .get(slot)
+                        .is_some_and(|entry| entry.stream.has_plaintext());
+                if buffered {
+                    // TLS: the rest may already be decrypted; no poll would announce it.
+                    if let Some(entry) = self.table.get(slot) {
+                        entry.conn.on_readable(side, &services, actions);
+                    }
+                } else {
+                    self.arm_poll(slot, side, Intent::Forward);
+                }
+            }
             Action::ShutdownWrite(side) => {
                 if let Some(entry) = self.table.get(slot) {
                     sys::shutdown_write(entry.side(side).raw());

@@ -121,10 +121,11 @@ fn a_failed_promotion_relays_on_from_where_it_stopped_and_is_not_retried() {
     forwarded(&mut h, Side::Upstream, 100, true);
     h.now += PROMOTE_AFTER;
     assert_eq!(h.sent(Side::Client), vec![Action::Splice { bridged: true }]);
-    // The client side still has its readiness wait armed; the upstream side reads again.
+    // The client side still has its readiness wait armed; the upstream side, drained by its
+    // last read, waits for readiness again.
     assert_eq!(
         splice_result(&mut h, Err("sockmap: full".into())),
-        vec![forward(Side::Upstream)]
+        vec![Action::AwaitReadable(Side::Upstream)]
     );
     assert!(matches!(h.conn.stage(), Stage::Relaying(_)));
     assert_eq!(h.services.metrics.kernel_handoff_failures.get(), 1);

@@ -65,7 +65,25 @@ fn a_fin_from_the_client_is_passed_upstream_and_the_other_direction_keeps_flowin
     let actions = h.event(|c, _, _, out| c.on_source_eof(Side::Client, out));
     assert_eq!(actions, vec![Action::ShutdownWrite(Side::Upstream)]);
     assert!(!h.conn.is_closing());
+    h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, 10, false, now, s));
+    assert_eq!(h.sent(Side::Client), vec![forward(Side::Upstream)]);
+}
+
+#[test]
+fn a_source_drained_by_its_last_read_is_not_read_again_until_it_is_readable() {
+    let mut h = Harness::relaying(false);
+    // The read took less than it could: the socket had nothing more.
     h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, 10, true, now, s));
+    assert_eq!(
+        h.sent(Side::Client),
+        vec![Action::AwaitReadable(Side::Upstream)]
+    );
+    assert_eq!(
+        h.event(|c, _, s, out| c.on_readable(Side::Upstream, s, out)),
+        vec![forward(Side::Upstream)]
+    );
+    // A full read may have left more: read again at once.
+    h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, RELAY_BUFFER, false, now, s));
     assert_eq!(h.sent(Side::Client), vec![forward(Side::Upstream)]);
 }
 

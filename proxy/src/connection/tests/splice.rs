@@ -312,7 +312,7 @@ fn a_reader_too_far_behind_takes_the_tunnel_off_the_kernel_path_instead_of_closi
     // every byte, the kernel's included.
     h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, 5, true, now, s));
     let actions = h.sent(Side::Client);
-    assert_eq!(actions, vec![forward(Side::Upstream)]);
+    assert_eq!(actions, vec![Action::AwaitReadable(Side::Upstream)]);
     let actions = h.event(|c, _, _, out| c.on_drain_deadline(out));
     assert_eq!(
         actions,
