@@ -1,5 +1,6 @@
 //! Opening ws:// and wss:// connections: optional loopback source address (bound before
-//! connect), TLS trusting the bench's own CA, and a server name other than the address.
+//! connect), TLS trusting the bench's own CA, a server name other than the address, and how
+//! the client resumes TLS sessions.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -29,6 +30,25 @@ pub struct ConnArgs {
     /// Local address to bind before connecting (e.g. 127.0.0.2).
     #[arg(long)]
     pub source: Option<IpAddr>,
+    /// TLS session resumption on the client side (wss:// only).
+    #[arg(long, value_enum, default_value_t = Resumption::Shared)]
+    pub resumption: Resumption,
+}
+
+/// How the client resumes TLS sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Resumption {
+    /// rustls' default: one session store for every connection of the process, holding at most
+    /// 8 TLS 1.3 tickets per server, so parallel connections resume only as far as the tickets
+    /// last and the rest are full handshakes.
+    Shared,
+    /// No resumption: every handshake is a full one.
+    Full,
+    /// Every connection resumes if the server allows: each storm loop has its own session store
+    /// (`Client::for_loop`), so its next connection resumes from a ticket of its previous one;
+    /// the first connection of each loop is a full handshake. Sequential workloads keep one
+    /// store, as with `shared`.
+    Resumed,
 }
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -40,6 +60,7 @@ pub struct Client {
     request_url: Arc<str>,
     source: Option<IpAddr>,
     tls: Option<Arc<rustls::ClientConfig>>,
+    resumption: Resumption,
     buffers: Buffers,
 }
 
@@ -85,7 +106,7 @@ impl Client {
         let name = args.server_name.as_deref().unwrap_or(host);
         let request_url = format!("{}://{name}:{port}{path}", if tls { "wss" } else { "ws" });
         let tls = if tls {
-            Some(Arc::new(tls_config(args.ca.as_deref())?))
+            Some(Arc::new(tls_config(args.ca.as_deref(), args.resumption)?))
         } else {
             None
         };
@@ -94,8 +115,22 @@ impl Client {
             request_url: request_url.into(),
             source: args.source,
             tls,
+            resumption: args.resumption,
             buffers,
         })
+    }
+
+    /// The client one of several parallel loops uses: with `--resumption resumed`, one with a
+    /// session store of its own (so the loop's tickets are not taken by the other loops); else
+    /// the same client.
+    pub fn for_loop(&self) -> Client {
+        let mut client = self.clone();
+        if let (Resumption::Resumed, Some(shared)) = (self.resumption, &self.tls) {
+            let mut config = (**shared).clone();
+            config.resumption = rustls::client::Resumption::in_memory_sessions(16);
+            client.tls = Some(Arc::new(config));
+        }
+        client
     }
 
     /// Opens one connection (TCP, TLS if asked, upgrade) within 10 s.
@@ -137,8 +172,23 @@ impl Client {
     }
 }
 
+/// Whether `ws` resumed a TLS session (`None`: not TLS, or the handshake is not done).
+pub fn resumed(ws: &Ws) -> Option<bool> {
+    match ws.get_ref() {
+        MaybeTlsStream::Rustls(stream) => stream
+            .get_ref()
+            .1
+            .handshake_kind()
+            .map(|kind| kind == rustls::HandshakeKind::Resumed),
+        _ => None,
+    }
+}
+
 /// A rustls client (aws-lc-rs provider) trusting only `ca`.
-fn tls_config(ca: Option<&std::path::Path>) -> anyhow::Result<rustls::ClientConfig> {
+fn tls_config(
+    ca: Option<&std::path::Path>,
+    resumption: Resumption,
+) -> anyhow::Result<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::CertificateDer;
     let mut roots = rustls::RootCertStore::empty();
@@ -153,8 +203,12 @@ fn tls_config(ca: Option<&std::path::Path>) -> anyhow::Result<rustls::ClientConf
         None => bail!("wss:// needs --ca FILE (the CA that signed the server's certificate)"),
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
-        .with_no_client_auth())
+        .with_no_client_auth();
+    if resumption == Resumption::Full {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    Ok(config)
 }

@@ -4,9 +4,11 @@
 //! - `bulk`: N connections each keep one 64 KiB message in flight against an echo upstream;
 //!   MB/s of echoed payload received.
 //! - `latency`: N connections ping-pong a small message; p50/p99 round trip.
-//! - `storm`: new tunnels per second (upgrade, one echo, close).
-//! - `hold`: open N idle tunnels, check a sample still echoes, print `ready`, hold until stdin
-//!   closes or SIGTERM.
+//! - `storm`: new tunnels per second (upgrade, one echo, close); over wss:// it also counts the
+//!   TLS handshakes that resumed a session (`--resumption full|resumed|shared` chooses the
+//!   client's side of that).
+//! - `hold`: open N idle tunnels (one after the other, or `--connect-parallel` at a time), check
+//!   a sample still echoes, print `ready`, hold until stdin closes or SIGTERM.
 //! - `fleet`: N connections each send a small message every few seconds (random phase), echoed;
 //!   prints `connected {json}`, waits for the window's start (Unix ms) on stdin so several
 //!   processes measure the same window, then reports the round trips of the window.
@@ -88,6 +90,9 @@ enum Workload {
         /// Connections.
         #[arg(long, default_value_t = 1000)]
         conns: usize,
+        /// Handshakes in flight while connecting (1: one after the other).
+        #[arg(long, default_value_t = 1)]
+        connect_parallel: usize,
     },
     /// Many mostly idle connections, each sending a small message every `interval` seconds.
     Fleet {
@@ -171,8 +176,17 @@ async fn main() -> anyhow::Result<()> {
             conns,
             seconds,
         } => storm(&Client::new(&conn, Buffers::Small).await?, conns, seconds).await?,
-        Workload::Hold { conn, conns } => {
-            hold(&Client::new(&conn, Buffers::Small).await?, conns).await?
+        Workload::Hold {
+            conn,
+            conns,
+            connect_parallel,
+        } => {
+            hold(
+                &Client::new(&conn, Buffers::Small).await?,
+                conns,
+                connect_parallel.max(1),
+            )
+            .await?
         }
         Workload::Fleet {
             conn,
@@ -316,36 +330,57 @@ async fn storm(client: &Client, conns: usize, seconds: f64) -> anyhow::Result<se
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..conns {
-        let client = client.clone();
+        let client = client.for_loop();
         tasks.push(tokio::spawn(async move {
             let mut done = 0u64;
+            let (mut handshakes, mut resumed) = (0u64, 0u64);
             let message = Message::binary(vec![0x22u8; 64]);
             while started.elapsed() < measured {
                 let mut ws = client.open().await?;
+                if let Some(was_resumed) = client::resumed(&ws) {
+                    handshakes += 1;
+                    resumed += u64::from(was_resumed);
+                }
                 ws.send(message.clone()).await?;
                 ws.next().await.context("stream ended")??;
                 ws.close(None).await?;
                 while let Some(Ok(_)) = ws.next().await {}
                 done += 1;
             }
-            anyhow::Ok(done)
+            anyhow::Ok((done, handshakes, resumed))
         }));
     }
-    let mut total = 0;
+    let (mut total, mut handshakes, mut resumed) = (0, 0, 0);
     for task in tasks {
-        total += task.await??;
+        let (done, loop_handshakes, loop_resumed) = task.await??;
+        total += done;
+        handshakes += loop_handshakes;
+        resumed += loop_resumed;
     }
     let per_second = total as f64 / started.elapsed().as_secs_f64();
-    Ok(
-        serde_json::json!({"workload": "storm", "conns": conns, "tunnels": total, "per_second": per_second}),
-    )
+    // `tls_handshakes` is 0 over ws://; `tls_resumed` of them resumed a session.
+    Ok(serde_json::json!({
+        "workload": "storm", "conns": conns, "tunnels": total, "per_second": per_second,
+        "tls_handshakes": handshakes, "tls_resumed": resumed,
+    }))
 }
 
-async fn hold(client: &Client, conns: usize) -> anyhow::Result<serde_json::Value> {
+async fn hold(
+    client: &Client,
+    conns: usize,
+    connect_parallel: usize,
+) -> anyhow::Result<serde_json::Value> {
     let mut held = Vec::with_capacity(conns);
-    for _ in 0..conns {
-        held.push(client.open().await?);
+    let mut pending = futures_util::stream::iter((0..conns).map(|_| client.open()))
+        .buffer_unordered(connect_parallel);
+    while let Some(ws) = pending.next().await {
+        held.push(ws?);
     }
+    drop(pending);
+    let resumed = held
+        .iter()
+        .filter(|ws| client::resumed(ws) == Some(true))
+        .count();
     // A sample of the held tunnels must still echo.
     for ws in held.iter_mut().step_by((conns / 10).max(1)) {
         ws.send(Message::text("still there?")).await?;
@@ -360,7 +395,7 @@ async fn hold(client: &Client, conns: usize) -> anyhow::Result<serde_json::Value
     }
     println!("ready");
     wait_for_stdin_line().await;
-    Ok(serde_json::json!({"workload": "hold", "conns": conns}))
+    Ok(serde_json::json!({"workload": "hold", "conns": conns, "tls_resumed": resumed}))
 }
 
 /// One line from stdin (empty when stdin closes or fails).

@@ -118,8 +118,15 @@ pub struct HoldResult {
     pub machine_kb: f64,
 }
 
-/// Opens `conns` idle tunnels (the load generator checks a sample still echoes) and measures.
-pub fn hold(load: &Path, at: &Endpoint, conns: usize, pids: &[u32]) -> anyhow::Result<HoldResult> {
+/// Opens `conns` idle tunnels (the load generator checks a sample still echoes) and measures;
+/// `args` go to `wsplice-load hold` as they are (e.g. `--connect-parallel 4`).
+pub fn hold(
+    load: &Path,
+    at: &Endpoint,
+    conns: usize,
+    pids: &[u32],
+    args: &[&str],
+) -> anyhow::Result<HoldResult> {
     std::thread::sleep(Duration::from_millis(300));
     let rss_before = rss_kb(pids);
     let slab_before = meminfo_kb("Slab:");
@@ -128,6 +135,7 @@ pub fn hold(load: &Path, at: &Endpoint, conns: usize, pids: &[u32]) -> anyhow::R
         .arg("hold")
         .args(at.args())
         .args(["--conns", &conns.to_string()])
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

@@ -159,7 +159,7 @@ const RATIOS: [(&str, usize, usize); 4] = [
 ];
 
 /// The order of the table's rows.
-const ROW_ORDER: [&str; 22] = [
+const ROW_ORDER: [&str; 25] = [
     "bulk1",
     "bulk16",
     "storm",
@@ -174,8 +174,11 @@ const ROW_ORDER: [&str; 22] = [
     "fleet_failures",
     "fleet_cpu",
     "fleet_cpu_proxy",
-    "wss_storm",
+    "wss_storm_full",
+    "wss_storm_resumed",
+    "wss_storm_resumed_share",
     "wss_bulk1",
+    "wss_hold_rss",
     "http_rps",
     "http_p50",
     "http_p99",
@@ -185,7 +188,12 @@ const ROW_ORDER: [&str; 22] = [
 ];
 
 /// Rows without ratio columns: counts, not performance.
-const NO_RATIO: [&str; 3] = ["fleet_failures", "http_errors", "http_upstream"];
+const NO_RATIO: [&str; 4] = [
+    "fleet_failures",
+    "wss_storm_resumed_share",
+    "http_errors",
+    "http_upstream",
+];
 
 fn markdown(header: &Header, results: &Results) -> String {
     let mut out = format!(
@@ -213,6 +221,21 @@ fn markdown(header: &Header, results: &Results) -> String {
         header.scale,
         header.seconds,
     );
+    if results.rows.iter().any(|r| r.key.starts_with("wss_")) {
+        out.push_str(
+            "The wss rows: every proxy serves the same ECDSA P-256 certificate (TLS 1.3 with the \
+             `wsplice-load` rustls client); TLS tunnels are relayed in userspace on every wsplice \
+             data path. *Full handshakes*: the client never offers a session (rustls resumption \
+             disabled), so every tunnel costs a certificate signature and its verification. \
+             *Resumed sessions*: each of the 64 loops keeps its own session store, so each \
+             connection offers a ticket from its loop's previous one (the first connection of \
+             each loop is a full handshake); the share of handshakes resumed row shows whether \
+             the target accepted them (a target that does not resume shows a low share and \
+             full-handshake rates). Servers keep their defaults: TLS 1.3 session tickets on \
+             (nginx, HAProxy: OpenSSL; wsplice: `session_tickets`). Idle wss tunnels are opened \
+             with full handshakes, 4 at a time, in the first round only.\n\n",
+        );
+    }
     if results.rows.iter().any(|r| r.key.starts_with("http_")) {
         out.push_str(
             "The http rows: 64 keep-alive client connections each sending sequential GETs to the \
@@ -457,7 +480,7 @@ fn bar_chart(path: &Path, title: &str, unit: &str, bars: &Bars) -> anyhow::Resul
 
 fn charts(dir: &Path, results: &Results) -> anyhow::Result<Vec<String>> {
     let mut written = Vec::new();
-    let specs: [(&str, &str, &str, &str, bool); 7] = [
+    let specs: [(&str, &str, &str, &str, bool); 9] = [
         (
             "hold_rss",
             "memory-per-idle-tunnel.svg",
@@ -494,10 +517,24 @@ fn charts(dir: &Path, results: &Results) -> anyhow::Result<Vec<String>> {
             false,
         ),
         (
-            "wss_storm",
+            "wss_storm_full",
             "wss-storm.svg",
-            "wss storm: new tunnels per second",
+            "wss storm, full handshakes: new tunnels per second",
             "tunnels/s",
+            true,
+        ),
+        (
+            "wss_storm_resumed",
+            "wss-storm-resumed.svg",
+            "wss storm, resumed sessions: new tunnels per second",
+            "tunnels/s",
+            true,
+        ),
+        (
+            "wss_hold_rss",
+            "memory-per-idle-wss-tunnel.svg",
+            "Proxy RSS per idle wss tunnel",
+            "KB",
             true,
         ),
         (
