@@ -172,14 +172,25 @@ impl Client {
     }
 }
 
-/// Whether `ws` resumed a TLS session (`None`: not TLS, or the handshake is not done).
-pub fn resumed(ws: &Ws) -> Option<bool> {
+/// What the TLS handshake of a connection was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handshake {
+    /// A session was resumed.
+    pub resumed: bool,
+    /// TLS 1.3 was negotiated (else 1.2): proxies are compared on the same version.
+    pub tls13: bool,
+}
+
+/// The TLS handshake of `ws` (`None`: not TLS, or the handshake is not done).
+pub fn handshake(ws: &Ws) -> Option<Handshake> {
     match ws.get_ref() {
-        MaybeTlsStream::Rustls(stream) => stream
-            .get_ref()
-            .1
-            .handshake_kind()
-            .map(|kind| kind == rustls::HandshakeKind::Resumed),
+        MaybeTlsStream::Rustls(stream) => {
+            let conn = stream.get_ref().1;
+            Some(Handshake {
+                resumed: conn.handshake_kind()? == rustls::HandshakeKind::Resumed,
+                tls13: conn.protocol_version()? == rustls::ProtocolVersion::TLSv1_3,
+            })
+        }
         _ => None,
     }
 }

@@ -333,13 +333,14 @@ async fn storm(client: &Client, conns: usize, seconds: f64) -> anyhow::Result<se
         let client = client.for_loop();
         tasks.push(tokio::spawn(async move {
             let mut done = 0u64;
-            let (mut handshakes, mut resumed) = (0u64, 0u64);
+            let (mut handshakes, mut resumed, mut tls13) = (0u64, 0u64, 0u64);
             let message = Message::binary(vec![0x22u8; 64]);
             while started.elapsed() < measured {
                 let mut ws = client.open().await?;
-                if let Some(was_resumed) = client::resumed(&ws) {
+                if let Some(handshake) = client::handshake(&ws) {
                     handshakes += 1;
-                    resumed += u64::from(was_resumed);
+                    resumed += u64::from(handshake.resumed);
+                    tls13 += u64::from(handshake.tls13);
                 }
                 ws.send(message.clone()).await?;
                 ws.next().await.context("stream ended")??;
@@ -347,21 +348,23 @@ async fn storm(client: &Client, conns: usize, seconds: f64) -> anyhow::Result<se
                 while let Some(Ok(_)) = ws.next().await {}
                 done += 1;
             }
-            anyhow::Ok((done, handshakes, resumed))
+            anyhow::Ok((done, handshakes, resumed, tls13))
         }));
     }
-    let (mut total, mut handshakes, mut resumed) = (0, 0, 0);
+    let (mut total, mut handshakes, mut resumed, mut tls13) = (0, 0, 0, 0);
     for task in tasks {
-        let (done, loop_handshakes, loop_resumed) = task.await??;
+        let (done, loop_handshakes, loop_resumed, loop_tls13) = task.await??;
         total += done;
         handshakes += loop_handshakes;
         resumed += loop_resumed;
+        tls13 += loop_tls13;
     }
     let per_second = total as f64 / started.elapsed().as_secs_f64();
-    // `tls_handshakes` is 0 over ws://; `tls_resumed` of them resumed a session.
+    // `tls_handshakes` is 0 over ws://; `tls_resumed` of them resumed a session,
+    // `tls13_handshakes` negotiated TLS 1.3.
     Ok(serde_json::json!({
         "workload": "storm", "conns": conns, "tunnels": total, "per_second": per_second,
-        "tls_handshakes": handshakes, "tls_resumed": resumed,
+        "tls_handshakes": handshakes, "tls_resumed": resumed, "tls13_handshakes": tls13,
     }))
 }
 
@@ -379,7 +382,7 @@ async fn hold(
     drop(pending);
     let resumed = held
         .iter()
-        .filter(|ws| client::resumed(ws) == Some(true))
+        .filter(|ws| client::handshake(ws).is_some_and(|h| h.resumed))
         .count();
     // A sample of the held tunnels must still echo.
     for ws in held.iter_mut().step_by((conns / 10).max(1)) {

@@ -647,6 +647,14 @@ fn wss(
                 resumed / handshakes * 100.0,
             );
         }
+        let tls12 = handshakes - f(&json, "tls13_handshakes");
+        if tls12 > 0.0 {
+            // The rows compare TLS 1.3 handshakes: a TLS 1.2 resumption skips the key exchange.
+            results.notes.push(format!(
+                "{} wss storm, {mode}: {tls12} of {handshakes} handshakes were TLS 1.2",
+                targets::ALL[index].name()
+            ));
+        }
         if mode == "full" && resumed > 0.0 {
             // The client offers no session: a resumption here would be a bug of the client.
             results.notes.push(format!(

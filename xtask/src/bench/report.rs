@@ -231,8 +231,10 @@ fn markdown(header: &Header, results: &Results) -> String {
              connection offers a ticket from its loop's previous one (the first connection of \
              each loop is a full handshake); the share of handshakes resumed row shows whether \
              the target accepted them (a target that does not resume shows a low share and \
-             full-handshake rates). Servers keep their defaults: TLS 1.3 session tickets on \
-             (nginx, HAProxy: OpenSSL; wsplice: `session_tickets`). Idle wss tunnels are opened \
+             full-handshake rates). Servers keep their defaults (session tickets on: nginx, \
+             HAProxy: OpenSSL; wsplice: `session_tickets`), except that nginx is told \
+             `ssl_protocols TLSv1.2 TLSv1.3` (Debian's 1.22 offers TLS 1.2 at most, where a \
+             resumption skips the key exchange); a note names any handshake that was not TLS 1.3. Idle wss tunnels are opened \
              with full handshakes, 4 at a time, in the first round only.\n\n",
         );
     }

@@ -360,9 +360,11 @@ pub fn start(kind: Kind, layout: &Layout, tools: &Tools) -> anyhow::Result<Runni
 fn nginx_config(work: &Path, layout: &Layout, port: u16, tls: Option<(u16, &TlsFiles)>) -> String {
     let echo = layout.echo_port;
     let workers = layout.workers * layout.processes;
+    // Debian's nginx 1.22 offers TLS 1.2 at most unless told (1.23.4 added 1.3 to the default):
+    // every target speaks TLS 1.3 so the wss rows compare the same handshake.
     let tls = tls.map_or(String::new(), |(p, files)| {
         format!(
-            "    listen 127.0.0.1:{p} ssl reuseport;\n    ssl_certificate {};\n    ssl_certificate_key {};\n",
+            "    listen 127.0.0.1:{p} ssl reuseport;\n    ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_certificate {};\n    ssl_certificate_key {};\n",
             files.cert.display(),
             files.key.display()
         )
