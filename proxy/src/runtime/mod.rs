@@ -8,6 +8,7 @@ mod relay;
 mod ring;
 mod splice;
 mod stream;
+mod support;
 mod table;
 mod worker;
 
@@ -44,6 +45,9 @@ pub enum RuntimeError {
         #[source]
         source: WorkerError,
     },
+    /// The kernel cannot run the workers (too old, io_uring missing or disabled).
+    #[error(transparent)]
+    Kernel(#[from] support::SupportError),
     /// Spawning a worker thread failed.
     #[error("cannot spawn worker thread: {0}")]
     Spawn(#[source] std::io::Error),
@@ -127,6 +131,7 @@ pub fn serve(
     if workers == 0 || workers > crate::tag::MAX_WORKERS {
         return Err(RuntimeError::TooManyWorkers(workers));
     }
+    let support = support::check()?;
     let signals = SignalSet::block_termination().map_err(RuntimeError::Signals)?;
     let ring = splice.as_mut().and_then(SpliceProgram::take_pressure_ring);
     let mut services = Services::new(config, splice.map(Arc::new));
@@ -168,6 +173,7 @@ pub fn serve(
             listeners,
             Arc::clone(&shutdown),
             inbox,
+            support,
         )
         .map_err(|source| RuntimeError::Worker { index, source })?;
         worker.panic_after_accepts = options.panic_after_accepts;

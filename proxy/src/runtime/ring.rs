@@ -91,24 +91,26 @@ pub struct Ring {
 }
 
 impl Ring {
-    /// A new ring, to be used by one thread only: completions are processed when that thread
-    /// waits for them (`DEFER_TASKRUN`) rather than by interrupting it as they happen. It is
-    /// created disabled, so that the worker thread that [`Ring::start`]s it becomes its one
-    /// submitter. Kernels without those flags (before 6.1) get a plain ring.
-    pub fn new() -> io::Result<Ring> {
-        let deferred = IoUring::builder()
+    /// A new ring, to be used by one thread only. With `deferred` (see
+    /// [`super::support::check`]) completions are processed when that thread waits for them
+    /// (`DEFER_TASKRUN`) rather than by interrupting it as they happen, and the ring is created
+    /// disabled, so that the worker thread that [`Ring::start`]s it becomes its one submitter.
+    pub fn new(deferred: bool) -> io::Result<Ring> {
+        if !deferred {
+            return Ok(Ring {
+                ring: IoUring::new(RING_ENTRIES)?,
+                disabled: false,
+            });
+        }
+        let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
             .setup_r_disabled()
-            .build(RING_ENTRIES);
-        let (ring, disabled) = match deferred {
-            Ok(ring) => (ring, true),
-            Err(error) => {
-                tracing::info!(%error, "io_uring without DEFER_TASKRUN (kernel before 6.1?)");
-                (IoUring::new(RING_ENTRIES)?, false)
-            }
-        };
-        Ok(Ring { ring, disabled })
+            .build(RING_ENTRIES)?;
+        Ok(Ring {
+            ring,
+            disabled: true,
+        })
     }
 
     /// Enables the ring from the thread that will use it (its only submitter from now on).

@@ -18,6 +18,7 @@ use socket2::SockRef;
 use super::ring::{Op, Ring};
 use super::splice;
 use super::stream::ClientStream;
+use super::support::RingSupport;
 use super::table::{Entry, Intent, Payload, SideIo, Table};
 use crate::admission::Refusal;
 use crate::buffers::BufferPool;
@@ -133,8 +134,9 @@ impl Worker {
         listeners: Vec<Listener>,
         shutdown: Arc<AtomicBool>,
         inbox: Option<Inbox>,
+        support: RingSupport,
     ) -> Result<Worker, WorkerError> {
-        let ring = Ring::new().map_err(WorkerError::Ring)?;
+        let ring = Ring::new(support.deferred_task_run).map_err(WorkerError::Ring)?;
         let maps = services
             .splice
             .as_ref()
