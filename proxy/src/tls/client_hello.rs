@@ -76,6 +76,97 @@ fn parse(bytes: &[u8]) -> Option<SuitePreference> {
     Some(SuitePreference::Unknown)
 }
 
+/// The largest TLS record payload a peer may send (2^14 bytes, RFC 8446 §5.1).
+const MAX_RECORD: usize = 1 << 14;
+/// Extension type of the server name indication (RFC 6066 §3).
+const SERVER_NAME_EXTENSION: u16 = 0;
+/// `name_type` of a host name in the server name list.
+const HOST_NAME: u8 = 0;
+
+/// Whether the connection's first record is complete in `bytes`: the server name the
+/// ClientHello carries is read from it (see [`server_name`]). `true` also when waiting is
+/// pointless: not a handshake record, or one longer than TLS allows (rustls refuses those).
+pub fn first_record_complete(bytes: &[u8]) -> bool {
+    match (bytes.first(), bytes.get(3..5)) {
+        (Some(&content_type), _) if content_type != HANDSHAKE_RECORD => true,
+        (_, Some(&[high, low])) => {
+            let record_len = usize::from(u16::from_be_bytes([high, low]));
+            record_len > MAX_RECORD || bytes.len() >= 5 + record_len
+        }
+        _ => false,
+    }
+}
+
+/// The host name of the server name extension of a ClientHello that fits in the connection's
+/// first record (every client's does: a hello is far below 16 KB), as the client sent it.
+/// `None`: no such extension, a malformed or fragmented hello (rustls judges those).
+pub fn server_name(bytes: &[u8]) -> Option<&str> {
+    let record_len = usize::from(u16::from_be_bytes([*bytes.get(3)?, *bytes.get(4)?]));
+    let record = bytes.get(5..5 + record_len)?;
+    if bytes.first() != Some(&HANDSHAKE_RECORD) || record.first() != Some(&CLIENT_HELLO) {
+        return None;
+    }
+    let hello_len = usize::from(u16::from_be_bytes([*record.get(2)?, *record.get(3)?]))
+        + (usize::from(*record.get(1)?) << 16);
+    let mut body = Reader(record.get(4..4 + hello_len)?);
+    body.skip(VERSION_AND_RANDOM)?;
+    let session_id_len = usize::from(body.u8()?);
+    body.skip(session_id_len)?;
+    let suites_len = usize::from(body.u16()?);
+    body.skip(suites_len)?;
+    let compression_len = usize::from(body.u8()?);
+    body.skip(compression_len)?;
+    let extensions_len = usize::from(body.u16()?);
+    let mut extensions = Reader(body.take(extensions_len)?);
+    while !extensions.0.is_empty() {
+        let kind = extensions.u16()?;
+        let len = usize::from(extensions.u16()?);
+        let mut data = Reader(extensions.take(len)?);
+        if kind != SERVER_NAME_EXTENSION {
+            continue;
+        }
+        let list_len = usize::from(data.u16()?);
+        let mut list = Reader(data.take(list_len)?);
+        while !list.0.is_empty() {
+            let name_type = list.u8()?;
+            let name_len = usize::from(list.u16()?);
+            let name = list.take(name_len)?;
+            if name_type == HOST_NAME {
+                return std::str::from_utf8(name).ok();
+            }
+        }
+        return None;
+    }
+    None
+}
+
+/// Big-endian fields off the front of a byte slice; `None` past its end.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, len: usize) -> Option<&'a [u8]> {
+        if len > self.0.len() {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(len);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn skip(&mut self, len: usize) -> Option<()> {
+        self.take(len).map(|_| ())
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|bytes| bytes[0])
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2)
+            .map(|bytes| u16::from_be_bytes([bytes[0], bytes[1]]))
+    }
+}
+
 /// RFC 8701 values (0x0A0A, 0x1A1A, … 0xFAFA) that clients sprinkle to keep servers tolerant.
 fn is_grease(suite: u16) -> bool {
     suite & 0x0f0f == 0x0a0a && (suite >> 8) == (suite & 0xff)
@@ -164,5 +255,53 @@ mod tests {
         let mut long = vec![HANDSHAKE_RECORD, 3, 1, 0xff, 0xff, CLIENT_HELLO];
         long.resize(MAX_PEEK, 0xff);
         assert_eq!(suite_preference(&long), SuitePreference::Unknown);
+    }
+
+    /// A whole ClientHello record with these extensions after the suites.
+    fn hello_with_extensions(extensions: &[(u16, Vec<u8>)]) -> Vec<u8> {
+        let mut body = vec![3, 3];
+        body.extend([7u8; 32]);
+        body.extend([0, 0, 2, 0x13, 0x01, 1, 0]); // no session id, one suite, no compression
+        let mut all = Vec::new();
+        for (kind, data) in extensions {
+            all.extend(kind.to_be_bytes());
+            all.extend((data.len() as u16).to_be_bytes());
+            all.extend(data);
+        }
+        body.extend((all.len() as u16).to_be_bytes());
+        body.extend(all);
+        let mut message = vec![CLIENT_HELLO, 0];
+        message.extend((body.len() as u16).to_be_bytes());
+        message.extend(body);
+        let mut record = vec![HANDSHAKE_RECORD, 3, 1];
+        record.extend((message.len() as u16).to_be_bytes());
+        record.extend(message);
+        record
+    }
+
+    fn sni(name: &str) -> (u16, Vec<u8>) {
+        let mut data = ((name.len() + 3) as u16).to_be_bytes().to_vec();
+        data.push(HOST_NAME);
+        data.extend((name.len() as u16).to_be_bytes());
+        data.extend(name.as_bytes());
+        (SERVER_NAME_EXTENSION, data)
+    }
+
+    #[test]
+    fn the_server_name_is_read_from_a_whole_first_record() {
+        let record = hello_with_extensions(&[(10, vec![0, 2, 0, 29]), sni("chat.test")]);
+        assert_eq!(server_name(&record), Some("chat.test"));
+        assert!(first_record_complete(&record));
+        for len in 0..record.len() {
+            assert!(!first_record_complete(&record[..len]), "{len} bytes");
+            assert_eq!(server_name(&record[..len]), None, "{len} bytes");
+        }
+        assert_eq!(server_name(&hello_with_extensions(&[(10, vec![0])])), None);
+        // A lying length inside the extension list: no name, rustls judges the hello.
+        let mut lying = hello_with_extensions(&[sni("chat.test")]);
+        let last = lying.len() - 10;
+        lying[last] = 0xff;
+        assert_eq!(server_name(&lying), None);
+        assert!(first_record_complete(b"GET / HTTP/1.1\r\n"));
     }
 }
