@@ -78,37 +78,72 @@ fn parse(bytes: &[u8]) -> Option<SuitePreference> {
 
 /// The largest TLS record payload a peer may send (2^14 bytes, RFC 8446 §5.1).
 const MAX_RECORD: usize = 1 << 14;
+/// Bytes of a ClientHello split over records waited for before leaving it to rustls (a hello is
+/// a few hundred bytes to 2 KB; rustls takes up to 64 KB).
+const MAX_HELLO_WAIT: usize = 1 << 15;
 /// Extension type of the server name indication (RFC 6066 §3).
 const SERVER_NAME_EXTENSION: u16 = 0;
 /// `name_type` of a host name in the server name list.
 const HOST_NAME: u8 = 0;
 
-/// Whether the connection's first record is complete in `bytes`: the server name the
-/// ClientHello carries is read from it (see [`server_name`]). `true` also when waiting is
-/// pointless: not a handshake record, or one longer than TLS allows (rustls refuses those).
-pub fn first_record_complete(bytes: &[u8]) -> bool {
-    match (bytes.first(), bytes.get(3..5)) {
-        (Some(&content_type), _) if content_type != HANDSHAKE_RECORD => true,
-        (_, Some(&[high, low])) => {
-            let record_len = usize::from(u16::from_be_bytes([high, low]));
-            record_len > MAX_RECORD || bytes.len() >= 5 + record_len
+/// Where the ClientHello message in the connection's first bytes stands.
+enum Hello {
+    /// Its records so far end before it does.
+    Partial,
+    /// The whole message (handshake header and body), joined from its records.
+    Complete(Vec<u8>),
+    /// Not a ClientHello in handshake records: nothing to wait for.
+    Other,
+}
+
+/// Joins the payloads of the handshake records at the start of `bytes` until they hold the
+/// whole ClientHello.
+fn hello(bytes: &[u8]) -> Hello {
+    let mut message = Vec::new();
+    let mut rest = bytes;
+    loop {
+        let header: Option<[u8; 5]> = rest.get(..5).and_then(|h| h.try_into().ok());
+        let Some([content_type, _, _, high, low]) = header else {
+            return Hello::Partial;
+        };
+        let record_len = usize::from(u16::from_be_bytes([high, low]));
+        if content_type != HANDSHAKE_RECORD || record_len == 0 || record_len > MAX_RECORD {
+            return Hello::Other;
         }
-        _ => false,
+        let Some(payload) = rest.get(5..5 + record_len) else {
+            return Hello::Partial;
+        };
+        message.extend_from_slice(payload);
+        rest = rest.get(5 + record_len..).unwrap_or_default();
+        let Some(&[kind, a, b, c]) = message.get(..4) else {
+            continue;
+        };
+        if kind != CLIENT_HELLO {
+            return Hello::Other;
+        }
+        let hello_len = usize::from(a) << 16 | usize::from(u16::from_be_bytes([b, c]));
+        if message.len() >= 4 + hello_len {
+            message.truncate(4 + hello_len);
+            return Hello::Complete(message);
+        }
     }
 }
 
-/// The host name of the server name extension of a ClientHello that fits in the connection's
-/// first record (every client's does: a hello is far below 16 KB), as the client sent it.
-/// `None`: no such extension, a malformed or fragmented hello (rustls judges those).
-pub fn server_name(bytes: &[u8]) -> Option<&str> {
-    let record_len = usize::from(u16::from_be_bytes([*bytes.get(3)?, *bytes.get(4)?]));
-    let record = bytes.get(5..5 + record_len)?;
-    if bytes.first() != Some(&HANDSHAKE_RECORD) || record.first() != Some(&CLIENT_HELLO) {
+/// Whether the connection's first bytes hold the whole ClientHello, so the server name can be
+/// read from them (see [`server_name`]). `true` also when waiting is pointless: not a hello in
+/// handshake records, or one longer than any client sends (rustls judges those).
+pub fn hello_complete(bytes: &[u8]) -> bool {
+    !matches!(hello(bytes), Hello::Partial) || bytes.len() >= MAX_HELLO_WAIT
+}
+
+/// The host name of the server name extension of the ClientHello at the start of `bytes`, as
+/// the client sent it. `None`: no such extension, a malformed or unfinished hello (rustls judges
+/// those).
+pub fn server_name(bytes: &[u8]) -> Option<String> {
+    let Hello::Complete(message) = hello(bytes) else {
         return None;
-    }
-    let hello_len = usize::from(u16::from_be_bytes([*record.get(2)?, *record.get(3)?]))
-        + (usize::from(*record.get(1)?) << 16);
-    let mut body = Reader(record.get(4..4 + hello_len)?);
+    };
+    let mut body = Reader(message.get(4..)?);
     body.skip(VERSION_AND_RANDOM)?;
     let session_id_len = usize::from(body.u8()?);
     body.skip(session_id_len)?;
@@ -132,7 +167,7 @@ pub fn server_name(bytes: &[u8]) -> Option<&str> {
             let name_len = usize::from(list.u16()?);
             let name = list.take(name_len)?;
             if name_type == HOST_NAME {
-                return std::str::from_utf8(name).ok();
+                return std::str::from_utf8(name).ok().map(str::to_owned);
             }
         }
         return None;
@@ -288,20 +323,29 @@ mod tests {
     }
 
     #[test]
-    fn the_server_name_is_read_from_a_whole_first_record() {
+    fn the_server_name_is_read_from_the_whole_hello_in_one_record_or_many() {
         let record = hello_with_extensions(&[(10, vec![0, 2, 0, 29]), sni("chat.test")]);
-        assert_eq!(server_name(&record), Some("chat.test"));
-        assert!(first_record_complete(&record));
+        assert_eq!(server_name(&record).as_deref(), Some("chat.test"));
+        assert!(hello_complete(&record));
         for len in 0..record.len() {
-            assert!(!first_record_complete(&record[..len]), "{len} bytes");
+            assert!(!hello_complete(&record[..len]), "{len} bytes");
             assert_eq!(server_name(&record[..len]), None, "{len} bytes");
         }
+        // The same hello in records of 7 bytes each.
+        let message = &record[5..];
+        let mut split = Vec::new();
+        for piece in message.chunks(7) {
+            split.extend([HANDSHAKE_RECORD, 3, 1, 0, piece.len() as u8]);
+            split.extend(piece);
+        }
+        assert_eq!(server_name(&split).as_deref(), Some("chat.test"));
+        assert!(!hello_complete(&split[..split.len() - 1]));
         assert_eq!(server_name(&hello_with_extensions(&[(10, vec![0])])), None);
         // A lying length inside the extension list: no name, rustls judges the hello.
         let mut lying = hello_with_extensions(&[sni("chat.test")]);
         let last = lying.len() - 10;
         lying[last] = 0xff;
         assert_eq!(server_name(&lying), None);
-        assert!(first_record_complete(b"GET / HTTP/1.1\r\n"));
+        assert!(hello_complete(b"GET / HTTP/1.1\r\n"));
     }
 }

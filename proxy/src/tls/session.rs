@@ -13,7 +13,7 @@ use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
 use rustls::HandshakeKind;
 
-use super::client_hello::{first_record_complete, server_name, suite_preference, SuitePreference};
+use super::client_hello::{hello_complete, server_name, suite_preference, SuitePreference};
 use super::ServerConfigs;
 
 /// The TLS state of one client connection.
@@ -33,7 +33,7 @@ pub struct TlsSession {
     /// The handshake's completion has been reported by [`TlsSession::take_completed`].
     reported: bool,
     /// The host name of the client's server name indication, read from its ClientHello
-    /// (rustls' unbuffered connection does not expose the one it read).
+    /// (rustls' unbuffered connection does not tell the one it read).
     server_name: Option<Box<str>>,
     /// Ciphertext received and not processed yet: the start of a record (and, while a
     /// handshake message spans records, its records so far, as rustls asks).
@@ -208,7 +208,7 @@ impl TlsSession {
     }
 
     /// Reads the start of the ClientHello until the client's suite preference is known and
-    /// its first record is in, then starts rustls' connection with the configuration that
+    /// the whole hello is in, then starts rustls' connection with the configuration that
     /// suits it. False: the client closed before sending a byte.
     fn start(&mut self, source: &mut dyn Read, drained: &mut bool) -> io::Result<bool> {
         let Phase::Hello { configs, bytes } = &mut self.phase else {
@@ -220,8 +220,7 @@ impl TlsSession {
             first_len: &mut self.first_len,
         };
         while !self.eof
-            && (suite_preference(bytes) == SuitePreference::NeedMore
-                || !first_record_complete(bytes))
+            && (suite_preference(bytes) == SuitePreference::NeedMore || !hello_complete(bytes))
         {
             if *drained {
                 return Err(io::ErrorKind::WouldBlock.into());
@@ -239,9 +238,11 @@ impl TlsSession {
         }
         let config = Arc::clone(configs.for_client(suite_preference(bytes)));
         let conn = UnbufferedServerConnection::new(config).map_err(|e| invalid(e.into()))?;
-        self.server_name = server_name(bytes)
-            .and_then(|name| DnsName::try_from(name).ok())
-            .map(|name| name.to_lowercase_owned().as_ref().into());
+        // As rustls keeps it: a valid DNS name (not an IP address), in lower case.
+        self.server_name = server_name(bytes).and_then(|name| {
+            let name = DnsName::try_from(name.as_str()).ok()?;
+            Some(name.to_lowercase_owned().as_ref().into())
+        });
         let hello = std::mem::take(bytes);
         self.phase = Phase::Session(Box::new(conn));
         self.process_incoming(hello, Pending::Nothing)
@@ -1052,6 +1053,54 @@ mod tests {
         client_receives(&mut pair);
         assert!(pair.client.process_new_packets().unwrap().peer_has_closed());
         assert_eq!(pair.server.buffered_bytes(), 0);
+    }
+
+    #[test]
+    fn a_key_update_from_the_client_is_answered_and_traffic_goes_on() {
+        let mut pair = established();
+        pair.client.refresh_traffic_keys().unwrap();
+        let wire = client_sends(&mut pair, b"after the update");
+        pair.to_server.bytes.extend(wire);
+        assert_eq!(server_reads(&mut pair, 4096), b"after the update");
+        pair.server.write_plaintext(b"under new keys");
+        assert_eq!(client_receives(&mut pair), b"under new keys");
+        assert_eq!(pair.server.buffered_bytes(), 0);
+    }
+
+    #[test]
+    fn a_hello_in_many_small_records_still_completes() {
+        let mut pair = pair(&["localhost"], "localhost");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pair_certificate(&pair)).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.max_fragment_size = Some(64);
+        pair.client = rustls::ClientConnection::new(
+            Arc::new(config),
+            "localhost".to_owned().try_into().unwrap(),
+        )
+        .unwrap();
+        for _ in 0..4 {
+            pair.exchange().unwrap();
+        }
+        let negotiated = pair.server.take_completed().unwrap();
+        assert_eq!(negotiated.server_name.as_deref(), Some("localhost"));
+        let message = vec![9u8; 1000];
+        let wire = client_sends(&mut pair, &message);
+        pair.to_server.bytes.extend(wire);
+        assert_eq!(server_reads(&mut pair, 4096), message);
+        assert_eq!(pair.server.buffered_bytes(), 0);
+    }
+
+    /// The certificate the pair's server presents.
+    fn pair_certificate(pair: &Pair) -> rustls::pki_types::CertificateDer<'static> {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_file(pair._dir.0.join("cert.pem")).unwrap()
     }
 
     /// Accepts any server certificate (the TLS 1.2 test is about the records, not trust).
