@@ -1202,15 +1202,27 @@ mod tests {
                 std::mem::size_of::<UnbufferedServerConnection>(),
             );
         }
-        let aes = rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384;
-        let aead = aes.tls13().unwrap().aead_alg;
-        let before = heap_in_use();
-        let encrypter = aead.encrypter(AeadKey::from([7; 32]), Iv::new([1; 12]));
-        let decrypter = aead.decrypter(AeadKey::from([7; 32]), Iv::new([1; 12]));
-        println!(
-            "AES-GCM encrypter + decrypter (the record layer): {} B",
-            heap_in_use() - before
-        );
-        drop((encrypter, decrypter));
+        use rustls::crypto::{aws_lc_rs, ring};
+        for (name, suite) in [
+            (
+                "aws-lc-rs AES-GCM",
+                aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            ),
+            (
+                "aws-lc-rs ChaCha20",
+                aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+            ),
+            ("ring AES-GCM", ring::cipher_suite::TLS13_AES_256_GCM_SHA384),
+        ] {
+            let aead = suite.tls13().unwrap().aead_alg;
+            let before = heap_in_use();
+            let encrypter = aead.encrypter(AeadKey::from([7; 32]), Iv::new([1; 12]));
+            let decrypter = aead.decrypter(AeadKey::from([7; 32]), Iv::new([1; 12]));
+            println!(
+                "{name} encrypter + decrypter (the record layer): {} B",
+                heap_in_use() - before
+            );
+            drop((encrypter, decrypter));
+        }
     }
 }
