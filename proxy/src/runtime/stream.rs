@@ -61,7 +61,7 @@ impl ClientStream {
     }
 
     /// Plaintext is already decrypted and waiting (no readiness would announce it).
-    pub fn has_plaintext(&mut self) -> bool {
+    pub fn has_plaintext(&self) -> bool {
         match self {
             ClientStream::Tls(session) => session.has_plaintext(),
             ClientStream::Plain => false,

@@ -10,4 +10,4 @@ mod session;
 pub use certificates::{load_certified_key, CertificateError, SniResolver};
 pub use client_hello::{suite_preference, SuitePreference};
 pub use server_config::{server_configs, ServerConfigs, TlsSetupError};
-pub use session::{Negotiated, TlsSession};
+pub use session::{Negotiated, SessionError, TlsSession};

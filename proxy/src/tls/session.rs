@@ -1,12 +1,19 @@
 //! One client's TLS session, sans-IO: ciphertext comes from any `io::Read`, goes out through a
 //! byte slice; the worker does the socket I/O around it.
+//!
+//! rustls' unbuffered connection does the TLS; the session owns the buffers around it, and only
+//! while they hold bytes: the start of a record not yet complete, plaintext the caller had no
+//! room for yet, ciphertext not yet taken. An idle session holds none of them.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::sync::Arc;
 
-use rustls::{HandshakeKind, ServerConnection};
+use rustls::pki_types::DnsName;
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
+use rustls::HandshakeKind;
 
-use super::client_hello::{suite_preference, SuitePreference, MAX_PEEK};
+use super::client_hello::{hello_complete, server_name, suite_preference, SuitePreference};
 use super::ServerConfigs;
 
 /// The TLS state of one client connection.
@@ -14,6 +21,10 @@ pub struct TlsSession {
     phase: Phase,
     /// The socket reached end of stream.
     eof: bool,
+    /// The client sent `close_notify`: nothing after it is read.
+    peer_closed: bool,
+    /// rustls reported an error: the stream is broken.
+    failed: bool,
     /// `close_notify` has been queued.
     closing: bool,
     /// The first bytes the client sent, to recognise plain HTTP sent to a TLS port.
@@ -21,6 +32,18 @@ pub struct TlsSession {
     first_len: usize,
     /// The handshake's completion has been reported by [`TlsSession::take_completed`].
     reported: bool,
+    /// The host name of the client's server name indication, read from its ClientHello
+    /// (rustls' unbuffered connection does not tell the one it read).
+    server_name: Option<Box<str>>,
+    /// Ciphertext received and not processed yet: the start of a record (and, while a
+    /// handshake message spans records, its records so far, as rustls asks).
+    incoming: Vec<u8>,
+    /// Decrypted plaintext the caller has not taken yet, from `plaintext_at`.
+    plaintext: Vec<u8>,
+    plaintext_at: usize,
+    /// Ciphertext waiting to be sent, from `outgoing_at`.
+    outgoing: Vec<u8>,
+    outgoing_at: usize,
 }
 
 /// Before and after the client's cipher-suite preference is known.
@@ -32,7 +55,7 @@ enum Phase {
         bytes: Vec<u8>,
     },
     /// rustls has the connection.
-    Session(Box<ServerConnection>),
+    Session(Box<UnbufferedServerConnection>),
 }
 
 impl std::fmt::Debug for TlsSession {
@@ -58,9 +81,43 @@ pub struct Negotiated {
     pub resumed: bool,
 }
 
+/// Why a TLS session cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The TLS protocol failed: a bad record, a failed handshake, an alert from the client.
+    #[error(transparent)]
+    Tls(#[from] rustls::Error),
+    /// The traffic keys may encrypt no more records.
+    #[error("TLS traffic keys exhausted")]
+    KeysExhausted,
+    /// The client sent early data, which this server never accepts.
+    #[error("unexpected TLS early data")]
+    EarlyData,
+    /// rustls gave a handshake record to send and then refused to encode it.
+    #[error("TLS handshake data could not be encoded")]
+    Encode,
+    /// The session failed before: nothing more is read from it.
+    #[error("the TLS session failed earlier")]
+    Broken,
+}
+
 /// Ciphertext read from the socket per call while the ClientHello starts: room for a whole
 /// typical hello (post-quantum key shares included), so rustls gets it in one piece.
 const HELLO_READ: usize = 2048;
+
+/// The largest plaintext of one record: encryption goes 16 KB per record.
+const MAX_FRAGMENT: usize = 1 << 14;
+
+/// Per-record room for what encryption adds (header, nonce, content type, tag: 29 bytes at most
+/// with rustls' suites), rounded up. Too little only costs a second try.
+const RECORD_OVERHEAD: usize = 64;
+
+/// What to encrypt once rustls lets traffic flow.
+enum Pending<'a> {
+    Nothing,
+    Plaintext(&'a [u8]),
+    CloseNotify,
+}
 
 impl TlsSession {
     /// A new server-side session of a listener with these configurations (one is chosen when
@@ -72,23 +129,24 @@ impl TlsSession {
                 bytes: Vec::new(),
             },
             eof: false,
+            peer_closed: false,
+            failed: false,
             closing: false,
             first: [0; 8],
             first_len: 0,
             reported: false,
+            server_name: None,
+            incoming: Vec::new(),
+            plaintext: Vec::new(),
+            plaintext_at: 0,
+            outgoing: Vec::new(),
+            outgoing_at: 0,
         }
     }
 
     /// rustls' connection, once the ClientHello chose the configuration.
-    fn conn(&self) -> Option<&ServerConnection> {
+    fn conn(&self) -> Option<&UnbufferedServerConnection> {
         match &self.phase {
-            Phase::Session(conn) => Some(conn),
-            Phase::Hello { .. } => None,
-        }
-    }
-
-    fn conn_mut(&mut self) -> Option<&mut ServerConnection> {
-        match &mut self.phase {
             Phase::Session(conn) => Some(conn),
             Phase::Hello { .. } => None,
         }
@@ -99,52 +157,232 @@ impl TlsSession {
         self.conn().is_none_or(|conn| conn.is_handshaking())
     }
 
-    /// Reads plaintext into `buffer`, pulling ciphertext from `source` as needed.
+    /// Reads plaintext into `buffer`, pulling ciphertext from `source` as needed (into
+    /// `buffer`, where it is decrypted).
     ///
     /// `Ok(0)`: the client closed (with or without `close_notify`). `WouldBlock`: `source` has
-    /// nothing more now. `InvalidData`: a TLS error; an alert may be waiting in
-    /// [`take_ciphertext`](Self::take_ciphertext), then the connection must close.
+    /// nothing more now; a read from it that returned less than asked for counts as that (it
+    /// took everything queued: another would only hear `WouldBlock`). `InvalidData`: a TLS
+    /// error; an alert may be waiting in [`take_ciphertext`](Self::take_ciphertext), then the
+    /// connection must close.
     pub fn read_plaintext(
         &mut self,
         source: &mut dyn Read,
         buffer: &mut [u8],
     ) -> io::Result<usize> {
+        if buffer.is_empty() {
+            return Ok(0);
+        }
+        let mut drained = false;
+        if !self.start(source, &mut drained)? {
+            return Ok(0);
+        }
+        loop {
+            // Plaintext already decrypted is handed out before more ciphertext is read: what
+            // the session holds is bounded by one read.
+            if self.plaintext_at < self.plaintext.len() {
+                return Ok(self.deliver(buffer));
+            }
+            if self.failed {
+                return Err(invalid(SessionError::Broken));
+            }
+            if self.eof || self.peer_closed {
+                return Ok(0);
+            }
+            if drained {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = Recording {
+                source: &mut *source,
+                first: &mut self.first,
+                first_len: &mut self.first_len,
+            }
+            .read(buffer)?;
+            if n == 0 {
+                self.eof = true;
+                continue;
+            }
+            drained = n < buffer.len();
+            self.receive(&mut buffer[..n]).map_err(invalid)?;
+        }
+    }
+
+    /// Reads the start of the ClientHello until the client's suite preference is known and
+    /// the whole hello is in, then starts rustls' connection with the configuration that
+    /// suits it. False: the client closed before sending a byte.
+    fn start(&mut self, source: &mut dyn Read, drained: &mut bool) -> io::Result<bool> {
+        let Phase::Hello { configs, bytes } = &mut self.phase else {
+            return Ok(true);
+        };
         let mut recorded = Recording {
             source,
             first: &mut self.first,
             first_len: &mut self.first_len,
         };
-        let conn = loop {
-            let (configs, bytes) = match &mut self.phase {
-                Phase::Session(conn) => break conn,
-                Phase::Hello { configs, bytes } => (configs, bytes),
-            };
-            let mut conn = match start(configs, bytes, &mut recorded, &mut self.eof) {
-                Ok(conn) => conn,
-                Err(Started::Waiting(error)) => return Err(error),
-                Err(Started::Closed) => return Ok(0),
-            };
-            let fed = feed(&mut conn, bytes);
-            // In place before a failure is reported: the alert rustls queued goes out.
-            self.phase = Phase::Session(conn);
-            fed?;
-        };
-        loop {
-            // Plaintext already decrypted is handed out before more ciphertext is read, so
-            // rustls' received-plaintext buffer never overflows.
-            match conn.reader().read(buffer) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
-                Err(e) => return Err(e),
+        while !self.eof
+            && (suite_preference(bytes) == SuitePreference::NeedMore || !hello_complete(bytes))
+        {
+            if *drained {
+                return Err(io::ErrorKind::WouldBlock.into());
             }
-            if self.eof {
-                return Ok(0);
-            }
-            if conn.read_tls(&mut recorded)? == 0 {
+            let mut chunk = [0u8; HELLO_READ];
+            let n = recorded.read(&mut chunk)?;
+            if n == 0 {
                 self.eof = true;
             }
-            conn.process_new_packets().map_err(invalid)?;
+            bytes.extend_from_slice(&chunk[..n]);
+            *drained = n < chunk.len();
+        }
+        if bytes.is_empty() {
+            return Ok(false);
+        }
+        let config = Arc::clone(configs.for_client(suite_preference(bytes)));
+        let conn = UnbufferedServerConnection::new(config).map_err(|e| invalid(e.into()))?;
+        // As rustls keeps it: a valid DNS name (not an IP address), in lower case.
+        self.server_name = server_name(bytes).and_then(|name| {
+            let name = DnsName::try_from(name.as_str()).ok()?;
+            Some(name.to_lowercase_owned().as_ref().into())
+        });
+        let hello = std::mem::take(bytes);
+        self.phase = Phase::Session(Box::new(conn));
+        self.process_incoming(hello, Pending::Nothing)
+            .map_err(invalid)?;
+        Ok(true)
+    }
+
+    /// Copies waiting plaintext into `buffer`; releases it once all is taken.
+    fn deliver(&mut self, buffer: &mut [u8]) -> usize {
+        let waiting = self.plaintext.get(self.plaintext_at..).unwrap_or_default();
+        let n = waiting.len().min(buffer.len());
+        buffer[..n].copy_from_slice(&waiting[..n]);
+        self.plaintext_at += n;
+        if self.plaintext_at >= self.plaintext.len() {
+            self.plaintext = Vec::new();
+            self.plaintext_at = 0;
+        }
+        n
+    }
+
+    /// Processes ciphertext just received (it follows what `incoming` holds).
+    fn receive(&mut self, ciphertext: &mut [u8]) -> Result<(), SessionError> {
+        if !self.incoming.is_empty() {
+            let mut incoming = std::mem::take(&mut self.incoming);
+            incoming.extend_from_slice(ciphertext);
+            return self.process_incoming(incoming, Pending::Nothing);
+        }
+        // The usual case: whole records, processed where they are.
+        let (used, result) = self.process(ciphertext, Pending::Nothing);
+        if !self.failed && !self.peer_closed {
+            self.incoming = ciphertext.get(used..).unwrap_or_default().to_vec();
+        }
+        result
+    }
+
+    /// Runs rustls over `incoming` (the session's unprocessed ciphertext, taken out of it) and
+    /// keeps what is left of it: nothing, usually, and then no capacity either.
+    fn process_incoming(
+        &mut self,
+        mut incoming: Vec<u8>,
+        pending: Pending<'_>,
+    ) -> Result<(), SessionError> {
+        let (used, result) = self.process(&mut incoming, pending);
+        incoming.drain(..used.min(incoming.len()));
+        if incoming.is_empty() || self.failed || self.peer_closed {
+            incoming = Vec::new();
+        } else {
+            incoming.shrink_to_fit();
+        }
+        self.incoming = incoming;
+        result
+    }
+
+    /// Runs rustls' state machine over `incoming` until it needs more bytes from the client:
+    /// what rustls sends (handshake flights, tickets, alerts) and `pending` (once traffic may
+    /// flow) go to `outgoing`, decrypted records to `plaintext`. Returns how many bytes at the
+    /// front of `incoming` rustls is done with.
+    fn process(
+        &mut self,
+        incoming: &mut [u8],
+        mut pending: Pending<'_>,
+    ) -> (usize, Result<(), SessionError>) {
+        let Phase::Session(conn) = &mut self.phase else {
+            return (0, Ok(()));
+        };
+        let mut used = 0;
+        loop {
+            let status = conn.process_tls_records(incoming.get_mut(used..).unwrap_or_default());
+            let mut discard = status.discard;
+            let step = match status.state {
+                Err(error) => Err(SessionError::Tls(error)),
+                Ok(ConnectionState::EncodeTlsData(mut data)) => {
+                    append(&mut self.outgoing, 0, |out| match data.encode(out) {
+                        Ok(n) => Ok(n),
+                        Err(EncodeError::InsufficientSize(size)) => Err(Some(size)),
+                        Err(EncodeError::AlreadyEncoded) => Err(None),
+                    })
+                    .map_err(|()| SessionError::Encode)
+                    .map(|()| false)
+                }
+                // What was encoded waits in `outgoing`, in order, until the worker sends it.
+                Ok(ConnectionState::TransmitTlsData(transmit)) => {
+                    transmit.done();
+                    Ok(false)
+                }
+                Ok(ConnectionState::ReadTraffic(mut traffic)) => {
+                    let mut step = Ok(false);
+                    while let Some(record) = traffic.next_record() {
+                        match record {
+                            Ok(record) => {
+                                discard += record.discard;
+                                self.plaintext.extend_from_slice(record.payload);
+                            }
+                            Err(error) => {
+                                step = Err(error.into());
+                                break;
+                            }
+                        }
+                    }
+                    step
+                }
+                Ok(ConnectionState::PeerClosed) => {
+                    self.peer_closed = true;
+                    Ok(false)
+                }
+                Ok(ConnectionState::WriteTraffic(mut traffic)) => {
+                    match std::mem::replace(&mut pending, Pending::Nothing) {
+                        Pending::Nothing => Ok(true),
+                        Pending::Plaintext(bytes) => {
+                            let records = bytes.len().div_ceil(MAX_FRAGMENT);
+                            let estimate = bytes.len() + records * RECORD_OVERHEAD;
+                            encrypt(&mut self.outgoing, estimate, |out| {
+                                traffic.encrypt(bytes, out)
+                            })
+                            .map(|()| true)
+                        }
+                        Pending::CloseNotify => {
+                            encrypt(&mut self.outgoing, RECORD_OVERHEAD, |out| {
+                                traffic.queue_close_notify(out)
+                            })
+                            .map(|()| true)
+                        }
+                    }
+                }
+                Ok(ConnectionState::BlockedHandshake | ConnectionState::Closed) => Ok(true),
+                Ok(ConnectionState::ReadEarlyData(_)) => Err(SessionError::EarlyData),
+                // States a later rustls may add: wait for more bytes.
+                Ok(_) => Ok(true),
+            };
+            used += discard;
+            match step {
+                Ok(false) => {}
+                Ok(true) => return (used, Ok(())),
+                Err(error) => {
+                    self.failed = true;
+                    let rest = incoming.get_mut(used..).unwrap_or_default();
+                    queue_alert(conn, rest, &mut self.outgoing);
+                    return (used, Err(error));
+                }
+            }
         }
     }
 
@@ -167,33 +405,36 @@ impl TlsSession {
     }
 
     /// Whether decrypted plaintext is waiting to be read (so the socket need not be polled).
-    pub fn has_plaintext(&mut self) -> bool {
-        self.conn_mut().is_some_and(|conn| {
-            conn.process_new_packets()
-                .is_ok_and(|state| state.plaintext_bytes_to_read() > 0)
-        })
+    pub fn has_plaintext(&self) -> bool {
+        self.plaintext_at < self.plaintext.len()
     }
 
-    /// Queues plaintext to be encrypted.
+    /// Encrypts plaintext; the ciphertext waits for [`take_ciphertext`](Self::take_ciphertext).
     pub fn write_plaintext(&mut self, bytes: &[u8]) {
-        // Unlimited buffer (see `start`): `write` takes everything, so `write_all` cannot
-        // fail. Nothing is written before the handshake is done.
-        let Some(conn) = self.conn_mut() else {
-            tracing::error!("plaintext written before the TLS handshake");
+        // Nothing is written before the handshake is done (the Upgrade's answer comes after
+        // the client's request, which comes after the handshake).
+        if self.is_handshaking() || self.failed {
+            tracing::error!("plaintext written to a TLS session not ready for it");
             return;
-        };
-        if let Err(error) = conn.writer().write_all(bytes) {
-            tracing::error!(%error, "rustls refused plaintext");
+        }
+        let incoming = std::mem::take(&mut self.incoming);
+        if let Err(error) = self.process_incoming(incoming, Pending::Plaintext(bytes)) {
+            tracing::error!(%error, "TLS refused plaintext");
         }
     }
 
     /// Queues `close_notify` (once): the client learns the stream ended, not that it was cut.
     pub fn close_notify(&mut self) {
-        if !self.closing {
-            self.closing = true;
-            if let Some(conn) = self.conn_mut() {
-                conn.send_close_notify();
-            }
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        if self.is_handshaking() || self.failed {
+            return;
+        }
+        let incoming = std::mem::take(&mut self.incoming);
+        if let Err(error) = self.process_incoming(incoming, Pending::CloseNotify) {
+            tracing::debug!(%error, "close_notify not sent");
         }
     }
 
@@ -204,39 +445,28 @@ impl TlsSession {
 
     /// Whether ciphertext (handshake, records, alerts) is waiting to be sent.
     pub fn wants_write(&self) -> bool {
-        self.conn().is_some_and(|conn| conn.wants_write())
+        self.outgoing_at < self.outgoing.len()
     }
 
     /// Moves waiting ciphertext into `out`; returns how many bytes were written. What does not
     /// fit stays queued (see [`wants_write`](Self::wants_write)).
     pub fn take_ciphertext(&mut self, out: &mut [u8]) -> usize {
-        let Some(conn) = self.conn_mut() else {
-            return 0;
-        };
-        let mut written = 0;
-        while written < out.len() && conn.wants_write() {
-            let mut rest = &mut out[written..];
-            match conn.write_tls(&mut rest) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => written += n,
-            }
+        let waiting = self.outgoing.get(self.outgoing_at..).unwrap_or_default();
+        let n = waiting.len().min(out.len());
+        out[..n].copy_from_slice(&waiting[..n]);
+        self.outgoing_at += n;
+        if self.outgoing_at >= self.outgoing.len() {
+            self.outgoing = Vec::new();
+            self.outgoing_at = 0;
         }
-        written
+        n
     }
 
     /// All queued ciphertext, however large (handshake flights, alerts).
     pub fn take_all_ciphertext(&mut self) -> Vec<u8> {
-        let mut out = Vec::new();
-        let Some(conn) = self.conn_mut() else {
-            return out;
-        };
-        while conn.wants_write() {
-            match conn.write_tls(&mut out) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-        out
+        let mut all = std::mem::take(&mut self.outgoing);
+        all.drain(..std::mem::take(&mut self.outgoing_at).min(all.len()));
+        all
     }
 
     /// What the handshake negotiated, once it is done.
@@ -251,61 +481,86 @@ impl TlsSession {
                 .and_then(|s| s.suite().as_str())
                 .unwrap_or_default()
                 .to_owned(),
-            server_name: conn.server_name().map(str::to_owned),
+            server_name: self.server_name.as_deref().map(str::to_owned),
             resumed: conn.handshake_kind() == Some(HandshakeKind::Resumed),
         })
     }
+
+    /// Bytes of buffer capacity the session holds besides rustls' own state (0 when idle).
+    #[cfg(test)]
+    pub(crate) fn buffered_bytes(&self) -> usize {
+        let hello = match &self.phase {
+            Phase::Hello { bytes, .. } => bytes.capacity(),
+            Phase::Session(_) => 0,
+        };
+        hello + self.incoming.capacity() + self.plaintext.capacity() + self.outgoing.capacity()
+    }
 }
 
-/// Why the session's connection could not be started yet.
-enum Started {
-    /// The socket has no more bytes now (or failed): the error to return.
-    Waiting(io::Error),
-    /// The client closed before sending a byte.
-    Closed,
-}
-
-/// Reads the start of the ClientHello into `bytes` until the client's suite preference is
-/// known, then starts rustls' connection with the configuration that suits it.
-fn start(
-    configs: &ServerConfigs,
-    bytes: &mut Vec<u8>,
-    source: &mut dyn Read,
-    eof: &mut bool,
-) -> Result<Box<ServerConnection>, Started> {
-    let mut preference = suite_preference(bytes);
-    while preference == SuitePreference::NeedMore && !*eof {
-        let mut chunk = [0u8; HELLO_READ];
-        match source.read(&mut chunk) {
-            Ok(0) => *eof = true,
-            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
-            Err(error) => return Err(Started::Waiting(error)),
+/// After an error: moves the alert rustls queued for the client into `outgoing`. `incoming` is
+/// what is left of the ciphertext the error came from (rustls keeps positions in it).
+fn queue_alert(conn: &mut UnbufferedServerConnection, incoming: &mut [u8], outgoing: &mut Vec<u8>) {
+    loop {
+        match conn.process_tls_records(incoming).state {
+            Ok(ConnectionState::EncodeTlsData(mut data)) => {
+                let encoded = append(outgoing, 0, |out| match data.encode(out) {
+                    Ok(n) => Ok(n),
+                    Err(EncodeError::InsufficientSize(size)) => Err(Some(size)),
+                    Err(EncodeError::AlreadyEncoded) => Err(None),
+                });
+                if encoded.is_err() {
+                    return;
+                }
+            }
+            Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
+            _ => return,
         }
-        preference = suite_preference(bytes);
     }
-    if bytes.is_empty() {
-        return Err(Started::Closed);
-    }
-    debug_assert!(bytes.len() >= MAX_PEEK || preference != SuitePreference::NeedMore || *eof);
-    let config = Arc::clone(configs.for_client(preference));
-    let mut conn = ServerConnection::new(config).map_err(|e| Started::Waiting(invalid(e)))?;
-    // The relay bounds memory itself: it encrypts one relay buffer at a time and sends it
-    // before reading more, so rustls may take a whole chunk at once.
-    conn.set_buffer_limit(None);
-    Ok(Box::new(conn))
 }
 
-/// Hands the ClientHello bytes read by [`start`] to rustls.
-fn feed(conn: &mut ServerConnection, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        conn.read_tls(&mut bytes)?;
-        conn.process_new_packets().map_err(invalid)?;
-    }
-    Ok(())
+/// Encrypts into `outgoing` with [`append`].
+fn encrypt(
+    outgoing: &mut Vec<u8>,
+    estimate: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
+) -> Result<(), SessionError> {
+    append(outgoing, estimate, |out| match write(out) {
+        Ok(n) => Ok(n),
+        Err(EncryptError::InsufficientSize(size)) => Err(Some(size)),
+        Err(EncryptError::EncryptExhausted) => Err(None),
+    })
+    .map_err(|()| SessionError::KeysExhausted)
 }
 
-/// A TLS error as the `InvalidData` the worker treats as a broken stream.
-fn invalid(error: rustls::Error) -> io::Error {
+/// Appends to `out` what `write` puts into a slice: into `estimate` bytes of room first, then,
+/// if that was too little, into the size it asked for. `write` fails with the size it needs, or
+/// `None` when it cannot write at all.
+fn append(
+    out: &mut Vec<u8>,
+    estimate: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, Option<InsufficientSizeError>>,
+) -> Result<(), ()> {
+    let start = out.len();
+    out.resize(start + estimate, 0);
+    let mut written = write(out.get_mut(start..).unwrap_or_default());
+    if let Err(Some(size)) = written {
+        out.resize(start + size.required_size, 0);
+        written = write(out.get_mut(start..).unwrap_or_default());
+    }
+    match written {
+        Ok(n) => {
+            out.truncate(start + n);
+            Ok(())
+        }
+        Err(_) => {
+            out.truncate(start);
+            Err(())
+        }
+    }
+}
+
+/// An error as the `InvalidData` the worker treats as a broken stream.
+fn invalid(error: SessionError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, error)
 }
 
@@ -332,6 +587,7 @@ mod tests {
     use super::*;
     use crate::config::{CryptoProvider, TlsConfig, TlsFiles, TlsVersion};
     use std::collections::VecDeque;
+    use std::io::Write;
 
     /// An in-memory socket end that reports `WouldBlock` when empty (unless closed).
     #[derive(Default)]
@@ -594,5 +850,379 @@ mod tests {
             pair.exchange().unwrap();
         }
         assert!(!pair.server.is_handshaking());
+    }
+
+    /// A finished handshake (the pair's ciphertext exchanged until both are done).
+    fn established() -> Pair {
+        let mut pair = pair(&["localhost"], "localhost");
+        for _ in 0..4 {
+            pair.exchange().unwrap();
+        }
+        assert!(!pair.server.is_handshaking());
+        pair
+    }
+
+    /// What the client receives from the server's queued ciphertext.
+    fn client_receives(pair: &mut Pair) -> Vec<u8> {
+        let wire = pair.server.take_all_ciphertext();
+        let mut wire = wire.as_slice();
+        let mut received = Vec::new();
+        while !wire.is_empty() {
+            pair.client.read_tls(&mut wire).unwrap();
+            pair.client.process_new_packets().unwrap();
+            let mut buf = vec![0; 1 << 17];
+            while let Ok(got) = pair.client.reader().read(&mut buf) {
+                if got == 0 {
+                    break;
+                }
+                received.extend_from_slice(&buf[..got]);
+            }
+        }
+        received
+    }
+
+    /// The client's ciphertext for `message`.
+    fn client_sends(pair: &mut Pair, message: &[u8]) -> Vec<u8> {
+        pair.client.set_buffer_limit(None);
+        pair.client.writer().write_all(message).unwrap();
+        let mut wire = Vec::new();
+        while pair.client.wants_write() {
+            pair.client.write_tls(&mut wire).unwrap();
+        }
+        wire
+    }
+
+    /// Reads what the server decrypts until the pipe is empty, `buffer_len` bytes at a time.
+    fn server_reads(pair: &mut Pair, buffer_len: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buffer = vec![0; buffer_len];
+        loop {
+            match pair.server.read_plaintext(&mut pair.to_server, &mut buffer) {
+                Ok(0) => panic!("unexpected end of stream"),
+                Ok(n) => got.extend_from_slice(&buffer[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if pair.to_server.bytes.is_empty() && !pair.server.has_plaintext() {
+                        return got;
+                    }
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_idle_session_holds_no_buffers() {
+        let mut pair = established();
+        assert_eq!(pair.server.buffered_bytes(), 0, "after the handshake");
+        let wire = client_sends(&mut pair, b"hello");
+        pair.to_server.bytes.extend(wire);
+        assert_eq!(server_reads(&mut pair, 4096), b"hello");
+        pair.server.write_plaintext(b"hello back");
+        assert!(
+            pair.server.buffered_bytes() > 0,
+            "the reply waits to be sent"
+        );
+        assert_eq!(client_receives(&mut pair), b"hello back");
+        assert_eq!(pair.server.buffered_bytes(), 0, "after a message each way");
+    }
+
+    #[test]
+    fn records_split_at_every_byte_arrive_whole() {
+        let mut pair = established();
+        let message: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+        let first = client_sends(&mut pair, &message);
+        let second = client_sends(&mut pair, b"second record");
+        let mut wire = first;
+        wire.extend(second);
+        for cut in 1..wire.len() {
+            let mut pair = established();
+            let mut copy = client_sends(&mut pair, &message);
+            copy.extend(client_sends(&mut pair, b"second record"));
+            pair.to_server.bytes.extend(&copy[..cut]);
+            let mut got = server_reads(&mut pair, 1 << 16);
+            pair.to_server.bytes.extend(&copy[cut..]);
+            got.extend(server_reads(&mut pair, 1 << 16));
+            let mut expected = message.clone();
+            expected.extend_from_slice(b"second record");
+            assert_eq!(got, expected, "cut after {cut} bytes");
+            assert_eq!(pair.server.buffered_bytes(), 0, "cut after {cut} bytes");
+        }
+    }
+
+    #[test]
+    fn a_record_larger_than_the_callers_buffer_is_delivered_whole_across_calls() {
+        let mut pair = established();
+        let message: Vec<u8> = (0..16_384u32).map(|i| (i * 7) as u8).collect();
+        let wire = client_sends(&mut pair, &message);
+        pair.to_server.bytes.extend(wire);
+        let mut buffer = [0u8; 1000];
+        let n = pair
+            .server
+            .read_plaintext(&mut pair.to_server, &mut buffer)
+            .unwrap();
+        assert_eq!(&buffer[..n], &message[..n]);
+        assert!(pair.server.has_plaintext(), "the rest waits, decrypted");
+        let mut got = buffer[..n].to_vec();
+        got.extend(server_reads(&mut pair, 1000));
+        assert_eq!(got, message);
+        assert_eq!(pair.server.buffered_bytes(), 0);
+    }
+
+    #[test]
+    fn messages_of_every_size_cross_record_boundaries_both_ways() {
+        let mut pair = established();
+        for size in [0, 1, 16_383, 16_384, 16_385, 100_000, 1 << 20] {
+            let message: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let wire = client_sends(&mut pair, &message);
+            pair.to_server.bytes.extend(wire);
+            for buffer_len in [4096, 65_536] {
+                if buffer_len == 65_536 {
+                    let wire = client_sends(&mut pair, &message);
+                    pair.to_server.bytes.extend(wire);
+                }
+                let got = server_reads(&mut pair, buffer_len);
+                assert!(
+                    got == message,
+                    "{size} bytes to the server, {buffer_len} at a time"
+                );
+            }
+            pair.server.write_plaintext(&message);
+            assert!(
+                client_receives(&mut pair) == message,
+                "{size} bytes to the client"
+            );
+            assert_eq!(pair.server.buffered_bytes(), 0, "{size} bytes");
+        }
+    }
+
+    #[test]
+    fn a_short_read_means_the_socket_is_drained() {
+        /// Counts reads; hands out what it has, then `WouldBlock`.
+        struct Counting(Pipe, usize);
+        impl Read for Counting {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                self.1 += 1;
+                self.0.read(buf)
+            }
+        }
+        let mut pair = established();
+        let wire = client_sends(&mut pair, b"ping");
+        let mut socket = Counting(Pipe::default(), 0);
+        socket.0.bytes.extend(wire);
+        let mut buffer = [0u8; 4096];
+        let n = pair
+            .server
+            .read_plaintext(&mut socket, &mut buffer)
+            .unwrap();
+        assert_eq!(&buffer[..n], b"ping");
+        let error = pair
+            .server
+            .read_plaintext(&mut socket, &mut buffer)
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(socket.1, 2, "one read per call: none only to hear EAGAIN");
+    }
+
+    #[test]
+    fn tls_1_2_clients_get_their_session_too() {
+        let mut pair = pair(&["localhost"], "localhost");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate))
+            .with_no_client_auth();
+        pair.client = rustls::ClientConnection::new(
+            Arc::new(config),
+            "localhost".to_owned().try_into().unwrap(),
+        )
+        .unwrap();
+        for _ in 0..4 {
+            pair.exchange().unwrap();
+        }
+        let negotiated = pair.server.take_completed().unwrap();
+        assert_eq!(negotiated.version, "TLSv1_2");
+        assert_eq!(negotiated.server_name.as_deref(), Some("localhost"));
+        let wire = client_sends(&mut pair, b"over TLS 1.2");
+        pair.to_server.bytes.extend(wire);
+        assert_eq!(server_reads(&mut pair, 4096), b"over TLS 1.2");
+        pair.server.write_plaintext(b"and back");
+        assert_eq!(client_receives(&mut pair), b"and back");
+        pair.server.close_notify();
+        client_receives(&mut pair);
+        assert!(pair.client.process_new_packets().unwrap().peer_has_closed());
+        assert_eq!(pair.server.buffered_bytes(), 0);
+    }
+
+    #[test]
+    fn a_key_update_from_the_client_is_answered_and_traffic_goes_on() {
+        let mut pair = established();
+        pair.client.refresh_traffic_keys().unwrap();
+        let wire = client_sends(&mut pair, b"after the update");
+        pair.to_server.bytes.extend(wire);
+        assert_eq!(server_reads(&mut pair, 4096), b"after the update");
+        pair.server.write_plaintext(b"under new keys");
+        assert_eq!(client_receives(&mut pair), b"under new keys");
+        assert_eq!(pair.server.buffered_bytes(), 0);
+    }
+
+    #[test]
+    fn a_hello_in_many_small_records_still_completes() {
+        let mut pair = pair(&["localhost"], "localhost");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pair_certificate(&pair)).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.max_fragment_size = Some(64);
+        pair.client = rustls::ClientConnection::new(
+            Arc::new(config),
+            "localhost".to_owned().try_into().unwrap(),
+        )
+        .unwrap();
+        for _ in 0..4 {
+            pair.exchange().unwrap();
+        }
+        let negotiated = pair.server.take_completed().unwrap();
+        assert_eq!(negotiated.server_name.as_deref(), Some("localhost"));
+        let message = vec![9u8; 1000];
+        let wire = client_sends(&mut pair, &message);
+        pair.to_server.bytes.extend(wire);
+        assert_eq!(server_reads(&mut pair, 4096), message);
+        assert_eq!(pair.server.buffered_bytes(), 0);
+    }
+
+    /// The certificate the pair's server presents.
+    fn pair_certificate(pair: &Pair) -> rustls::pki_types::CertificateDer<'static> {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_file(pair._dir.0.join("cert.pem")).unwrap()
+    }
+
+    /// Accepts any server certificate (the TLS 1.2 test is about the records, not trust).
+    #[derive(Debug)]
+    struct AnyCertificate;
+
+    impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::aws_lc_rs::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    /// Heap bytes in use in the whole process, as glibc counts them (chunk headers and
+    /// rounding included: what the pages hold). aws-lc allocates with `malloc` directly, so a
+    /// Rust allocator would not see its contexts.
+    fn heap_in_use() -> usize {
+        // SAFETY: mallinfo2 only reads the allocator's counters.
+        unsafe { libc::mallinfo2() }.uordblks
+    }
+
+    /// The memory an idle established session holds, part by part. Run alone, with glibc's
+    /// per-thread cache off (its chunks would still count as in use when freed):
+    /// `GLIBC_TUNABLES=glibc.malloc.tcache_count=0 cargo test --release -p wsplice --lib
+    /// idle_session_memory -- --ignored --nocapture --test-threads=1`.
+    #[test]
+    #[ignore = "measurement: needs a single test thread"]
+    fn idle_session_memory() {
+        use rustls::crypto::cipher::{AeadKey, Iv};
+        let cases: [(&str, rustls::crypto::CryptoProvider); 2] = [
+            ("TLS 1.3", rustls::crypto::aws_lc_rs::default_provider()),
+            ("TLS 1.2", {
+                let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+                provider.cipher_suites.retain(|s| s.tls13().is_none());
+                provider
+            }),
+        ];
+        for (name, provider) in cases {
+            let mut pair = pair_with(&["localhost"], "localhost", provider);
+            for _ in 0..4 {
+                pair.exchange().unwrap();
+            }
+            let wire = client_sends(&mut pair, b"hello");
+            pair.to_server.bytes.extend(wire);
+            assert_eq!(server_reads(&mut pair, 4096), b"hello");
+            pair.server.write_plaintext(b"hello back");
+            assert_eq!(client_receives(&mut pair), b"hello back");
+            assert_eq!(pair.server.buffered_bytes(), 0);
+            let suite = pair.server.negotiated().unwrap().suite;
+            let server = pair.server;
+            let before = heap_in_use();
+            drop(server);
+            let connection = before - heap_in_use();
+            println!(
+                "{name} {suite}: TlsSession {} B (boxed), its heap {} B (the rustls \
+                 connection's box: {} B)",
+                std::mem::size_of::<TlsSession>(),
+                connection,
+                std::mem::size_of::<UnbufferedServerConnection>(),
+            );
+        }
+        use rustls::crypto::{aws_lc_rs, ring};
+        for (name, suite) in [
+            (
+                "aws-lc-rs AES-GCM",
+                aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            ),
+            (
+                "aws-lc-rs ChaCha20",
+                aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+            ),
+            ("ring AES-GCM", ring::cipher_suite::TLS13_AES_256_GCM_SHA384),
+        ] {
+            let aead = suite.tls13().unwrap().aead_alg;
+            let before = heap_in_use();
+            let encrypter = aead.encrypter(AeadKey::from([7; 32]), Iv::new([1; 12]));
+            let decrypter = aead.decrypter(AeadKey::from([7; 32]), Iv::new([1; 12]));
+            println!(
+                "{name} encrypter + decrypter (the record layer): {} B",
+                heap_in_use() - before
+            );
+            drop((encrypter, decrypter));
+        }
     }
 }
