@@ -194,3 +194,71 @@ impl Drop for Mapping {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use io_uring::{cqueue, opcode, squeue, types, IoUring};
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    /// Submits a buffer-select receive on `fd` and waits for its completion.
+    fn receive(ring: &mut IoUring, fd: i32, len: u32) -> (i32, u32) {
+        let entry = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), len)
+            .buf_group(RELAY_GROUP)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(7);
+        // SAFETY: the entry carries no pointer of ours (the kernel picks a provided buffer).
+        unsafe { ring.submission().push(&entry).unwrap() };
+        ring.submit_and_wait(1).unwrap();
+        let cqe = ring.completion().next().unwrap();
+        (cqe.result(), cqe.flags())
+    }
+
+    #[test]
+    fn the_kernel_fills_provided_buffers_and_runs_out_until_one_is_recycled() {
+        let mut ring = IoUring::new(8).unwrap();
+        let mut provided = ProvidedBuffers::register(&ring.submitter(), 2, 16).unwrap();
+        assert_eq!(provided.size(), 16);
+        let (mut writer, reader) = UnixStream::pair().unwrap();
+        let fd = reader.as_raw_fd();
+
+        writer.write_all(b"first chunk").unwrap();
+        let (n, flags) = receive(&mut ring, fd, 16);
+        let first = provided
+            .filled(cqueue::buffer_select(flags).unwrap(), n as usize)
+            .unwrap();
+        assert_eq!(first.bytes(), b"first chunk");
+
+        // A receive takes at most the buffer's size; the rest stays queued.
+        writer.write_all(b"0123456789abcdefXYZ").unwrap();
+        let (n, flags) = receive(&mut ring, fd, 16);
+        let second = provided
+            .filled(cqueue::buffer_select(flags).unwrap(), n as usize)
+            .unwrap();
+        assert_eq!(second.bytes(), b"0123456789abcdef");
+        assert_ne!(first.bid, second.bid);
+
+        // Both buffers are out: the next receive finds none.
+        let (n, _) = receive(&mut ring, fd, 16);
+        assert_eq!(n, -libc::ENOBUFS);
+
+        provided.recycle(first);
+        let (n, flags) = receive(&mut ring, fd, 16);
+        let third = provided
+            .filled(cqueue::buffer_select(flags).unwrap(), n as usize)
+            .unwrap();
+        assert_eq!(third.bytes(), b"XYZ");
+        provided.recycle(second);
+        provided.recycle(third);
+    }
+
+    #[test]
+    fn counts_that_are_not_powers_of_two_are_refused() {
+        let ring = IoUring::new(8).unwrap();
+        let error = ProvidedBuffers::register(&ring.submitter(), 3, 16).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+    }
+}
