@@ -10,7 +10,7 @@ use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
 use super::ring::{ConnectArgs, Op};
 use super::splice;
-use super::table::{Intent, Outgoing, SideIo};
+use super::table::{Intent, Outgoing, Payload, SideIo};
 use super::worker::Worker;
 use crate::clock::monotonic_ns;
 use crate::connection::{Action, Actions, ConnectFailure, Side};
@@ -94,12 +94,6 @@ impl Worker {
             }
             Action::Send(side, bytes) => self.send_to(slot, side, Outgoing::owned(bytes)),
             Action::Forward { from, budget } => self.forward(slot, from, budget, actions),
-            Action::AwaitReadable(side) if self.reads_provided(slot, side) => {
-                // A provided-buffer receive waits in the kernel itself: ask for it at once.
-                if let Some(entry) = self.table.get(slot) {
-                    entry.conn.on_readable(side, &services, actions);
-                }
-            }
             Action::AwaitReadable(side) => {
                 let buffered = side == Side::Client
                     && self
@@ -279,14 +273,18 @@ impl Worker {
         entry.side(side).owes_sent = true;
         if side == Side::Client && entry.stream.is_tls() {
             entry.stream.encrypt(out.remaining());
-            self.release(out.data);
+            if let Payload::Pooled(buffer) = out.data {
+                self.buffers.give(buffer);
+            }
             self.flush_client(slot);
             return;
         }
         if let Err(refused) = entry.side(side).begin_send(out) {
             // The connection sends to a side only when its previous send completed.
             tracing::error!(?side, "a second send on a side while one is in flight");
-            self.release(refused.data);
+            if let Payload::Pooled(buffer) = refused.data {
+                self.buffers.give(buffer);
+            }
             return;
         }
         self.submit_send(slot, side);

@@ -3,7 +3,6 @@
 //! Everything here is I/O; what to do with a connection is decided by `connection`.
 
 mod execute;
-mod provided;
 mod reads;
 mod relay;
 mod ring;

@@ -13,7 +13,6 @@ use std::os::fd::RawFd;
 use io_uring::{opcode, squeue, types, IoUring};
 use socket2::SockAddr;
 
-use super::provided::{ProvidedBuffers, RELAY_GROUP};
 use crate::tag::Tag;
 
 /// Submission queue size of each worker's ring.
@@ -47,10 +46,6 @@ pub enum Op {
     Cancel = 16,
     /// A receive from the upstream into a buffer the side owns until it completes.
     RecvUpstream = 17,
-    /// A relay receive from the client into a provided buffer.
-    RelayClient = 18,
-    /// A relay receive from the upstream into a provided buffer.
-    RelayUpstream = 19,
 }
 
 impl Op {
@@ -69,8 +64,6 @@ impl Op {
             15 => Op::ConnectTimeout,
             16 => Op::Cancel,
             17 => Op::RecvUpstream,
-            18 => Op::RelayClient,
-            19 => Op::RelayUpstream,
             _ => return None,
         })
     }
@@ -92,12 +85,9 @@ pub struct ConnectArgs {
 
 /// One worker's io_uring.
 pub struct Ring {
-    /// Declared first so that it drops (closes) before the provided buffers are unmapped.
     ring: IoUring,
     /// Created disabled: [`Ring::start`] enables it.
     disabled: bool,
-    /// The relay buffers the kernel picks from (see [`Ring::provide_buffers`]).
-    provided: Option<ProvidedBuffers>,
 }
 
 impl Ring {
@@ -110,7 +100,6 @@ impl Ring {
             return Ok(Ring {
                 ring: IoUring::new(RING_ENTRIES)?,
                 disabled: false,
-                provided: None,
             });
         }
         let ring = IoUring::builder()
@@ -121,7 +110,6 @@ impl Ring {
         Ok(Ring {
             ring,
             disabled: true,
-            provided: None,
         })
     }
 
@@ -131,20 +119,6 @@ impl Ring {
             self.ring.submitter().register_enable_rings()?;
         }
         Ok(())
-    }
-
-    /// Registers `count` relay buffers of `size` bytes for [`Ring::recv_provided`] (from the
-    /// worker's thread, once the ring is started). Without them (an error is returned) relay
-    /// reads go through readiness polls.
-    pub fn provide_buffers(&mut self, count: u16, size: usize) -> io::Result<()> {
-        let provided = ProvidedBuffers::register(&self.ring.submitter(), count, size)?;
-        self.provided = Some(provided);
-        Ok(())
-    }
-
-    /// The provided relay buffers, if registered.
-    pub fn provided(&mut self) -> Option<&mut ProvidedBuffers> {
-        self.provided.as_mut()
     }
 
     /// Submits what is queued and waits for at least one completion.
@@ -224,17 +198,6 @@ impl Ring {
     pub fn recv(&mut self, fd: RawFd, buffer: *mut u8, len: u32, user_data: u64) {
         let entry = opcode::Recv::new(types::Fd(fd), buffer, len)
             .build()
-            .user_data(user_data);
-        self.push(entry);
-    }
-
-    /// A receive of at most `len` bytes into a provided buffer the kernel picks when bytes
-    /// arrive (none is held while it waits); the completion's flags name the buffer.
-    pub fn recv_provided(&mut self, fd: RawFd, len: u32, user_data: u64) {
-        let entry = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), len)
-            .buf_group(RELAY_GROUP)
-            .build()
-            .flags(squeue::Flags::BUFFER_SELECT)
             .user_data(user_data);
         self.push(entry);
     }

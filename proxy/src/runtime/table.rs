@@ -3,7 +3,6 @@
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use super::provided::FilledBuffer;
 use super::ring::ConnectArgs;
 use super::splice::SplicedSockets;
 use super::stream::ClientStream;
@@ -16,8 +15,6 @@ pub enum Payload {
     Owned(Vec<u8>),
     /// A relay buffer from the worker's pool.
     Pooled(Box<[u8]>),
-    /// A provided buffer the kernel filled (recycled into the worker's ring once sent).
-    Provided(FilledBuffer),
 }
 
 /// A send in flight: its bytes and how far the kernel has taken them.
@@ -51,22 +48,11 @@ impl Outgoing {
         }
     }
 
-    /// Sends what a relay receive put into a provided buffer.
-    pub fn provided(buffer: FilledBuffer) -> Outgoing {
-        let len = buffer.len;
-        Outgoing {
-            data: Payload::Provided(buffer),
-            pos: 0,
-            len,
-        }
-    }
-
     /// What is left to send.
     pub fn remaining(&self) -> &[u8] {
         let bytes: &[u8] = match &self.data {
             Payload::Owned(v) => v,
             Payload::Pooled(b) => b,
-            Payload::Provided(b) => b.bytes(),
         };
         &bytes[self.pos..self.len]
     }
@@ -119,8 +105,6 @@ pub struct SideIo {
     pub owes_sent: bool,
     /// A receive in flight (upstream only): it owns its buffer until its completion arrives.
     pub receiving: Option<Box<[u8]>>,
-    /// The budget of a relay receive into a provided buffer in flight (0: none).
-    pub relaying: u32,
 }
 
 impl SideIo {

@@ -42,9 +42,6 @@ const WHEEL_SLOTS: usize = 8192;
 const SCRATCH: usize = 64 * 1024;
 /// Free relay buffers a worker keeps for reuse.
 const KEEP_BUFFERS: usize = 256;
-/// Provided relay buffers per worker (a power of two): as many chunks in flight at once as the
-/// pool keeps; their pages become resident as they are first used.
-const PROVIDED_BUFFERS: u16 = 256;
 /// How often idle upstream connections are checked (expired, or closed by their server).
 const SWEEP_NS: u64 = 1_000_000_000;
 
@@ -185,12 +182,6 @@ impl Worker {
     /// Runs until shutdown has been requested and every connection is gone.
     pub fn run(mut self) -> Result<(), WorkerError> {
         self.ring.start().map_err(WorkerError::Ring)?;
-        if let Err(error) = self
-            .ring
-            .provide_buffers(PROVIDED_BUFFERS, self.services.relay_buffer)
-        {
-            tracing::warn!(worker = self.index, %error, "no provided relay buffers: relay reads wait for readiness first");
-        }
         for index in 0..self.listeners.len() {
             self.arm_accept(index);
         }
@@ -514,17 +505,14 @@ impl Worker {
             Op::Accept => self.on_accept(tag.slot as usize, result, flags),
             Op::CancelAccept => {}
             Op::Wake => self.on_inbox(flags),
-            _ => self.complete_for_conn(tag, op, result, flags),
+            _ => self.complete_for_conn(tag, op, result),
         }
     }
 
-    fn complete_for_conn(&mut self, tag: Tag, op: Op, result: i32, flags: u32) {
+    fn complete_for_conn(&mut self, tag: Tag, op: Op, result: i32) {
         let slot = tag.slot;
         let Some(entry) = self.table.get(slot) else {
             tracing::error!(?tag, "completion for a free connection slot");
-            if let Some(buffer) = self.filled_buffer(result, flags) {
-                self.release(Payload::Provided(buffer));
-            }
             return;
         };
         if !tag.is_for(entry.conn.id()) {
@@ -545,18 +533,12 @@ impl Worker {
                 Op::SendUpstream => self.on_send(slot, Side::Upstream, result),
                 Op::Connect => self.on_connect(slot, result),
                 Op::RecvUpstream => self.on_recv_upstream(slot, result),
-                Op::RelayClient => self.on_relay_recv(slot, Side::Client, result, flags),
-                Op::RelayUpstream => self.on_relay_recv(slot, Side::Upstream, result, flags),
                 _ => {}
             }
         } else if matches!(op, Op::SendClient | Op::SendUpstream) {
             self.release_send(slot, op);
         } else if op == Op::RecvUpstream {
             self.release_recv(slot);
-        } else if matches!(op, Op::RelayClient | Op::RelayUpstream) {
-            if let Some(buffer) = self.filled_buffer(result, flags) {
-                self.release(Payload::Provided(buffer));
-            }
         }
         let done = self
             .table
@@ -616,20 +598,8 @@ impl Worker {
             .get(slot)
             .and_then(|entry| entry.side(side).end_send())
         {
-            self.release(out.data);
-        }
-    }
-
-    /// Bytes that were sent (or will not be): a relay buffer goes back to the pool, a provided
-    /// buffer back to the ring.
-    pub(super) fn release(&mut self, payload: Payload) {
-        match payload {
-            Payload::Owned(_) => {}
-            Payload::Pooled(buffer) => self.buffers.give(buffer),
-            Payload::Provided(buffer) => {
-                if let Some(provided) = self.ring.provided() {
-                    provided.recycle(buffer);
-                }
+            if let Payload::Pooled(buffer) = out.data {
+                self.buffers.give(buffer);
             }
         }
     }
@@ -809,7 +779,9 @@ impl Worker {
         }
         for side in [&mut entry.client, &mut entry.upstream] {
             if let Some(out) = side.end_send() {
-                self.release(out.data);
+                if let Payload::Pooled(buffer) = out.data {
+                    self.buffers.give(buffer);
+                }
             }
         }
         self.services
