@@ -586,6 +586,19 @@ const WSS_STORMS: [(&str, &str, &str); 2] = [
     ),
 ];
 
+/// The proxy's own CPU per tunnel in each storm (the load generator, one thread on the same
+/// two cores, caps the tunnels per second of every target alike).
+const WSS_STORM_CPU: [(&str, &str); 2] = [
+    (
+        "wss_storm_full_cpu",
+        "wss storm, full handshakes: proxy process CPU-µs per tunnel",
+    ),
+    (
+        "wss_storm_resumed_cpu",
+        "wss storm, resumed sessions: proxy process CPU-µs per tunnel",
+    ),
+];
+
 /// Handshakes in flight while the wss hold connects: the load generator's TLS work overlaps the
 /// proxy's (8,000 tunnels in about 5 s instead of 7; the proxy's RSS per tunnel is the same).
 const WSS_HOLD_CONNECT_PARALLEL: &str = "4";
@@ -613,6 +626,9 @@ fn wss(
             for (_, key, label) in WSS_STORMS {
                 results.note(key, label, index, why);
             }
+            for (key, label) in WSS_STORM_CPU {
+                results.note(key, label, index, why);
+            }
             results.note(resumed_key, resumed_label, index, why);
             results.note("wss_bulk1", bulk_label, index, why);
             results.note(hold_key, &hold_label, index, why);
@@ -630,14 +646,20 @@ fn wss(
     };
     let seconds = scale.seconds.to_string();
     let f = |json: &serde_json::Value, key: &str| json[key].as_f64().unwrap_or(0.0);
-    for (mode, key, label) in WSS_STORMS {
+    for ((mode, key, label), (cpu_key, cpu_label)) in WSS_STORMS.into_iter().zip(WSS_STORM_CPU) {
+        let cpu_before = load::process_cpu_seconds(&running.pids);
         let json = load::run_json(
             &env.load,
             "storm",
             &tls,
             &["--conns", "64", "--seconds", &seconds, "--resumption", mode],
         )?;
+        let cpu = load::process_cpu_seconds(&running.pids) - cpu_before;
         results.add(key, label, index, f(&json, "per_second"));
+        let tunnels = f(&json, "tunnels");
+        if tunnels > 0.0 {
+            results.add(cpu_key, cpu_label, index, cpu / tunnels * 1e6);
+        }
         let (handshakes, resumed) = (f(&json, "tls_handshakes"), f(&json, "tls_resumed"));
         if mode == "resumed" && handshakes > 0.0 {
             results.add(

@@ -159,7 +159,7 @@ const RATIOS: [(&str, usize, usize); 4] = [
 ];
 
 /// The order of the table's rows.
-const ROW_ORDER: [&str; 25] = [
+const ROW_ORDER: [&str; 27] = [
     "bulk1",
     "bulk16",
     "storm",
@@ -177,6 +177,8 @@ const ROW_ORDER: [&str; 25] = [
     "wss_storm_full",
     "wss_storm_resumed",
     "wss_storm_resumed_share",
+    "wss_storm_full_cpu",
+    "wss_storm_resumed_cpu",
     "wss_bulk1",
     "wss_hold_rss",
     "http_rps",
@@ -234,7 +236,9 @@ fn markdown(header: &Header, results: &Results) -> String {
              full-handshake rates). Servers keep their defaults (session tickets on: nginx, \
              HAProxy: OpenSSL; wsplice: `session_tickets`), except that nginx is told \
              `ssl_protocols TLSv1.2 TLSv1.3` (Debian's 1.22 offers TLS 1.2 at most, where a \
-             resumption skips the key exchange); a note names any handshake that was not TLS 1.3. Idle wss tunnels are opened \
+             resumption skips the key exchange); a note names any handshake that was not TLS 1.3. The load generator is one thread on the same \
+             two cores and caps every target's tunnels per second alike; the proxy process CPU \
+             rows give each proxy's own cost per tunnel. Idle wss tunnels are opened \
              with full handshakes, 4 at a time, in the first round only.\n\n",
         );
     }
