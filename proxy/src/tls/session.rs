@@ -499,22 +499,18 @@ impl TlsSession {
 
 /// After an error: moves the alert rustls queued for the client into `outgoing`. `incoming` is
 /// what is left of the ciphertext the error came from (rustls keeps positions in it).
+///
+/// One call only: rustls hands out what it queued (the alert, one record) before it reads
+/// input again, and reading the input that failed again would fail again and queue a second
+/// fatal alert (a debug assertion in rustls; found by the `tls_session` fuzz target).
 fn queue_alert(conn: &mut UnbufferedServerConnection, incoming: &mut [u8], outgoing: &mut Vec<u8>) {
-    loop {
-        match conn.process_tls_records(incoming).state {
-            Ok(ConnectionState::EncodeTlsData(mut data)) => {
-                let encoded = append(outgoing, 0, |out| match data.encode(out) {
-                    Ok(n) => Ok(n),
-                    Err(EncodeError::InsufficientSize(size)) => Err(Some(size)),
-                    Err(EncodeError::AlreadyEncoded) => Err(None),
-                });
-                if encoded.is_err() {
-                    return;
-                }
-            }
-            Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
-            _ => return,
-        }
+    if let Ok(ConnectionState::EncodeTlsData(mut data)) = conn.process_tls_records(incoming).state {
+        // An alert that cannot be encoded is not sent: the connection closes anyway.
+        let _ = append(outgoing, 0, |out| match data.encode(out) {
+            Ok(n) => Ok(n),
+            Err(EncodeError::InsufficientSize(size)) => Err(Some(size)),
+            Err(EncodeError::AlreadyEncoded) => Err(None),
+        });
     }
 }
 
@@ -761,6 +757,46 @@ mod tests {
             b"",
             "close_notify reads as end of stream"
         );
+    }
+
+    #[test]
+    fn a_corrupted_record_gets_one_alert_and_the_session_stays_broken() {
+        let mut pair = pair(&["localhost"], "localhost");
+        for _ in 0..4 {
+            pair.exchange().unwrap();
+        }
+        assert!(!pair.server.is_handshaking());
+        pair.client.writer().write_all(b"hello").unwrap();
+        let mut wire = Vec::new();
+        while pair.client.wants_write() {
+            pair.client.write_tls(&mut wire).unwrap();
+        }
+        let last = wire.len() - 1;
+        wire[last] ^= 0x5a; // the record's tag no longer matches
+        pair.to_server.bytes.extend(wire);
+        let mut plain = [0u8; 64];
+        let error = pair
+            .server
+            .read_plaintext(&mut pair.to_server, &mut plain)
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        let alert = pair.server.take_all_ciphertext();
+        assert_eq!(
+            alert.first(),
+            Some(&0x17),
+            "one encrypted record: the alert"
+        );
+        assert_eq!(
+            alert.len(),
+            5 + usize::from(u16::from_be_bytes([alert[3], alert[4]]))
+        );
+        // The worker may call it again (a late readiness): still broken, no second alert.
+        let again = pair
+            .server
+            .read_plaintext(&mut pair.to_server, &mut plain)
+            .unwrap_err();
+        assert_eq!(again.kind(), io::ErrorKind::InvalidData);
+        assert!(pair.server.take_all_ciphertext().is_empty());
     }
 
     #[test]
