@@ -43,6 +43,10 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// `workers = N`: worker threads (default: one per CPU).
     pub workers: Option<usize>,
+    /// `pin_workers = true`: worker `i` runs on CPU `i` only (default: the scheduler places
+    /// them). Pays on a host whose cores serve the proxy alone; where other processes share
+    /// the cores, a pinned worker waits for its core while another sits idle.
+    pub pin_workers: bool,
     /// `trusted_proxies = ["10.0.0.0/8"]`: peers whose forwarding headers (`X-Forwarded-For`,
     /// `Forwarded`, `X-Forwarded-Host`, `X-Forwarded-Port`) are passed on; from anyone else
     /// they are replaced (default: nobody).
@@ -352,6 +356,8 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     workers: Option<Spanned<usize>>,
+    #[serde(default)]
+    pin_workers: bool,
     user: Option<Spanned<RawAccount>>,
     group: Option<Spanned<RawAccount>>,
     #[serde(default)]
@@ -543,6 +549,7 @@ impl RawConfig {
                 .map(|admin| parse_addr(&admin.bind).map(|bind| AdminConfig { bind }))
                 .transpose()?,
             workers,
+            pin_workers: self.pin_workers,
             trusted_proxies,
             run_as,
         })

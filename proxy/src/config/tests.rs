@@ -241,6 +241,15 @@ fn load_names_the_file() {
 }
 
 #[test]
+fn workers_run_where_the_scheduler_puts_them_unless_pinned() {
+    assert!(!Config::parse(MINIMAL).unwrap().pin_workers);
+    let pinned = Config::parse(&format!("pin_workers = true\n{MINIMAL}")).unwrap();
+    assert!(pinned.pin_workers);
+    let e = error(&format!("pin_workers = 2\n{MINIMAL}"));
+    assert_eq!(e.line, 1, "{e}");
+}
+
+#[test]
 fn workers_beyond_what_a_socket_tag_can_name_are_refused() {
     assert_eq!(
         Config::parse(&format!("workers = 256\n{MINIMAL}"))

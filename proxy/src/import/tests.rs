@@ -87,6 +87,7 @@ fn config_of(
         splicing: Splicing::default(),
         admin: None,
         workers: None,
+        pin_workers: false,
         trusted_proxies: Vec::new(),
         run_as: None,
     }

@@ -191,6 +191,7 @@ pub fn serve(
             .map_err(RuntimeError::Spawn)?;
     }
     let mut handles = Vec::with_capacity(workers);
+    let pin_workers = config.pin_workers;
     for (index, worker) in ready.into_iter().enumerate() {
         running.fetch_add(1, Ordering::SeqCst);
         let running = Running(Arc::clone(&running));
@@ -198,7 +199,9 @@ pub fn serve(
             .name(format!("wsplice-w{index}"))
             .spawn(move || {
                 let _running = running;
-                sys::pin_to_cpu(index);
+                if pin_workers {
+                    sys::pin_to_cpu(index);
+                }
                 worker.run()
             })
             .map_err(RuntimeError::Spawn)?;
