@@ -50,7 +50,7 @@ fn setup() -> &'static (Arc<ServerConfigs>, Arc<rustls::ClientConfig>) {
         };
         let server = server_configs(&config).expect("the fuzz certificate loads");
         let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pemfile_certs(CERT) {
+        for cert in pem_certificates(CERT) {
             roots
                 .add(cert)
                 .expect("the fuzz certificate is a trust anchor");
@@ -66,7 +66,7 @@ fn setup() -> &'static (Arc<ServerConfigs>, Arc<rustls::ClientConfig>) {
 }
 
 /// The certificates of a PEM file.
-fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+fn pem_certificates(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
     use rustls::pki_types::pem::PemObject as _;
     rustls::pki_types::CertificateDer::pem_slice_iter(pem)
         .map(|cert| cert.expect("a PEM certificate"))

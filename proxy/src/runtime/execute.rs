@@ -33,13 +33,7 @@ impl Worker {
             // needs so that it holds no buffer while it waits.
             Action::Read(Side::Upstream) => self.recv_upstream(slot),
             Action::Read(side) => {
-                let buffered = side == Side::Client
-                    && self
-                        .table
-                        .get(slot)
-                        .is_some_and(|entry| entry.stream.has_plaintext());
-                if buffered {
-                    // TLS: the rest may already be decrypted; no poll would announce it.
+                if self.plaintext_waiting(slot, side) {
                     self.read_side_into(slot, side, actions);
                 } else {
                     self.arm_poll(slot, side, Intent::Read);
@@ -95,13 +89,7 @@ impl Worker {
             Action::Send(side, bytes) => self.send_to(slot, side, Outgoing::owned(bytes)),
             Action::Forward { from, budget } => self.forward(slot, from, budget, actions),
             Action::AwaitReadable(side) => {
-                let buffered = side == Side::Client
-                    && self
-                        .table
-                        .get(slot)
-                        .is_some_and(|entry| entry.stream.has_plaintext());
-                if buffered {
-                    // TLS: the rest may already be decrypted; no poll would announce it.
+                if self.plaintext_waiting(slot, side) {
                     if let Some(entry) = self.table.get(slot) {
                         entry.conn.on_readable(side, &services, actions);
                     }
@@ -212,6 +200,16 @@ impl Worker {
         let entry = self.table.get(slot)?;
         entry.inflight += 1;
         Some(entry.conn.id())
+    }
+
+    /// TLS: the client's session already decrypted bytes that were not read yet; no
+    /// readiness would announce them, so the read goes ahead without a poll.
+    fn plaintext_waiting(&mut self, slot: u32, side: Side) -> bool {
+        side == Side::Client
+            && self
+                .table
+                .get(slot)
+                .is_some_and(|entry| entry.stream.has_plaintext())
     }
 
     pub(super) fn arm_poll(&mut self, slot: u32, side: Side, intent: Intent) {
