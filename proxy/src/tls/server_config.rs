@@ -63,6 +63,8 @@ pub struct ServerConfigs {
     /// The client's own order: for clients without AES hardware (they list ChaCha20 first),
     /// and for servers without it.
     client_order: Arc<ServerConfig>,
+    /// Whose crypto the configurations use (and TLS 1.3 records after the handshake).
+    provider: config::CryptoProvider,
 }
 
 impl ServerConfigs {
@@ -74,6 +76,11 @@ impl ServerConfigs {
                 &self.client_order
             }
         }
+    }
+
+    /// Whose crypto protects records after the handshake: the listener's provider.
+    pub fn provider(&self) -> config::CryptoProvider {
+        self.provider
     }
 }
 
@@ -91,6 +98,7 @@ pub fn server_configs(config: &TlsConfig) -> Result<Arc<ServerConfigs>, TlsSetup
         return Ok(Arc::new(ServerConfigs {
             aes_first: Arc::clone(&only),
             client_order: only,
+            provider: config.provider,
         }));
     }
     let mut aes_first = server_config(config, aes_128_first(provider), resolver)?;
@@ -100,6 +108,7 @@ pub fn server_configs(config: &TlsConfig) -> Result<Arc<ServerConfigs>, TlsSetup
     Ok(Arc::new(ServerConfigs {
         aes_first: Arc::new(aes_first),
         client_order: Arc::new(base),
+        provider: config.provider,
     }))
 }
 
@@ -156,6 +165,8 @@ fn server_config(
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     server.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    // A TLS 1.3 session takes its traffic keys over once the handshake is done (`Traffic`).
+    server.enable_secret_extraction = true;
     server.session_storage = if config.session_cache > 0 {
         ServerSessionMemoryCache::new(config.session_cache)
     } else {

@@ -1,9 +1,11 @@
 //! One client's TLS session, sans-IO: ciphertext comes from any `io::Read`, goes out through a
 //! byte slice; the worker does the socket I/O around it.
 //!
-//! rustls' unbuffered connection does the TLS; the session owns the buffers around it, and only
-//! while they hold bytes: the start of a record not yet complete, plaintext the caller had no
-//! room for yet, ciphertext not yet taken. An idle session holds none of them.
+//! rustls' unbuffered connection does the handshake (and the whole of a TLS 1.2 session). A
+//! TLS 1.3 session then protects its own records ([`Traffic`]): rustls keeps only what a key
+//! update needs. The session owns buffers only while they hold bytes: the start of a record not
+//! yet complete, plaintext the caller had no room for yet, ciphertext not yet taken; and AEAD
+//! contexts only while it is busy. An idle session holds none of them.
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -11,14 +13,19 @@ use std::sync::Arc;
 use rustls::pki_types::DnsName;
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
-use rustls::HandshakeKind;
+use rustls::{HandshakeKind, ProtocolVersion};
 
 use super::client_hello::{hello_complete, server_name, suite_preference, SuitePreference};
+use super::record::{protects, record_len};
+use super::traffic::{Opened, Traffic, TrafficError};
 use super::ServerConfigs;
+use crate::config::CryptoProvider;
 
 /// The TLS state of one client connection.
 pub struct TlsSession {
     phase: Phase,
+    /// Whose crypto protects records once [`Traffic`] does (the listener's provider).
+    provider: CryptoProvider,
     /// The socket reached end of stream.
     eof: bool,
     /// The client sent `close_notify`: nothing after it is read.
@@ -54,8 +61,12 @@ enum Phase {
         configs: Arc<ServerConfigs>,
         bytes: Vec<u8>,
     },
-    /// rustls has the connection.
-    Session(Box<UnbufferedServerConnection>),
+    /// rustls has the connection: during the handshake, and for all of a TLS 1.2 session.
+    Rustls(Box<UnbufferedServerConnection>),
+    /// A TLS 1.3 session after its handshake: records are protected by the session.
+    Traffic(Box<Traffic>),
+    /// rustls' connection could not be handed over to [`Traffic`]: the session failed.
+    Lost,
 }
 
 impl std::fmt::Debug for TlsSession {
@@ -93,6 +104,9 @@ pub enum SessionError {
     /// The client sent early data, which this server never accepts.
     #[error("unexpected TLS early data")]
     EarlyData,
+    /// A record after the handshake (TLS 1.3) was refused.
+    #[error(transparent)]
+    Traffic(#[from] TrafficError),
     /// rustls gave a handshake record to send and then refused to encode it.
     #[error("TLS handshake data could not be encoded")]
     Encode,
@@ -128,6 +142,7 @@ impl TlsSession {
                 configs: Arc::clone(configs),
                 bytes: Vec::new(),
             },
+            provider: configs.provider(),
             eof: false,
             peer_closed: false,
             failed: false,
@@ -144,17 +159,13 @@ impl TlsSession {
         }
     }
 
-    /// rustls' connection, once the ClientHello chose the configuration.
-    fn conn(&self) -> Option<&UnbufferedServerConnection> {
-        match &self.phase {
-            Phase::Session(conn) => Some(conn),
-            Phase::Hello { .. } => None,
-        }
-    }
-
     /// Whether the handshake is still running.
     pub fn is_handshaking(&self) -> bool {
-        self.conn().is_none_or(|conn| conn.is_handshaking())
+        match &self.phase {
+            Phase::Hello { .. } => true,
+            Phase::Rustls(conn) => conn.is_handshaking(),
+            Phase::Traffic(_) | Phase::Lost => false,
+        }
     }
 
     /// Reads plaintext into `buffer`, pulling ciphertext from `source` as needed (into
@@ -170,11 +181,28 @@ impl TlsSession {
         source: &mut dyn Read,
         buffer: &mut [u8],
     ) -> io::Result<usize> {
+        let mut drained = false;
+        let result = self.read_into(source, buffer, &mut drained);
+        self.enter_traffic();
+        if drained {
+            // The client is quiet until its socket is readable again.
+            self.release_contexts();
+        }
+        result
+    }
+
+    /// [`read_plaintext`](Self::read_plaintext); `drained`: a read from `source` came back
+    /// short or with `WouldBlock`.
+    fn read_into(
+        &mut self,
+        source: &mut dyn Read,
+        buffer: &mut [u8],
+        drained: &mut bool,
+    ) -> io::Result<usize> {
         if buffer.is_empty() {
             return Ok(0);
         }
-        let mut drained = false;
-        if !self.start(source, &mut drained)? {
+        if !self.start(source, drained)? {
             return Ok(0);
         }
         loop {
@@ -189,22 +217,149 @@ impl TlsSession {
             if self.eof || self.peer_closed {
                 return Ok(0);
             }
-            if drained {
+            if *drained {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
-            let n = Recording {
+            let n = match (Recording {
                 source: &mut *source,
                 first: &mut self.first,
                 first_len: &mut self.first_len,
-            }
-            .read(buffer)?;
+            })
+            .read(buffer)
+            {
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                    *drained = true;
+                    return Err(error);
+                }
+                result => result?,
+            };
             if n == 0 {
                 self.eof = true;
                 continue;
             }
-            drained = n < buffer.len();
-            self.receive(&mut buffer[..n]).map_err(invalid)?;
+            *drained = n < buffer.len();
+            if matches!(self.phase, Phase::Traffic(_)) {
+                let opened = self.open_received(buffer, n).map_err(invalid)?;
+                if opened > 0 {
+                    return Ok(opened);
+                }
+            } else {
+                self.receive(&mut buffer[..n]).map_err(invalid)?;
+            }
         }
+    }
+
+    /// After the handshake of a TLS 1.3 session: hands the connection from rustls over to
+    /// [`Traffic`], once nothing is half-processed (rustls decrypts in place and may keep
+    /// positions in `incoming`).
+    fn enter_traffic(&mut self) {
+        let ready = match &self.phase {
+            Phase::Rustls(conn) => {
+                !conn.is_handshaking()
+                    && conn.protocol_version() == Some(ProtocolVersion::TLSv1_3)
+                    && conn
+                        .negotiated_cipher_suite()
+                        .is_some_and(|suite| protects(suite.suite()))
+            }
+            Phase::Hello { .. } | Phase::Traffic(_) | Phase::Lost => false,
+        };
+        if !ready || !self.incoming.is_empty() || self.failed || self.peer_closed || self.closing {
+            return;
+        }
+        let Phase::Rustls(conn) = std::mem::replace(&mut self.phase, Phase::Lost) else {
+            return;
+        };
+        let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
+        match Traffic::new(*conn, self.provider, resumed) {
+            Ok(traffic) => self.phase = Phase::Traffic(Box::new(traffic)),
+            Err(error) => {
+                // Not expected: the handshake is over and rustls has nothing left to send.
+                tracing::error!(%error, "TLS session could not take over its traffic keys");
+                self.failed = true;
+            }
+        }
+    }
+
+    /// Drops the AEAD contexts of a [`Traffic`] session (built again for the next record).
+    fn release_contexts(&mut self) {
+        if let Phase::Traffic(traffic) = &mut self.phase {
+            traffic.release();
+        }
+    }
+
+    /// [`Traffic`]: opens the records in the `n` bytes just read into `buffer`, after what
+    /// `incoming` holds. Their plaintext goes to the front of `buffer` (how many bytes are
+    /// returned), what does not fit to `plaintext`, an incomplete record to `incoming`.
+    fn open_received(&mut self, buffer: &mut [u8], n: usize) -> Result<usize, SessionError> {
+        if self.incoming.is_empty() {
+            // The usual case: records opened where they were read, their plaintext moved to the
+            // front.
+            let (used, opened, result) = self.open_records(&mut buffer[..n]);
+            if !self.failed && !self.peer_closed {
+                self.incoming = buffer.get(used..n).unwrap_or_default().to_vec();
+            }
+            return result.map(|()| opened);
+        }
+        let mut incoming = std::mem::take(&mut self.incoming);
+        incoming.extend_from_slice(&buffer[..n]);
+        let (used, opened, result) = self.open_records(&mut incoming);
+        let direct = opened.min(buffer.len());
+        buffer[..direct].copy_from_slice(&incoming[..direct]);
+        if opened > direct {
+            self.plaintext = incoming[direct..opened].to_vec();
+            self.plaintext_at = 0;
+        }
+        incoming.drain(..used.min(incoming.len()));
+        if incoming.is_empty() || self.failed || self.peer_closed {
+            incoming = Vec::new();
+        } else {
+            incoming.shrink_to_fit();
+        }
+        self.incoming = incoming;
+        result.map(|()| direct)
+    }
+
+    /// [`Traffic`]: opens the whole records at the start of `bytes` in place and moves their
+    /// plaintext to its front. Returns how many bytes of records were used, how many bytes of
+    /// plaintext are at the front, and whether the records were good (after a bad one, its
+    /// alert waits in `outgoing`).
+    fn open_records(&mut self, bytes: &mut [u8]) -> (usize, usize, Result<(), SessionError>) {
+        let Phase::Traffic(traffic) = &mut self.phase else {
+            return (0, 0, Ok(()));
+        };
+        let (mut used, mut opened) = (0, 0);
+        loop {
+            let rest = bytes.get_mut(used..).unwrap_or_default();
+            let len = match record_len(rest) {
+                Ok(Some(len)) if len <= rest.len() => len,
+                Ok(_) => break,
+                Err(error) => {
+                    let error = TrafficError::from(error);
+                    self.failed = true;
+                    traffic.seal_alert_for(&error, &mut self.outgoing);
+                    return (used, opened, Err(error.into()));
+                }
+            };
+            match traffic.open(&mut rest[..len], &mut self.outgoing) {
+                Ok(Opened::Data(range)) => {
+                    // Plaintext is shorter than its record: it never overtakes what is unread.
+                    bytes.copy_within(used + range.start..used + range.end, opened);
+                    opened += range.len();
+                }
+                Ok(Opened::Nothing) => {}
+                Ok(Opened::Closed) => {
+                    self.peer_closed = true;
+                    return (used + len, opened, Ok(()));
+                }
+                Err(error) => {
+                    self.failed = true;
+                    traffic.seal_alert_for(&error, &mut self.outgoing);
+                    return (used, opened, Err(error.into()));
+                }
+            }
+            used += len;
+        }
+        (used, opened, Ok(()))
     }
 
     /// Reads the start of the ClientHello until the client's suite preference is known and
@@ -244,7 +399,7 @@ impl TlsSession {
             Some(name.to_lowercase_owned().as_ref().into())
         });
         let hello = std::mem::take(bytes);
-        self.phase = Phase::Session(Box::new(conn));
+        self.phase = Phase::Rustls(Box::new(conn));
         self.process_incoming(hello, Pending::Nothing)
             .map_err(invalid)?;
         Ok(true)
@@ -305,7 +460,7 @@ impl TlsSession {
         incoming: &mut [u8],
         mut pending: Pending<'_>,
     ) -> (usize, Result<(), SessionError>) {
-        let Phase::Session(conn) = &mut self.phase else {
+        let Phase::Rustls(conn) = &mut self.phase else {
             return (0, Ok(()));
         };
         let mut used = 0;
@@ -417,10 +572,21 @@ impl TlsSession {
             tracing::error!("plaintext written to a TLS session not ready for it");
             return;
         }
-        let incoming = std::mem::take(&mut self.incoming);
-        if let Err(error) = self.process_incoming(incoming, Pending::Plaintext(bytes)) {
+        let result = match &mut self.phase {
+            Phase::Traffic(traffic) => traffic
+                .seal(bytes, &mut self.outgoing)
+                .map_err(SessionError::from),
+            _ => {
+                let incoming = std::mem::take(&mut self.incoming);
+                self.process_incoming(incoming, Pending::Plaintext(bytes))
+            }
+        };
+        if let Err(error) = result {
             tracing::error!(%error, "TLS refused plaintext");
         }
+        self.enter_traffic();
+        // The next record may be a while: the upstream sends when it has something.
+        self.release_contexts();
     }
 
     /// Queues `close_notify` (once): the client learns the stream ended, not that it was cut.
@@ -432,8 +598,16 @@ impl TlsSession {
         if self.is_handshaking() || self.failed {
             return;
         }
-        let incoming = std::mem::take(&mut self.incoming);
-        if let Err(error) = self.process_incoming(incoming, Pending::CloseNotify) {
+        let result = match &mut self.phase {
+            Phase::Traffic(traffic) => traffic
+                .seal_close_notify(&mut self.outgoing)
+                .map_err(SessionError::from),
+            _ => {
+                let incoming = std::mem::take(&mut self.incoming);
+                self.process_incoming(incoming, Pending::CloseNotify)
+            }
+        };
+        if let Err(error) = result {
             tracing::debug!(%error, "close_notify not sent");
         }
     }
@@ -471,19 +645,37 @@ impl TlsSession {
 
     /// What the handshake negotiated, once it is done.
     pub fn negotiated(&self) -> Option<Negotiated> {
-        let conn = self.conn().filter(|conn| !conn.is_handshaking())?;
+        let (version, suite, resumed) = match &self.phase {
+            Phase::Rustls(conn) if !conn.is_handshaking() => (
+                conn.protocol_version(),
+                conn.negotiated_cipher_suite().map(|s| s.suite()),
+                conn.handshake_kind() == Some(HandshakeKind::Resumed),
+            ),
+            Phase::Traffic(traffic) => (
+                Some(traffic.version()),
+                Some(traffic.suite()),
+                traffic.resumed(),
+            ),
+            Phase::Rustls(_) | Phase::Hello { .. } | Phase::Lost => return None,
+        };
         Some(Negotiated {
-            version: conn
-                .protocol_version()
-                .map_or_else(String::new, |v| format!("{v:?}")),
-            suite: conn
-                .negotiated_cipher_suite()
-                .and_then(|s| s.suite().as_str())
+            version: version.map_or_else(String::new, |v| format!("{v:?}")),
+            suite: suite
+                .and_then(|s| s.as_str())
                 .unwrap_or_default()
                 .to_owned(),
             server_name: self.server_name.as_deref().map(str::to_owned),
-            resumed: conn.handshake_kind() == Some(HandshakeKind::Resumed),
+            resumed,
         })
+    }
+
+    /// The record layer, once the session protects its records itself.
+    #[cfg(test)]
+    pub(crate) fn traffic(&mut self) -> Option<&mut Traffic> {
+        match &mut self.phase {
+            Phase::Traffic(traffic) => Some(traffic),
+            _ => None,
+        }
     }
 
     /// Bytes of buffer capacity the session holds besides rustls' own state (0 when idle).
@@ -491,7 +683,7 @@ impl TlsSession {
     pub(crate) fn buffered_bytes(&self) -> usize {
         let hello = match &self.phase {
             Phase::Hello { bytes, .. } => bytes.capacity(),
-            Phase::Session(_) => 0,
+            Phase::Rustls(_) | Phase::Traffic(_) | Phase::Lost => 0,
         };
         hello + self.incoming.capacity() + self.plaintext.capacity() + self.outgoing.capacity()
     }
@@ -790,6 +982,11 @@ mod tests {
             alert.len(),
             5 + usize::from(u16::from_be_bytes([alert[3], alert[4]]))
         );
+        pair.client.read_tls(&mut alert.as_slice()).unwrap();
+        assert_eq!(
+            pair.client.process_new_packets().unwrap_err(),
+            rustls::Error::AlertReceived(rustls::AlertDescription::BadRecordMac)
+        );
         // The worker may call it again (a late readiness): still broken, no second alert.
         let again = pair
             .server
@@ -895,6 +1092,10 @@ mod tests {
             pair.exchange().unwrap();
         }
         assert!(!pair.server.is_handshaking());
+        assert!(
+            pair.server.traffic().is_some(),
+            "a TLS 1.3 session protects its records itself"
+        );
         pair
     }
 
@@ -1079,6 +1280,7 @@ mod tests {
         }
         let negotiated = pair.server.take_completed().unwrap();
         assert_eq!(negotiated.version, "TLSv1_2");
+        assert!(pair.server.traffic().is_none(), "rustls keeps TLS 1.2");
         assert_eq!(negotiated.server_name.as_deref(), Some("localhost"));
         let wire = client_sends(&mut pair, b"over TLS 1.2");
         pair.to_server.bytes.extend(wire);
@@ -1101,6 +1303,87 @@ mod tests {
         pair.server.write_plaintext(b"under new keys");
         assert_eq!(client_receives(&mut pair), b"under new keys");
         assert_eq!(pair.server.buffered_bytes(), 0);
+    }
+
+    #[test]
+    fn the_server_updates_its_key_before_the_confidentiality_limit() {
+        let mut pair = established();
+        pair.server.traffic().unwrap().set_tx_limit(3);
+        let mut expected = Vec::new();
+        for round in 0..10u8 {
+            let message = vec![round; 20_000];
+            pair.server.write_plaintext(&message);
+            expected.extend_from_slice(&message);
+        }
+        assert_eq!(client_receives(&mut pair), expected);
+        // And the client's own traffic still reads (its key did not change).
+        let wire = client_sends(&mut pair, b"still here");
+        pair.to_server.bytes.extend(wire);
+        assert_eq!(server_reads(&mut pair, 4096), b"still here");
+    }
+
+    #[test]
+    fn an_idle_session_keeps_no_aead_context() {
+        let mut pair = established();
+        assert_eq!(pair.server.traffic().unwrap().built(), (false, false));
+        let wire = client_sends(&mut pair, b"ping");
+        pair.to_server.bytes.extend(wire);
+        assert_eq!(server_reads(&mut pair, 4096), b"ping");
+        assert_eq!(
+            pair.server.traffic().unwrap().built(),
+            (false, false),
+            "the socket was drained"
+        );
+        pair.server.write_plaintext(b"pong");
+        assert_eq!(pair.server.traffic().unwrap().built(), (false, false));
+        assert_eq!(client_receives(&mut pair), b"pong");
+    }
+
+    #[test]
+    fn records_after_close_notify_are_not_read() {
+        let mut pair = established();
+        pair.client.writer().write_all(b"last words").unwrap();
+        pair.client.send_close_notify();
+        let mut wire = Vec::new();
+        while pair.client.wants_write() {
+            pair.client.write_tls(&mut wire).unwrap();
+        }
+        // Garbage after the alert: never looked at.
+        wire.extend_from_slice(&[0x17, 3, 3, 0, 20]);
+        wire.extend_from_slice(&[0; 20]);
+        pair.to_server.bytes.extend(wire);
+        let mut plain = [0u8; 4096];
+        let n = pair
+            .server
+            .read_plaintext(&mut pair.to_server, &mut plain)
+            .unwrap();
+        assert_eq!(&plain[..n], b"last words");
+        assert_eq!(
+            pair.server
+                .read_plaintext(&mut pair.to_server, &mut plain)
+                .unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_record_longer_than_tls_allows_is_refused_before_it_arrives() {
+        let mut pair = established();
+        pair.to_server
+            .bytes
+            .extend([0x17, 3, 3, 0x41, 0x01, 0, 0, 0]);
+        let mut plain = [0u8; 4096];
+        let error = pair
+            .server
+            .read_plaintext(&mut pair.to_server, &mut plain)
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        let alert = pair.server.take_all_ciphertext();
+        pair.client.read_tls(&mut alert.as_slice()).unwrap();
+        assert_eq!(
+            pair.client.process_new_packets().unwrap_err(),
+            rustls::Error::AlertReceived(rustls::AlertDescription::RecordOverflow)
+        );
     }
 
     #[test]
@@ -1231,11 +1514,12 @@ mod tests {
             drop(server);
             let connection = before - heap_in_use();
             println!(
-                "{name} {suite}: TlsSession {} B (boxed), its heap {} B (the rustls \
-                 connection's box: {} B)",
+                "{name} {suite}: TlsSession {} B (boxed), its heap {} B (the box of rustls' \
+                 connection: {} B; of the session's own record layer, TLS 1.3: {} B)",
                 std::mem::size_of::<TlsSession>(),
                 connection,
                 std::mem::size_of::<UnbufferedServerConnection>(),
+                std::mem::size_of::<Traffic>(),
             );
         }
         use rustls::crypto::{aws_lc_rs, ring};
