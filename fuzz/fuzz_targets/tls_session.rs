@@ -5,11 +5,13 @@
 //! Two kinds of input. *Garbage*: the input is what the client sends. *A real client*: a rustls
 //! client (this target's own certificate, `fuzz/certs/`) handshakes with the session and sends
 //! messages, and the input decides how its bytes are cut into socket reads, how small the
-//! caller's buffer is, and whether one byte is flipped or the stream cut short.
+//! caller's buffer is, whether one byte is flipped or the stream cut short, whether the client
+//! asks for a key update before each message (TLS 1.3 records are the session's own after the
+//! handshake: `tls::record`), and whether the session echoes what it read.
 //!
 //! Properties: nothing panics, also when the session is called again after it failed; a read
 //! returns at most the caller's buffer; with nothing flipped and nothing cut, the handshake
-//! completes and every message arrives whole and in order.
+//! completes and every message arrives whole and in order, and so does every echo.
 
 #![no_main]
 
@@ -168,6 +170,8 @@ fuzz_target!(|data: &[u8]| {
     let flip_at = usize::from(u16::from_le_bytes([input.byte(), input.byte()]));
     let flip = mode & 8 != 0;
     let cut = mode & 16 != 0;
+    let key_updates = mode & 32 != 0;
+    let echo = mode & 64 != 0;
     let messages: Vec<&[u8]> = input.rest().split(|&b| b == 0xff).take(8).collect();
     let mut client = rustls::ClientConnection::new(
         Arc::clone(client_config),
@@ -178,10 +182,14 @@ fuzz_target!(|data: &[u8]| {
     let mut tampered = false;
     let mut received = Vec::new();
     let mut expected = Vec::new();
+    let mut echoed = Vec::new();
     let mut pending: VecDeque<&[u8]> = messages.into_iter().collect();
     for _round in 0..16 {
         if !client.is_handshaking() {
             if let Some(message) = pending.pop_front() {
+                if key_updates {
+                    client.refresh_traffic_keys().expect("a TLS 1.3 key update");
+                }
                 client
                     .writer()
                     .write_all(message)
@@ -208,6 +216,9 @@ fuzz_target!(|data: &[u8]| {
             assert!(tampered, "an untampered stream failed");
             return;
         };
+        if echo && !got.is_empty() {
+            session.write_plaintext(&got);
+        }
         received.extend(got);
         let back = session.take_all_ciphertext();
         let mut back = back.as_slice();
@@ -217,6 +228,7 @@ fuzz_target!(|data: &[u8]| {
                 return;
             }
         }
+        let _ = client.reader().read_to_end(&mut echoed);
         if socket.closed {
             break;
         }
@@ -230,5 +242,8 @@ fuzz_target!(|data: &[u8]| {
             "an untampered handshake did not complete"
         );
         assert_eq!(received, expected, "messages changed on the way");
+        if echo {
+            assert_eq!(echoed, expected, "echoes changed on the way");
+        }
     }
 });

@@ -11,8 +11,10 @@ use std::io::{self, Read};
 use std::sync::Arc;
 
 use rustls::pki_types::DnsName;
-use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError,
+};
 use rustls::{HandshakeKind, ProtocolVersion};
 
 use super::client_hello::{hello_complete, server_name, suite_preference, SuitePreference};
@@ -183,7 +185,6 @@ impl TlsSession {
     ) -> io::Result<usize> {
         let mut drained = false;
         let result = self.read_into(source, buffer, &mut drained);
-        self.enter_traffic();
         if drained {
             // The client is quiet until its socket is readable again.
             self.release_contexts();
@@ -249,35 +250,31 @@ impl TlsSession {
         }
     }
 
-    /// After the handshake of a TLS 1.3 session: hands the connection from rustls over to
-    /// [`Traffic`], once nothing is half-processed (rustls decrypts in place and may keep
-    /// positions in `incoming`).
-    fn enter_traffic(&mut self) {
-        let ready = match &self.phase {
-            Phase::Rustls(conn) => {
-                !conn.is_handshaking()
-                    && conn.protocol_version() == Some(ProtocolVersion::TLSv1_3)
-                    && conn
-                        .negotiated_cipher_suite()
-                        .is_some_and(|suite| protects(suite.suite()))
-            }
-            Phase::Hello { .. } | Phase::Traffic(_) | Phase::Lost => false,
-        };
-        if !ready || !self.incoming.is_empty() || self.failed || self.peer_closed || self.closing {
-            return;
-        }
+    /// rustls finished the handshake of a TLS 1.3 session and sent all it had to send: the
+    /// session takes the connection over ([`Traffic`]) and opens the records `incoming` holds.
+    fn hand_over(&mut self) -> Result<(), SessionError> {
         let Phase::Rustls(conn) = std::mem::replace(&mut self.phase, Phase::Lost) else {
-            return;
+            return Ok(());
         };
         let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
         match Traffic::new(*conn, self.provider, resumed) {
             Ok(traffic) => self.phase = Phase::Traffic(Box::new(traffic)),
             Err(error) => {
-                // Not expected: the handshake is over and rustls has nothing left to send.
+                // Not expected: rustls said the handshake is over and it has nothing to send.
                 tracing::error!(%error, "TLS session could not take over its traffic keys");
                 self.failed = true;
+                return Err(error.into());
             }
         }
+        let mut incoming = std::mem::take(&mut self.incoming);
+        let (used, opened, result) = self.open_records(&mut incoming);
+        self.plaintext.extend_from_slice(&incoming[..opened]);
+        incoming.drain(..used.min(incoming.len()));
+        if !incoming.is_empty() && !self.failed && !self.peer_closed {
+            incoming.shrink_to_fit();
+            self.incoming = incoming;
+        }
+        result
     }
 
     /// Drops the AEAD contexts of a [`Traffic`] session (built again for the next record).
@@ -430,7 +427,10 @@ impl TlsSession {
         if !self.failed && !self.peer_closed {
             self.incoming = ciphertext.get(used..).unwrap_or_default().to_vec();
         }
-        result
+        if result? {
+            self.hand_over()?;
+        }
+        Ok(())
     }
 
     /// Runs rustls over `incoming` (the session's unprocessed ciphertext, taken out of it) and
@@ -448,35 +448,44 @@ impl TlsSession {
             incoming.shrink_to_fit();
         }
         self.incoming = incoming;
-        result
+        if result? {
+            self.hand_over()?;
+        }
+        Ok(())
     }
 
     /// Runs rustls' state machine over `incoming` until it needs more bytes from the client:
     /// what rustls sends (handshake flights, tickets, alerts) and `pending` (once traffic may
     /// flow) go to `outgoing`, decrypted records to `plaintext`. Returns how many bytes at the
-    /// front of `incoming` rustls is done with.
+    /// front of `incoming` rustls is done with, and whether the session is to take over from
+    /// rustls now: a TLS 1.3 handshake just ended, and the records after it are left for
+    /// [`Traffic`] (a KeyUpdate rustls handled would leave its answer in rustls).
     fn process(
         &mut self,
         incoming: &mut [u8],
         mut pending: Pending<'_>,
-    ) -> (usize, Result<(), SessionError>) {
+    ) -> (usize, Result<bool, SessionError>) {
         let Phase::Rustls(conn) = &mut self.phase else {
-            return (0, Ok(()));
+            return (0, Ok(false));
         };
         let mut used = 0;
         loop {
+            if matches!(pending, Pending::Nothing) && hands_over(conn) {
+                match flush_handshake(conn, &mut self.outgoing) {
+                    Ok(true) => return (used, Ok(true)),
+                    Ok(false) => {}
+                    Err(error) => {
+                        self.failed = true;
+                        return (used, Err(error));
+                    }
+                }
+            }
             let status = conn.process_tls_records(incoming.get_mut(used..).unwrap_or_default());
             let mut discard = status.discard;
             let step = match status.state {
                 Err(error) => Err(SessionError::Tls(error)),
                 Ok(ConnectionState::EncodeTlsData(mut data)) => {
-                    append(&mut self.outgoing, 0, |out| match data.encode(out) {
-                        Ok(n) => Ok(n),
-                        Err(EncodeError::InsufficientSize(size)) => Err(Some(size)),
-                        Err(EncodeError::AlreadyEncoded) => Err(None),
-                    })
-                    .map_err(|()| SessionError::Encode)
-                    .map(|()| false)
+                    encode(&mut self.outgoing, &mut data).map(|()| false)
                 }
                 // What was encoded waits in `outgoing`, in order, until the worker sends it.
                 Ok(ConnectionState::TransmitTlsData(transmit)) => {
@@ -530,7 +539,7 @@ impl TlsSession {
             used += discard;
             match step {
                 Ok(false) => {}
-                Ok(true) => return (used, Ok(())),
+                Ok(true) => return (used, Ok(false)),
                 Err(error) => {
                     self.failed = true;
                     let rest = incoming.get_mut(used..).unwrap_or_default();
@@ -584,7 +593,6 @@ impl TlsSession {
         if let Err(error) = result {
             tracing::error!(%error, "TLS refused plaintext");
         }
-        self.enter_traffic();
         // The next record may be a while: the upstream sends when it has something.
         self.release_contexts();
     }
@@ -689,6 +697,35 @@ impl TlsSession {
     }
 }
 
+/// Whether rustls' connection is done with a handshake whose records the session protects
+/// itself (TLS 1.3, a suite [`super::record`] implements).
+fn hands_over(conn: &UnbufferedServerConnection) -> bool {
+    !conn.is_handshaking()
+        && conn.protocol_version() == Some(ProtocolVersion::TLSv1_3)
+        && conn
+            .negotiated_cipher_suite()
+            .is_some_and(|suite| protects(suite.suite()))
+}
+
+/// Moves what rustls still has to send (the session tickets after a handshake) into
+/// `outgoing` without giving it more input. True once it has nothing left and traffic may flow.
+fn flush_handshake(
+    conn: &mut UnbufferedServerConnection,
+    outgoing: &mut Vec<u8>,
+) -> Result<bool, SessionError> {
+    loop {
+        match conn.process_tls_records(&mut []).state {
+            Ok(ConnectionState::EncodeTlsData(mut data)) => {
+                encode(outgoing, &mut data)?;
+            }
+            Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
+            Ok(ConnectionState::WriteTraffic(_)) => return Ok(true),
+            Ok(_) => return Ok(false),
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
 /// After an error: moves the alert rustls queued for the client into `outgoing`. `incoming` is
 /// what is left of the ciphertext the error came from (rustls keeps positions in it).
 ///
@@ -698,12 +735,21 @@ impl TlsSession {
 fn queue_alert(conn: &mut UnbufferedServerConnection, incoming: &mut [u8], outgoing: &mut Vec<u8>) {
     if let Ok(ConnectionState::EncodeTlsData(mut data)) = conn.process_tls_records(incoming).state {
         // An alert that cannot be encoded is not sent: the connection closes anyway.
-        let _ = append(outgoing, 0, |out| match data.encode(out) {
-            Ok(n) => Ok(n),
-            Err(EncodeError::InsufficientSize(size)) => Err(Some(size)),
-            Err(EncodeError::AlreadyEncoded) => Err(None),
-        });
+        let _ = encode(outgoing, &mut data);
     }
+}
+
+/// Appends the record rustls has to send (a handshake message, an alert) to `outgoing`.
+fn encode(
+    outgoing: &mut Vec<u8>,
+    data: &mut EncodeTlsData<'_, ServerConnectionData>,
+) -> Result<(), SessionError> {
+    append(outgoing, 0, |out| match data.encode(out) {
+        Ok(n) => Ok(n),
+        Err(EncodeError::InsufficientSize(size)) => Err(Some(size)),
+        Err(EncodeError::AlreadyEncoded) => Err(None),
+    })
+    .map_err(|()| SessionError::Encode)
 }
 
 /// Encrypts into `outgoing` with [`append`].
@@ -1303,6 +1349,22 @@ mod tests {
         pair.server.write_plaintext(b"under new keys");
         assert_eq!(client_receives(&mut pair), b"under new keys");
         assert_eq!(pair.server.buffered_bytes(), 0);
+    }
+
+    #[test]
+    fn a_key_update_right_behind_the_clients_finished_is_answered() {
+        let mut pair = pair(&["localhost"], "localhost");
+        while pair.client.is_handshaking() {
+            pair.exchange().unwrap();
+        }
+        // The client's Finished, its KeyUpdate (asking for ours) and a message: one flight.
+        pair.client.refresh_traffic_keys().unwrap();
+        let wire = client_sends(&mut pair, b"first words");
+        pair.to_server.bytes.extend(wire);
+        assert_eq!(server_reads(&mut pair, 4096), b"first words");
+        assert!(pair.server.traffic().is_some());
+        pair.server.write_plaintext(b"answered under the new key");
+        assert_eq!(client_receives(&mut pair), b"answered under the new key");
     }
 
     #[test]
