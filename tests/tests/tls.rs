@@ -278,6 +278,63 @@ fn openssl_resumes_sessions_over_tls12_and_tls13_and_min_version_is_enforced() {
     assert!(new.contains("HTTP/1.1 101 "), "{new}");
 }
 
+/// OpenSSL, not rustls, at the other end of the records the proxy protects itself after a TLS
+/// 1.3 handshake: requests over one connection with a key update between them (`K`: OpenSSL
+/// asks for ours back), each answered.
+#[test]
+fn openssl_key_updates_in_both_directions_keep_the_connection_going() {
+    let ca = TestCa::new();
+    let leaf = ca.issue("localhost", &["localhost"]);
+    let echo = Echo::start();
+    let proxy = tls_proxy(DataPath::Userspace, &[echo.addr()], tls_table(&leaf, ""));
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &proxy.addr().to_string()])
+        .args(["-servername", "localhost", "-tls1_3", "-crlf"])
+        .arg("-CAfile")
+        .arg(ca.ca_pem())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl s_client (install the openssl package)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    // s_client reads its input line by line: a line `K` is its key-update command.
+    for line in [
+        "GET /before HTTP/1.1\nHost: localhost\n\n",
+        "K\n",
+        "GET /after-ours HTTP/1.1\nHost: localhost\n\n",
+        "K\n",
+        "GET /after-two HTTP/1.1\nHost: localhost\n\n",
+    ] {
+        std::io::Write::write_all(&mut stdin, line.as_bytes()).expect("write to s_client");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(stdin);
+    let deadline = Instant::now() + WAIT;
+    while !matches!(child.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let output = child.wait_with_output().expect("s_client output");
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.matches("KEYUPDATE").count(), 2, "{output}");
+    for path in ["/before", "/after-ours", "/after-two"] {
+        assert!(
+            output.contains(&format!("wsplice echo: GET {path}")),
+            "no answer to {path}:\n{output}"
+        );
+    }
+    assert_eq!(
+        output.matches("HTTP/1.1 200 ").count(),
+        3,
+        "every request answered:\n{output}"
+    );
+}
+
 #[test]
 fn python_websockets_client_echoes_over_wss() {
     let ca = TestCa::new();
