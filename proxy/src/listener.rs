@@ -3,12 +3,10 @@
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::headers::Scheme;
-use crate::tls::ServerConfigs;
 
 /// Backlog of each listening socket (capped by `net.core.somaxconn`).
 const BACKLOG: i32 = 4096;
@@ -20,10 +18,9 @@ pub struct Listener {
     pub socket: OwnedFd,
     /// Where it listens.
     pub addr: SocketAddr,
-    /// `ws` or `wss`.
+    /// `ws` or `wss` (the TLS configuration of a `wss` listener is part of the services: a
+    /// reload can change it).
     pub scheme: Scheme,
-    /// The TLS configuration of a `wss` listener.
-    pub tls: Option<Arc<ServerConfigs>>,
 }
 
 /// Binding a listener failed.
@@ -40,7 +37,7 @@ pub struct BindError {
 impl Listener {
     /// Binds `addr` with `SO_REUSEPORT` (every worker binds its own socket to the same address);
     /// with `tls` it serves `wss://`.
-    pub fn bind(addr: SocketAddr, tls: Option<Arc<ServerConfigs>>) -> Result<Listener, BindError> {
+    pub fn bind(addr: SocketAddr, tls: bool) -> Result<Listener, BindError> {
         let bind = || -> std::io::Result<Socket> {
             let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
             socket.set_cloexec(true)?;
@@ -54,12 +51,7 @@ impl Listener {
         Ok(Listener {
             socket: socket.into(),
             addr,
-            scheme: if tls.is_some() {
-                Scheme::Wss
-            } else {
-                Scheme::Ws
-            },
-            tls,
+            scheme: if tls { Scheme::Wss } else { Scheme::Ws },
         })
     }
 }

@@ -108,7 +108,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             workers,
             test_panic_after_accepts,
         } => {
-            let mut config = Config::load(&config)?;
+            let path = config;
+            let mut config = Config::load(&path)?;
             // Looked up before anything is loaded or bound: an unknown user stops the start.
             let identity = config
                 .run_as
@@ -132,6 +133,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let options = wsplice::runtime::ServeOptions {
                 identity,
                 panic_after_accepts: test_panic_after_accepts,
+                reload: Some(wsplice::runtime::ReloadSource {
+                    path,
+                    splice_at_once: datapath == DataPath::Kernel,
+                }),
             };
             wsplice::runtime::serve(&config, workers, splice, &options)
                 .context("proxy stopped with an error")

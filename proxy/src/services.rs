@@ -1,6 +1,9 @@
-//! What every worker shares, built once from the config: routes, upstream pools, limits.
+//! What every worker shares, built from the config: routes, upstream pools, limits, the TLS
+//! configurations of the listeners.
 //!
 //! Read-mostly: workers hold an `Arc<Services>`; the only mutable parts are the pools' atomics.
+//! A reload builds the next generation ([`Services::successor`]); each connection keeps the
+//! generation it was accepted under, so its route and pool indices stay meaningful.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +17,7 @@ use crate::headers::HeaderRules;
 use crate::metrics::Metrics;
 use crate::route::Router;
 use crate::splice::SpliceProgram;
+use crate::tls::ServerConfigs;
 use crate::upstream::Pool;
 
 /// Limit on the upstream's response head: generous, it comes from a server we trust more.
@@ -52,8 +56,9 @@ pub struct Services {
     pub routes: Vec<Route>,
     /// Upstream pools.
     pub pools: Vec<Pool>,
-    /// How many connections are taken, in all and per client address.
-    pub admission: Admission,
+    /// How many connections are taken, in all and per client address (one count for every
+    /// generation: connections of all of them are open at once).
+    pub admission: Arc<Admission>,
     /// Peers whose forwarding headers are passed on (`trusted_proxies`).
     pub trusted_proxies: Vec<Cidr>,
     /// Limits on the client's request head.
@@ -90,6 +95,8 @@ pub struct Services {
     /// The loaded sockmap program when plain tunnels go to the kernel path (each worker opens
     /// its own handle on the maps).
     pub splice: Option<Arc<SpliceProgram>>,
+    /// The TLS configuration of each listener, in config order (`None`: `ws://`).
+    pub listener_tls: Vec<Option<Arc<ServerConfigs>>>,
 }
 
 impl Services {
@@ -109,10 +116,10 @@ impl Services {
             router: Router::new(&config.routes),
             routes,
             pools,
-            admission: Admission::new(
+            admission: Arc::new(Admission::new(
                 config.limits.max_connections,
                 config.limits.max_connections_per_ip,
-            ),
+            )),
             trusted_proxies: config.trusted_proxies.clone(),
             request_limits: HeadLimits {
                 max_bytes: config.limits.max_request_head,
@@ -142,7 +149,27 @@ impl Services {
             metrics: Arc::default(),
             access_lines: true,
             splice,
+            listener_tls: Vec::new(),
         }
+    }
+
+    /// The next generation, from a reloaded config and its listeners' TLS configurations: what
+    /// lives as long as the process (counters, admission counts, the kernel program) is
+    /// carried over; routes, pools, header rules, timeouts and certificates are the new ones.
+    /// Settings that size what is already running are kept (see `runtime::reload`).
+    pub fn successor(
+        &self,
+        config: &Config,
+        listener_tls: Vec<Option<Arc<ServerConfigs>>>,
+    ) -> Services {
+        let mut next = Services::new(config, self.splice.clone());
+        next.admission = Arc::clone(&self.admission);
+        next.metrics = Arc::clone(&self.metrics);
+        next.access_lines = self.access_lines;
+        next.relay_buffer = self.relay_buffer;
+        next.promotion = self.promotion;
+        next.listener_tls = listener_tls;
+        next
     }
 }
 

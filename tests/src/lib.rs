@@ -473,6 +473,7 @@ pub struct Proxy {
     addr: SocketAddr,
     admin: SocketAddr,
     log: PathBuf,
+    config_path: PathBuf,
     /// The data path it runs with.
     pub datapath: DataPath,
 }
@@ -509,6 +510,7 @@ impl Proxy {
             addr,
             admin,
             log,
+            config_path,
             datapath,
         };
         // The listeners are bound before the workers' rings exist: wait for every ring, so
@@ -587,6 +589,37 @@ impl Proxy {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Rewrites the proxy's config file from `config` (same listener and admin addresses) and
+    /// sends `SIGHUP`; true if the proxy logged that it reloaded, false if it refused.
+    pub fn reload(&self, config: &ProxyConfig) -> bool {
+        self.reload_text(&config.to_toml(self.addr, self.admin))
+    }
+
+    /// [`Proxy::reload`] with the file's whole text.
+    pub fn reload_text(&self, text: &str) -> bool {
+        let outcomes = |log: &str| {
+            (
+                log.matches("configuration reloaded").count(),
+                log.matches("configuration reload refused").count(),
+            )
+        };
+        let before = outcomes(&self.log());
+        std::fs::write(&self.config_path, text).expect("rewrite the config");
+        // SAFETY: kill only sends a signal to the proxy this test started.
+        unsafe { libc::kill(self.process.pid() as i32, libc::SIGHUP) };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let now = outcomes(&self.log());
+            if now.0 > before.0 {
+                return true;
+            }
+            if now.1 > before.1 || Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Everything the proxy logged so far.

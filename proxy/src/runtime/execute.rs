@@ -22,7 +22,7 @@ impl Worker {
     /// Carries out one action for the connection in `slot`; events it causes append their
     /// actions to `actions`.
     pub(super) fn execute(&mut self, slot: u32, action: Action, actions: &mut Actions) {
-        let services = std::sync::Arc::clone(&self.services);
+        let services = self.services_of(slot);
         // Read only by the actions that pass the time on (a clock read per action adds up at
         // tens of thousands of requests a second).
         let now = || monotonic_ns();
@@ -316,14 +316,14 @@ impl Worker {
 
     /// Opens the upstream socket and starts a connect bounded by the connect timeout.
     fn connect(&mut self, slot: u32, addr: SocketAddr, actions: &mut Actions) {
-        let timeout = self.services.connect_timeout;
+        let timeout = self.services_of(slot).connect_timeout;
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
             .and_then(|socket| socket.set_cloexec(true).map(|()| socket));
         let socket = match socket {
             Ok(socket) => socket,
             Err(error) => {
                 tracing::warn!(%error, "cannot create an upstream socket");
-                let services = std::sync::Arc::clone(&self.services);
+                let services = self.services_of(slot);
                 if let Some(entry) = self.table.get(slot) {
                     let error = error.to_string();
                     let now = monotonic_ns();

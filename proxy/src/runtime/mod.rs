@@ -5,6 +5,7 @@
 mod execute;
 mod reads;
 mod relay;
+mod reload;
 mod ring;
 mod splice;
 mod stream;
@@ -26,6 +27,8 @@ use crate::splice::SpliceProgram;
 use crate::sys::{self, SignalSet};
 use crate::tls::ServerConfigs;
 use worker::Worker;
+
+pub use reload::{restart_only_changes, Published, ReloadSource, Reloader};
 
 /// Why the proxy could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +89,8 @@ pub struct ServeOptions {
     /// Fault injection for tests only (`wsplice run --test-panic-after-accepts N`, hidden):
     /// each worker panics when it accepts its N-th connection.
     pub panic_after_accepts: Option<std::num::NonZeroU64>,
+    /// Where `SIGHUP` reads the config again (`None`: reload is refused).
+    pub reload: Option<ReloadSource>,
 }
 
 /// Counts a worker as running until its thread ends, however it ends: dropped on return and
@@ -134,23 +139,29 @@ pub fn serve(
     let support = support::check()?;
     let signals = SignalSet::block_termination().map_err(RuntimeError::Signals)?;
     let ring = splice.as_mut().and_then(SpliceProgram::take_pressure_ring);
-    let mut services = Services::new(config, splice.map(Arc::new));
-    // Per-request access lines cost a record each: built only when they would be written.
-    services.access_lines = tracing::enabled!(target: "wsplice::access", tracing::Level::INFO);
-    let services = Arc::new(services);
-    let shutdown = Arc::new(AtomicBool::new(false));
-    let running = Arc::new(AtomicUsize::new(0));
-
     // Load certificates and bind everything before starting any worker, so a bad file or
     // address fails the start cleanly.
     let tls = tls_configs(config)?;
+    let mut services = Services::new(config, splice.map(Arc::new));
+    // Per-request access lines cost a record each: built only when they would be written.
+    services.access_lines = tracing::enabled!(target: "wsplice::access", tracing::Level::INFO);
+    services.listener_tls = tls.clone();
+    let services = Arc::new(services);
+    let published = Arc::new(Published::new(Arc::clone(&services)));
+    let reloader = options
+        .reload
+        .clone()
+        .map(|source| Reloader::new(source, config.clone(), Arc::clone(&published)));
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let running = Arc::new(AtomicUsize::new(0));
+
     let mut per_worker = Vec::with_capacity(workers);
     for _ in 0..workers {
         let listeners = config
             .listeners
             .iter()
             .zip(&tls)
-            .map(|(l, tls)| Listener::bind(l.bind, tls.clone()))
+            .map(|(l, tls)| Listener::bind(l.bind, tls.is_some()))
             .collect::<Result<Vec<_>, _>>()?;
         per_worker.push(listeners);
     }
@@ -169,7 +180,7 @@ pub fn serve(
         let inbox = inboxes.get_mut(index).and_then(Option::take);
         let mut worker = Worker::new(
             index,
-            Arc::clone(&services),
+            Arc::clone(&published),
             listeners,
             Arc::clone(&shutdown),
             inbox,
@@ -211,9 +222,7 @@ pub fn serve(
     // Wait for a termination signal, or for a worker to stop on its own (an error).
     while running.load(Ordering::SeqCst) == workers {
         match signals.wait(Duration::from_millis(200)) {
-            Some(libc::SIGHUP) => {
-                tracing::warn!("SIGHUP: configuration reload is not supported yet; ignoring");
-            }
+            Some(libc::SIGHUP) => reload(reloader.as_ref()),
             Some(signal) => {
                 tracing::info!(signal, "termination signal received");
                 break;
@@ -239,6 +248,25 @@ pub fn serve(
             tracing::info!("all tunnels closed; exiting");
             Ok(())
         }
+    }
+}
+
+/// `SIGHUP`: publishes the config file's next generation, or logs why it was refused (the
+/// running one stays).
+fn reload(reloader: Option<&Reloader>) {
+    let Some(reloader) = reloader else {
+        tracing::warn!("SIGHUP: this process was started without a config file to read again");
+        return;
+    };
+    match reloader.reload() {
+        Ok(generation) => tracing::info!(
+            generation,
+            "configuration reloaded: new connections use it, open ones keep theirs"
+        ),
+        Err(error) => tracing::error!(
+            error = %crate::error_chain::describe(&error),
+            "configuration reload refused; the running configuration stays"
+        ),
     }
 }
 

@@ -14,7 +14,7 @@ impl Worker {
     /// Reads a head's bytes (the client's plaintext for TLS) into the scratch buffer and hands
     /// them to the connection.
     pub(super) fn read_side_into(&mut self, slot: u32, side: Side, actions: &mut Actions) {
-        let services = std::sync::Arc::clone(&self.services);
+        let services = self.services_of(slot);
         let mut scratch = std::mem::take(&mut self.scratch);
         let Some(entry) = self.table.get(slot) else {
             self.scratch = scratch;
@@ -57,7 +57,7 @@ impl Worker {
 
     /// Kernel path: looks at the upstream's response without consuming it.
     pub(super) fn peek_upstream(&mut self, slot: u32, actions: &mut Actions) {
-        let services = std::sync::Arc::clone(&self.services);
+        let services = self.services_of(slot);
         let mut scratch = std::mem::take(&mut self.scratch);
         let Some(entry) = self.table.get(slot) else {
             self.scratch = scratch;
@@ -79,7 +79,7 @@ impl Worker {
 
     /// A spliced socket woke up: a FIN, a reset, or stray bytes.
     pub(super) fn look_at_spliced(&mut self, slot: u32, side: Side, actions: &mut Actions) {
-        let services = std::sync::Arc::clone(&self.services);
+        let services = self.services_of(slot);
         if let Some(event) = self.inspect_spliced(slot, side) {
             if let Some(entry) = self.table.get(slot) {
                 entry.conn.on_spliced_event(side, event, &services, actions);
@@ -142,7 +142,7 @@ impl Worker {
 
     /// The client's TLS stream is broken: tell the client what we can, then the connection.
     pub(super) fn tls_failed(&mut self, slot: u32, error: &io::Error, actions: &mut Actions) {
-        let services = std::sync::Arc::clone(&self.services);
+        let services = self.services_of(slot);
         let Some(entry) = self.table.get(slot) else {
             return;
         };

@@ -12,7 +12,7 @@ use crate::sys;
 impl Worker {
     /// Relay: reads up to `budget` bytes from `from` and sends them to its peer.
     pub(super) fn forward(&mut self, slot: u32, from: Side, budget: usize, actions: &mut Actions) {
-        let services = std::sync::Arc::clone(&self.services);
+        let services = self.services_of(slot);
         let Some(entry) = self.table.get(slot) else {
             return;
         };

@@ -2,11 +2,13 @@
 //! I/O state of its two sockets.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
 
 use super::ring::ConnectArgs;
 use super::splice::SplicedSockets;
 use super::stream::ClientStream;
 use crate::connection::{Connection, Side};
+use crate::services::Services;
 
 /// Bytes being written to one socket.
 #[derive(Debug)]
@@ -150,6 +152,9 @@ impl SideIo {
 pub struct Entry {
     /// The lifecycle machine.
     pub conn: Connection,
+    /// The generation of the services the connection was accepted under (a reload publishes
+    /// the next one for new connections): its route and pool indices point into these.
+    pub services: Arc<Services>,
     /// The accepted socket.
     pub client: SideIo,
     /// The upstream socket.

@@ -15,6 +15,7 @@ use std::time::Duration;
 use io_uring::types;
 use socket2::SockRef;
 
+use super::reload::Published;
 use super::ring::{Op, Ring};
 use super::splice;
 use super::stream::ClientStream;
@@ -89,7 +90,11 @@ pub struct Worker {
     pub(super) index: usize,
     inbox: Option<Inbox>,
     pub(super) ring: Ring,
+    /// The services new connections get (a reload replaces them: see `published`).
     pub(super) services: Arc<Services>,
+    /// Where reloads publish the next generation of the services, and the one `services` is.
+    published: Arc<Published>,
+    generation: u64,
     /// This worker's handle on the splice maps (kernel path).
     pub(super) maps: Option<SpliceMaps>,
     listeners: Vec<ListenerSlot>,
@@ -130,13 +135,14 @@ impl Worker {
     /// A worker serving `listeners` (its own `SO_REUSEPORT` sockets).
     pub fn new(
         index: usize,
-        services: Arc<Services>,
+        published: Arc<Published>,
         listeners: Vec<Listener>,
         shutdown: Arc<AtomicBool>,
         inbox: Option<Inbox>,
         support: RingSupport,
     ) -> Result<Worker, WorkerError> {
         let ring = Ring::new(support.deferred_task_run).map_err(WorkerError::Ring)?;
+        let (generation, services) = published.current();
         let maps = services
             .splice
             .as_ref()
@@ -149,6 +155,8 @@ impl Worker {
             inbox,
             ring,
             services,
+            published,
+            generation,
             maps,
             listeners: listeners
                 .into_iter()
@@ -199,6 +207,9 @@ impl Worker {
             for &(user_data, result, flags) in &completions {
                 self.complete(user_data, result, flags);
             }
+            if self.published.generation() != self.generation {
+                (self.generation, self.services) = self.published.current();
+            }
             let now = monotonic_ns();
             fired.clear();
             self.wheel.expire(now, &mut fired);
@@ -217,6 +228,15 @@ impl Worker {
         }
     }
 
+    /// The services generation the connection in `slot` was accepted under (the current one
+    /// once it is gone).
+    pub(super) fn services_of(&mut self, slot: u32) -> Arc<Services> {
+        self.table.get(slot).map_or_else(
+            || Arc::clone(&self.services),
+            |entry| Arc::clone(&entry.services),
+        )
+    }
+
     /// Gives `event` to the connection in `slot`, then carries out the actions it asked for
     /// (and those that carrying them out asks for, in order).
     pub(super) fn drive(
@@ -226,7 +246,7 @@ impl Worker {
     ) {
         self.with_actions(slot, |worker, actions| {
             if let Some(entry) = worker.table.get(slot) {
-                event(&mut entry.conn, &worker.services, actions);
+                event(&mut entry.conn, &entry.services, actions);
             }
         });
     }
@@ -387,10 +407,11 @@ impl Worker {
                 self.accepted
             );
         }
-        let (scheme, tls) = self.listeners[index]
+        let scheme = self.listeners[index]
             .listener
             .as_ref()
-            .map_or((Scheme::Ws, None), |l| (l.scheme, l.tls.clone()));
+            .map_or(Scheme::Ws, |l| l.scheme);
+        let tls = self.services.listener_tls.get(index).cloned().flatten();
         self.open(fd, scheme, tls);
     }
 
@@ -445,6 +466,7 @@ impl Worker {
         }
         let slot = self.table.insert(Entry {
             conn,
+            services: Arc::clone(&self.services),
             client: SideIo::with(fd),
             upstream: SideIo::default(),
             stream,
@@ -787,7 +809,7 @@ impl Worker {
         self.services
             .admission
             .release(entry.conn.client_addr().ip());
-        let mut record = entry.conn.finish(monotonic_ns(), &self.services);
+        let mut record = entry.conn.finish(monotonic_ns(), &entry.services);
         record.tls = entry.stream.negotiated();
         record.log();
         // Dropping the entry closes both sockets.

@@ -1,0 +1,161 @@
+//! `SIGHUP` reloads the config: new connections follow the new routes and certificates within
+//! a second, open tunnels go on untouched, a config that does not load is refused and the
+//! running one stays.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio_tungstenite::tungstenite::Message;
+use wsplice_tests::tls::*;
+use wsplice_tests::*;
+
+/// Tunnels kept open through the reloads, each echoing a sequenced message per round.
+const TUNNELS: usize = 200;
+
+/// Reloads in a row, the upstream switching at each.
+const RELOADS: usize = 10;
+
+/// Opens a tunnel on a path that names `label`, so the echo's records tell where it went.
+async fn tunnel(proxy: &Proxy, label: &str) -> Client {
+    connect(&proxy.url(&format!("/{label}"))).await
+}
+
+/// Whether `echo` recorded a handshake for `label`.
+fn saw(echo: &Echo, label: &str) -> bool {
+    let path = format!("/{label}");
+    echo.records().iter().any(|record| record.path == path)
+}
+
+/// Every tunnel echoes its next sequenced message.
+async fn echo_round(tunnels: &mut [Client], round: usize) {
+    for (index, ws) in tunnels.iter_mut().enumerate() {
+        bounded(ws.send(Message::text(format!("{index}:{round}"))))
+            .await
+            .expect("send");
+    }
+    for (index, ws) in tunnels.iter_mut().enumerate() {
+        let reply = bounded(ws.next()).await.expect("a reply").expect("a frame");
+        assert_eq!(
+            reply,
+            Message::text(format!("{index}:{round}")),
+            "tunnel {index}, round {round}: lost or reordered"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_switch_new_connections_and_leave_open_tunnels_alone() {
+    let (first, second) = (Echo::start(), Echo::start());
+    for datapath in datapaths() {
+        let config = |echo: &Echo| ProxyConfig::new(&[echo.addr()]);
+        let proxy = Proxy::start(datapath, &config(&first));
+        let mut tunnels = Vec::with_capacity(TUNNELS);
+        for index in 0..TUNNELS {
+            tunnels.push(tunnel(&proxy, &format!("{datapath:?}-open-{index}")).await);
+        }
+        echo_round(&mut tunnels, 0).await;
+        let fds_before = proxy.fd_count();
+
+        for reload in 1..=RELOADS {
+            let target = if reload % 2 == 1 { &second } else { &first };
+            let reloaded_at = Instant::now();
+            assert!(proxy.reload(&config(target)), "reload {reload} refused");
+            // New connections go to the new upstream within a second of the reload.
+            let mut attempt = 0;
+            loop {
+                let label = format!("{datapath:?}-after-{reload}-{attempt}");
+                let mut ws = tunnel(&proxy, &label).await;
+                echo_text(&mut ws, "new").await;
+                if saw(target, &label) {
+                    break;
+                }
+                assert!(
+                    reloaded_at.elapsed() < Duration::from_secs(1),
+                    "reload {reload}: new connections still went to the old upstream"
+                );
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // The open tunnels did not notice.
+            echo_round(&mut tunnels, reload).await;
+        }
+        assert!(
+            (0..TUNNELS).all(|index| saw(&first, &format!("{datapath:?}-open-{index}"))),
+            "the open tunnels were all opened to the first upstream"
+        );
+
+        // A file that does not load: refused, logged, the running configuration stays.
+        assert!(
+            !proxy.reload_text("[[listener]\nbind = "),
+            "a broken file was taken"
+        );
+        let log = proxy.log();
+        assert!(
+            log.contains("configuration reload refused"),
+            "the refusal names itself:\n{log}"
+        );
+        let label = format!("{datapath:?}-after-refusal");
+        let mut ws = tunnel(&proxy, &label).await;
+        echo_text(&mut ws, "still served").await;
+        assert!(saw(&first, &label), "the last good config still routes");
+        echo_round(&mut tunnels, RELOADS + 1).await;
+        drop(ws);
+
+        // Nothing leaked: the same descriptors as before the reloads (the probes are closed).
+        assert!(
+            eventually(|| proxy.fd_count() <= fds_before),
+            "descriptors grew over the reloads: {} -> {}",
+            fds_before,
+            proxy.fd_count()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_certificate_for_new_connections_and_names_restart_only_settings() {
+    let (old_ca, new_ca) = (TestCa::new(), TestCa::new());
+    let old_leaf = old_ca.issue("old", &["localhost"]);
+    let new_leaf = new_ca.issue("new", &["localhost"]);
+    let echo = Echo::start();
+    let mut config = ProxyConfig::new(&[echo.addr()]);
+    config.tls = Some(tls_table(&old_leaf, ""));
+    let proxy = Proxy::start(DataPath::Userspace, &config);
+    let mut open = connect_wss(proxy.addr(), "localhost", "/open", old_ca.client_config()).await;
+    echo_text_tls(&mut open, "before").await;
+    assert!(
+        tls_connect(proxy.addr(), "localhost", new_ca.client_config())
+            .await
+            .is_err(),
+        "the new certificate is not served before the reload"
+    );
+
+    config.tls = Some(tls_table(&new_leaf, ""));
+    config.limits = "relay_buffer = 16384";
+    assert!(proxy.reload(&config), "reload refused:\n{}", proxy.log());
+    let log = proxy.log();
+    assert!(
+        log.contains("limits.relay_buffer") && log.contains("next restart"),
+        "a setting that needs a restart is named:\n{log}"
+    );
+    let served_new = eventually(|| {
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                tls_connect(proxy.addr(), "localhost", new_ca.client_config())
+                    .await
+                    .is_ok()
+            })
+        })
+    });
+    assert!(served_new, "new connections get the new certificate");
+    let mut fresh = connect_wss(proxy.addr(), "localhost", "/fresh", new_ca.client_config()).await;
+    echo_text_tls(&mut fresh, "after").await;
+    // The tunnel opened under the old certificate goes on.
+    echo_text_tls(&mut open, "still here").await;
+}
+
+/// Sends `text` over a wss tunnel and asserts it comes back.
+async fn echo_text_tls(ws: &mut TlsClient, text: &str) {
+    bounded(ws.send(Message::text(text))).await.expect("send");
+    let reply = bounded(ws.next()).await.expect("a reply").expect("a frame");
+    assert_eq!(reply, Message::text(text));
+}
