@@ -613,6 +613,9 @@ impl Proxy {
         loop {
             let now = outcomes(&self.log());
             if now.0 > before.0 {
+                // Each worker takes the new generation at its next wake-up, a tick (50 ms) at
+                // the latest.
+                std::thread::sleep(Duration::from_millis(150));
                 return true;
             }
             if now.1 > before.1 || Instant::now() > deadline {

@@ -159,3 +159,59 @@ async fn echo_text_tls(ws: &mut TlsClient, text: &str) {
     let reply = bounded(ws.next()).await.expect("a reply").expect("a frame");
     assert_eq!(reply, Message::text(text));
 }
+
+/// Whether a TLS connection to the proxy with `client` succeeds, and whether it resumed.
+async fn tls_outcome(proxy: &Proxy, client: &std::sync::Arc<rustls::ClientConfig>) -> Option<bool> {
+    let stream = tls_connect(proxy.addr(), "localhost", std::sync::Arc::clone(client))
+        .await
+        .ok()?;
+    Some(stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_without_a_signal_and_sessions_resume_across_a_reload() {
+    let (ca, renewing_ca) = (TestCa::new(), TestCa::new());
+    let leaf = ca.issue("served", &["localhost"]);
+    let echo = Echo::start();
+    let mut config = ProxyConfig::new(&[echo.addr()]);
+    config.tls = Some(tls_table(&leaf, ""));
+    let proxy = Proxy::start(DataPath::Userspace, &config);
+
+    // A session from before a reload resumes after it: the ticket keys carried over.
+    let client = ca.client_config();
+    let mut ws = connect_wss(proxy.addr(), "localhost", "/ticket", client.clone()).await;
+    echo_text_tls(&mut ws, "tickets arrive with the first answer").await;
+    drop(ws);
+    assert!(proxy.reload(&config), "reload refused:\n{}", proxy.log());
+    assert_eq!(
+        tls_outcome(&proxy, &client).await,
+        Some(true),
+        "the session did not resume across the reload"
+    );
+
+    // The files are replaced in place, as an ACME client renews: no signal needed.
+    let mut open = connect_wss(proxy.addr(), "localhost", "/open", ca.client_config()).await;
+    let renewed = renewing_ca.issue("renewed", &["localhost"]);
+    std::fs::copy(&renewed.key, &leaf.key).expect("replace the key");
+    std::fs::copy(&renewed.cert, &leaf.cert).expect("replace the certificate");
+    let renewed_client = renewing_ca.client_config();
+    let served = eventually(|| {
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current()
+                .block_on(tls_outcome(&proxy, &renewed_client))
+                .is_some()
+        })
+    });
+    assert!(
+        served,
+        "the renewed certificate is not served:\n{}",
+        proxy.log()
+    );
+    assert!(
+        proxy.log().contains("certificate files changed"),
+        "{}",
+        proxy.log()
+    );
+    // The tunnel opened under the old certificate goes on.
+    echo_text_tls(&mut open, "still here").await;
+}

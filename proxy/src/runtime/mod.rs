@@ -148,7 +148,7 @@ pub fn serve(
     services.listener_tls = tls.clone();
     let services = Arc::new(services);
     let published = Arc::new(Published::new(Arc::clone(&services)));
-    let reloader = options
+    let mut reloader = options
         .reload
         .clone()
         .map(|source| Reloader::new(source, config.clone(), Arc::clone(&published)));
@@ -222,12 +222,17 @@ pub fn serve(
     // Wait for a termination signal, or for a worker to stop on its own (an error).
     while running.load(Ordering::SeqCst) == workers {
         match signals.wait(Duration::from_millis(200)) {
-            Some(libc::SIGHUP) => reload(reloader.as_ref()),
+            Some(libc::SIGHUP) => reload(reloader.as_mut()),
             Some(signal) => {
                 tracing::info!(signal, "termination signal received");
                 break;
             }
             None => {}
+        }
+        if let Some(reloader) = reloader.as_mut() {
+            if reloader.certificates_changed() {
+                reload_certificates(reloader);
+            }
         }
     }
     shutdown.store(true, Ordering::SeqCst);
@@ -253,7 +258,7 @@ pub fn serve(
 
 /// `SIGHUP`: publishes the config file's next generation, or logs why it was refused (the
 /// running one stays).
-fn reload(reloader: Option<&Reloader>) {
+fn reload(reloader: Option<&mut Reloader>) {
     let Some(reloader) = reloader else {
         tracing::warn!("SIGHUP: this process was started without a config file to read again");
         return;
@@ -266,6 +271,21 @@ fn reload(reloader: Option<&Reloader>) {
         Err(error) => tracing::error!(
             error = %crate::error_chain::describe(&error),
             "configuration reload refused; the running configuration stays"
+        ),
+    }
+}
+
+/// A certificate or key file changed (a renewal): the listeners' TLS configurations are built
+/// again from the running configuration.
+fn reload_certificates(reloader: &mut Reloader) {
+    match reloader.reload_certificates() {
+        Ok(generation) => tracing::info!(
+            generation,
+            "certificate files changed: new connections get the new certificates"
+        ),
+        Err(error) => tracing::error!(
+            error = %crate::error_chain::describe(&error),
+            "certificate files changed but do not load; the running certificates stay"
         ),
     }
 }

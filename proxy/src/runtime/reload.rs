@@ -7,15 +7,25 @@
 //! what is already running (listeners, workers, the admin listener, relay buffers, connection
 //! limits, the kernel path's settings, the account) changes at the next restart: a reload that
 //! changes them logs each one and applies the rest.
+//!
+//! Certificates are also watched: when a certificate or key file of the running configuration
+//! changes (an ACME renewal), the listeners' TLS configurations are built again from it, the
+//! rest untouched. Either way the ticket keys and session cache carry over, so clients resume
+//! across a reload.
 
+use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::{tls_configs, RuntimeError};
 use crate::config::{Config, ConfigError, Splicing};
 use crate::services::Services;
 use crate::tls::ServerConfigs;
+
+/// How often the certificate and key files are looked at (a `stat` each).
+const CERTIFICATE_CHECK: Duration = Duration::from_secs(2);
 
 /// The services new connections get. A reload replaces them; each worker picks the new
 /// generation up at its next loop turn (at most a tick later).
@@ -75,67 +85,152 @@ pub enum ReloadError {
 }
 
 /// Reloads on request: keeps the configuration the process started with, to tell what a new
-/// file changes that only a restart applies.
+/// file changes that only a restart applies, and the one applied last, whose certificate files
+/// it watches.
 #[derive(Debug)]
 pub struct Reloader {
     source: ReloadSource,
     started: Config,
+    applied: Config,
     published: Arc<Published>,
+    /// The certificate and key files of `applied`, and what they were when last looked at.
+    watched: Vec<(PathBuf, Option<FileStamp>)>,
+    last_check: Instant,
+}
+
+/// What tells a file changed: its time, size and inode (a renewal that swaps a symlink or
+/// renames a new file over the old one changes the inode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+impl FileStamp {
+    fn of(path: &std::path::Path) -> Option<FileStamp> {
+        let metadata = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            modified: metadata.modified().ok(),
+            len: metadata.len(),
+            inode: metadata.ino(),
+        })
+    }
 }
 
 impl Reloader {
     /// A reloader for a process started with `started` (overrides applied).
     pub fn new(source: ReloadSource, started: Config, published: Arc<Published>) -> Reloader {
+        let watched = watch_list(&started);
         Reloader {
             source,
+            applied: started.clone(),
             started,
             published,
+            watched,
+            last_check: Instant::now(),
         }
     }
 
     /// Reads the file again and publishes the next generation; returns its number. On error
     /// nothing changes.
-    pub fn reload(&self) -> Result<u64, ReloadError> {
+    pub fn reload(&mut self) -> Result<u64, ReloadError> {
         let mut config = Config::load(&self.source.path)?;
         if self.source.splice_at_once {
             config.splicing = Splicing::AtOnce;
         }
-        let tls = tls_configs(&config)?;
+        // Every listener's certificates load, as `wsplice check` asks.
+        tls_configs(&config)?;
         for setting in restart_only_changes(&self.started, &config) {
             tracing::warn!(
                 setting,
                 "reload: this setting changed and takes effect at the next restart"
             );
         }
+        let generation = self.publish(&config)?;
+        self.watched = watch_list(&config);
+        self.applied = config;
+        Ok(generation)
+    }
+
+    /// Whether a certificate or key file of the running configuration changed since it was
+    /// last looked at (looked at every 2 s at most; cheaper than that to call).
+    pub fn certificates_changed(&mut self) -> bool {
+        if self.last_check.elapsed() < CERTIFICATE_CHECK {
+            return false;
+        }
+        self.last_check = Instant::now();
+        let mut changed = false;
+        for (path, stamp) in &mut self.watched {
+            let now = FileStamp::of(path);
+            if now != *stamp {
+                *stamp = now;
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Builds the listeners' TLS configurations again from the running configuration (its
+    /// files read again) and publishes them with everything else unchanged.
+    pub fn reload_certificates(&mut self) -> Result<u64, ReloadError> {
+        let applied = self.applied.clone();
+        self.publish(&applied)
+    }
+
+    /// Publishes the generation of `config` after the current one.
+    fn publish(&self, config: &Config) -> Result<u64, ReloadError> {
         let (_, current) = self.published.current();
-        let listener_tls = tls_for_running_listeners(&self.started, &config, &tls, &current);
-        let next = current.successor(&config, listener_tls);
+        let listener_tls = tls_for_running_listeners(&self.started, config, &current)?;
+        let next = current.successor(config, listener_tls);
         Ok(self.published.publish(Arc::new(next)))
     }
 }
 
+/// The certificate and key files of `config`, as they are now.
+fn watch_list(config: &Config) -> Vec<(PathBuf, Option<FileStamp>)> {
+    config
+        .listeners
+        .iter()
+        .filter_map(|listener| listener.tls.as_ref())
+        .flat_map(|tls| std::iter::once(&tls.default).chain(tls.sni.iter().map(|sni| &sni.files)))
+        .flat_map(|files| [files.cert.clone(), files.key.clone()])
+        .map(|path| {
+            let stamp = FileStamp::of(&path);
+            (path, stamp)
+        })
+        .collect()
+}
+
 /// The TLS configuration of each running listener (those the process started with, in order)
-/// from the new config: the new one where the listener is still there with the same scheme, the
-/// running one where it was removed or changed scheme (that takes a restart).
+/// from `config`: built again where the listener is still there with the same scheme (ticket
+/// keys and session cache carried over), the running one where it was removed or changed
+/// scheme (that takes a restart).
 fn tls_for_running_listeners(
     started: &Config,
     config: &Config,
-    tls: &[Option<Arc<ServerConfigs>>],
     current: &Services,
-) -> Vec<Option<Arc<ServerConfigs>>> {
+) -> Result<Vec<Option<Arc<ServerConfigs>>>, ReloadError> {
     started
         .listeners
         .iter()
         .enumerate()
         .map(|(index, running)| {
             let running_tls = current.listener_tls.get(index).cloned().flatten();
-            config
+            let kept = config
                 .listeners
                 .iter()
-                .zip(tls)
-                .find(|(listener, _)| listener.bind == running.bind)
-                .filter(|(listener, _)| listener.tls.is_some() == running.tls.is_some())
-                .map_or(running_tls, |(_, tls)| tls.clone())
+                .find(|listener| listener.bind == running.bind)
+                .filter(|listener| listener.tls.is_some() == running.tls.is_some());
+            match (kept.and_then(|listener| listener.tls.as_ref()), running_tls) {
+                (Some(tls), Some(old)) => old.reloaded(tls).map(Some).map_err(|source| {
+                    ReloadError::Tls(RuntimeError::Tls {
+                        bind: running.bind,
+                        source,
+                    })
+                }),
+                (_, running_tls) => Ok(running_tls),
+            }
         })
         .collect()
 }

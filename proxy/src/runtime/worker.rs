@@ -202,13 +202,14 @@ impl Worker {
         let mut fired = Vec::new();
         loop {
             self.ring.submit_and_wait().map_err(WorkerError::Submit)?;
+            if self.published.generation() != self.generation {
+                // A reload: connections accepted from now on get the new services.
+                (self.generation, self.services) = self.published.current();
+            }
             completions.clear();
             self.ring.reap(&mut completions);
             for &(user_data, result, flags) in &completions {
                 self.complete(user_data, result, flags);
-            }
-            if self.published.generation() != self.generation {
-                (self.generation, self.services) = self.published.current();
             }
             let now = monotonic_ns();
             fired.clear();

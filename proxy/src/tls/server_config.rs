@@ -65,6 +65,33 @@ pub struct ServerConfigs {
     client_order: Arc<ServerConfig>,
     /// Whose crypto the configurations use (and TLS 1.3 records after the handshake).
     provider: config::CryptoProvider,
+    /// The settings the ticket keys and the session cache were made for.
+    resumption: ResumptionSettings,
+}
+
+/// What decides how sessions resume: a reload that keeps them keeps the ticket keys and the
+/// session cache, so clients resume across it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ResumptionSettings {
+    tickets: bool,
+    cache: usize,
+    provider: config::CryptoProvider,
+}
+
+impl ResumptionSettings {
+    fn of(config: &TlsConfig) -> ResumptionSettings {
+        ResumptionSettings {
+            tickets: config.session_tickets,
+            cache: config.session_cache,
+            provider: config.provider,
+        }
+    }
+}
+
+/// The ticket keys and session cache a listener's configurations share.
+struct Resumption {
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    storage: Arc<dyn rustls::server::StoresServerSessions>,
 }
 
 impl ServerConfigs {
@@ -82,14 +109,38 @@ impl ServerConfigs {
     pub fn provider(&self) -> config::CryptoProvider {
         self.provider
     }
+
+    /// The configurations of this listener after a reload (`config`: its new settings, files
+    /// read again). When its resumption settings did not change, the ticket keys and the
+    /// session cache carry over: clients resume across the reload.
+    pub fn reloaded(&self, config: &TlsConfig) -> Result<Arc<ServerConfigs>, TlsSetupError> {
+        let carried = (self.resumption == ResumptionSettings::of(config)).then(|| Resumption {
+            ticketer: Arc::clone(&self.client_order.ticketer),
+            storage: Arc::clone(&self.client_order.session_storage),
+        });
+        build(config, carried)
+    }
 }
 
 /// Loads the certificates and builds the server configurations of one TLS listener.
 pub fn server_configs(config: &TlsConfig) -> Result<Arc<ServerConfigs>, TlsSetupError> {
+    build(config, None)
+}
+
+/// [`server_configs`], with the ticket keys and session cache of `carried` if given.
+fn build(
+    config: &TlsConfig,
+    carried: Option<Resumption>,
+) -> Result<Arc<ServerConfigs>, TlsSetupError> {
     let provider = provider(config);
     let resolver: Arc<dyn ResolvesServerCert> = Arc::new(SniResolver::load(config, &provider)?);
     let chosen_by_operator = !config.ciphers.is_empty();
-    let base = server_config(config, provider.clone(), Arc::clone(&resolver))?;
+    let mut base = server_config(config, provider.clone(), Arc::clone(&resolver))?;
+    if let Some(carried) = carried {
+        base.ticketer = carried.ticketer;
+        base.session_storage = carried.storage;
+    }
+    let resumption = ResumptionSettings::of(config);
     if chosen_by_operator || !has_aes_hardware() {
         // Config order is preference order: the server picks.
         let mut only = base;
@@ -99,6 +150,7 @@ pub fn server_configs(config: &TlsConfig) -> Result<Arc<ServerConfigs>, TlsSetup
             aes_first: Arc::clone(&only),
             client_order: only,
             provider: config.provider,
+            resumption,
         }));
     }
     let mut aes_first = server_config(config, aes_128_first(provider), resolver)?;
@@ -109,6 +161,7 @@ pub fn server_configs(config: &TlsConfig) -> Result<Arc<ServerConfigs>, TlsSetup
         aes_first: Arc::new(aes_first),
         client_order: Arc::new(base),
         provider: config.provider,
+        resumption,
     }))
 }
 
