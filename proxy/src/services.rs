@@ -95,8 +95,28 @@ pub struct Services {
     /// The loaded sockmap program when plain tunnels go to the kernel path (each worker opens
     /// its own handle on the maps).
     pub splice: Option<Arc<SpliceProgram>>,
-    /// The TLS configuration of each listener, in config order (`None`: `ws://`).
-    pub listener_tls: Vec<Option<Arc<ServerConfigs>>>,
+    /// The listeners of this generation: where new connections are accepted, and how.
+    pub listeners: Vec<ServedListener>,
+}
+
+/// A listener as a generation serves it.
+#[derive(Debug, Clone)]
+pub struct ServedListener {
+    /// Its address (each worker has its own socket bound to it).
+    pub bind: std::net::SocketAddr,
+    /// Its TLS configuration (`None`: `ws://`); a reload may change it.
+    pub tls: Option<Arc<ServerConfigs>>,
+}
+
+impl Services {
+    /// The TLS configuration of the listener at `bind` (`None` for `ws://`, or one this
+    /// generation no longer serves).
+    pub fn listener_tls(&self, bind: std::net::SocketAddr) -> Option<Arc<ServerConfigs>> {
+        self.listeners
+            .iter()
+            .find(|listener| listener.bind == bind)
+            .and_then(|listener| listener.tls.clone())
+    }
 }
 
 impl Services {
@@ -149,26 +169,22 @@ impl Services {
             metrics: Arc::default(),
             access_lines: true,
             splice,
-            listener_tls: Vec::new(),
+            listeners: Vec::new(),
         }
     }
 
-    /// The next generation, from a reloaded config and its listeners' TLS configurations: what
-    /// lives as long as the process (counters, admission counts, the kernel program) is
-    /// carried over; routes, pools, header rules, timeouts and certificates are the new ones.
+    /// The next generation, from a reloaded config and the listeners it serves: what lives as
+    /// long as the process (counters, admission counts, the kernel program) is carried over;
+    /// routes, pools, header rules, timeouts, listeners and certificates are the new ones.
     /// Settings that size what is already running are kept (see `runtime::reload`).
-    pub fn successor(
-        &self,
-        config: &Config,
-        listener_tls: Vec<Option<Arc<ServerConfigs>>>,
-    ) -> Services {
+    pub fn successor(&self, config: &Config, listeners: Vec<ServedListener>) -> Services {
         let mut next = Services::new(config, self.splice.clone());
         next.admission = Arc::clone(&self.admission);
         next.metrics = Arc::clone(&self.metrics);
         next.access_lines = self.access_lines;
         next.relay_buffer = self.relay_buffer;
         next.promotion = self.promotion;
-        next.listener_tls = listener_tls;
+        next.listeners = listeners;
         next
     }
 }

@@ -215,3 +215,55 @@ async fn a_renewed_certificate_is_served_without_a_signal_and_sessions_resume_ac
     // The tunnel opened under the old certificate goes on.
     echo_text_tls(&mut open, "still here").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_are_added_and_removed_by_a_reload_and_open_connections_stay() {
+    let echo = Echo::start();
+    for datapath in datapaths() {
+        let config = ProxyConfig::new(&[echo.addr()]);
+        let proxy = Proxy::start(datapath, &config);
+        let original = proxy.addr();
+        let listener = |addr: std::net::SocketAddr| format!("[[listener]]\nbind = \"{addr}\"\n");
+        let text = proxy.config_text(&config);
+        let mut on_original = tunnel(&proxy, "on-original").await;
+        echo_text(&mut on_original, "before").await;
+
+        // Added: accepted at once, on every worker.
+        let extra: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let both = text.replace(
+            &listener(original),
+            &format!("{}\n{}", listener(extra), listener(original)),
+        );
+        assert!(proxy.reload_text(&both), "{}", proxy.log());
+        let mut on_extra = Vec::new();
+        for index in 0..8 {
+            let mut ws = connect(&format!("ws://{extra}/on-extra-{index}")).await;
+            echo_text(&mut ws, "through the added listener").await;
+            on_extra.push(ws);
+        }
+        let fds_with_both = proxy.fd_count();
+
+        // Removed: new connections are refused, the open ones go on.
+        let only_extra = text.replace(&listener(original), &listener(extra));
+        assert!(proxy.reload_text(&only_extra), "{}", proxy.log());
+        assert!(
+            eventually(|| std::net::TcpStream::connect(original).is_err()),
+            "the removed listener still accepts"
+        );
+        echo_text(&mut on_original, "still open").await;
+        for ws in &mut on_extra {
+            echo_text(ws, "still open too").await;
+        }
+        assert!(proxy.log().contains("listener removed"), "{}", proxy.log());
+        let workers = config.workers;
+        assert!(
+            eventually(|| proxy.fd_count() + workers <= fds_with_both),
+            "the removed listener's {workers} sockets were not closed"
+        );
+
+        // And back, on the same port.
+        assert!(proxy.reload_text(&both), "{}", proxy.log());
+        let mut again = tunnel(&proxy, "on-original-again").await;
+        echo_text(&mut again, "back").await;
+    }
+}

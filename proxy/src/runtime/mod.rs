@@ -145,9 +145,17 @@ pub fn serve(
     let mut services = Services::new(config, splice.map(Arc::new));
     // Per-request access lines cost a record each: built only when they would be written.
     services.access_lines = tracing::enabled!(target: "wsplice::access", tracing::Level::INFO);
-    services.listener_tls = tls.clone();
+    services.listeners = config
+        .listeners
+        .iter()
+        .zip(&tls)
+        .map(|(listener, tls)| crate::services::ServedListener {
+            bind: listener.bind,
+            tls: tls.clone(),
+        })
+        .collect();
     let services = Arc::new(services);
-    let published = Arc::new(Published::new(Arc::clone(&services)));
+    let published = Arc::new(Published::new(Arc::clone(&services), workers));
     let mut reloader = options
         .reload
         .clone()

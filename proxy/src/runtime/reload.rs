@@ -2,11 +2,13 @@
 //! generation of the services is published for new connections; open connections keep the
 //! generation they were accepted under.
 //!
-//! What a reload changes at once: routes, upstream pools, header rules, timeouts, request
-//! limits, trusted proxies and the listeners' certificates and TLS settings. What sizes or binds
-//! what is already running (listeners, workers, the admin listener, relay buffers, connection
-//! limits, the kernel path's settings, the account) changes at the next restart: a reload that
-//! changes them logs each one and applies the rest.
+//! What a reload changes at once: listeners (added ones are bound by the main thread, one socket
+//! per worker, and handed to the workers; removed ones stop accepting and close, their accepted
+//! connections going on), routes, upstream pools, header rules, timeouts, request limits,
+//! trusted proxies and the listeners' certificates and TLS settings. What sizes what is already
+//! running (workers, the admin listener, relay buffers, connection limits, the kernel path's
+//! settings, the account, a listener switching between ws and wss) changes at the next restart:
+//! a reload that changes them logs each one and applies the rest.
 //!
 //! Certificates are also watched: when a certificate or key file of the running configuration
 //! changes (an ACME renewal), the listeners' TLS configurations are built again from it, the
@@ -20,28 +22,41 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{tls_configs, RuntimeError};
-use crate::config::{Config, ConfigError, Splicing};
-use crate::services::Services;
-use crate::tls::ServerConfigs;
+use crate::config::{Config, ConfigError, ListenerConfig, Splicing};
+use crate::listener::{BindError, Listener};
+use crate::services::{ServedListener, Services};
 
 /// How often the certificate and key files are looked at (a `stat` each).
 const CERTIFICATE_CHECK: Duration = Duration::from_secs(2);
 
 /// The services new connections get. A reload replaces them; each worker picks the new
-/// generation up at its next loop turn (at most a tick later).
+/// generation up at its next wake-up (a tick at the latest), with the sockets of the listeners
+/// it added.
 #[derive(Debug)]
 pub struct Published {
     generation: AtomicU64,
     services: Mutex<Arc<Services>>,
+    /// Per worker: sockets of listeners added by reloads, not yet taken by the worker.
+    new_listeners: Vec<Mutex<Vec<Listener>>>,
 }
 
 impl Published {
-    /// The first generation.
-    pub fn new(services: Arc<Services>) -> Published {
+    /// The first generation, for `workers` workers.
+    pub fn new(services: Arc<Services>, workers: usize) -> Published {
         Published {
             generation: AtomicU64::new(0),
             services: Mutex::new(services),
+            new_listeners: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
         }
+    }
+
+    /// Worker `worker`'s sockets of the listeners added since it last asked.
+    pub fn take_new_listeners(&self, worker: usize) -> Vec<Listener> {
+        self.new_listeners
+            .get(worker)
+            .map_or_else(Vec::new, |sockets| {
+                std::mem::take(&mut *sockets.lock().unwrap_or_else(PoisonError::into_inner))
+            })
     }
 
     /// The generation published last (a cheap check for the workers' loop).
@@ -82,6 +97,10 @@ pub enum ReloadError {
     /// A certificate or key does not load.
     #[error(transparent)]
     Tls(#[from] RuntimeError),
+    /// An added listener cannot be bound (a port below 1024 once privileges are dropped, an
+    /// address in use).
+    #[error(transparent)]
+    Bind(#[from] BindError),
 }
 
 /// Reloads on request: keeps the configuration the process started with, to tell what a new
@@ -178,11 +197,44 @@ impl Reloader {
         self.publish(&applied)
     }
 
-    /// Publishes the generation of `config` after the current one.
+    /// Publishes the generation of `config` after the current one, with the sockets of the
+    /// listeners it adds.
     fn publish(&self, config: &Config) -> Result<u64, ReloadError> {
         let (_, current) = self.published.current();
-        let listener_tls = tls_for_running_listeners(&self.started, config, &current)?;
-        let next = current.successor(config, listener_tls);
+        let listeners = served_listeners(config, &current)?;
+        let added: Vec<&ServedListener> = listeners
+            .iter()
+            .filter(|listener| !current.listeners.iter().any(|l| l.bind == listener.bind))
+            .collect();
+        // Every socket is bound before any is handed over: a reload that cannot bind one
+        // changes nothing.
+        let mut sockets = Vec::with_capacity(self.published.new_listeners.len());
+        for _ in &self.published.new_listeners {
+            let bound = added
+                .iter()
+                .map(|listener| Listener::bind(listener.bind, listener.tls.is_some()))
+                .collect::<Result<Vec<_>, _>>()?;
+            sockets.push(bound);
+        }
+        for listener in &added {
+            let scheme = if listener.tls.is_some() { "wss" } else { "ws" };
+            tracing::info!(bind = %listener.bind, "reload: listening ({scheme}://)");
+        }
+        for listener in &current.listeners {
+            if !listeners.iter().any(|l| l.bind == listener.bind) {
+                tracing::info!(
+                    bind = %listener.bind,
+                    "reload: listener removed; its open connections go on"
+                );
+            }
+        }
+        for (mailbox, bound) in self.published.new_listeners.iter().zip(sockets) {
+            mailbox
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(bound);
+        }
+        let next = current.successor(config, listeners);
         Ok(self.published.publish(Arc::new(next)))
     }
 }
@@ -202,54 +254,58 @@ fn watch_list(config: &Config) -> Vec<(PathBuf, Option<FileStamp>)> {
         .collect()
 }
 
-/// The TLS configuration of each running listener (those the process started with, in order)
-/// from `config`: built again where the listener is still there with the same scheme (ticket
-/// keys and session cache carried over), the running one where it was removed or changed
-/// scheme (that takes a restart).
-fn tls_for_running_listeners(
-    started: &Config,
+/// The listeners `config` asks for, with their TLS configurations built again (a listener
+/// already served keeps its ticket keys and session cache). A served listener whose scheme the
+/// new config switches (ws and wss) stays as it is: that takes a restart.
+fn served_listeners(
     config: &Config,
     current: &Services,
-) -> Result<Vec<Option<Arc<ServerConfigs>>>, ReloadError> {
-    started
-        .listeners
-        .iter()
-        .enumerate()
-        .map(|(index, running)| {
-            let running_tls = current.listener_tls.get(index).cloned().flatten();
-            let kept = config
-                .listeners
-                .iter()
-                .find(|listener| listener.bind == running.bind)
-                .filter(|listener| listener.tls.is_some() == running.tls.is_some());
-            match (kept.and_then(|listener| listener.tls.as_ref()), running_tls) {
-                (Some(tls), Some(old)) => old.reloaded(tls).map(Some).map_err(|source| {
-                    ReloadError::Tls(RuntimeError::Tls {
-                        bind: running.bind,
-                        source,
-                    })
-                }),
-                (_, running_tls) => Ok(running_tls),
-            }
-        })
-        .collect()
+) -> Result<Vec<ServedListener>, ReloadError> {
+    let mut listeners = Vec::with_capacity(config.listeners.len());
+    for wanted in &config.listeners {
+        let served = current.listeners.iter().find(|l| l.bind == wanted.bind);
+        let listener = match (served, &wanted.tls) {
+            (Some(served), tls) if served.tls.is_some() != tls.is_some() => served.clone(),
+            (Some(ServedListener { tls: Some(old), .. }), Some(tls)) => ServedListener {
+                bind: wanted.bind,
+                tls: Some(
+                    old.reloaded(tls)
+                        .map_err(|source| tls_error(wanted, source))?,
+                ),
+            },
+            (_, tls) => ServedListener {
+                bind: wanted.bind,
+                tls: tls
+                    .as_ref()
+                    .map(crate::tls::server_configs)
+                    .transpose()
+                    .map_err(|source| tls_error(wanted, source))?,
+            },
+        };
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// A listener's TLS configuration does not load.
+fn tls_error(listener: &ListenerConfig, source: crate::tls::TlsSetupError) -> ReloadError {
+    ReloadError::Tls(RuntimeError::Tls {
+        bind: listener.bind,
+        source,
+    })
 }
 
 /// The settings `config` changes against `started` that a reload does not apply, by name.
 pub fn restart_only_changes(started: &Config, config: &Config) -> Vec<&'static str> {
-    let binds = |config: &Config| -> Vec<(std::net::SocketAddr, bool)> {
-        config
+    let switched = config.listeners.iter().any(|listener| {
+        started
             .listeners
             .iter()
-            .map(|listener| (listener.bind, listener.tls.is_some()))
-            .collect()
-    };
+            .any(|old| old.bind == listener.bind && old.tls.is_some() != listener.tls.is_some())
+    });
     let (old, new) = (&started.limits, &config.limits);
     [
-        (
-            "listener (added, removed, or TLS on/off)",
-            binds(started) != binds(config),
-        ),
+        ("listener switched between ws and wss", switched),
         ("admin", started.admin != config.admin),
         ("workers", started.workers != config.workers),
         ("pin_workers", started.pin_workers != config.pin_workers),
@@ -295,14 +351,19 @@ mod tests {
             BASE.replace("upstream = \"app\"", "upstream = \"other\"")
         ));
         assert!(restart_only_changes(&started, &reloadable).is_empty());
+        let added = config(&format!("{BASE}[[listener]]\nbind = \"127.0.0.1:8081\"\n"));
+        assert!(restart_only_changes(&started, &added).is_empty());
         let restart = config(&format!(
-            "{}[[listener]]\nbind = \"127.0.0.1:8081\"\n[limits]\nrelay_buffer = 16384\n",
-            BASE
+            "{}[limits]\nrelay_buffer = 16384\n",
+            BASE.replace(
+                "8080\"",
+                "8080\"\ntls = { cert = \"c.pem\", key = \"k.pem\" }"
+            )
         ));
         assert_eq!(
             restart_only_changes(&started, &restart),
             [
-                "listener (added, removed, or TLS on/off)",
+                "listener switched between ws and wss",
                 "limits.relay_buffer"
             ]
         );

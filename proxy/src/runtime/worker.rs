@@ -74,6 +74,8 @@ pub enum WorkerError {
 struct ListenerSlot {
     listener: Option<Listener>,
     accepting: bool,
+    /// A reload removed the listener: it closes once its accept is cancelled.
+    retired: bool,
 }
 
 /// Where a worker receives pressure reports (kernel path): a channel and the eventfd that
@@ -163,6 +165,7 @@ impl Worker {
                 .map(|listener| ListenerSlot {
                     listener: Some(listener),
                     accepting: false,
+                    retired: false,
                 })
                 .collect(),
             table: Table::default(),
@@ -203,8 +206,7 @@ impl Worker {
         loop {
             self.ring.submit_and_wait().map_err(WorkerError::Submit)?;
             if self.published.generation() != self.generation {
-                // A reload: connections accepted from now on get the new services.
-                (self.generation, self.services) = self.published.current();
+                self.adopt_reload();
             }
             completions.clear();
             self.ring.reap(&mut completions);
@@ -328,6 +330,35 @@ impl Worker {
         self.table.live() == 0 && self.listeners.iter().all(|l| l.listener.is_none())
     }
 
+    /// A reload published the next generation: connections accepted from now on get its
+    /// services; listeners it added start accepting, those it removed stop and close (their
+    /// connections go on).
+    fn adopt_reload(&mut self) {
+        (self.generation, self.services) = self.published.current();
+        let added = self.published.take_new_listeners(self.index);
+        if self.drain_deadline_ns.is_some() {
+            return; // Shutting down: the added sockets are dropped, closing them.
+        }
+        for index in 0..self.listeners.len() {
+            let served = self.listeners[index]
+                .listener
+                .as_ref()
+                .is_some_and(|l| self.services.listeners.iter().any(|s| s.bind == l.addr));
+            if !served && !self.listeners[index].retired {
+                self.listeners[index].retired = true;
+                self.stop_accepting(index);
+            }
+        }
+        for listener in added {
+            self.listeners.push(ListenerSlot {
+                listener: Some(listener),
+                accepting: false,
+                retired: false,
+            });
+            self.arm_accept(self.listeners.len() - 1);
+        }
+    }
+
     fn stop_accepting(&mut self, index: usize) {
         let slot = &mut self.listeners[index];
         let Some(listener) = slot.listener.as_ref() else {
@@ -377,7 +408,7 @@ impl Worker {
         if !io_uring::cqueue::more(flags) {
             self.listeners[index].accepting = false;
             let out_of_descriptors = result == -libc::EMFILE || result == -libc::ENFILE;
-            if self.drain_deadline_ns.is_some() {
+            if self.drain_deadline_ns.is_some() || self.listeners[index].retired {
                 self.listeners[index].listener = None;
             } else if !out_of_descriptors {
                 self.arm_accept(index);
@@ -408,11 +439,18 @@ impl Worker {
                 self.accepted
             );
         }
-        let scheme = self.listeners[index]
+        let Some((scheme, addr)) = self.listeners[index]
             .listener
             .as_ref()
-            .map_or(Scheme::Ws, |l| l.scheme);
-        let tls = self.services.listener_tls.get(index).cloned().flatten();
+            .map(|l| (l.scheme, l.addr))
+        else {
+            return; // Not reached: an accept completes only on a listener still open.
+        };
+        let tls = self.services.listener_tls(addr);
+        if scheme == Scheme::Wss && tls.is_none() {
+            // The listener was removed by a reload while this connection was accepted.
+            return;
+        }
         self.open(fd, scheme, tls);
     }
 
