@@ -28,6 +28,9 @@ const MAX_RESPONSE_HEADERS: usize = 128;
 /// A route ready for use: its pool, header rules and idle timeout.
 #[derive(Debug)]
 pub struct Route {
+    /// What it matches (Host, path prefix): how a reload finds the same route in the next
+    /// generation.
+    pub matches: (Option<String>, Option<String>),
     /// Index into [`Services::pools`].
     pub pool: usize,
     /// Header set/remove rules applied after the default rewriting.
@@ -109,6 +112,16 @@ pub struct ServedListener {
 }
 
 impl Services {
+    /// The idle timeout this generation gives tunnels of `route` (a route of another
+    /// generation): that of the route matching the same Host and path prefix, or, with none,
+    /// `None`.
+    pub fn idle_ns_like(&self, route: &Route) -> Option<u64> {
+        self.routes
+            .iter()
+            .find(|candidate| candidate.matches == route.matches)
+            .map(|candidate| candidate.idle_ns)
+    }
+
     /// The TLS configuration of the listener at `bind` (`None` for `ws://`, or one this
     /// generation no longer serves).
     pub fn listener_tls(&self, bind: std::net::SocketAddr) -> Option<Arc<ServerConfigs>> {
@@ -198,6 +211,7 @@ impl Route {
             .position(|pool| pool.name() == route.upstream)
             .unwrap_or(0);
         Route {
+            matches: (route.host.clone(), route.path_prefix.clone()),
             pool,
             rules: HeaderRules {
                 set: route.headers.set.clone(),

@@ -267,3 +267,37 @@ async fn listeners_are_added_and_removed_by_a_reload_and_open_connections_stay()
         echo_text(&mut again, "back").await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_tunnels_take_the_new_idle_timeout() {
+    let echo = Echo::start();
+    for datapath in datapaths() {
+        let mut config = ProxyConfig::new(&[echo.addr()]);
+        config.idle = "60s";
+        let proxy = Proxy::start(datapath, &config);
+        let mut ws = tunnel(&proxy, "idle").await;
+        echo_text(&mut ws, "then quiet").await;
+        config.idle = "1s";
+        let reloaded_at = Instant::now();
+        assert!(proxy.reload(&config), "{}", proxy.log());
+        // The proxy closes the quiet tunnel about a second after its last message.
+        let end = bounded(ws.next()).await;
+        assert!(
+            matches!(end, None | Some(Ok(Message::Close(_))) | Some(Err(_))),
+            "{datapath:?}: expected the end of the tunnel, got {end:?}"
+        );
+        assert!(
+            reloaded_at.elapsed() < Duration::from_secs(10),
+            "{datapath:?}: closed only after {:?}",
+            reloaded_at.elapsed()
+        );
+        let closed = proxy.wait_access_lines(1);
+        assert!(
+            closed.iter().any(|line| line["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("1000 ms")),
+            "{datapath:?}: {closed:?}"
+        );
+    }
+}

@@ -76,6 +76,11 @@ impl Exchange {
         }
     }
 
+    /// A reload changed the route's idle timeout; returns the one it had.
+    pub(super) fn replace_idle_ns(&mut self, idle_ns: u64) -> u64 {
+        std::mem::replace(&mut self.idle_ns, idle_ns)
+    }
+
     /// The answer's status (0 before its head).
     pub fn status(&self) -> u16 {
         self.status

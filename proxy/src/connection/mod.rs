@@ -548,8 +548,14 @@ impl Connection {
             }
             Stage::Rejecting { .. } => self.close("rejected".into(), false, out),
             Stage::Exchanging(_) => self.on_exchange_deadline(services, out),
-            Stage::Relaying(_) | Stage::Promoting(_) | Stage::Spliced(_) => {
-                let idle_ms = self.idle_ns(services) / 1_000_000;
+            Stage::Relaying(relay) | Stage::Promoting(relay) => {
+                let idle_ms = relay.idle_ns() / 1_000_000;
+                services.metrics.idle_timeouts.inc();
+                let reason = format!("idle timeout ({idle_ms} ms without traffic)");
+                self.close(reason, false, out);
+            }
+            Stage::Spliced(splice) => {
+                let idle_ms = splice.idle_ns() / 1_000_000;
                 services.metrics.idle_timeouts.inc();
                 let reason = format!("idle timeout ({idle_ms} ms without traffic)");
                 self.close(reason, false, out);
@@ -577,6 +583,40 @@ impl Connection {
                 false,
                 out,
             );
+        }
+    }
+
+    /// A reload published `next` (this connection keeps `services`, the generation it was
+    /// accepted under): a tunnel or exchange takes the idle timeout `next` gives its route. A
+    /// shorter one is checked at once (the deadline armed for the old one would come late); a
+    /// longer one at the old deadline, which then re-arms.
+    pub fn on_reload(
+        &mut self,
+        services: &Services,
+        next: &Services,
+        now_ns: u64,
+        out: &mut Actions,
+    ) {
+        let Some(route) = self
+            .summary
+            .route
+            .and_then(|route| services.routes.get(route))
+        else {
+            return;
+        };
+        let Some(idle_ns) = next.idle_ns_like(route) else {
+            return; // The route is gone: its tunnels keep the timeout they had.
+        };
+        let before = match &mut self.stage {
+            Stage::Relaying(relay) | Stage::Promoting(relay) => relay.replace_idle_ns(idle_ns),
+            Stage::Spliced(splice) => splice.replace_idle_ns(idle_ns),
+            Stage::Exchanging(exchange) => exchange.replace_idle_ns(idle_ns),
+            // Before the tunnel, the handshake's deadline applies; the tunnel starts with the
+            // idle timeout of the generation the connection was accepted under.
+            _ => return,
+        };
+        if idle_ns < before && !self.is_closing() {
+            out.push_back(Action::ArmDeadline(now_ns));
         }
     }
 

@@ -56,6 +56,11 @@ impl Relay {
         self.idle_ns
     }
 
+    /// A reload changed the route's idle timeout; returns the one it had.
+    pub(super) fn replace_idle_ns(&mut self, idle_ns: u64) -> u64 {
+        std::mem::replace(&mut self.idle_ns, idle_ns)
+    }
+
     /// When the connection next needs a deadline event: the idle deadline, or the moment the
     /// tunnel becomes due for promotion if that is still ahead and comes first.
     pub fn reminder(&self, now_ns: u64) -> u64 {

@@ -53,6 +53,11 @@ impl Splice {
         self.idle_ns
     }
 
+    /// A reload changed the route's idle timeout; returns the one it had.
+    pub(super) fn replace_idle_ns(&mut self, idle_ns: u64) -> u64 {
+        std::mem::replace(&mut self.idle_ns, idle_ns)
+    }
+
     /// Bytes client → upstream (known once unspliced).
     pub fn bytes_up(&self) -> u64 {
         self.bytes_up

@@ -331,10 +331,18 @@ impl Worker {
     }
 
     /// A reload published the next generation: connections accepted from now on get its
-    /// services; listeners it added start accepting, those it removed stop and close (their
-    /// connections go on).
+    /// services, open tunnels its idle timeouts; listeners it added start accepting, those it
+    /// removed stop and close (their connections go on).
     fn adopt_reload(&mut self) {
         (self.generation, self.services) = self.published.current();
+        // Open tunnels take their route's new idle timeout.
+        let next = Arc::clone(&self.services);
+        let now = monotonic_ns();
+        for slot in self.table.slots() {
+            self.drive(slot, |conn, services, out| {
+                conn.on_reload(services, &next, now, out)
+            });
+        }
         let added = self.published.take_new_listeners(self.index);
         if self.drain_deadline_ns.is_some() {
             return; // Shutting down: the added sockets are dropped, closing them.

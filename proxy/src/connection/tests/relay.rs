@@ -147,6 +147,39 @@ fn an_idle_tunnel_is_closed_at_its_idle_timeout_and_counted() {
 }
 
 #[test]
+fn a_reload_gives_an_open_tunnel_its_routes_new_idle_timeout() {
+    let reloaded = |idle: &str| {
+        let text = format!(
+            "[[listener]]\nbind = \"127.0.0.1:8080\"\n\n[[route]]\nupstream = \"default\"\n\n\
+             [upstream.default]\nservers = [\"127.0.0.1:9001\"]\n[timeouts]\nidle = \"{idle}\"\n"
+        );
+        Services::new(&Config::parse(&text).unwrap(), None)
+    };
+    // Shorter: checked at once, and the tunnel is idle by the new measure.
+    let mut h = Harness::relaying(false);
+    let opened = h.now;
+    h.now = opened + 20 * SECOND;
+    let next = reloaded("10s");
+    let actions = h.event(|c, now, s, out| c.on_reload(s, &next, now, out));
+    assert_eq!(actions, vec![Action::ArmDeadline(opened + 20 * SECOND)]);
+    assert!(closes(&h.deadline(opened + 20 * SECOND), false));
+    assert_eq!(h.reason(), "idle timeout (10000 ms without traffic)");
+
+    // Longer: nothing at once; the old deadline finds the tunnel not idle yet and re-arms.
+    let mut h = Harness::relaying(false);
+    let opened = h.now;
+    let next = reloaded("5m");
+    assert!(h
+        .event(|c, now, s, out| c.on_reload(s, &next, now, out))
+        .is_empty());
+    assert_eq!(
+        h.deadline(opened + IDLE),
+        vec![Action::ArmDeadline(opened + 300 * SECOND)]
+    );
+    assert!(!h.conn.is_closing());
+}
+
+#[test]
 fn traffic_moves_the_idle_deadline() {
     let mut h = Harness::relaying(false);
     let opened = h.now;
