@@ -1,4 +1,6 @@
-//! The admin listener: `GET /metrics` (Prometheus text), `/healthz` and `/readyz`.
+//! The admin listener: `GET /metrics` (Prometheus text), `/healthz` and `/readyz`, and
+//! `POST /reload` (what `wsplice reload` sends: the config file is read again, as on `SIGHUP`,
+//! and the answer says whether it was applied).
 //!
 //! Off the hot path: an accept thread and a short-lived thread per request (at most
 //! [`MAX_CONCURRENT`] at once), one request per connection, short timeouts. A slow client
@@ -7,6 +9,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,11 +29,20 @@ pub struct AdminError {
 /// Requests the admin listener answers at once; a connection beyond them is closed unanswered.
 pub const MAX_CONCURRENT: usize = 16;
 
+/// How long `POST /reload` waits for the main thread's outcome.
+const RELOAD_WAIT: Duration = Duration::from_secs(30);
+
+/// A reload asked for through the admin listener: where the main thread sends its outcome (the
+/// new generation, or why the file was refused).
+pub type ReloadRequest = Sender<Result<u64, String>>;
+
 /// What the admin endpoints read.
 struct State {
     metrics: Arc<Metrics>,
     /// Set when the drain starts: `/readyz` then answers 503 so load balancers stop sending.
     draining: Arc<AtomicBool>,
+    /// Where `POST /reload` asks the main thread to reload (`None`: not possible).
+    reload: Option<std::sync::Mutex<Sender<ReloadRequest>>>,
     in_flight: AtomicUsize,
 }
 
@@ -41,7 +53,7 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     draining: Arc<AtomicBool>,
 ) -> Result<(), AdminError> {
-    bind(addr)?.serve(metrics, draining)
+    bind(addr)?.serve(metrics, draining, None)
 }
 
 /// A bound admin listener that serves nothing yet: the proxy binds it with its other ports,
@@ -67,19 +79,25 @@ pub fn bind(addr: SocketAddr) -> Result<AdminListener, AdminError> {
 
 impl AdminListener {
     /// Serves the admin endpoints from background threads. `draining` is the proxy's
-    /// shutdown flag.
-    pub fn serve(self, metrics: Arc<Metrics>, draining: Arc<AtomicBool>) -> Result<(), AdminError> {
+    /// shutdown flag; `reload`, where `POST /reload` sends its requests.
+    pub fn serve(
+        self,
+        metrics: Arc<Metrics>,
+        draining: Arc<AtomicBool>,
+        reload: Option<Sender<ReloadRequest>>,
+    ) -> Result<(), AdminError> {
         let AdminListener { addr, listener } = self;
         let state = Arc::new(State {
             metrics,
             draining,
+            reload: reload.map(std::sync::Mutex::new),
             in_flight: AtomicUsize::new(0),
         });
         std::thread::Builder::new()
             .name("wsplice-admin".into())
             .spawn(move || accept_loop(&listener, &state))
             .map_err(|source| AdminError { addr, source })?;
-        tracing::info!(%addr, "admin listener: /metrics /healthz /readyz");
+        tracing::info!(%addr, "admin listener: /metrics /healthz /readyz, POST /reload");
         Ok(())
     }
 }
@@ -130,12 +148,71 @@ fn answer(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
         len += n;
     }
     let draining = state.draining.load(Ordering::Relaxed);
-    let (status, body) = route(&head[..len], &state.metrics, draining);
+    let (status, body) = if head[..len].starts_with(b"POST /reload ") {
+        reload(state)
+    } else {
+        route(&head[..len], &state.metrics, draining)
+    };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes())
+}
+
+/// `POST /reload`: asks the main thread to read the config file again and waits for the
+/// outcome.
+fn reload(state: &State) -> (&'static str, String) {
+    let Some(requests) = state.reload.as_ref() else {
+        return (
+            "503 Service Unavailable",
+            "this process cannot reload (no config file)\n".into(),
+        );
+    };
+    let (reply, outcome) = mpsc::channel();
+    let sent = requests
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .send(reply);
+    if sent.is_err() {
+        return ("503 Service Unavailable", "the proxy is stopping\n".into());
+    }
+    match outcome.recv_timeout(RELOAD_WAIT) {
+        Ok(Ok(generation)) => ("200 OK", format!("reloaded: generation {generation}\n")),
+        Ok(Err(error)) => ("409 Conflict", format!("refused: {error}\n")),
+        Err(_) => (
+            "503 Service Unavailable",
+            "the proxy did not answer\n".into(),
+        ),
+    }
+}
+
+/// `wsplice reload`: asks the proxy whose admin listener is at `addr` to reload; its status
+/// code and answer. An unspecified address (`0.0.0.0`, `::`) is asked on loopback.
+pub fn request_reload(addr: SocketAddr) -> std::io::Result<(u16, String)> {
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(match target {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(RELOAD_WAIT + Duration::from_secs(5)))?;
+    stream.write_all(b"POST /reload HTTP/1.1\r\nHost: wsplice\r\nContent-Length: 0\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, body)| body)
+        .trim_end()
+        .to_owned();
+    Ok((status, body))
 }
 
 /// The answer to a request head: `/healthz` says the process serves, `/readyz` whether it
@@ -176,6 +253,41 @@ mod tests {
         assert_eq!(status_of(unknown, &metrics, false), "404 Not Found");
         let post = b"POST /metrics HTTP/1.1\r\n\r\n";
         assert_eq!(status_of(post, &metrics, false), "405 Method Not Allowed");
+    }
+
+    #[test]
+    fn post_reload_reports_what_the_main_thread_answered() {
+        let (requests, inbox) = mpsc::channel::<ReloadRequest>();
+        let state = State {
+            metrics: Arc::default(),
+            draining: Arc::default(),
+            reload: Some(std::sync::Mutex::new(requests)),
+            in_flight: AtomicUsize::new(0),
+        };
+        let main = std::thread::spawn(move || {
+            inbox.recv().unwrap().send(Ok(3)).unwrap();
+            inbox
+                .recv()
+                .unwrap()
+                .send(Err("line 2: bad".into()))
+                .unwrap();
+        });
+        assert_eq!(
+            reload(&state),
+            ("200 OK", "reloaded: generation 3\n".into())
+        );
+        assert_eq!(
+            reload(&state),
+            ("409 Conflict", "refused: line 2: bad\n".into())
+        );
+        main.join().unwrap();
+        // The main thread is gone (stopping): said at once, not waited for.
+        assert_eq!(reload(&state).0, "503 Service Unavailable");
+        let without = State {
+            reload: None,
+            ..state
+        };
+        assert_eq!(reload(&without).0, "503 Service Unavailable");
     }
 
     #[test]

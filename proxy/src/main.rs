@@ -50,6 +50,14 @@ enum Command {
         #[arg(long, hide = true, value_name = "N")]
         test_panic_after_accepts: Option<std::num::NonZeroU64>,
     },
+    /// Ask the running proxy to read its configuration file again (as SIGHUP does), through
+    /// the admin listener the file names; the file is checked first, and the answer says
+    /// whether it was applied.
+    Reload {
+        /// Configuration file (TOML): the one the proxy runs with.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Validate a configuration file; errors name the line and column.
     Check {
         /// Configuration file (TOML).
@@ -140,6 +148,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             wsplice::runtime::serve(&config, workers, splice, &options)
                 .context("proxy stopped with an error")
+        }
+        Command::Reload { config: file } => {
+            let config = Config::load(&file)?;
+            wsplice::runtime::tls_configs(&config)
+                .with_context(|| format!("{}", file.display()))?;
+            let admin = config.admin.as_ref().with_context(|| {
+                format!(
+                    "{}: no [admin] listener to ask; send SIGHUP to the process instead",
+                    file.display()
+                )
+            })?;
+            let (status, answer) = wsplice::admin::request_reload(admin.bind)
+                .with_context(|| format!("cannot reach the admin listener at {}", admin.bind))?;
+            if status != 200 {
+                anyhow::bail!("{answer}");
+            }
+            println!("{answer}");
+            Ok(())
         }
         Command::Check { file } => {
             let config = Config::load(&file)?;

@@ -597,6 +597,11 @@ impl Proxy {
         self.reload_text(&config.to_toml(self.addr, self.admin))
     }
 
+    /// The config file it runs with.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
     /// The config file text `config` gives this proxy (its listener and admin addresses).
     pub fn config_text(&self, config: &ProxyConfig) -> String {
         config.to_toml(self.addr, self.admin)

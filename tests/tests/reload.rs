@@ -301,3 +301,45 @@ async fn open_tunnels_take_the_new_idle_timeout() {
         );
     }
 }
+
+/// `wsplice reload -c FILE`: its exit status and what it printed.
+fn reload_command(file: &std::path::Path) -> (bool, String) {
+    let output = std::process::Command::new(binary())
+        .args(["reload", "-c"])
+        .arg(file)
+        .output()
+        .expect("run wsplice reload");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wsplice_reload_asks_through_the_admin_listener_and_reports_the_outcome() {
+    let (first, second) = (Echo::start(), Echo::start());
+    let proxy = Proxy::start(DataPath::Userspace, &ProxyConfig::new(&[first.addr()]));
+    let file = proxy.config_path().to_owned();
+
+    std::fs::write(
+        &file,
+        proxy.config_text(&ProxyConfig::new(&[second.addr()])),
+    )
+    .unwrap();
+    let (ok, text) = reload_command(&file);
+    assert!(ok && text.contains("reloaded: generation 1"), "{text}");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut ws = tunnel(&proxy, "after-command").await;
+    echo_text(&mut ws, "routed by the new file").await;
+    assert!(saw(&second, "after-command"));
+
+    // A file that does not load is refused by the command itself, naming where.
+    std::fs::write(&file, "[[route]]\nupstream = \"nowhere\"\n").unwrap();
+    let (ok, text) = reload_command(&file);
+    assert!(!ok && text.contains("wsplice.toml:1:1"), "{text}");
+    let mut ws = tunnel(&proxy, "still-second").await;
+    echo_text(&mut ws, "unchanged").await;
+    assert!(saw(&second, "still-second"));
+}

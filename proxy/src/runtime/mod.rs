@@ -202,8 +202,15 @@ pub fn serve(
     // Everything that needed privileges is done: drop them while this is the only thread.
     drop_privileges(options, services.splice.as_deref())?;
 
+    // `POST /reload` on the admin listener asks the main thread, as SIGHUP does.
+    let (reload_requests, reload_inbox) = std::sync::mpsc::channel::<crate::admin::ReloadRequest>();
     if let Some(admin) = admin {
-        admin.serve(Arc::clone(&services.metrics), Arc::clone(&shutdown))?;
+        let requests = reloader.is_some().then_some(reload_requests);
+        admin.serve(
+            Arc::clone(&services.metrics),
+            Arc::clone(&shutdown),
+            requests,
+        )?;
     }
     if let Some(ring) = ring {
         crate::splice::PressureWatcher::spawn(ring, mailboxes, Arc::clone(&shutdown))
@@ -230,12 +237,18 @@ pub fn serve(
     // Wait for a termination signal, or for a worker to stop on its own (an error).
     while running.load(Ordering::SeqCst) == workers {
         match signals.wait(Duration::from_millis(200)) {
-            Some(libc::SIGHUP) => reload(reloader.as_mut()),
+            Some(libc::SIGHUP) => {
+                let _ = reload(reloader.as_mut());
+            }
             Some(signal) => {
                 tracing::info!(signal, "termination signal received");
                 break;
             }
             None => {}
+        }
+        while let Ok(reply) = reload_inbox.try_recv() {
+            // The admin thread may have given up waiting: nobody to tell then.
+            let _ = reply.send(reload(reloader.as_mut()));
         }
         if let Some(reloader) = reloader.as_mut() {
             if reloader.certificates_changed() {
@@ -264,22 +277,30 @@ pub fn serve(
     }
 }
 
-/// `SIGHUP`: publishes the config file's next generation, or logs why it was refused (the
-/// running one stays).
-fn reload(reloader: Option<&mut Reloader>) {
+/// `SIGHUP` or `POST /reload`: publishes the config file's next generation, or logs why it
+/// was refused (the running one stays). The outcome, for `wsplice reload`.
+fn reload(reloader: Option<&mut Reloader>) -> Result<u64, String> {
     let Some(reloader) = reloader else {
-        tracing::warn!("SIGHUP: this process was started without a config file to read again");
-        return;
+        let why = "this process was started without a config file to read again";
+        tracing::warn!("reload: {why}");
+        return Err(why.into());
     };
     match reloader.reload() {
-        Ok(generation) => tracing::info!(
-            generation,
-            "configuration reloaded: new connections use it, open ones keep theirs"
-        ),
-        Err(error) => tracing::error!(
-            error = %crate::error_chain::describe(&error),
-            "configuration reload refused; the running configuration stays"
-        ),
+        Ok(generation) => {
+            tracing::info!(
+                generation,
+                "configuration reloaded: new connections use it, open ones keep theirs"
+            );
+            Ok(generation)
+        }
+        Err(error) => {
+            let error = crate::error_chain::describe(&error);
+            tracing::error!(
+                %error,
+                "configuration reload refused; the running configuration stays"
+            );
+            Err(error)
+        }
     }
 }
 
