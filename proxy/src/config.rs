@@ -190,6 +190,10 @@ pub struct Timeouts {
     pub connect: Duration,
     /// How long tunnels may run after SIGTERM (default 30 s).
     pub drain: Duration,
+    /// Tunnels still open this long before the drain's end are closed one by one, evenly over
+    /// that window, so a fleet reconnects over seconds rather than in one (default: half of
+    /// `drain`; 0: all at the end; at most `drain`).
+    pub close_spread: Duration,
     /// Plain HTTP: waiting for the upstream's response head once the request is sent
     /// (default 60 s, like nginx's `proxy_read_timeout`; then 504).
     pub response: Duration,
@@ -242,6 +246,7 @@ impl Default for Timeouts {
             handshake: Duration::from_secs(10),
             connect: Duration::from_secs(5),
             drain: Duration::from_secs(30),
+            close_spread: Duration::from_secs(15),
             response: Duration::from_secs(60),
             keepalive: Duration::from_secs(75),
         }
@@ -421,6 +426,7 @@ struct RawTimeouts {
     handshake: Option<Spanned<String>>,
     connect: Option<Spanned<String>>,
     drain: Option<Spanned<String>>,
+    close_spread: Option<Spanned<String>>,
     response: Option<Spanned<String>>,
     keepalive: Option<Spanned<String>>,
 }
@@ -684,14 +690,29 @@ impl RawTimeouts {
         let or = |value: &Option<Spanned<String>>, default: Duration| {
             value.as_ref().map_or(Ok(default), parse_nonzero_duration)
         };
+        let drain = self
+            .drain
+            .as_ref()
+            .map_or(Ok(defaults.drain), parse_duration)?;
+        let close_spread = match &self.close_spread {
+            None => drain / 2,
+            Some(value) => {
+                let spread = parse_duration(value)?;
+                if spread > drain {
+                    return Err(spot(
+                        value,
+                        "close_spread is a window at the end of the drain: at most `drain`",
+                    ));
+                }
+                spread
+            }
+        };
         Ok(Timeouts {
             idle: or(&self.idle, defaults.idle)?,
             handshake: or(&self.handshake, defaults.handshake)?,
             connect: or(&self.connect, defaults.connect)?,
-            drain: self
-                .drain
-                .as_ref()
-                .map_or(Ok(defaults.drain), parse_duration)?,
+            drain,
+            close_spread,
             response: or(&self.response, defaults.response)?,
             keepalive: or(&self.keepalive, defaults.keepalive)?,
         })

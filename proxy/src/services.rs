@@ -84,6 +84,8 @@ pub struct Services {
     pub relay_buffer: usize,
     /// How long tunnels may run after shutdown began.
     pub drain: Duration,
+    /// The window at the drain's end over which the tunnels still open are closed one by one.
+    pub close_spread: Duration,
     /// Kernel path: backlog beyond which a tunnel is closed as a slow consumer.
     pub kernel_backlog: u64,
     /// Kernel path: the same, over all tunnels of the process.
@@ -170,6 +172,7 @@ impl Services {
             connect_timeout: config.timeouts.connect,
             relay_buffer: config.limits.relay_buffer,
             drain: config.timeouts.drain,
+            close_spread: config.timeouts.close_spread,
             kernel_backlog: config.limits.kernel_backlog as u64,
             kernel_backlog_total: config.limits.kernel_backlog_total as u64,
             promotion: match config.splicing {

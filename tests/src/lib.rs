@@ -380,6 +380,8 @@ pub struct ProxyConfig {
     pub response: Option<&'static str>,
     /// `timeouts.keepalive` (a client idle between requests); `None`: the default.
     pub keepalive: Option<&'static str>,
+    /// `timeouts.close_spread` (closes spread at the drain's end); `None`: the default.
+    pub close_spread: Option<&'static str>,
     /// `upstream.default.keepalive` (idle upstream connections kept per server and worker).
     pub upstream_keepalive: Option<usize>,
     /// `upstream.default.keepalive_timeout`.
@@ -415,6 +417,7 @@ impl ProxyConfig {
             tls: None,
             response: None,
             keepalive: None,
+            close_spread: None,
             upstream_keepalive: None,
             upstream_keepalive_timeout: None,
             top_level: String::new(),
@@ -444,6 +447,9 @@ impl ProxyConfig {
         }
         if let Some(keepalive) = self.keepalive {
             timeouts_extra.push_str(&format!("keepalive = \"{keepalive}\"\n"));
+        }
+        if let Some(spread) = self.close_spread {
+            timeouts_extra.push_str(&format!("close_spread = \"{spread}\"\n"));
         }
         format!(
             "{}\nworkers = {}\ntrusted_proxies = [{}]\n\n[[listener]]\nbind = \"{listen}\"\n{tls}\n[[route]]\nupstream = \"default\"\n{}\n\n\

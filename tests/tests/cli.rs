@@ -93,6 +93,70 @@ async fn sigterm_stops_accepting_drains_open_tunnels_and_exits_zero() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_closes_tunnels_one_by_one_over_its_spread_window() {
+    const TUNNELS: usize = 40;
+    let echo = Echo::start();
+    for datapath in datapaths() {
+        let mut config = ProxyConfig::new(&[echo.addr()]);
+        config.drain = "4s";
+        config.close_spread = Some("2s");
+        let mut proxy = Proxy::start(datapath, &config);
+        let mut tunnels = Vec::with_capacity(TUNNELS);
+        for index in 0..TUNNELS {
+            let mut ws = connect(&proxy.url(&format!("/spread-{index}"))).await;
+            echo_text(&mut ws, "open").await;
+            tunnels.push(ws);
+        }
+        let pid = proxy.process().pid();
+        let started = std::time::Instant::now();
+        // SAFETY: kill(2) on the proxy we started.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        // When each client sees its tunnel end.
+        let ends = futures_util::future::join_all(tunnels.into_iter().map(|mut ws| async move {
+            while let Some(Ok(_)) = bounded(ws.next()).await {}
+            started.elapsed()
+        }))
+        .await;
+        let first = ends.iter().min().copied().unwrap_or_default();
+        let last = ends.iter().max().copied().unwrap_or_default();
+        assert!(
+            first >= Duration::from_millis(1_800),
+            "{datapath:?}: a tunnel closed before the spread window: {first:?}"
+        );
+        assert!(
+            last <= Duration::from_millis(4_500),
+            "{datapath:?}: a tunnel outlived the drain: {last:?}"
+        );
+        assert!(
+            last - first >= Duration::from_secs(1),
+            "{datapath:?}: closes were not spread: {first:?}..{last:?}"
+        );
+        let status = tokio::task::spawn_blocking(move || {
+            let status = proxy.process().terminate(Duration::from_secs(10));
+            (status, proxy)
+        })
+        .await
+        .unwrap();
+        assert!(status.0.is_some_and(|s| s.success()), "{}", status.1.log());
+        let spread = status
+            .1
+            .access_lines()
+            .iter()
+            .filter(|line| {
+                line["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("spread window")
+            })
+            .count();
+        assert!(
+            spread >= TUNNELS - 1,
+            "{datapath:?}: {spread} closed by the spread"
+        );
+    }
+}
+
 #[test]
 fn version_names_the_revision_and_the_embedded_program() {
     let output = Command::new(binary()).arg("--version").output().unwrap();

@@ -42,6 +42,19 @@ fn defaults_apply() {
 }
 
 #[test]
+fn close_spread_defaults_to_half_the_drain_and_cannot_exceed_it() {
+    let with = |timeouts: &str| Config::parse(&format!("{MINIMAL}\n[timeouts]\n{timeouts}\n"));
+    let timeouts = with("drain = \"20s\"").unwrap().timeouts;
+    assert_eq!(timeouts.close_spread, Duration::from_secs(10));
+    let timeouts = with("drain = \"20s\"\nclose_spread = \"0s\"")
+        .unwrap()
+        .timeouts;
+    assert_eq!(timeouts.close_spread, Duration::ZERO);
+    let error = with("drain = \"20s\"\nclose_spread = \"30s\"").unwrap_err();
+    assert!(error.to_string().contains("at most `drain`"), "{error}");
+}
+
+#[test]
 fn everything_optional_parses() {
     let text = format!(
         "workers = 3\ntrusted_proxies = [\"10.0.0.0/8\", \"2001:db8::1\"]\n{MINIMAL}\n[[route]]\nhost = \"chat.example\"\npath_prefix = \"/chat\"\n\

@@ -620,6 +620,16 @@ impl Connection {
         }
     }
 
+    /// Shutdown: this connection's turn in the drain's spread window (closes are spread so
+    /// that clients do not all reconnect at once).
+    pub fn on_drain_spread(&mut self, out: &mut Actions) {
+        self.close(
+            "shutting down: closed in the drain's spread window".into(),
+            false,
+            out,
+        );
+    }
+
     /// Shutdown: the drain deadline passed.
     pub fn on_drain_deadline(&mut self, out: &mut Actions) {
         self.close("drain deadline reached".into(), false, out);

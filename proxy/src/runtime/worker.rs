@@ -70,6 +70,17 @@ pub enum WorkerError {
     Splice(#[source] SpliceError),
 }
 
+/// The drain's spread window: the connections open when it began, closed one by one.
+#[derive(Debug)]
+struct SpreadClose {
+    /// Not closed yet (slot, connection id), the next at the end.
+    queue: Vec<(u32, u64)>,
+    /// How many there were.
+    total: usize,
+    start: u64,
+    window: u64,
+}
+
 #[derive(Debug)]
 struct ListenerSlot {
     listener: Option<Listener>,
@@ -107,6 +118,8 @@ pub struct Worker {
     tick: Box<types::Timespec>,
     shutdown: Arc<AtomicBool>,
     drain_deadline_ns: Option<u64>,
+    /// The connections the drain's spread window closes one by one, once it began.
+    spread: Option<SpreadClose>,
     /// The periodic tick completed since the last loop turn.
     ticked: bool,
     /// Kernel-path backlogs to measure again at the next tick (slot, id, towards).
@@ -175,6 +188,7 @@ impl Worker {
             tick: Box::new(types::Timespec::from(TICK)),
             shutdown,
             drain_deadline_ns: None,
+            spread: None,
             ticked: false,
             backlog_checks: Vec::new(),
             pressure_checks: Vec::new(),
@@ -322,6 +336,7 @@ impl Worker {
                 deadline
             }
         };
+        self.spread_closes(now, deadline);
         if now >= deadline {
             for slot in self.table.slots() {
                 self.drive(slot, |conn, _, out| conn.on_drain_deadline(out));
@@ -364,6 +379,49 @@ impl Worker {
                 retired: false,
             });
             self.arm_accept(self.listeners.len() - 1);
+        }
+    }
+
+    /// In the drain's last `close_spread`: closes the connections still open one by one, as
+    /// many by now as the share of the window gone by (checked every loop turn, a tick at the
+    /// latest), so their clients reconnect elsewhere over the window rather than at once.
+    fn spread_closes(&mut self, now: u64, deadline: u64) {
+        let window = duration_ns(self.services.close_spread);
+        let start = deadline.saturating_sub(window);
+        if now < start || window == 0 {
+            return;
+        }
+        let table = &mut self.table;
+        let spread = self.spread.get_or_insert_with(|| {
+            let queue: Vec<(u32, u64)> = table
+                .slots()
+                .into_iter()
+                .filter_map(|slot| table.get(slot).map(|entry| (slot, entry.conn.id())))
+                .collect();
+            SpreadClose {
+                total: queue.len(),
+                queue,
+                start,
+                window,
+            }
+        });
+        let gone = now.saturating_sub(spread.start).min(spread.window);
+        let due = (u128::from(gone) * spread.total as u128 / u128::from(spread.window)) as usize;
+        let mut closing = Vec::new();
+        while spread.total - spread.queue.len() < due {
+            let Some(next) = spread.queue.pop() else {
+                break;
+            };
+            closing.push(next);
+        }
+        for (slot, id) in closing {
+            if self
+                .table
+                .get(slot)
+                .is_some_and(|entry| entry.conn.id() == id)
+            {
+                self.drive(slot, |conn, _, out| conn.on_drain_spread(out));
+            }
         }
     }
 
