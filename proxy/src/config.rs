@@ -346,6 +346,14 @@ impl Config {
     }
 }
 
+/// Why a header rule may not name `name`.
+fn managed_header(name: &str) -> String {
+    format!(
+        "{name:?} is written by the proxy itself (hop-by-hop, body framing or the Upgrade \
+         handshake): a header rule cannot set or remove it"
+    )
+}
+
 /// 1-based line and column of byte `offset` in `text`.
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -594,6 +602,9 @@ impl RawRoute {
                 if !is_token(name) {
                     return Err(spot(value, format!("{name:?} is not a valid header name")));
                 }
+                if crate::headers::managed_by_the_proxy(name) {
+                    return Err(spot(value, managed_header(name)));
+                }
                 // A field value is visible characters, SP and HTAB (RFC 9110 §5.5): a NUL or
                 // another control character would make the upstream refuse every request.
                 if value.get_ref().chars().any(|c| c.is_control() && c != '\t') {
@@ -610,6 +621,9 @@ impl RawRoute {
                         name,
                         format!("{:?} is not a valid header name", name.get_ref()),
                     ));
+                }
+                if crate::headers::managed_by_the_proxy(name.get_ref()) {
+                    return Err(spot(name, managed_header(name.get_ref())));
                 }
                 headers.remove.push(name.get_ref().clone());
             }

@@ -69,6 +69,21 @@ const HOP_BY_HOP: [&str; 9] = [
     "proxy-authorization",
 ];
 
+/// Whether route header rules may not set or remove `name` (any case): hop-by-hop headers
+/// and those that frame the body or make the Upgrade handshake. The proxy writes these from
+/// what it read; a rule could make the upstream read a body of another length than the
+/// proxy passes on (request smuggling) or break every handshake.
+pub fn managed_by_the_proxy(name: &str) -> bool {
+    const FRAMING_AND_HANDSHAKE: [&str; 4] = [
+        "content-length",
+        "transfer-encoding",
+        "sec-websocket-key",
+        "sec-websocket-version",
+    ];
+    let name = name.to_ascii_lowercase();
+    HOP_BY_HOP.contains(&name.as_str()) || FRAMING_AND_HANDSHAKE.contains(&name.as_str())
+}
+
 /// Forwarding headers passed on only from a trusted peer (`X-Forwarded-For` is rebuilt).
 const FORWARDING: [&str; 3] = ["forwarded", "x-forwarded-host", "x-forwarded-port"];
 

@@ -42,6 +42,30 @@ fn defaults_apply() {
 }
 
 #[test]
+fn header_rules_cannot_touch_framing_hop_by_hop_or_handshake_headers() {
+    for rule in [
+        "set = { \"Content-Length\" = \"0\" }",
+        "set = { \"transfer-encoding\" = \"chunked\" }",
+        "set = { \"Connection\" = \"close\" }",
+        "remove = [\"Upgrade\"]",
+        "remove = [\"Sec-WebSocket-Key\"]",
+    ] {
+        let text =
+            format!("{MINIMAL}\n[[route]]\nupstream = \"default\"\nheaders = {{ {rule} }}\n");
+        let error = Config::parse(&text).unwrap_err();
+        assert!(
+            error.to_string().contains("written by the proxy itself"),
+            "{rule}: {error}"
+        );
+    }
+    let allowed = format!(
+        "{MINIMAL}\n[[route]]\nupstream = \"default\"\n\
+         headers = {{ set = {{ \"Host\" = \"app.internal\" }}, remove = [\"Cookie\"] }}\n"
+    );
+    assert!(Config::parse(&allowed).is_ok());
+}
+
+#[test]
 fn close_spread_defaults_to_half_the_drain_and_cannot_exceed_it() {
     let with = |timeouts: &str| Config::parse(&format!("{MINIMAL}\n[timeouts]\n{timeouts}\n"));
     let timeouts = with("drain = \"20s\"").unwrap().timeouts;

@@ -1168,11 +1168,10 @@ fn header_rule(d: &Directive, upgrade_variables: &[String]) -> HeaderRule {
         HeaderRule::Bad(
             "wsplice has no variables; it sets Host, X-Real-IP, X-Forwarded-For, X-Forwarded-Proto, Upgrade and Connection itself, and other headers only to constants"
         .into())
-    } else if matches!(
-        lower.as_str(),
-        "connection" | "upgrade" | "keep-alive" | "te" | "transfer-encoding" | "proxy-connection"
-    ) {
-        HeaderRule::Bad("wsplice manages hop-by-hop headers itself".into())
+    } else if crate::headers::managed_by_the_proxy(&lower) {
+        HeaderRule::Bad(
+            "wsplice writes hop-by-hop, body framing and handshake headers itself".into(),
+        )
     } else if value.is_empty() {
         HeaderRule::Remove(name.clone())
     } else if value.contains(['\r', '\n']) {

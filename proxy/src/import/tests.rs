@@ -710,3 +710,19 @@ fn a_header_value_with_a_control_character_is_reported() {
     assert_eq!(warnings[0].line, 6);
     assert!(config.routes[0].headers.set.is_empty());
 }
+
+/// `proxy_set_header Content-Length` (or another header the proxy writes itself) is reported,
+/// not turned into a rule `wsplice check` refuses.
+#[test]
+fn a_header_the_proxy_writes_itself_is_reported() {
+    let (config, warnings, _) = import_text(
+        "http {\n    server {\n        listen 8080;\n        location / {\n            \
+         proxy_pass http://127.0.0.1:9000;\n            \
+         proxy_set_header Content-Length 0;\n            proxy_set_header X-Ok 1;\n        }\n    }\n}\n",
+    );
+    assert_eq!(lines(&warnings), ["6: proxy_set_header Content-Length 0"]);
+    assert_eq!(
+        config.routes[0].headers.set,
+        [("X-Ok".to_owned(), "1".to_owned())]
+    );
+}
