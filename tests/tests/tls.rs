@@ -155,6 +155,20 @@ async fn sni_picks_the_certificate_unknown_names_get_the_default_or_an_alert_whe
 
 /// Runs `openssl s_client` against `addr`, sending an Upgrade request; returns its output.
 fn s_client(addr: std::net::SocketAddr, ca: &std::path::Path, args: &[&str]) -> String {
+    let request = upgrade_request("/openssl", &[]);
+    // Stdin stays open long enough for the 101 and TLS 1.3 tickets to arrive, then EOF.
+    s_client_typing(addr, ca, args, &[&request], Duration::from_millis(700))
+}
+
+/// Runs `openssl s_client` against `addr` (as `localhost`), writing each of `inputs` to its
+/// standard input with `pause` after each, then closing it; returns what it printed.
+fn s_client_typing(
+    addr: std::net::SocketAddr,
+    ca: &std::path::Path,
+    args: &[&str],
+    inputs: &[&[u8]],
+    pause: Duration,
+) -> String {
     let mut child = Command::new("openssl")
         .args([
             "s_client",
@@ -172,22 +186,16 @@ fn s_client(addr: std::net::SocketAddr, ca: &std::path::Path, args: &[&str]) -> 
         .spawn()
         .expect("openssl s_client (install the openssl package)");
     let mut stdin = child.stdin.take().expect("stdin");
-    let request = upgrade_request("/openssl", &[]);
-    std::io::Write::write_all(&mut stdin, &request).expect("write request");
-    // Keep stdin open long enough for the 101 and TLS 1.3 tickets to arrive, then EOF.
-    std::thread::sleep(Duration::from_millis(700));
+    for input in inputs {
+        std::io::Write::write_all(&mut stdin, input).expect("write to s_client");
+        std::thread::sleep(pause);
+    }
     drop(stdin);
     let deadline = Instant::now() + WAIT;
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
+    while !matches!(child.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+    let _ = child.kill();
     let output = child.wait_with_output().expect("s_client output");
     format!(
         "{}{}",
@@ -287,39 +295,19 @@ fn openssl_key_updates_in_both_directions_keep_the_connection_going() {
     let leaf = ca.issue("localhost", &["localhost"]);
     let echo = Echo::start();
     let proxy = tls_proxy(DataPath::Userspace, &[echo.addr()], tls_table(&leaf, ""));
-    let mut child = Command::new("openssl")
-        .args(["s_client", "-connect", &proxy.addr().to_string()])
-        .args(["-servername", "localhost", "-tls1_3", "-crlf"])
-        .arg("-CAfile")
-        .arg(ca.ca_pem())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("openssl s_client (install the openssl package)");
-    let mut stdin = child.stdin.take().expect("stdin");
     // s_client reads its input line by line: a line `K` is its key-update command.
-    for line in [
-        "GET /before HTTP/1.1\nHost: localhost\n\n",
-        "K\n",
-        "GET /after-ours HTTP/1.1\nHost: localhost\n\n",
-        "K\n",
-        "GET /after-two HTTP/1.1\nHost: localhost\n\n",
-    ] {
-        std::io::Write::write_all(&mut stdin, line.as_bytes()).expect("write to s_client");
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    drop(stdin);
-    let deadline = Instant::now() + WAIT;
-    while !matches!(child.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let output = child.wait_with_output().expect("s_client output");
-    let output = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    let output = s_client_typing(
+        proxy.addr(),
+        &ca.ca_pem(),
+        &["-tls1_3", "-crlf"],
+        &[
+            b"GET /before HTTP/1.1\nHost: localhost\n\n",
+            b"K\n",
+            b"GET /after-ours HTTP/1.1\nHost: localhost\n\n",
+            b"K\n",
+            b"GET /after-two HTTP/1.1\nHost: localhost\n\n",
+        ],
+        Duration::from_millis(300),
     );
     assert_eq!(output.matches("KEYUPDATE").count(), 2, "{output}");
     for path in ["/before", "/after-ours", "/after-two"] {

@@ -269,12 +269,20 @@ impl TlsSession {
         let mut incoming = std::mem::take(&mut self.incoming);
         let (used, opened, result) = self.open_records(&mut incoming);
         self.plaintext.extend_from_slice(&incoming[..opened]);
-        incoming.drain(..used.min(incoming.len()));
-        if !incoming.is_empty() && !self.failed && !self.peer_closed {
-            incoming.shrink_to_fit();
-            self.incoming = incoming;
-        }
+        self.keep_unprocessed(incoming, used);
         result
+    }
+
+    /// Keeps what is left of `incoming` after its first `used` bytes for the next read:
+    /// usually nothing, and then no capacity either.
+    fn keep_unprocessed(&mut self, mut incoming: Vec<u8>, used: usize) {
+        incoming.drain(..used.min(incoming.len()));
+        if incoming.is_empty() || self.failed || self.peer_closed {
+            incoming = Vec::new();
+        } else {
+            incoming.shrink_to_fit();
+        }
+        self.incoming = incoming;
     }
 
     /// Drops the AEAD contexts of a [`Traffic`] session (built again for the next record).
@@ -306,13 +314,7 @@ impl TlsSession {
             self.plaintext = incoming[direct..opened].to_vec();
             self.plaintext_at = 0;
         }
-        incoming.drain(..used.min(incoming.len()));
-        if incoming.is_empty() || self.failed || self.peer_closed {
-            incoming = Vec::new();
-        } else {
-            incoming.shrink_to_fit();
-        }
-        self.incoming = incoming;
+        self.keep_unprocessed(incoming, used);
         result.map(|()| direct)
     }
 
@@ -441,13 +443,7 @@ impl TlsSession {
         pending: Pending<'_>,
     ) -> Result<(), SessionError> {
         let (used, result) = self.process(&mut incoming, pending);
-        incoming.drain(..used.min(incoming.len()));
-        if incoming.is_empty() || self.failed || self.peer_closed {
-            incoming = Vec::new();
-        } else {
-            incoming.shrink_to_fit();
-        }
-        self.incoming = incoming;
+        self.keep_unprocessed(incoming, used);
         if result? {
             self.hand_over()?;
         }
