@@ -124,8 +124,10 @@ async fn the_drain_closes_tunnels_one_by_one_over_its_spread_window() {
             first >= Duration::from_millis(1_800),
             "{datapath:?}: a tunnel closed before the spread window: {first:?}"
         );
+        // The drain starts when a worker sees the signal (a few ticks at most): 4 s after that,
+        // with room for a loaded machine.
         assert!(
-            last <= Duration::from_millis(4_500),
+            last <= Duration::from_millis(5_500),
             "{datapath:?}: a tunnel outlived the drain: {last:?}"
         );
         assert!(
