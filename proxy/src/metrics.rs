@@ -120,13 +120,20 @@ pub struct Metrics {
     pub tls_resumed: Counter,
     /// TLS handshakes that failed (bad input, no certificate, timeout, plain HTTP).
     pub tls_failures: Counter,
+    /// Configuration reloads applied (SIGHUP, `wsplice reload`).
+    pub config_reloads: Counter,
+    /// Reloads refused, of the file or of changed certificate files (the running
+    /// configuration stayed).
+    pub config_reload_failures: Counter,
+    /// Changed certificate files loaded without a reload.
+    pub certificate_reloads: Counter,
 }
 
 impl Metrics {
     /// Renders every metric in the Prometheus text exposition format. Only atomics are read:
     /// no lock a worker takes, no walk over a map.
     pub fn render(&self) -> String {
-        let counters: [(&str, &str, u64); 23] = [
+        let counters: [(&str, &str, u64); 26] = [
             (
                 "tls_handshakes_total",
                 "TLS handshakes completed.",
@@ -243,6 +250,21 @@ impl Metrics {
                 "kernel_diverted_total",
                 "Kernel-path tunnels closed because repeated bytes could not be cut off.",
                 self.kernel_diverted.get(),
+            ),
+            (
+                "config_reloads_total",
+                "Configuration reloads applied (SIGHUP, wsplice reload).",
+                self.config_reloads.get(),
+            ),
+            (
+                "config_reload_failures_total",
+                "Reloads refused, of the file or of changed certificate files (the running configuration stayed).",
+                self.config_reload_failures.get(),
+            ),
+            (
+                "certificate_reloads_total",
+                "Changed certificate files loaded without a reload.",
+                self.certificate_reloads.get(),
             ),
         ];
         let gauges: [(&str, &str, u64); 4] = [

@@ -94,6 +94,12 @@ async fn reloads_switch_new_connections_and_leave_open_tunnels_alone() {
             log.contains("configuration reload refused"),
             "the refusal names itself:\n{log}"
         );
+        let metrics = proxy.metrics();
+        assert_eq!(
+            metrics["config_reloads_total"], RELOADS as u64,
+            "{metrics:?}"
+        );
+        assert_eq!(metrics["config_reload_failures_total"], 1, "{metrics:?}");
         let label = format!("{datapath:?}-after-refusal");
         let mut ws = tunnel(&proxy, &label).await;
         echo_text(&mut ws, "still served").await;
@@ -212,6 +218,7 @@ async fn a_renewed_certificate_is_served_without_a_signal_and_sessions_resume_ac
         "{}",
         proxy.log()
     );
+    assert!(proxy.metrics()["certificate_reloads_total"] >= 1);
     // The tunnel opened under the old certificate goes on.
     echo_text_tls(&mut open, "still here").await;
 }

@@ -238,7 +238,7 @@ pub fn serve(
     while running.load(Ordering::SeqCst) == workers {
         match signals.wait(Duration::from_millis(200)) {
             Some(libc::SIGHUP) => {
-                let _ = reload(reloader.as_mut());
+                let _ = reload(reloader.as_mut(), &services.metrics);
             }
             Some(signal) => {
                 tracing::info!(signal, "termination signal received");
@@ -248,11 +248,11 @@ pub fn serve(
         }
         while let Ok(reply) = reload_inbox.try_recv() {
             // The admin thread may have given up waiting: nobody to tell then.
-            let _ = reply.send(reload(reloader.as_mut()));
+            let _ = reply.send(reload(reloader.as_mut(), &services.metrics));
         }
         if let Some(reloader) = reloader.as_mut() {
             if reloader.certificates_changed() {
-                reload_certificates(reloader);
+                reload_certificates(reloader, &services.metrics);
             }
         }
     }
@@ -279,7 +279,10 @@ pub fn serve(
 
 /// `SIGHUP` or `POST /reload`: publishes the config file's next generation, or logs why it
 /// was refused (the running one stays). The outcome, for `wsplice reload`.
-fn reload(reloader: Option<&mut Reloader>) -> Result<u64, String> {
+fn reload(
+    reloader: Option<&mut Reloader>,
+    metrics: &crate::metrics::Metrics,
+) -> Result<u64, String> {
     let Some(reloader) = reloader else {
         let why = "this process was started without a config file to read again";
         tracing::warn!("reload: {why}");
@@ -287,6 +290,7 @@ fn reload(reloader: Option<&mut Reloader>) -> Result<u64, String> {
     };
     match reloader.reload() {
         Ok(generation) => {
+            metrics.config_reloads.inc();
             tracing::info!(
                 generation,
                 "configuration reloaded: new connections use it, open ones keep theirs"
@@ -294,6 +298,7 @@ fn reload(reloader: Option<&mut Reloader>) -> Result<u64, String> {
             Ok(generation)
         }
         Err(error) => {
+            metrics.config_reload_failures.inc();
             let error = crate::error_chain::describe(&error);
             tracing::error!(
                 %error,
@@ -306,16 +311,22 @@ fn reload(reloader: Option<&mut Reloader>) -> Result<u64, String> {
 
 /// A certificate or key file changed (a renewal): the listeners' TLS configurations are built
 /// again from the running configuration.
-fn reload_certificates(reloader: &mut Reloader) {
+fn reload_certificates(reloader: &mut Reloader, metrics: &crate::metrics::Metrics) {
     match reloader.reload_certificates() {
-        Ok(generation) => tracing::info!(
-            generation,
-            "certificate files changed: new connections get the new certificates"
-        ),
-        Err(error) => tracing::error!(
-            error = %crate::error_chain::describe(&error),
-            "certificate files changed but do not load; the running certificates stay"
-        ),
+        Ok(generation) => {
+            metrics.certificate_reloads.inc();
+            tracing::info!(
+                generation,
+                "certificate files changed: new connections get the new certificates"
+            );
+        }
+        Err(error) => {
+            metrics.config_reload_failures.inc();
+            tracing::error!(
+                error = %crate::error_chain::describe(&error),
+                "certificate files changed but do not load; the running certificates stay"
+            );
+        }
     }
 }
 
