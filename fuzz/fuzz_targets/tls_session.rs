@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use wsplice::config::{CryptoProvider, TlsConfig, TlsFiles, TlsVersion};
+use wsplice::config::{TlsConfig, TlsFiles};
 use wsplice::tls::{server_configs, ServerConfigs, TlsSession};
 use wsplice_fuzz::Input;
 
@@ -37,19 +37,10 @@ fn setup() -> &'static (Arc<ServerConfigs>, Arc<rustls::ClientConfig>) {
         std::fs::create_dir_all(&dir).expect("a scratch folder");
         std::fs::write(dir.join("cert.pem"), CERT).expect("certificate written");
         std::fs::write(dir.join("key.pem"), KEY).expect("key written");
-        let config = TlsConfig {
-            default: TlsFiles {
-                cert: dir.join("cert.pem"),
-                key: dir.join("key.pem"),
-            },
-            sni: Vec::new(),
-            strict_sni: false,
-            min_version: TlsVersion::V1_2,
-            ciphers: Vec::new(),
-            session_cache: 16,
-            session_tickets: true,
-            provider: CryptoProvider::AwsLcRs,
-        };
+        let config = TlsConfig::with_files(TlsFiles {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        });
         let server = server_configs(&config).expect("the fuzz certificate loads");
         let mut roots = rustls::RootCertStore::empty();
         for cert in pem_certificates(CERT) {

@@ -32,6 +32,23 @@ pub struct TlsConfig {
     pub provider: CryptoProvider,
 }
 
+impl TlsConfig {
+    /// The settings of a `tls` table that names only its certificate and key: every other
+    /// key at its default.
+    pub fn with_files(default: TlsFiles) -> TlsConfig {
+        TlsConfig {
+            default,
+            sni: Vec::new(),
+            strict_sni: false,
+            min_version: TlsVersion::V1_2,
+            ciphers: Vec::new(),
+            session_cache: DEFAULT_SESSION_CACHE,
+            session_tickets: true,
+            provider: CryptoProvider::AwsLcRs,
+        }
+    }
+}
+
 /// Certificate chain and key of a TLS listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -109,8 +126,9 @@ struct RawSni {
 
 impl RawTls {
     pub(super) fn to_config(&self, base: &Path) -> Result<TlsConfig, Spot> {
+        let defaults = TlsConfig::with_files(files(base, &self.cert, &self.key));
         let min_version = match &self.min_version {
-            None => TlsVersion::V1_2,
+            None => defaults.min_version,
             Some(v) => match v.get_ref().as_str() {
                 "1.2" => TlsVersion::V1_2,
                 "1.3" => TlsVersion::V1_3,
@@ -124,7 +142,7 @@ impl RawTls {
         };
         let ciphers = self.ciphers(min_version)?;
         let provider = match &self.provider {
-            None => CryptoProvider::AwsLcRs,
+            None => defaults.provider,
             Some(p) => match p.get_ref().as_str() {
                 "aws-lc-rs" => CryptoProvider::AwsLcRs,
                 "ring" => CryptoProvider::Ring,
@@ -137,7 +155,7 @@ impl RawTls {
             },
         };
         let session_cache = match &self.session_cache {
-            None => DEFAULT_SESSION_CACHE,
+            None => defaults.session_cache,
             Some(n) if *n.get_ref() > 10_000_000 => {
                 return Err(spot(n, "session_cache is limited to 10,000,000 sessions"))
             }
@@ -175,14 +193,14 @@ impl RawTls {
             });
         }
         Ok(TlsConfig {
-            default: files(base, &self.cert, &self.key),
             sni,
-            strict_sni: self.strict_sni.unwrap_or(false),
+            strict_sni: self.strict_sni.unwrap_or(defaults.strict_sni),
             min_version,
             ciphers,
             session_cache,
-            session_tickets: self.session_tickets.unwrap_or(true),
+            session_tickets: self.session_tickets.unwrap_or(defaults.session_tickets),
             provider,
+            ..defaults
         })
     }
 

@@ -22,7 +22,6 @@ impl Worker {
     /// Carries out one action for the connection in `slot`; events it causes append their
     /// actions to `actions`.
     pub(super) fn execute(&mut self, slot: u32, action: Action, actions: &mut Actions) {
-        let services = self.services_of(slot);
         // Read only by the actions that pass the time on (a clock read per action adds up at
         // tens of thousands of requests a second).
         let now = || monotonic_ns();
@@ -61,7 +60,9 @@ impl Worker {
                 Some(fd) => {
                     if let Some(entry) = self.table.get(slot) {
                         entry.upstream = SideIo::with(fd);
-                        entry.conn.on_connected(true, now(), &services, actions);
+                        entry
+                            .conn
+                            .on_connected(true, now(), &entry.services, actions);
                     }
                 }
                 None => self.connect(slot, server, actions),
@@ -91,7 +92,7 @@ impl Worker {
             Action::AwaitReadable(side) => {
                 if self.plaintext_waiting(slot, side) {
                     if let Some(entry) = self.table.get(slot) {
-                        entry.conn.on_readable(side, &services, actions);
+                        entry.conn.on_readable(side, &entry.services, actions);
                     }
                 } else {
                     self.arm_poll(slot, side, Intent::Forward);
@@ -114,7 +115,7 @@ impl Worker {
                 if let Some(entry) = self.table.get(slot) {
                     entry
                         .conn
-                        .on_client_drained(&bytes, complete, now(), &services, actions);
+                        .on_client_drained(&bytes, complete, now(), &entry.services, actions);
                 }
             }
             Action::Splice { bridged } => {
@@ -130,7 +131,7 @@ impl Worker {
                 if let Some(entry) = self.table.get(slot) {
                     entry
                         .conn
-                        .on_splice_result(result, now(), &services, actions);
+                        .on_splice_result(result, now(), &entry.services, actions);
                 }
             }
             Action::UndoPeekMark => {
@@ -164,7 +165,9 @@ impl Worker {
             Action::PauseSplice => {
                 let result = self.pause_splice(slot);
                 if let Some(entry) = self.table.get(slot) {
-                    entry.conn.on_paused(result, now(), &services, actions);
+                    entry
+                        .conn
+                        .on_paused(result, now(), &entry.services, actions);
                 }
             }
             Action::Unsplice => {
@@ -174,7 +177,7 @@ impl Worker {
                 };
                 if let (Some(maps), Some(sockets)) = (maps, entry.spliced.take()) {
                     let counted = splice::forget(maps, &sockets);
-                    entry.conn.on_unspliced(counted, &services);
+                    entry.conn.on_unspliced(counted, &entry.services);
                 }
             }
             Action::Close { abortive } => self.close(slot, abortive),
@@ -316,14 +319,20 @@ impl Worker {
 
     /// Opens the upstream socket and starts a connect bounded by the connect timeout.
     fn connect(&mut self, slot: u32, addr: SocketAddr, actions: &mut Actions) {
-        let timeout = self.services_of(slot).connect_timeout;
+        // The connection's own generation (the services of a reload apply to new ones).
+        let Some(timeout) = self
+            .table
+            .get(slot)
+            .map(|entry| entry.services.connect_timeout)
+        else {
+            return;
+        };
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
             .and_then(|socket| socket.set_cloexec(true).map(|()| socket));
         let socket = match socket {
             Ok(socket) => socket,
             Err(error) => {
                 tracing::warn!(%error, "cannot create an upstream socket");
-                let services = self.services_of(slot);
                 if let Some(entry) = self.table.get(slot) {
                     let error = error.to_string();
                     let now = monotonic_ns();
@@ -331,7 +340,7 @@ impl Worker {
                         ConnectFailure::Local,
                         &error,
                         now,
-                        &services,
+                        &entry.services,
                         actions,
                     );
                 }

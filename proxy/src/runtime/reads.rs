@@ -14,7 +14,6 @@ impl Worker {
     /// Reads a head's bytes (the client's plaintext for TLS) into the scratch buffer and hands
     /// them to the connection.
     pub(super) fn read_side_into(&mut self, slot: u32, side: Side, actions: &mut Actions) {
-        let services = self.services_of(slot);
         let mut scratch = std::mem::take(&mut self.scratch);
         let Some(entry) = self.table.get(slot) else {
             self.scratch = scratch;
@@ -41,14 +40,14 @@ impl Worker {
             }
             Ok(0) | Err(_) => {
                 if let Some(entry) = self.table.get(slot) {
-                    entry.conn.on_read_end(side, now, &services, actions);
+                    entry.conn.on_read_end(side, now, &entry.services, actions);
                 }
             }
             Ok(n) => {
                 if let Some(entry) = self.table.get(slot) {
                     entry
                         .conn
-                        .on_data(side, &scratch[..n], now, &services, actions);
+                        .on_data(side, &scratch[..n], now, &entry.services, actions);
                 }
             }
         }
@@ -57,7 +56,6 @@ impl Worker {
 
     /// Kernel path: looks at the upstream's response without consuming it.
     pub(super) fn peek_upstream(&mut self, slot: u32, actions: &mut Actions) {
-        let services = self.services_of(slot);
         let mut scratch = std::mem::take(&mut self.scratch);
         let Some(entry) = self.table.get(slot) else {
             self.scratch = scratch;
@@ -71,18 +69,21 @@ impl Worker {
             }
             Ok(0) | Err(_) => entry
                 .conn
-                .on_read_end(Side::Upstream, now, &services, actions),
-            Ok(n) => entry.conn.on_peeked(&scratch[..n], now, &services, actions),
+                .on_read_end(Side::Upstream, now, &entry.services, actions),
+            Ok(n) => entry
+                .conn
+                .on_peeked(&scratch[..n], now, &entry.services, actions),
         }
         self.scratch = scratch;
     }
 
     /// A spliced socket woke up: a FIN, a reset, or stray bytes.
     pub(super) fn look_at_spliced(&mut self, slot: u32, side: Side, actions: &mut Actions) {
-        let services = self.services_of(slot);
         if let Some(event) = self.inspect_spliced(slot, side) {
             if let Some(entry) = self.table.get(slot) {
-                entry.conn.on_spliced_event(side, event, &services, actions);
+                entry
+                    .conn
+                    .on_spliced_event(side, event, &entry.services, actions);
             }
         }
     }
@@ -142,15 +143,17 @@ impl Worker {
 
     /// The client's TLS stream is broken: tell the client what we can, then the connection.
     pub(super) fn tls_failed(&mut self, slot: u32, error: &io::Error, actions: &mut Actions) {
-        let services = self.services_of(slot);
         let Some(entry) = self.table.get(slot) else {
             return;
         };
         let fd = entry.client.raw();
         let free = !entry.client.sending();
         let failure = entry.stream.fail(fd, error, free);
-        entry
-            .conn
-            .on_tls_failed(failure.during_handshake, failure.reason, &services, actions);
+        entry.conn.on_tls_failed(
+            failure.during_handshake,
+            failure.reason,
+            &entry.services,
+            actions,
+        );
     }
 }

@@ -12,7 +12,6 @@ use crate::sys;
 impl Worker {
     /// Relay: reads up to `budget` bytes from `from` and sends them to its peer.
     pub(super) fn forward(&mut self, slot: u32, from: Side, budget: usize, actions: &mut Actions) {
-        let services = self.services_of(slot);
         let Some(entry) = self.table.get(slot) else {
             return;
         };
@@ -47,7 +46,7 @@ impl Worker {
                 let drained = n < budget;
                 entry
                     .conn
-                    .on_forwarded(from, n, drained, monotonic_ns(), &services);
+                    .on_forwarded(from, n, drained, monotonic_ns(), &entry.services);
                 self.send_to(slot, from.peer(), Outgoing::pooled(buffer, n));
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
@@ -56,7 +55,7 @@ impl Worker {
                 if let Some(entry) = self.table.get(slot) {
                     entry
                         .conn
-                        .on_source_waiting(from, monotonic_ns(), &services, actions);
+                        .on_source_waiting(from, monotonic_ns(), &entry.services, actions);
                 }
             }
             Err(error) => {

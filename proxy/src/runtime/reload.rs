@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{tls_configs, RuntimeError};
+use super::RuntimeError;
 use crate::config::{Config, ConfigError, ListenerConfig, Splicing};
 use crate::listener::{BindError, Listener};
 use crate::services::{ServedListener, Services};
@@ -158,8 +158,6 @@ impl Reloader {
         if self.source.splice_at_once {
             config.splicing = Splicing::AtOnce;
         }
-        // Every listener's certificates load, as `wsplice check` asks.
-        tls_configs(&config)?;
         for setting in restart_only_changes(&self.started, &config) {
             tracing::warn!(
                 setting,
@@ -255,8 +253,9 @@ fn watch_list(config: &Config) -> Vec<(PathBuf, Option<FileStamp>)> {
 }
 
 /// The listeners `config` asks for, with their TLS configurations built again (a listener
-/// already served keeps its ticket keys and session cache). A served listener whose scheme the
-/// new config switches (ws and wss) stays as it is: that takes a restart.
+/// already served keeps its ticket keys and session cache): every certificate of the file is
+/// loaded once, here. A served listener whose scheme the new config switches (ws and wss) stays
+/// as it is: that takes a restart.
 fn served_listeners(
     config: &Config,
     current: &Services,
@@ -265,7 +264,14 @@ fn served_listeners(
     for wanted in &config.listeners {
         let served = current.listeners.iter().find(|l| l.bind == wanted.bind);
         let listener = match (served, &wanted.tls) {
-            (Some(served), tls) if served.tls.is_some() != tls.is_some() => served.clone(),
+            (Some(served), tls) if served.tls.is_some() != tls.is_some() => {
+                // Kept as it runs, but the file's certificates must still load, as `wsplice
+                // check` asks of every listener.
+                if let Some(tls) = tls {
+                    crate::tls::server_configs(tls).map_err(|source| tls_error(wanted, source))?;
+                }
+                served.clone()
+            }
             (Some(ServedListener { tls: Some(old), .. }), Some(tls)) => ServedListener {
                 bind: wanted.bind,
                 tls: Some(

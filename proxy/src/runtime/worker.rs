@@ -245,15 +245,6 @@ impl Worker {
         }
     }
 
-    /// The services generation the connection in `slot` was accepted under (the current one
-    /// once it is gone).
-    pub(super) fn services_of(&mut self, slot: u32) -> Arc<Services> {
-        self.table.get(slot).map_or_else(
-            || Arc::clone(&self.services),
-            |entry| Arc::clone(&entry.services),
-        )
-    }
-
     /// Gives `event` to the connection in `slot`, then carries out the actions it asked for
     /// (and those that carrying them out asks for, in order).
     pub(super) fn drive(

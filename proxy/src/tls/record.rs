@@ -120,6 +120,23 @@ enum Context {
     Ring(Box<ring::aead::LessSafeKey>),
 }
 
+/// Runs `$body` with `$key` bound to the context's key and `$aead` to its crate's `aead`
+/// module: aws-lc-rs and ring share that API, not its types, so the code is written once.
+macro_rules! with_aead {
+    ($context:expr, |$key:ident, $aead:ident| $body:expr) => {
+        match $context {
+            Context::AwsLc($key) => {
+                use aws_lc_rs::aead as $aead;
+                $body
+            }
+            Context::Ring($key) => {
+                use ring::aead as $aead;
+                $body
+            }
+        }
+    };
+}
+
 /// The traffic key of one direction. The AEAD context is built on use and released when the
 /// session is quiet: an idle session holds the key's bytes only.
 pub struct RecordKeys {
@@ -179,6 +196,11 @@ impl RecordKeys {
         Ok(keys)
     }
 
+    /// The keys after a key update (the same crate's AEAD, new secrets from record `seq`).
+    pub fn next(&self, secrets: &ConnectionTrafficSecrets, seq: u64) -> Result<Self, RecordError> {
+        RecordKeys::new(self.provider, secrets, seq)
+    }
+
     /// The sequence number of the next record.
     pub fn seq(&self) -> u64 {
         self.seq
@@ -228,28 +250,14 @@ impl RecordKeys {
         };
         let aad = *header;
         let mut tag = [0u8; TAG_LEN];
-        let sealed = match self.context() {
-            Context::AwsLc(key) => {
-                use aws_lc_rs::aead::{Aad, Nonce};
-                key.seal_in_place_separate_tag(
-                    Nonce::assume_unique_for_key(nonce),
-                    Aad::from(aad),
-                    inner,
-                )
-                .map(|t| tag.copy_from_slice(t.as_ref()))
-                .is_ok()
-            }
-            Context::Ring(key) => {
-                use ring::aead::{Aad, Nonce};
-                key.seal_in_place_separate_tag(
-                    Nonce::assume_unique_for_key(nonce),
-                    Aad::from(aad),
-                    inner,
-                )
-                .map(|t| tag.copy_from_slice(t.as_ref()))
-                .is_ok()
-            }
-        };
+        let sealed = with_aead!(self.context(), |key, aead| key
+            .seal_in_place_separate_tag(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(aad),
+                inner,
+            )
+            .map(|t| tag.copy_from_slice(t.as_ref()))
+            .is_ok());
         if !sealed {
             // Only a plaintext longer than the AEAD allows fails, which a record never is.
             out.truncate(start);
@@ -276,20 +284,14 @@ impl RecordKeys {
         }
         let nonce = self.next_nonce()?;
         let aad = *header;
-        let inner_len = match self.context() {
-            Context::AwsLc(key) => {
-                use aws_lc_rs::aead::{Aad, Nonce};
-                key.open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), body)
-                    .map(|plain| plain.len())
-                    .ok()
-            }
-            Context::Ring(key) => {
-                use ring::aead::{Aad, Nonce};
-                key.open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), body)
-                    .map(|plain| plain.len())
-                    .ok()
-            }
-        }
+        let inner_len = with_aead!(self.context(), |key, aead| key
+            .open_in_place(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(aad),
+                body,
+            )
+            .map(|plain| plain.len())
+            .ok())
         .ok_or(RecordError::BadRecordMac)?;
         // TLSInnerPlaintext: content, the content type, then zeros of padding.
         let inner = &body[..inner_len];

@@ -815,7 +815,7 @@ impl Read for Recording<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{CryptoProvider, TlsConfig, TlsFiles, TlsVersion};
+    use crate::config::{TlsConfig, TlsFiles};
     use std::collections::VecDeque;
     use std::io::Write;
 
@@ -886,19 +886,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
         std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem()).unwrap();
-        let config = TlsConfig {
-            default: TlsFiles {
-                cert: dir.join("cert.pem"),
-                key: dir.join("key.pem"),
-            },
-            sni: Vec::new(),
-            strict_sni: false,
-            min_version: TlsVersion::V1_2,
-            ciphers: Vec::new(),
-            session_cache: 16,
-            session_tickets: true,
-            provider: CryptoProvider::AwsLcRs,
-        };
+        let config = TlsConfig::with_files(TlsFiles {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        });
         let server_configs = super::super::server_configs(&config).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(certified.cert.der().clone()).unwrap();
@@ -946,11 +937,7 @@ mod tests {
 
     #[test]
     fn handshake_then_plaintext_both_ways_and_close_notify() {
-        let mut pair = pair(&["localhost"], "localhost");
-        for _ in 0..4 {
-            pair.exchange().unwrap();
-        }
-        assert!(!pair.server.is_handshaking());
+        let mut pair = established();
         let negotiated = pair.server.take_completed().unwrap();
         assert_eq!(pair.server.take_completed(), None, "reported once");
         assert_eq!(negotiated.server_name.as_deref(), Some("localhost"));
@@ -995,11 +982,7 @@ mod tests {
 
     #[test]
     fn a_corrupted_record_gets_one_alert_and_the_session_stays_broken() {
-        let mut pair = pair(&["localhost"], "localhost");
-        for _ in 0..4 {
-            pair.exchange().unwrap();
-        }
-        assert!(!pair.server.is_handshaking());
+        let mut pair = established();
         pair.client.writer().write_all(b"hello").unwrap();
         let mut wire = Vec::new();
         while pair.client.wants_write() {

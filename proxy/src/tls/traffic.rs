@@ -96,7 +96,6 @@ pub struct Traffic {
     kernel: KernelConnection<ServerConnectionData>,
     rx: RecordKeys,
     tx: RecordKeys,
-    provider: CryptoProvider,
     /// The suite's confidentiality limit: records sealed under one key before it is updated.
     tx_limit: u64,
     resumed: bool,
@@ -133,7 +132,6 @@ impl Traffic {
             rx: RecordKeys::new(provider, &rx, rx_seq)?,
             tx: RecordKeys::new(provider, &tx, tx_seq)?,
             kernel,
-            provider,
             tx_limit,
             resumed,
         })
@@ -229,7 +227,7 @@ impl Traffic {
             .kernel
             .update_rx_secret()
             .map_err(TrafficError::KeyUpdate)?;
-        self.rx = RecordKeys::new(self.provider, &secrets, seq)?;
+        self.rx = self.rx.next(&secrets, seq)?;
         if update_requested {
             self.update_tx(outgoing)?;
         }
@@ -244,7 +242,7 @@ impl Traffic {
             .kernel
             .update_tx_secret()
             .map_err(TrafficError::KeyUpdate)?;
-        self.tx = RecordKeys::new(self.provider, &secrets, seq)?;
+        self.tx = self.tx.next(&secrets, seq)?;
         Ok(())
     }
 
