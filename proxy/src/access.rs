@@ -8,6 +8,8 @@ use crate::tls::Negotiated;
 /// What one connection did, for its access line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessRecord {
+    /// The connection's id (`"id"`, 16 hex digits): the same in every process that held it.
+    pub id: u64,
     /// The client's address.
     pub client: SocketAddr,
     /// The upstream server, if one was chosen.
@@ -49,6 +51,7 @@ impl AccessRecord {
             None => serde_json::json!({ "handshake": "unfinished" }),
         });
         serde_json::json!({
+            "id": format!("{:016x}", self.id),
             "tls": tls,
             "client": self.client.to_string(),
             "upstream": self.upstream.map(|a| a.to_string()),
@@ -85,6 +88,7 @@ mod tests {
     #[test]
     fn the_line_carries_every_field_and_the_tls_details() {
         let record = AccessRecord {
+            id: 0x2a,
             client: "10.0.0.1:5000".parse().unwrap(),
             upstream: Some("10.0.0.2:80".parse().unwrap()),
             host: "example.com".into(),

@@ -36,6 +36,25 @@ const RELOAD_WAIT: Duration = Duration::from_secs(30);
 /// new generation, or why the file was refused).
 pub type ReloadRequest = Sender<Result<u64, String>>;
 
+/// A binary upgrade asked for through the admin listener: where the main thread sends its
+/// outcome (the successor's process id, or why there is none).
+pub type UpgradeRequest = Sender<Result<u32, String>>;
+
+/// How long `POST /upgrade` waits for the main thread's outcome (the successor has 30 s to
+/// start).
+const UPGRADE_WAIT: Duration = Duration::from_secs(45);
+
+/// What the admin listener may ask of the main thread, and when it must stop.
+#[derive(Debug, Default)]
+pub struct Controls {
+    /// Where `POST /reload` sends its requests (`None`: not possible).
+    pub reload: Option<Sender<ReloadRequest>>,
+    /// Where `POST /upgrade` sends its requests (`None`: not possible).
+    pub upgrade: Option<Sender<UpgradeRequest>>,
+    /// Set when a successor took the admin socket over: this process stops accepting on it.
+    pub retired: Arc<AtomicBool>,
+}
+
 /// What the admin endpoints read.
 struct State {
     metrics: Arc<Metrics>,
@@ -43,6 +62,9 @@ struct State {
     draining: Arc<AtomicBool>,
     /// Where `POST /reload` asks the main thread to reload (`None`: not possible).
     reload: Option<std::sync::Mutex<Sender<ReloadRequest>>>,
+    /// Where `POST /upgrade` asks the main thread to upgrade (`None`: not possible).
+    upgrade: Option<std::sync::Mutex<Sender<UpgradeRequest>>>,
+    retired: Arc<AtomicBool>,
     in_flight: AtomicUsize,
 }
 
@@ -53,7 +75,7 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     draining: Arc<AtomicBool>,
 ) -> Result<(), AdminError> {
-    bind(addr)?.serve(metrics, draining, None)
+    bind(addr)?.serve(metrics, draining, Controls::default())
 }
 
 /// A bound admin listener that serves nothing yet: the proxy binds it with its other ports,
@@ -78,34 +100,63 @@ pub fn bind(addr: SocketAddr) -> Result<AdminListener, AdminError> {
 }
 
 impl AdminListener {
+    /// The admin socket a predecessor process handed over (binary upgrade).
+    pub fn adopt(addr: SocketAddr, socket: std::os::fd::OwnedFd) -> AdminListener {
+        AdminListener {
+            addr,
+            listener: TcpListener::from(socket),
+        }
+    }
+
+    /// Its address and a copy of its socket (for a successor).
+    pub fn socket_copy(&self) -> std::io::Result<(SocketAddr, std::os::fd::OwnedFd)> {
+        use std::os::fd::AsFd as _;
+        Ok((self.addr, self.listener.as_fd().try_clone_to_owned()?))
+    }
+
     /// Serves the admin endpoints from background threads. `draining` is the proxy's
-    /// shutdown flag; `reload`, where `POST /reload` sends its requests.
+    /// shutdown flag; `controls`, where `POST /reload` and `POST /upgrade` go.
     pub fn serve(
         self,
         metrics: Arc<Metrics>,
         draining: Arc<AtomicBool>,
-        reload: Option<Sender<ReloadRequest>>,
+        controls: Controls,
     ) -> Result<(), AdminError> {
         let AdminListener { addr, listener } = self;
+        // Accepts wait in `poll` so the thread can stop when retired; the socket may be
+        // shared with a successor, which may take a connection first.
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| AdminError { addr, source })?;
         let state = Arc::new(State {
             metrics,
             draining,
-            reload: reload.map(std::sync::Mutex::new),
+            reload: controls.reload.map(std::sync::Mutex::new),
+            upgrade: controls.upgrade.map(std::sync::Mutex::new),
+            retired: controls.retired,
             in_flight: AtomicUsize::new(0),
         });
         std::thread::Builder::new()
             .name("wsplice-admin".into())
             .spawn(move || accept_loop(&listener, &state))
             .map_err(|source| AdminError { addr, source })?;
-        tracing::info!(%addr, "admin listener: /metrics /healthz /readyz, POST /reload");
+        tracing::info!(
+            %addr,
+            "admin listener: /metrics /healthz /readyz, POST /reload, POST /upgrade"
+        );
         Ok(())
     }
 }
 
 fn accept_loop(listener: &TcpListener, state: &Arc<State>) {
-    loop {
+    use std::os::fd::AsRawFd as _;
+    while !state.retired.load(Ordering::Relaxed) {
+        if !crate::sys::wait_readable(listener.as_raw_fd(), Duration::from_millis(200)) {
+            continue;
+        }
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(error) => {
                 // Out of descriptors (EMFILE/ENFILE) or memory: the error repeats until some
                 // are freed, so wait instead of spinning.
@@ -150,6 +201,8 @@ fn answer(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
     let draining = state.draining.load(Ordering::Relaxed);
     let (status, body) = if head[..len].starts_with(b"POST /reload ") {
         reload(state)
+    } else if head[..len].starts_with(b"POST /upgrade ") {
+        upgrade(state)
     } else {
         route(&head[..len], &state.metrics, draining)
     };
@@ -187,9 +240,50 @@ fn reload(state: &State) -> (&'static str, String) {
     }
 }
 
+/// `POST /upgrade`: asks the main thread to start a successor and waits until it serves or
+/// failed.
+fn upgrade(state: &State) -> (&'static str, String) {
+    let Some(requests) = state.upgrade.as_ref() else {
+        return (
+            "503 Service Unavailable",
+            "this process cannot upgrade\n".into(),
+        );
+    };
+    let (reply, outcome) = mpsc::channel();
+    let sent = requests
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .send(reply);
+    if sent.is_err() {
+        return ("503 Service Unavailable", "the proxy is stopping\n".into());
+    }
+    match outcome.recv_timeout(UPGRADE_WAIT) {
+        Ok(Ok(pid)) => ("200 OK", format!("upgraded: successor pid {pid}\n")),
+        Ok(Err(error)) => (
+            "500 Internal Server Error",
+            format!("upgrade failed: {error}\n"),
+        ),
+        Err(_) => (
+            "503 Service Unavailable",
+            "the proxy did not answer\n".into(),
+        ),
+    }
+}
+
 /// `wsplice reload`: asks the proxy whose admin listener is at `addr` to reload; its status
 /// code and answer. An unspecified address (`0.0.0.0`, `::`) is asked on loopback.
 pub fn request_reload(addr: SocketAddr) -> std::io::Result<(u16, String)> {
+    post(addr, "/reload", RELOAD_WAIT)
+}
+
+/// `wsplice upgrade`: asks the proxy whose admin listener is at `addr` to upgrade itself; its
+/// status code and answer.
+pub fn request_upgrade(addr: SocketAddr) -> std::io::Result<(u16, String)> {
+    post(addr, "/upgrade", UPGRADE_WAIT)
+}
+
+/// `POST path` to the admin listener at `addr`, waiting `wait` for the answer.
+fn post(addr: SocketAddr, path: &str, wait: Duration) -> std::io::Result<(u16, String)> {
     let mut target = addr;
     if target.ip().is_unspecified() {
         target.set_ip(match target {
@@ -198,8 +292,10 @@ pub fn request_reload(addr: SocketAddr) -> std::io::Result<(u16, String)> {
         });
     }
     let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(RELOAD_WAIT + Duration::from_secs(5)))?;
-    stream.write_all(b"POST /reload HTTP/1.1\r\nHost: wsplice\r\nContent-Length: 0\r\n\r\n")?;
+    stream.set_read_timeout(Some(wait + Duration::from_secs(5)))?;
+    stream.write_all(
+        format!("POST {path} HTTP/1.1\r\nHost: wsplice\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+    )?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer)?;
     let status = answer
@@ -262,6 +358,8 @@ mod tests {
             metrics: Arc::default(),
             draining: Arc::default(),
             reload: Some(std::sync::Mutex::new(requests)),
+            upgrade: None,
+            retired: Arc::default(),
             in_flight: AtomicUsize::new(0),
         };
         let main = std::thread::spawn(move || {
@@ -288,6 +386,38 @@ mod tests {
             ..state
         };
         assert_eq!(reload(&without).0, "503 Service Unavailable");
+    }
+
+    #[test]
+    fn post_upgrade_reports_the_successor_or_why_there_is_none() {
+        let (requests, inbox) = mpsc::channel::<UpgradeRequest>();
+        let state = State {
+            metrics: Arc::default(),
+            draining: Arc::default(),
+            reload: None,
+            upgrade: Some(std::sync::Mutex::new(requests)),
+            retired: Arc::default(),
+            in_flight: AtomicUsize::new(0),
+        };
+        let main = std::thread::spawn(move || {
+            inbox.recv().unwrap().send(Ok(4242)).unwrap();
+            let failed = "the successor exited before it was ready (exit status: 1)";
+            inbox.recv().unwrap().send(Err(failed.into())).unwrap();
+        });
+        assert_eq!(
+            upgrade(&state),
+            ("200 OK", "upgraded: successor pid 4242\n".into())
+        );
+        let (status, body) = upgrade(&state);
+        assert_eq!(status, "500 Internal Server Error");
+        assert!(body.contains("exited before it was ready"), "{body}");
+        main.join().unwrap();
+        assert_eq!(upgrade(&state).0, "503 Service Unavailable");
+        let without = State {
+            upgrade: None,
+            ..state
+        };
+        assert_eq!(upgrade(&without).0, "503 Service Unavailable");
     }
 
     #[test]

@@ -72,6 +72,22 @@ impl Admission {
         Ok(())
     }
 
+    /// Counts a connection from `ip` that is already open whatever the limits say (one a
+    /// predecessor handed over in a binary upgrade): it takes its place, and later admissions
+    /// see it.
+    pub fn count(&self, ip: IpAddr) {
+        if self.unlimited() {
+            return;
+        }
+        self.open.fetch_add(1, Ordering::Relaxed);
+        if self.max_per_address.is_some() {
+            *self
+                .shard(ip.to_canonical())
+                .entry(ip.to_canonical())
+                .or_insert(0) += 1;
+        }
+    }
+
     /// Gives back the place of a connection from `ip` that was admitted.
     pub fn release(&self, ip: IpAddr) {
         if self.unlimited() {

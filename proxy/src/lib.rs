@@ -33,4 +33,5 @@ pub mod target;
 pub mod timeouts;
 pub mod tls;
 pub mod tunnel;
+pub mod upgrade;
 pub mod upstream;

@@ -35,6 +35,15 @@ pub struct BindError {
 }
 
 impl Listener {
+    /// A socket already listening on `addr` (handed over by a predecessor process).
+    pub fn adopt(socket: OwnedFd, addr: SocketAddr, tls: bool) -> Listener {
+        Listener {
+            socket,
+            addr,
+            scheme: if tls { Scheme::Wss } else { Scheme::Ws },
+        }
+    }
+
     /// Binds `addr` with `SO_REUSEPORT` (every worker binds its own socket to the same address);
     /// with `tls` it serves `wss://`.
     pub fn bind(addr: SocketAddr, tls: bool) -> Result<Listener, BindError> {

@@ -1,4 +1,4 @@
-//! The `wsplice` command line: `run`, `check`, `echo`, `import`.
+//! The `wsplice` command line: `run`, `reload`, `upgrade`, `check`, `echo`, `import`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,6 +54,15 @@ enum Command {
     /// the admin listener the file names; the file is checked first, and the answer says
     /// whether it was applied.
     Reload {
+        /// Configuration file (TOML): the one the proxy runs with.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Replace the running proxy with the binary now installed at its path, without dropping
+    /// a connection (as SIGUSR2 does), through the admin listener the file names: the running
+    /// process starts its successor and hands it its listeners and open tunnels; the answer
+    /// names the successor's process id.
+    Upgrade {
         /// Configuration file (TOML): the one the proxy runs with.
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
@@ -116,6 +125,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             workers,
             test_panic_after_accepts,
         } => {
+            // A successor (binary upgrade) first takes what its predecessor hands it.
+            let mut inherited = wsplice::upgrade::Inherited::from_environment()
+                .context("upgrade: cannot take over from the predecessor")?;
+            if let Some(inherited) = &inherited {
+                tracing::info!(
+                    predecessor = inherited.predecessor,
+                    listening_sockets = inherited.listeners.len(),
+                    "upgrade: starting as the successor"
+                );
+            }
             let path = config;
             let mut config = Config::load(&path)?;
             // Looked up before anything is loaded or bound: an unknown user stops the start.
@@ -136,7 +155,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .max(1);
             raise_fd_limit();
-            let splice = choose_datapath(datapath, config.limits.max_tunnels)?;
+            let kernel = inherited
+                .as_mut()
+                .and_then(|inherited| inherited.kernel.take());
+            let (splice, adopted) = choose_datapath(datapath, config.limits.max_tunnels, kernel)?;
+            if let Some(inherited) = inherited.as_mut() {
+                inherited.kernel_adopted = adopted;
+            }
             log_settings(&config, workers, splice.is_some());
             let options = wsplice::runtime::ServeOptions {
                 identity,
@@ -145,9 +170,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     path,
                     splice_at_once: datapath == DataPath::Kernel,
                 }),
+                launch: wsplice::upgrade::Launch::of_this_process()
+                    .inspect_err(|error| {
+                        tracing::warn!(%error, "cannot tell this binary's path: upgrades are refused")
+                    })
+                    .ok(),
             };
-            wsplice::runtime::serve(&config, workers, splice, &options)
+            wsplice::runtime::serve(&config, workers, splice, &options, inherited)
                 .context("proxy stopped with an error")
+        }
+        Command::Upgrade { config: file } => {
+            let config = Config::load(&file)?;
+            let admin = config.admin.as_ref().with_context(|| {
+                format!(
+                    "{}: no [admin] listener to ask; send SIGUSR2 to the process instead",
+                    file.display()
+                )
+            })?;
+            let (status, answer) = wsplice::admin::request_upgrade(admin.bind)
+                .with_context(|| format!("cannot reach the admin listener at {}", admin.bind))?;
+            if status != 200 {
+                anyhow::bail!("{answer}");
+            }
+            println!("{answer}");
+            Ok(())
         }
         Command::Reload { config: file } => {
             let config = Config::load(&file)?;
@@ -199,23 +245,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Loads the sockmap program when the data path asks for it (`auto`: if it loads).
+/// Loads the sockmap program when the data path asks for it (`auto`: if it loads). A
+/// successor adopts its predecessor's maps instead when both carry the same eBPF object (the
+/// second value says so): the spliced tunnels in them can then move.
 fn choose_datapath(
     datapath: DataPath,
     max_tunnels: usize,
-) -> anyhow::Result<Option<SpliceProgram>> {
+    inherited: Option<wsplice::upgrade::KernelMaps>,
+) -> anyhow::Result<(Option<SpliceProgram>, bool)> {
     // Two sockets per tunnel in the maps.
     let max_sockets = u32::try_from(max_tunnels.saturating_mul(2)).unwrap_or(u32::MAX);
-    match datapath {
-        DataPath::Userspace => {
-            tracing::info!("data path: userspace relay (asked for)");
-            Ok(None)
+    if datapath == DataPath::Userspace {
+        tracing::info!("data path: userspace relay (asked for)");
+        return Ok((None, false));
+    }
+    if let Some(maps) = inherited {
+        if maps.object == wsplice::splice::object_hash() && wsplice::splice::ebpf_object_built() {
+            match SpliceProgram::adopt(maps.fds) {
+                Ok(program) => {
+                    tracing::info!("data path: kernel splice (the predecessor's program and maps)");
+                    return Ok((Some(program), true));
+                }
+                Err(error) => tracing::warn!(
+                    %error,
+                    "upgrade: cannot adopt the predecessor's maps; loading this binary's program"
+                ),
+            }
+        } else {
+            tracing::info!(
+                "upgrade: this binary's eBPF program differs from the predecessor's: its spliced \
+                 tunnels stay with it until they end or its drain does"
+            );
         }
+    }
+    match datapath {
+        DataPath::Userspace => Ok((None, false)),
         DataPath::Kernel => {
             let program = SpliceProgram::load(max_sockets)
                 .context("--datapath kernel: cannot load the sockmap program")?;
             tracing::info!(max_sockets, "data path: kernel splice (asked for)");
-            Ok(Some(program))
+            Ok((Some(program), false))
         }
         DataPath::Auto => match SpliceProgram::load(max_sockets) {
             Ok(program) => {
@@ -223,11 +292,11 @@ fn choose_datapath(
                     max_sockets,
                     "data path: kernel splice (auto: the program loaded)"
                 );
-                Ok(Some(program))
+                Ok((Some(program), false))
             }
             Err(error) => {
                 tracing::warn!(%error, "data path: userspace relay (auto: the program did not load)");
-                Ok(None)
+                Ok((None, false))
             }
         },
     }

@@ -190,6 +190,9 @@ pub fn drop_privileges(
         }
         // Started unprivileged (e.g. systemd's User= with ambient capabilities).
         None => {}
+        // Already that account: a successor started by a proxy that dropped root (binary
+        // upgrade) has nothing to switch, and could not (no CAP_SETUID).
+        Some(identity) if uids == [identity.uid; 3] && sys::ids().1 == [identity.gid; 3] => {}
         Some(identity) => switch_user(identity)?,
     }
     let kept = drop_capabilities(kernel_path)?;

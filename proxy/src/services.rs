@@ -102,6 +102,9 @@ pub struct Services {
     pub splice: Option<Arc<SpliceProgram>>,
     /// The listeners of this generation: where new connections are accepted, and how.
     pub listeners: Vec<ServedListener>,
+    /// Mixed into each connection's id for its access lines (random per process, so lines of
+    /// several processes and restarts do not share ids).
+    pub log_ids: u64,
 }
 
 /// A listener as a generation serves it.
@@ -186,6 +189,7 @@ impl Services {
             access_lines: true,
             splice,
             listeners: Vec::new(),
+            log_ids: random_u64(),
         }
     }
 
@@ -201,8 +205,18 @@ impl Services {
         next.relay_buffer = self.relay_buffer;
         next.promotion = self.promotion;
         next.listeners = listeners;
+        next.log_ids = self.log_ids;
         next
     }
+}
+
+/// A random number from the standard library's per-process hash keys (no other source of
+/// randomness is needed for it: it only keeps ids of different processes apart).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(crate::clock::monotonic_ns());
+    hasher.finish()
 }
 
 impl Route {

@@ -216,7 +216,7 @@ pub fn raise_fd_limit() -> u64 {
     limit.rlim_cur
 }
 
-/// SIGTERM, SIGINT and SIGHUP, blocked in every thread and received synchronously.
+/// SIGTERM, SIGINT, SIGHUP and SIGUSR2, blocked in every thread and received synchronously.
 #[derive(Debug)]
 pub struct SignalSet {
     set: libc::sigset_t,
@@ -230,7 +230,7 @@ impl SignalSet {
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
-            for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR2] {
                 libc::sigaddset(&mut set, signal);
             }
             let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
@@ -251,6 +251,186 @@ impl SignalSet {
         let signal = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), &ts) };
         (signal > 0).then_some(signal)
     }
+}
+
+// ---- eBPF attachment ------------------------------------------------------------------------
+
+/// `BPF_PROG_ATTACH` of an `sk_skb/stream_verdict` program to a sockmap or sockhash: the map
+/// holds the program from then on, whatever happens to the process (aya attaches through a
+/// link on Linux 6.10+, which detaches when its last descriptor closes).
+pub fn attach_stream_verdict(program: BorrowedFd<'_>, map: BorrowedFd<'_>) -> io::Result<()> {
+    /// `BPF_PROG_ATTACH` (include/uapi/linux/bpf.h, `enum bpf_cmd`).
+    const BPF_PROG_ATTACH: libc::c_long = 8;
+    /// `BPF_SK_SKB_STREAM_VERDICT` (`enum bpf_attach_type`).
+    const BPF_SK_SKB_STREAM_VERDICT: u32 = 5;
+    /// The attach part of `union bpf_attr`: target, program, type, flags, then fields this
+    /// call leaves zero (the kernel checks that what it does not read is zero).
+    #[repr(C)]
+    struct AttachAttr {
+        target_fd: u32,
+        attach_bpf_fd: u32,
+        attach_type: u32,
+        attach_flags: u32,
+        replace_bpf_fd: u32,
+        unused: [u32; 11],
+    }
+    let attr = AttachAttr {
+        target_fd: map.as_raw_fd() as u32,
+        attach_bpf_fd: program.as_raw_fd() as u32,
+        attach_type: BPF_SK_SKB_STREAM_VERDICT,
+        attach_flags: 0,
+        replace_bpf_fd: 0,
+        unused: [0; 11],
+    };
+    // SAFETY: bpf(2) reads `size_of::<AttachAttr>()` bytes of a valid, initialised value; both
+    // descriptors are borrowed and open for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_ATTACH,
+            &attr as *const AttachAttr,
+            std::mem::size_of::<AttachAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+// ---- descriptors passed to a successor (binary upgrade) -------------------------------------
+
+/// Most descriptors one message carries (the kernel's `SCM_MAX_FD`).
+pub const MAX_FDS_PER_MESSAGE: usize = 253;
+
+/// A connected pair of `SOCK_SEQPACKET` Unix sockets (message boundaries kept, in order, and
+/// a peer that exits reads as end of stream), both close-on-exec.
+pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors socketpair writes.
+    check(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: both are fresh descriptors owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sets or clears `FD_CLOEXEC` (a descriptor a child must inherit has it cleared).
+pub fn set_cloexec(fd: BorrowedFd<'_>, cloexec: bool) -> io::Result<()> {
+    let flags = if cloexec { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: F_SETFD on a descriptor we borrow; no memory is passed.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags) }.min(0))
+}
+
+/// Sends `bytes` as one message on the Unix socket `socket` with `fds` attached (`SCM_RIGHTS`:
+/// the receiver gets its own descriptors for the same open files). Blocks until sent.
+pub fn send_with_fds(
+    socket: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
+    if fds.len() > MAX_FDS_PER_MESSAGE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many descriptors for one message",
+        ));
+    }
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let payload = std::mem::size_of_val(raw.as_slice());
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(payload as libc::c_uint) } as usize;
+    // u64 elements keep the control buffer aligned for `cmsghdr`.
+    let mut control = vec![0u64; space.div_ceil(8).max(1)];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    message.msg_iov = &mut iov;
+    message.msg_iovlen = 1;
+    if !raw.is_empty() {
+        message.msg_control = control.as_mut_ptr().cast();
+        message.msg_controllen = space as _;
+        // SAFETY: the control buffer holds `space` bytes, room for one header and `payload`
+        // bytes of data (CMSG_SPACE); CMSG_FIRSTHDR/CMSG_DATA stay inside it.
+        unsafe {
+            let header = libc::CMSG_FIRSTHDR(&message);
+            (*header).cmsg_level = libc::SOL_SOCKET;
+            (*header).cmsg_type = libc::SCM_RIGHTS;
+            (*header).cmsg_len = libc::CMSG_LEN(payload as libc::c_uint) as _;
+            std::ptr::copy_nonoverlapping(
+                raw.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(header),
+                payload,
+            );
+        }
+    }
+    // SAFETY: `message` points at valid buffers (above); the descriptors are borrowed, open.
+    let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &message, libc::MSG_NOSIGNAL) };
+    let sent = check_len(n)?;
+    if sent != bytes.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "message cut short",
+        ));
+    }
+    Ok(())
+}
+
+/// Receives one message from the Unix socket `socket` into `buffer`, with the descriptors it
+/// carries (close-on-exec). `Ok((0, []))` at end of stream. A message or a descriptor list
+/// larger than the room given is an error (its descriptors are closed, not leaked).
+pub fn recv_with_fds(
+    socket: BorrowedFd<'_>,
+    buffer: &mut [u8],
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let payload = MAX_FDS_PER_MESSAGE * std::mem::size_of::<RawFd>();
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(payload as libc::c_uint) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buffer.as_mut_ptr().cast(),
+        iov_len: buffer.len(),
+    };
+    // SAFETY: msghdr is plain data; every pointer set below outlives the recvmsg call.
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    message.msg_iov = &mut iov;
+    message.msg_iovlen = 1;
+    message.msg_control = control.as_mut_ptr().cast();
+    message.msg_controllen = space as _;
+    // SAFETY: `message` points at valid, writable buffers of the lengths it states.
+    let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut message, libc::MSG_CMSG_CLOEXEC) };
+    let len = check_len(n)?;
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled `control` up to `msg_controllen`; the CMSG_* walk stays inside
+    // it, and each SCM_RIGHTS entry holds descriptors that are now ours.
+    unsafe {
+        let mut header = libc::CMSG_FIRSTHDR(&message);
+        while !header.is_null() {
+            if (*header).cmsg_level == libc::SOL_SOCKET && (*header).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(header);
+                let bytes = (*header).cmsg_len as usize - (data as usize - header as usize);
+                for index in 0..bytes / std::mem::size_of::<RawFd>() {
+                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(index));
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            header = libc::CMSG_NXTHDR(&message, header);
+        }
+    }
+    if message.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "message larger than expected",
+        ));
+    }
+    Ok((len, fds))
 }
 
 // ---- credentials and capabilities (used once, at start, by `privileges`) ----------------

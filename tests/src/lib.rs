@@ -239,31 +239,108 @@ pub fn try_wait_for_port(
     Err(format!("{what} did not listen on {addr} in time"))
 }
 
-/// A child process killed by PID when dropped.
+/// A process the test owns, killed by PID when dropped.
 #[derive(Debug)]
 pub struct Process {
-    child: Child,
+    owned: Owned,
 }
 
-impl Process {
-    /// Starts `command` as a process the test owns (killed and reaped when dropped).
-    pub fn spawn(command: &mut Command) -> std::io::Result<Process> {
-        Ok(Process {
-            child: command.spawn()?,
-        })
+/// How the test holds a [`Process`].
+#[derive(Debug)]
+enum Owned {
+    /// The test started it: its own child, reaped through [`Child`].
+    Child(Child),
+    /// Started by another process (a proxy's successor), taken over by PID.
+    Adopted(Adopted),
+}
+
+/// A process the test did not start, known by PID and start time (so a PID the kernel reuses
+/// after it ended is never signalled).
+#[derive(Debug)]
+struct Adopted {
+    pid: u32,
+    /// `starttime` of `/proc/PID/stat` when adopted (clock ticks after boot).
+    started: u64,
+    /// Set once it is known to be gone: its status if this process reaped it.
+    ended: Option<Option<ExitStatus>>,
+}
+
+/// What `/proc/PID/stat` says of a process.
+#[derive(Debug, Clone, Copy)]
+struct Stat {
+    /// `R`, `S`, `Z` (a zombie), `X` (dead)...
+    state: char,
+    /// The parent's PID.
+    parent: u32,
+    /// Clock ticks after boot when it started (with the PID, names one process for good).
+    started: u64,
+}
+
+impl Stat {
+    /// Whether it runs (neither a zombie nor dead).
+    fn running(self) -> bool {
+        self.state != 'Z' && self.state != 'X'
+    }
+}
+
+/// `/proc/PID/stat` of `pid`; `None` if there is no such process.
+fn proc_stat(pid: u32) -> Option<Stat> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count fields after its end.
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    Some(Stat {
+        state: fields.first()?.chars().next()?,
+        parent: fields.get(1)?.parse().ok()?,
+        started: fields.get(19)?.parse().ok()?,
+    })
+}
+
+impl Adopted {
+    /// Whether it still runs (not gone, not a zombie, not replaced by another process with its
+    /// PID); reaps it when it ended as a child of this process (see [`become_subreaper`]).
+    fn poll(&mut self) -> bool {
+        if self.ended.is_some() {
+            return false;
+        }
+        // The start time first: a PID the kernel gave to another process since is not waited for.
+        let Some(stat) = proc_stat(self.pid).filter(|stat| stat.started == self.started) else {
+            self.ended = Some(None);
+            return false;
+        };
+        let mut status: libc::c_int = 0;
+        // SAFETY: waitpid on one PID with a pointer to a live c_int; WNOHANG never blocks. It
+        // only reaps the process if it is this process's child, which makes it ours to reap.
+        let reaped = unsafe { libc::waitpid(self.pid as libc::pid_t, &mut status, libc::WNOHANG) };
+        if reaped == self.pid as libc::pid_t {
+            use std::os::unix::process::ExitStatusExt as _;
+            self.ended = Some(Some(ExitStatus::from_raw(status)));
+            return false;
+        }
+        if !stat.running() {
+            // A zombie whose parent is not this process: ended, its status unknown here.
+            self.ended = Some(None);
+            return false;
+        }
+        true
     }
 
-    /// The PID.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
+    /// Sends `signal` if it still runs.
+    fn signal(&mut self, signal: libc::c_int) {
+        if self.poll() {
+            // SAFETY: kill(2) on the process adopted, checked above to be the same process.
+            unsafe { libc::kill(self.pid as libc::pid_t, signal) };
+        }
     }
 
-    /// Waits at most `within` for the process to exit on its own; its status if it did.
-    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+    /// Polls until it is gone or `within` passes.
+    fn wait_gone(&mut self, within: Duration) -> Option<Option<ExitStatus>> {
         let deadline = Instant::now() + within;
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
+            if !self.poll() {
+                return self.ended;
             }
             if Instant::now() > deadline {
                 return None;
@@ -271,28 +348,131 @@ impl Process {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
 
-    /// SIGTERM, then wait (bounded) for the exit status.
-    pub fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
+/// Makes this (test) process the reaper of its orphaned descendants (`PR_SET_CHILD_SUBREAPER`):
+/// a proxy's successor, whose parent (the old proxy) exits after the upgrade, then becomes this
+/// process's child rather than init's, so the test can reap it and read its exit status. Call
+/// it before the old process exits; calling it again does nothing more.
+pub fn become_subreaper() {
+    // SAFETY: prctl with an integer option and argument; no memory is passed.
+    let result = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) };
+    assert_eq!(
+        result,
+        0,
+        "PR_SET_CHILD_SUBREAPER: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+impl Process {
+    /// Starts `command` as a process the test owns (killed and reaped when dropped).
+    pub fn spawn(command: &mut Command) -> std::io::Result<Process> {
+        Ok(Process {
+            owned: Owned::Child(command.spawn()?),
+        })
+    }
+
+    /// Takes over the running process `pid`, which the test did not start (a proxy's
+    /// successor): from now on it is killed by PID when the guard drops. Fails if there is no
+    /// such process (or only its zombie).
+    pub fn adopt(pid: u32) -> std::io::Result<Process> {
+        match proc_stat(pid) {
+            Some(stat) if stat.running() => Ok(Process {
+                owned: Owned::Adopted(Adopted {
+                    pid,
+                    started: stat.started,
+                    ended: None,
+                }),
+            }),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no running process {pid}"),
+            )),
         }
-        None
+    }
+
+    /// The PID.
+    pub fn pid(&self) -> u32 {
+        match &self.owned {
+            Owned::Child(child) => child.id(),
+            Owned::Adopted(adopted) => adopted.pid,
+        }
+    }
+
+    /// The child the test started (a process just spawned: never an adopted one).
+    fn child(&mut self) -> &mut Child {
+        match &mut self.owned {
+            Owned::Child(child) => child,
+            Owned::Adopted(adopted) => panic!("process {} was adopted, not started", adopted.pid),
+        }
+    }
+
+    /// Waits at most `within` for the process to exit on its own; its status if it did. An
+    /// adopted process that ended without this process reaping it has no status here: `None`
+    /// as well (tell the cases apart with [`Process::wait_gone`]).
+    pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        self.wait_gone(within).flatten()
+    }
+
+    /// Waits at most `within` for the process to end on its own (gone from `/proc`, or a
+    /// zombie of another parent): `None` if it still runs, else `Some` of its exit status when
+    /// it is known (always for a child; for an adopted process when it ended as this process's
+    /// child, see [`become_subreaper`]).
+    pub fn wait_gone(&mut self, within: Duration) -> Option<Option<ExitStatus>> {
+        match &mut self.owned {
+            Owned::Child(child) => {
+                let deadline = Instant::now() + within;
+                loop {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        return Some(Some(status));
+                    }
+                    if Instant::now() > deadline {
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            Owned::Adopted(adopted) => adopted.wait_gone(within),
+        }
+    }
+
+    /// SIGTERM, then wait (bounded) for the exit status (`None` also for an adopted process
+    /// that ended with no status known here: see [`Process::terminate_gone`]).
+    pub fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
+        self.terminate_gone(within).flatten()
+    }
+
+    /// SIGTERM, then wait at most `within` until it is gone: as [`Process::wait_gone`].
+    pub fn terminate_gone(&mut self, within: Duration) -> Option<Option<ExitStatus>> {
+        match &mut self.owned {
+            Owned::Child(child) => {
+                if let Ok(None) = child.try_wait() {
+                    // SAFETY: kill(2) on our own child, not yet reaped (so its PID is still its).
+                    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+                }
+            }
+            Owned::Adopted(adopted) => adopted.signal(libc::SIGTERM),
+        }
+        self.wait_gone(within)
     }
 }
 
 impl Drop for Process {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
+        match &mut self.owned {
+            Owned::Child(child) => {
+                if let Ok(None) = child.try_wait() {
+                    let _ = child.kill();
+                }
+                let _ = child.wait();
+            }
+            Owned::Adopted(adopted) => {
+                adopted.signal(libc::SIGKILL);
+                // Bounded: a process stuck in the kernel must not hang the test run.
+                let _ = adopted.wait_gone(Duration::from_secs(10));
+            }
         }
-        let _ = self.child.wait();
     }
 }
 
@@ -326,7 +506,9 @@ fn spawn_run(
         .stderr(std::fs::File::create(log).expect("log file"))
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary().display()));
-    Process { child }
+    Process {
+        owned: Owned::Child(child),
+    }
 }
 
 /// Starts `wsplice run -c config` (a file the test wrote, e.g. from `wsplice import`) on
@@ -340,7 +522,7 @@ pub fn run_config_file(
     let log = scratch_dir("run").join("stderr.log");
     let mut process = spawn_run(config, datapath, (&[], &[]), &log, DEFAULT_LOG_FILTER);
     for addr in listening {
-        wait_for_port(*addr, &mut process.child, "wsplice run", &log);
+        wait_for_port(*addr, process.child(), "wsplice run", &log);
     }
     (process, log)
 }
@@ -480,8 +662,23 @@ pub struct Proxy {
     admin: SocketAddr,
     log: PathBuf,
     config_path: PathBuf,
+    /// Processes it ran in before an upgrade that did not end when they should have (killed
+    /// by PID when the proxy drops).
+    retired: Vec<Process>,
     /// The data path it runs with.
     pub datapath: DataPath,
+}
+
+/// How long each step of a binary upgrade may take: the answer to `POST /upgrade` (the proxy
+/// gives a successor 30 s to say it is ready before it answers that the upgrade failed), then
+/// the old process handing over its tunnels and exiting.
+pub const UPGRADE_WAIT: Duration = Duration::from_secs(45);
+
+/// The PID in an upgrade's answer (`upgraded: successor pid PID`).
+pub fn successor_pid(answer: &str) -> Option<u32> {
+    let (_, rest) = answer.split_once("successor pid ")?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 impl Proxy {
@@ -509,14 +706,15 @@ impl Proxy {
         let log = dir.join("stderr.log");
         let args = (&config.wrapper[..], &config.extra_args[..]);
         let mut process = spawn_run(&config_path, datapath, args, &log, config.log_filter);
-        try_wait_for_port(addr, &mut process.child, "wsplice run", &log)?;
-        try_wait_for_port(admin, &mut process.child, "wsplice admin", &log)?;
+        try_wait_for_port(addr, process.child(), "wsplice run", &log)?;
+        try_wait_for_port(admin, process.child(), "wsplice admin", &log)?;
         let proxy = Proxy {
             process,
             addr,
             admin,
             log,
             config_path,
+            retired: Vec::new(),
             datapath,
         };
         // The listeners are bound before the workers' rings exist: wait for every ring, so
@@ -641,6 +839,176 @@ impl Proxy {
         }
     }
 
+    /// A binary upgrade through the admin listener (`POST /upgrade`): on a 200 answer, waits
+    /// (at most [`UPGRADE_WAIT`]) for the old process to exit and adopts the successor (see
+    /// [`Proxy::adopt_successor`]); returns its PID. Any other answer: `Err` with its body, the
+    /// proxy left as it was. Orphans are reaped by the test from now on ([`become_subreaper`]).
+    pub fn upgrade(&mut self) -> Result<u32, String> {
+        become_subreaper();
+        let (status, body) = self.upgrade_status();
+        if status != 200 {
+            return Err(body);
+        }
+        let pid = successor_pid(&body)
+            .ok_or_else(|| format!("no successor PID in the upgrade's answer: {body:?}"))?;
+        self.adopt_successor(pid)
+    }
+
+    /// Sends `POST /upgrade` to the admin listener and reads the whole answer (at most
+    /// [`UPGRADE_WAIT`]): its status (0 if none came) and body. The proxy is not adopted: see
+    /// [`Proxy::upgrade`].
+    pub fn upgrade_status(&self) -> (u16, String) {
+        let answer = match self.admin_exchange(
+            b"POST /upgrade HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            UPGRADE_WAIT,
+        ) {
+            Ok(answer) => answer,
+            Err(error) => return (0, error),
+        };
+        let status = answer
+            .split(' ')
+            .nth(1)
+            .and_then(|status| status.parse().ok())
+            .unwrap_or(0);
+        let body = answer
+            .split_once("\r\n\r\n")
+            .map_or(answer.as_str(), |(_, body)| body)
+            .to_owned();
+        (status, body)
+    }
+
+    /// One request to the admin listener and the whole answer, read until the listener closes
+    /// the connection or `within` passes (an error, with what came so far).
+    fn admin_exchange(&self, request: &[u8], within: Duration) -> Result<String, String> {
+        use std::io::{Read, Write};
+        let deadline = Instant::now() + within;
+        let mut stream = StdStream::connect_timeout(&self.admin, WAIT)
+            .map_err(|e| format!("admin connect {}: {e}", self.admin))?;
+        stream
+            .write_all(request)
+            .map_err(|e| format!("admin write: {e}"))?;
+        let mut answer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "no complete answer from the admin listener in {within:?}: {:?}",
+                    String::from_utf8_lossy(&answer)
+                ));
+            }
+            stream
+                .set_read_timeout(Some(left))
+                .map_err(|e| format!("admin read timeout: {e}"))?;
+            match stream.read(&mut chunk) {
+                Ok(0) => return Ok(String::from_utf8_lossy(&answer).into_owned()),
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(format!("admin read: {e}")),
+            }
+        }
+    }
+
+    /// After an upgrade answered with successor `pid` (`POST /upgrade`, `wsplice upgrade`,
+    /// `SIGUSR2`): adopts the successor as this proxy's process, then waits (at most
+    /// [`UPGRADE_WAIT`]) for the old process to exit; returns `pid`. `Err` if the successor
+    /// does not run, or the old process did not exit, or exited with a failure (the successor is
+    /// this proxy's process all the same, the old one is killed when the proxy drops). Call
+    /// [`become_subreaper`] before the upgrade to reap the successors (and get their statuses).
+    pub fn adopt_successor(&mut self, pid: u32) -> Result<u32, String> {
+        let successor = Process::adopt(pid).map_err(|e| {
+            format!(
+                "the successor {pid} does not run: {e}\n{}",
+                self.log_tail(50)
+            )
+        })?;
+        let mut old = std::mem::replace(&mut self.process, successor);
+        let old_pid = old.pid();
+        match old.wait_gone(UPGRADE_WAIT) {
+            Some(Some(status)) if !status.success() => Err(format!(
+                "the old process {old_pid} exited with {status} after the upgrade:\n{}",
+                self.log_tail(50)
+            )),
+            Some(_) => Ok(pid),
+            None => {
+                self.retired.push(old);
+                Err(format!(
+                    "the old process {old_pid} still runs {UPGRADE_WAIT:?} after the upgrade:\n{}",
+                    self.log_tail(50)
+                ))
+            }
+        }
+    }
+
+    /// A binary upgrade by `SIGUSR2`: waits (at most [`UPGRADE_WAIT`] in all) for the old
+    /// process to exit, then adopts its successor (a process running `run` with this proxy's
+    /// config file, now this test's child: see [`become_subreaper`]) as
+    /// [`Proxy::adopt_successor`] does; returns its PID. `Err` with the log's end if the proxy
+    /// logs `upgrade failed` (the old process then serves on, this proxy's process still), or
+    /// the old process does not exit in time, or no successor is found.
+    pub fn signal_upgrade(&mut self) -> Result<u32, String> {
+        become_subreaper();
+        let failures = |log: &str| log.matches("upgrade failed").count();
+        let failed_before = failures(&self.log());
+        let old = self.pid();
+        // SAFETY: kill only sends a signal to the proxy this test started (or adopted).
+        unsafe { libc::kill(old as libc::pid_t, libc::SIGUSR2) };
+        let deadline = Instant::now() + UPGRADE_WAIT;
+        loop {
+            if failures(&self.log()) > failed_before {
+                return Err(self.log_tail(50));
+            }
+            if self.process.wait_gone(Duration::ZERO).is_some() {
+                return match self.find_successor(old) {
+                    Some(pid) => self.adopt_successor(pid),
+                    None => Err(format!(
+                        "the old process {old} exited with no successor running:\n{}",
+                        self.log_tail(50)
+                    )),
+                };
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the old process {old} still runs {UPGRADE_WAIT:?} after SIGUSR2:\n{}",
+                    self.log_tail(50)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A running process other than `old` whose parent is `old` or this test and whose command
+    /// line is `… run … FILE …` with this proxy's config file: `old`'s successor.
+    fn find_successor(&self, old: u32) -> Option<u32> {
+        let parents = [old, std::process::id()];
+        let config = self.config_path.as_os_str().as_encoded_bytes();
+        std::fs::read_dir("/proc")
+            .ok()?
+            .filter_map(Result::ok)
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| pid != old && self.retired.iter().all(|retired| retired.pid() != pid))
+            .find(|&pid| {
+                let parented = proc_stat(pid)
+                    .is_some_and(|stat| stat.running() && parents.contains(&stat.parent));
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let mut args = cmdline.split(|&b| b == 0);
+                parented && args.clone().any(|arg| arg == b"run") && args.any(|arg| arg == config)
+            })
+    }
+
+    /// The last `lines` lines of the log (for failure messages: the whole log of a test with
+    /// thousands of tunnels is mostly access lines).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     /// Everything the proxy logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -693,6 +1061,18 @@ impl Proxy {
                 ))
             })
             .collect()
+    }
+}
+
+impl Drop for Proxy {
+    /// Kills a successor the test never adopted (an upgrade that failed half-way, or a test
+    /// that failed before adopting it) by PID too; the process and the retired ones are killed
+    /// when their guards drop.
+    fn drop(&mut self) {
+        if let Some(pid) = self.find_successor(self.process.pid()) {
+            // Adopting it and dropping the guard kills it by PID, bounded.
+            drop(Process::adopt(pid));
+        }
     }
 }
 
@@ -766,8 +1146,10 @@ impl Echo {
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("start wsplice echo");
-        let mut process = Process { child };
-        wait_for_port(addr, &mut process.child, "wsplice echo", &log);
+        let mut process = Process {
+            owned: Owned::Child(child),
+        };
+        wait_for_port(addr, process.child(), "wsplice echo", &log);
         Echo {
             _process: process,
             addr,

@@ -689,6 +689,7 @@ impl Connection {
             _ => (0, 0, 0),
         };
         AccessRecord {
+            id: self.log_id,
             client: self.client_addr,
             upstream: self.upstream_addr,
             host: self.summary.host.clone(),

@@ -25,6 +25,7 @@
 //! Any stage ends in a close with a reason (graceful, or abortive: a reset both ways).
 
 mod exchange;
+mod handover;
 mod handshake;
 mod relay;
 mod splice;
@@ -35,6 +36,7 @@ mod upgrade;
 use std::net::SocketAddr;
 
 pub use exchange::Exchange;
+pub use handover::{HandedPath, HandedTunnel, HANDED_OVER};
 pub use handshake::{ConnectFailure, ExchangeStart, Handshake, Rejection, RequestSummary, Step};
 pub use relay::Relay;
 pub use splice::{Backlog, Counted, Paused, Splice, SplicedEvent};
@@ -257,6 +259,8 @@ pub enum Stage {
 #[derive(Debug)]
 pub struct Connection {
     id: u64,
+    /// The id its access lines carry (kept when a binary upgrade moves the tunnel).
+    log_id: u64,
     client_addr: SocketAddr,
     started_ns: u64,
     scheme: Scheme,
@@ -308,6 +312,7 @@ impl Connection {
         let datapath = if tls { DataPath::Relay } else { datapath };
         let connection = Connection {
             id,
+            log_id: services.log_ids ^ id,
             client_addr,
             started_ns: now_ns,
             scheme,
@@ -700,6 +705,7 @@ impl Connection {
         }
         let before_request = matches!(stage, Stage::ReadingRequest(_)) && summary.host.is_empty();
         AccessRecord {
+            id: self.log_id,
             client: self.client_addr,
             upstream: self.upstream_addr,
             host: summary.host,

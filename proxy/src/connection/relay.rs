@@ -56,6 +56,35 @@ impl Relay {
         self.idle_ns
     }
 
+    /// A tunnel a predecessor process relayed (binary upgrade): both directions as given.
+    pub(super) fn adopted(
+        up: Direction,
+        down: Direction,
+        last_activity_ns: u64,
+        idle_ns: u64,
+        promote_at_ns: u64,
+    ) -> Relay {
+        Relay {
+            up,
+            down,
+            last_activity_ns,
+            idle_ns,
+            status: 101,
+            promote_at_ns,
+            left_kernel: None,
+        }
+    }
+
+    /// When a byte last moved.
+    pub(super) fn last_activity_ns(&self) -> u64 {
+        self.last_activity_ns
+    }
+
+    /// When the tunnel becomes due for the kernel path (`u64::MAX`: never).
+    pub(super) fn promote_at_ns(&self) -> u64 {
+        self.promote_at_ns
+    }
+
     /// A reload changed the route's idle timeout; returns the one it had.
     pub(super) fn replace_idle_ns(&mut self, idle_ns: u64) -> u64 {
         std::mem::replace(&mut self.idle_ns, idle_ns)

@@ -53,6 +53,40 @@ impl Splice {
         self.idle_ns
     }
 
+    /// A tunnel a predecessor process spliced (binary upgrade).
+    pub(super) fn adopted(
+        since_ns: u64,
+        idle_ns: u64,
+        fin_passed: [bool; 2],
+        bytes_up: u64,
+        bytes_down: u64,
+    ) -> Splice {
+        Splice {
+            since_ns,
+            idle_ns,
+            fin_passed,
+            bytes_up,
+            bytes_down,
+            backlog: 0,
+            leaving: false,
+        }
+    }
+
+    /// When it entered the kernel path.
+    pub(super) fn since_ns(&self) -> u64 {
+        self.since_ns
+    }
+
+    /// Whether a FIN was passed on to each side ([`Side::index`]).
+    pub(super) fn fin_passed(&self) -> [bool; 2] {
+        self.fin_passed
+    }
+
+    /// A reader fell behind and the tunnel is leaving the kernel path.
+    pub(super) fn is_leaving(&self) -> bool {
+        self.leaving
+    }
+
     /// A reload changed the route's idle timeout; returns the one it had.
     pub(super) fn replace_idle_ns(&mut self, idle_ns: u64) -> u64 {
         std::mem::replace(&mut self.idle_ns, idle_ns)

@@ -3,6 +3,7 @@
 //! Everything here is I/O; what to do with a connection is decided by `connection`.
 
 mod execute;
+mod handover;
 mod reads;
 mod relay;
 mod reload;
@@ -11,6 +12,7 @@ mod splice;
 mod stream;
 mod support;
 mod table;
+mod upgrade;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -91,6 +93,9 @@ pub struct ServeOptions {
     pub panic_after_accepts: Option<std::num::NonZeroU64>,
     /// Where `SIGHUP` reads the config again (`None`: reload is refused).
     pub reload: Option<ReloadSource>,
+    /// How this process was started: `SIGUSR2` starts a successor the same way (`None`:
+    /// upgrades are refused).
+    pub launch: Option<crate::upgrade::Launch>,
 }
 
 /// Counts a worker as running until its thread ends, however it ends: dropped on return and
@@ -132,6 +137,7 @@ pub fn serve(
     workers: usize,
     mut splice: Option<SpliceProgram>,
     options: &ServeOptions,
+    mut inherited: Option<crate::upgrade::Inherited>,
 ) -> Result<(), RuntimeError> {
     if workers == 0 || workers > crate::tag::MAX_WORKERS {
         return Err(RuntimeError::TooManyWorkers(workers));
@@ -163,26 +169,23 @@ pub fn serve(
     let shutdown = Arc::new(AtomicBool::new(false));
     let running = Arc::new(AtomicUsize::new(0));
 
-    let mut per_worker = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        let listeners = config
-            .listeners
-            .iter()
-            .zip(&tls)
-            .map(|(l, tls)| Listener::bind(l.bind, tls.is_some()))
-            .collect::<Result<Vec<_>, _>>()?;
-        per_worker.push(listeners);
-    }
-    for listener in &config.listeners {
-        let scheme = if listener.tls.is_some() { "wss" } else { "ws" };
-        tracing::info!(bind = %listener.bind, workers, "listening ({scheme}://)");
-    }
-    let admin = config
-        .admin
+    let per_worker = listeners_per_worker(config, &tls, workers, inherited.as_mut())?;
+    let admin = match (
+        &config.admin,
+        inherited.as_mut().and_then(|i| i.admin.take()),
+    ) {
+        (Some(admin), Some((addr, socket))) if addr == admin.bind => {
+            Some(crate::admin::AdminListener::adopt(addr, socket))
+        }
+        (Some(admin), _) => Some(crate::admin::bind(admin.bind)?),
+        (None, _) => None,
+    };
+    let admin_copy = admin
         .as_ref()
-        .map(|admin| crate::admin::bind(admin.bind))
-        .transpose()?;
-    let (mut inboxes, mailboxes) = pressure_mailboxes(ring.is_some(), workers)?;
+        .map(crate::admin::AdminListener::socket_copy)
+        .transpose()
+        .map_err(RuntimeError::Spawn)?;
+    let (mut inboxes, mailboxes, deliveries) = worker_inboxes(workers)?;
     let mut ready = Vec::with_capacity(workers);
     for (index, listeners) in per_worker.into_iter().enumerate() {
         let inbox = inboxes.get_mut(index).and_then(Option::take);
@@ -202,18 +205,40 @@ pub fn serve(
     // Everything that needed privileges is done: drop them while this is the only thread.
     drop_privileges(options, services.splice.as_deref())?;
 
-    // `POST /reload` on the admin listener asks the main thread, as SIGHUP does.
+    // `POST /reload` and `POST /upgrade` on the admin listener ask the main thread, as
+    // SIGHUP and SIGUSR2 do.
     let (reload_requests, reload_inbox) = std::sync::mpsc::channel::<crate::admin::ReloadRequest>();
+    let (upgrade_requests, upgrade_inbox) =
+        std::sync::mpsc::channel::<crate::admin::UpgradeRequest>();
+    let mut upgrader = options.launch.clone().map(|launch| {
+        upgrade::Upgrader::new(
+            launch,
+            Arc::clone(&published),
+            workers,
+            admin_copy,
+            services.splice.clone(),
+        )
+    });
+    let admin_retired = Arc::new(AtomicBool::new(false));
     if let Some(admin) = admin {
-        let requests = reloader.is_some().then_some(reload_requests);
+        let controls = crate::admin::Controls {
+            reload: reloader.is_some().then_some(reload_requests),
+            upgrade: upgrader.is_some().then_some(upgrade_requests),
+            retired: Arc::clone(&admin_retired),
+        };
         admin.serve(
             Arc::clone(&services.metrics),
             Arc::clone(&shutdown),
-            requests,
+            controls,
         )?;
     }
     if let Some(ring) = ring {
-        crate::splice::PressureWatcher::spawn(ring, mailboxes, Arc::clone(&shutdown))
+        let adopted = services
+            .splice
+            .as_ref()
+            .map(|program| Arc::clone(&program.adopted_owners))
+            .unwrap_or_default();
+        crate::splice::PressureWatcher::spawn(ring, mailboxes, adopted, Arc::clone(&shutdown))
             .map_err(RuntimeError::Spawn)?;
     }
     let mut handles = Vec::with_capacity(workers);
@@ -234,12 +259,31 @@ pub fn serve(
         handles.push(handle);
     }
 
-    // Wait for a termination signal, or for a worker to stop on its own (an error).
+    match inherited.take() {
+        Some(inherited) => {
+            let kernel = inherited.kernel_adopted;
+            upgrade::adopt_tunnels(
+                inherited.channel,
+                inherited.predecessor,
+                kernel,
+                deliveries,
+                Arc::clone(&shutdown),
+            )
+            .map_err(RuntimeError::Spawn)?;
+        }
+        None => crate::upgrade::notify::notify("READY=1"),
+    }
+
+    // Wait for a termination signal, for a successor to take over, or for a worker to stop on
+    // its own (an error).
+    let mut successor = None;
     while running.load(Ordering::SeqCst) == workers {
+        let mut upgrade_asked = Vec::new();
         match signals.wait(Duration::from_millis(200)) {
             Some(libc::SIGHUP) => {
                 let _ = reload(reloader.as_mut(), &services.metrics);
             }
+            Some(libc::SIGUSR2) => upgrade_asked.push(None),
             Some(signal) => {
                 tracing::info!(signal, "termination signal received");
                 break;
@@ -250,11 +294,30 @@ pub fn serve(
             // The admin thread may have given up waiting: nobody to tell then.
             let _ = reply.send(reload(reloader.as_mut(), &services.metrics));
         }
+        upgrade_asked.extend(upgrade_inbox.try_iter().map(Some));
+        if !upgrade_asked.is_empty() {
+            let outcome = start_successor(upgrader.as_mut());
+            let answer = outcome
+                .as_ref()
+                .map(|started| started.pid)
+                .map_err(Clone::clone);
+            for reply in upgrade_asked.into_iter().flatten() {
+                let _ = reply.send(answer.clone());
+            }
+            if let Ok(started) = outcome {
+                successor = Some(started);
+                break;
+            }
+        }
         if let Some(reloader) = reloader.as_mut() {
             if reloader.certificates_changed() {
                 reload_certificates(reloader, &services.metrics);
             }
         }
+    }
+    if successor.is_some() {
+        // The successor accepts on the admin socket from now on.
+        admin_retired.store(true, Ordering::SeqCst);
     }
     shutdown.store(true, Ordering::SeqCst);
 
@@ -268,6 +331,10 @@ pub fn serve(
         tracing::error!(error = %outcome, "worker failed");
         first_error.get_or_insert(outcome);
     }
+    if let Some(successor) = successor {
+        published.handoff.close();
+        successor.finish();
+    }
     match first_error {
         Some(error) => Err(error),
         None => {
@@ -275,6 +342,51 @@ pub fn serve(
             Ok(())
         }
     }
+}
+
+/// `SIGUSR2` or `POST /upgrade`: starts a successor; the outcome for `wsplice upgrade`.
+fn start_successor(upgrader: Option<&mut upgrade::Upgrader>) -> Result<upgrade::Started, String> {
+    let Some(upgrader) = upgrader else {
+        let why = "this process was started without its command line to start again";
+        tracing::warn!("upgrade: {why}");
+        return Err(why.into());
+    };
+    tracing::info!("upgrade: starting the successor");
+    upgrader.start().map_err(|error| {
+        let error = crate::error_chain::describe(&error);
+        tracing::error!(%error, "upgrade failed; this process keeps serving");
+        error
+    })
+}
+
+/// Each worker's listening sockets: one per listener (a predecessor's sockets first, spread
+/// over the workers; bound here for the rest).
+fn listeners_per_worker(
+    config: &Config,
+    tls: &[Option<Arc<ServerConfigs>>],
+    workers: usize,
+    mut inherited: Option<&mut crate::upgrade::Inherited>,
+) -> Result<Vec<Vec<Listener>>, RuntimeError> {
+    let mut per_worker: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
+    for (listener, tls) in config.listeners.iter().zip(tls) {
+        let (bind, is_tls) = (listener.bind, tls.is_some());
+        let adopted = inherited
+            .as_deref_mut()
+            .map(|inherited| inherited.take_listeners(bind))
+            .unwrap_or_default();
+        let from_predecessor = adopted.len();
+        for (index, socket) in adopted.into_iter().enumerate() {
+            per_worker[index % workers].push(Listener::adopt(socket, bind, is_tls));
+        }
+        for sockets in &mut per_worker {
+            if !sockets.iter().any(|socket| socket.addr == bind) {
+                sockets.push(Listener::bind(bind, is_tls)?);
+            }
+        }
+        let scheme = if is_tls { "wss" } else { "ws" };
+        tracing::info!(%bind, workers, from_predecessor, "listening ({scheme}://)");
+    }
+    Ok(per_worker)
 }
 
 /// `SIGHUP` or `POST /reload`: publishes the config file's next generation, or logs why it
@@ -330,28 +442,42 @@ fn reload_certificates(reloader: &mut Reloader, metrics: &crate::metrics::Metric
     }
 }
 
-/// Kernel path: each worker's inbox for the pressure watcher's reports, and the watcher's
-/// side of them (none on the userspace path). The watcher thread starts later, after the
+/// Each worker's inbox (pressure reports, tunnels from a predecessor), the pressure
+/// watcher's side of them, and the adoption thread's. The threads start later, after the
 /// privileges are dropped.
-fn pressure_mailboxes(
-    kernel: bool,
+#[allow(clippy::type_complexity)]
+fn worker_inboxes(
     workers: usize,
-) -> Result<(Vec<Option<Inbox>>, Vec<crate::splice::Mailbox>), RuntimeError> {
-    if !kernel {
-        return Ok(((0..workers).map(|_| None).collect(), Vec::new()));
-    }
+) -> Result<
+    (
+        Vec<Option<Inbox>>,
+        Vec<crate::splice::Mailbox>,
+        Vec<handover::Deliveries>,
+    ),
+    RuntimeError,
+> {
     let mut inboxes = Vec::with_capacity(workers);
     let mut mailboxes = Vec::with_capacity(workers);
+    let mut deliveries = Vec::with_capacity(workers);
     for _ in 0..workers {
         let wake = Arc::new(sys::eventfd().map_err(RuntimeError::Spawn)?);
         let (sender, receiver) = std::sync::mpsc::channel();
+        let (adopt, adoptions) = std::sync::mpsc::channel();
         mailboxes.push(crate::splice::Mailbox {
             sender,
             wake: Arc::clone(&wake),
         });
-        inboxes.push(Some(Inbox { receiver, wake }));
+        deliveries.push(handover::Deliveries {
+            sender: adopt,
+            wake: Arc::clone(&wake),
+        });
+        inboxes.push(Some(Inbox {
+            receiver,
+            adoptions,
+            wake,
+        }));
     }
-    Ok((inboxes, mailboxes))
+    Ok((inboxes, mailboxes, deliveries))
 }
 
 /// Drops privileges as configured and says what is left. On the kernel path the probe is one

@@ -38,6 +38,8 @@ pub struct Published {
     services: Mutex<Arc<Services>>,
     /// Per worker: sockets of listeners added by reloads, not yet taken by the worker.
     new_listeners: Vec<Mutex<Vec<Listener>>>,
+    /// Binary upgrade: what the main thread and the workers exchange.
+    pub handoff: super::handover::Handoff,
 }
 
 impl Published {
@@ -47,6 +49,7 @@ impl Published {
             generation: AtomicU64::new(0),
             services: Mutex::new(services),
             new_listeners: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
+            handoff: super::handover::Handoff::default(),
         }
     }
 

@@ -33,9 +33,39 @@ pub struct SplicedSockets {
     upstream_baseline: u64,
     /// Both sockets are in `PAUSED` (the tunnel left the kernel path for the relay).
     paused: bool,
+    /// The owner tag the activity records carry (the process that spliced them wrote it).
+    owner: u64,
 }
 
 impl SplicedSockets {
+    /// What a successor needs to know of them (binary upgrade).
+    pub fn handed(&self) -> crate::upgrade::KernelSockets {
+        crate::upgrade::KernelSockets {
+            client_cookie: self.client_cookie,
+            upstream_cookie: self.upstream_cookie,
+            client_baseline: self.client_baseline,
+            upstream_baseline: self.upstream_baseline,
+            owner: self.owner,
+        }
+    }
+
+    /// The sockets of a tunnel a predecessor spliced.
+    pub fn adopted(kernel: &crate::upgrade::KernelSockets) -> SplicedSockets {
+        SplicedSockets {
+            client_cookie: kernel.client_cookie,
+            upstream_cookie: kernel.upstream_cookie,
+            client_baseline: kernel.client_baseline,
+            upstream_baseline: kernel.upstream_baseline,
+            paused: false,
+            owner: kernel.owner,
+        }
+    }
+
+    /// The owner tag in their activity records.
+    pub fn owner(&self) -> u64 {
+        self.owner
+    }
+
     fn cookie(&self, side: Side) -> u64 {
         match side {
             Side::Client => self.client_cookie,
@@ -82,6 +112,7 @@ pub fn hand_off(
         client_baseline: sys::queued_bytes(client).unwrap_or(0),
         upstream_baseline: sys::queued_bytes(upstream).unwrap_or(0),
         paused: false,
+        owner: owner.encode(),
     };
     let inserted = (|| {
         maps.track(sockets.client_cookie, owner.encode())?;

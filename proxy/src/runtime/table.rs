@@ -171,6 +171,9 @@ pub struct Entry {
     pub spliced: Option<SplicedSockets>,
     /// TLS: the handshake is counted in the worker's handshakes in progress.
     pub counted_handshake: bool,
+    /// Binary upgrade: the tunnel is being let go to the successor (its waits are being
+    /// removed).
+    pub handing_over: bool,
 }
 
 impl Entry {
@@ -193,6 +196,15 @@ pub struct Table {
 }
 
 impl Table {
+    /// The table of worker `worker`: its ids start at `worker << 48`, so ids are unique in
+    /// the process (the low bits, which tags carry, count from 1 in every worker).
+    pub fn for_worker(worker: usize) -> Table {
+        Table {
+            next_id: (worker as u64) << 48,
+            ..Table::default()
+        }
+    }
+
     /// The id the next connection gets.
     pub fn next_id(&mut self) -> u64 {
         self.next_id += 1;

@@ -94,6 +94,8 @@ struct ListenerSlot {
 pub struct Inbox {
     /// Reports from the pressure watcher: the slot of a tunnel to check.
     pub receiver: std::sync::mpsc::Receiver<Tag>,
+    /// Binary upgrade (successor): tunnels the predecessor handed over.
+    pub adoptions: std::sync::mpsc::Receiver<super::handover::Moving>,
     /// Readable when reports are waiting.
     pub wake: Arc<OwnedFd>,
 }
@@ -106,7 +108,7 @@ pub struct Worker {
     /// The services new connections get (a reload replaces them: see `published`).
     pub(super) services: Arc<Services>,
     /// Where reloads publish the next generation of the services, and the one `services` is.
-    published: Arc<Published>,
+    pub(super) published: Arc<Published>,
     generation: u64,
     /// This worker's handle on the splice maps (kernel path).
     pub(super) maps: Option<SpliceMaps>,
@@ -144,6 +146,10 @@ pub struct Worker {
     pub(super) panic_after_accepts: Option<std::num::NonZeroU64>,
     /// Connections accepted, counted only while the test hook is set.
     accepted: u64,
+    /// The last request for copies of the listening sockets answered (binary upgrade).
+    pub(super) listeners_offered: u64,
+    /// Binary upgrade (old process): tunnels go to the successor.
+    pub(super) leaving: Option<super::handover::Leaving>,
 }
 
 impl Worker {
@@ -181,7 +187,7 @@ impl Worker {
                     retired: false,
                 })
                 .collect(),
-            table: Table::default(),
+            table: Table::for_worker(index),
             wheel: TimerWheel::new(TICK, WHEEL_SLOTS, monotonic_ns()),
             buffers: BufferPool::new(relay_buffer, KEEP_BUFFERS),
             scratch: vec![0; SCRATCH].into_boxed_slice(),
@@ -201,6 +207,8 @@ impl Worker {
             tls_handshakes: 0,
             panic_after_accepts: None,
             accepted: 0,
+            listeners_offered: 0,
+            leaving: None,
         })
     }
 
@@ -222,6 +230,7 @@ impl Worker {
             if self.published.generation() != self.generation {
                 self.adopt_reload();
             }
+            self.offer_listeners();
             completions.clear();
             self.ring.reap(&mut completions);
             for &(user_data, result, flags) in &completions {
@@ -237,6 +246,7 @@ impl Worker {
                 // Once per tick, not per completion batch: a slow reader may stay listed long.
                 self.check_backlogs_again();
                 self.sweep_idle_upstreams(now);
+                self.hand_over_tunnels();
             }
             if self.manage_shutdown(now) {
                 tracing::debug!(worker = self.index, "worker stopped");
@@ -324,6 +334,8 @@ impl Worker {
                 for slot in self.table.slots() {
                     self.drive(slot, |conn, _, out| conn.on_drain_start(out));
                 }
+                self.join_handoff();
+                self.hand_over_tunnels();
                 deadline
             }
         };
@@ -539,11 +551,7 @@ impl Worker {
         }
         // Tunnels go to the kernel when it is loaded, at once or once they have earned it (the
         // connection keeps TLS tunnels in userspace).
-        let datapath = match (&self.maps, self.services.promotion) {
-            (None, _) => DataPath::Relay,
-            (Some(_), None) => DataPath::Splice,
-            (Some(_), Some(_)) => DataPath::Promote,
-        };
+        let datapath = self.datapath();
         let mut first = Actions::new();
         let id = self.table.next_id();
         let conn = Connection::accept(
@@ -571,8 +579,30 @@ impl Worker {
             connect: None,
             spliced: None,
             counted_handshake,
+            handing_over: false,
         });
         self.drive(slot, |_, _, out| out.append(&mut first));
+    }
+
+    /// How plain tunnels of this worker move: to the kernel when it is loaded, at once or once
+    /// they have earned it (the connection keeps TLS tunnels in userspace).
+    pub(super) fn datapath(&self) -> DataPath {
+        match (&self.maps, self.services.promotion) {
+            (None, _) => DataPath::Relay,
+            (Some(_), None) => DataPath::Splice,
+            (Some(_), Some(_)) => DataPath::Promote,
+        }
+    }
+
+    /// The listening sockets this worker accepts on (not those a reload retired).
+    pub(super) fn listening(
+        &self,
+    ) -> impl Iterator<Item = (std::net::SocketAddr, std::os::fd::BorrowedFd<'_>)> {
+        self.listeners
+            .iter()
+            .filter(|slot| !slot.retired)
+            .filter_map(|slot| slot.listener.as_ref())
+            .map(|listener| (listener.addr, listener.socket.as_fd()))
     }
 
     /// Counts a connection closed by admission control, and says so in the log at most once a
@@ -643,6 +673,12 @@ impl Worker {
             Op::PollUpstream => entry.upstream.polling = false,
             _ => {}
         }
+        if entry.handing_over && self.hand_over_completion(slot, op, result) {
+            return;
+        }
+        let Some(entry) = self.table.get(slot) else {
+            return;
+        };
         if !entry.conn.is_closing() {
             match op {
                 Op::PollClient => self.on_poll(slot, Side::Client, result),
@@ -816,9 +852,13 @@ impl Worker {
         };
         sys::clear(inbox.wake.as_raw_fd());
         let reports: Vec<Tag> = inbox.receiver.try_iter().collect();
+        let adopted: Vec<super::handover::Moving> = inbox.adoptions.try_iter().collect();
         if !io_uring::cqueue::more(flags) {
             let fd = inbox.wake.as_raw_fd();
             self.ring.poll_multi(fd, Op::Wake.user_data(0, 0));
+        }
+        for moving in adopted {
+            self.adopt(moving);
         }
         for owner in reports {
             let current = self.table.get(owner.slot).map(|entry| entry.conn.id());
@@ -905,6 +945,17 @@ impl Worker {
         self.services
             .admission
             .release(entry.conn.client_addr().ip());
+        if let (Some(sockets), Some(program)) = (&entry.spliced, &entry.services.splice) {
+            let own = Tag::new(self.index as u8, slot, entry.conn.id()).encode();
+            if sockets.owner() != own {
+                // Adopted from a predecessor: its reports stop here.
+                program
+                    .adopted_owners
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&sockets.owner());
+            }
+        }
         let mut record = entry.conn.finish(monotonic_ns(), &entry.services);
         record.tls = entry.stream.negotiated();
         record.log();

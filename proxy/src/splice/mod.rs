@@ -11,5 +11,5 @@ mod program;
 mod tests;
 
 pub use maps::SpliceMaps;
-pub use pressure::{Mailbox, PressureWatcher};
-pub use program::{ebpf_object_built, SpliceError, SpliceProgram, EBPF_OBJECT};
+pub use pressure::{AdoptedOwners, Mailbox, PressureWatcher};
+pub use program::{ebpf_object_built, object_hash, SpliceError, SpliceProgram, EBPF_OBJECT};

@@ -28,6 +28,11 @@ pub struct Mailbox {
     pub wake: Arc<OwnedFd>,
 }
 
+/// Owner tags of tunnels adopted from a predecessor process (binary upgrade): their activity
+/// records keep the tag the predecessor wrote (the program updates those records in place, so
+/// userspace does not rewrite them); reports carrying one go to the connection named here.
+pub type AdoptedOwners = Arc<std::sync::Mutex<std::collections::HashMap<u64, Tag>>>;
+
 /// The thread that reads the pressure ring and wakes the owning workers.
 #[derive(Debug)]
 pub struct PressureWatcher;
@@ -37,6 +42,7 @@ impl PressureWatcher {
     pub fn spawn(
         mut ring: RingBuf<MapData>,
         mailboxes: Vec<Mailbox>,
+        adopted: AdoptedOwners,
         stop: Arc<AtomicBool>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new()
@@ -52,8 +58,15 @@ impl PressureWatcher {
                         let Ok(bytes) = <[u8; 8]>::try_from(&item[..item.len().min(8)]) else {
                             continue;
                         };
-                        // The owner's kind is the index of the worker that owns the socket.
-                        let owner = Tag::decode(u64::from_ne_bytes(bytes));
+                        // The owner's kind is the index of the worker that owns the socket,
+                        // unless the tunnel was adopted from a predecessor.
+                        let written = u64::from_ne_bytes(bytes);
+                        let adopted = adopted
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .get(&written)
+                            .copied();
+                        let owner = adopted.unwrap_or_else(|| Tag::decode(written));
                         let worker = usize::from(owner.kind);
                         if let Some(mailbox) = mailboxes.get(worker) {
                             if mailbox.sender.send(owner).is_ok() {

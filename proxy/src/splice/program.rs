@@ -48,6 +48,9 @@ pub enum SpliceError {
          `cargo build --release -p wsplice` or WSPLICE_EBPF=build"
     )]
     NotBuilt,
+    /// The verdict program could not be attached to `PEER`.
+    #[error("cannot attach the verdict program to the sockhash: {0}")]
+    Attach(#[source] std::io::Error),
     /// A map's descriptor could not be duplicated for a new handle.
     #[error("cannot duplicate a map descriptor: {0}")]
     Duplicate(#[source] std::io::Error),
@@ -108,10 +111,26 @@ pub struct SpliceProgram {
     bridge_fd: OwnedFd,
     activity_fd: OwnedFd,
     paused_fd: OwnedFd,
+    /// The `PRESSURE` ring buffer's descriptor (for a successor).
+    pressure_fd: OwnedFd,
     /// Taken by the pressure watcher (`take_pressure_ring`).
     pressure: Option<RingBuf<MapData>>,
-    /// Owns the program and its attachment; dropping it detaches the verdict.
-    _ebpf: Ebpf,
+    /// Owns the loaded program. `None` when the maps were adopted from a predecessor (its
+    /// program is attached to them).
+    _ebpf: Option<Ebpf>,
+    /// Tunnels adopted from a predecessor: the owner tag their activity records carry (written
+    /// by the process that spliced them) → the tag of their connection here.
+    pub adopted_owners: super::AdoptedOwners,
+}
+
+/// A stable 64-bit hash (FNV-1a) of the embedded eBPF object: a successor adopts the maps of
+/// a predecessor only when both carry the same object.
+pub fn object_hash() -> u64 {
+    EBPF_OBJECT
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
 }
 
 impl std::fmt::Debug for SpliceProgram {
@@ -165,12 +184,25 @@ impl SpliceProgram {
             ebpf.take_map(PRESSURE_MAP)
                 .ok_or(SpliceError::Missing("PRESSURE ring buffer"))?,
         )?;
+        let pressure_fd = pressure
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(SpliceError::Duplicate)?;
         let program: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROGRAM)
             .ok_or(SpliceError::Missing("verdict program"))?
             .try_into()?;
         program.load()?;
-        program.attach(peer.fd())?;
+        // Attached to the map itself (BPF_PROG_ATTACH), not through a link: a link would
+        // detach when the process that made it exits, and the program must stay attached for
+        // as long as the map lives, through binary upgrades (a successor adopts the map).
+        let program_fd = program
+            .fd()?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(SpliceError::Duplicate)?;
+        crate::sys::attach_stream_verdict(program_fd.as_fd(), peer.fd().as_fd())
+            .map_err(SpliceError::Attach)?;
         // Checks the activity map's type once, so `maps()` cannot fail on it later.
         let _: HashMap<MapData, u64, Activity> = HashMap::try_from(activity_map)?;
         // Checked once too; the program is not attached to it.
@@ -181,9 +213,44 @@ impl SpliceProgram {
             bridge_fd,
             activity_fd,
             paused_fd,
+            pressure_fd,
             pressure: Some(pressure),
-            _ebpf: ebpf,
+            _ebpf: Some(ebpf),
+            adopted_owners: super::AdoptedOwners::default(),
         })
+    }
+
+    /// The maps a predecessor passed (binary upgrade), in the order of
+    /// [`SpliceProgram::offer`], with its program attached to them.
+    pub fn adopt(fds: [OwnedFd; 5]) -> Result<SpliceProgram, SpliceError> {
+        let [peer_fd, bridge_fd, activity_fd, paused_fd, pressure_fd] = fds;
+        let ring_fd = pressure_fd.try_clone().map_err(SpliceError::Duplicate)?;
+        let pressure = RingBuf::try_from(Map::RingBuf(MapData::from_fd(ring_fd)?))?;
+        let program = SpliceProgram {
+            peer_fd,
+            bridge_fd,
+            activity_fd,
+            paused_fd,
+            pressure_fd,
+            pressure: Some(pressure),
+            _ebpf: None,
+            adopted_owners: super::AdoptedOwners::default(),
+        };
+        // The types are checked once, as `load` does.
+        program.maps()?;
+        Ok(program)
+    }
+
+    /// The maps' descriptors for a successor: `PEER`, `BRIDGE`, `ACTIVITY`, `PAUSED`,
+    /// `PRESSURE`.
+    pub fn offer(&self) -> [std::os::fd::BorrowedFd<'_>; 5] {
+        [
+            self.peer_fd.as_fd(),
+            self.bridge_fd.as_fd(),
+            self.activity_fd.as_fd(),
+            self.paused_fd.as_fd(),
+            self.pressure_fd.as_fd(),
+        ]
     }
 
     /// A new handle on the program's maps (one per worker, one for the admin gauges).
