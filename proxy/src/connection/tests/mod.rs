@@ -4,6 +4,7 @@
 
 mod close;
 mod exchange;
+mod handover;
 mod promote;
 mod relay;
 mod splice;
