@@ -55,6 +55,9 @@ pub struct Controls {
     pub retired: Arc<AtomicBool>,
 }
 
+/// A request to the main thread: where it sends its outcome.
+type Request<T> = Sender<Result<T, String>>;
+
 /// What the admin endpoints read.
 struct State {
     metrics: Arc<Metrics>,
@@ -216,38 +219,38 @@ fn answer(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
 /// `POST /reload`: asks the main thread to read the config file again and waits for the
 /// outcome.
 fn reload(state: &State) -> (&'static str, String) {
-    let Some(requests) = state.reload.as_ref() else {
-        return (
-            "503 Service Unavailable",
-            "this process cannot reload (no config file)\n".into(),
-        );
-    };
-    let (reply, outcome) = mpsc::channel();
-    let sent = requests
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .send(reply);
-    if sent.is_err() {
-        return ("503 Service Unavailable", "the proxy is stopping\n".into());
-    }
-    match outcome.recv_timeout(RELOAD_WAIT) {
+    let unable = "this process cannot reload (no config file)";
+    match ask_main_thread(state.reload.as_ref(), RELOAD_WAIT, unable) {
         Ok(Ok(generation)) => ("200 OK", format!("reloaded: generation {generation}\n")),
         Ok(Err(error)) => ("409 Conflict", format!("refused: {error}\n")),
-        Err(_) => (
-            "503 Service Unavailable",
-            "the proxy did not answer\n".into(),
-        ),
+        Err(unanswered) => unanswered,
     }
 }
 
 /// `POST /upgrade`: asks the main thread to start a successor and waits until it serves or
 /// failed.
 fn upgrade(state: &State) -> (&'static str, String) {
-    let Some(requests) = state.upgrade.as_ref() else {
-        return (
-            "503 Service Unavailable",
-            "this process cannot upgrade\n".into(),
-        );
+    let unable = "this process cannot upgrade";
+    match ask_main_thread(state.upgrade.as_ref(), UPGRADE_WAIT, unable) {
+        Ok(Ok(pid)) => ("200 OK", format!("upgraded: successor pid {pid}\n")),
+        Ok(Err(error)) => (
+            "500 Internal Server Error",
+            format!("upgrade failed: {error}\n"),
+        ),
+        Err(unanswered) => unanswered,
+    }
+}
+
+/// Sends a request to the main thread through `requests` and waits at most `wait` for its
+/// outcome; a 503 answer when it cannot be asked (`unable`), is stopping or does not answer.
+fn ask_main_thread<T>(
+    requests: Option<&std::sync::Mutex<Sender<Request<T>>>>,
+    wait: Duration,
+    unable: &str,
+) -> Result<Result<T, String>, (&'static str, String)> {
+    let unavailable = |why: &str| ("503 Service Unavailable", format!("{why}\n"));
+    let Some(requests) = requests else {
+        return Err(unavailable(unable));
     };
     let (reply, outcome) = mpsc::channel();
     let sent = requests
@@ -255,19 +258,11 @@ fn upgrade(state: &State) -> (&'static str, String) {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .send(reply);
     if sent.is_err() {
-        return ("503 Service Unavailable", "the proxy is stopping\n".into());
+        return Err(unavailable("the proxy is stopping"));
     }
-    match outcome.recv_timeout(UPGRADE_WAIT) {
-        Ok(Ok(pid)) => ("200 OK", format!("upgraded: successor pid {pid}\n")),
-        Ok(Err(error)) => (
-            "500 Internal Server Error",
-            format!("upgrade failed: {error}\n"),
-        ),
-        Err(_) => (
-            "503 Service Unavailable",
-            "the proxy did not answer\n".into(),
-        ),
-    }
+    outcome
+        .recv_timeout(wait)
+        .map_err(|_| unavailable("the proxy did not answer"))
 }
 
 /// `wsplice reload`: asks the proxy whose admin listener is at `addr` to reload; its status

@@ -181,37 +181,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Upgrade { config: file } => {
             let config = Config::load(&file)?;
-            let admin = config.admin.as_ref().with_context(|| {
-                format!(
-                    "{}: no [admin] listener to ask; send SIGUSR2 to the process instead",
-                    file.display()
-                )
-            })?;
-            let (status, answer) = wsplice::admin::request_upgrade(admin.bind)
-                .with_context(|| format!("cannot reach the admin listener at {}", admin.bind))?;
-            if status != 200 {
-                anyhow::bail!("{answer}");
-            }
-            println!("{answer}");
-            Ok(())
+            ask_admin(&file, &config, "SIGUSR2", wsplice::admin::request_upgrade)
         }
         Command::Reload { config: file } => {
             let config = Config::load(&file)?;
             wsplice::runtime::tls_configs(&config)
                 .with_context(|| format!("{}", file.display()))?;
-            let admin = config.admin.as_ref().with_context(|| {
-                format!(
-                    "{}: no [admin] listener to ask; send SIGHUP to the process instead",
-                    file.display()
-                )
-            })?;
-            let (status, answer) = wsplice::admin::request_reload(admin.bind)
-                .with_context(|| format!("cannot reach the admin listener at {}", admin.bind))?;
-            if status != 200 {
-                anyhow::bail!("{answer}");
-            }
-            println!("{answer}");
-            Ok(())
+            ask_admin(&file, &config, "SIGHUP", wsplice::admin::request_reload)
         }
         Command::Check { file } => {
             let config = Config::load(&file)?;
@@ -243,6 +219,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
     }
+}
+
+/// `wsplice reload` and `wsplice upgrade`: asks the running proxy through the admin listener
+/// `config` names (`signal` does the same without one), prints its answer, fails on a refusal.
+fn ask_admin(
+    file: &std::path::Path,
+    config: &Config,
+    signal: &str,
+    request: fn(SocketAddr) -> std::io::Result<(u16, String)>,
+) -> anyhow::Result<()> {
+    let admin = config.admin.as_ref().with_context(|| {
+        format!(
+            "{}: no [admin] listener to ask; send {signal} to the process instead",
+            file.display()
+        )
+    })?;
+    let (status, answer) = request(admin.bind)
+        .with_context(|| format!("cannot reach the admin listener at {}", admin.bind))?;
+    if status != 200 {
+        anyhow::bail!("{answer}");
+    }
+    println!("{answer}");
+    Ok(())
 }
 
 /// Loads the sockmap program when the data path asks for it (`auto`: if it loads). A

@@ -1076,6 +1076,26 @@ impl Drop for Proxy {
     }
 }
 
+/// Every tunnel echoes its next sequenced message (`"{index}:{round}"`), all sent first, then
+/// every reply checked.
+pub async fn echo_round(tunnels: &mut [Client], round: usize) {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    for (index, ws) in tunnels.iter_mut().enumerate() {
+        bounded(ws.send(Message::text(format!("{index}:{round}"))))
+            .await
+            .expect("send");
+    }
+    for (index, ws) in tunnels.iter_mut().enumerate() {
+        let reply = bounded(ws.next()).await.expect("a reply").expect("a frame");
+        assert_eq!(
+            reply,
+            Message::text(format!("{index}:{round}")),
+            "tunnel {index}, round {round}: lost or reordered"
+        );
+    }
+}
+
 /// The values of every header named `name` (any case) in `headers`, in order.
 pub fn header_values<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
     headers

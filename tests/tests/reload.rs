@@ -26,23 +26,6 @@ fn saw(echo: &Echo, label: &str) -> bool {
     echo.records().iter().any(|record| record.path == path)
 }
 
-/// Every tunnel echoes its next sequenced message.
-async fn echo_round(tunnels: &mut [Client], round: usize) {
-    for (index, ws) in tunnels.iter_mut().enumerate() {
-        bounded(ws.send(Message::text(format!("{index}:{round}"))))
-            .await
-            .expect("send");
-    }
-    for (index, ws) in tunnels.iter_mut().enumerate() {
-        let reply = bounded(ws.next()).await.expect("a reply").expect("a frame");
-        assert_eq!(
-            reply,
-            Message::text(format!("{index}:{round}")),
-            "tunnel {index}, round {round}: lost or reordered"
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_switch_new_connections_and_leave_open_tunnels_alone() {
     let (first, second) = (Echo::start(), Echo::start());

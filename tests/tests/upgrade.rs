@@ -70,23 +70,6 @@ async fn connect_owned(url: String) -> Client {
     connect(&url).await
 }
 
-/// Every tunnel echoes its next sequenced message.
-async fn echo_round(tunnels: &mut [Client], round: usize) {
-    for (index, ws) in tunnels.iter_mut().enumerate() {
-        bounded(ws.send(Message::text(format!("{index}:{round}"))))
-            .await
-            .expect("send");
-    }
-    for (index, ws) in tunnels.iter_mut().enumerate() {
-        let reply = bounded(ws.next()).await.expect("a reply").expect("a frame");
-        assert_eq!(
-            reply,
-            Message::text(format!("{index}:{round}")),
-            "tunnel {index}, round {round}: lost or reordered"
-        );
-    }
-}
-
 /// Closes the tunnels from the client side and waits for each end (in chunks).
 async fn close_all(mut tunnels: Vec<Client>) {
     while !tunnels.is_empty() {

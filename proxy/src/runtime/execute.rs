@@ -462,21 +462,10 @@ impl Worker {
         };
         let counted = splice::pause(maps, sockets, client.as_fd(), upstream.as_fd())
             .map_err(|error| error.to_string())?;
-        let id = entry.conn.id();
         for side in [Side::Client, Side::Upstream] {
-            let io = entry.side(side);
-            io.intent = Intent::None;
-            if io.polling {
-                io.poll_removed = true;
-                let target = match side {
-                    Side::Client => Op::PollClient,
-                    Side::Upstream => Op::PollUpstream,
-                };
-                entry.inflight += 1;
-                self.ring
-                    .remove_poll(target.user_data(slot, id), Op::Cancel.user_data(slot, id));
-            }
+            entry.side(side).intent = Intent::None;
         }
+        self.remove_polls(slot);
         let to_client = self.measure_backlog(slot, Side::Client);
         let to_upstream = self.measure_backlog(slot, Side::Upstream);
         let (Some(to_client), Some(to_upstream)) = (to_client, to_upstream) else {

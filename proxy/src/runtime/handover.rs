@@ -15,7 +15,7 @@ use super::stream::ClientStream;
 use super::table::{Entry, SideIo};
 use super::worker::Worker;
 use crate::clock::monotonic_ns;
-use crate::connection::{Actions, Connection, Side};
+use crate::connection::{Actions, Connection};
 use crate::tag::Tag;
 use crate::upgrade::Handed;
 
@@ -154,22 +154,12 @@ impl Worker {
             return;
         }
         entry.handing_over = true;
-        let id = entry.conn.id();
-        for side in [Side::Client, Side::Upstream] {
-            let io = entry.side(side);
-            if io.polling {
-                // If something happens meanwhile, the tunnel stays and this wait is armed
-                // again (`on_poll` of a removed poll).
-                io.poll_removed = true;
-                let target = match side {
-                    Side::Client => Op::PollClient,
-                    Side::Upstream => Op::PollUpstream,
-                };
-                entry.inflight += 1;
-                self.ring
-                    .remove_poll(target.user_data(slot, id), Op::Cancel.user_data(slot, id));
-            }
-        }
+        // If something happens meanwhile, the tunnel stays and its waits are armed again
+        // (`on_poll` of a removed poll).
+        self.remove_polls(slot);
+        let Some(entry) = self.table.get(slot) else {
+            return;
+        };
         if entry.inflight == 0 {
             self.let_go(slot);
         }

@@ -758,6 +758,28 @@ impl Worker {
         }
     }
 
+    /// Removes the readiness polls in flight on both sockets of the connection in `slot`; each
+    /// completes with `ECANCELED`, which `on_poll` takes as removed on purpose (and arms again
+    /// if an intent was set meanwhile).
+    pub(super) fn remove_polls(&mut self, slot: u32) {
+        let Some(entry) = self.table.get(slot) else {
+            return;
+        };
+        let id = entry.conn.id();
+        for (side, target) in [
+            (Side::Client, Op::PollClient),
+            (Side::Upstream, Op::PollUpstream),
+        ] {
+            let io = entry.side(side);
+            if io.polling {
+                io.poll_removed = true;
+                entry.inflight += 1;
+                self.ring
+                    .remove_poll(target.user_data(slot, id), Op::Cancel.user_data(slot, id));
+            }
+        }
+    }
+
     /// A side became readable (or the poll failed): do what the poll was armed for.
     fn on_poll(&mut self, slot: u32, side: Side, result: i32) {
         let removed = self
