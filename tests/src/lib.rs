@@ -1076,6 +1076,43 @@ impl Drop for Proxy {
     }
 }
 
+/// Tunnels [`open_tunnels`] opens at once (the rest wait for the chunk before).
+pub const CHUNK: usize = 100;
+
+/// Lifts this process's soft limit on open files to the hard one (inherited by the processes
+/// it starts from now on); fails the test if that leaves no room for `tunnels` client sockets.
+pub fn raise_fd_limit(tunnels: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a pointer to a live rlimit.
+    let lifted = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    assert!(
+        lifted && limit.rlim_cur >= tunnels as libc::rlim_t + 512,
+        "{tunnels} tunnels need more open files than the limit {} allows",
+        limit.rlim_cur
+    );
+}
+
+/// Opens `count` tunnels through `proxy` in chunks of [`CHUNK`], each on a path naming
+/// `label` and its index.
+pub async fn open_tunnels(proxy: &Proxy, label: &str, count: usize) -> Vec<Client> {
+    let mut tunnels = Vec::with_capacity(count);
+    for first in (0..count).step_by(CHUNK) {
+        let chunk = first..count.min(first + CHUNK);
+        let urls = chunk.map(|index| proxy.url(&format!("/{label}-{index}")));
+        let opening = urls.map(|url| async move { connect(&url).await });
+        tunnels.extend(futures_util::future::join_all(opening).await);
+    }
+    tunnels
+}
+
 /// Every tunnel echoes its next sequenced message (`"{index}:{round}"`), all sent first, then
 /// every reply checked.
 pub async fn echo_round(tunnels: &mut [Client], round: usize) {

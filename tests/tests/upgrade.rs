@@ -27,48 +27,8 @@ const UPGRADES: usize = 3;
 /// How often each tunnel sends its next sequenced message.
 const PERIOD: Duration = Duration::from_millis(100);
 
-/// Tunnels opened at once (the rest wait for the chunk before).
-const CHUNK: usize = 100;
-
 /// The access-line reason of a tunnel the old process handed to its successor.
 const HANDED_OVER: &str = "handed over to the successor";
-
-/// Lifts this process's soft limit on open files to the hard one (inherited by the processes
-/// it starts from now on): the tunnels' client sockets alone are [`TUNNELS`].
-fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit with a pointer to a live rlimit.
-    let lifted = unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
-        }
-    };
-    assert!(
-        lifted && limit.rlim_cur >= TUNNELS as libc::rlim_t + 512,
-        "{TUNNELS} tunnels need more open files than the limit {} allows",
-        limit.rlim_cur
-    );
-}
-
-/// Opens `count` tunnels in chunks, each on a path naming `label` and its index.
-async fn open_tunnels(proxy: &Proxy, label: &str, count: usize) -> Vec<Client> {
-    let mut tunnels = Vec::with_capacity(count);
-    for first in (0..count).step_by(CHUNK) {
-        let chunk = first..count.min(first + CHUNK);
-        let urls = chunk.map(|index| proxy.url(&format!("/{label}-{index}")));
-        tunnels.extend(futures_util::future::join_all(urls.map(connect_owned)).await);
-    }
-    tunnels
-}
-
-/// [`connect`] with the URL owned by the future (for many at once).
-async fn connect_owned(url: String) -> Client {
-    connect(&url).await
-}
 
 /// Closes the tunnels from the client side and waits for each end (in chunks).
 async fn close_all(mut tunnels: Vec<Client>) {
@@ -339,7 +299,7 @@ fn sockets_held(proxy: &Proxy) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_upgrades_keep_every_tunnel() {
-    raise_fd_limit();
+    raise_fd_limit(TUNNELS);
     let echo = Echo::start_unrecorded();
     for datapath in datapaths() {
         let mut proxy = Proxy::start(datapath, &ProxyConfig::new(&[echo.addr()]));

@@ -17,6 +17,7 @@ use super::{Action, Actions, Connection, DataPath, RequestSummary, Side, Splice,
 use crate::access::AccessRecord;
 use crate::headers::Scheme;
 use crate::services::Services;
+use crate::tunnel::frames::FrameTracker;
 use crate::tunnel::relay::{Direction, SourceRead};
 
 /// The access-line reason of a tunnel that moved to a successor.
@@ -61,6 +62,9 @@ pub enum HandedPath {
         last_activity_ns: u64,
         /// When it becomes due for the kernel path (`u64::MAX`: never).
         promote_at_ns: u64,
+        /// Where each direction stands between frames (client → upstream, upstream →
+        /// client): a quiet moment may fall inside a frame.
+        frames: [FrameTracker; 2],
     },
     /// The kernel path.
     Spliced {
@@ -114,6 +118,10 @@ impl Connection {
                 bytes_down: relay.bytes_down(),
                 last_activity_ns: relay.last_activity_ns(),
                 promote_at_ns: relay.promote_at_ns(),
+                frames: [
+                    relay.direction(Side::Upstream).frames,
+                    relay.direction(Side::Client).frames,
+                ],
             },
             _ => return None,
         };
@@ -193,10 +201,12 @@ impl Connection {
                 bytes_down,
                 last_activity_ns,
                 promote_at_ns,
+                frames: [up_frames, down_frames],
             } => {
-                let waiting = |bytes| {
+                let waiting = |bytes, frames| {
                     let mut direction = Direction::unbounded();
                     direction.bytes = bytes;
+                    direction.frames = frames;
                     direction.on_read_done(true, true);
                     direction
                 };
@@ -206,8 +216,8 @@ impl Connection {
                     u64::MAX
                 };
                 let relay = super::Relay::adopted(
-                    waiting(bytes_up),
-                    waiting(bytes_down),
+                    waiting(bytes_up, up_frames),
+                    waiting(bytes_down, down_frames),
                     last_activity_ns,
                     idle_ns,
                     promote_at_ns,

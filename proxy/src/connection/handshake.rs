@@ -40,6 +40,8 @@ pub enum Step {
     Tunnel {
         /// The upstream's 101 head and whatever it sent behind it.
         to_client: Vec<u8>,
+        /// How much of `to_client` is the head (the frames follow it).
+        head_len: usize,
         /// What the client pipelined behind its request head.
         to_upstream: Vec<u8>,
     },
@@ -304,8 +306,9 @@ impl Handshake {
         let key = request.key.as_str();
         match parse_response(&self.upstream_bytes, key, &services.response_limits) {
             Ok(None) => Step::ReadUpstream,
-            Ok(Some(UpstreamAnswer::Upgraded { .. })) => Step::Tunnel {
+            Ok(Some(UpstreamAnswer::Upgraded { head_len })) => Step::Tunnel {
                 to_client: std::mem::take(&mut self.upstream_bytes),
+                head_len,
                 to_upstream: std::mem::take(&mut self.client_bytes),
             },
             Ok(Some(UpstreamAnswer::Refused {

@@ -25,6 +25,7 @@
 //! Any stage ends in a close with a reason (graceful, or abortive: a reset both ways).
 
 mod exchange;
+mod goodbye;
 mod handover;
 mod handshake;
 mod relay;
@@ -412,6 +413,8 @@ impl Connection {
             }
             // Lingering close: what the client still sends is dropped.
             (Stage::Rejecting { .. }, Side::Client) => out.push_back(Action::Read(Side::Client)),
+            // Shutdown said goodbye: what comes after the boundary is dropped.
+            (Stage::Relaying(_), side) => self.on_goodbye_data(side, out),
             _ => {}
         }
     }
@@ -432,6 +435,7 @@ impl Connection {
             }
             (Stage::Rejecting { .. }, Side::Client) => self.close("rejected".into(), false, out),
             (Stage::Exchanging(_), side) => self.on_exchange_read_end(side, now_ns, services, out),
+            (Stage::Relaying(_), side) => self.on_goodbye_read_end(side, out),
             _ => {}
         }
     }
@@ -520,20 +524,25 @@ impl Connection {
             return;
         }
         let deadline = match &self.stage {
-            Stage::Relaying(relay) | Stage::Promoting(relay) => relay.deadline(),
+            Stage::Relaying(relay) | Stage::Promoting(relay) => match &relay.goodbye {
+                Some(goodbye) => goodbye.deadline(),
+                None => relay.deadline(),
+            },
             Stage::Spliced(splice) => splice.deadline(kernel_activity_ns),
             Stage::Exchanging(exchange) => exchange.deadline(),
             _ => self.deadline_ns,
         };
         if now_ns < deadline {
             if let Stage::Relaying(relay) = &self.stage {
-                // Perhaps the moment the tunnel became due for the kernel path.
-                let reminder = relay.reminder(now_ns);
-                if self.try_promote(now_ns, services, out) {
+                if relay.goodbye.is_none() {
+                    // Perhaps the moment the tunnel became due for the kernel path.
+                    let reminder = relay.reminder(now_ns);
+                    if self.try_promote(now_ns, services, out) {
+                        return;
+                    }
+                    out.push_back(Action::ArmDeadline(reminder));
                     return;
                 }
-                out.push_back(Action::ArmDeadline(reminder));
-                return;
             }
             out.push_back(Action::ArmDeadline(deadline));
             return;
@@ -553,6 +562,13 @@ impl Connection {
             }
             Stage::Rejecting { .. } => self.close("rejected".into(), false, out),
             Stage::Exchanging(_) => self.on_exchange_deadline(services, out),
+            Stage::Relaying(Relay {
+                goodbye: Some(goodbye),
+                ..
+            }) => {
+                let reason = goodbye.timeout_reason();
+                self.close(reason, false, out);
+            }
             Stage::Relaying(relay) | Stage::Promoting(relay) => {
                 let idle_ms = relay.idle_ns() / 1_000_000;
                 services.metrics.idle_timeouts.inc();
@@ -627,17 +643,18 @@ impl Connection {
 
     /// Shutdown: this connection's turn in the drain's spread window (closes are spread so
     /// that clients do not all reconnect at once).
-    pub fn on_drain_spread(&mut self, out: &mut Actions) {
-        self.close(
-            "shutting down: closed in the drain's spread window".into(),
-            false,
+    pub fn on_drain_spread(&mut self, now_ns: u64, out: &mut Actions) {
+        self.say_goodbye(
+            "shutting down: closed in the drain's spread window",
+            now_ns,
             out,
         );
     }
 
-    /// Shutdown: the drain deadline passed.
-    pub fn on_drain_deadline(&mut self, out: &mut Actions) {
-        self.close("drain deadline reached".into(), false, out);
+    /// Shutdown: the drain deadline passed (a tunnel says goodbye, bounded by
+    /// `goodbye::GOODBYE_NS`).
+    pub fn on_drain_deadline(&mut self, now_ns: u64, out: &mut Actions) {
+        self.say_goodbye("drain deadline reached", now_ns, out);
     }
 
     /// Decides to close (once; later calls keep the first reason).

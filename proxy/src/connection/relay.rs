@@ -22,6 +22,8 @@ pub struct Relay {
     /// Set once the tunnel left the kernel path (boxed: rare, and idle tunnels should not
     /// carry it).
     left_kernel: Option<Box<KernelBacklog>>,
+    /// Shutdown: the tunnel is saying goodbye (boxed: rare).
+    pub(super) goodbye: Option<Box<super::goodbye::Goodbye>>,
 }
 
 /// A tunnel that left the kernel path because a reader fell behind: both its sockets are
@@ -39,7 +41,7 @@ struct KernelBacklog {
 
 impl Relay {
     /// The direction whose bytes go to `destination`.
-    fn towards(&mut self, destination: Side) -> &mut Direction {
+    pub(super) fn towards(&mut self, destination: Side) -> &mut Direction {
         match destination {
             Side::Upstream => &mut self.up,
             Side::Client => &mut self.down,
@@ -72,6 +74,7 @@ impl Relay {
             status: 101,
             promote_at_ns,
             left_kernel: None,
+            goodbye: None,
         }
     }
 
@@ -156,6 +159,8 @@ impl Relay {
                 Direction::unbounded()
             };
             direction.bytes = bytes[index];
+            // The kernel moved the bytes so far: nobody knows where the frames stand.
+            direction.frames = crate::tunnel::frames::FrameTracker::unknown();
             direction
         };
         // Held (with nothing known yet) until measured.
@@ -168,6 +173,7 @@ impl Relay {
             status: 101,
             promote_at_ns: u64::MAX,
             left_kernel: Some(Box::new(KernelBacklog { pending, share })),
+            goodbye: None,
         }
     }
 
@@ -182,7 +188,7 @@ impl Relay {
     }
 
     /// Whether the direction towards `destination` waits for the kernel to deliver.
-    fn is_held(&self, destination: Side) -> bool {
+    pub(super) fn is_held(&self, destination: Side) -> bool {
         self.left_kernel
             .as_ref()
             .is_some_and(|left| left.pending[destination.index()].is_some())
@@ -231,18 +237,22 @@ impl Connection {
         &mut self,
         to_client: Vec<u8>,
         to_upstream: Vec<u8>,
-        down: Direction,
+        mut down: Direction,
         status: u16,
         now_ns: u64,
         services: &Services,
         out: &mut Actions,
     ) {
         let idle_ns = self.idle_ns(services);
-        let up = if status == 101 {
+        let mut up = if status == 101 {
             Direction::unbounded()
         } else {
             Direction::closed()
         };
+        // What the client pipelined is frames already; the client's stream starts with the
+        // 101's head (`down.frames` says how long it is).
+        up.frames.feed(&to_upstream);
+        down.frames.feed(&to_client);
         let promote_at_ns = match (self.datapath, services.promotion) {
             (DataPath::Promote, Some(promotion)) if status == 101 => {
                 now_ns.saturating_add(promotion.after_ns)
@@ -257,6 +267,7 @@ impl Connection {
             status,
             promote_at_ns,
             left_kernel: None,
+            goodbye: None,
         };
         let reminder = relay.reminder(now_ns);
         self.stage = Stage::Relaying(relay);
@@ -278,12 +289,14 @@ impl Connection {
     pub(super) fn start_tunnel_relay(
         &mut self,
         to_client: Vec<u8>,
+        frames: crate::tunnel::frames::FrameTracker,
         to_upstream: Vec<u8>,
         now_ns: u64,
         services: &Services,
         out: &mut Actions,
     ) {
-        let down = Direction::unbounded();
+        let mut down = Direction::unbounded();
+        down.frames = frames;
         self.start_relay(to_client, to_upstream, down, 101, now_ns, services, out);
     }
 
@@ -319,15 +332,25 @@ impl Connection {
         if self.sending[destination.index()] {
             return; // backpressure: one chunk in flight per direction
         }
+        if self.farewell_step(destination, out) {
+            return; // shutting down: the goodbye decides
+        }
         let Stage::Relaying(relay) = &mut self.stage else {
             return;
         };
         if relay.is_held(destination) {
             return; // the kernel still delivers what it redirected there
         }
-        let budget = relay
+        let mut budget = relay
             .towards(destination)
             .read_budget(services.relay_buffer);
+        if relay.goodbye.is_some() {
+            // Saying goodbye: read no further than the end of the frame in flight.
+            let to_boundary = relay.towards(destination).frames.to_boundary();
+            if let Some(limit) = to_boundary {
+                budget = budget.min(usize::try_from(limit).unwrap_or(usize::MAX));
+            }
+        }
         if budget == 0 {
             return self.flush_direction(destination, out);
         }
@@ -363,6 +386,11 @@ impl Connection {
             return;
         };
         relay.towards(source.peer()).on_read_done(true, true);
+        if relay.goodbye.is_some() {
+            // A quiet moment: where the frames are unknown, the goodbye takes it as a boundary.
+            self.farewell_step(source.peer(), out);
+            return;
+        }
         self.try_promote(now_ns, services, out);
     }
 
@@ -382,7 +410,7 @@ impl Connection {
     pub fn on_forwarded(
         &mut self,
         source: Side,
-        count: usize,
+        bytes: &[u8],
         drained: bool,
         now_ns: u64,
         services: &Services,
@@ -390,7 +418,9 @@ impl Connection {
         let Stage::Relaying(relay) = &mut self.stage else {
             return;
         };
+        let count = bytes.len();
         let direction = relay.towards(source.peer());
+        direction.frames.feed(bytes);
         direction.on_read(count);
         direction.on_read_done(drained, false);
         relay.last_activity_ns = now_ns;
@@ -407,6 +437,9 @@ impl Connection {
             return;
         };
         relay.towards(source.peer()).on_source_eof();
+        if let Some(goodbye) = relay.goodbye.as_mut() {
+            goodbye.source_ended(source);
+        }
         self.flush_direction(source.peer(), out);
     }
 

@@ -37,6 +37,9 @@ pub struct Splice {
     backlog: u64,
     /// A reader fell behind: the tunnel is leaving the kernel path ([`Action::PauseSplice`]).
     leaving: bool,
+    /// Shutdown: it leaves the kernel path to say goodbye (`connection::goodbye`), for this
+    /// reason.
+    farewell: Option<&'static str>,
 }
 
 impl Splice {
@@ -69,6 +72,7 @@ impl Splice {
             bytes_down,
             backlog: 0,
             leaving: false,
+            farewell: None,
         }
     }
 
@@ -85,6 +89,13 @@ impl Splice {
     /// A reader fell behind and the tunnel is leaving the kernel path.
     pub(super) fn is_leaving(&self) -> bool {
         self.leaving
+    }
+
+    /// Shutdown: the tunnel leaves the kernel path to say goodbye; true when that takes a
+    /// [`Action::PauseSplice`] (it is not leaving already).
+    pub(super) fn bid_farewell(&mut self, reason: &'static str) -> bool {
+        self.farewell = Some(reason);
+        !std::mem::replace(&mut self.leaving, true)
     }
 
     /// A reload changed the route's idle timeout; returns the one it had.
@@ -285,6 +296,7 @@ impl Connection {
             bytes_down,
             backlog: 0,
             leaving: false,
+            farewell: None,
         });
         metrics.tunnels_spliced.inc();
         metrics.tunnels_spliced_open.inc();
@@ -330,7 +342,10 @@ impl Connection {
         tracing::warn!(%reason, "kernel hand-off failed; relaying this tunnel in userspace");
         self.datapath = DataPath::Relay;
         out.push_back(Action::UndoPeekMark);
-        self.start_tunnel_relay(Vec::new(), to_upstream, now_ns, services, out);
+        // The 101 is relayed as stream bytes ahead of the frames; its length was not kept, so
+        // the frames' boundaries towards the client are unknown.
+        let frames = crate::tunnel::frames::FrameTracker::unknown();
+        self.start_tunnel_relay(Vec::new(), frames, to_upstream, now_ns, services, out);
     }
 
     /// A spliced socket woke up, or a report made the I/O layer look at it. Once the tunnel
@@ -497,8 +512,13 @@ impl Connection {
             return;
         };
         let metrics = &services.metrics;
+        let farewell = splice.farewell;
         let paused = match result {
             Ok(paused) => paused,
+            Err(error) if farewell.is_some() => {
+                let reason = format!("shutting down (the tunnel could not leave the kernel path to say goodbye: {error})");
+                return self.close(reason, false, out);
+            }
             Err(error) => {
                 metrics.kernel_slow_consumers.inc();
                 let reason = format!(
@@ -535,6 +555,9 @@ impl Connection {
         self.stage = Stage::Relaying(relay);
         out.push_back(Action::ArmDeadline(deadline));
         self.on_kernel_delivering(paused.to_client, paused.to_upstream, now_ns, services, out);
+        if let Some(reason) = farewell {
+            self.say_goodbye(reason, now_ns, out);
+        }
     }
 
     /// A tunnel that left the kernel path: what the kernel still has to deliver towards each

@@ -7,6 +7,7 @@ use super::{
 };
 use crate::handshake::BodyLength;
 use crate::services::Services;
+use crate::tunnel::frames::FrameTracker;
 use crate::tunnel::relay::Direction;
 
 impl Connection {
@@ -134,12 +135,14 @@ impl Connection {
             Step::Reject(rejection) => self.reject(rejection, services, out),
             Step::Tunnel {
                 to_client,
+                head_len,
                 to_upstream,
             } => match self.datapath {
                 // The 101 (`to_client`) stays queued in the upstream socket: the kernel delivers it.
                 DataPath::Splice => self.hand_off(to_upstream, now_ns, services, out),
                 DataPath::Relay | DataPath::Promote => {
-                    self.start_tunnel_relay(to_client, to_upstream, now_ns, services, out)
+                    let frames = FrameTracker::after(head_len as u64);
+                    self.start_tunnel_relay(to_client, frames, to_upstream, now_ns, services, out)
                 }
             },
             Step::Refused {

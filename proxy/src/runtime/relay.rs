@@ -44,9 +44,13 @@ impl Worker {
             Ok(n) => {
                 // Fewer bytes than asked for: the read took everything queued.
                 let drained = n < budget;
-                entry
-                    .conn
-                    .on_forwarded(from, n, drained, monotonic_ns(), &entry.services);
+                entry.conn.on_forwarded(
+                    from,
+                    &buffer[..n],
+                    drained,
+                    monotonic_ns(),
+                    &entry.services,
+                );
                 self.send_to(slot, from.peer(), Outgoing::pooled(buffer, n));
             }
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {

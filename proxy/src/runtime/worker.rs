@@ -342,7 +342,7 @@ impl Worker {
         self.spread_closes(now, deadline);
         if now >= deadline {
             for slot in self.table.slots() {
-                self.drive(slot, |conn, _, out| conn.on_drain_deadline(out));
+                self.drive(slot, |conn, _, out| conn.on_drain_deadline(now, out));
             }
         }
         self.table.live() == 0 && self.listeners.iter().all(|l| l.listener.is_none())
@@ -423,7 +423,7 @@ impl Worker {
                 .get(slot)
                 .is_some_and(|entry| entry.conn.id() == id)
             {
-                self.drive(slot, |conn, _, out| conn.on_drain_spread(out));
+                self.drive(slot, |conn, _, out| conn.on_drain_spread(now, out));
             }
         }
     }

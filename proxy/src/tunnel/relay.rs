@@ -4,6 +4,8 @@
 //! buffer: it reads only when the previous chunk is fully written (backpressure: a slow reader
 //! stops its peer's reads, memory stays bounded by one buffer per direction).
 
+use super::frames::FrameTracker;
+
 /// The state of one direction (client → upstream or upstream → client).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Direction {
@@ -17,6 +19,8 @@ pub struct Direction {
     shut_down: bool,
     /// Where reading the source stands.
     read: SourceRead,
+    /// Where the bytes passed on stand between WebSocket frames.
+    pub frames: FrameTracker,
 }
 
 /// Where reading a direction's source stands. The kernel path can take a relayed tunnel over
@@ -53,6 +57,7 @@ impl Direction {
             source_done: false,
             shut_down: false,
             read: SourceRead::Partial,
+            frames: FrameTracker::at_boundary(),
         }
     }
 
@@ -140,6 +145,11 @@ impl Direction {
         } else {
             AfterSource::Nothing
         }
+    }
+
+    /// The FIN has been passed on to the destination.
+    pub fn is_shut_down(&self) -> bool {
+        self.shut_down
     }
 
     /// Done: the source is exhausted and its FIN passed on.

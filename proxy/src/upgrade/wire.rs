@@ -206,6 +206,7 @@ mod tests {
                     bytes_down: 2,
                     last_activity_ns: 3,
                     promote_at_ns: u64::MAX,
+                    frames: Default::default(),
                 },
             },
             kernel: None,

@@ -72,6 +72,7 @@ fn a_valid_upgrade_goes_connect_send_read_then_tunnel_with_pipelined_bytes_in_or
         h.on_upstream_data(&rest, &services),
         Step::Tunnel {
             to_client: to_client_expected,
+            head_len: UPGRADED.len(),
             to_upstream: b"\x81\x02hi".to_vec(),
         }
     );

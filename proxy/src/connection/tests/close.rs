@@ -6,19 +6,19 @@ use super::*;
 #[test]
 fn a_close_is_decided_once_and_keeps_its_first_reason() {
     let mut h = Harness::relaying(false);
-    let actions = h.event(|c, _, _, out| c.on_drain_deadline(out));
+    let actions = h.deadline(h.now + IDLE);
     assert_eq!(actions, vec![Action::Close { abortive: false }]);
     // A reset seen afterwards changes nothing.
     let later = h.event(|c, _, _, out| c.on_source_failed(Side::Client, "reset", true, out));
     assert_eq!(later, vec![]);
-    assert_eq!(h.reason(), "drain deadline reached");
+    assert!(h.reason().starts_with("idle timeout"), "{}", h.reason());
     assert!(!h.conn.ending().is_some_and(|e| e.abortive));
 }
 
 #[test]
 fn events_after_the_close_ask_for_nothing() {
     let mut h = Harness::relaying(false);
-    h.event(|c, _, _, out| c.on_drain_deadline(out));
+    h.deadline(h.now + IDLE);
     assert_eq!(h.client_sends(b"late"), vec![]);
     assert_eq!(h.sent(Side::Client), vec![]);
     assert_eq!(
@@ -29,10 +29,18 @@ fn events_after_the_close_ask_for_nothing() {
 }
 
 #[test]
-fn draining_a_spliced_tunnel_takes_it_out_of_the_kernel_first() {
+fn closing_a_spliced_tunnel_takes_it_out_of_the_kernel_first() {
     let mut h = Harness::spliced();
     assert_eq!(
-        h.event(|c, _, _, out| c.on_drain_deadline(out)),
+        h.event(|c, _, s, out| c.on_spliced_event(
+            Side::Client,
+            SplicedEvent::Failed {
+                reset: false,
+                error: "broken pipe".into()
+            },
+            s,
+            out
+        )),
         vec![Action::Unsplice, Action::Close { abortive: false }]
     );
 }
@@ -40,7 +48,7 @@ fn draining_a_spliced_tunnel_takes_it_out_of_the_kernel_first() {
 #[test]
 fn finishing_a_tunnel_updates_the_gauges() {
     let mut h = Harness::relaying(false);
-    h.event(|c, _, _, out| c.on_drain_deadline(out));
+    h.event(|c, now, _, out| c.on_drain_deadline(now, out));
     let metrics = std::sync::Arc::clone(&h.services.metrics);
     assert_eq!(
         (metrics.connections_open.get(), metrics.tunnels_open.get()),
@@ -58,7 +66,7 @@ fn finishing_a_tunnel_updates_the_gauges() {
 fn finishing_a_rejected_connection_leaves_the_tunnel_gauge_alone() {
     let mut h = Harness::accept(DataPath::Relay, false);
     h.client_sends(b"POST / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n");
-    h.event(|c, _, _, out| c.on_drain_deadline(out));
+    h.event(|c, now, _, out| c.on_drain_deadline(now, out));
     let metrics = std::sync::Arc::clone(&h.services.metrics);
     let record = h.finish();
     assert_eq!((record.status, record.datapath), (405, ""));
@@ -72,7 +80,7 @@ fn finishing_a_rejected_connection_leaves_the_tunnel_gauge_alone() {
 fn the_access_line_names_the_request_the_upstream_and_the_time_taken() {
     let mut h = Harness::relaying(false);
     h.now += 2 * SECOND;
-    h.event(|c, _, _, out| c.on_drain_deadline(out));
+    h.event(|c, now, _, out| c.on_drain_deadline(now, out));
     let record = h.finish();
     assert_eq!(record.host, "example.com");
     assert_eq!(record.path, "/chat");

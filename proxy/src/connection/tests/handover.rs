@@ -9,7 +9,36 @@ fn waiting(h: &mut Harness, source: Side) -> Vec<Action> {
 }
 
 fn forwarded(h: &mut Harness, source: Side, count: usize) {
-    h.event(|c, now, s, _| c.on_forwarded(source, count, true, now, s));
+    h.event(|c, now, s, _| c.on_forwarded(source, &vec![0; count], true, now, s));
+}
+
+#[test]
+fn where_the_frames_stand_moves_with_the_tunnel() {
+    let mut old = Harness::relaying(false);
+    // 3 bytes of a 10-byte frame from the client, then a quiet moment.
+    old.event(|c, now, s, _| c.on_forwarded(Side::Client, b"\x82\x0aabc", true, now, s));
+    old.sent(Side::Upstream);
+    forwarded(&mut old, Side::Upstream, 2);
+    old.sent(Side::Client);
+    waiting(&mut old, Side::Client);
+    waiting(&mut old, Side::Upstream);
+    let tunnel = old.conn.hand_over(&old.services).expect("a record");
+    let (mut new, _) = adopt(&tunnel, DataPath::Relay);
+    // Saying goodbye in the successor: the client's frame is finished first.
+    let actions = new.event(|c, now, _, out| c.on_drain_deadline(now, out));
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::Send(Side::Upstream, _))),
+        "{actions:?}"
+    );
+    assert_eq!(
+        new.event(|c, _, s, out| c.on_readable(Side::Client, s, out)),
+        vec![Action::Forward {
+            from: Side::Client,
+            budget: 7
+        }]
+    );
 }
 
 /// A relayed tunnel that moved 5 bytes each way and now waits for both sources.

@@ -4,6 +4,7 @@
 
 mod close;
 mod exchange;
+mod goodbye;
 mod handover;
 mod promote;
 mod relay;

@@ -11,7 +11,7 @@ fn waiting(h: &mut Harness, source: Side) -> Vec<Action> {
 }
 
 fn forwarded(h: &mut Harness, source: Side, count: usize, drained: bool) -> Vec<Action> {
-    h.event(|c, now, s, _| c.on_forwarded(source, count, drained, now, s))
+    h.event(|c, now, s, _| c.on_forwarded(source, &vec![0; count], drained, now, s))
 }
 
 fn splice_result(h: &mut Harness, result: Result<(), String>) -> Vec<Action> {

@@ -41,7 +41,7 @@ fn bytes_the_client_pipelined_go_upstream_before_anything_it_sends_later() {
 #[test]
 fn a_direction_reads_its_next_chunk_only_once_the_previous_one_is_written() {
     let mut h = Harness::relaying(false);
-    h.event(|c, now, s, _| c.on_forwarded(Side::Client, 1000, true, now, s));
+    h.event(|c, now, s, _| c.on_forwarded(Side::Client, &[0; 1000], true, now, s));
     // The source is readable again, but its destination is busy: nothing is read.
     assert_eq!(
         h.event(|c, _, s, out| c.on_readable(Side::Client, s, out)),
@@ -65,7 +65,7 @@ fn a_fin_from_the_client_is_passed_upstream_and_the_other_direction_keeps_flowin
     let actions = h.event(|c, _, _, out| c.on_source_eof(Side::Client, out));
     assert_eq!(actions, vec![Action::ShutdownWrite(Side::Upstream)]);
     assert!(!h.conn.is_closing());
-    h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, 10, false, now, s));
+    h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, &[0; 10], false, now, s));
     assert_eq!(h.sent(Side::Client), vec![forward(Side::Upstream)]);
 }
 
@@ -73,7 +73,7 @@ fn a_fin_from_the_client_is_passed_upstream_and_the_other_direction_keeps_flowin
 fn a_source_drained_by_its_last_read_is_not_read_again_until_it_is_readable() {
     let mut h = Harness::relaying(false);
     // The read took less than it could: the socket had nothing more.
-    h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, 10, true, now, s));
+    h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, &[0; 10], true, now, s));
     assert_eq!(
         h.sent(Side::Client),
         vec![Action::AwaitReadable(Side::Upstream)]
@@ -83,7 +83,7 @@ fn a_source_drained_by_its_last_read_is_not_read_again_until_it_is_readable() {
         vec![forward(Side::Upstream)]
     );
     // A full read may have left more: read again at once.
-    h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, RELAY_BUFFER, false, now, s));
+    h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, &[0; RELAY_BUFFER], false, now, s));
     assert_eq!(h.sent(Side::Client), vec![forward(Side::Upstream)]);
 }
 
@@ -131,7 +131,7 @@ fn a_read_reset_closes_abortively_and_other_read_errors_gracefully() {
 #[test]
 fn a_send_that_fails_with_a_reset_resets_the_other_side_too() {
     let mut h = Harness::relaying(false);
-    h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, 10, true, now, s));
+    h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, &[0; 10], true, now, s));
     let actions = h.event(|c, _, _, out| c.on_send_failed(Side::Client, "Broken pipe", true, out));
     assert!(closes(&actions, true));
     assert_eq!(h.reason(), "send to Client failed: Broken pipe");
@@ -184,7 +184,7 @@ fn traffic_moves_the_idle_deadline() {
     let mut h = Harness::relaying(false);
     let opened = h.now;
     h.now = opened + 30 * SECOND;
-    h.event(|c, now, s, _| c.on_forwarded(Side::Client, 5, true, now, s));
+    h.event(|c, now, s, _| c.on_forwarded(Side::Client, &[0; 5], true, now, s));
     assert_eq!(
         h.deadline(opened + IDLE),
         vec![Action::ArmDeadline(opened + 30 * SECOND + IDLE)]
@@ -195,10 +195,10 @@ fn traffic_moves_the_idle_deadline() {
 #[test]
 fn relayed_bytes_are_counted_each_way_for_the_access_line() {
     let mut h = Harness::relaying(false);
-    h.event(|c, now, s, _| c.on_forwarded(Side::Client, 100, true, now, s));
-    h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, 250, true, now, s));
+    h.event(|c, now, s, _| c.on_forwarded(Side::Client, &[0; 100], true, now, s));
+    h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, &[0; 250], true, now, s));
     assert_eq!(h.services.metrics.relayed_bytes_userspace.get(), 350);
-    h.event(|c, _, _, out| c.on_drain_deadline(out));
+    h.event(|c, now, _, out| c.on_drain_deadline(now, out));
     let record = h.finish();
     assert_eq!(
         (record.bytes_up, record.bytes_down),

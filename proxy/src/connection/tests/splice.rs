@@ -310,10 +310,10 @@ fn a_reader_too_far_behind_takes_the_tunnel_off_the_kernel_path_instead_of_closi
     assert_eq!(metrics.kernel_backlog_bytes.get(), 0);
     // Relayed like any tunnel from here on, never promoted again; the access line has
     // every byte, the kernel's included.
-    h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, 5, true, now, s));
+    h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, &[0; 5], true, now, s));
     let actions = h.sent(Side::Client);
     assert_eq!(actions, vec![Action::AwaitReadable(Side::Upstream)]);
-    let actions = h.event(|c, _, _, out| c.on_drain_deadline(out));
+    let actions = h.deadline(h.now + IDLE);
     assert_eq!(
         actions,
         vec![Action::Unsplice, Action::Close { abortive: false }],
@@ -447,7 +447,7 @@ fn a_reader_that_adds_to_a_total_backlog_over_the_process_limit_leaves_the_kerne
     assert_eq!(pressure(&mut h, 0, 4000), vec![Action::PauseSplice]);
     paused(&mut h, Ok(still_queued(0, 4000)));
     assert_eq!(metrics.kernel_backlog_bytes.get(), others + 4000);
-    h.event(|c, _, _, out| c.on_drain_deadline(out));
+    h.event(|c, now, _, out| c.on_drain_deadline(now, out));
     h.finish();
     assert_eq!(
         metrics.kernel_backlog_bytes.get(),
@@ -488,7 +488,7 @@ fn a_spliced_tunnel_is_idle_only_if_the_program_moved_nothing_for_the_idle_timeo
 #[test]
 fn what_the_program_counted_reaches_the_access_line_and_the_metrics() {
     let mut h = Harness::spliced();
-    h.event(|c, _, _, out| c.on_drain_deadline(out));
+    h.event(|c, now, _, out| c.on_drain_deadline(now, out));
     let counted = Counted {
         up: 10,
         down: 20,

@@ -233,7 +233,7 @@ fn a_refused_upgrade_is_relayed_with_its_body_then_closed() {
             budget: 3
         }]
     );
-    h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, 3, true, now, s));
+    h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, &[0; 3], true, now, s));
     let actions = h.sent(Side::Client);
     assert_eq!(actions[0], Action::ShutdownWrite(Side::Client));
     assert!(closes(&actions, false));
