@@ -17,7 +17,12 @@ const TUNNELS: usize = 2000;
 
 /// How one client saw its tunnel end: the Close frames it got, then whether the stream ended
 /// cleanly (or the error it ended with).
-async fn ending(mut ws: Client) -> (Vec<Option<CloseCode>>, Result<(), String>) {
+async fn ending<S>(
+    mut ws: tokio_tungstenite::WebSocketStream<S>,
+) -> (Vec<Option<CloseCode>>, Result<(), String>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut closes = Vec::new();
     loop {
         match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
@@ -86,6 +91,43 @@ async fn every_client_gets_a_close_1001_and_a_clean_end_when_the_drain_ends() {
             proxy.log_tail(10)
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wss_client_gets_the_close_1001_then_close_notify_and_a_clean_end() {
+    const WSS_TUNNELS: usize = 50;
+    let ca = wsplice_tests::tls::TestCa::new();
+    let leaf = ca.issue("localhost", &["localhost"]);
+    let echo = Echo::start_unrecorded();
+    let mut config = ProxyConfig::new(&[echo.addr()]);
+    config.tls = Some(wsplice_tests::tls::tls_table(&leaf, ""));
+    config.drain = "1s";
+    let mut proxy = Proxy::start(DataPath::Userspace, &config);
+    let mut tunnels = Vec::with_capacity(WSS_TUNNELS);
+    for index in 0..WSS_TUNNELS {
+        let path = format!("/wss-bye-{index}");
+        let ws =
+            wsplice_tests::tls::connect_wss(proxy.addr(), "localhost", &path, ca.client_config())
+                .await;
+        tunnels.push(ws);
+    }
+    // SAFETY: kill(2) on the proxy this test started.
+    unsafe { libc::kill(proxy.pid() as i32, libc::SIGTERM) };
+    let endings = futures_util::future::join_all(tunnels.into_iter().map(ending)).await;
+    for (index, (closes, end)) in endings.iter().enumerate() {
+        assert_eq!(
+            closes,
+            &vec![Some(CloseCode::Away)],
+            "tunnel {index} ({end:?})"
+        );
+        // Without close_notify, rustls reports an unexpected end of the TLS stream.
+        assert!(end.is_ok(), "tunnel {index}: {end:?}");
+    }
+    let status =
+        tokio::task::spawn_blocking(move || proxy.process().terminate(Duration::from_secs(10)))
+            .await
+            .expect("join");
+    assert!(status.is_some_and(|s| s.success()));
 }
 
 /// A binary frame of `payload` (length in 16 bits), masked with `key` if given (a client's).

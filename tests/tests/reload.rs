@@ -60,8 +60,11 @@ async fn reloads_switch_new_connections_and_leave_open_tunnels_alone() {
             // The open tunnels did not notice.
             echo_round(&mut tunnels, reload).await;
         }
-        let paths: std::collections::HashSet<String> =
-            first.records().into_iter().map(|record| record.path).collect();
+        let paths: std::collections::HashSet<String> = first
+            .records()
+            .into_iter()
+            .map(|record| record.path)
+            .collect();
         assert!(
             (0..TUNNELS).all(|index| paths.contains(&format!("/{datapath:?}-open-{index}"))),
             "the open tunnels were all opened to the first upstream"
