@@ -135,6 +135,32 @@ async fn with_a_user_the_running_proxy_holds_no_privilege_and_serves_both_data_p
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_dropped_root_upgrades_to_a_successor_as_unprivileged_as_itself() {
+    if !is_root() {
+        println!("skipped: dropping privileges is tested from root");
+        return;
+    }
+    let echo = Echo::start();
+    for datapath in [DataPath::Userspace, DataPath::Kernel] {
+        let mut config = ProxyConfig::new(&[echo.addr()]);
+        config.top_level = "user = \"nobody\"\ngroup = \"nogroup\"\n".into();
+        let mut proxy = Proxy::start(datapath, &config);
+        let what = format!("{datapath:?} successor");
+        let mut open = connect(&proxy.url("/before-the-upgrade")).await;
+        echo_text(&mut open, "before").await;
+        // Started by an unprivileged process, the successor binds nothing and loads nothing:
+        // it takes the sockets and the maps over.
+        let successor = proxy
+            .upgrade()
+            .unwrap_or_else(|error| panic!("{what}: {error}\n{}", proxy.log_tail(30)));
+        assert_eq!(proxy.pid(), successor);
+        assert_unprivileged(&proxy, 65534, 65534, &what);
+        echo_text(&mut open, "after").await;
+        assert_serves(&proxy, &what).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_user_a_root_proxy_warns_once_that_it_stays_root() {
     if !is_root() {
         println!("skipped: needs root");
