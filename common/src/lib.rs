@@ -56,6 +56,21 @@ pub const TRIM_STEP: u32 = 0xfff;
 /// receive skb is far smaller).
 pub const TRIM_STEPS: u32 = 256;
 
+/// [`Activity::frame_state`] kinds (low byte): skipping payload (`frame_left` bytes; at a frame
+/// boundary when 0).
+pub const FRAME_PAYLOAD: u32 = 0;
+/// The header's length byte comes next.
+pub const FRAME_LENGTH: u32 = 1;
+/// Extended length bytes come next (how many: the second byte; masked: the third).
+pub const FRAME_EXTENDED: u32 = 2;
+/// Masking key bytes come next (how many: the second byte).
+pub const FRAME_MASK: u32 = 3;
+/// Where the frames stand is not known (more frames in one skb than the program follows).
+pub const FRAME_UNKNOWN: u32 = 4;
+/// Steps the program takes at most to follow the frames of one skb (a step: a header byte, a
+/// payload skip or a masking-key skip; a small frame takes 3 or 4): beyond, `FRAME_UNKNOWN`.
+pub const FRAME_STEPS: u32 = 32;
+
 /// What the verdict program records for one socket: when bytes last arrived on it, how many it
 /// has redirected to the peer, and where in the TCP byte stream it is. Userspace writes it once
 /// (at hand-off); afterwards only the program writes it, running under that socket's lock.
@@ -79,9 +94,18 @@ pub struct Activity {
     /// passed on: TCP queues partly retransmitted segments whole, and the sockmap's receive
     /// path does not skip what was already consumed), cut off instead of being sent twice.
     pub repeated_bytes: u64,
+    /// WebSocket frames of the bytes passed on, so the drain's goodbye can wait for a frame
+    /// boundary: payload bytes of the current frame still to come, or the extended length read
+    /// so far inside a header.
+    pub frame_left: u64,
+    /// Where in a frame the bytes passed on stopped: a `FRAME_*` kind in the low byte, a count
+    /// of header bytes still to come in the second, the mask bit in the third.
+    pub frame_state: u32,
+    /// Zero (keeps the record free of padding).
+    pub reserved: u32,
 }
 
 // SAFETY: `Activity` is `repr(C)`, has no padding (u64 fields, then two u32 that fill one u64,
-// then a u64) and every bit pattern is valid.
+// then two u64, then two u32 that fill one u64) and every bit pattern is valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Activity {}

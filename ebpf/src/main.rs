@@ -7,6 +7,9 @@
 //! (`PAUSED`) gets `SK_PASS` too, without a report: its tunnel is leaving the kernel path because
 //! a reader fell behind, and the userspace relay reads those bytes in order.
 //!
+//! It follows the WebSocket frame headers in what it moves, too (`follow_frames`), so a tunnel
+//! that leaves the kernel to say goodbye at shutdown can wait for a frame boundary.
+//!
 //! It also never passes a byte on twice. TCP may queue a segment that starts before bytes it
 //! already delivered (a retransmission that covers received bytes and new ones, out-of-order
 //! segments merged and then partly resent); `tcp_recvmsg` skips the old part, but the receive
@@ -25,7 +28,8 @@ use aya_ebpf::maps::{HashMap, RingBuf, SockHash};
 use aya_ebpf::programs::SkBuffContext;
 use aya_ebpf::EbpfContext as _;
 use wsplice_common::{
-    Activity, BRIDGE_ENTRIES, DEFAULT_MAP_ENTRIES, DIVERTED, PRESSURE_RING_BYTES, PRESSURE_STEP,
+    Activity, BRIDGE_ENTRIES, DEFAULT_MAP_ENTRIES, DIVERTED, FRAME_EXTENDED, FRAME_LENGTH,
+    FRAME_MASK, FRAME_PAYLOAD, FRAME_STEPS, FRAME_UNKNOWN, PRESSURE_RING_BYTES, PRESSURE_STEP,
     SEQ_KNOWN, STRAY_REPORTED, TRIM_STEP, TRIM_STEPS,
 };
 
@@ -101,6 +105,7 @@ pub fn wsplice_verdict(ctx: SkBuffContext) -> u32 {
         // SAFETY: plain helper call without arguments.
         activity.last_ns = unsafe { bpf_ktime_get_ns() };
         activity.bytes += u64::from(ctx.len());
+        follow_frames(&ctx, activity);
         if activity.bytes >= activity.notify_at {
             activity.notify_at = activity.bytes + PRESSURE_STEP;
             // A full ring only delays the check to the next step: nothing is lost.
@@ -172,6 +177,86 @@ fn skip_repeated_bytes(ctx: &SkBuffContext, activity: &mut Activity) -> bool {
     activity.repeated_bytes += u64::from(repeated);
     activity.next_seq = end;
     true
+}
+
+/// Follows the WebSocket frame headers in the bytes this skb passes on and skips their
+/// payloads, so userspace knows where the next frame starts when the tunnel leaves the kernel
+/// to say goodbye (`Activity::frame_left`, `frame_state`: the same steps as the relay's
+/// `FrameTracker`). More than [`FRAME_STEPS`] steps in one skb, or a byte that cannot be read,
+/// and the position is unknown from then on.
+#[inline(always)]
+fn follow_frames(ctx: &SkBuffContext, activity: &mut Activity) {
+    let state = activity.frame_state;
+    let mut kind = state & 0xff;
+    if kind == FRAME_UNKNOWN {
+        return;
+    }
+    let mut count = (state >> 8) & 0xff;
+    let mut masked = (state >> 16) & 1;
+    let mut left = activity.frame_left;
+    let len = ctx.len();
+    let mut pos: u32 = 0;
+    for _ in 0..FRAME_STEPS {
+        if pos >= len {
+            break;
+        }
+        let rest = len - pos;
+        if kind == FRAME_PAYLOAD {
+            if left == 0 {
+                // The first header byte (FIN, RSV, opcode): nothing in it sizes the frame.
+                kind = FRAME_LENGTH;
+                pos += 1;
+            } else {
+                let skip = if left < u64::from(rest) { left as u32 } else { rest };
+                left -= u64::from(skip);
+                pos += skip;
+            }
+            continue;
+        }
+        if kind == FRAME_MASK {
+            let skip = if count < rest { count } else { rest };
+            count -= skip;
+            pos += skip;
+            if count == 0 {
+                kind = FRAME_PAYLOAD;
+            }
+            continue;
+        }
+        let Ok(byte) = ctx.load::<u8>(pos as usize) else {
+            kind = FRAME_UNKNOWN;
+            break;
+        };
+        pos += 1;
+        if kind == FRAME_LENGTH {
+            masked = u32::from(byte >> 7);
+            let length = byte & 0x7f;
+            left = 0;
+            if length >= 126 {
+                kind = FRAME_EXTENDED;
+                count = if length == 126 { 2 } else { 8 };
+                continue;
+            }
+            left = u64::from(length);
+        } else {
+            // FRAME_EXTENDED
+            left = (left << 8) | u64::from(byte);
+            count = count.saturating_sub(1);
+            if count > 0 {
+                continue;
+            }
+        }
+        if masked == 1 {
+            kind = FRAME_MASK;
+            count = 4;
+        } else {
+            kind = FRAME_PAYLOAD;
+        }
+    }
+    if pos < len {
+        kind = FRAME_UNKNOWN;
+    }
+    activity.frame_left = left;
+    activity.frame_state = kind | (count << 8) | (masked << 16);
 }
 
 #[cfg(not(test))]

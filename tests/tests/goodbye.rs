@@ -1,8 +1,7 @@
 //! The drain says goodbye: when shutdown ends a tunnel, the client gets a WebSocket Close frame
 //! with status 1001 ("going away") and then a clean end of stream, never a reset, so it
-//! reconnects politely; a frame the client was in the middle of sending is delivered whole
-//! first (userspace path: the kernel path has no frame history, see
-//! `proxy/src/connection/goodbye.rs`).
+//! reconnects politely; a frame either side was in the middle of sending is delivered whole
+//! first, on both data paths (the kernel program follows the frames it moves).
 
 use std::time::Duration;
 
@@ -181,6 +180,14 @@ async fn read_to_end(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_in_flight_when_the_drain_ends_are_delivered_whole_before_the_close() {
+    for datapath in datapaths() {
+        frames_in_flight_on(datapath).await;
+    }
+}
+
+/// [`frames_in_flight_when_the_drain_ends_are_delivered_whole_before_the_close`] on one data
+/// path.
+async fn frames_in_flight_on(datapath: DataPath) {
     let payload: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
     let from_upstream = frame(&payload, None);
     let from_client = frame(&payload, Some([1, 2, 3, 4]));
@@ -211,7 +218,7 @@ async fn frames_in_flight_when_the_drain_ends_are_delivered_whole_before_the_clo
     .await;
     let mut config = ProxyConfig::new(&[upstream.addr()]);
     config.drain = "1s";
-    let mut proxy = Proxy::start(DataPath::Userspace, &config);
+    let mut proxy = Proxy::start(datapath, &config);
     let mut stream = tokio::net::TcpStream::connect(proxy.addr())
         .await
         .expect("connect");
@@ -236,17 +243,21 @@ async fn frames_in_flight_when_the_drain_ends_are_delivered_whole_before_the_clo
     let client_received = read_to_end(reader, received).await;
     assert!(
         client_received.starts_with(&from_upstream),
-        "the client gets the upstream's whole frame first"
+        "{datapath:?}: the client gets the upstream's whole frame first"
     );
     let (code, rest) = close_code(&client_received[from_upstream.len()..]);
-    assert_eq!((code, rest), (1001, &[][..]), "then Close 1001 and the end");
+    assert_eq!(
+        (code, rest),
+        (1001, &[][..]),
+        "{datapath:?}: then Close 1001 and the end"
+    );
     let upstream_received = tokio::time::timeout(Duration::from_secs(10), upstream_received)
         .await
         .expect("the upstream's report in time")
         .expect("a report");
     assert!(
         upstream_received.starts_with(&from_client),
-        "the upstream gets the client's whole frame first"
+        "{datapath:?}: the upstream gets the client's whole frame first"
     );
     let to_upstream = &upstream_received[from_client.len()..];
     assert_eq!(
@@ -255,7 +266,11 @@ async fn frames_in_flight_when_the_drain_ends_are_delivered_whole_before_the_clo
         "masked, as a client's frames are"
     );
     let (code, rest) = close_code(to_upstream);
-    assert_eq!((code, rest), (1001, &[][..]), "then Close 1001 and the end");
+    assert_eq!(
+        (code, rest),
+        (1001, &[][..]),
+        "{datapath:?}: then Close 1001 and the end"
+    );
     let status =
         tokio::task::spawn_blocking(move || proxy.process().terminate(Duration::from_secs(10)))
             .await

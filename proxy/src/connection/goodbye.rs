@@ -6,10 +6,12 @@
 //! further than that: `FrameTracker::to_boundary`), then the destination gets the Close
 //! (masked towards the upstream, as a client's frames must be) and a FIN; what its peer sends
 //! after that boundary (its own Close in reply, typically) is read and dropped until its end,
-//! so no socket is closed with unread bytes (which would send a reset). A tunnel that moved on
-//! the kernel path has no frame history: it leaves the kernel first, and a quiet moment (the
-//! source drained, nothing in flight) is taken as its boundary. The whole goodbye is bounded
-//! by [`GOODBYE_NS`]; then the tunnel closes as before.
+//! so no socket is closed with unread bytes (which would send a reset). A spliced tunnel
+//! leaves the kernel first; the program followed the frames it moved (`Activity::frame_state`),
+//! so the relay goes on from there. Where nobody knows the position (more frames in one skb
+//! than the program follows, or a failed hand-off that relayed the 101 as stream bytes), a
+//! quiet moment (the source drained, nothing in flight) is taken as the boundary. The whole
+//! goodbye is bounded by [`GOODBYE_NS`]; then the tunnel closes as before.
 
 use super::{Action, Actions, Connection, Side, Stage, LINGER_NS};
 use crate::tunnel::frames::going_away;

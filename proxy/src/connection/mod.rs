@@ -244,6 +244,9 @@ pub enum Stage {
     HandingOff {
         /// Bytes for the upstream, sent in userspace before the splice.
         early: Vec<u8>,
+        /// Where each way's frames stand (client → upstream, upstream → client): the program
+        /// follows them from there.
+        frames: [crate::tunnel::frames::FrameTracker; 2],
     },
     /// The userspace relay (of a tunnel, or of a refused upgrade's answer).
     Relaying(Relay),

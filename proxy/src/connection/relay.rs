@@ -147,6 +147,7 @@ impl Relay {
     pub(super) fn left_kernel_path(
         bytes: [u64; 2],
         fin_passed: [bool; 2],
+        frames: [crate::tunnel::frames::FrameTracker; 2],
         share: u64,
         now_ns: u64,
         idle_ns: u64,
@@ -159,8 +160,8 @@ impl Relay {
                 Direction::unbounded()
             };
             direction.bytes = bytes[index];
-            // The kernel moved the bytes so far: nobody knows where the frames stand.
-            direction.frames = crate::tunnel::frames::FrameTracker::unknown();
+            // Where the program left the frames.
+            direction.frames = frames[index];
             direction
         };
         // Held (with nothing known yet) until measured.

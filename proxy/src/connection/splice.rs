@@ -20,6 +20,7 @@
 
 use super::{Action, Actions, Connection, DataPath, Relay, Side, Stage, MAX_UNREAD_BEFORE_SPLICE};
 use crate::services::Services;
+use crate::tunnel::frames::FrameTracker;
 use crate::tunnel::relay::SourceRead;
 
 /// A tunnel carried by the kernel; userspace holds only this.
@@ -171,6 +172,8 @@ pub struct Counted {
     pub down: u64,
     /// Bytes the kernel handed over twice that the program cut off (both sockets).
     pub repeated: u64,
+    /// Where each way's frames stood (client → upstream, upstream → client).
+    pub frames: [FrameTracker; 2],
 }
 
 impl Connection {
@@ -180,11 +183,17 @@ impl Connection {
     pub(super) fn hand_off(
         &mut self,
         early: Vec<u8>,
+        head_len: usize,
         now_ns: u64,
         services: &Services,
         out: &mut Actions,
     ) {
-        self.stage = Stage::HandingOff { early };
+        // The client's early bytes are frames; the upstream's stream starts with the 101's
+        // head, which the kernel delivers too.
+        let mut from_client = FrameTracker::at_boundary();
+        from_client.feed(&early);
+        let frames = [from_client, FrameTracker::after(head_len as u64)];
+        self.stage = Stage::HandingOff { early, frames };
         self.deadline_ns = now_ns.saturating_add(self.idle_ns(services));
         out.push_back(Action::ArmDeadline(self.deadline_ns));
         out.push_back(Action::DrainClient {
@@ -205,9 +214,10 @@ impl Connection {
         if self.is_closing() {
             return;
         }
-        let Stage::HandingOff { early } = &mut self.stage else {
+        let Stage::HandingOff { early, frames } = &mut self.stage else {
             return;
         };
+        frames[0].feed(bytes);
         early.extend_from_slice(bytes);
         let early = std::mem::take(early);
         if !complete {
@@ -221,6 +231,19 @@ impl Connection {
         } else {
             self.sending[Side::Upstream.index()] = true;
             out.push_back(Action::Send(Side::Upstream, early));
+        }
+    }
+
+    /// Where each way's frames stand as the tunnel enters the kernel path (client → upstream,
+    /// upstream → client), for the program to follow them from there.
+    pub fn splice_frames(&self) -> [FrameTracker; 2] {
+        match &self.stage {
+            Stage::HandingOff { frames, .. } => *frames,
+            Stage::Promoting(relay) => [
+                relay.direction(Side::Upstream).frames,
+                relay.direction(Side::Client).frames,
+            ],
+            _ => [FrameTracker::unknown(); 2],
         }
     }
 
@@ -246,7 +269,13 @@ impl Connection {
         if relay.status() != 101 || !quiet || !relay.is_due(now_ns, promotion.after_bytes) {
             return false;
         }
-        let stage = std::mem::replace(&mut self.stage, Stage::HandingOff { early: Vec::new() });
+        let stage = std::mem::replace(
+            &mut self.stage,
+            Stage::HandingOff {
+                early: Vec::new(),
+                frames: [FrameTracker::unknown(); 2],
+            },
+        );
         if let Stage::Relaying(relay) = stage {
             self.stage = Stage::Promoting(relay);
         }
@@ -311,7 +340,13 @@ impl Connection {
         services.metrics.kernel_handoff_failures.inc();
         tracing::warn!(%reason, "kernel hand-off failed; this tunnel stays on the userspace relay");
         self.datapath = DataPath::Relay;
-        let stage = std::mem::replace(&mut self.stage, Stage::HandingOff { early: Vec::new() });
+        let stage = std::mem::replace(
+            &mut self.stage,
+            Stage::HandingOff {
+                early: Vec::new(),
+                frames: [FrameTracker::unknown(); 2],
+            },
+        );
         let Stage::Promoting(mut relay) = stage else {
             self.stage = stage;
             return;
@@ -547,6 +582,7 @@ impl Connection {
         let relay = Relay::left_kernel_path(
             [down, up],
             fin_passed,
+            [counted.frames[1], counted.frames[0]],
             backlog,
             now_ns,
             self.idle_ns(services),

@@ -139,7 +139,7 @@ impl Connection {
                 to_upstream,
             } => match self.datapath {
                 // The 101 (`to_client`) stays queued in the upstream socket: the kernel delivers it.
-                DataPath::Splice => self.hand_off(to_upstream, now_ns, services, out),
+                DataPath::Splice => self.hand_off(to_upstream, head_len, now_ns, services, out),
                 DataPath::Relay | DataPath::Promote => {
                     let frames = FrameTracker::after(head_len as u64);
                     self.start_tunnel_relay(to_client, frames, to_upstream, now_ns, services, out)
@@ -163,7 +163,13 @@ impl Connection {
 
     /// Moves the handshake into the stage `next` (one of the four upgrade stages).
     pub(super) fn enter_handshake_stage(&mut self, next: fn(Box<Handshake>) -> Stage) {
-        let stage = std::mem::replace(&mut self.stage, Stage::HandingOff { early: Vec::new() });
+        let stage = std::mem::replace(
+            &mut self.stage,
+            Stage::HandingOff {
+                early: Vec::new(),
+                frames: [FrameTracker::unknown(); 2],
+            },
+        );
         self.stage = match stage {
             Stage::ReadingRequest(h)
             | Stage::Connecting(h)

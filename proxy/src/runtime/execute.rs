@@ -442,8 +442,16 @@ impl Worker {
         // byte (`serve` refuses more than MAX_WORKERS workers).
         let worker = u8::try_from(index).map_err(|_| "worker index over 255")?;
         let owner = Tag::new(worker, slot, entry.conn.id());
-        let sockets = splice::hand_off(maps, client.as_fd(), upstream.as_fd(), owner, bridged)
-            .map_err(|error| error.to_string())?;
+        let frames = entry.conn.splice_frames();
+        let sockets = splice::hand_off(
+            maps,
+            client.as_fd(),
+            upstream.as_fd(),
+            owner,
+            bridged,
+            frames,
+        )
+        .map_err(|error| error.to_string())?;
         entry.spliced = Some(sockets);
         Ok(())
     }

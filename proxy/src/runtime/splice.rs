@@ -22,6 +22,7 @@ use crate::connection::{Backlog, Counted, Side, SplicedEvent};
 use crate::splice::{SpliceError, SpliceMaps};
 use crate::sys;
 use crate::tag::Tag;
+use crate::tunnel::frames::FrameTracker;
 
 /// A tunnel's sockets as the splice maps know them.
 #[derive(Debug, Clone, Copy)]
@@ -103,6 +104,7 @@ pub fn hand_off(
     upstream: BorrowedFd<'_>,
     owner: Tag,
     bridged: bool,
+    frames: [FrameTracker; 2],
 ) -> Result<SplicedSockets, HandoffError> {
     let sockets = SplicedSockets {
         client_cookie: sys::socket_cookie(client).map_err(HandoffError::Cookie)?,
@@ -115,8 +117,9 @@ pub fn hand_off(
         owner: owner.encode(),
     };
     let inserted = (|| {
-        maps.track(sockets.client_cookie, owner.encode())?;
-        maps.track(sockets.upstream_cookie, owner.encode())?;
+        let [from_client, from_upstream] = frames;
+        maps.track(sockets.client_cookie, owner.encode(), from_client)?;
+        maps.track(sockets.upstream_cookie, owner.encode(), from_upstream)?;
         if bridged {
             maps.insert_bridge(sockets.client_cookie, upstream)?;
         }
@@ -177,6 +180,8 @@ fn counted(maps: &SpliceMaps, sockets: &SplicedSockets) -> Counted {
         up: client.bytes,
         down: upstream.bytes,
         repeated: client.repeated_bytes + upstream.repeated_bytes,
+        frames: [client, upstream]
+            .map(|record| FrameTracker::from_kernel(record.frame_left, record.frame_state)),
     }
 }
 

@@ -9,6 +9,7 @@ use aya::maps::{HashMap, MapData, SockHash};
 use wsplice_common::{Activity, PRESSURE_FIRST};
 
 use super::SpliceError;
+use crate::tunnel::frames::FrameTracker;
 
 /// `PEER`, `BRIDGE`, `ACTIVITY` and `PAUSED`, through this handle's own descriptors.
 pub struct SpliceMaps {
@@ -65,11 +66,20 @@ impl SpliceMaps {
 
     /// Starts recording activity for the socket with `cookie`; `owner` comes back on the
     /// pressure ring once the socket has redirected `PRESSURE_FIRST` bytes, then each time it
-    /// has redirected another `PRESSURE_STEP`.
-    pub fn track(&mut self, cookie: u64, owner: u64) -> Result<(), SpliceError> {
+    /// has redirected another `PRESSURE_STEP`. `frames`: where the socket's stream stands
+    /// between WebSocket frames (the program follows them from there).
+    pub fn track(
+        &mut self,
+        cookie: u64,
+        owner: u64,
+        frames: FrameTracker,
+    ) -> Result<(), SpliceError> {
+        let (frame_left, frame_state) = frames.to_kernel();
         let record = Activity {
             notify_at: PRESSURE_FIRST,
             owner,
+            frame_left,
+            frame_state,
             ..Activity::default()
         };
         self.activity.insert(&cookie, &record, 0)?;

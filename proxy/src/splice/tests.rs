@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::{SpliceError, SpliceMaps, SpliceProgram};
 use crate::sys::{queued_bytes, set_rcvlowat, socket_cookie};
+use crate::tunnel::frames::FrameTracker;
 
 /// The hand-off kick (`SO_RCVLOWAT` = 1).
 fn kick(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
@@ -91,10 +92,10 @@ impl Tunnel {
     fn splice(&self, program: &mut SpliceMaps) {
         let (client_cookie, upstream_cookie) = (self.client_cookie(), self.upstream_cookie());
         program
-            .track(client_cookie, 1)
+            .track(client_cookie, 1, FrameTracker::at_boundary())
             .expect("track the client socket");
         program
-            .track(upstream_cookie, 2)
+            .track(upstream_cookie, 2, FrameTracker::at_boundary())
             .expect("track the upstream socket");
         program
             .insert_peer(upstream_cookie, self.proxy_client.as_fd())
@@ -181,6 +182,85 @@ fn spliced_bytes_flow_both_ways_in_order() {
     assert!(send_through(&tunnel.upstream, &mut tunnel.client, &down) == down);
 }
 
+/// A WebSocket frame of `payload` (masked with a fixed key when `masked`).
+fn ws_frame(payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut out = vec![0x82];
+    let bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(bit | n as u8),
+        n if n <= 0xffff => {
+            out.push(bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let key = [7u8, 1, 9, 3];
+    if masked {
+        out.extend_from_slice(&key);
+    }
+    out.extend(
+        payload
+            .iter()
+            .enumerate()
+            .map(|(i, b)| if masked { b ^ key[i % 4] } else { *b }),
+    );
+    out
+}
+
+/// Where the program says the client socket's frames stand.
+fn kernel_frames(program: &SpliceMaps, cookie: u64) -> FrameTracker {
+    let activity = program
+        .activity(cookie)
+        .expect("read activity")
+        .expect("tracked");
+    FrameTracker::from_kernel(activity.frame_left, activity.frame_state)
+}
+
+#[test]
+fn the_program_follows_the_frames_it_passes_on_as_the_relay_would() {
+    let Some((_loaded, mut program)) = load() else {
+        return;
+    };
+    let mut tunnel = Tunnel::new();
+    tunnel.splice(&mut program);
+    let cookie = tunnel.client_cookie();
+    let mut expected = FrameTracker::at_boundary();
+    // Small frames one by one, a frame over several skbs, and a write that ends mid-frame.
+    let mut pieces: Vec<Vec<u8>> = (0..20)
+        .map(|i| ws_frame(&pattern(10 + i, 1), true))
+        .collect();
+    pieces.push(ws_frame(&pattern(300_000, 2), true));
+    pieces.push(ws_frame(&pattern(200, 3), true)[..50].to_vec());
+    for piece in &pieces {
+        assert!(send_through(&tunnel.client, &mut tunnel.upstream, piece) == *piece);
+        expected.feed(piece);
+        assert_eq!(kernel_frames(&program, cookie), expected);
+    }
+    assert!(
+        !expected.is_at_boundary(),
+        "the last write stopped inside a frame"
+    );
+    let rest = ws_frame(&pattern(200, 3), true)[50..].to_vec();
+    assert!(send_through(&tunnel.client, &mut tunnel.upstream, &rest) == rest);
+    assert!(kernel_frames(&program, cookie).is_at_boundary());
+}
+
+#[test]
+fn more_frames_in_one_skb_than_the_program_follows_make_the_position_unknown() {
+    let Some((_loaded, mut program)) = load() else {
+        return;
+    };
+    let mut tunnel = Tunnel::new();
+    tunnel.splice(&mut program);
+    // 100 tiny frames in one write: one skb, far more steps than the program takes.
+    let burst: Vec<u8> = (0..100).flat_map(|_| ws_frame(b"x", true)).collect();
+    assert!(send_through(&tunnel.client, &mut tunnel.upstream, &burst) == burst);
+    assert!(!kernel_frames(&program, tunnel.client_cookie()).is_known());
+}
+
 #[test]
 fn activity_counts_redirected_bytes_and_stamps_the_time() {
     let Some((_loaded, mut program)) = load() else {
@@ -261,7 +341,9 @@ fn a_socket_without_a_peer_entry_keeps_its_bytes() {
     };
     let mut tunnel = Tunnel::new();
     let client_cookie = tunnel.client_cookie();
-    program.track(client_cookie, 1).expect("track");
+    program
+        .track(client_cookie, 1, FrameTracker::at_boundary())
+        .expect("track");
     // Step 4 alone: the client-facing socket is live as a map value but has no key of its own.
     program
         .insert_peer(tunnel.upstream_cookie(), tunnel.proxy_client.as_fd())
@@ -287,8 +369,12 @@ fn a_live_socket_without_its_own_entry_reaches_its_peer_through_the_bridge() {
     };
     let mut tunnel = Tunnel::new();
     let (client_cookie, upstream_cookie) = (tunnel.client_cookie(), tunnel.upstream_cookie());
-    program.track(client_cookie, 1).expect("track");
-    program.track(upstream_cookie, 2).expect("track");
+    program
+        .track(client_cookie, 1, FrameTracker::at_boundary())
+        .expect("track");
+    program
+        .track(upstream_cookie, 2, FrameTracker::at_boundary())
+        .expect("track");
     // A promotion's step 3: the bridge first, then the client-facing socket goes live.
     program
         .insert_bridge(client_cookie, tunnel.proxy_upstream.as_fd())

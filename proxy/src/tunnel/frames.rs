@@ -38,7 +38,7 @@ impl Default for FrameTracker {
 
 impl FrameTracker {
     /// A stream at a frame boundary (the first byte after the 101).
-    pub fn at_boundary() -> FrameTracker {
+    pub const fn at_boundary() -> FrameTracker {
         FrameTracker {
             left: 0,
             step: Step::Payload,
@@ -55,7 +55,7 @@ impl FrameTracker {
     }
 
     /// A stream whose frame boundaries nobody knows.
-    pub fn unknown() -> FrameTracker {
+    pub const fn unknown() -> FrameTracker {
         FrameTracker {
             left: 0,
             step: Step::Unknown,
@@ -139,6 +139,40 @@ impl FrameTracker {
                 }
             }
         }
+    }
+
+    /// The tracker as the splice program keeps it in a socket's `Activity` record
+    /// (`frame_left`, `frame_state`), so it goes on where this one stopped.
+    pub fn to_kernel(&self) -> (u64, u32) {
+        use wsplice_common::{
+            FRAME_EXTENDED, FRAME_LENGTH, FRAME_MASK, FRAME_PAYLOAD, FRAME_UNKNOWN,
+        };
+        let state = match self.step {
+            Step::Payload => FRAME_PAYLOAD,
+            Step::Length => FRAME_LENGTH,
+            Step::Extended { bytes, masked } => {
+                FRAME_EXTENDED | u32::from(bytes) << 8 | u32::from(masked) << 16
+            }
+            Step::Mask { bytes } => FRAME_MASK | u32::from(bytes) << 8 | 1 << 16,
+            Step::Unknown => FRAME_UNKNOWN,
+        };
+        (self.left, state)
+    }
+
+    /// Where the splice program's record says the frames stand (the inverse of
+    /// [`FrameTracker::to_kernel`]; anything it does not know is unknown).
+    pub fn from_kernel(left: u64, state: u32) -> FrameTracker {
+        use wsplice_common::{FRAME_EXTENDED, FRAME_LENGTH, FRAME_MASK, FRAME_PAYLOAD};
+        let bytes = ((state >> 8) & 0xff) as u8;
+        let masked = (state >> 16) & 1 == 1;
+        let step = match state & 0xff {
+            FRAME_PAYLOAD => Step::Payload,
+            FRAME_LENGTH => Step::Length,
+            FRAME_EXTENDED if (1..=8).contains(&bytes) => Step::Extended { bytes, masked },
+            FRAME_MASK if (1..=4).contains(&bytes) => Step::Mask { bytes },
+            _ => return FrameTracker::unknown(),
+        };
+        FrameTracker { left, step }
     }
 
     fn after_length(masked: bool) -> Step {
@@ -270,6 +304,24 @@ mod tests {
         lost.feed(&frame(b"ok", None));
         assert!(!lost.is_known() && !lost.is_at_boundary());
         assert_eq!(lost.to_boundary(), None);
+    }
+
+    #[test]
+    fn the_kernel_record_form_round_trips_at_every_byte_of_a_stream() {
+        let mut stream = frame(&[3; 300], Some([1, 2, 3, 4]));
+        stream.extend(frame(&[4; 70_000], None));
+        let mut tracker = FrameTracker::at_boundary();
+        for byte in stream.chunks(1) {
+            tracker.feed(byte);
+            let (left, state) = tracker.to_kernel();
+            assert_eq!(FrameTracker::from_kernel(left, state), tracker);
+        }
+        let (left, state) = FrameTracker::unknown().to_kernel();
+        assert!(!FrameTracker::from_kernel(left, state).is_known());
+        assert!(
+            !FrameTracker::from_kernel(0, 0x99).is_known(),
+            "a state it does not know"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use super::*;
 use crate::access::AccessRecord;
 use crate::config::Config;
+use crate::tunnel::frames::FrameTracker;
 
 pub(super) const REQUEST: &[u8] = b"GET /chat HTTP/1.1\r\nHost: example.com\r\nUpgrade: websocket\r\n\
 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";

@@ -168,6 +168,7 @@ fn the_access_line_counts_the_relayed_bytes_and_the_kernel_ones() {
         up: 1000,
         down: 2000,
         repeated: 0,
+        frames: [FrameTracker::at_boundary(); 2],
     };
     h.event(|c, _, s, _| c.on_unspliced(counted, s));
     let metrics = std::sync::Arc::clone(&h.services.metrics);

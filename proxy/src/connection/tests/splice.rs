@@ -241,6 +241,7 @@ const COUNTED: Counted = Counted {
     up: 10,
     down: 20,
     repeated: 0,
+    frames: [FrameTracker::at_boundary(); 2],
 };
 
 /// What the pause found still queued in the kernel towards each side.
@@ -488,11 +489,12 @@ fn a_spliced_tunnel_is_idle_only_if_the_program_moved_nothing_for_the_idle_timeo
 #[test]
 fn what_the_program_counted_reaches_the_access_line_and_the_metrics() {
     let mut h = Harness::spliced();
-    h.event(|c, now, _, out| c.on_drain_deadline(now, out));
+    h.event(|c, _, _, out| c.close("test".into(), false, out));
     let counted = Counted {
         up: 10,
         down: 20,
         repeated: 7,
+        frames: [FrameTracker::at_boundary(); 2],
     };
     h.event(|c, _, s, _| c.on_unspliced(counted, s));
     assert_eq!(h.services.metrics.spliced_bytes_kernel.get(), 30);
