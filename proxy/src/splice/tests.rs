@@ -182,32 +182,9 @@ fn spliced_bytes_flow_both_ways_in_order() {
     assert!(send_through(&tunnel.upstream, &mut tunnel.client, &down) == down);
 }
 
-/// A WebSocket frame of `payload` (masked with a fixed key when `masked`).
+/// A WebSocket frame of `payload`, masked with a fixed key when `masked` (as a client's).
 fn ws_frame(payload: &[u8], masked: bool) -> Vec<u8> {
-    let mut out = vec![0x82];
-    let bit = if masked { 0x80 } else { 0 };
-    match payload.len() {
-        n if n < 126 => out.push(bit | n as u8),
-        n if n <= 0xffff => {
-            out.push(bit | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(bit | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    let key = [7u8, 1, 9, 3];
-    if masked {
-        out.extend_from_slice(&key);
-    }
-    out.extend(
-        payload
-            .iter()
-            .enumerate()
-            .map(|(i, b)| if masked { b ^ key[i % 4] } else { *b }),
-    );
-    out
+    crate::tunnel::frames::frame(payload, masked.then_some([7, 1, 9, 3]))
 }
 
 /// Where the program says the client socket's frames stand.

@@ -203,36 +203,37 @@ pub fn going_away(mask: Option<[u8; 4]>) -> Vec<u8> {
     }
 }
 
+/// A frame for tests: FIN + text, `payload`, masked with `mask` if given.
+#[cfg(test)]
+pub(crate) fn frame(payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut out = vec![0x81];
+    let bit = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(bit | n as u8),
+        n if n <= 0xffff => {
+            out.push(bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if let Some(key) = mask {
+        out.extend_from_slice(&key);
+    }
+    out.extend(
+        payload
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ mask.map_or(0, |key| key[i % 4])),
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A frame: FIN + text, `payload`, masked with `mask` if given.
-    fn frame(payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-        let mut out = vec![0x81];
-        let bit = if mask.is_some() { 0x80 } else { 0 };
-        match payload.len() {
-            n if n < 126 => out.push(bit | n as u8),
-            n if n <= 0xffff => {
-                out.push(bit | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(bit | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        if let Some(key) = mask {
-            out.extend_from_slice(&key);
-        }
-        out.extend(
-            payload
-                .iter()
-                .enumerate()
-                .map(|(i, b)| b ^ mask.map_or(0, |key| key[i % 4])),
-        );
-        out
-    }
 
     /// Every position of `stream` at which the tracker, fed in chunks of `chunk`, says it is at
     /// a boundary.
