@@ -127,13 +127,21 @@ pub struct Metrics {
     pub config_reload_failures: Counter,
     /// Changed certificate files loaded without a reload.
     pub certificate_reloads: Counter,
+    /// Tunnels handed over to a successor process (binary upgrade).
+    pub tunnels_handed_over: Counter,
+    /// Tunnels taken over from a predecessor process (binary upgrade).
+    pub tunnels_adopted: Counter,
+    /// Upgrades that did not happen (the successor failed; this process kept serving).
+    pub upgrade_failures: Counter,
+    /// Tunnels that shutdown closed with a Close 1001 to both sides (the drain's goodbye).
+    pub drain_goodbyes: Counter,
 }
 
 impl Metrics {
     /// Renders every metric in the Prometheus text exposition format. Only atomics are read:
     /// no lock a worker takes, no walk over a map.
     pub fn render(&self) -> String {
-        let counters: [(&str, &str, u64); 26] = [
+        let counters: [(&str, &str, u64); 30] = [
             (
                 "tls_handshakes_total",
                 "TLS handshakes completed.",
@@ -265,6 +273,26 @@ impl Metrics {
                 "certificate_reloads_total",
                 "Changed certificate files loaded without a reload.",
                 self.certificate_reloads.get(),
+            ),
+            (
+                "tunnels_handed_over_total",
+                "Tunnels handed over to a successor process (binary upgrade).",
+                self.tunnels_handed_over.get(),
+            ),
+            (
+                "tunnels_adopted_total",
+                "Tunnels taken over from a predecessor process (binary upgrade).",
+                self.tunnels_adopted.get(),
+            ),
+            (
+                "upgrade_failures_total",
+                "Upgrades that did not happen (the successor failed; this process kept serving).",
+                self.upgrade_failures.get(),
+            ),
+            (
+                "drain_goodbyes_total",
+                "Tunnels that shutdown closed with a WebSocket Close 1001 to both sides.",
+                self.drain_goodbyes.get(),
             ),
         ];
         let gauges: [(&str, &str, u64); 4] = [

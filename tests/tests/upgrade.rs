@@ -365,8 +365,13 @@ async fn binary_upgrades_keep_every_tunnel() {
                 proxy.log_tail(50)
             );
 
-            // Every tunnel still echoes, through the new process.
+            // Every tunnel still echoes, through the new process, which counted them in.
             traffic.every_tunnel_echoes(&when).await;
+            assert_eq!(
+                proxy.metrics()["tunnels_adopted_total"],
+                TUNNELS as u64,
+                "{when}"
+            );
             // New connections are served by it.
             fresh_tunnel_works(&proxy, &format!("{datapath:?}-new-{upgrade_number}")).await;
             // And it holds what the first process held: the same sockets and map entries (and
@@ -479,6 +484,7 @@ async fn a_successor_that_fails_to_start_leaves_the_old_process_serving() {
 
         // The old process goes on: same PID, every tunnel, new connections, nothing leaked.
         assert_eq!(proxy.pid(), pid, "{datapath:?}");
+        assert_eq!(proxy.metrics()["upgrade_failures_total"], 1, "{datapath:?}");
         assert!(
             !proxy.log().contains("upgrade: handed over"),
             "{datapath:?}: tunnels left for a successor that never ran:\n{}",

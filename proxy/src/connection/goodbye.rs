@@ -14,6 +14,7 @@
 //! goodbye is bounded by [`GOODBYE_NS`]; then the tunnel closes as before.
 
 use super::{Action, Actions, Connection, Side, Stage, LINGER_NS};
+use crate::services::Services;
 use crate::tunnel::frames::going_away;
 
 /// How long a goodbye may take (then the tunnel closes anyway).
@@ -75,7 +76,13 @@ impl Goodbye {
 impl Connection {
     /// Shutdown closes this connection (`reason` if it is not a tunnel): a tunnel says
     /// goodbye first (see the module docs).
-    pub(super) fn say_goodbye(&mut self, reason: &'static str, now_ns: u64, out: &mut Actions) {
+    pub(super) fn say_goodbye(
+        &mut self,
+        reason: &'static str,
+        now_ns: u64,
+        services: &Services,
+        out: &mut Actions,
+    ) {
         if self.is_closing() {
             return;
         }
@@ -93,7 +100,7 @@ impl Connection {
                 }));
                 out.push_back(Action::ArmDeadline(deadline_ns));
                 for destination in [Side::Client, Side::Upstream] {
-                    self.farewell_step(destination, out);
+                    self.farewell_step(destination, services, out);
                 }
             }
             Stage::Spliced(splice) => {
@@ -109,7 +116,12 @@ impl Connection {
 
     /// The goodbye's next step towards `destination`, if one is under way: true when it took
     /// the direction over (nothing is to be relayed there now).
-    pub(super) fn farewell_step(&mut self, destination: Side, out: &mut Actions) -> bool {
+    pub(super) fn farewell_step(
+        &mut self,
+        destination: Side,
+        services: &Services,
+        out: &mut Actions,
+    ) -> bool {
         let index = destination.index();
         let Stage::Relaying(relay) = &mut self.stage else {
             return false;
@@ -166,6 +178,7 @@ impl Connection {
         }
         if goodbye.is_over() {
             let reason = goodbye.farewell_reason();
+            services.metrics.drain_goodbyes.inc();
             self.close(reason, false, out);
         }
         true
@@ -181,7 +194,12 @@ impl Connection {
     }
 
     /// `side` ended (or failed) while its bytes were being dropped.
-    pub(super) fn on_goodbye_read_end(&mut self, side: Side, out: &mut Actions) {
+    pub(super) fn on_goodbye_read_end(
+        &mut self,
+        side: Side,
+        services: &Services,
+        out: &mut Actions,
+    ) {
         let Stage::Relaying(relay) = &mut self.stage else {
             return;
         };
@@ -191,6 +209,7 @@ impl Connection {
         goodbye.source_ended(side);
         if goodbye.is_over() {
             let reason = goodbye.farewell_reason();
+            services.metrics.drain_goodbyes.inc();
             self.close(reason, false, out);
         }
     }

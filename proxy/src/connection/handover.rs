@@ -152,6 +152,7 @@ impl Connection {
     /// The tunnel left for the successor: its access line in this process (the gauges count
     /// it out here; the successor counts it in).
     pub fn handed_over(mut self, now_ns: u64, services: &Services) -> AccessRecord {
+        services.metrics.tunnels_handed_over.inc();
         self.ending = Some(Box::new(super::Ending {
             reason: HANDED_OVER.into(),
             abortive: false,
@@ -169,6 +170,7 @@ impl Connection {
         out: &mut Actions,
     ) -> Connection {
         let metrics = &services.metrics;
+        metrics.tunnels_adopted.inc();
         metrics.connections_open.inc();
         metrics.tunnels_open.inc();
         let route = tunnel.route.as_ref().and_then(|matches| {

@@ -438,7 +438,7 @@ impl Connection {
             }
             (Stage::Rejecting { .. }, Side::Client) => self.close("rejected".into(), false, out),
             (Stage::Exchanging(_), side) => self.on_exchange_read_end(side, now_ns, services, out),
-            (Stage::Relaying(_), side) => self.on_goodbye_read_end(side, out),
+            (Stage::Relaying(_), side) => self.on_goodbye_read_end(side, services, out),
             _ => {}
         }
     }
@@ -646,18 +646,19 @@ impl Connection {
 
     /// Shutdown: this connection's turn in the drain's spread window (closes are spread so
     /// that clients do not all reconnect at once).
-    pub fn on_drain_spread(&mut self, now_ns: u64, out: &mut Actions) {
+    pub fn on_drain_spread(&mut self, now_ns: u64, services: &Services, out: &mut Actions) {
         self.say_goodbye(
             "shutting down: closed in the drain's spread window",
             now_ns,
+            services,
             out,
         );
     }
 
     /// Shutdown: the drain deadline passed (a tunnel says goodbye, bounded by
     /// `goodbye::GOODBYE_NS`).
-    pub fn on_drain_deadline(&mut self, now_ns: u64, out: &mut Actions) {
-        self.say_goodbye("drain deadline reached", now_ns, out);
+    pub fn on_drain_deadline(&mut self, now_ns: u64, services: &Services, out: &mut Actions) {
+        self.say_goodbye("drain deadline reached", now_ns, services, out);
     }
 
     /// Decides to close (once; later calls keep the first reason).

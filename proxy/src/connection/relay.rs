@@ -333,7 +333,7 @@ impl Connection {
         if self.sending[destination.index()] {
             return; // backpressure: one chunk in flight per direction
         }
-        if self.farewell_step(destination, out) {
+        if self.farewell_step(destination, services, out) {
             return; // shutting down: the goodbye decides
         }
         let Stage::Relaying(relay) = &mut self.stage else {
@@ -389,7 +389,7 @@ impl Connection {
         relay.towards(source.peer()).on_read_done(true, true);
         if relay.goodbye.is_some() {
             // A quiet moment: where the frames are unknown, the goodbye takes it as a boundary.
-            self.farewell_step(source.peer(), out);
+            self.farewell_step(source.peer(), services, out);
             return;
         }
         self.try_promote(now_ns, services, out);

@@ -592,7 +592,7 @@ impl Connection {
         out.push_back(Action::ArmDeadline(deadline));
         self.on_kernel_delivering(paused.to_client, paused.to_upstream, now_ns, services, out);
         if let Some(reason) = farewell {
-            self.say_goodbye(reason, now_ns, out);
+            self.say_goodbye(reason, now_ns, services, out);
         }
     }
 

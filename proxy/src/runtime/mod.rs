@@ -296,7 +296,7 @@ pub fn serve(
         }
         upgrade_asked.extend(upgrade_inbox.try_iter().map(Some));
         if !upgrade_asked.is_empty() {
-            let outcome = start_successor(upgrader.as_mut());
+            let outcome = start_successor(upgrader.as_mut(), &services.metrics);
             let answer = outcome
                 .as_ref()
                 .map(|started| started.pid)
@@ -345,16 +345,21 @@ pub fn serve(
 }
 
 /// `SIGUSR2` or `POST /upgrade`: starts a successor; the outcome for `wsplice upgrade`.
-fn start_successor(upgrader: Option<&mut upgrade::Upgrader>) -> Result<upgrade::Started, String> {
+fn start_successor(
+    upgrader: Option<&mut upgrade::Upgrader>,
+    metrics: &crate::metrics::Metrics,
+) -> Result<upgrade::Started, String> {
     let Some(upgrader) = upgrader else {
         let why = "this process was started without its command line to start again";
         tracing::warn!("upgrade: {why}");
+        metrics.upgrade_failures.inc();
         return Err(why.into());
     };
     tracing::info!("upgrade: starting the successor");
     upgrader.start().map_err(|error| {
         let error = crate::error_chain::describe(&error);
         tracing::error!(%error, "upgrade failed; this process keeps serving");
+        metrics.upgrade_failures.inc();
         error
     })
 }

@@ -342,7 +342,9 @@ impl Worker {
         self.spread_closes(now, deadline);
         if now >= deadline {
             for slot in self.table.slots() {
-                self.drive(slot, |conn, _, out| conn.on_drain_deadline(now, out));
+                self.drive(slot, |conn, services, out| {
+                    conn.on_drain_deadline(now, services, out)
+                });
             }
         }
         self.table.live() == 0 && self.listeners.iter().all(|l| l.listener.is_none())
@@ -423,7 +425,9 @@ impl Worker {
                 .get(slot)
                 .is_some_and(|entry| entry.conn.id() == id)
             {
-                self.drive(slot, |conn, _, out| conn.on_drain_spread(now, out));
+                self.drive(slot, |conn, services, out| {
+                    conn.on_drain_spread(now, services, out)
+                });
             }
         }
     }

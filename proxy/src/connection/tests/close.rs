@@ -48,7 +48,7 @@ fn closing_a_spliced_tunnel_takes_it_out_of_the_kernel_first() {
 #[test]
 fn finishing_a_tunnel_updates_the_gauges() {
     let mut h = Harness::relaying(false);
-    h.event(|c, now, _, out| c.on_drain_deadline(now, out));
+    h.event(|c, now, s, out| c.on_drain_deadline(now, s, out));
     let metrics = std::sync::Arc::clone(&h.services.metrics);
     assert_eq!(
         (metrics.connections_open.get(), metrics.tunnels_open.get()),
@@ -66,7 +66,7 @@ fn finishing_a_tunnel_updates_the_gauges() {
 fn finishing_a_rejected_connection_leaves_the_tunnel_gauge_alone() {
     let mut h = Harness::accept(DataPath::Relay, false);
     h.client_sends(b"POST / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n");
-    h.event(|c, now, _, out| c.on_drain_deadline(now, out));
+    h.event(|c, now, s, out| c.on_drain_deadline(now, s, out));
     let metrics = std::sync::Arc::clone(&h.services.metrics);
     let record = h.finish();
     assert_eq!((record.status, record.datapath), (405, ""));
@@ -80,7 +80,7 @@ fn finishing_a_rejected_connection_leaves_the_tunnel_gauge_alone() {
 fn the_access_line_names_the_request_the_upstream_and_the_time_taken() {
     let mut h = Harness::relaying(false);
     h.now += 2 * SECOND;
-    h.event(|c, now, _, out| c.on_drain_deadline(now, out));
+    h.event(|c, now, s, out| c.on_drain_deadline(now, s, out));
     let record = h.finish();
     assert_eq!(record.host, "example.com");
     assert_eq!(record.path, "/chat");

@@ -10,7 +10,7 @@ fn forwarded(h: &mut Harness, source: Side, bytes: &[u8]) {
 }
 
 fn drain_deadline(h: &mut Harness) -> Vec<Action> {
-    h.event(|c, now, _, out| c.on_drain_deadline(now, out))
+    h.event(|c, now, s, out| c.on_drain_deadline(now, s, out))
 }
 
 /// The status code of a Close frame (unmasking it if masked).
@@ -145,6 +145,11 @@ fn a_goodbye_that_takes_too_long_ends_in_a_plain_close() {
     assert_eq!(
         h.reason(),
         "drain deadline reached; the goodbye took too long"
+    );
+    assert_eq!(
+        h.services.metrics.drain_goodbyes.get(),
+        0,
+        "not a goodbye that went through"
     );
 }
 

@@ -25,7 +25,7 @@ fn where_the_frames_stand_moves_with_the_tunnel() {
     let tunnel = old.conn.hand_over(&old.services).expect("a record");
     let (mut new, _) = adopt(&tunnel, DataPath::Relay);
     // Saying goodbye in the successor: the client's frame is finished first.
-    let actions = new.event(|c, now, _, out| c.on_drain_deadline(now, out));
+    let actions = new.event(|c, now, s, out| c.on_drain_deadline(now, s, out));
     assert!(
         !actions
             .iter()
@@ -124,6 +124,7 @@ fn the_successor_rebuilds_a_relayed_tunnel_that_waits_on_both_sockets() {
         0,
         "counted out here"
     );
+    assert_eq!(old.services.metrics.tunnels_handed_over.get(), 1);
 
     let (mut new, actions) = adopt(&tunnel, DataPath::Relay);
     let last_activity = SECOND; // the harness's clock did not move while relaying
@@ -140,6 +141,7 @@ fn the_successor_rebuilds_a_relayed_tunnel_that_waits_on_both_sockets() {
         1,
         "counted in there"
     );
+    assert_eq!(new.services.metrics.tunnels_adopted.get(), 1);
     assert!(
         new.conn.can_hand_over(true),
         "it can move on again at the next upgrade"

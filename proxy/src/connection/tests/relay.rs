@@ -198,7 +198,7 @@ fn relayed_bytes_are_counted_each_way_for_the_access_line() {
     h.event(|c, now, s, _| c.on_forwarded(Side::Client, &[0; 100], true, now, s));
     h.event(|c, now, s, _| c.on_forwarded(Side::Upstream, &[0; 250], true, now, s));
     assert_eq!(h.services.metrics.relayed_bytes_userspace.get(), 350);
-    h.event(|c, now, _, out| c.on_drain_deadline(now, out));
+    h.event(|c, now, s, out| c.on_drain_deadline(now, s, out));
     let record = h.finish();
     assert_eq!(
         (record.bytes_up, record.bytes_down),

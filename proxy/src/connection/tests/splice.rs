@@ -448,7 +448,7 @@ fn a_reader_that_adds_to_a_total_backlog_over_the_process_limit_leaves_the_kerne
     assert_eq!(pressure(&mut h, 0, 4000), vec![Action::PauseSplice]);
     paused(&mut h, Ok(still_queued(0, 4000)));
     assert_eq!(metrics.kernel_backlog_bytes.get(), others + 4000);
-    h.event(|c, now, _, out| c.on_drain_deadline(now, out));
+    h.event(|c, now, s, out| c.on_drain_deadline(now, s, out));
     h.finish();
     assert_eq!(
         metrics.kernel_backlog_bytes.get(),
