@@ -154,7 +154,8 @@ impl AdminListener {
 fn accept_loop(listener: &TcpListener, state: &Arc<State>) {
     use std::os::fd::AsRawFd as _;
     while !state.retired.load(Ordering::Relaxed) {
-        if !crate::sys::wait_readable(listener.as_raw_fd(), Duration::from_millis(200)) {
+        let readable = crate::sys::wait_readable(listener.as_raw_fd(), Duration::from_millis(200));
+        if !readable || state.retired.load(Ordering::Relaxed) {
             continue;
         }
         let stream = match listener.accept() {

@@ -95,9 +95,17 @@ async fn terminate(proxy: Proxy) {
     );
 }
 
-/// Whether `pid` no longer exists (`/proc/PID` gone: it exited and was reaped).
+/// Whether `pid` ended: `/proc/PID` is gone (it exited and was reaped), or it is a zombie (it
+/// exited; whoever is its parent now has not reaped it yet).
 fn gone(pid: u32) -> bool {
-    !Path::new(&format!("/proc/{pid}")).exists()
+    match std::fs::read_to_string(Path::new(&format!("/proc/{pid}/stat"))) {
+        Err(_) => true,
+        // The state follows the command name, which ends with the last ')'.
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|end| stat[end + 1..].split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+    }
 }
 
 /// The eBPF map entries the proxy's process holds (kernel data path only; none otherwise).
@@ -596,4 +604,99 @@ async fn sigusr2_upgrades_like_the_admin_request() {
     fresh_tunnel_works(&proxy, "after-signal").await;
     close_all(tunnels).await;
     terminate(proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_tunnels_stay_with_the_old_process_which_says_goodbye_and_the_successor_waits() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    become_subreaper();
+    let ca = wsplice_tests::tls::TestCa::new();
+    let leaf = ca.issue("localhost", &["localhost"]);
+    let echo = Echo::start();
+    let mut config = ProxyConfig::new(&[echo.addr()]);
+    config.tls = Some(wsplice_tests::tls::tls_table(&leaf, ""));
+    config.drain = "2s";
+    let proxy = Proxy::start(DataPath::Userspace, &config);
+    let mut wss =
+        wsplice_tests::tls::connect_wss(proxy.addr(), "localhost", "/kept", ca.client_config())
+            .await;
+    wss_echo(&mut wss, "before").await;
+    let old = proxy.pid();
+
+    // The successor serves at once; the wss tunnel (its TLS state is the old process's) stays.
+    let admin = proxy.admin_addr();
+    let (status, body) = tokio::task::spawn_blocking(move || post_upgrade(admin))
+        .await
+        .expect("the upgrade request");
+    assert_eq!(status, 200, "{body}");
+    let successor = successor_pid(&body).expect("the successor's pid");
+    // The old process stops accepting on the shared admin socket within its poll interval.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The successor takes no upgrade before it holds everything its predecessor hands over.
+    let (status, refused) = tokio::task::spawn_blocking(move || post_upgrade(admin))
+        .await
+        .expect("the second request");
+    assert_eq!(status, 500, "{refused}");
+    assert!(refused.contains("still handing"), "{refused}");
+    // The wss client, still on the old process, works until its drain ends, then gets the
+    // goodbye.
+    wss_echo(&mut wss, "during").await;
+    let mut closes = Vec::new();
+    while let Some(Ok(message)) = tokio::time::timeout(Duration::from_secs(10), wss.next())
+        .await
+        .expect("the goodbye within 10 s")
+    {
+        if let Message::Close(frame) = message {
+            closes.push(frame.map(|frame| frame.code));
+        }
+    }
+    assert_eq!(closes, vec![Some(CloseCode::Away)]);
+    let adopted = tokio::task::spawn_blocking(move || {
+        let mut proxy = proxy;
+        let adopted = proxy.adopt_successor(successor);
+        (proxy, adopted)
+    })
+    .await
+    .expect("adopting");
+    let (proxy, adopted) = adopted;
+    assert_eq!(adopted, Ok(successor));
+    assert!(
+        settles(|| gone(old)).await,
+        "the old process {old} is there"
+    );
+    // Its predecessor gone, the successor upgrades again.
+    let (proxy, again) = upgrade(proxy).await;
+    again.unwrap_or_else(|error| panic!("the next upgrade: {error}"));
+    terminate(proxy).await;
+}
+
+/// One text message over a wss tunnel and its echo.
+async fn wss_echo(ws: &mut wsplice_tests::tls::TlsClient, text: &str) {
+    bounded(ws.send(Message::text(text))).await.expect("send");
+    let back = bounded(ws.next()).await.expect("open").expect("a message");
+    assert_eq!(back, Message::text(text));
+}
+
+/// `POST /upgrade` to the admin listener at `admin`: status and body (bounded).
+fn post_upgrade(admin: std::net::SocketAddr) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(admin).expect("admin connect");
+    stream
+        .set_read_timeout(Some(UPGRADE_WAIT))
+        .expect("read timeout");
+    stream
+        .write_all(b"POST /upgrade HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        .expect("admin write");
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, body)| body)
+        .to_owned();
+    (status, body)
 }

@@ -41,6 +41,10 @@ pub struct Handoff {
     sink: Mutex<Option<Sender<Moving>>>,
     /// The successor adopted the kernel maps (spliced tunnels may go too).
     kernel: AtomicBool,
+    /// The successor stopped taking tunnels (its socket failed): the rest stay here.
+    failed: AtomicBool,
+    /// This process is a successor still taking its predecessor's tunnels.
+    adopting: AtomicBool,
 }
 
 impl Handoff {
@@ -79,6 +83,27 @@ impl Handoff {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
+    }
+
+    /// The successor stopped taking tunnels: the workers keep the rest.
+    pub fn fail(&self) {
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// Whether the successor stopped taking tunnels.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// This process takes (true) or took (false) its predecessor's tunnels.
+    pub fn set_adopting(&self, adopting: bool) {
+        self.adopting.store(adopting, Ordering::Release);
+    }
+
+    /// Whether this process still takes its predecessor's tunnels (it cannot hand them on
+    /// before it has them all).
+    pub fn is_adopting(&self) -> bool {
+        self.adopting.load(Ordering::Acquire)
     }
 
     fn sink(&self) -> Option<Sender<Moving>> {
@@ -132,6 +157,11 @@ impl Worker {
 
     /// Starts letting go every tunnel that can move now (run at each tick of the drain).
     pub(super) fn hand_over_tunnels(&mut self) {
+        if self.leaving.is_some() && self.published.handoff.has_failed() {
+            // The successor is gone: what is left drains here (tunnels whose waits are being
+            // removed get them back as their removals complete).
+            self.leaving = None;
+        }
         let Some(kernel) = self.leaving.as_ref().map(|leaving| leaving.kernel) else {
             return;
         };
@@ -169,12 +199,14 @@ impl Worker {
     /// the tunnel moves once the last one came back); false when something happened on a
     /// socket, so the tunnel stays for now and the completion is handled as usual.
     pub(super) fn hand_over_completion(&mut self, slot: u32, op: Op, result: i32) -> bool {
+        let still_leaving = self.leaving.is_some();
         let Some(entry) = self.table.get(slot) else {
             return true;
         };
         let removed = op == Op::Cancel
             || (matches!(op, Op::PollClient | Op::PollUpstream) && result == -libc::ECANCELED);
-        if !removed {
+        if !removed || !still_leaving {
+            // It stays: handled as usual (a removed poll is armed again for its intent).
             entry.handing_over = false;
             return false;
         }

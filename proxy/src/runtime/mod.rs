@@ -267,7 +267,7 @@ pub fn serve(
                 inherited.predecessor,
                 kernel,
                 deliveries,
-                Arc::clone(&shutdown),
+                Arc::clone(&published),
             )
             .map_err(RuntimeError::Spawn)?;
         }
@@ -296,7 +296,14 @@ pub fn serve(
         }
         upgrade_asked.extend(upgrade_inbox.try_iter().map(Some));
         if !upgrade_asked.is_empty() {
-            let outcome = start_successor(upgrader.as_mut(), &services.metrics);
+            let outcome = if published.handoff.is_adopting() {
+                let why =
+                    "the predecessor is still handing its tunnels over: upgrade once it is done";
+                tracing::warn!("upgrade refused: {why}");
+                Err(why.to_owned())
+            } else {
+                start_successor(upgrader.as_mut(), &services.metrics)
+            };
             let answer = outcome
                 .as_ref()
                 .map(|started| started.pid)
@@ -319,6 +326,8 @@ pub fn serve(
         // The successor accepts on the admin socket from now on.
         admin_retired.store(true, Ordering::SeqCst);
     }
+    // A request the admin thread still takes is told at once that this process is stopping.
+    drop((reload_inbox, upgrade_inbox));
     shutdown.store(true, Ordering::SeqCst);
 
     let mut first_error = None;

@@ -4,7 +4,6 @@
 //! come to its workers.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -79,9 +78,10 @@ impl Upgrader {
             Ok((pid, kernel)) => {
                 let (sink, tunnels) = std::sync::mpsc::channel();
                 self.published.handoff.open(sink, kernel);
+                let published = Arc::clone(&self.published);
                 let forwarder = std::thread::Builder::new()
                     .name("wsplice-upgrade".into())
-                    .spawn(move || forward(&channel, &tunnels, pid))
+                    .spawn(move || forward(&channel, &tunnels, pid, &published.handoff))
                     .map_err(UpgradeError::Descriptor)?;
                 tracing::info!(
                     successor = pid,
@@ -176,8 +176,14 @@ impl Upgrader {
 
 /// Sends the tunnels the workers let go, in batches, until every worker is done; then
 /// `Done`.
-fn forward(channel: &Channel, tunnels: &Receiver<Moving>, successor: u32) {
+fn forward(
+    channel: &Channel,
+    tunnels: &Receiver<Moving>,
+    successor: u32,
+    handoff: &super::handover::Handoff,
+) {
     let mut handed = 0u64;
+    let mut lost = 0u64;
     let mut batch: Vec<Moving> = Vec::with_capacity(TUNNELS_PER_MESSAGE);
     let mut open = true;
     while open {
@@ -200,13 +206,22 @@ fn forward(channel: &Channel, tunnels: &Receiver<Moving>, successor: u32) {
             .iter()
             .flat_map(|moving| [moving.client.as_fd(), moving.upstream.as_fd()])
             .collect();
-        match channel.send(&Message::Tunnels(records), &fds) {
-            Ok(()) => handed += batch.len() as u64,
-            Err(error) => tracing::error!(
-                %error,
-                tunnels = batch.len(),
-                "upgrade: tunnels could not be handed over; they close"
-            ),
+        if handoff.has_failed() {
+            lost += batch.len() as u64;
+        } else {
+            match channel.send(&Message::Tunnels(records), &fds) {
+                Ok(()) => handed += batch.len() as u64,
+                Err(error) => {
+                    // The successor is gone: the workers keep what they still hold.
+                    handoff.fail();
+                    lost += batch.len() as u64;
+                    tracing::error!(
+                        %error,
+                        "upgrade: the successor stopped taking tunnels; the rest stay here and \
+                         drain"
+                    );
+                }
+            }
         }
         // The successor has its own descriptors now (or the tunnels are lost): ours close.
         batch.clear();
@@ -217,6 +232,7 @@ fn forward(channel: &Channel, tunnels: &Receiver<Moving>, successor: u32) {
     tracing::info!(
         successor,
         tunnels = handed,
+        lost,
         "upgrade: handed over {handed} tunnels to the successor"
     );
 }
@@ -228,9 +244,10 @@ pub fn adopt_tunnels(
     predecessor: u32,
     kernel: bool,
     workers: Vec<super::handover::Deliveries>,
-    stop: Arc<AtomicBool>,
+    published: Arc<Published>,
 ) -> std::io::Result<JoinHandle<()>> {
     let pid = std::process::id();
+    published.handoff.set_adopting(true);
     if let Err(error) = channel.send(&Message::Ready { pid, kernel }, &[]) {
         tracing::error!(%error, predecessor, "upgrade: cannot tell the predecessor that this process serves");
     }
@@ -240,7 +257,9 @@ pub fn adopt_tunnels(
         .spawn(move || {
             let mut adopted = 0u64;
             let mut next = 0usize;
-            while !stop.load(Ordering::Relaxed) {
+            // Until the predecessor is done (or gone), even if this process is asked to stop:
+            // what it sends is ours to close politely then.
+            loop {
                 let (message, fds) = match channel.recv(Duration::from_millis(500)) {
                     Ok(received) => received,
                     Err(crate::upgrade::WireError::TimedOut(_)) => continue,
@@ -273,6 +292,7 @@ pub fn adopt_tunnels(
                     }
                 }
             }
+            published.handoff.set_adopting(false);
             tracing::info!(predecessor, tunnels = adopted, "upgrade: adopted {adopted} tunnels from the predecessor");
         })
 }
