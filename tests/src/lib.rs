@@ -858,60 +858,7 @@ impl Proxy {
     /// [`UPGRADE_WAIT`]): its status (0 if none came) and body. The proxy is not adopted: see
     /// [`Proxy::upgrade`].
     pub fn upgrade_status(&self) -> (u16, String) {
-        let answer = match self.admin_exchange(
-            b"POST /upgrade HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
-            UPGRADE_WAIT,
-        ) {
-            Ok(answer) => answer,
-            Err(error) => return (0, error),
-        };
-        let status = answer
-            .split(' ')
-            .nth(1)
-            .and_then(|status| status.parse().ok())
-            .unwrap_or(0);
-        let body = answer
-            .split_once("\r\n\r\n")
-            .map_or(answer.as_str(), |(_, body)| body)
-            .to_owned();
-        (status, body)
-    }
-
-    /// One request to the admin listener and the whole answer, read until the listener closes
-    /// the connection or `within` passes (an error, with what came so far).
-    fn admin_exchange(&self, request: &[u8], within: Duration) -> Result<String, String> {
-        use std::io::{Read, Write};
-        let deadline = Instant::now() + within;
-        let mut stream = StdStream::connect_timeout(&self.admin, WAIT)
-            .map_err(|e| format!("admin connect {}: {e}", self.admin))?;
-        stream
-            .write_all(request)
-            .map_err(|e| format!("admin write: {e}"))?;
-        let mut answer = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(format!(
-                    "no complete answer from the admin listener in {within:?}: {:?}",
-                    String::from_utf8_lossy(&answer)
-                ));
-            }
-            stream
-                .set_read_timeout(Some(left))
-                .map_err(|e| format!("admin read timeout: {e}"))?;
-            match stream.read(&mut chunk) {
-                Ok(0) => return Ok(String::from_utf8_lossy(&answer).into_owned()),
-                Ok(n) => answer.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(e) => return Err(format!("admin read: {e}")),
-            }
-        }
+        post_upgrade(self.admin)
     }
 
     /// After an upgrade answered with successor `pid` (`POST /upgrade`, `wsplice upgrade`,
@@ -1074,6 +1021,63 @@ impl Drop for Proxy {
             drop(Process::adopt(pid));
         }
     }
+}
+
+/// One request to the admin listener at `admin` and the whole answer, read until the listener closes
+/// the connection or `within` passes (an error, with what came so far).
+fn admin_exchange(admin: SocketAddr, request: &[u8], within: Duration) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + within;
+    let mut stream = StdStream::connect_timeout(&admin, WAIT)
+        .map_err(|e| format!("admin connect {}: {e}", admin))?;
+    stream
+        .write_all(request)
+        .map_err(|e| format!("admin write: {e}"))?;
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "no complete answer from the admin listener in {within:?}: {:?}",
+                String::from_utf8_lossy(&answer)
+            ));
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| format!("admin read timeout: {e}"))?;
+        match stream.read(&mut chunk) {
+            Ok(0) => return Ok(String::from_utf8_lossy(&answer).into_owned()),
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(format!("admin read: {e}")),
+        }
+    }
+}
+
+/// `POST /upgrade` to the admin listener at `admin` (at most [`UPGRADE_WAIT`]): the answer's
+/// status (0 if none came) and body.
+pub fn post_upgrade(admin: SocketAddr) -> (u16, String) {
+    let request = b"POST /upgrade HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n";
+    let answer = match admin_exchange(admin, request, UPGRADE_WAIT) {
+        Ok(answer) => answer,
+        Err(error) => return (0, error),
+    };
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|status| status.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or(answer.as_str(), |(_, body)| body)
+        .to_owned();
+    (status, body)
 }
 
 /// Tunnels [`open_tunnels`] opens at once (the rest wait for the chunk before).

@@ -40,6 +40,22 @@ where
     }
 }
 
+/// Every one of `tunnels` gets exactly one Close 1001, then a clean end; `what` names the case.
+async fn all_said_goodbye<S>(tunnels: Vec<tokio_tungstenite::WebSocketStream<S>>, what: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let endings = futures_util::future::join_all(tunnels.into_iter().map(ending)).await;
+    for (index, (closes, end)) in endings.iter().enumerate() {
+        assert_eq!(
+            closes,
+            &vec![Some(CloseCode::Away)],
+            "{what}, tunnel {index}: one Close 1001 ({end:?})"
+        );
+        assert!(end.is_ok(), "{what}, tunnel {index}: {end:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_client_gets_a_close_1001_and_a_clean_end_when_the_drain_ends() {
     raise_fd_limit(TUNNELS);
@@ -53,15 +69,7 @@ async fn every_client_gets_a_close_1001_and_a_clean_end_when_the_drain_ends() {
         echo_round(&mut tunnels, 0).await;
         // SAFETY: kill(2) on the proxy this test started.
         unsafe { libc::kill(proxy.pid() as i32, libc::SIGTERM) };
-        let endings = futures_util::future::join_all(tunnels.into_iter().map(ending)).await;
-        for (index, (closes, end)) in endings.iter().enumerate() {
-            assert_eq!(
-                closes,
-                &vec![Some(CloseCode::Away)],
-                "{datapath:?}, tunnel {index}: one Close 1001 ({end:?})"
-            );
-            assert!(end.is_ok(), "{datapath:?}, tunnel {index}: {end:?}");
-        }
+        all_said_goodbye(tunnels, &format!("{datapath:?}")).await;
         let status = tokio::task::spawn_blocking(move || {
             let status = proxy.process().terminate(Duration::from_secs(10));
             (status, proxy)
@@ -112,16 +120,8 @@ async fn a_wss_client_gets_the_close_1001_then_close_notify_and_a_clean_end() {
     }
     // SAFETY: kill(2) on the proxy this test started.
     unsafe { libc::kill(proxy.pid() as i32, libc::SIGTERM) };
-    let endings = futures_util::future::join_all(tunnels.into_iter().map(ending)).await;
-    for (index, (closes, end)) in endings.iter().enumerate() {
-        assert_eq!(
-            closes,
-            &vec![Some(CloseCode::Away)],
-            "tunnel {index} ({end:?})"
-        );
-        // Without close_notify, rustls reports an unexpected end of the TLS stream.
-        assert!(end.is_ok(), "tunnel {index}: {end:?}");
-    }
+    // Without close_notify, rustls would report an unexpected end of the TLS stream.
+    all_said_goodbye(tunnels, "wss").await;
     let status =
         tokio::task::spawn_blocking(move || proxy.process().terminate(Duration::from_secs(10)))
             .await

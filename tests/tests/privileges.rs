@@ -110,6 +110,13 @@ async fn assert_serves(proxy: &Proxy, what: &str) {
     }
 }
 
+/// A proxy in front of `echo` that switches to `nobody`/`nogroup` once it started.
+fn as_nobody(echo: &Echo) -> ProxyConfig {
+    let mut config = ProxyConfig::new(&[echo.addr()]);
+    config.top_level = "user = \"nobody\"\ngroup = \"nogroup\"\n".into();
+    config
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_user_the_running_proxy_holds_no_privilege_and_serves_both_data_paths() {
     if !is_root() {
@@ -118,8 +125,7 @@ async fn with_a_user_the_running_proxy_holds_no_privilege_and_serves_both_data_p
     }
     let echo = Echo::start();
     for datapath in [DataPath::Userspace, DataPath::Kernel] {
-        let mut config = ProxyConfig::new(&[echo.addr()]);
-        config.top_level = "user = \"nobody\"\ngroup = \"nogroup\"\n".into();
+        let config = as_nobody(&echo);
         let proxy = Proxy::start(datapath, &config);
         let what = format!("{datapath:?}");
         assert_unprivileged(&proxy, 65534, 65534, &what);
@@ -142,8 +148,7 @@ async fn a_proxy_that_dropped_root_upgrades_to_a_successor_as_unprivileged_as_it
     }
     let echo = Echo::start();
     for datapath in [DataPath::Userspace, DataPath::Kernel] {
-        let mut config = ProxyConfig::new(&[echo.addr()]);
-        config.top_level = "user = \"nobody\"\ngroup = \"nogroup\"\n".into();
+        let config = as_nobody(&echo);
         let mut proxy = Proxy::start(datapath, &config);
         let what = format!("{datapath:?} successor");
         let mut open = connect(&proxy.url("/before-the-upgrade")).await;

@@ -557,15 +557,7 @@ async fn wsplice_upgrade_command_asks_the_running_proxy() {
     assert_eq!(adopted, Ok(pid));
     assert_ne!(pid, old);
     assert_eq!(proxy.pid(), pid);
-    assert!(
-        settles(|| gone(old)).await,
-        "the old process {old} is there"
-    );
-    assert!(
-        proxy.log().contains("upgrade: handed over"),
-        "{}",
-        proxy.log_tail(50)
-    );
+    assert_took_over(&proxy, old, "wsplice upgrade").await;
 
     echo_text(&mut open, "after").await;
     fresh_tunnel_works(&proxy, "after-command").await;
@@ -591,15 +583,7 @@ async fn sigusr2_upgrades_like_the_admin_request() {
     .expect("the upgrade thread");
     let pid = result.unwrap_or_else(|error| panic!("{error}"));
     assert_ne!(pid, old);
-    assert!(
-        settles(|| gone(old)).await,
-        "the old process {old} is there"
-    );
-    assert!(
-        proxy.log().contains("upgrade: handed over"),
-        "{}",
-        proxy.log_tail(50)
-    );
+    assert_took_over(&proxy, old, "SIGUSR2").await;
     echo_round(&mut tunnels, 1).await;
     fresh_tunnel_works(&proxy, "after-signal").await;
     close_all(tunnels).await;
@@ -660,14 +644,25 @@ async fn wss_tunnels_stay_with_the_old_process_which_says_goodbye_and_the_succes
     .expect("adopting");
     let (proxy, adopted) = adopted;
     assert_eq!(adopted, Ok(successor));
-    assert!(
-        settles(|| gone(old)).await,
-        "the old process {old} is there"
-    );
+    assert_took_over(&proxy, old, "wss kept").await;
     // Its predecessor gone, the successor upgrades again.
     let (proxy, again) = upgrade(proxy).await;
     again.unwrap_or_else(|error| panic!("the next upgrade: {error}"));
     terminate(proxy).await;
+}
+
+/// The upgrade is over: the old process `old` is gone and logged its hand-over; `what` names
+/// the case in failure messages.
+async fn assert_took_over(proxy: &Proxy, old: u32, what: &str) {
+    assert!(
+        settles(|| gone(old)).await,
+        "{what}: the old process {old} is still there"
+    );
+    assert!(
+        proxy.log().contains("upgrade: handed over"),
+        "{what}: the old process logs its hand-over:\n{}",
+        proxy.log_tail(50)
+    );
 }
 
 /// One text message over a wss tunnel and its echo.
@@ -675,28 +670,4 @@ async fn wss_echo(ws: &mut wsplice_tests::tls::TlsClient, text: &str) {
     bounded(ws.send(Message::text(text))).await.expect("send");
     let back = bounded(ws.next()).await.expect("open").expect("a message");
     assert_eq!(back, Message::text(text));
-}
-
-/// `POST /upgrade` to the admin listener at `admin`: status and body (bounded).
-fn post_upgrade(admin: std::net::SocketAddr) -> (u16, String) {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(admin).expect("admin connect");
-    stream
-        .set_read_timeout(Some(UPGRADE_WAIT))
-        .expect("read timeout");
-    stream
-        .write_all(b"POST /upgrade HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-        .expect("admin write");
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, body)| body)
-        .to_owned();
-    (status, body)
 }

@@ -123,9 +123,14 @@ impl Connection {
         out: &mut Actions,
     ) -> bool {
         let index = destination.index();
+        // The relay's hot path asks on every chunk: nothing more is looked at without a
+        // goodbye under way.
         let Stage::Relaying(relay) = &mut self.stage else {
             return false;
         };
+        if relay.goodbye.is_none() {
+            return false;
+        }
         let held = relay.is_held(destination);
         let direction = relay.direction(destination);
         let (shut_down, quiet, frames) = (

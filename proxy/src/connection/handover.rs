@@ -231,29 +231,16 @@ impl Connection {
                 Stage::Relaying(relay)
             }
         };
-        Connection {
-            id,
-            log_id: tunnel.log_id,
-            client_addr: tunnel.client,
-            started_ns: tunnel.started_ns,
-            scheme: Scheme::Ws,
-            tls: false,
-            datapath,
-            stage,
-            deadline_ns: 0,
-            summary: RequestSummary {
-                host: tunnel.host.clone(),
-                path: tunnel.path.clone(),
-                route,
-                method: tunnel.method.clone(),
-            },
-            upstream_addr: tunnel.upstream,
-            peeked: 0,
-            sending: [false; 2],
-            close_notified: false,
-            ending: None,
-            waiting_for_request: false,
-            draining: false,
-        }
+        let mut connection =
+            Connection::new(id, tunnel.log_id, tunnel.client, tunnel.started_ns, stage);
+        connection.datapath = datapath;
+        connection.summary = RequestSummary {
+            host: tunnel.host.clone(),
+            path: tunnel.path.clone(),
+            route,
+            method: tunnel.method.clone(),
+        };
+        connection.upstream_addr = tunnel.upstream;
+        connection
     }
 }

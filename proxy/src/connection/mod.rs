@@ -314,16 +314,35 @@ impl Connection {
         let handshake = Handshake::new(client_addr, scheme, trusted_peer);
         let deadline_ns = now_ns.saturating_add(services.handshake_ns);
         let datapath = if tls { DataPath::Relay } else { datapath };
-        let connection = Connection {
+        let stage = Stage::ReadingRequest(Box::new(handshake));
+        let mut connection = Connection::new(id, services.log_ids ^ id, client_addr, now_ns, stage);
+        (connection.scheme, connection.tls, connection.datapath) = (scheme, tls, datapath);
+        connection.deadline_ns = deadline_ns;
+        out.push_back(Action::ArmDeadline(deadline_ns));
+        out.push_back(Action::Read(Side::Client));
+        connection
+    }
+
+    /// Connection `id` (access-line id `log_id`) from `client_addr` since `started_ns`, in
+    /// `stage`: a plain `ws` connection relayed in userspace, nothing sent, read or decided
+    /// yet (the callers set what differs).
+    fn new(
+        id: u64,
+        log_id: u64,
+        client_addr: SocketAddr,
+        started_ns: u64,
+        stage: Stage,
+    ) -> Connection {
+        Connection {
             id,
-            log_id: services.log_ids ^ id,
+            log_id,
             client_addr,
-            started_ns: now_ns,
-            scheme,
-            tls,
-            datapath,
-            stage: Stage::ReadingRequest(Box::new(handshake)),
-            deadline_ns,
+            started_ns,
+            scheme: Scheme::Ws,
+            tls: false,
+            datapath: DataPath::Relay,
+            stage,
+            deadline_ns: 0,
             summary: RequestSummary::default(),
             upstream_addr: None,
             peeked: 0,
@@ -332,10 +351,7 @@ impl Connection {
             ending: None,
             waiting_for_request: false,
             draining: false,
-        };
-        out.push_back(Action::ArmDeadline(deadline_ns));
-        out.push_back(Action::Read(Side::Client));
-        connection
+        }
     }
 
     /// The connection's unique id (in this worker).

@@ -196,12 +196,7 @@ impl SpliceProgram {
         // Attached to the map itself (BPF_PROG_ATTACH), not through a link: a link would
         // detach when the process that made it exits, and the program must stay attached for
         // as long as the map lives, through binary upgrades (a successor adopts the map).
-        let program_fd = program
-            .fd()?
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(SpliceError::Duplicate)?;
-        crate::sys::attach_stream_verdict(program_fd.as_fd(), peer.fd().as_fd())
+        crate::sys::attach_stream_verdict(program.fd()?.as_fd(), peer.fd().as_fd())
             .map_err(SpliceError::Attach)?;
         // Checks the activity map's type once, so `maps()` cannot fail on it later.
         let _: HashMap<MapData, u64, Activity> = HashMap::try_from(activity_map)?;

@@ -128,11 +128,6 @@ impl Channel {
         Channel { socket }
     }
 
-    /// The socket (to pass to a child).
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.socket.as_fd()
-    }
-
     /// Sends `message` with `fds` attached.
     pub fn send(&self, message: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), WireError> {
         let bytes = serde_json::to_vec(message)?;
