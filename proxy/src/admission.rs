@@ -47,25 +47,39 @@ impl Admission {
     }
 
     /// Takes a place for a connection from `ip`, or says which limit refuses it. Every admitted
-    /// connection must be [`Admission::release`]d once.
+    /// connection must be [`Admission::release`]d once, with its address.
     pub fn admit(&self, ip: IpAddr) -> Result<(), Refusal> {
+        self.admit_connection()?;
+        self.admit_address(ip).inspect_err(|_| self.release(None))
+    }
+
+    /// Takes a place for a connection whose client address is not known yet (a PROXY header
+    /// will say it): only the total limit applies. Its address is counted later by
+    /// [`Admission::admit_address`] (a load balancer's own address must not count against
+    /// `max_connections_per_ip`).
+    pub fn admit_connection(&self) -> Result<(), Refusal> {
         if self.unlimited() {
             return Ok(());
         }
-        let ip = ip.to_canonical();
         let before = self.open.fetch_add(1, Ordering::Relaxed);
         if self.max_total.is_some_and(|max| before >= max) {
             self.open.fetch_sub(1, Ordering::Relaxed);
             return Err(Refusal::Total);
         }
+        Ok(())
+    }
+
+    /// Counts `ip` for a connection already holding its place (see
+    /// [`Admission::admit_connection`]), or refuses it; refused, the connection still holds
+    /// its place until it is released without an address.
+    pub fn admit_address(&self, ip: IpAddr) -> Result<(), Refusal> {
         let Some(max) = self.max_per_address else {
             return Ok(());
         };
+        let ip = ip.to_canonical();
         let mut shard = self.shard(ip);
         let count = shard.entry(ip).or_insert(0);
         if *count >= max {
-            drop(shard);
-            self.open.fetch_sub(1, Ordering::Relaxed);
             return Err(Refusal::PerAddress);
         }
         *count += 1;
@@ -88,16 +102,17 @@ impl Admission {
         }
     }
 
-    /// Gives back the place of a connection from `ip` that was admitted.
-    pub fn release(&self, ip: IpAddr) {
+    /// Gives back the place of an admitted connection, and the count of its address when it
+    /// holds one (`None`: admitted without, see [`Admission::admit_connection`]).
+    pub fn release(&self, ip: Option<IpAddr>) {
         if self.unlimited() {
             return;
         }
-        let ip = ip.to_canonical();
         self.open.fetch_sub(1, Ordering::Relaxed);
-        if self.max_per_address.is_none() {
+        let (Some(ip), Some(_)) = (ip, self.max_per_address) else {
             return;
-        }
+        };
+        let ip = ip.to_canonical();
         let mut shard = self.shard(ip);
         if let Some(count) = shard.get_mut(&ip) {
             *count -= 1;
@@ -141,7 +156,7 @@ mod tests {
         assert_eq!(admission.admit(ip("10.0.0.1")), Ok(()));
         assert_eq!(admission.admit(ip("10.0.0.2")), Ok(()));
         assert_eq!(admission.admit(ip("10.0.0.3")), Err(Refusal::Total));
-        admission.release(ip("10.0.0.1"));
+        admission.release(Some(ip("10.0.0.1")));
         assert_eq!(admission.admit(ip("10.0.0.3")), Ok(()));
     }
 
@@ -158,9 +173,29 @@ mod tests {
             Err(Refusal::PerAddress)
         );
         assert_eq!(admission.admit(ip("10.0.0.2")), Ok(()));
-        admission.release(ip("10.0.0.1"));
+        admission.release(Some(ip("10.0.0.1")));
         assert_eq!(admission.admit(ip("10.0.0.1")), Ok(()));
         // A refusal took no place: two admitted from .1, one from .2.
         assert_eq!(admission.open.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn an_address_known_later_counts_only_once_it_is_known() {
+        let admission = Admission::new(Some(3), Some(1));
+        // Two connections from a load balancer: its address is not counted.
+        assert_eq!(admission.admit_connection(), Ok(()));
+        assert_eq!(admission.admit_connection(), Ok(()));
+        assert_eq!(admission.admit_address(ip("10.0.0.1")), Ok(()));
+        assert_eq!(
+            admission.admit_address(ip("10.0.0.1")),
+            Err(Refusal::PerAddress)
+        );
+        // The refused one still holds its place until released without an address.
+        assert_eq!(admission.admit_connection(), Ok(()));
+        assert_eq!(admission.admit_connection(), Err(Refusal::Total));
+        admission.release(None);
+        admission.release(Some(ip("10.0.0.1")));
+        assert_eq!(admission.admit(ip("10.0.0.1")), Ok(()));
+        assert_eq!(admission.open.load(Ordering::Relaxed), 2);
     }
 }

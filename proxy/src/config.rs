@@ -19,6 +19,7 @@ mod values;
 
 use crate::cidr::Cidr;
 use crate::tag::MAX_WORKERS;
+use crate::upstream::health::{HealthCheck, ProbeKind};
 pub use tls::{CryptoProvider, SniCertificate, TlsConfig, TlsFiles, TlsVersion, CIPHER_SUITES};
 use values::{
     is_token, parse_account, parse_addr, parse_duration, parse_nonzero_duration, parse_size,
@@ -127,6 +128,10 @@ pub struct ListenerConfig {
     pub bind: SocketAddr,
     /// TLS settings (`wss://`), when set.
     pub tls: Option<TlsConfig>,
+    /// `proxy_protocol = true`: every connection starts with a PROXY protocol header (v1 or
+    /// v2) from one of `trusted_proxies` (an L4 load balancer); the client address it carries
+    /// is the client's. A connection from anyone else, or without a header, is closed.
+    pub proxy_protocol: bool,
 }
 
 /// Header rules of a route, as configured.
@@ -155,20 +160,84 @@ pub struct RouteConfig {
     pub websocket_only: bool,
 }
 
-/// How a pool picks its server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a pool picks its server (`balance`). Whatever it picks first, the other servers follow
+/// as fallbacks when a connect fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Balance {
-    /// Round-robin, next server on failure.
+    /// `round_robin`: in turn, each server as often as its weight says.
     RoundRobin,
+    /// `least_connections` (the default): the server with the fewest open connections for its
+    /// weight. Tunnels live for hours, so what counts is how many each server holds now, not
+    /// how many it was given.
+    LeastConnections,
+    /// `consistent_hash`: the same key goes to the same server while the pool's servers stay
+    /// the same (a server added or removed moves only its share of keys), with bounded loads:
+    /// a server holding more than `load_factor` × its fair share passes a key on to the next.
+    ConsistentHash {
+        /// What is hashed (`hash_key`).
+        key: HashKey,
+        /// `hash_load_factor` in hundredths (125 = 1.25: a server takes at most 25% more than
+        /// its share of the open connections before keys spill over).
+        load_factor: u32,
+    },
+    /// `random_two`: the less loaded of two servers picked at random (power of two choices:
+    /// nearly as even as least connections, without every worker converging on the same one).
+    RandomTwo,
+}
+
+/// What `consistent_hash` hashes (`hash_key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// `client_ip` (the default): the client's address (from the PROXY header when there is one).
+    ClientIp,
+    /// `path`: the request's path, without its query.
+    Path,
+    /// `header:NAME`: the value of a request header (absent: the client's address).
+    Header(String),
+    /// `cookie:NAME`: the value of a cookie (absent: the client's address).
+    Cookie(String),
+}
+
+/// One server of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// `weight` (1–256, default 1): its share relative to the others'.
+    pub weight: u32,
+    /// `max_tunnels`: most connections it is given at once (default: no limit); a pool whose
+    /// servers are all full answers 503.
+    pub max_tunnels: Option<usize>,
+}
+
+impl ServerConfig {
+    /// A server at `addr` with the defaults (weight 1, no limit).
+    pub fn at(addr: SocketAddr) -> ServerConfig {
+        ServerConfig {
+            addr,
+            weight: 1,
+            max_tunnels: None,
+        }
+    }
 }
 
 /// One upstream pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
     /// Servers (at least one).
-    pub servers: Vec<SocketAddr>,
+    pub servers: Vec<ServerConfig>,
     /// Balancing.
     pub balance: Balance,
+    /// `slow_start`: a server that comes back (its health check passes again, or its passive
+    /// mark expires) gets a growing share of new connections over this long (default 0: its
+    /// full share at once), so a fleet's reconnects do not all land on it in a second.
+    pub slow_start: Duration,
+    /// `send_proxy_protocol = true`: each upstream connection starts with a PROXY v2 header
+    /// carrying the client's address (upstream connections are then not kept alive: each
+    /// carries one client).
+    pub send_proxy_protocol: bool,
+    /// `[upstream.NAME.health_check]`: active checks (default: none, passive marking only).
+    pub health_check: Option<crate::upstream::health::HealthCheck>,
     /// How long a failed server is tried after the healthy ones (0 = never marked; a pool of
     /// one server is never marked).
     pub fail_timeout: Duration,
@@ -395,6 +464,7 @@ struct RawConfig {
 struct RawListener {
     bind: Spanned<String>,
     tls: Option<Spanned<tls::RawTls>>,
+    proxy_protocol: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -420,11 +490,44 @@ struct RawHeaders {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
-    servers: Spanned<Vec<Spanned<String>>>,
+    servers: Spanned<Vec<Spanned<RawServer>>>,
     balance: Option<Spanned<String>>,
+    hash_key: Option<Spanned<String>>,
+    hash_load_factor: Option<Spanned<f64>>,
+    slow_start: Option<Spanned<String>>,
+    send_proxy_protocol: Option<bool>,
     fail_timeout: Option<Spanned<String>>,
     keepalive: Option<Spanned<usize>>,
     keepalive_timeout: Option<Spanned<String>>,
+    health_check: Option<Spanned<RawHealthCheck>>,
+}
+
+/// A server: `"10.0.0.1:8080"`, or `{ addr = "10.0.0.1:8080", weight = 2, max_tunnels = 5000 }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawServer {
+    Addr(String),
+    Table(RawServerTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServerTable {
+    addr: Spanned<String>,
+    weight: Option<Spanned<u32>>,
+    max_tunnels: Option<Spanned<usize>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    kind: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    host: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    rise: Option<Spanned<u32>>,
+    fall: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -535,6 +638,21 @@ impl RawConfig {
                     .map_err(|error| spot(range, format!("trusted_proxies: {error}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if trusted_proxies.is_empty() {
+            let expecting = self.listener.iter().find_map(|raw| {
+                raw.get_ref()
+                    .proxy_protocol
+                    .as_ref()
+                    .filter(|on| *on.get_ref())
+            });
+            if let Some(on) = expecting {
+                return Err(spot(
+                    on,
+                    "proxy_protocol needs trusted_proxies: the addresses of the load balancers \
+                     that may send the header (from anyone else it would be a forged client address)",
+                ));
+            }
+        }
         let run_as = match (&self.user, &self.group) {
             (None, None) => None,
             (None, Some(group)) => {
@@ -578,7 +696,11 @@ impl RawListener {
             .as_ref()
             .map(|tls| tls.get_ref().to_config(base))
             .transpose()?;
-        Ok(ListenerConfig { bind, tls })
+        Ok(ListenerConfig {
+            bind,
+            tls,
+            proxy_protocol: self.proxy_protocol.as_ref().is_some_and(|on| *on.get_ref()),
+        })
     }
 }
 
@@ -651,25 +773,21 @@ impl RawUpstream {
                 format!("upstream {name:?} has no servers"),
             ));
         }
-        let servers = self
-            .servers
-            .get_ref()
-            .iter()
-            .map(parse_addr)
-            .collect::<Result<Vec<_>, _>>()?;
-        let balance = match &self.balance {
-            None => Balance::RoundRobin,
-            Some(b) if b.get_ref() == "round_robin" => Balance::RoundRobin,
-            Some(b) => {
+        let mut servers: Vec<ServerConfig> = Vec::new();
+        for raw in self.servers.get_ref() {
+            let server = raw_server(raw)?;
+            if servers.iter().any(|s| s.addr == server.addr) {
                 return Err(spot(
-                    b,
+                    raw,
                     format!(
-                        "balance {:?} is not supported (only \"round_robin\")",
-                        b.get_ref()
+                        "server {} is listed twice in upstream {name:?}",
+                        server.addr
                     ),
-                ))
+                ));
             }
-        };
+            servers.push(server);
+        }
+        let balance = self.balance()?;
         let fail_timeout = match &self.fail_timeout {
             Some(d) => parse_duration(d)?,
             None => Duration::from_secs(10),
@@ -691,9 +809,212 @@ impl RawUpstream {
         Ok(UpstreamConfig {
             servers,
             balance,
+            slow_start: self
+                .slow_start
+                .as_ref()
+                .map_or(Ok(Duration::ZERO), parse_duration)?,
+            send_proxy_protocol: self.send_proxy_protocol.unwrap_or(false),
+            health_check: self
+                .health_check
+                .as_ref()
+                .map(|check| check.get_ref().to_config())
+                .transpose()?,
             fail_timeout,
             keepalive,
             keepalive_timeout,
+        })
+    }
+
+    /// `balance`, with `hash_key` and `hash_load_factor` (which only `consistent_hash` takes).
+    fn balance(&self) -> Result<Balance, Spot> {
+        let name = self.balance.as_ref().map(|b| b.get_ref().as_str());
+        let hashing = name == Some("consistent_hash");
+        if !hashing {
+            if let Some(key) = &self.hash_key {
+                return Err(spot(key, "hash_key is for balance = \"consistent_hash\""));
+            }
+            if let Some(factor) = &self.hash_load_factor {
+                return Err(spot(
+                    factor,
+                    "hash_load_factor is for balance = \"consistent_hash\"",
+                ));
+            }
+        }
+        Ok(match name {
+            None | Some("least_connections") => Balance::LeastConnections,
+            Some("round_robin") => Balance::RoundRobin,
+            Some("random_two") => Balance::RandomTwo,
+            Some("consistent_hash") => Balance::ConsistentHash {
+                key: self
+                    .hash_key
+                    .as_ref()
+                    .map_or(Ok(HashKey::ClientIp), parse_hash_key)?,
+                load_factor: match &self.hash_load_factor {
+                    None => DEFAULT_HASH_LOAD_FACTOR,
+                    Some(factor) if (1.0..=100.0).contains(factor.get_ref()) => {
+                        (factor.get_ref() * 100.0).round() as u32
+                    }
+                    Some(factor) => {
+                        return Err(spot(
+                            factor,
+                            "hash_load_factor must be between 1.0 (no server above its share) and 100.0",
+                        ))
+                    }
+                },
+            },
+            Some(other) => {
+                let span = self.balance.as_ref().map_or(0..0, |b| b.span());
+                return Err(Spot {
+                    span,
+                    message: format!(
+                        "balance {other:?} is not known: \"least_connections\" (the default), \
+                         \"round_robin\", \"consistent_hash\" or \"random_two\""
+                    ),
+                });
+            }
+        })
+    }
+}
+
+/// `hash_load_factor` by default (1.25, in hundredths): the bound of the bounded-load
+/// consistent hashing paper's examples.
+const DEFAULT_HASH_LOAD_FACTOR: u32 = 125;
+/// Largest server `weight`.
+const MAX_WEIGHT: u32 = 256;
+
+/// One entry of `servers`.
+fn raw_server(raw: &Spanned<RawServer>) -> Result<ServerConfig, Spot> {
+    let addr_of = |text: &str| {
+        text.parse::<SocketAddr>().map_err(|_| {
+            spot(
+                raw,
+                format!("{text:?} is not an IP:port address (e.g. \"127.0.0.1:8080\")"),
+            )
+        })
+    };
+    match raw.get_ref() {
+        RawServer::Addr(text) => Ok(ServerConfig::at(addr_of(text)?)),
+        RawServer::Table(table) => {
+            let weight = match &table.weight {
+                None => 1,
+                Some(w) if (1..=MAX_WEIGHT).contains(w.get_ref()) => *w.get_ref(),
+                Some(w) => {
+                    return Err(spot(
+                        w,
+                        format!("weight must be between 1 and {MAX_WEIGHT}"),
+                    ))
+                }
+            };
+            let max_tunnels = match &table.max_tunnels {
+                Some(max) if *max.get_ref() == 0 => {
+                    return Err(spot(
+                        max,
+                        "max_tunnels must be at least 1 (leave it out: no limit)",
+                    ))
+                }
+                other => other.as_ref().map(|max| *max.get_ref()),
+            };
+            Ok(ServerConfig {
+                addr: parse_addr(&table.addr)?,
+                weight,
+                max_tunnels,
+            })
+        }
+    }
+}
+
+/// `hash_key`: `client_ip`, `path`, `header:NAME` or `cookie:NAME`.
+fn parse_hash_key(value: &Spanned<String>) -> Result<HashKey, Spot> {
+    let text = value.get_ref();
+    let named = |prefix: &str| {
+        text.strip_prefix(prefix)
+            .filter(|name| is_token(name))
+            .map(str::to_owned)
+    };
+    match text.as_str() {
+        "client_ip" => Ok(HashKey::ClientIp),
+        "path" => Ok(HashKey::Path),
+        _ => {
+            if let Some(name) = named("header:") {
+                Ok(HashKey::Header(name))
+            } else if let Some(name) = named("cookie:") {
+                Ok(HashKey::Cookie(name))
+            } else {
+                Err(spot(
+                    value,
+                    format!(
+                        "hash_key {text:?} is not known: \"client_ip\", \"path\", \
+                         \"header:NAME\" or \"cookie:NAME\""
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+impl RawHealthCheck {
+    fn to_config(&self) -> Result<HealthCheck, Spot> {
+        let text = |value: &Option<Spanned<String>>, default: &str| {
+            value
+                .as_ref()
+                .map_or_else(|| default.to_owned(), |v| v.get_ref().clone())
+        };
+        let path = text(&self.path, "/");
+        if let Some(raw) = &self.path {
+            if !path.starts_with('/') || path.chars().any(|c| c.is_control() || c == ' ') {
+                return Err(spot(
+                    raw,
+                    "path must start with '/' and have no spaces or control characters",
+                ));
+            }
+        }
+        let host = text(&self.host, "localhost");
+        if let Some(raw) = &self.host {
+            if host.is_empty() || host.chars().any(|c| c.is_control() || c == ' ') {
+                return Err(spot(
+                    raw,
+                    "host must be a Host header value: no spaces or control characters",
+                ));
+            }
+        }
+        let kind = match self.kind.as_ref().map(|k| k.get_ref().as_str()) {
+            None | Some("tcp") => ProbeKind::Tcp,
+            Some("http") => ProbeKind::Http { path, host },
+            Some("websocket") => ProbeKind::WebSocket { path, host },
+            Some(other) => {
+                let span = self.kind.as_ref().map_or(0..0, |k| k.span());
+                return Err(Spot {
+                    span,
+                    message: format!(
+                        "health_check kind {other:?} is not known: \"tcp\", \"http\" or \"websocket\""
+                    ),
+                });
+            }
+        };
+        let count = |value: &Option<Spanned<u32>>, default: u32| match value {
+            None => Ok(default),
+            Some(v) if (1..=100).contains(v.get_ref()) => Ok(*v.get_ref()),
+            Some(v) => Err(spot(v, "must be between 1 and 100")),
+        };
+        let interval = self
+            .interval
+            .as_ref()
+            .map_or(Ok(Duration::from_secs(2)), parse_nonzero_duration)?;
+        let timeout = self
+            .timeout
+            .as_ref()
+            .map_or(Ok(Duration::from_secs(1)), parse_nonzero_duration)?;
+        if let Some(raw) = &self.timeout {
+            if timeout > interval {
+                return Err(spot(raw, "timeout must be at most the interval"));
+            }
+        }
+        Ok(HealthCheck {
+            kind,
+            interval,
+            timeout,
+            rise: count(&self.rise, 2)?,
+            fall: count(&self.fall, 3)?,
         })
     }
 }

@@ -118,6 +118,14 @@ impl Request {
             Request::Plain(r) => &r.path,
         }
     }
+
+    /// Every header, in order, as received.
+    pub fn headers(&self) -> &[Header] {
+        match self {
+            Request::Upgrade(r) => &r.headers,
+            Request::Plain(r) => &r.headers,
+        }
+    }
 }
 
 /// Why a client's request is refused; each maps to an HTTP status.

@@ -135,13 +135,18 @@ pub struct Metrics {
     pub upgrade_failures: Counter,
     /// Tunnels that shutdown closed with a Close 1001 to both sides (the drain's goodbye).
     pub drain_goodbyes: Counter,
+    /// Connections to a `proxy_protocol` listener closed for their PROXY header: from a peer
+    /// not in `trusted_proxies`, missing, malformed, or not complete in time.
+    pub proxy_headers_refused: Counter,
+    /// Every upstream server's state (open connections, health): per-server gauges.
+    pub upstreams: crate::upstream::Registry,
 }
 
 impl Metrics {
-    /// Renders every metric in the Prometheus text exposition format. Only atomics are read:
-    /// no lock a worker takes, no walk over a map.
+    /// Renders every metric in the Prometheus text exposition format. Only atomics are read,
+    /// and the list of upstream servers (a lock no worker takes while it serves).
     pub fn render(&self) -> String {
-        let counters: [(&str, &str, u64); 30] = [
+        let counters: [(&str, &str, u64); 31] = [
             (
                 "tls_handshakes_total",
                 "TLS handshakes completed.",
@@ -294,6 +299,11 @@ impl Metrics {
                 "Tunnels that shutdown closed with a WebSocket Close 1001 to both sides.",
                 self.drain_goodbyes.get(),
             ),
+            (
+                "proxy_headers_refused_total",
+                "Connections to a proxy_protocol listener closed for their PROXY header (untrusted peer, missing, malformed or late).",
+                self.proxy_headers_refused.get(),
+            ),
         ];
         let gauges: [(&str, &str, u64); 4] = [
             (
@@ -323,6 +333,7 @@ impl Metrics {
                 let _ = writeln!(out, "wsplice_{name} {value}");
             }
         }
+        self.upstreams.render(&mut out);
         out
     }
 }

@@ -114,6 +114,8 @@ pub struct ServedListener {
     pub bind: std::net::SocketAddr,
     /// Its TLS configuration (`None`: `ws://`); a reload may change it.
     pub tls: Option<Arc<ServerConfigs>>,
+    /// Connections begin with a PROXY protocol header (`proxy_protocol`).
+    pub proxy_protocol: bool,
 }
 
 impl Services {
@@ -127,24 +129,31 @@ impl Services {
             .map(|candidate| candidate.idle_ns)
     }
 
-    /// The TLS configuration of the listener at `bind` (`None` for `ws://`, or one this
-    /// generation no longer serves).
-    pub fn listener_tls(&self, bind: std::net::SocketAddr) -> Option<Arc<ServerConfigs>> {
-        self.listeners
-            .iter()
-            .find(|listener| listener.bind == bind)
-            .and_then(|listener| listener.tls.clone())
+    /// The listener at `bind` as this generation serves it (`None`: one it no longer serves).
+    pub fn listener(&self, bind: std::net::SocketAddr) -> Option<&ServedListener> {
+        self.listeners.iter().find(|listener| listener.bind == bind)
     }
 }
 
 impl Services {
     /// Builds the shared services from a validated config.
     pub fn new(config: &Config, splice: Option<Arc<SpliceProgram>>) -> Services {
+        Services::with_metrics(config, splice, Arc::default())
+    }
+
+    /// The same, counting into `metrics`, whose registry keeps each upstream server's state
+    /// from one generation to the next.
+    fn with_metrics(
+        config: &Config,
+        splice: Option<Arc<SpliceProgram>>,
+        metrics: Arc<Metrics>,
+    ) -> Services {
         let pools: Vec<Pool> = config
             .upstreams
             .iter()
-            .map(|(name, upstream)| Pool::new(name, upstream))
+            .map(|(name, upstream)| Pool::new(name, upstream, &metrics.upstreams))
             .collect();
+        metrics.upstreams.publish(&pools);
         let routes = config
             .routes
             .iter()
@@ -185,7 +194,7 @@ impl Services {
                     after_bytes,
                 }),
             },
-            metrics: Arc::default(),
+            metrics,
             access_lines: true,
             splice,
             listeners: Vec::new(),
@@ -198,9 +207,9 @@ impl Services {
     /// routes, pools, header rules, timeouts, listeners and certificates are the new ones.
     /// Settings that size what is already running are kept (see `runtime::reload`).
     pub fn successor(&self, config: &Config, listeners: Vec<ServedListener>) -> Services {
-        let mut next = Services::new(config, self.splice.clone());
+        let mut next =
+            Services::with_metrics(config, self.splice.clone(), Arc::clone(&self.metrics));
         next.admission = Arc::clone(&self.admission);
-        next.metrics = Arc::clone(&self.metrics);
         next.access_lines = self.access_lines;
         next.relay_buffer = self.relay_buffer;
         next.promotion = self.promotion;

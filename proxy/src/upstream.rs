@@ -1,61 +1,166 @@
-//! Upstream pools: which server a new connection goes to, and passive health.
+//! Upstream pools: which server a new connection goes to, what each server holds, and its
+//! health.
 //!
-//! A pool is shared by all workers (read-mostly): the round-robin cursor and each server's
-//! "down until" mark are atomics, so choosing a server takes no lock.
+//! A pool is shared by all workers (read-mostly): every server's state is atomics, so choosing
+//! a server takes no lock. A server's state ([`ServerState`]: its open connections, its passive
+//! mark, its active health) outlives a reload: the [`Registry`] hands the next generation's
+//! pool the same state for the same pool and address, so counts stay true while connections of
+//! both generations are open, and the health checker keeps its verdicts.
 //!
-//! Passive health only *orders* the servers: a server that failed within `fail_timeout` is
-//! tried after the healthy ones, never skipped. So a pool whose servers all failed a moment ago
-//! still gets a connect attempt (panic routing, like Envoy's), and a pool of one server is never
-//! marked down at all (like nginx): one refused connect during a restart cannot turn into
-//! `fail_timeout` of refusals for everyone.
+//! Order of the servers tried for one connection ([`Pool::plan`]): the balancer's choice among
+//! the servers that may take it (`balance.rs`), then the others that may, then those a failed
+//! connect marked (passive health only *orders*: a server that failed within `fail_timeout` is
+//! tried after the others, never skipped, and a pool of one server is never marked, like nginx:
+//! one refused connect during a restart cannot turn into `fail_timeout` of refusals). A server
+//! the active check took out is left out while any other is in (all out: all are tried, the
+//! checks may be what is wrong). A server at its `max_tunnels` is left out: when every server
+//! is full the pool answers 503.
 
+mod balance;
+pub mod health;
 mod keepalive;
 
+pub use balance::{Balancer, Load, FULL_RAMP};
 pub use keepalive::{IdleConnections, Keepalive};
 
+use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::clock::duration_ns;
-use crate::config::UpstreamConfig;
+use crate::config::{HashKey, UpstreamConfig};
+use health::{ActiveHealth, HealthCheck, Target};
 
-/// One upstream server and its passive-health state.
+/// One upstream server's state, shared by every generation's pool that lists it.
 #[derive(Debug)]
-struct Server {
+pub struct ServerState {
     addr: SocketAddr,
-    /// Monotonic ns until which the server is tried last after a failure; 0 = healthy.
+    /// Connections it holds: each a [`Lease`].
+    open: AtomicUsize,
+    /// Monotonic ns until which it is tried last after a failure; 0 = never marked.
     down_until_ns: AtomicU64,
+    /// What the active checks say (up when the pool has none).
+    health: Arc<ActiveHealth>,
 }
 
-/// A named set of upstream servers balanced round-robin.
+impl ServerState {
+    fn new(addr: SocketAddr) -> ServerState {
+        ServerState {
+            addr,
+            open: AtomicUsize::new(0),
+            down_until_ns: AtomicU64::new(0),
+            health: Arc::new(ActiveHealth::new()),
+        }
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections it holds now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// What its active checks say (up without checks).
+    pub fn is_up(&self) -> bool {
+        self.health.is_up()
+    }
+
+    /// Marked by a failed connect at `now_ns`.
+    fn is_marked(&self, now_ns: u64) -> bool {
+        self.down_until_ns.load(Ordering::Relaxed) > now_ns
+    }
+
+    /// When it last came back (its active check passed again, or its passive mark ran out): 0
+    /// if it never went away.
+    fn back_since_ns(&self, now_ns: u64) -> u64 {
+        let mark = self.down_until_ns.load(Ordering::Relaxed);
+        let unmarked = if mark <= now_ns { mark } else { 0 };
+        unmarked.max(self.health.up_since_ns())
+    }
+}
+
+/// A connection's place on a server: counted in the server's open connections until dropped.
+#[derive(Debug)]
+pub struct Lease {
+    server: Arc<ServerState>,
+}
+
+impl Lease {
+    /// The server it counts on.
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.server.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One server of a pool as configured.
+#[derive(Debug)]
+struct Member {
+    state: Arc<ServerState>,
+    weight: u32,
+    /// `max_tunnels`, `usize::MAX` without one.
+    max_open: usize,
+}
+
+/// A named set of upstream servers and how it balances them.
 #[derive(Debug)]
 pub struct Pool {
     name: String,
-    servers: Vec<Server>,
-    cursor: AtomicUsize,
+    members: Vec<Member>,
+    balancer: Balancer,
+    /// Choices made so far: round robin's position, where least connections starts looking.
+    turns: AtomicUsize,
     fail_timeout_ns: u64,
+    slow_start_ns: u64,
     keepalive: Keepalive,
+    send_proxy_protocol: bool,
+    health_check: Option<HealthCheck>,
 }
 
 impl Pool {
-    /// Builds the pool named `name` from its configuration.
-    pub fn new(name: &str, config: &UpstreamConfig) -> Pool {
+    /// Builds the pool named `name` from its configuration, with the servers' states from
+    /// `registry` (the same as the previous generation's for the servers it kept).
+    pub fn new(name: &str, config: &UpstreamConfig, registry: &Registry) -> Pool {
+        let members: Vec<Member> = config
+            .servers
+            .iter()
+            .map(|server| Member {
+                state: registry.server(name, server.addr),
+                weight: server.weight,
+                max_open: server.max_tunnels.unwrap_or(usize::MAX),
+            })
+            .collect();
+        let addrs: Vec<SocketAddr> = config.servers.iter().map(|s| s.addr).collect();
+        let weights: Vec<u32> = config.servers.iter().map(|s| s.weight).collect();
         Pool {
             name: name.to_owned(),
-            servers: config
-                .servers
-                .iter()
-                .map(|&addr| Server {
-                    addr,
-                    down_until_ns: AtomicU64::new(0),
-                })
-                .collect(),
-            cursor: AtomicUsize::new(0),
+            members,
+            balancer: Balancer::new(&config.balance, &addrs, &weights),
+            turns: AtomicUsize::new(0),
             fail_timeout_ns: duration_ns(config.fail_timeout),
+            slow_start_ns: duration_ns(config.slow_start),
             keepalive: Keepalive {
-                per_server: config.keepalive,
+                // An upstream connection that began with one client's PROXY header cannot
+                // carry another client's request.
+                per_server: if config.send_proxy_protocol {
+                    0
+                } else {
+                    config.keepalive
+                },
                 timeout_ns: duration_ns(config.keepalive_timeout),
             },
+            send_proxy_protocol: config.send_proxy_protocol,
+            health_check: config.health_check.clone(),
         }
     }
 
@@ -69,31 +174,108 @@ impl Pool {
         &self.name
     }
 
-    /// The servers to try for one new connection, in order: round-robin from the cursor,
-    /// servers marked down at `now_ns` after all healthy ones. Every server is in the plan
-    /// (empty only for a pool without servers).
-    pub fn plan(&self, now_ns: u64) -> Vec<SocketAddr> {
-        let count = self.servers.len();
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
-        let rotated = (0..count).map(|i| &self.servers[(start + i) % count]);
-        let (healthy, down): (Vec<&Server>, Vec<&Server>) =
-            rotated.partition(|server| server.down_until_ns.load(Ordering::Relaxed) <= now_ns);
-        healthy
-            .into_iter()
-            .chain(down)
-            .map(|server| server.addr)
+    /// Upstream connections begin with a PROXY v2 header (`send_proxy_protocol`).
+    pub fn sends_proxy_protocol(&self) -> bool {
+        self.send_proxy_protocol
+    }
+
+    /// What `consistent_hash` hashes, when the pool hashes.
+    pub fn hash_key(&self) -> Option<&HashKey> {
+        self.balancer.hash_key()
+    }
+
+    /// The servers to try for one new connection, in order (see the module docs): the
+    /// balancer's choice at `now_ns` for `key` (the hashed key, when the pool hashes), then the
+    /// fallbacks. Empty when no server may take a connection (every one at `max_tunnels`).
+    pub fn plan(&self, now_ns: u64, key: u64) -> Vec<SocketAddr> {
+        let turn = self.turns.fetch_add(1, Ordering::Relaxed);
+        let any_up = self.members.iter().any(|m| m.state.is_up());
+        let may_take = |m: &Member| {
+            (m.state.is_up() || !any_up) && m.state.open.load(Ordering::Relaxed) < m.max_open
+        };
+        let loads = |marked: bool| -> Vec<Load> {
+            self.members
+                .iter()
+                .map(|m| Load {
+                    open: m.state.open(),
+                    weight: m.weight,
+                    ramp: self.ramp(&m.state, now_ns),
+                    eligible: may_take(m) && m.state.is_marked(now_ns) == marked,
+                })
+                .collect()
+        };
+        let mut random = thread_random;
+        let fresh = loads(false);
+        let first = self
+            .balancer
+            .choose(&fresh, turn, key, &mut random)
+            .or_else(|| self.balancer.choose(&loads(true), turn, key, &mut random));
+        let Some(first) = first else {
+            return Vec::new();
+        };
+        let count = self.members.len();
+        let rotated = (0..count)
+            .map(|i| (turn + i) % count)
+            .filter(|&i| i != first);
+        let (unmarked, marked): (Vec<usize>, Vec<usize>) = rotated
+            .filter(|&i| may_take(&self.members[i]))
+            .partition(|&i| !self.members[i].state.is_marked(now_ns));
+        std::iter::once(first)
+            .chain(unmarked)
+            .chain(marked)
+            .map(|i| self.members[i].state.addr)
             .collect()
     }
 
-    /// Marks `addr` as failed for `fail_timeout` (tried after the healthy servers), after a
-    /// failed connect or a broken answer. The only server of a pool is never marked: there is
+    /// A server's share of new connections while it comes back (`slow_start`), in thousandths:
+    /// from a tenth to all of it, linearly.
+    fn ramp(&self, state: &ServerState, now_ns: u64) -> u32 {
+        let since = state.back_since_ns(now_ns);
+        if self.slow_start_ns == 0 || since == 0 {
+            return FULL_RAMP;
+        }
+        let elapsed = now_ns.saturating_sub(since);
+        if elapsed >= self.slow_start_ns {
+            return FULL_RAMP;
+        }
+        let share =
+            (u128::from(elapsed) * u128::from(FULL_RAMP) / u128::from(self.slow_start_ns)) as u32;
+        share.max(FULL_RAMP / 10)
+    }
+
+    /// Counts a connection on `addr` if it is under its `max_tunnels` (`None`: full, or not a
+    /// server of this pool). The count ends when the lease is dropped.
+    pub fn lease(&self, addr: SocketAddr) -> Option<Lease> {
+        let member = self.members.iter().find(|m| m.state.addr == addr)?;
+        let open = &member.state.open;
+        open.try_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < member.max_open).then_some(n + 1)
+        })
+        .ok()?;
+        Some(Lease {
+            server: Arc::clone(&member.state),
+        })
+    }
+
+    /// Counts a connection on `addr` whatever its limit (a tunnel a predecessor handed over:
+    /// it is open already). `None` when `addr` is not a server of this pool.
+    pub fn lease_open(&self, addr: SocketAddr) -> Option<Lease> {
+        let member = self.members.iter().find(|m| m.state.addr == addr)?;
+        member.state.open.fetch_add(1, Ordering::Relaxed);
+        Some(Lease {
+            server: Arc::clone(&member.state),
+        })
+    }
+
+    /// Marks `addr` as failed for `fail_timeout` (tried after the others), after a failed
+    /// connect or a broken answer. The only server of a pool is never marked: there is
     /// nothing to prefer over it.
     pub fn report_failure(&self, addr: SocketAddr, now_ns: u64) {
-        if self.fail_timeout_ns == 0 || self.servers.len() < 2 {
+        if self.fail_timeout_ns == 0 || self.members.len() < 2 {
             return;
         }
-        for server in self.servers.iter().filter(|s| s.addr == addr) {
-            server.down_until_ns.store(
+        for member in self.members.iter().filter(|m| m.state.addr == addr) {
+            member.state.down_until_ns.store(
                 now_ns.saturating_add(self.fail_timeout_ns),
                 Ordering::Relaxed,
             );
@@ -102,27 +284,182 @@ impl Pool {
 
     /// Whether `addr` is marked as failed at `now_ns` (for tests and logs).
     pub fn is_marked_down(&self, addr: SocketAddr, now_ns: u64) -> bool {
-        self.servers
+        self.members
             .iter()
-            .any(|s| s.addr == addr && s.down_until_ns.load(Ordering::Relaxed) > now_ns)
+            .any(|m| m.state.addr == addr && m.state.is_marked(now_ns))
+    }
+}
+
+/// A random number for the balancer: a per-thread xorshift seeded from the standard
+/// library's per-process keys (spreading choices needs no more).
+fn thread_random() -> u64 {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            use std::hash::{BuildHasher, Hasher};
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u64(crate::clock::monotonic_ns());
+            hasher.finish() | 1
+        });
+    }
+    STATE.with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        state.set(x);
+        x
+    })
+}
+
+/// A per-server gauge: its name, its help text, and how to read it.
+type Gauge = (&'static str, &'static str, fn(&ServerState) -> usize);
+
+/// `text` as a Prometheus label value: backslash, double quote and newline escaped (a pool
+/// name is any TOML key).
+fn label_value(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Every server's state by pool and address, for as long as the process lives: each
+/// generation's pools take their servers' states from here, the health checker finds what to
+/// probe here, and `/metrics` reads it.
+#[derive(Debug, Default)]
+pub struct Registry {
+    inner: Mutex<Servers>,
+}
+
+#[derive(Debug, Default)]
+struct Servers {
+    /// By (pool, address): the states of the current generation's servers, and of older ones'
+    /// that still hold connections.
+    by_key: HashMap<(String, SocketAddr), Arc<ServerState>>,
+    /// The current generation's servers, in config order, with their pool's checks.
+    current: Vec<Published>,
+}
+
+#[derive(Debug, Clone)]
+struct Published {
+    pool: String,
+    state: Arc<ServerState>,
+    check: Option<HealthCheck>,
+}
+
+impl Registry {
+    /// The state of `addr` in `pool`: the one it had, or a new one.
+    fn server(&self, pool: &str, addr: SocketAddr) -> Arc<ServerState> {
+        let mut servers = self.lock();
+        let state = servers
+            .by_key
+            .entry((pool.to_owned(), addr))
+            .or_insert_with(|| Arc::new(ServerState::new(addr)));
+        Arc::clone(state)
+    }
+
+    /// `pools` are the current generation: their servers are what is checked and exported;
+    /// states no pool lists any more are forgotten once their last connection is gone.
+    pub fn publish(&self, pools: &[Pool]) {
+        let current: Vec<Published> = pools
+            .iter()
+            .flat_map(|pool| {
+                pool.members.iter().map(|member| Published {
+                    pool: pool.name.clone(),
+                    state: Arc::clone(&member.state),
+                    check: pool.health_check.clone(),
+                })
+            })
+            .collect();
+        let mut servers = self.lock();
+        servers.by_key.retain(|(pool, addr), state| {
+            state.open() > 0
+                || current
+                    .iter()
+                    .any(|p| &p.pool == pool && p.state.addr == *addr)
+        });
+        servers.current = current;
+    }
+
+    /// The servers the health checker probes now.
+    pub fn targets(&self) -> Vec<Target> {
+        self.lock()
+            .current
+            .iter()
+            .filter_map(|published| {
+                published.check.as_ref().map(|check| Target {
+                    pool: published.pool.clone(),
+                    addr: published.state.addr,
+                    check: check.clone(),
+                    health: Arc::clone(&published.state.health),
+                })
+            })
+            .collect()
+    }
+
+    /// Appends the per-server gauges in the Prometheus text format: whether each server is up
+    /// (its active checks; 1 without checks) and the connections it holds.
+    pub fn render(&self, out: &mut String) {
+        let current = self.lock().current.clone();
+        let gauges: [Gauge; 2] = [
+            (
+                "upstream_server_up",
+                "1 while the server's active health checks pass (or it has none), 0 once they took it out.",
+                |state| usize::from(state.is_up()),
+            ),
+            (
+                "upstream_server_tunnels",
+                "Connections (tunnels and plain requests) the server holds.",
+                ServerState::open,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP wsplice_{name} {help}");
+            let _ = writeln!(out, "# TYPE wsplice_{name} gauge");
+            for published in &current {
+                let _ = writeln!(
+                    out,
+                    "wsplice_{name}{{pool=\"{}\",server=\"{}\"}} {}",
+                    label_value(&published.pool),
+                    published.state.addr,
+                    value(&published.state)
+                );
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Servers> {
+        // Plain maps and vectors: usable after a panic elsewhere poisoned the lock.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Balance;
+    use crate::config::{Balance, ServerConfig};
     use std::time::Duration;
 
-    fn pool(servers: &[&str], fail_timeout: Duration) -> Pool {
-        let config = UpstreamConfig {
-            servers: servers.iter().map(|s| s.parse().unwrap()).collect(),
+    fn config(servers: &[&str], fail_timeout: Duration) -> UpstreamConfig {
+        UpstreamConfig {
+            servers: servers
+                .iter()
+                .map(|s| ServerConfig::at(s.parse().unwrap()))
+                .collect(),
             balance: Balance::RoundRobin,
+            slow_start: Duration::ZERO,
+            send_proxy_protocol: false,
+            health_check: None,
             fail_timeout,
             keepalive: 0,
             keepalive_timeout: Duration::from_secs(60),
-        };
-        Pool::new("p", &config)
+        }
+    }
+
+    fn pool(servers: &[&str], fail_timeout: Duration) -> Pool {
+        Pool::new("p", &config(servers, fail_timeout), &Registry::default())
     }
 
     fn addr(s: &str) -> SocketAddr {
@@ -132,8 +469,8 @@ mod tests {
     #[test]
     fn round_robin_rotates_the_first_choice_and_keeps_the_others_as_fallbacks() {
         let p = pool(&["127.0.0.1:1", "127.0.0.1:2"], Duration::from_secs(10));
-        let a = p.plan(0);
-        let b = p.plan(0);
+        let a = p.plan(0, 0);
+        let b = p.plan(0, 0);
         assert_eq!(a.len(), 2);
         assert_eq!(a[0], b[1]);
         assert_eq!(a[1], b[0]);
@@ -146,11 +483,11 @@ mod tests {
         p.report_failure(dead, 1_000);
         assert!(p.is_marked_down(dead, 2_000));
         for _ in 0..3 {
-            assert_eq!(p.plan(2_000), vec![addr("127.0.0.1:2"), dead]);
+            assert_eq!(p.plan(2_000, 0), vec![addr("127.0.0.1:2"), dead]);
         }
         let later = 1_000 + 10_000_000_000;
         assert!(!p.is_marked_down(dead, later));
-        let firsts: Vec<SocketAddr> = (0..2).map(|_| p.plan(later)[0]).collect();
+        let firsts: Vec<SocketAddr> = (0..2).map(|_| p.plan(later, 0)[0]).collect();
         assert!(
             firsts.contains(&dead),
             "healthy again, it leads in its turn"
@@ -162,7 +499,7 @@ mod tests {
         let p = pool(&["127.0.0.1:1", "127.0.0.1:2"], Duration::from_secs(10));
         p.report_failure(addr("127.0.0.1:1"), 0);
         p.report_failure(addr("127.0.0.1:2"), 0);
-        assert_eq!(p.plan(5).len(), 2);
+        assert_eq!(p.plan(5, 0).len(), 2);
     }
 
     #[test]
@@ -170,7 +507,7 @@ mod tests {
         let p = pool(&["127.0.0.1:1"], Duration::from_secs(10));
         p.report_failure(addr("127.0.0.1:1"), 0);
         assert!(!p.is_marked_down(addr("127.0.0.1:1"), 5));
-        assert_eq!(p.plan(5), vec![addr("127.0.0.1:1")]);
+        assert_eq!(p.plan(5, 0), vec![addr("127.0.0.1:1")]);
     }
 
     #[test]
@@ -178,5 +515,118 @@ mod tests {
         let p = pool(&["127.0.0.1:1", "127.0.0.1:2"], Duration::ZERO);
         p.report_failure(addr("127.0.0.1:1"), 0);
         assert!(!p.is_marked_down(addr("127.0.0.1:1"), 1));
+    }
+
+    #[test]
+    fn leases_count_open_connections_and_least_connections_follows_them() {
+        let mut c = config(&["127.0.0.1:1", "127.0.0.1:2"], Duration::ZERO);
+        c.balance = Balance::LeastConnections;
+        let p = Pool::new("p", &c, &Registry::default());
+        let first = p.lease(addr("127.0.0.1:1")).unwrap();
+        let _second = p.lease(addr("127.0.0.1:1")).unwrap();
+        for _ in 0..3 {
+            assert_eq!(p.plan(0, 0)[0], addr("127.0.0.1:2"));
+        }
+        let _third = p.lease(addr("127.0.0.1:2")).unwrap();
+        drop(first);
+        let firsts: Vec<SocketAddr> = (0..2).map(|_| p.plan(0, 0)[0]).collect();
+        assert!(
+            firsts.contains(&addr("127.0.0.1:1")),
+            "one each: ties rotate"
+        );
+    }
+
+    #[test]
+    fn a_full_server_is_left_out_and_a_full_pool_has_no_plan() {
+        let mut c = config(&["127.0.0.1:1", "127.0.0.1:2"], Duration::ZERO);
+        c.servers[0].max_tunnels = Some(1);
+        c.servers[1].max_tunnels = Some(1);
+        let p = Pool::new("p", &c, &Registry::default());
+        let _one = p.lease(addr("127.0.0.1:1")).unwrap();
+        assert!(p.lease(addr("127.0.0.1:1")).is_none(), "a hard cap");
+        assert_eq!(p.plan(0, 0), vec![addr("127.0.0.1:2")]);
+        let _two = p.lease(addr("127.0.0.1:2")).unwrap();
+        assert!(p.plan(0, 0).is_empty());
+        assert!(
+            p.lease_open(addr("127.0.0.1:2")).is_some(),
+            "adopted tunnels count anyway"
+        );
+    }
+
+    #[test]
+    fn a_server_the_active_check_took_out_is_left_out_unless_all_are() {
+        let registry = Registry::default();
+        let p = Pool::new(
+            "p",
+            &config(&["127.0.0.1:1", "127.0.0.1:2"], Duration::ZERO),
+            &registry,
+        );
+        let down = &p.members[0].state.health;
+        for _ in 0..3 {
+            down.record(false, 2, 3, 10);
+        }
+        for _ in 0..4 {
+            assert_eq!(p.plan(20, 0), vec![addr("127.0.0.1:2")]);
+        }
+        let other = &p.members[1].state.health;
+        for _ in 0..3 {
+            other.record(false, 2, 3, 10);
+        }
+        assert_eq!(p.plan(20, 0).len(), 2, "all out: all are tried");
+    }
+
+    #[test]
+    fn a_reload_keeps_each_servers_state_and_forgets_idle_removed_ones() {
+        let registry = Registry::default();
+        let old = Pool::new(
+            "p",
+            &config(&["127.0.0.1:1", "127.0.0.1:2"], Duration::ZERO),
+            &registry,
+        );
+        registry.publish(std::slice::from_ref(&old));
+        let lease = old.lease(addr("127.0.0.1:1")).unwrap();
+        let next = Pool::new(
+            "p",
+            &config(&["127.0.0.1:1", "127.0.0.1:3"], Duration::ZERO),
+            &registry,
+        );
+        registry.publish(std::slice::from_ref(&next));
+        assert_eq!(
+            next.members[0].state.open(),
+            1,
+            "the old generation's tunnel counts"
+        );
+        assert_eq!(
+            registry.lock().by_key.len(),
+            2,
+            "the removed idle server is forgotten"
+        );
+        drop(lease);
+        assert_eq!(next.members[0].state.open(), 0);
+        let mut text = String::new();
+        registry.render(&mut text);
+        assert!(
+            text.contains("wsplice_upstream_server_up{pool=\"p\",server=\"127.0.0.1:3\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("127.0.0.1:2"), "{text}");
+    }
+
+    #[test]
+    fn slow_start_ramps_a_server_back_from_a_tenth_of_its_share() {
+        let mut c = config(&["127.0.0.1:1", "127.0.0.1:2"], Duration::from_secs(1));
+        c.slow_start = Duration::from_secs(10);
+        let p = Pool::new("p", &c, &Registry::default());
+        p.report_failure(addr("127.0.0.1:1"), 0);
+        let back = 1_000_000_000;
+        let state = &p.members[0].state;
+        assert_eq!(p.ramp(state, back), FULL_RAMP / 10);
+        assert_eq!(p.ramp(state, back + 5_000_000_000), FULL_RAMP / 2);
+        assert_eq!(p.ramp(state, back + 10_000_000_000), FULL_RAMP);
+        assert_eq!(
+            p.ramp(&p.members[1].state, back),
+            FULL_RAMP,
+            "never went away"
+        );
     }
 }

@@ -23,7 +23,7 @@ fn the_sample_config_at_the_repository_root_loads() {
     assert_eq!(config.listeners[0].bind, "127.0.0.1:8080".parse().unwrap());
     assert_eq!(
         config.upstreams["default"].servers,
-        vec!["127.0.0.1:9001".parse().unwrap()]
+        vec![ServerConfig::at("127.0.0.1:9001".parse().unwrap())]
     );
     assert!(config.admin.is_some());
 }

@@ -14,7 +14,7 @@
 //! the upstream closing.
 
 use super::handshake::ExchangeStart;
-use super::{Action, Actions, Connection, Handshake, Side, Stage};
+use super::{Action, Actions, Connection, Side, Stage};
 use crate::access::AccessRecord;
 use crate::handshake::{error_response, HeadLimits};
 use crate::headers::rewrite_response;
@@ -642,6 +642,8 @@ impl Connection {
             let record = self.exchange_record(now_ns);
             out.push_back(Action::AccessLine(Box::new(record)));
         }
+        // The request is over: it no longer counts on its server.
+        self.lease = None;
         match (reusable, self.upstream_addr, self.summary.route) {
             (true, Some(server), Some(route)) => {
                 let keepalive = services.pools[services.routes[route].pool].keepalive();
@@ -663,11 +665,7 @@ impl Connection {
         services: &Services,
         out: &mut Actions,
     ) {
-        let trusted_peer = services
-            .trusted_proxies
-            .iter()
-            .any(|range| range.contains(self.client_addr.ip()));
-        let handshake = Handshake::new(self.client_addr, self.scheme, trusted_peer);
+        let handshake = self.new_handshake(services);
         self.stage = Stage::ReadingRequest(Box::new(handshake));
         self.summary = Default::default();
         self.upstream_addr = None;

@@ -30,6 +30,9 @@ pub struct HandedTunnel {
     pub log_id: u64,
     /// The client's address.
     pub client: SocketAddr,
+    /// The address the client connected to (`None` from a predecessor that did not say).
+    #[serde(default)]
+    pub local: Option<SocketAddr>,
     /// The upstream server.
     pub upstream: Option<SocketAddr>,
     /// When it was accepted (CLOCK_MONOTONIC ns: the same clock in every process).
@@ -138,6 +141,7 @@ impl Connection {
         Some(HandedTunnel {
             log_id: self.log_id,
             client: self.client_addr,
+            local: Some(self.local_addr),
             upstream: self.upstream_addr,
             started_ns: self.started_ns,
             host: self.summary.host.clone(),
@@ -231,8 +235,15 @@ impl Connection {
                 Stage::Relaying(relay)
             }
         };
-        let mut connection =
-            Connection::new(id, tunnel.log_id, tunnel.client, tunnel.started_ns, stage);
+        // A tunnel sends no request again: the local address only completes the record.
+        let local = tunnel.local.unwrap_or(tunnel.client);
+        let mut connection = Connection::new(
+            id,
+            tunnel.log_id,
+            (tunnel.client, local),
+            tunnel.started_ns,
+            stage,
+        );
         connection.datapath = datapath;
         connection.summary = RequestSummary {
             host: tunnel.host.clone(),
@@ -241,6 +252,11 @@ impl Connection {
             method: tunnel.method.clone(),
         };
         connection.upstream_addr = tunnel.upstream;
+        // It counts on its server here from now on (the predecessor's count ended with it).
+        connection.lease = route
+            .and_then(|route| services.routes.get(route))
+            .zip(tunnel.upstream)
+            .and_then(|(route, addr)| services.pools[route.pool].lease_open(addr));
         connection
     }
 }

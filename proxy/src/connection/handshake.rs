@@ -10,15 +10,18 @@
 //! request leaves it once connected: the exchange (`exchange.rs`) sends it and relays the
 //! answer.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
+use crate::config::HashKey;
 use crate::handshake::{
     error_response, parse_request, parse_response, BodyLength, PlainRequest, Request, RequestError,
     UpstreamAnswer,
 };
 use crate::headers::{rewrite_plain_request, rewrite_request, ForwardContext, HeaderRules, Scheme};
 use crate::http::Framing;
+use crate::proxy_protocol::Addresses;
 use crate::services::Services;
+use crate::upstream::Lease;
 
 /// What the I/O layer must do next for this connection.
 #[derive(Debug, PartialEq, Eq)]
@@ -128,17 +131,24 @@ pub struct Handshake {
     /// Servers still to try, in order; `current` is being tried.
     plan: std::vec::IntoIter<SocketAddr>,
     current: Option<SocketAddr>,
+    /// `current`'s count of this connection (its pool's balancing and `max_tunnels`).
+    lease: Option<Lease>,
     pool: usize,
     rules: HeaderRules,
+    /// Where the client connected from and to (the PROXY header's addresses behind a load
+    /// balancer).
+    addresses: Addresses,
+    /// The pool's upstream connections begin with a PROXY v2 header.
+    send_proxy_header: bool,
 }
 
 impl Handshake {
-    /// A new connection from `client_addr` on a listener of `scheme`; `trusted_peer` when the
-    /// peer is one of `trusted_proxies`.
-    pub fn new(client_addr: SocketAddr, scheme: Scheme, trusted_peer: bool) -> Handshake {
+    /// A new connection between `addresses` (`source`: the client) on a listener of `scheme`;
+    /// `trusted_peer` when the client is one of `trusted_proxies`.
+    pub fn new(addresses: Addresses, scheme: Scheme, trusted_peer: bool) -> Handshake {
         Handshake {
             context: ForwardContext {
-                client_addr: client_addr.ip(),
+                client_addr: addresses.source.ip(),
                 scheme,
                 trusted_peer,
             },
@@ -150,9 +160,18 @@ impl Handshake {
             summary: RequestSummary::default(),
             plan: Vec::new().into_iter(),
             current: None,
+            lease: None,
             pool: 0,
             rules: HeaderRules::default(),
+            addresses,
+            send_proxy_header: false,
         }
+    }
+
+    /// Takes the count of this connection on its server (the handshake is over; the
+    /// connection holds it while it uses the server).
+    pub fn take_lease(&mut self) -> Option<Lease> {
+        self.lease.take()
     }
 
     /// The first action of a new connection.
@@ -226,10 +245,11 @@ impl Handshake {
             Some(Request::Upgrade(request)) => {
                 let head = rewrite_request(&request, &self.context, &self.rules);
                 self.request = Some(Request::Upgrade(request));
-                Step::SendRequest(head)
+                Step::SendRequest(self.proxy_header_before(head, false))
             }
             Some(Request::Plain(request)) => {
                 let head = rewrite_plain_request(&request, &self.context, &self.rules);
+                let head = self.proxy_header_before(head, reused);
                 Step::Exchange(Box::new(ExchangeStart {
                     request,
                     head,
@@ -238,6 +258,18 @@ impl Handshake {
                 }))
             }
         }
+    }
+
+    /// `head` for a new upstream connection of a `send_proxy_protocol` pool: a PROXY v2
+    /// header with the client's addresses first. A kept-alive connection (`reused`) had its
+    /// header already (such pools keep none alive, but the rule holds either way).
+    fn proxy_header_before(&self, head: Vec<u8>, reused: bool) -> Vec<u8> {
+        if !self.send_proxy_header || reused {
+            return head;
+        }
+        let mut bytes = crate::proxy_protocol::encode_v2(Some(&self.addresses));
+        bytes.extend_from_slice(&head);
+        bytes
     }
 
     /// The connect attempt failed: try the next server of the plan, or answer 502/504.
@@ -256,11 +288,8 @@ impl Handshake {
         if let Some(addr) = self.current {
             services.pools[self.pool].report_failure(addr, now_ns);
         }
-        match self.plan.next() {
-            Some(next) => {
-                self.current = Some(next);
-                Step::Connect(next)
-            }
+        match self.next_server(services) {
+            Some(next) => Step::Connect(next),
             None => {
                 let upstream = self.current.map(|a| a.to_string()).unwrap_or_default();
                 match failure {
@@ -398,14 +427,38 @@ impl Handshake {
         }
         self.pool = route.pool;
         self.rules = route.rules.clone();
+        let pool = &services.pools[route.pool];
+        self.send_proxy_header = pool.sends_proxy_protocol();
+        let key = pool.hash_key().map_or(0, |key| {
+            balance_key(key, &request, self.context.client_addr)
+        });
         self.request = Some(request);
-        let mut plan = services.pools[route.pool].plan(now_ns).into_iter();
-        self.current = plan.next();
-        self.plan = plan;
-        match self.current {
+        self.plan = pool.plan(now_ns, key).into_iter();
+        match self.next_server(services) {
             Some(first) => Step::Connect(first),
-            None => self.reject(503, "upstream pool has no servers".into()),
+            None => {
+                let reason = format!(
+                    "every server of upstream {:?} holds its max_tunnels",
+                    pool.name()
+                );
+                self.reject(503, reason)
+            }
         }
+    }
+
+    /// The next server of the plan that takes this connection (one that filled up since the
+    /// plan was made is passed over), counted on it.
+    fn next_server(&mut self, services: &Services) -> Option<SocketAddr> {
+        let pool = &services.pools[self.pool];
+        self.lease = None;
+        for addr in self.plan.by_ref() {
+            if let Some(lease) = pool.lease(addr) {
+                self.lease = Some(lease);
+                self.current = Some(addr);
+                return Some(addr);
+            }
+        }
+        None
     }
 
     fn reject(&mut self, status: u16, reason: String) -> Step {
@@ -424,6 +477,51 @@ impl Handshake {
     fn fail_internal(&mut self, what: &str) -> Step {
         self.reject(500, format!("internal error: {what}"))
     }
+}
+
+/// The stable hash of what `key` names in `request` (the client's address when the header or
+/// cookie is absent), for `consistent_hash`.
+fn balance_key(key: &HashKey, request: &Request, client: IpAddr) -> u64 {
+    let header = |name: &str| {
+        request
+            .headers()
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value.as_slice())
+    };
+    let found = match key {
+        HashKey::ClientIp => None,
+        HashKey::Path => {
+            let path = request.path();
+            Some(
+                path.split_once('?')
+                    .map_or(path, |(path, _)| path)
+                    .as_bytes(),
+            )
+        }
+        HashKey::Header(name) => header(name),
+        HashKey::Cookie(name) => request
+            .headers()
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+            .find_map(|h| cookie_value(&h.value, name)),
+    };
+    match found {
+        Some(bytes) => crate::hash::spread(bytes),
+        None => match client.to_canonical() {
+            IpAddr::V4(ip) => crate::hash::spread(&ip.octets()),
+            IpAddr::V6(ip) => crate::hash::spread(&ip.octets()),
+        },
+    }
+}
+
+/// The value of cookie `name` in one `Cookie` header (`a=1; b=2`, RFC 6265 §4.2.1).
+fn cookie_value<'a>(header: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    header.split(|&b| b == b';').find_map(|pair| {
+        let pair = pair.trim_ascii();
+        let eq = pair.iter().position(|&b| b == b'=')?;
+        (&pair[..eq] == name.as_bytes()).then(|| &pair[eq + 1..])
+    })
 }
 
 /// The short text body of an error answer (the reason goes to the log, not to the client).

@@ -28,6 +28,7 @@ mod exchange;
 mod goodbye;
 mod handover;
 mod handshake;
+mod proxy_header;
 mod relay;
 mod splice;
 #[cfg(test)]
@@ -45,7 +46,7 @@ pub use splice::{Backlog, Counted, Paused, Splice, SplicedEvent};
 use crate::access::AccessRecord;
 use crate::headers::Scheme;
 use crate::services::Services;
-use crate::upstream::Keepalive;
+use crate::upstream::{Keepalive, Lease};
 
 /// How long a rejected client may keep sending before its socket is closed (lingering close, so
 /// the error answer is not destroyed by a reset).
@@ -118,6 +119,19 @@ pub enum Action {
     /// spliced) and undo the peek's receive mark.
     ConsumeUpstream {
         /// Bytes to read and drop.
+        len: usize,
+    },
+    /// PROXY protocol: once more than `seen` bytes are queued on the client socket, look at
+    /// them without consuming them and call [`Connection::on_proxy_header_peeked`] (or
+    /// [`Connection::on_read_end`] at the end of the stream).
+    PeekClient {
+        /// Bytes already seen.
+        seen: usize,
+    },
+    /// PROXY protocol: consume the header's `len` bytes, seen by peeking (they are queued),
+    /// and undo the peek's receive mark: the client's own bytes come next.
+    ConsumeClient {
+        /// The header's length.
         len: usize,
     },
     /// Open a TCP connection to this server (bounded by the connect timeout), then call
@@ -225,6 +239,11 @@ pub struct Ending {
 /// Where a connection is in its lifecycle, with what that stage needs.
 #[derive(Debug)]
 pub enum Stage {
+    /// A `proxy_protocol` listener: reading (by peeking) the PROXY header before anything else.
+    ReadingProxyHeader {
+        /// Bytes of it peeked at so far.
+        seen: usize,
+    },
     /// Reading the client's request head.
     ReadingRequest(Box<Handshake>),
     /// Connecting to an upstream server.
@@ -259,13 +278,36 @@ pub enum Stage {
     Exchanging(Box<Exchange>),
 }
 
+/// A connection as accepted: its addresses and its listener's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// The peer's address (a load balancer's, on a `proxy_protocol` listener).
+    pub peer: SocketAddr,
+    /// The address it connected to.
+    pub local: SocketAddr,
+    /// `ws` or `wss`.
+    pub scheme: Scheme,
+    /// The listener terminates TLS.
+    pub tls: bool,
+    /// The listener expects a PROXY protocol header first.
+    pub proxy_protocol: bool,
+}
+
 /// One client connection's lifecycle state (see the module docs).
 #[derive(Debug)]
 pub struct Connection {
     id: u64,
     /// The id its access lines carry (kept when a binary upgrade moves the tunnel).
     log_id: u64,
+    /// The client's address: the peer's, or the one its PROXY header carried.
     client_addr: SocketAddr,
+    /// The address the client connected to (or the one its PROXY header carried).
+    local_addr: SocketAddr,
+    /// The admission count holds `client_addr` (false while a PROXY header is awaited, or
+    /// when its address was refused: the count then holds only the connection).
+    address_counted: bool,
+    /// The connection's count on its upstream server, while it uses one.
+    lease: Option<Lease>,
     started_ns: u64,
     scheme: Scheme,
     tls: bool,
@@ -291,15 +333,13 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// A connection accepted from `client_addr` on a listener of `scheme`; `tls` when the
-    /// listener terminates TLS, `datapath` for its tunnel once upgraded (a TLS tunnel is
-    /// always relayed: the kernel path would move ciphertext, there is no kTLS here).
-    #[allow(clippy::too_many_arguments)]
+    /// A connection `accepted` (its admission counted: the connection, and its peer's address
+    /// unless the listener expects a PROXY header); `datapath` for its tunnel once upgraded (a
+    /// TLS tunnel is always relayed: the kernel path would move ciphertext, there is no kTLS
+    /// here).
     pub fn accept(
         id: u64,
-        client_addr: SocketAddr,
-        scheme: Scheme,
-        tls: bool,
+        accepted: Accepted,
         datapath: DataPath,
         now_ns: u64,
         services: &Services,
@@ -307,29 +347,56 @@ impl Connection {
     ) -> Connection {
         services.metrics.connections_accepted.inc();
         services.metrics.connections_open.inc();
-        let trusted_peer = services
-            .trusted_proxies
-            .iter()
-            .any(|range| range.contains(client_addr.ip()));
-        let handshake = Handshake::new(client_addr, scheme, trusted_peer);
         let deadline_ns = now_ns.saturating_add(services.handshake_ns);
-        let datapath = if tls { DataPath::Relay } else { datapath };
-        let stage = Stage::ReadingRequest(Box::new(handshake));
-        let mut connection = Connection::new(id, services.log_ids ^ id, client_addr, now_ns, stage);
-        (connection.scheme, connection.tls, connection.datapath) = (scheme, tls, datapath);
+        let datapath = if accepted.tls {
+            DataPath::Relay
+        } else {
+            datapath
+        };
+        let stage = Stage::ReadingProxyHeader { seen: 0 };
+        let mut connection = Connection::new(
+            id,
+            services.log_ids ^ id,
+            (accepted.peer, accepted.local),
+            now_ns,
+            stage,
+        );
+        connection.scheme = accepted.scheme;
+        connection.tls = accepted.tls;
+        connection.datapath = datapath;
         connection.deadline_ns = deadline_ns;
         out.push_back(Action::ArmDeadline(deadline_ns));
-        out.push_back(Action::Read(Side::Client));
+        if accepted.proxy_protocol {
+            connection.address_counted = false;
+            connection.expect_proxy_header(services, out);
+        } else {
+            connection.stage = Stage::ReadingRequest(Box::new(connection.new_handshake(services)));
+            out.push_back(Action::Read(Side::Client));
+        }
         connection
     }
 
-    /// Connection `id` (access-line id `log_id`) from `client_addr` since `started_ns`, in
-    /// `stage`: a plain `ws` connection relayed in userspace, nothing sent, read or decided
-    /// yet (the callers set what differs).
+    /// A handshake for the connection's next request: its addresses, and whether the client
+    /// is one of `trusted_proxies` (its forwarding headers are then passed on).
+    fn new_handshake(&self, services: &Services) -> Handshake {
+        let trusted_peer = services
+            .trusted_proxies
+            .iter()
+            .any(|range| range.contains(self.client_addr.ip()));
+        let addresses = crate::proxy_protocol::Addresses {
+            source: self.client_addr,
+            destination: self.local_addr,
+        };
+        Handshake::new(addresses, self.scheme, trusted_peer)
+    }
+
+    /// Connection `id` (access-line id `log_id`) between `(client, local)` since
+    /// `started_ns`, in `stage`: a plain `ws` connection relayed in userspace, its address
+    /// counted, nothing sent, read or decided yet (the callers set what differs).
     fn new(
         id: u64,
         log_id: u64,
-        client_addr: SocketAddr,
+        (client_addr, local_addr): (SocketAddr, SocketAddr),
         started_ns: u64,
         stage: Stage,
     ) -> Connection {
@@ -337,6 +404,9 @@ impl Connection {
             id,
             log_id,
             client_addr,
+            local_addr,
+            address_counted: true,
+            lease: None,
             started_ns,
             scheme: Scheme::Ws,
             tls: false,
@@ -362,6 +432,12 @@ impl Connection {
     /// The client's address.
     pub fn client_addr(&self) -> SocketAddr {
         self.client_addr
+    }
+
+    /// The address whose admission count this connection holds, if any (see
+    /// [`Admission::release`](crate::admission::Admission::release)).
+    pub fn counted_address(&self) -> Option<std::net::IpAddr> {
+        self.address_counted.then_some(self.client_addr.ip())
     }
 
     /// The current stage.
@@ -444,6 +520,9 @@ impl Connection {
             return;
         }
         match (&mut self.stage, side) {
+            (Stage::ReadingProxyHeader { .. }, Side::Client) => {
+                self.close("client closed before its PROXY header".into(), false, out)
+            }
             (Stage::ReadingRequest(h), Side::Client) => {
                 let step = h.on_client_eof();
                 self.after_step(step, now_ns, services, out);
@@ -567,6 +646,11 @@ impl Connection {
             return;
         }
         match &mut self.stage {
+            Stage::ReadingProxyHeader { .. } => {
+                services.metrics.proxy_headers_refused.inc();
+                let reason = "no complete PROXY header within the handshake timeout";
+                self.close(reason.into(), false, out);
+            }
             Stage::ReadingRequest(_) if tls_handshaking => {
                 services.metrics.tls_failures.inc();
                 self.close("TLS handshake timed out".into(), false, out);

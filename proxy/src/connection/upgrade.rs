@@ -102,10 +102,13 @@ impl Connection {
             Step::ReadClient | Step::Connect(_) | Step::SendRequest(_) | Step::ReadUpstream
         );
         if leaves_handshake {
-            // The handshake is done with: its summary is the connection's from now on.
+            // The handshake is done with: its summary and its count on the server are the
+            // connection's from now on.
             if let Some(h) = self.handshake() {
                 let summary = h.take_summary();
+                let lease = h.take_lease();
                 self.summary = summary;
+                self.lease = lease;
             }
         }
         match step {

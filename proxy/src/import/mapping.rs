@@ -204,8 +204,9 @@ fn reason(name: &str) -> String {
         "proxy_next_upstream" | "proxy_next_upstream_tries" | "proxy_next_upstream_timeout" => {
             "wsplice tries the next server when a connect fails, and never after a request was sent"
         }
-        "least_conn" | "ip_hash" | "hash" | "random" | "sticky" => {
-            "wsplice balances round robin only"
+        "least_conn" => "wsplice balances by least connections unless `balance` says otherwise",
+        "ip_hash" | "hash" | "random" | "sticky" => {
+            "set the pool's `balance` by hand: least_connections (the default), round_robin, consistent_hash (`hash_key` client_ip, path, header:NAME, cookie:NAME) or random_two"
         }
         "stream" | "mail" => "wsplice proxies HTTP and WebSocket only",
         _ if name.starts_with("proxy_cache") => "wsplice does not cache",
@@ -377,7 +378,7 @@ impl<'a> Mapper<'a> {
                     },
                     _ => reasons.push(format!("{param}: not a duration")),
                 },
-                "weight" => reasons.push(format!("{param}: wsplice balances round robin without weights")),
+                "weight" => reasons.push(format!("{param}: set it by hand as `{{ addr = \"…\", weight = N }}` in `servers`")),
                 "backup" => skip = Some("backup servers are not supported (every server of a pool takes its turn), so it is left out"),
                 "down" => skip = Some("the server is marked down, so it is left out"),
                 _ => reasons.push(format!("{param}: wsplice has no equivalent")),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::*;
 use crate::config::{
     Balance, Config, CryptoProvider, HeaderRulesConfig, Limits, ListenerConfig, RouteConfig,
-    Splicing, Timeouts, TlsConfig, TlsFiles, TlsVersion, UpstreamConfig,
+    ServerConfig, Splicing, Timeouts, TlsConfig, TlsFiles, TlsVersion, UpstreamConfig,
 };
 
 const FILE: &str = "/etc/nginx/nginx.conf";
@@ -42,6 +42,7 @@ fn plain(bind: &str) -> ListenerConfig {
     ListenerConfig {
         bind: addr(bind),
         tls: None,
+        proxy_protocol: false,
     }
 }
 
@@ -58,8 +59,11 @@ fn route(host: Option<&str>, prefix: Option<&str>, upstream: &str) -> RouteConfi
 
 fn pool(servers: &[&str]) -> UpstreamConfig {
     UpstreamConfig {
-        servers: servers.iter().map(|s| addr(s)).collect(),
-        balance: Balance::RoundRobin,
+        servers: servers.iter().map(|s| ServerConfig::at(addr(s))).collect(),
+        balance: Balance::LeastConnections,
+        slow_start: Duration::ZERO,
+        send_proxy_protocol: false,
+        health_check: None,
         fail_timeout: Duration::from_secs(10),
         keepalive: 32,
         keepalive_timeout: Duration::from_secs(60),
@@ -249,10 +253,12 @@ server {
             ListenerConfig {
                 bind: addr("0.0.0.0:443"),
                 tls: Some(tls.clone()),
+                proxy_protocol: false,
             },
             ListenerConfig {
                 bind: addr("[::]:443"),
                 tls: Some(tls),
+                proxy_protocol: false,
             },
         ],
         vec![chat],

@@ -38,23 +38,10 @@ impl Worker {
                     self.arm_poll(slot, side, Intent::Read);
                 }
             }
-            Action::PeekUpstream { seen } => {
-                if seen > 0 {
-                    // Wait until more than the bytes already seen are queued.
-                    if let Some(fd) = self.table.get(slot).and_then(|e| e.upstream.fd.as_ref()) {
-                        let _ = sys::set_rcvlowat(fd.as_fd(), seen + 1);
-                    }
-                }
-                self.arm_poll(slot, Side::Upstream, Intent::Peek);
-            }
-            Action::ConsumeUpstream { len } => {
-                if let Some(fd) = self.table.get(slot).and_then(|e| e.upstream.fd.as_ref()) {
-                    let _ = sys::set_rcvlowat(fd.as_fd(), 1);
-                    let raw = std::os::fd::AsRawFd::as_raw_fd(fd);
-                    let len = len.min(self.scratch.len());
-                    let _ = sys::recv(raw, &mut self.scratch[..len]);
-                }
-            }
+            Action::PeekUpstream { seen } => self.peek_beyond(slot, Side::Upstream, seen),
+            Action::PeekClient { seen } => self.peek_beyond(slot, Side::Client, seen),
+            Action::ConsumeUpstream { len } => self.consume_peeked(slot, Side::Upstream, len),
+            Action::ConsumeClient { len } => self.consume_peeked(slot, Side::Client, len),
             Action::Connect(addr) => self.connect(slot, addr, actions),
             Action::ConnectReusing(server) => match self.take_idle_upstream(server) {
                 Some(fd) => {

@@ -247,7 +247,7 @@ impl Worker {
         }
         self.services
             .admission
-            .release(entry.conn.client_addr().ip());
+            .release(entry.conn.counted_address());
         let record = entry.conn.handed_over(monotonic_ns(), &entry.services);
         record.log();
         let moving = Moving {

@@ -158,6 +158,7 @@ pub fn serve(
         .map(|(listener, tls)| crate::services::ServedListener {
             bind: listener.bind,
             tls: tls.clone(),
+            proxy_protocol: listener.proxy_protocol,
         })
         .collect();
     let services = Arc::new(services);
@@ -241,6 +242,12 @@ pub fn serve(
         crate::splice::PressureWatcher::spawn(ring, mailboxes, adopted, Arc::clone(&shutdown))
             .map_err(RuntimeError::Spawn)?;
     }
+    // Active health checks of the current generation's pools (a reload's pools take over at
+    // the checker's next round); stopped when this function returns.
+    let upstreams = Arc::clone(&services.metrics);
+    let _checker =
+        crate::upstream::health::spawn_checker(move || upstreams.upstreams.targets(), |_, _| {})
+            .map_err(RuntimeError::Spawn)?;
     let mut handles = Vec::with_capacity(workers);
     let pin_workers = config.pin_workers;
     for (index, worker) in ready.into_iter().enumerate() {

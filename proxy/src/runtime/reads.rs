@@ -2,6 +2,7 @@
 //! (read, or on the kernel path peeked at), a TLS client's handshake, and spliced sockets.
 
 use std::io;
+use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use super::splice;
 use super::table::Intent;
@@ -55,26 +56,46 @@ impl Worker {
     }
 
     /// Kernel path: looks at the upstream's response without consuming it.
-    pub(super) fn peek_upstream(&mut self, slot: u32, actions: &mut Actions) {
+    pub(super) fn peek(&mut self, slot: u32, side: Side, actions: &mut Actions) {
         let mut scratch = std::mem::take(&mut self.scratch);
         let Some(entry) = self.table.get(slot) else {
             self.scratch = scratch;
             return;
         };
-        let read = sys::peek(entry.upstream.raw(), &mut scratch);
+        let read = sys::peek(entry.side(side).raw(), &mut scratch);
         let now = monotonic_ns();
+        let (conn, services) = (&mut entry.conn, &entry.services);
         match read {
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                self.arm_poll(slot, Side::Upstream, Intent::Peek);
+                self.arm_poll(slot, side, Intent::Peek);
             }
-            Ok(0) | Err(_) => entry
-                .conn
-                .on_read_end(Side::Upstream, now, &entry.services, actions),
-            Ok(n) => entry
-                .conn
-                .on_peeked(&scratch[..n], now, &entry.services, actions),
+            Ok(0) | Err(_) => conn.on_read_end(side, now, services, actions),
+            Ok(n) => match side {
+                Side::Upstream => conn.on_peeked(&scratch[..n], now, services, actions),
+                Side::Client => conn.on_proxy_header_peeked(&scratch[..n], services, actions),
+            },
         }
         self.scratch = scratch;
+    }
+
+    /// A peek of `side` that waits until more than the `seen` bytes are queued.
+    pub(super) fn peek_beyond(&mut self, slot: u32, side: Side, seen: usize) {
+        if seen > 0 {
+            if let Some(fd) = self.table.get(slot).and_then(|e| e.side(side).fd.as_ref()) {
+                let _ = sys::set_rcvlowat(fd.as_fd(), seen + 1);
+            }
+        }
+        self.arm_poll(slot, side, Intent::Peek);
+    }
+
+    /// Consumes `len` bytes of `side` that a peek saw (they are queued, so the read takes
+    /// them all at once) and resets the peek's receive mark.
+    pub(super) fn consume_peeked(&mut self, slot: u32, side: Side, len: usize) {
+        if let Some(fd) = self.table.get(slot).and_then(|e| e.side(side).fd.as_ref()) {
+            let _ = sys::set_rcvlowat(fd.as_fd(), 1);
+            let len = len.min(self.scratch.len());
+            let _ = sys::recv(fd.as_raw_fd(), &mut self.scratch[..len]);
+        }
     }
 
     /// A spliced socket woke up: a FIN, a reset, or stray bytes.

@@ -273,10 +273,14 @@ fn served_listeners(
                 if let Some(tls) = tls {
                     crate::tls::server_configs(tls).map_err(|source| tls_error(wanted, source))?;
                 }
-                served.clone()
+                ServedListener {
+                    proxy_protocol: wanted.proxy_protocol,
+                    ..served.clone()
+                }
             }
             (Some(ServedListener { tls: Some(old), .. }), Some(tls)) => ServedListener {
                 bind: wanted.bind,
+                proxy_protocol: wanted.proxy_protocol,
                 tls: Some(
                     old.reloaded(tls)
                         .map_err(|source| tls_error(wanted, source))?,
@@ -284,6 +288,7 @@ fn served_listeners(
             },
             (_, tls) => ServedListener {
                 bind: wanted.bind,
+                proxy_protocol: wanted.proxy_protocol,
                 tls: tls
                     .as_ref()
                     .map(crate::tls::server_configs)

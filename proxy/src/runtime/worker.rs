@@ -24,7 +24,7 @@ use super::table::{Entry, Intent, Payload, SideIo, Table};
 use crate::admission::Refusal;
 use crate::buffers::BufferPool;
 use crate::clock::{duration_ns, monotonic_ns};
-use crate::connection::{Actions, ConnectFailure, Connection, DataPath, Side};
+use crate::connection::{Accepted, Actions, ConnectFailure, Connection, DataPath, Side};
 use crate::headers::Scheme;
 use crate::listener::Listener;
 use crate::services::Services;
@@ -519,22 +519,35 @@ impl Worker {
         else {
             return; // Not reached: an accept completes only on a listener still open.
         };
-        let tls = self.services.listener_tls(addr);
-        if scheme == Scheme::Wss && tls.is_none() {
+        let Some(listener) = self.services.listener(addr) else {
             // The listener was removed by a reload while this connection was accepted.
             return;
+        };
+        let (tls, proxy_protocol) = (listener.tls.clone(), listener.proxy_protocol);
+        if scheme == Scheme::Wss && tls.is_none() {
+            // Switched to ws by a reload: it keeps serving wss until a restart (not reached
+            // while a reload keeps a listener's scheme).
+            return;
         }
-        self.open(fd, scheme, tls);
+        self.open(fd, scheme, tls, proxy_protocol);
     }
 
-    fn open(&mut self, fd: OwnedFd, scheme: Scheme, tls: Option<Arc<ServerConfigs>>) {
+    fn open(
+        &mut self,
+        fd: OwnedFd,
+        scheme: Scheme,
+        tls: Option<Arc<ServerConfigs>>,
+        proxy_protocol: bool,
+    ) {
         let socket = SockRef::from(&fd);
-        let client_addr = match socket.peer_addr().map(|a| a.as_socket()) {
-            Ok(Some(addr)) => addr,
-            Ok(None) | Err(_) => {
-                tracing::debug!("accepted a connection that is already gone");
-                return;
-            }
+        let addresses = socket
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .zip(socket.local_addr().ok().and_then(|a| a.as_socket()));
+        let Some((client_addr, local_addr)) = addresses else {
+            tracing::debug!("accepted a connection that is already gone");
+            return;
         };
         if let Err(error) = socket.set_tcp_nodelay(true) {
             tracing::debug!(%error, "TCP_NODELAY on a client socket");
@@ -548,7 +561,13 @@ impl Worker {
             // Closed before a byte is read, like the other limits.
             return self.refused(client_addr, Refusal::TlsHandshakes);
         }
-        if let Err(refusal) = self.services.admission.admit(client_addr.ip()) {
+        // Behind a PROXY header the client's address is counted once the header says it.
+        let admitted = if proxy_protocol {
+            self.services.admission.admit_connection()
+        } else {
+            self.services.admission.admit(client_addr.ip())
+        };
+        if let Err(refusal) = admitted {
             // Closed before a byte is read (dropping `fd` sends the FIN); released nowhere, as
             // it took no place.
             return self.refused(client_addr, refusal);
@@ -558,11 +577,16 @@ impl Worker {
         let datapath = self.datapath();
         let mut first = Actions::new();
         let id = self.table.next_id();
+        let accepted = Accepted {
+            peer: client_addr,
+            local: local_addr,
+            scheme,
+            tls: stream.is_tls(),
+            proxy_protocol,
+        };
         let conn = Connection::accept(
             id,
-            client_addr,
-            scheme,
-            stream.is_tls(),
+            accepted,
             datapath,
             monotonic_ns(),
             &self.services,
@@ -811,7 +835,7 @@ impl Worker {
             Intent::Read => {
                 self.with_actions(slot, |worker, out| worker.read_side_into(slot, side, out))
             }
-            Intent::Peek => self.with_actions(slot, |worker, out| worker.peek_upstream(slot, out)),
+            Intent::Peek => self.with_actions(slot, |worker, out| worker.peek(slot, side, out)),
             Intent::Forward => self.drive(slot, |conn, services, out| {
                 conn.on_readable(side, services, out)
             }),
@@ -970,7 +994,7 @@ impl Worker {
         }
         self.services
             .admission
-            .release(entry.conn.client_addr().ip());
+            .release(entry.conn.counted_address());
         if let (Some(sockets), Some(program)) = (&entry.spliced, &entry.services.splice) {
             let own = Tag::new(self.index as u8, slot, entry.conn.id()).encode();
             if sockets.owner() != own {

@@ -126,11 +126,7 @@ pub struct SpliceProgram {
 /// A stable 64-bit hash (FNV-1a) of the embedded eBPF object: a successor adopts the maps of
 /// a predecessor only when both carry the same object.
 pub fn object_hash() -> u64 {
-    EBPF_OBJECT
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-        })
+    crate::hash::fnv1a(EBPF_OBJECT)
 }
 
 impl std::fmt::Debug for SpliceProgram {

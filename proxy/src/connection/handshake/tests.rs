@@ -20,8 +20,15 @@ fn client() -> SocketAddr {
     "10.1.2.3:5555".parse().unwrap()
 }
 
+fn addresses() -> Addresses {
+    Addresses {
+        source: client(),
+        destination: "127.0.0.1:8080".parse().unwrap(),
+    }
+}
+
 fn connected(services: &Services) -> Handshake {
-    let mut h = Handshake::new(client(), Scheme::Ws, false);
+    let mut h = Handshake::new(addresses(), Scheme::Ws, false);
     assert!(matches!(
         h.on_client_data(REQUEST, services, 0),
         Step::Connect(_)
@@ -34,7 +41,7 @@ fn connected(services: &Services) -> Handshake {
 #[test]
 fn a_valid_upgrade_goes_connect_send_read_then_tunnel_with_pipelined_bytes_in_order() {
     let services = services("\"127.0.0.1:9001\"", "");
-    let mut h = Handshake::new(client(), Scheme::Ws, false);
+    let mut h = Handshake::new(addresses(), Scheme::Ws, false);
     assert_eq!(h.start(), Step::ReadClient);
     // The request arrives in two pieces, with a frame pipelined behind the head.
     let mut bytes = REQUEST.to_vec();
@@ -83,7 +90,7 @@ fn a_valid_upgrade_goes_connect_send_read_then_tunnel_with_pipelined_bytes_in_or
 #[test]
 fn an_invalid_request_is_rejected_with_its_status() {
     let services = services("\"127.0.0.1:9001\"", "");
-    let mut h = Handshake::new(client(), Scheme::Ws, false);
+    let mut h = Handshake::new(addresses(), Scheme::Ws, false);
     let request = b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n";
     let Step::Reject(rejection) = h.on_client_data(request, &services, 0) else {
         panic!("expected a rejection");
@@ -96,13 +103,13 @@ fn an_invalid_request_is_rejected_with_its_status() {
 fn a_plain_request_is_426_only_on_a_websocket_only_route() {
     let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
     let services_ws_only = services("\"127.0.0.1:9001\"", "websocket_only = true");
-    let mut h = Handshake::new(client(), Scheme::Ws, false);
+    let mut h = Handshake::new(addresses(), Scheme::Ws, false);
     let Step::Reject(rejection) = h.on_client_data(request, &services_ws_only, 0) else {
         panic!("expected a rejection");
     };
     assert_eq!(rejection.status, 426);
     let services = services("\"127.0.0.1:9001\"", "");
-    let mut h = Handshake::new(client(), Scheme::Ws, false);
+    let mut h = Handshake::new(addresses(), Scheme::Ws, false);
     assert!(matches!(
         h.on_client_data(request, &services, 0),
         Step::Connect(_)
@@ -120,7 +127,7 @@ fn a_plain_request_is_426_only_on_a_websocket_only_route() {
 #[test]
 fn a_head_begun_and_not_finished_in_time_is_408() {
     let services = services("\"127.0.0.1:9001\"", "");
-    let mut h = Handshake::new(client(), Scheme::Ws, false);
+    let mut h = Handshake::new(addresses(), Scheme::Ws, false);
     assert_eq!(
         h.on_client_data(b"GET / HTTP/1.1\r\nHo", &services, 0),
         Step::ReadClient
@@ -134,7 +141,7 @@ fn a_head_begun_and_not_finished_in_time_is_408() {
 #[test]
 fn no_matching_route_is_404() {
     let services = services("\"127.0.0.1:9001\"", "path_prefix = \"/other\"");
-    let mut h = Handshake::new(client(), Scheme::Ws, false);
+    let mut h = Handshake::new(addresses(), Scheme::Ws, false);
     let Step::Reject(rejection) = h.on_client_data(REQUEST, &services, 0) else {
         panic!("expected a rejection");
     };
@@ -144,7 +151,7 @@ fn no_matching_route_is_404() {
 #[test]
 fn a_failed_connect_tries_the_next_server_then_answers_502() {
     let services = services("\"127.0.0.1:1\", \"127.0.0.1:2\"", "");
-    let mut h = Handshake::new(client(), Scheme::Ws, false);
+    let mut h = Handshake::new(addresses(), Scheme::Ws, false);
     let Step::Connect(first) = h.on_client_data(REQUEST, &services, 0) else {
         panic!("expected a connect");
     };
@@ -158,7 +165,7 @@ fn a_failed_connect_tries_the_next_server_then_answers_502() {
     assert_eq!(rejection.status, 502);
     // Both servers are now marked down, yet the next request still tries them (panic
     // routing): a mark orders the servers, it never refuses a client by itself.
-    let mut next = Handshake::new(client(), Scheme::Ws, false);
+    let mut next = Handshake::new(addresses(), Scheme::Ws, false);
     assert!(matches!(
         next.on_client_data(REQUEST, &services, 1),
         Step::Connect(_)
@@ -168,7 +175,7 @@ fn a_failed_connect_tries_the_next_server_then_answers_502() {
 #[test]
 fn running_out_of_local_sockets_is_503_and_marks_no_server_down() {
     let services = services("\"127.0.0.1:1\", \"127.0.0.1:2\"", "");
-    let mut h = Handshake::new(client(), Scheme::Ws, false);
+    let mut h = Handshake::new(addresses(), Scheme::Ws, false);
     h.on_client_data(REQUEST, &services, 0);
     let Step::Reject(rejection) = h.on_connect_failed(ConnectFailure::Local, &services, 0) else {
         panic!("expected 503");
@@ -182,7 +189,7 @@ fn running_out_of_local_sockets_is_503_and_marks_no_server_down() {
 #[test]
 fn a_connect_timeout_on_the_last_server_is_504() {
     let services = services("\"127.0.0.1:1\"", "");
-    let mut h = Handshake::new(client(), Scheme::Ws, false);
+    let mut h = Handshake::new(addresses(), Scheme::Ws, false);
     h.on_client_data(REQUEST, &services, 0);
     let Step::Reject(rejection) = h.on_connect_failed(ConnectFailure::TimedOut, &services, 0)
     else {
@@ -227,7 +234,7 @@ Sec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n";
 #[test]
 fn the_deadline_closes_a_silent_client_and_answers_504_while_waiting_for_the_upstream() {
     let services = services("\"127.0.0.1:9001\"", "");
-    let mut silent = Handshake::new(client(), Scheme::Ws, false);
+    let mut silent = Handshake::new(addresses(), Scheme::Ws, false);
     assert!(matches!(silent.on_deadline(false), Step::Close(_)));
     let mut waiting = connected(&services);
     let Step::Reject(rejection) = waiting.on_deadline(true) else {
@@ -239,7 +246,7 @@ fn the_deadline_closes_a_silent_client_and_answers_504_while_waiting_for_the_ups
 #[test]
 fn a_head_trickled_byte_by_byte_is_parsed_once_per_line_not_once_per_byte() {
     let services = services("\"127.0.0.1:9001\"", "");
-    let mut h = Handshake::new(client(), Scheme::Ws, false);
+    let mut h = Handshake::new(addresses(), Scheme::Ws, false);
     let mut head = REQUEST[..REQUEST.len() - 2].to_vec();
     // A long header line, sent one byte at a time.
     head.extend_from_slice(b"X-Padding: ");
@@ -257,7 +264,7 @@ fn a_head_trickled_byte_by_byte_is_parsed_once_per_line_not_once_per_byte() {
 #[test]
 fn a_malformed_line_is_refused_as_soon_as_it_ends() {
     let services = services("\"127.0.0.1:9001\"", "");
-    let mut h = Handshake::new(client(), Scheme::Ws, false);
+    let mut h = Handshake::new(addresses(), Scheme::Ws, false);
     assert_eq!(
         h.on_client_data(b"GET /chat HTTP/1.1\r\nHost", &services, 0),
         Step::ReadClient

@@ -59,17 +59,14 @@ impl Harness {
         let services = services();
         let mut out = Actions::new();
         let now = SECOND;
-        let client: SocketAddr = "10.1.2.3:5555".parse().unwrap();
-        let conn = Connection::accept(
-            7,
-            client,
-            Scheme::Ws,
+        let accepted = Accepted {
+            peer: "10.1.2.3:5555".parse().unwrap(),
+            local: "127.0.0.1:8080".parse().unwrap(),
+            scheme: Scheme::Ws,
             tls,
-            datapath,
-            now,
-            &services,
-            &mut out,
-        );
+            proxy_protocol: false,
+        };
+        let conn = Connection::accept(7, accepted, datapath, now, &services, &mut out);
         let mut harness = Harness {
             conn,
             services,
