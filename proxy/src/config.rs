@@ -238,6 +238,9 @@ pub struct UpstreamConfig {
     pub send_proxy_protocol: bool,
     /// `[upstream.NAME.health_check]`: active checks (default: none, passive marking only).
     pub health_check: Option<crate::upstream::health::HealthCheck>,
+    /// `[upstream.NAME.rebalance]`: long-lived tunnels move off servers above their share
+    /// (default: none; a tunnel stays where it was placed).
+    pub rebalance: Option<Rebalance>,
     /// How long a failed server is tried after the healthy ones (0 = never marked; a pool of
     /// one server is never marked).
     pub fail_timeout: Duration,
@@ -246,6 +249,21 @@ pub struct UpstreamConfig {
     pub keepalive: usize,
     /// How long an idle upstream connection is kept (default 60 s).
     pub keepalive_timeout: Duration,
+}
+
+/// `[upstream.NAME.rebalance]`: when a server holds more than its share of a pool's tunnels
+/// (servers were added, or one came back), tunnels on it are closed politely (WebSocket Close
+/// 1012 "service restart" at a frame boundary) at a bounded rate; their clients reconnect and
+/// the balancer places them on the emptier servers. Without it, a server added to a pool of
+/// hours-long tunnels stays nearly idle for hours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rebalance {
+    /// `rate`: most tunnels closed per second by this process (default 10), so clients
+    /// reconnect as a trickle, never a storm.
+    pub per_second: u32,
+    /// `tolerance`: a server is over its share when it holds more than `1 + tolerance` times
+    /// it (default 0.1), in hundredths (10).
+    pub tolerance: u32,
 }
 
 /// `[timeouts]`.
@@ -500,6 +518,14 @@ struct RawUpstream {
     keepalive: Option<Spanned<usize>>,
     keepalive_timeout: Option<Spanned<String>>,
     health_check: Option<Spanned<RawHealthCheck>>,
+    rebalance: Option<Spanned<RawRebalance>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRebalance {
+    rate: Option<Spanned<u32>>,
+    tolerance: Option<Spanned<f64>>,
 }
 
 /// A server: `"10.0.0.1:8080"`, or `{ addr = "10.0.0.1:8080", weight = 2, max_tunnels = 5000 }`.
@@ -788,6 +814,7 @@ impl RawUpstream {
             servers.push(server);
         }
         let balance = self.balance()?;
+        let rebalance = self.rebalance(&balance)?;
         let fail_timeout = match &self.fail_timeout {
             Some(d) => parse_duration(d)?,
             None => Duration::from_secs(10),
@@ -819,10 +846,41 @@ impl RawUpstream {
                 .as_ref()
                 .map(|check| check.get_ref().to_config())
                 .transpose()?,
+            rebalance,
             fail_timeout,
             keepalive,
             keepalive_timeout,
         })
+    }
+
+    /// `[upstream.NAME.rebalance]`, which hashing pools cannot take (a client that reconnects
+    /// hashes to the server it left).
+    fn rebalance(&self, balance: &Balance) -> Result<Option<Rebalance>, Spot> {
+        let Some(raw) = &self.rebalance else {
+            return Ok(None);
+        };
+        if matches!(balance, Balance::ConsistentHash { .. }) {
+            return Err(spot(
+                raw,
+                "rebalance does not go with consistent_hash: a client that reconnects hashes \
+                 to the server it left",
+            ));
+        }
+        let raw = raw.get_ref();
+        let per_second = match &raw.rate {
+            None => 10,
+            Some(rate) if (1..=100_000).contains(rate.get_ref()) => *rate.get_ref(),
+            Some(rate) => return Err(spot(rate, "rate must be between 1 and 100000 tunnels a second")),
+        };
+        let tolerance = match &raw.tolerance {
+            None => 10,
+            Some(t) if (0.0..=10.0).contains(t.get_ref()) => (t.get_ref() * 100.0).round() as u32,
+            Some(t) => return Err(spot(t, "tolerance must be between 0.0 and 10.0")),
+        };
+        Ok(Some(Rebalance {
+            per_second,
+            tolerance,
+        }))
     }
 
     /// `balance`, with `hash_key` and `hash_load_factor` (which only `consistent_hash` takes).

@@ -135,6 +135,8 @@ pub struct Metrics {
     pub upgrade_failures: Counter,
     /// Tunnels that shutdown closed with a Close 1001 to both sides (the drain's goodbye).
     pub drain_goodbyes: Counter,
+    /// Tunnels closed with a Close 1012 to move them to a less loaded server (rebalancing).
+    pub tunnels_rebalanced: Counter,
     /// Connections to a `proxy_protocol` listener closed for their PROXY header: from a peer
     /// not in `trusted_proxies`, missing, malformed, or not complete in time.
     pub proxy_headers_refused: Counter,
@@ -146,7 +148,7 @@ impl Metrics {
     /// Renders every metric in the Prometheus text exposition format. Only atomics are read,
     /// and the list of upstream servers (a lock no worker takes while it serves).
     pub fn render(&self) -> String {
-        let counters: [(&str, &str, u64); 31] = [
+        let counters: [(&str, &str, u64); 32] = [
             (
                 "tls_handshakes_total",
                 "TLS handshakes completed.",
@@ -298,6 +300,11 @@ impl Metrics {
                 "drain_goodbyes_total",
                 "Tunnels that shutdown closed with a WebSocket Close 1001 to both sides.",
                 self.drain_goodbyes.get(),
+            ),
+            (
+                "tunnels_rebalanced_total",
+                "Tunnels closed with a WebSocket Close 1012 so that their clients reconnect to a less loaded server (rebalancing).",
+                self.tunnels_rebalanced.get(),
             ),
             (
                 "proxy_headers_refused_total",

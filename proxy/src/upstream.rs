@@ -125,6 +125,19 @@ pub struct Pool {
     keepalive: Keepalive,
     send_proxy_protocol: bool,
     health_check: Option<HealthCheck>,
+    rebalancing: Option<Rebalancing>,
+}
+
+/// A pool's rebalancing: its rate as a schedule of moves, and when a server is over its share.
+#[derive(Debug)]
+struct Rebalancing {
+    /// One move per this many ns at most.
+    interval_ns: u64,
+    /// Over its share: above `1 + tolerance/100` times it.
+    tolerance: u32,
+    /// When the next move may happen (a move takes the slot and pushes it on by `interval_ns`;
+    /// a slot unused for long does not save up a burst beyond one second's worth).
+    next_ns: AtomicU64,
 }
 
 impl Pool {
@@ -161,7 +174,90 @@ impl Pool {
             },
             send_proxy_protocol: config.send_proxy_protocol,
             health_check: config.health_check.clone(),
+            rebalancing: config.rebalance.map(|rebalance| Rebalancing {
+                interval_ns: 1_000_000_000 / u64::from(rebalance.per_second.max(1)),
+                tolerance: rebalance.tolerance,
+                next_ns: AtomicU64::new(0),
+            }),
         }
+    }
+
+    /// Rebalancing is on and some server holds more than its share while another that may
+    /// take connections holds less: tunnels on the former should move (see
+    /// [`Pool::is_over_share`]).
+    pub fn needs_rebalancing(&self, now_ns: u64) -> bool {
+        self.rebalancing.is_some()
+            && self.has_room_below_share(now_ns)
+            && self
+                .members
+                .iter()
+                .any(|m| self.is_over_share(m.state.addr, now_ns))
+    }
+
+    /// Whether `addr` holds at least one tunnel more than its share of the pool's open
+    /// connections and more than `1 + tolerance` times it (its share: by weight, among the
+    /// servers that may take connections). False without rebalancing.
+    pub fn is_over_share(&self, addr: SocketAddr, now_ns: u64) -> bool {
+        let Some(rebalancing) = &self.rebalancing else {
+            return false;
+        };
+        let Some(member) = self.members.iter().find(|m| m.state.addr == addr) else {
+            return false;
+        };
+        let (total, weights) = self.open_and_weights(now_ns);
+        if weights == 0 {
+            return false;
+        }
+        let open = member.state.open() as u128;
+        let weight = u128::from(member.weight);
+        // open > share × (1 + tolerance) and open − 1 ≥ share, share = total × weight / weights.
+        let above = open * weights * 100 > total * weight * (100 + u128::from(rebalancing.tolerance));
+        let whole = open.saturating_sub(1) * weights >= total * weight;
+        above && whole
+    }
+
+    /// Takes the next slot of the rebalancing rate at `now_ns`: true when a tunnel may move
+    /// now (the pool's moves, over every worker, stay within `rate` a second).
+    pub fn take_move(&self, now_ns: u64) -> bool {
+        let Some(rebalancing) = &self.rebalancing else {
+            return false;
+        };
+        let burst = 1_000_000_000u64.max(rebalancing.interval_ns);
+        rebalancing
+            .next_ns
+            .try_update(Ordering::Relaxed, Ordering::Relaxed, |next| {
+                let earliest = now_ns.saturating_sub(burst) + rebalancing.interval_ns;
+                (next <= now_ns).then(|| next.max(earliest) + rebalancing.interval_ns)
+            })
+            .is_ok()
+    }
+
+    /// Open connections on every server, and the weights of those that may take connections.
+    fn open_and_weights(&self, now_ns: u64) -> (u128, u128) {
+        let total = self.members.iter().map(|m| m.state.open() as u128).sum();
+        let weights = self
+            .members
+            .iter()
+            .filter(|m| self.takes_more(m, now_ns))
+            .map(|m| u128::from(m.weight))
+            .sum();
+        (total, weights)
+    }
+
+    /// A server that may take new connections: up, not marked by a failure, under its
+    /// `max_tunnels`.
+    fn takes_more(&self, member: &Member, now_ns: u64) -> bool {
+        member.state.is_up() && !member.state.is_marked(now_ns) && member.state.open() < member.max_open
+    }
+
+    /// Some server that may take connections holds less than its share: moved tunnels have
+    /// somewhere to go.
+    fn has_room_below_share(&self, now_ns: u64) -> bool {
+        let (total, weights) = self.open_and_weights(now_ns);
+        self.members.iter().any(|m| {
+            self.takes_more(m, now_ns)
+                && (m.state.open() as u128) * weights < total * u128::from(m.weight)
+        })
     }
 
     /// How idle connections to this pool's servers are kept for plain HTTP requests.
@@ -452,6 +548,7 @@ mod tests {
             slow_start: Duration::ZERO,
             send_proxy_protocol: false,
             health_check: None,
+            rebalance: None,
             fail_timeout,
             keepalive: 0,
             keepalive_timeout: Duration::from_secs(60),
@@ -610,6 +707,46 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("127.0.0.1:2"), "{text}");
+    }
+
+    #[test]
+    fn rebalancing_moves_tunnels_off_servers_above_their_share_at_its_rate() {
+        let mut c = config(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], Duration::ZERO);
+        c.rebalance = Some(crate::config::Rebalance {
+            per_second: 10,
+            tolerance: 10,
+        });
+        let p = Pool::new("p", &c, &Registry::default());
+        let (one, two, three) = (addr("127.0.0.1:1"), addr("127.0.0.1:2"), addr("127.0.0.1:3"));
+        // 30 tunnels on two servers, the third just added: 15 each against a share of 10.
+        let mut leases: Vec<Lease> = (0..15).map(|_| p.lease(one).unwrap()).collect();
+        leases.extend((0..15).map(|_| p.lease(two).unwrap()));
+        assert!(p.needs_rebalancing(0));
+        assert!(p.is_over_share(one, 0) && p.is_over_share(two, 0));
+        assert!(!p.is_over_share(three, 0));
+        // Ten a second: one now, the next 100 ms later (a second's burst at most).
+        let now = 5_000_000_000;
+        let taken = (0..20).filter(|_| p.take_move(now)).count();
+        assert_eq!(taken, 10, "a second's worth saved up, no more");
+        assert!(!p.take_move(now + 50_000_000));
+        assert!(p.take_move(now + 100_000_000));
+        // Evened out: 10, 10, 10 (moved tunnels reconnected to the third).
+        leases.drain(..5);
+        leases.drain(10..15);
+        leases.extend((0..10).map(|_| p.lease(three).unwrap()));
+        assert!(!p.needs_rebalancing(0));
+        // Within the tolerance: 11, 10, 9 is left alone.
+        let _extra = p.lease(one).unwrap();
+        drop(leases.pop()); // one of the third's
+        assert!(!p.is_over_share(one, 0), "11 against a share of 10 is within 10%");
+    }
+
+    #[test]
+    fn without_rebalancing_nothing_is_over_its_share() {
+        let p = pool(&["127.0.0.1:1", "127.0.0.1:2"], Duration::ZERO);
+        let _leases: Vec<Lease> = (0..5).map(|_| p.lease(addr("127.0.0.1:1")).unwrap()).collect();
+        assert!(!p.needs_rebalancing(0));
+        assert!(!p.take_move(0));
     }
 
     #[test]

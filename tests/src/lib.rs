@@ -579,6 +579,15 @@ pub struct ProxyConfig {
     /// `RUST_LOG` of the process ([`DEFAULT_LOG_FILTER`]; the churn leaves access lines out,
     /// a million of them would fill the log).
     pub log_filter: &'static str,
+    /// Extra keys of the `[[listener]]` (e.g. `proxy_protocol = true`).
+    pub listener_extra: String,
+    /// The default pool's `servers` array items as written (e.g. `{ addr = "…", weight = 2 }`);
+    /// `None`: `servers` quoted one by one.
+    pub server_entries: Option<String>,
+    /// Extra keys of `[upstream.default]` (e.g. `balance = "consistent_hash"`).
+    pub upstream_extra: String,
+    /// Tables written at the end (e.g. `[upstream.default.health_check]`, more pools).
+    pub extra_tables: String,
 }
 
 impl ProxyConfig {
@@ -607,16 +616,26 @@ impl ProxyConfig {
             wrapper: Vec::new(),
             port: None,
             log_filter: DEFAULT_LOG_FILTER,
+            listener_extra: String::new(),
+            server_entries: None,
+            upstream_extra: String::new(),
+            extra_tables: String::new(),
         }
     }
 
     fn to_toml(&self, listen: SocketAddr, admin: SocketAddr) -> String {
-        let servers: Vec<String> = self.servers.iter().map(|s| format!("\"{s}\"")).collect();
+        let servers: Vec<String> = match &self.server_entries {
+            Some(entries) => vec![entries.clone()],
+            None => self.servers.iter().map(|s| format!("\"{s}\"")).collect(),
+        };
         let tls = self
             .tls
             .as_ref()
             .map_or_else(String::new, |tls| format!("tls = {tls}\n"));
-        let mut upstream_extra = String::new();
+        let mut upstream_extra = self.upstream_extra.clone();
+        if !upstream_extra.is_empty() {
+            upstream_extra.push('\n');
+        }
         if let Some(keepalive) = self.upstream_keepalive {
             upstream_extra.push_str(&format!("keepalive = {keepalive}\n"));
         }
@@ -634,13 +653,14 @@ impl ProxyConfig {
             timeouts_extra.push_str(&format!("close_spread = \"{spread}\"\n"));
         }
         format!(
-            "{}\nworkers = {}\ntrusted_proxies = [{}]\n\n[[listener]]\nbind = \"{listen}\"\n{tls}\n[[route]]\nupstream = \"default\"\n{}\n\n\
+            "{}\nworkers = {}\ntrusted_proxies = [{}]\n\n[[listener]]\nbind = \"{listen}\"\n{tls}{}\n\n[[route]]\nupstream = \"default\"\n{}\n\n\
              [upstream.default]\nservers = [{}]\nfail_timeout = \"{}\"\n{upstream_extra}\n\
              [timeouts]\nidle = \"{}\"\nhandshake = \"{}\"\nconnect = \"{}\"\ndrain = \"{}\"\n{timeouts_extra}\n\
-             [limits]\n{}\n\n[kernel]\n{}\n\n[admin]\nbind = \"{admin}\"\n",
+             [limits]\n{}\n\n[kernel]\n{}\n\n[admin]\nbind = \"{admin}\"\n\n{}\n",
             self.top_level,
             self.workers,
             self.trusted_proxies,
+            self.listener_extra,
             self.route_extra,
             servers.join(", "),
             self.fail_timeout,
@@ -650,6 +670,7 @@ impl ProxyConfig {
             self.drain,
             self.limits,
             self.kernel,
+            self.extra_tables,
         )
     }
 }

@@ -15,7 +15,7 @@
 
 use super::{Action, Actions, Connection, Side, Stage, LINGER_NS};
 use crate::services::Services;
-use crate::tunnel::frames::going_away;
+use crate::tunnel::frames::{close_frame, CloseCode};
 
 /// How long a goodbye may take (then the tunnel closes anyway).
 pub const GOODBYE_NS: u64 = LINGER_NS;
@@ -37,8 +37,10 @@ enum Farewell {
 /// A tunnel saying goodbye.
 #[derive(Debug)]
 pub struct Goodbye {
-    /// Why shutdown closes the tunnel (its access line says it, with the goodbye).
+    /// Why the tunnel is closed (its access line says it, with the goodbye).
     why: &'static str,
+    /// The Close frame's status.
+    code: CloseCode,
     /// When it closes anyway.
     deadline_ns: u64,
     /// Per destination ([`Side::index`]).
@@ -60,7 +62,11 @@ impl Goodbye {
 
     /// The access-line reason of a goodbye that went through.
     fn farewell_reason(&self) -> String {
-        format!("{}; said goodbye (Close 1001) to both sides", self.why)
+        format!(
+            "{}; said goodbye (Close {}) to both sides",
+            self.why,
+            self.code.value()
+        )
     }
 
     /// The access-line reason of a goodbye that ran out of time.
@@ -74,11 +80,12 @@ impl Goodbye {
 }
 
 impl Connection {
-    /// Shutdown closes this connection (`reason` if it is not a tunnel): a tunnel says
-    /// goodbye first (see the module docs).
+    /// Closes this connection politely (`reason` if it is not a tunnel): a tunnel says
+    /// goodbye first with a Close frame of status `code` (see the module docs).
     pub(super) fn say_goodbye(
         &mut self,
         reason: &'static str,
+        code: CloseCode,
         now_ns: u64,
         services: &Services,
         out: &mut Actions,
@@ -94,6 +101,7 @@ impl Connection {
                 let deadline_ns = now_ns.saturating_add(GOODBYE_NS);
                 relay.goodbye = Some(Box::new(Goodbye {
                     why: reason,
+                    code,
                     deadline_ns,
                     farewell: [Farewell::Pending; 2],
                     ended: [false; 2],
@@ -106,12 +114,42 @@ impl Connection {
             Stage::Spliced(splice) => {
                 // Back to userspace first (the relay can send a frame of its own); the goodbye
                 // starts once the tunnel is paused (`on_paused`).
-                if splice.bid_farewell(reason) {
+                if splice.bid_farewell(reason, code) {
                     out.push_back(Action::PauseSplice);
                 }
             }
             _ => self.close(reason.into(), false, out),
         }
+    }
+
+    /// A tunnel that is open and going on: not closing, not saying goodbye, not leaving the
+    /// kernel path.
+    pub fn is_open_tunnel(&self) -> bool {
+        let going_on = match &self.stage {
+            Stage::Relaying(relay) => relay.status() == 101 && relay.goodbye.is_none(),
+            Stage::Spliced(splice) => !splice.is_leaving(),
+            _ => false,
+        };
+        going_on && !self.is_closing()
+    }
+
+    /// Rebalancing: a tunnel on a server above its share closes with a Close 1012 "service
+    /// restart", so that its client reconnects and is placed anew. Its count on the server
+    /// ends now (the balancer sees the room at once, not after the goodbye). False when it is
+    /// not an open tunnel (a request, a tunnel closing or leaving the kernel path already).
+    pub fn rebalance(&mut self, now_ns: u64, services: &Services, out: &mut Actions) -> bool {
+        if !self.is_open_tunnel() {
+            return false;
+        }
+        self.lease = None;
+        self.say_goodbye(
+            "rebalancing: its server held more than its share",
+            CloseCode::ServiceRestart,
+            now_ns,
+            services,
+            out,
+        );
+        true
     }
 
     /// The goodbye's next step towards `destination`, if one is under way: true when it took
@@ -161,7 +199,7 @@ impl Connection {
                     let key = self.log_id.rotate_left(17) ^ self.started_ns;
                     (key as u32).to_ne_bytes()
                 });
-                out.push_back(Action::Send(destination, going_away(mask)));
+                out.push_back(Action::Send(destination, close_frame(goodbye.code, mask)));
                 return true;
             }
             Farewell::Sending if destination == Side::Client && self.tls => {
@@ -183,7 +221,7 @@ impl Connection {
         }
         if goodbye.is_over() {
             let reason = goodbye.farewell_reason();
-            services.metrics.drain_goodbyes.inc();
+            count_goodbye(goodbye.code, services);
             self.close(reason, false, out);
         }
         true
@@ -214,8 +252,16 @@ impl Connection {
         goodbye.source_ended(side);
         if goodbye.is_over() {
             let reason = goodbye.farewell_reason();
-            services.metrics.drain_goodbyes.inc();
+            count_goodbye(goodbye.code, services);
             self.close(reason, false, out);
         }
+    }
+}
+
+/// Counts a goodbye that went through: the drain's, or a rebalancing's.
+fn count_goodbye(code: CloseCode, services: &Services) {
+    match code {
+        CloseCode::GoingAway => services.metrics.drain_goodbyes.inc(),
+        CloseCode::ServiceRestart => services.metrics.tunnels_rebalanced.inc(),
     }
 }

@@ -46,6 +46,7 @@ pub use splice::{Backlog, Counted, Paused, Splice, SplicedEvent};
 use crate::access::AccessRecord;
 use crate::headers::Scheme;
 use crate::services::Services;
+use crate::tunnel::frames::CloseCode;
 use crate::upstream::{Keepalive, Lease};
 
 /// How long a rejected client may keep sending before its socket is closed (lingering close, so
@@ -445,6 +446,11 @@ impl Connection {
         &self.stage
     }
 
+    /// The route it took (an index into its generation's routes), once routed.
+    pub fn route(&self) -> Option<usize> {
+        self.summary.route
+    }
+
     /// The upstream server connected to (or being tried).
     pub fn upstream_addr(&self) -> Option<SocketAddr> {
         self.upstream_addr
@@ -749,6 +755,7 @@ impl Connection {
     pub fn on_drain_spread(&mut self, now_ns: u64, services: &Services, out: &mut Actions) {
         self.say_goodbye(
             "shutting down: closed in the drain's spread window",
+            CloseCode::GoingAway,
             now_ns,
             services,
             out,
@@ -758,7 +765,13 @@ impl Connection {
     /// Shutdown: the drain deadline passed (a tunnel says goodbye, bounded by
     /// `goodbye::GOODBYE_NS`).
     pub fn on_drain_deadline(&mut self, now_ns: u64, services: &Services, out: &mut Actions) {
-        self.say_goodbye("drain deadline reached", now_ns, services, out);
+        self.say_goodbye(
+            "drain deadline reached",
+            CloseCode::GoingAway,
+            now_ns,
+            services,
+            out,
+        );
     }
 
     /// Decides to close (once; later calls keep the first reason).

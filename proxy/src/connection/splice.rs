@@ -20,7 +20,7 @@
 
 use super::{Action, Actions, Connection, DataPath, Relay, Side, Stage, MAX_UNREAD_BEFORE_SPLICE};
 use crate::services::Services;
-use crate::tunnel::frames::FrameTracker;
+use crate::tunnel::frames::{CloseCode, FrameTracker};
 use crate::tunnel::relay::SourceRead;
 
 /// A tunnel carried by the kernel; userspace holds only this.
@@ -40,7 +40,7 @@ pub struct Splice {
     leaving: bool,
     /// Shutdown: it leaves the kernel path to say goodbye (`connection::goodbye`), for this
     /// reason.
-    farewell: Option<&'static str>,
+    farewell: Option<(&'static str, CloseCode)>,
 }
 
 impl Splice {
@@ -94,8 +94,8 @@ impl Splice {
 
     /// Shutdown: the tunnel leaves the kernel path to say goodbye; true when that takes a
     /// [`Action::PauseSplice`] (it is not leaving already).
-    pub(super) fn bid_farewell(&mut self, reason: &'static str) -> bool {
-        self.farewell = Some(reason);
+    pub(super) fn bid_farewell(&mut self, reason: &'static str, code: CloseCode) -> bool {
+        self.farewell = Some((reason, code));
         !std::mem::replace(&mut self.leaving, true)
     }
 
@@ -551,7 +551,10 @@ impl Connection {
         let paused = match result {
             Ok(paused) => paused,
             Err(error) if farewell.is_some() => {
-                let reason = format!("shutting down (the tunnel could not leave the kernel path to say goodbye: {error})");
+                let why = farewell.map_or("", |(why, _)| why);
+                let reason = format!(
+                    "{why} (the tunnel could not leave the kernel path to say goodbye: {error})"
+                );
                 return self.close(reason, false, out);
             }
             Err(error) => {
@@ -591,8 +594,8 @@ impl Connection {
         self.stage = Stage::Relaying(relay);
         out.push_back(Action::ArmDeadline(deadline));
         self.on_kernel_delivering(paused.to_client, paused.to_upstream, now_ns, services, out);
-        if let Some(reason) = farewell {
-            self.say_goodbye(reason, now_ns, services, out);
+        if let Some((reason, code)) = farewell {
+            self.say_goodbye(reason, code, now_ns, services, out);
         }
     }
 

@@ -64,6 +64,7 @@ fn pool(servers: &[&str]) -> UpstreamConfig {
         slow_start: Duration::ZERO,
         send_proxy_protocol: false,
         health_check: None,
+        rebalance: None,
         fail_timeout: Duration::from_secs(10),
         keepalive: 32,
         keepalive_timeout: Duration::from_secs(60),

@@ -5,6 +5,7 @@
 mod execute;
 mod handover;
 mod reads;
+mod rebalance;
 mod relay;
 mod reload;
 mod ring;

@@ -249,6 +249,21 @@ impl Table {
         self.live
     }
 
+    /// Up to `max` occupied slots from slot `start` on, and where the next call starts (0
+    /// once the end is reached: a walk in steps over the table).
+    pub fn slots_from(&self, start: u32, max: usize) -> (Vec<u32>, u32) {
+        let end = self.entries.len() as u32;
+        let mut slots = Vec::new();
+        let mut slot = start.min(end);
+        while slot < end && slots.len() < max {
+            if self.entries[slot as usize].is_some() {
+                slots.push(slot);
+            }
+            slot += 1;
+        }
+        (slots, if slot >= end { 0 } else { slot })
+    }
+
     /// Every occupied slot.
     pub fn slots(&self) -> Vec<u32> {
         (0..self.entries.len() as u32)

@@ -119,7 +119,9 @@ pub struct Worker {
     pub(super) scratch: Box<[u8]>,
     tick: Box<types::Timespec>,
     shutdown: Arc<AtomicBool>,
-    drain_deadline_ns: Option<u64>,
+    pub(super) drain_deadline_ns: Option<u64>,
+    /// Where the rebalancing walk over the table goes on from.
+    pub(super) rebalance_cursor: u32,
     /// The connections the drain's spread window closes one by one, once it began.
     spread: Option<SpreadClose>,
     /// The periodic tick completed since the last loop turn.
@@ -194,6 +196,7 @@ impl Worker {
             tick: Box::new(types::Timespec::from(TICK)),
             shutdown,
             drain_deadline_ns: None,
+            rebalance_cursor: 0,
             spread: None,
             ticked: false,
             backlog_checks: Vec::new(),
@@ -247,6 +250,7 @@ impl Worker {
                 self.check_backlogs_again();
                 self.sweep_idle_upstreams(now);
                 self.hand_over_tunnels();
+                self.rebalance(now);
             }
             if self.manage_shutdown(now) {
                 tracing::debug!(worker = self.index, "worker stopped");

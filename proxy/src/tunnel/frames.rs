@@ -184,10 +184,30 @@ impl FrameTracker {
     }
 }
 
-/// The Close frame (RFC 6455 §5.5.1) with status 1001 "going away": unmasked towards a client,
-/// masked with `mask` towards a server (frames from a client must be masked).
-pub fn going_away(mask: Option<[u8; 4]>) -> Vec<u8> {
-    let code = 1001u16.to_be_bytes();
+/// The status of a Close frame the proxy sends of its own (RFC 6455 §7.4.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCode {
+    /// 1001 "going away": the proxy shuts down.
+    GoingAway,
+    /// 1012 "service restart": the tunnel moves to another server (rebalancing); clients
+    /// reconnect, and the balancer places them anew.
+    ServiceRestart,
+}
+
+impl CloseCode {
+    /// Its number on the wire.
+    pub fn value(self) -> u16 {
+        match self {
+            CloseCode::GoingAway => 1001,
+            CloseCode::ServiceRestart => 1012,
+        }
+    }
+}
+
+/// The Close frame (RFC 6455 §5.5.1) with status `code`: unmasked towards a client, masked
+/// with `mask` towards a server (frames from a client must be masked).
+pub fn close_frame(code: CloseCode, mask: Option<[u8; 4]>) -> Vec<u8> {
+    let code = code.value().to_be_bytes();
     match mask {
         None => vec![0x88, 0x02, code[0], code[1]],
         Some(key) => vec![
@@ -326,13 +346,15 @@ mod tests {
     }
 
     #[test]
-    fn going_away_frames_parse_as_one_close_frame_with_1001() {
-        let plain = going_away(None);
+    fn close_frames_parse_as_one_close_frame_with_their_code() {
+        let plain = close_frame(CloseCode::GoingAway, None);
         assert_eq!(plain, [0x88, 0x02, 0x03, 0xe9]);
-        let masked = going_away(Some([0xa, 0xb, 0xc, 0xd]));
+        let masked = close_frame(CloseCode::GoingAway, Some([0xa, 0xb, 0xc, 0xd]));
         assert_eq!(masked[1], 0x82);
         assert_eq!([masked[6] ^ 0xa, masked[7] ^ 0xb], [0x03, 0xe9]);
-        for bytes in [plain, masked] {
+        let restart = close_frame(CloseCode::ServiceRestart, None);
+        assert_eq!(restart, [0x88, 0x02, 0x03, 0xf4]);
+        for bytes in [plain, masked, restart] {
             let mut tracker = FrameTracker::at_boundary();
             tracker.feed(&bytes[..bytes.len() - 1]);
             assert!(!tracker.is_at_boundary());

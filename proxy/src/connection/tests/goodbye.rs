@@ -159,3 +159,36 @@ fn a_spliced_tunnel_leaves_the_kernel_to_say_goodbye() {
     assert_eq!(drain_deadline(&mut h), vec![Action::PauseSplice]);
     assert!(!h.conn.is_closing());
 }
+
+#[test]
+fn rebalancing_says_goodbye_with_1012_and_counts_the_tunnel_moved() {
+    let mut h = quiet();
+    assert!(h.conn.is_open_tunnel());
+    let actions = h.event(|c, now, s, out| {
+        assert!(c.rebalance(now, s, out));
+    });
+    assert_eq!(close_to(&actions, Side::Client), Some(1012));
+    assert_eq!(close_to(&actions, Side::Upstream), Some(1012));
+    assert!(!h.conn.is_open_tunnel(), "saying goodbye: not moved twice");
+    assert!(!h.event(|c, now, s, out| assert!(!c.rebalance(now, s, out))).iter().any(
+        |a| matches!(a, Action::Send(..))
+    ));
+    h.sent(Side::Client);
+    h.sent(Side::Upstream);
+    h.read_end(Side::Client);
+    assert!(closes(&h.read_end(Side::Upstream), false));
+    assert!(h.reason().contains("rebalancing"), "{}", h.reason());
+    assert!(h.reason().contains("Close 1012"), "{}", h.reason());
+    assert_eq!(h.services.metrics.tunnels_rebalanced.get(), 1);
+    assert_eq!(h.services.metrics.drain_goodbyes.get(), 0);
+}
+
+#[test]
+fn a_request_is_not_rebalanced() {
+    let mut h = Harness::accept(DataPath::Relay, false);
+    assert!(!h.conn.is_open_tunnel());
+    assert_eq!(
+        h.event(|c, now, s, out| assert!(!c.rebalance(now, s, out))),
+        vec![]
+    );
+}
