@@ -1,6 +1,8 @@
-//! The admin listener: `GET /metrics` (Prometheus text), `/healthz` and `/readyz`, and
+//! The admin listener: `GET /metrics` (Prometheus text), `/healthz` and `/readyz`,
 //! `POST /reload` (what `wsplice reload` sends: the config file is read again, as on `SIGHUP`,
-//! and the answer says whether it was applied).
+//! and the answer says whether it was applied), `POST /upgrade` (a binary upgrade),
+//! `GET /upstreams` (every pool's servers with their state, JSON) and `PUT /upstreams/NAME`
+//! (a pool's servers set at run time: where service discovery plugs in).
 //!
 //! Off the hot path: an accept thread and a short-lived thread per request (at most
 //! [`MAX_CONCURRENT`] at once), one request per connection, short timeouts. A slow client
@@ -13,6 +15,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::{server_entry, split_servers, NamedServer, ServerConfig};
 use crate::metrics::Metrics;
 
 /// The admin listener could not start.
@@ -44,11 +47,29 @@ pub type UpgradeRequest = Sender<Result<u32, String>>;
 /// start).
 const UPGRADE_WAIT: Duration = Duration::from_secs(45);
 
+/// `PUT /upstreams/NAME`: a pool's servers to set at run time, and where the main thread
+/// sends its outcome (the generation that serves them, or why not).
+pub type ServersRequest = (ServersChange, Sender<Result<u64, String>>);
+
+/// A pool's servers as `PUT /upstreams/NAME` gives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServersChange {
+    /// The pool.
+    pub pool: String,
+    /// Its servers: by address, and by name.
+    pub servers: (Vec<ServerConfig>, Vec<NamedServer>),
+}
+
+/// Largest body `PUT /upstreams/NAME` takes (thousands of servers).
+const MAX_BODY: usize = 256 * 1024;
+
 /// What the admin listener may ask of the main thread, and when it must stop.
 #[derive(Debug, Default)]
 pub struct Controls {
     /// Where `POST /reload` sends its requests (`None`: not possible).
     pub reload: Option<Sender<ReloadRequest>>,
+    /// Where `PUT /upstreams/NAME` sends its requests (`None`: not possible).
+    pub servers: Option<Sender<ServersRequest>>,
     /// Where `POST /upgrade` sends its requests (`None`: not possible).
     pub upgrade: Option<Sender<UpgradeRequest>>,
     /// Set when a successor took the admin socket over: this process stops accepting on it.
@@ -67,6 +88,8 @@ struct State {
     reload: Option<std::sync::Mutex<Sender<ReloadRequest>>>,
     /// Where `POST /upgrade` asks the main thread to upgrade (`None`: not possible).
     upgrade: Option<std::sync::Mutex<Sender<UpgradeRequest>>>,
+    /// Where `PUT /upstreams/NAME` asks the main thread to change a pool (`None`: not possible).
+    servers: Option<std::sync::Mutex<Sender<ServersRequest>>>,
     retired: Arc<AtomicBool>,
     in_flight: AtomicUsize,
 }
@@ -136,6 +159,7 @@ impl AdminListener {
             draining,
             reload: controls.reload.map(std::sync::Mutex::new),
             upgrade: controls.upgrade.map(std::sync::Mutex::new),
+            servers: controls.servers.map(std::sync::Mutex::new),
             retired: controls.retired,
             in_flight: AtomicUsize::new(0),
         });
@@ -203,25 +227,132 @@ fn answer(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
         len += n;
     }
     let draining = state.draining.load(Ordering::Relaxed);
-    let (status, body) = if head[..len].starts_with(b"POST /reload ") {
+    let request = &head[..len];
+    let (status, body) = if request.starts_with(b"POST /reload ") {
         reload(state)
-    } else if head[..len].starts_with(b"POST /upgrade ") {
+    } else if request.starts_with(b"POST /upgrade ") {
         upgrade(state)
+    } else if let Some(pool) = upstream_path(request, b"PUT ") {
+        let body = read_body(&mut stream, request)?;
+        set_servers(state, pool, &body)
+    } else if request.starts_with(b"GET /upstreams ") {
+        ("200 OK", state.metrics.upstreams.to_json())
     } else {
-        route(&head[..len], &state.metrics, draining)
+        route(request, &state.metrics, draining)
+    };
+    let kind = if body.starts_with('{') || body.starts_with('[') {
+        "application/json"
+    } else {
+        "text/plain; version=0.0.4"
     };
     let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes())
+}
+
+/// The pool named by `METHOD /upstreams/NAME `, if the request is that.
+fn upstream_path(request: &[u8], method: &[u8]) -> Option<String> {
+    let rest = request.strip_prefix(method)?.strip_prefix(b"/upstreams/")?;
+    let end = rest.iter().position(|&b| b == b' ')?;
+    std::str::from_utf8(&rest[..end])
+        .ok()
+        .filter(|name| !name.is_empty() && !name.contains('/'))
+        .map(str::to_owned)
+}
+
+/// The request's body: what follows the head already read (`request`), and the rest of its
+/// `Content-Length` (at most [`MAX_BODY`]).
+fn read_body(stream: &mut TcpStream, request: &[u8]) -> std::io::Result<Vec<u8>> {
+    let Some(head_end) = request.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(Vec::new());
+    };
+    let head = String::from_utf8_lossy(&request[..head_end]);
+    let length = head
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, value)| value.trim().parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(MAX_BODY);
+    let mut body = request[head_end + 4..].to_vec();
+    body.truncate(length);
+    let mut chunk = [0u8; 8192];
+    while body.len() < length {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        let take = n.min(length - body.len());
+        body.extend_from_slice(&chunk[..take]);
+    }
+    Ok(body)
+}
+
+/// `PUT /upstreams/NAME` with `{"servers": ["10.0.0.1:8080", {"addr": "app.internal:8080",
+/// "weight": 2, "max_tunnels": 5000}]}`: asks the main thread to serve the pool with these
+/// servers from now on (new connections; open tunnels stay where they are unless the pool
+/// rebalances) and waits for the outcome.
+fn set_servers(state: &State, pool: String, body: &[u8]) -> (&'static str, String) {
+    let servers = match parse_servers(body) {
+        Ok(servers) => servers,
+        Err(why) => return ("400 Bad Request", format!("{why}\n")),
+    };
+    let change = ServersChange { pool, servers };
+    let unable = "this process cannot change its pools (no config file)";
+    match ask_main_thread(
+        state.servers.as_ref(),
+        |reply| (change, reply),
+        RELOAD_WAIT,
+        unable,
+    ) {
+        Ok(Ok(generation)) => ("200 OK", format!("servers set: generation {generation}\n")),
+        Ok(Err(error)) => ("409 Conflict", format!("refused: {error}\n")),
+        Err(unanswered) => unanswered,
+    }
+}
+
+/// The servers of a `PUT /upstreams/NAME` body, checked as the config file's are.
+fn parse_servers(body: &[u8]) -> Result<(Vec<ServerConfig>, Vec<NamedServer>), String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        servers: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Entry {
+        At(String),
+        Table {
+            addr: String,
+            weight: Option<u32>,
+            max_tunnels: Option<usize>,
+        },
+    }
+    let body: Body = serde_json::from_slice(body).map_err(|error| {
+        format!("the body must be {{\"servers\": [\"IP:port\" | \"name:port\" | {{\"addr\": …, \"weight\": …, \"max_tunnels\": …}}]}}: {error}")
+    })?;
+    let entries = body
+        .servers
+        .into_iter()
+        .map(|entry| match entry {
+            Entry::At(at) => server_entry(&at, None, None),
+            Entry::Table {
+                addr,
+                weight,
+                max_tunnels,
+            } => server_entry(&addr, weight, max_tunnels),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    split_servers(entries)
 }
 
 /// `POST /reload`: asks the main thread to read the config file again and waits for the
 /// outcome.
 fn reload(state: &State) -> (&'static str, String) {
     let unable = "this process cannot reload (no config file)";
-    match ask_main_thread(state.reload.as_ref(), RELOAD_WAIT, unable) {
+    match ask_main_thread(state.reload.as_ref(), |reply| reply, RELOAD_WAIT, unable) {
         Ok(Ok(generation)) => ("200 OK", format!("reloaded: generation {generation}\n")),
         Ok(Err(error)) => ("409 Conflict", format!("refused: {error}\n")),
         Err(unanswered) => unanswered,
@@ -232,7 +363,7 @@ fn reload(state: &State) -> (&'static str, String) {
 /// failed.
 fn upgrade(state: &State) -> (&'static str, String) {
     let unable = "this process cannot upgrade";
-    match ask_main_thread(state.upgrade.as_ref(), UPGRADE_WAIT, unable) {
+    match ask_main_thread(state.upgrade.as_ref(), |reply| reply, UPGRADE_WAIT, unable) {
         Ok(Ok(pid)) => ("200 OK", format!("upgraded: successor pid {pid}\n")),
         Ok(Err(error)) => (
             "500 Internal Server Error",
@@ -242,10 +373,12 @@ fn upgrade(state: &State) -> (&'static str, String) {
     }
 }
 
-/// Sends a request to the main thread through `requests` and waits at most `wait` for its
-/// outcome; a 503 answer when it cannot be asked (`unable`), is stopping or does not answer.
-fn ask_main_thread<T>(
-    requests: Option<&std::sync::Mutex<Sender<Request<T>>>>,
+/// Sends a request to the main thread through `requests` (the message `message` makes of
+/// where to answer) and waits at most `wait` for its outcome; a 503 answer when it cannot be
+/// asked (`unable`), is stopping or does not answer.
+fn ask_main_thread<T, M>(
+    requests: Option<&std::sync::Mutex<Sender<M>>>,
+    message: impl FnOnce(Request<T>) -> M,
     wait: Duration,
     unable: &str,
 ) -> Result<Result<T, String>, (&'static str, String)> {
@@ -257,7 +390,7 @@ fn ask_main_thread<T>(
     let sent = requests
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .send(reply);
+        .send(message(reply));
     if sent.is_err() {
         return Err(unavailable("the proxy is stopping"));
     }
@@ -355,6 +488,7 @@ mod tests {
             draining: Arc::default(),
             reload: Some(std::sync::Mutex::new(requests)),
             upgrade: None,
+            servers: None,
             retired: Arc::default(),
             in_flight: AtomicUsize::new(0),
         };
@@ -392,6 +526,7 @@ mod tests {
             draining: Arc::default(),
             reload: None,
             upgrade: Some(std::sync::Mutex::new(requests)),
+            servers: None,
             retired: Arc::default(),
             in_flight: AtomicUsize::new(0),
         };
@@ -424,6 +559,58 @@ mod tests {
         assert_eq!(status_of(readyz, &metrics, false), "200 OK");
         assert_eq!(status_of(readyz, &metrics, true), "503 Service Unavailable");
         assert_eq!(status_of(healthz, &metrics, true), "200 OK");
+    }
+
+    #[test]
+    fn put_upstreams_checks_the_servers_then_asks_the_main_thread() {
+        let (requests, inbox) = mpsc::channel::<ServersRequest>();
+        let state = State {
+            metrics: Arc::default(),
+            draining: Arc::default(),
+            reload: None,
+            upgrade: None,
+            servers: Some(std::sync::Mutex::new(requests)),
+            retired: Arc::default(),
+            in_flight: AtomicUsize::new(0),
+        };
+        let main = std::thread::spawn(move || {
+            let (change, reply) = inbox.recv().unwrap();
+            reply.send(Ok(7)).unwrap();
+            change
+        });
+        let body = br#"{"servers": ["10.0.0.1:80", {"addr": "app.internal:8080", "weight": 2}]}"#;
+        assert_eq!(
+            set_servers(&state, "app".into(), body),
+            ("200 OK", "servers set: generation 7\n".into())
+        );
+        let change = main.join().unwrap();
+        assert_eq!(change.pool, "app");
+        assert_eq!(
+            change.servers.0,
+            vec![ServerConfig::at("10.0.0.1:80".parse().unwrap())]
+        );
+        assert_eq!(
+            (
+                change.servers.1[0].host.as_str(),
+                change.servers.1[0].weight
+            ),
+            ("app.internal", 2)
+        );
+        for bad in [
+            &br#"{"servers": []}"#[..],
+            br#"{"servers": ["10.0.0.1:80", "10.0.0.1:80"]}"#,
+            br#"{"servers": [{"addr": "10.0.0.1:80", "weight": 0}]}"#,
+            br#"{"hosts": []}"#,
+            b"10.0.0.1:80",
+        ] {
+            assert_eq!(set_servers(&state, "app".into(), bad).0, "400 Bad Request");
+        }
+        assert_eq!(
+            upstream_path(b"PUT /upstreams/app HTTP/1.1", b"PUT "),
+            Some("app".into())
+        );
+        assert_eq!(upstream_path(b"PUT /upstreams/ HTTP/1.1", b"PUT "), None);
+        assert_eq!(upstream_path(b"PUT /upstreams/a/b HTTP/1.1", b"PUT "), None);
     }
 
     fn get(addr: SocketAddr, path: &str) -> String {

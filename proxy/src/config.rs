@@ -210,6 +210,71 @@ pub struct ServerConfig {
     pub max_tunnels: Option<usize>,
 }
 
+/// A server given by DNS name: its addresses are resolved at start and again on their
+/// records' TTL; each address is a server of the pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedServer {
+    /// The name (lower case, no trailing dot).
+    pub host: String,
+    /// The port of each of its addresses.
+    pub port: u16,
+    /// `weight` of each of its addresses.
+    pub weight: u32,
+    /// `max_tunnels` of each of its addresses.
+    pub max_tunnels: Option<usize>,
+}
+
+impl NamedServer {
+    /// The server at one of its addresses.
+    pub fn at(&self, ip: std::net::IpAddr) -> ServerConfig {
+        ServerConfig {
+            addr: SocketAddr::new(ip, self.port),
+            weight: self.weight,
+            max_tunnels: self.max_tunnels,
+        }
+    }
+}
+
+/// One entry of a pool's `servers`: an address, or a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerEntry {
+    /// `IP:port`.
+    Addr(ServerConfig),
+    /// `name:port`.
+    Named(NamedServer),
+}
+
+/// A pool's entries split into addresses and names, refusing an address or a name listed
+/// twice (a pool must have at least one entry).
+pub fn split_servers(
+    entries: Vec<ServerEntry>,
+) -> Result<(Vec<ServerConfig>, Vec<NamedServer>), String> {
+    if entries.is_empty() {
+        return Err("no servers".into());
+    }
+    let (mut addrs, mut names) = (Vec::<ServerConfig>::new(), Vec::<NamedServer>::new());
+    for entry in entries {
+        match entry {
+            ServerEntry::Addr(server) if addrs.iter().any(|s| s.addr == server.addr) => {
+                return Err(format!("server {} is listed twice", server.addr));
+            }
+            ServerEntry::Named(named)
+                if names
+                    .iter()
+                    .any(|n| n.host == named.host && n.port == named.port) =>
+            {
+                return Err(format!(
+                    "server {}:{} is listed twice",
+                    named.host, named.port
+                ));
+            }
+            ServerEntry::Addr(server) => addrs.push(server),
+            ServerEntry::Named(named) => names.push(named),
+        }
+    }
+    Ok((addrs, names))
+}
+
 impl ServerConfig {
     /// A server at `addr` with the defaults (weight 1, no limit).
     pub fn at(addr: SocketAddr) -> ServerConfig {
@@ -224,8 +289,11 @@ impl ServerConfig {
 /// One upstream pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
-    /// Servers (at least one).
+    /// Servers by address (with `named`, at least one entry).
     pub servers: Vec<ServerConfig>,
+    /// Servers by DNS name: each resolved address is a server (the running pool's servers
+    /// are `servers` and those addresses, see `upstream::membership`).
+    pub named: Vec<NamedServer>,
     /// Balancing.
     pub balance: Balance,
     /// `slow_start`: a server that comes back (its health check passes again, or its passive
@@ -528,21 +596,10 @@ struct RawRebalance {
     tolerance: Option<Spanned<f64>>,
 }
 
-/// A server: `"10.0.0.1:8080"`, or `{ addr = "10.0.0.1:8080", weight = 2, max_tunnels = 5000 }`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RawServer {
-    Addr(String),
-    Table(RawServerTable),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawServerTable {
-    addr: Spanned<String>,
-    weight: Option<Spanned<u32>>,
-    max_tunnels: Option<Spanned<usize>>,
-}
+/// A server: `"10.0.0.1:8080"`, or `{ addr = "10.0.0.1:8080", weight = 2, max_tunnels = 5000 }`
+/// (read as a TOML value and picked apart by hand: serde's untagged enums lose the spans and
+/// say only that nothing matched).
+type RawServer = toml::Value;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -799,20 +856,14 @@ impl RawUpstream {
                 format!("upstream {name:?} has no servers"),
             ));
         }
-        let mut servers: Vec<ServerConfig> = Vec::new();
-        for raw in self.servers.get_ref() {
-            let server = raw_server(raw)?;
-            if servers.iter().any(|s| s.addr == server.addr) {
-                return Err(spot(
-                    raw,
-                    format!(
-                        "server {} is listed twice in upstream {name:?}",
-                        server.addr
-                    ),
-                ));
-            }
-            servers.push(server);
-        }
+        let entries = self
+            .servers
+            .get_ref()
+            .iter()
+            .map(raw_server)
+            .collect::<Result<Vec<_>, _>>()?;
+        let (servers, named) = split_servers(entries)
+            .map_err(|why| spot(&self.servers, format!("upstream {name:?}: {why}")))?;
         let balance = self.balance()?;
         let rebalance = self.rebalance(&balance)?;
         let fail_timeout = match &self.fail_timeout {
@@ -835,6 +886,7 @@ impl RawUpstream {
         };
         Ok(UpstreamConfig {
             servers,
+            named,
             balance,
             slow_start: self
                 .slow_start
@@ -870,7 +922,12 @@ impl RawUpstream {
         let per_second = match &raw.rate {
             None => 10,
             Some(rate) if (1..=100_000).contains(rate.get_ref()) => *rate.get_ref(),
-            Some(rate) => return Err(spot(rate, "rate must be between 1 and 100000 tunnels a second")),
+            Some(rate) => {
+                return Err(spot(
+                    rate,
+                    "rate must be between 1 and 100000 tunnels a second",
+                ))
+            }
         };
         let tolerance = match &raw.tolerance {
             None => 10,
@@ -941,44 +998,110 @@ const DEFAULT_HASH_LOAD_FACTOR: u32 = 125;
 const MAX_WEIGHT: u32 = 256;
 
 /// One entry of `servers`.
-fn raw_server(raw: &Spanned<RawServer>) -> Result<ServerConfig, Spot> {
-    let addr_of = |text: &str| {
-        text.parse::<SocketAddr>().map_err(|_| {
-            spot(
-                raw,
-                format!("{text:?} is not an IP:port address (e.g. \"127.0.0.1:8080\")"),
-            )
-        })
-    };
+fn raw_server(raw: &Spanned<RawServer>) -> Result<ServerEntry, Spot> {
+    let at_entry = |why: String| spot(raw, why);
     match raw.get_ref() {
-        RawServer::Addr(text) => Ok(ServerConfig::at(addr_of(text)?)),
-        RawServer::Table(table) => {
-            let weight = match &table.weight {
-                None => 1,
-                Some(w) if (1..=MAX_WEIGHT).contains(w.get_ref()) => *w.get_ref(),
-                Some(w) => {
-                    return Err(spot(
-                        w,
-                        format!("weight must be between 1 and {MAX_WEIGHT}"),
-                    ))
+        toml::Value::String(text) => server_entry(text, None, None).map_err(at_entry),
+        toml::Value::Table(table) => {
+            if let Some(key) = table
+                .keys()
+                .find(|key| !["addr", "weight", "max_tunnels"].contains(&key.as_str()))
+            {
+                return Err(at_entry(format!(
+                    "unknown key {key:?} in a server (addr, weight, max_tunnels)"
+                )));
+            }
+            let addr = table
+                .get("addr")
+                .and_then(toml::Value::as_str)
+                .ok_or_else(|| at_entry("a server table needs addr = \"IP:port\"".into()))?;
+            let number = |key: &str| -> Result<Option<u64>, Spot> {
+                match table.get(key) {
+                    None => Ok(None),
+                    Some(value) => value
+                        .as_integer()
+                        .and_then(|n| u64::try_from(n).ok())
+                        .map(Some)
+                        .ok_or_else(|| at_entry(format!("{key} must be a positive integer"))),
                 }
             };
-            let max_tunnels = match &table.max_tunnels {
-                Some(max) if *max.get_ref() == 0 => {
-                    return Err(spot(
-                        max,
-                        "max_tunnels must be at least 1 (leave it out: no limit)",
-                    ))
-                }
-                other => other.as_ref().map(|max| *max.get_ref()),
-            };
-            Ok(ServerConfig {
-                addr: parse_addr(&table.addr)?,
-                weight,
-                max_tunnels,
-            })
+            let weight = number("weight")?.map(|w| u32::try_from(w).unwrap_or(u32::MAX));
+            let max_tunnels =
+                number("max_tunnels")?.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
+            server_entry(addr, weight, max_tunnels).map_err(at_entry)
         }
+        _ => Err(at_entry(
+            "a server is \"IP:port\", \"name:port\" or { addr = …, weight = …, max_tunnels = … }"
+                .into(),
+        )),
     }
+}
+
+/// A server entry from its parts, as the config file and the admin endpoint give them: `at`
+/// is `IP:port` or `name:port`, `weight` 1–256 (default 1), `max_tunnels` at least 1 (default:
+/// no limit).
+pub fn server_entry(
+    at: &str,
+    weight: Option<u32>,
+    max_tunnels: Option<usize>,
+) -> Result<ServerEntry, String> {
+    let weight = weight.map_or(Ok(1), check_weight)?;
+    if let Some(max) = max_tunnels {
+        check_max_tunnels(max)?;
+    }
+    if let Ok(addr) = at.parse::<SocketAddr>() {
+        return Ok(ServerEntry::Addr(ServerConfig {
+            addr,
+            weight,
+            max_tunnels,
+        }));
+    }
+    let wrong = || {
+        format!(
+            "{at:?} is neither IP:port nor name:port (e.g. \"127.0.0.1:8080\", \"app.internal:8080\")"
+        )
+    };
+    let (host, port) = at.rsplit_once(':').ok_or_else(wrong)?;
+    let port: u16 = port.parse().ok().filter(|&p| p != 0).ok_or_else(wrong)?;
+    if !is_host_name(host) {
+        return Err(wrong());
+    }
+    Ok(ServerEntry::Named(NamedServer {
+        host: host.trim_end_matches('.').to_ascii_lowercase(),
+        port,
+        weight,
+        max_tunnels,
+    }))
+}
+
+/// A DNS name: dot-separated labels of letters, digits, `-` and `_`, each 1–63 bytes, at most
+/// 253 in all (a trailing dot allowed), not all digits (that would be a mistyped address).
+fn is_host_name(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        && !host.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+}
+
+fn check_weight(weight: u32) -> Result<u32, String> {
+    if (1..=MAX_WEIGHT).contains(&weight) {
+        Ok(weight)
+    } else {
+        Err(format!("weight must be between 1 and {MAX_WEIGHT}"))
+    }
+}
+
+fn check_max_tunnels(max: usize) -> Result<(), String> {
+    if max == 0 {
+        return Err("max_tunnels must be at least 1 (leave it out: no limit)".into());
+    }
+    Ok(())
 }
 
 /// `hash_key`: `client_ip`, `path`, `header:NAME` or `cookie:NAME`.

@@ -17,8 +17,10 @@
 //! is full the pool answers 503.
 
 mod balance;
+pub mod dns;
 pub mod health;
 mod keepalive;
+pub mod membership;
 
 pub use balance::{Balancer, Load, FULL_RAMP};
 pub use keepalive::{IdleConnections, Keepalive};
@@ -211,7 +213,8 @@ impl Pool {
         let open = member.state.open() as u128;
         let weight = u128::from(member.weight);
         // open > share × (1 + tolerance) and open − 1 ≥ share, share = total × weight / weights.
-        let above = open * weights * 100 > total * weight * (100 + u128::from(rebalancing.tolerance));
+        let above =
+            open * weights * 100 > total * weight * (100 + u128::from(rebalancing.tolerance));
         let whole = open.saturating_sub(1) * weights >= total * weight;
         above && whole
     }
@@ -247,7 +250,9 @@ impl Pool {
     /// A server that may take new connections: up, not marked by a failure, under its
     /// `max_tunnels`.
     fn takes_more(&self, member: &Member, now_ns: u64) -> bool {
-        member.state.is_up() && !member.state.is_marked(now_ns) && member.state.open() < member.max_open
+        member.state.is_up()
+            && !member.state.is_marked(now_ns)
+            && member.state.open() < member.max_open
     }
 
     /// Some server that may take connections holds less than its share: moved tunnels have
@@ -268,6 +273,11 @@ impl Pool {
     /// The pool's name in the config.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// No servers at all (its servers are all names not resolved yet, or none resolved).
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
     }
 
     /// Upstream connections begin with a PROXY v2 header (`send_proxy_protocol`).
@@ -524,6 +534,27 @@ impl Registry {
         }
     }
 
+    /// Every pool's servers with their state, as JSON (`GET /upstreams`): `{"pools": {NAME:
+    /// [{"server": "IP:port", "up": true, "tunnels": N}, …]}}`.
+    pub fn to_json(&self) -> String {
+        let mut pools = serde_json::Map::new();
+        for published in &self.lock().current {
+            let servers = pools
+                .entry(published.pool.clone())
+                .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+            if let serde_json::Value::Array(servers) = servers {
+                servers.push(serde_json::json!({
+                    "server": published.state.addr.to_string(),
+                    "up": published.state.is_up(),
+                    "tunnels": published.state.open(),
+                }));
+            }
+        }
+        let mut text = serde_json::json!({ "pools": pools }).to_string();
+        text.push('\n');
+        text
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Servers> {
         // Plain maps and vectors: usable after a panic elsewhere poisoned the lock.
         self.inner
@@ -544,6 +575,7 @@ mod tests {
                 .iter()
                 .map(|s| ServerConfig::at(s.parse().unwrap()))
                 .collect(),
+            named: Vec::new(),
             balance: Balance::RoundRobin,
             slow_start: Duration::ZERO,
             send_proxy_protocol: false,
@@ -711,13 +743,20 @@ mod tests {
 
     #[test]
     fn rebalancing_moves_tunnels_off_servers_above_their_share_at_its_rate() {
-        let mut c = config(&["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"], Duration::ZERO);
+        let mut c = config(
+            &["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"],
+            Duration::ZERO,
+        );
         c.rebalance = Some(crate::config::Rebalance {
             per_second: 10,
             tolerance: 10,
         });
         let p = Pool::new("p", &c, &Registry::default());
-        let (one, two, three) = (addr("127.0.0.1:1"), addr("127.0.0.1:2"), addr("127.0.0.1:3"));
+        let (one, two, three) = (
+            addr("127.0.0.1:1"),
+            addr("127.0.0.1:2"),
+            addr("127.0.0.1:3"),
+        );
         // 30 tunnels on two servers, the third just added: 15 each against a share of 10.
         let mut leases: Vec<Lease> = (0..15).map(|_| p.lease(one).unwrap()).collect();
         leases.extend((0..15).map(|_| p.lease(two).unwrap()));
@@ -738,13 +777,18 @@ mod tests {
         // Within the tolerance: 11, 10, 9 is left alone.
         let _extra = p.lease(one).unwrap();
         drop(leases.pop()); // one of the third's
-        assert!(!p.is_over_share(one, 0), "11 against a share of 10 is within 10%");
+        assert!(
+            !p.is_over_share(one, 0),
+            "11 against a share of 10 is within 10%"
+        );
     }
 
     #[test]
     fn without_rebalancing_nothing_is_over_its_share() {
         let p = pool(&["127.0.0.1:1", "127.0.0.1:2"], Duration::ZERO);
-        let _leases: Vec<Lease> = (0..5).map(|_| p.lease(addr("127.0.0.1:1")).unwrap()).collect();
+        let _leases: Vec<Lease> = (0..5)
+            .map(|_| p.lease(addr("127.0.0.1:1")).unwrap())
+            .collect();
         assert!(!p.needs_rebalancing(0));
         assert!(!p.take_move(0));
     }

@@ -140,10 +140,150 @@ fn syntax_and_type_errors_have_positions() {
 }
 
 #[test]
+fn servers_are_addresses_names_or_tables_with_weights_and_limits() {
+    let config = Config::parse(&MINIMAL.replace(
+        "\"127.0.0.1:9001\"",
+        "\"127.0.0.1:9001\", \"App.Internal.:8080\", { addr = \"127.0.0.1:9002\", weight = 3, max_tunnels = 50 }",
+    ))
+    .unwrap();
+    let pool = &config.upstreams["default"];
+    assert_eq!(pool.servers.len(), 2);
+    assert_eq!(pool.servers[1].weight, 3);
+    assert_eq!(pool.servers[1].max_tunnels, Some(50));
+    assert_eq!(pool.named.len(), 1);
+    assert_eq!(
+        (pool.named[0].host.as_str(), pool.named[0].port),
+        ("app.internal", 8080)
+    );
+    assert_eq!(pool.balance, Balance::LeastConnections, "the default");
+    for (entry, wanted) in [
+        (
+            "{ addr = \"127.0.0.1:1\", weight = 0 }",
+            "weight must be between 1 and 256",
+        ),
+        (
+            "{ addr = \"127.0.0.1:1\", max_tunnels = 0 }",
+            "max_tunnels must be at least 1",
+        ),
+        (
+            "{ addr = \"127.0.0.1:1\", wieght = 2 }",
+            "unknown key \"wieght\"",
+        ),
+        ("{ weight = 2 }", "needs addr"),
+        ("\"127.0.0.1:9001\"", "listed twice"),
+        ("\"1.2.3:80\"", "neither IP:port nor name:port"),
+        ("\"app.internal\"", "neither IP:port nor name:port"),
+        ("7", "a server is"),
+    ] {
+        let text = MINIMAL.replace(
+            "\"127.0.0.1:9001\"",
+            &format!("\"127.0.0.1:9001\", {entry}"),
+        );
+        let e = error(&text);
+        assert!(e.message.contains(wanted), "{entry}: {e}");
+        assert_eq!(e.line, 9, "{e}");
+    }
+}
+
+#[test]
+fn balancing_health_checks_and_rebalancing_are_checked() {
+    let with = |extra: &str| {
+        MINIMAL.replace(
+            "[upstream.default]\n",
+            &format!("[upstream.default]\n{extra}\n"),
+        )
+    };
+    let config = Config::parse(&with(
+        "balance = \"consistent_hash\"\nhash_key = \"header:X-User\"\nhash_load_factor = 1.5",
+    ))
+    .unwrap();
+    assert_eq!(
+        config.upstreams["default"].balance,
+        Balance::ConsistentHash {
+            key: HashKey::Header("X-User".into()),
+            load_factor: 150
+        }
+    );
+    for (extra, wanted) in [
+        ("balance = \"fastest\"", "is not known"),
+        (
+            "hash_key = \"path\"",
+            "hash_key is for balance = \"consistent_hash\"",
+        ),
+        (
+            "balance = \"consistent_hash\"\nhash_key = \"header:\"",
+            "is not known",
+        ),
+        (
+            "balance = \"consistent_hash\"\nhash_load_factor = 0.5",
+            "between 1.0",
+        ),
+        (
+            "balance = \"consistent_hash\"\nrebalance = { rate = 5 }",
+            "does not go with consistent_hash",
+        ),
+        ("rebalance = { rate = 0 }", "rate must be between"),
+        (
+            "health_check = { kind = \"icmp\" }",
+            "kind \"icmp\" is not known",
+        ),
+        (
+            "health_check = { interval = \"1s\", timeout = \"2s\" }",
+            "at most the interval",
+        ),
+        (
+            "health_check = { kind = \"http\", path = \"healthz\" }",
+            "must start with '/'",
+        ),
+        ("health_check = { rise = 0 }", "between 1 and 100"),
+    ] {
+        let e = error(&with(extra));
+        assert!(e.message.contains(wanted), "{extra}: {e}");
+    }
+    let config = Config::parse(&with("rebalance = { rate = 20, tolerance = 0.25 }\nhealth_check = { kind = \"websocket\", path = \"/ws\" }")).unwrap();
+    let pool = &config.upstreams["default"];
+    assert_eq!(
+        pool.rebalance,
+        Some(crate::config::Rebalance {
+            per_second: 20,
+            tolerance: 25
+        })
+    );
+    assert_eq!(
+        pool.health_check
+            .as_ref()
+            .map(|c| (c.kind.clone(), c.rise, c.fall)),
+        Some((
+            crate::upstream::health::ProbeKind::WebSocket {
+                path: "/ws".into(),
+                host: "localhost".into()
+            },
+            2,
+            3
+        ))
+    );
+}
+
+#[test]
+fn proxy_protocol_needs_trusted_proxies() {
+    let listener = MINIMAL.replace(
+        "bind = \"127.0.0.1:8080\"",
+        "bind = \"127.0.0.1:8080\"\nproxy_protocol = true",
+    );
+    let e = error(&listener);
+    assert!(
+        e.message.contains("proxy_protocol needs trusted_proxies"),
+        "{e}"
+    );
+    let config = Config::parse(&format!("trusted_proxies = [\"10.0.0.0/8\"]\n{listener}")).unwrap();
+    assert!(config.listeners[0].proxy_protocol);
+}
+
+#[test]
 fn bad_values_are_reported_where_they_stand() {
     let e = error(&MINIMAL.replace("127.0.0.1:9001", "localhost"));
     assert_eq!(e.line, 9, "{e}");
-    assert!(e.message.contains("not an IP:port"), "{e}");
+    assert!(e.message.contains("neither IP:port nor name:port"), "{e}");
     let e = error(&format!("{MINIMAL}[timeouts]\nidle = \"ten seconds\"\n"));
     assert_eq!(e.line, 11, "{e}");
     let e = error(&format!("{MINIMAL}[timeouts]\nidle = \"0s\"\n"));

@@ -436,6 +436,13 @@ impl Handshake {
         self.plan = pool.plan(now_ns, key).into_iter();
         match self.next_server(services) {
             Some(first) => Step::Connect(first),
+            None if pool.is_empty() => {
+                let reason = format!(
+                    "upstream {:?} has no servers (its names are not resolved yet)",
+                    pool.name()
+                );
+                self.reject(503, reason)
+            }
             None => {
                 let reason = format!(
                     "every server of upstream {:?} holds its max_tunnels",

@@ -60,6 +60,7 @@ fn route(host: Option<&str>, prefix: Option<&str>, upstream: &str) -> RouteConfi
 fn pool(servers: &[&str]) -> UpstreamConfig {
     UpstreamConfig {
         servers: servers.iter().map(|s| ServerConfig::at(addr(s))).collect(),
+        named: Vec::new(),
         balance: Balance::LeastConnections,
         slow_start: Duration::ZERO,
         send_proxy_protocol: false,

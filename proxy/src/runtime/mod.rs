@@ -8,6 +8,7 @@ mod reads;
 mod rebalance;
 mod relay;
 mod reload;
+mod resolver;
 mod ring;
 mod splice;
 mod stream;
@@ -149,7 +150,18 @@ pub fn serve(
     // Load certificates and bind everything before starting any worker, so a bad file or
     // address fails the start cleanly.
     let tls = tls_configs(config)?;
-    let mut services = Services::new(config, splice.map(Arc::new));
+    // Servers given by name are resolved once before the first generation (a name that does
+    // not resolve leaves its pool without those servers until it does).
+    let resolver_config = crate::upstream::dns::ResolverConfig::system();
+    let mut membership = crate::upstream::membership::Membership::default();
+    for name in membership.names(config) {
+        let result = crate::upstream::dns::resolve(&name, &resolver_config);
+        if let Some(addrs) = resolver::addresses(&name, result) {
+            tracing::info!(name, addresses = ?addrs, "upstream name resolved");
+            membership.resolved(&name, addrs);
+        }
+    }
+    let mut services = Services::new(&membership.effective(config), splice.map(Arc::new));
     // Per-request access lines cost a record each: built only when they would be written.
     services.access_lines = tracing::enabled!(target: "wsplice::access", tracing::Level::INFO);
     services.listeners = config
@@ -164,10 +176,11 @@ pub fn serve(
         .collect();
     let services = Arc::new(services);
     let published = Arc::new(Published::new(Arc::clone(&services), workers));
+    let names = membership.names(config);
     let mut reloader = options
         .reload
         .clone()
-        .map(|source| Reloader::new(source, config.clone(), Arc::clone(&published)));
+        .map(|source| Reloader::new(source, config.clone(), membership, Arc::clone(&published)));
     let shutdown = Arc::new(AtomicBool::new(false));
     let running = Arc::new(AtomicUsize::new(0));
 
@@ -212,6 +225,18 @@ pub fn serve(
     let (reload_requests, reload_inbox) = std::sync::mpsc::channel::<crate::admin::ReloadRequest>();
     let (upgrade_requests, upgrade_inbox) =
         std::sync::mpsc::channel::<crate::admin::UpgradeRequest>();
+    let (servers_requests, servers_inbox) =
+        std::sync::mpsc::channel::<crate::admin::ServersRequest>();
+    // Names are resolved again on their TTLs (a process without a config file to reload has
+    // none to resolve: its pools cannot change).
+    let (answers, resolutions) = std::sync::mpsc::channel::<resolver::Answer>();
+    let resolver = match &reloader {
+        Some(_) => Some(
+            resolver::Resolver::spawn(resolver_config, names, answers)
+                .map_err(RuntimeError::Spawn)?,
+        ),
+        None => None,
+    };
     let mut upgrader = options.launch.clone().map(|launch| {
         upgrade::Upgrader::new(
             launch,
@@ -225,6 +250,7 @@ pub fn serve(
     if let Some(admin) = admin {
         let controls = crate::admin::Controls {
             reload: reloader.is_some().then_some(reload_requests),
+            servers: reloader.is_some().then_some(servers_requests),
             upgrade: upgrader.is_some().then_some(upgrade_requests),
             retired: Arc::clone(&admin_retired),
         };
@@ -302,6 +328,9 @@ pub fn serve(
             // The admin thread may have given up waiting: nobody to tell then.
             let _ = reply.send(reload(reloader.as_mut(), &services.metrics));
         }
+        if let (Some(reloader), Some(resolver)) = (reloader.as_mut(), resolver.as_ref()) {
+            change_members(reloader, resolver, &servers_inbox, &resolutions);
+        }
         upgrade_asked.extend(upgrade_inbox.try_iter().map(Some));
         if !upgrade_asked.is_empty() {
             let outcome = if published.handoff.is_adopting() {
@@ -335,7 +364,7 @@ pub fn serve(
         admin_retired.store(true, Ordering::SeqCst);
     }
     // A request the admin thread still takes is told at once that this process is stopping.
-    drop((reload_inbox, upgrade_inbox));
+    drop((reload_inbox, upgrade_inbox, servers_inbox));
     shutdown.store(true, Ordering::SeqCst);
 
     let mut first_error = None;
@@ -441,6 +470,44 @@ fn reload(
             Err(error)
         }
     }
+}
+
+/// Run-time changes of the pools' servers: those `PUT /upstreams/NAME` asked for, and the
+/// names the resolver thread resolved anew; each change publishes a generation. The resolver
+/// is then told the names the running pools list (a reload may have changed them too).
+fn change_members(
+    reloader: &mut Reloader,
+    resolver: &resolver::Resolver,
+    requests: &std::sync::mpsc::Receiver<crate::admin::ServersRequest>,
+    resolutions: &std::sync::mpsc::Receiver<resolver::Answer>,
+) {
+    for (change, reply) in requests.try_iter() {
+        let outcome = reloader.set_servers(&change.pool, change.servers);
+        match &outcome {
+            Ok(generation) => tracing::info!(
+                pool = change.pool,
+                generation,
+                "servers set at run time: new connections use them"
+            ),
+            Err(error) => tracing::warn!(pool = change.pool, %error, "servers not set"),
+        }
+        let _ = reply.send(outcome.map_err(|error| error.to_string()));
+    }
+    for (name, result) in resolutions.try_iter() {
+        let Some(addrs) = resolver::addresses(&name, result) else {
+            continue;
+        };
+        match reloader.resolved(&name, addrs.clone()) {
+            None => {}
+            Some(Ok(generation)) => {
+                tracing::info!(name, addresses = ?addrs, generation, "upstream name resolved anew: its pools use the new addresses");
+            }
+            Some(Err(error)) => {
+                tracing::warn!(name, %error, "upstream name resolved anew but not applied")
+            }
+        }
+    }
+    resolver.set_names(reloader.names());
 }
 
 /// A certificate or key file changed (a renewal): the listeners' TLS configurations are built

@@ -10,6 +10,11 @@
 //! settings, the account, a listener switching between ws and wss) changes at the next restart:
 //! a reload that changes them logs each one and applies the rest.
 //!
+//! A pool's servers also change without the file: set at run time through the admin endpoint
+//! (`PUT /upstreams/NAME`), or as their DNS names resolve anew (`upstream::membership` keeps
+//! both; the resolver thread is `runtime/resolver.rs`). Each change publishes a generation as
+//! a reload does.
+//!
 //! Certificates are also watched: when a certificate or key file of the running configuration
 //! changes (an ACME renewal), the listeners' TLS configurations are built again from it, the
 //! rest untouched. Either way the ticket keys and session cache carry over, so clients resume
@@ -22,9 +27,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::RuntimeError;
-use crate::config::{Config, ConfigError, ListenerConfig, Splicing};
+use crate::config::{Config, ConfigError, ListenerConfig, NamedServer, ServerConfig, Splicing};
 use crate::listener::{BindError, Listener};
 use crate::services::{ServedListener, Services};
+use crate::upstream::membership::{Membership, MembershipError};
 
 /// How often the certificate and key files are looked at (a `stat` each).
 const CERTIFICATE_CHECK: Duration = Duration::from_secs(2);
@@ -104,6 +110,9 @@ pub enum ReloadError {
     /// address in use).
     #[error(transparent)]
     Bind(#[from] BindError),
+    /// A run-time change names no pool of the configuration.
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
 }
 
 /// Reloads on request: keeps the configuration the process started with, to tell what a new
@@ -113,7 +122,10 @@ pub enum ReloadError {
 pub struct Reloader {
     source: ReloadSource,
     started: Config,
+    /// The file as read last (what `membership` changes at run time applies to).
     applied: Config,
+    /// The pools' servers set at run time and the names' resolved addresses.
+    membership: Membership,
     published: Arc<Published>,
     /// The certificate and key files of `applied`, and what they were when last looked at.
     watched: Vec<(PathBuf, Option<FileStamp>)>,
@@ -141,12 +153,19 @@ impl FileStamp {
 }
 
 impl Reloader {
-    /// A reloader for a process started with `started` (overrides applied).
-    pub fn new(source: ReloadSource, started: Config, published: Arc<Published>) -> Reloader {
+    /// A reloader for a process started with `started` (overrides applied), whose pools run
+    /// with `membership` (the names resolved at start).
+    pub fn new(
+        source: ReloadSource,
+        started: Config,
+        membership: Membership,
+        published: Arc<Published>,
+    ) -> Reloader {
         let watched = watch_list(&started);
         Reloader {
             source,
             applied: started.clone(),
+            membership,
             started,
             published,
             watched,
@@ -167,10 +186,48 @@ impl Reloader {
                 "reload: this setting changed and takes effect at the next restart"
             );
         }
-        let generation = self.publish(&config)?;
+        let dropped = self.membership.reloaded(&config);
+        let generation = self.publish(&self.membership.effective(&config))?;
+        for pool in dropped {
+            tracing::info!(
+                pool,
+                "reload: the file's servers of this pool changed: they replace those set at run time"
+            );
+        }
         self.watched = watch_list(&config);
         self.applied = config;
         Ok(generation)
+    }
+
+    /// `PUT /upstreams/NAME`: serves `pool` with `servers` from now on; returns the
+    /// generation that does (the current one when nothing changes).
+    pub fn set_servers(
+        &mut self,
+        pool: &str,
+        servers: (Vec<ServerConfig>, Vec<NamedServer>),
+    ) -> Result<u64, ReloadError> {
+        if !self.membership.set_servers(&self.applied, pool, servers)? {
+            return Ok(self.published.generation());
+        }
+        self.publish(&self.membership.effective(&self.applied))
+    }
+
+    /// `host` resolved to `addrs`: publishes the pools that list it with its new addresses
+    /// (`None`: no news).
+    pub fn resolved(
+        &mut self,
+        host: &str,
+        addrs: Vec<std::net::IpAddr>,
+    ) -> Option<Result<u64, ReloadError>> {
+        if !self.membership.resolved(host, addrs) {
+            return None;
+        }
+        Some(self.publish(&self.membership.effective(&self.applied)))
+    }
+
+    /// Every name the running pools list (what the resolver thread resolves).
+    pub fn names(&self) -> Vec<String> {
+        self.membership.names(&self.applied)
     }
 
     /// Whether a certificate or key file of the running configuration changed since it was
@@ -194,8 +251,7 @@ impl Reloader {
     /// Builds the listeners' TLS configurations again from the running configuration (its
     /// files read again) and publishes them with everything else unchanged.
     pub fn reload_certificates(&mut self) -> Result<u64, ReloadError> {
-        let applied = self.applied.clone();
-        self.publish(&applied)
+        self.publish(&self.membership.effective(&self.applied))
     }
 
     /// Publishes the generation of `config` after the current one, with the sockets of the

@@ -170,9 +170,10 @@ fn rebalancing_says_goodbye_with_1012_and_counts_the_tunnel_moved() {
     assert_eq!(close_to(&actions, Side::Client), Some(1012));
     assert_eq!(close_to(&actions, Side::Upstream), Some(1012));
     assert!(!h.conn.is_open_tunnel(), "saying goodbye: not moved twice");
-    assert!(!h.event(|c, now, s, out| assert!(!c.rebalance(now, s, out))).iter().any(
-        |a| matches!(a, Action::Send(..))
-    ));
+    assert!(!h
+        .event(|c, now, s, out| assert!(!c.rebalance(now, s, out)))
+        .iter()
+        .any(|a| matches!(a, Action::Send(..))));
     h.sent(Side::Client);
     h.sent(Side::Upstream);
     h.read_end(Side::Client);

@@ -1,0 +1,113 @@
+//! The resolver thread: resolves the DNS names of upstream servers again as their records'
+//! TTLs run out (`upstream::dns`, a stub resolver that sees TTLs), and sends each answer to the
+//! main thread, which publishes the pools with their new addresses (`Reloader::resolved`).
+//!
+//! A name that no longer exists (NXDOMAIN, or no address) leaves its pools; a name whose
+//! resolution fails (no answer, a server failure) keeps its last addresses and is tried again
+//! in [`RETRY`]: a DNS outage must not empty a pool.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::upstream::dns::{resolve, DnsError, Resolved, ResolverConfig};
+
+/// How soon a failed resolution is tried again.
+pub const RETRY: Duration = Duration::from_secs(5);
+/// How often the thread looks at what is due (and whether to stop).
+const ROUND: Duration = Duration::from_millis(100);
+
+/// A name's answer, for the main thread.
+pub type Answer = (String, Result<Resolved, DnsError>);
+
+/// The running resolver thread; it stops when dropped.
+#[derive(Debug)]
+pub struct Resolver {
+    names: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Resolver {
+    /// Starts the thread, resolving `names` (each at once, then on its TTL) through `config`;
+    /// answers go to `answers`.
+    pub fn spawn(
+        config: ResolverConfig,
+        names: Vec<String>,
+        answers: Sender<Answer>,
+    ) -> std::io::Result<Resolver> {
+        let names = Arc::new(Mutex::new(names));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (wanted, stopped) = (Arc::clone(&names), Arc::clone(&stop));
+        std::thread::Builder::new()
+            .name("wsplice-resolver".into())
+            .spawn(move || run(&config, &wanted, &stopped, &answers))?;
+        Ok(Resolver { names, stop })
+    }
+
+    /// The names to resolve from now on (a new one at once; one gone is forgotten).
+    pub fn set_names(&self, names: Vec<String>) {
+        *self.names.lock().unwrap_or_else(PoisonError::into_inner) = names;
+    }
+}
+
+impl Drop for Resolver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn run(
+    config: &ResolverConfig,
+    wanted: &Mutex<Vec<String>>,
+    stop: &AtomicBool,
+    answers: &Sender<Answer>,
+) {
+    let mut due: HashMap<String, Instant> = HashMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        let names = wanted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        due.retain(|name, _| names.contains(name));
+        for name in names {
+            let now = Instant::now();
+            if due.get(&name).is_some_and(|&at| at > now) {
+                continue;
+            }
+            let result = resolve(&name, config);
+            let next = match &result {
+                Ok(resolved) => resolved.ttl,
+                Err(_) => RETRY,
+            };
+            due.insert(name.clone(), Instant::now() + next);
+            if answers.send((name, result)).is_err() {
+                return; // the main thread is gone
+            }
+        }
+        std::thread::sleep(ROUND);
+    }
+}
+
+/// What an answer means for a name's addresses: the new ones (empty when the name is gone),
+/// or `None` to keep the last ones (the resolution failed). Logged either way but the plain
+/// success.
+pub fn addresses(name: &str, result: Result<Resolved, DnsError>) -> Option<Vec<IpAddr>> {
+    match result {
+        Ok(resolved) => Some(resolved.addrs),
+        Err(error @ (DnsError::NameError | DnsError::NoAddresses)) => {
+            tracing::warn!(name, %error, "upstream name has no addresses: its servers leave their pools");
+            Some(Vec::new())
+        }
+        Err(error) => {
+            tracing::warn!(
+                name,
+                error = %crate::error_chain::describe(&error),
+                "upstream name not resolved: its last addresses stay; tried again in 5 s"
+            );
+            None
+        }
+    }
+}
