@@ -244,6 +244,8 @@ pub enum Stage {
     ReadingProxyHeader {
         /// Bytes of it peeked at so far.
         seen: usize,
+        /// The header was refused (its access line is written at info level).
+        refused: bool,
     },
     /// Reading the client's request head.
     ReadingRequest(Box<Handshake>),
@@ -354,7 +356,10 @@ impl Connection {
         } else {
             datapath
         };
-        let stage = Stage::ReadingProxyHeader { seen: 0 };
+        let stage = Stage::ReadingProxyHeader {
+            seen: 0,
+            refused: false,
+        };
         let mut connection = Connection::new(
             id,
             services.log_ids ^ id,
@@ -526,8 +531,14 @@ impl Connection {
             return;
         }
         match (&mut self.stage, side) {
-            (Stage::ReadingProxyHeader { .. }, Side::Client) => {
-                self.close("client closed before its PROXY header".into(), false, out)
+            (Stage::ReadingProxyHeader { seen: 0, .. }, Side::Client) => {
+                // A balancer's TCP check, a port probe: not a refusal.
+                self.close("client closed before sending anything".into(), false, out)
+            }
+            (Stage::ReadingProxyHeader { seen, .. }, Side::Client) => {
+                let reason =
+                    format!("client closed in the middle of its PROXY header ({seen} bytes)");
+                self.refuse_proxy_header(reason, services, out)
             }
             (Stage::ReadingRequest(h), Side::Client) => {
                 let step = h.on_client_eof();
@@ -653,9 +664,8 @@ impl Connection {
         }
         match &mut self.stage {
             Stage::ReadingProxyHeader { .. } => {
-                services.metrics.proxy_headers_refused.inc();
                 let reason = "no complete PROXY header within the handshake timeout";
-                self.close(reason.into(), false, out);
+                self.refuse_proxy_header(reason.into(), services, out);
             }
             Stage::ReadingRequest(_) if tls_handshaking => {
                 services.metrics.tls_failures.inc();
@@ -837,7 +847,12 @@ impl Connection {
             // Closed in the middle of a handshake: the request as far as it was read.
             summary = h.take_summary();
         }
-        let before_request = matches!(stage, Stage::ReadingRequest(_)) && summary.host.is_empty();
+        // Port probes and load balancers' TCP checks only log at debug level.
+        let before_request = match &stage {
+            Stage::ReadingRequest(_) => summary.host.is_empty(),
+            Stage::ReadingProxyHeader { refused, .. } => !refused,
+            _ => false,
+        };
         AccessRecord {
             id: self.log_id,
             client: self.client_addr,

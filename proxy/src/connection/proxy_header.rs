@@ -37,8 +37,20 @@ impl Connection {
 
     /// What the client has sent so far, peeked at while its PROXY header is awaited.
     pub fn on_proxy_header_peeked(&mut self, bytes: &[u8], services: &Services, out: &mut Actions) {
-        if self.is_closing() || !matches!(self.stage, Stage::ReadingProxyHeader { .. }) {
+        let Stage::ReadingProxyHeader { seen, .. } = self.stage else {
             return;
+        };
+        if self.is_closing() {
+            return;
+        }
+        if seen > 0 && bytes.len() <= seen {
+            // Woken with nothing new: the peek waits for more than `seen` bytes, so only the
+            // end of the stream (or an error) wakes it now.
+            return self.refuse_proxy_header(
+                format!("client closed in the middle of its PROXY header ({seen} bytes)"),
+                services,
+                out,
+            );
         }
         match parse(bytes) {
             Ok(None) if bytes.len() >= MAX_HEADER_LEN => self.refuse_proxy_header(
@@ -47,16 +59,24 @@ impl Connection {
                 out,
             ),
             Ok(None) => {
-                self.stage = Stage::ReadingProxyHeader { seen: bytes.len() };
+                self.stage = Stage::ReadingProxyHeader {
+                    seen: bytes.len(),
+                    refused: false,
+                };
                 out.push_back(Action::PeekClient { seen: bytes.len() });
             }
             Ok(Some((header, len))) => {
                 out.push_back(Action::ConsumeClient { len });
                 // LOCAL (the balancer's own health check) and address families without
                 // ports keep the connection's own addresses.
+                // An IPv4 client in a TCP6 header (a dual-stack balancer) is the same client
+                // as in a TCP4 one: for per-address limits, hashing and trusted_proxies alike.
+                let canonical = |addr: std::net::SocketAddr| {
+                    std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
+                };
                 if let Some(addresses) = header.addresses {
-                    self.client_addr = addresses.source;
-                    self.local_addr = addresses.destination;
+                    self.client_addr = canonical(addresses.source);
+                    self.local_addr = canonical(addresses.destination);
                 }
                 self.begin_after_proxy_header(services, out);
             }
@@ -71,6 +91,7 @@ impl Connection {
         let client = self.client_addr.ip();
         if services.admission.admit_address(client).is_err() {
             services.metrics.connections_refused_per_ip.inc();
+            self.mark_refused();
             let reason =
                 format!("limits.max_connections_per_ip connections are open from {client}");
             return self.close(reason, false, out);
@@ -80,8 +101,23 @@ impl Connection {
         out.push_back(Action::Read(Side::Client));
     }
 
-    fn refuse_proxy_header(&mut self, reason: String, services: &Services, out: &mut Actions) {
+    /// Closes a connection whose PROXY header is refused: counted, and logged with `reason`
+    /// (unlike a connection that closed without sending anything, a balancer's TCP check).
+    pub(super) fn refuse_proxy_header(
+        &mut self,
+        reason: String,
+        services: &Services,
+        out: &mut Actions,
+    ) {
         services.metrics.proxy_headers_refused.inc();
+        self.mark_refused();
         self.close(reason, false, out);
+    }
+
+    /// The connection is refused in this phase: its access line is written at info level.
+    fn mark_refused(&mut self) {
+        if let Stage::ReadingProxyHeader { refused, .. } = &mut self.stage {
+            *refused = true;
+        }
     }
 }

@@ -7,6 +7,7 @@ mod exchange;
 mod goodbye;
 mod handover;
 mod promote;
+mod proxy_header;
 mod relay;
 mod splice;
 mod upgrade;
