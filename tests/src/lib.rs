@@ -23,6 +23,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub mod bpf;
 pub mod churn;
+pub mod cluster;
 pub mod http;
 pub mod segment;
 pub mod soak;
@@ -1246,34 +1247,39 @@ impl Echo {
 
     /// The handshakes recorded so far (the port probe of `start` made none: it sent no head).
     pub fn records(&self) -> Vec<Recorded> {
-        let text = std::fs::read_to_string(&self.record).unwrap_or_default();
-        text.lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .map(|value| Recorded {
-                path: value["path"].as_str().unwrap_or_default().to_owned(),
-                method: value["method"].as_str().unwrap_or_default().to_owned(),
-                connection: value["connection"].as_u64().or_else(|| {
-                    value["connection"]
-                        .as_str()
-                        .and_then(|text| text.parse().ok())
-                }),
-                headers: value["headers"]
-                    .as_array()
-                    .map(|headers| {
-                        headers
-                            .iter()
-                            .map(|h| {
-                                (
-                                    h[0].as_str().unwrap_or_default().to_owned(),
-                                    h[1].as_str().unwrap_or_default().to_owned(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-            })
-            .collect()
+        records_in(&self.record)
     }
+}
+
+/// The request heads a `wsplice echo --record FILE` wrote to `file` so far.
+pub fn records_in(file: &Path) -> Vec<Recorded> {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .map(|value| Recorded {
+            path: value["path"].as_str().unwrap_or_default().to_owned(),
+            method: value["method"].as_str().unwrap_or_default().to_owned(),
+            connection: value["connection"].as_u64().or_else(|| {
+                value["connection"]
+                    .as_str()
+                    .and_then(|text| text.parse().ok())
+            }),
+            headers: value["headers"]
+                .as_array()
+                .map(|headers| {
+                    headers
+                        .iter()
+                        .map(|h| {
+                            (
+                                h[0].as_str().unwrap_or_default().to_owned(),
+                                h[1].as_str().unwrap_or_default().to_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// A WebSocket client connection.

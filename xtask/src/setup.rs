@@ -40,21 +40,25 @@ pub fn setup(root: &Path) -> anyhow::Result<()> {
 const PYTHON_WEBSOCKETS: &str = "15.0.1";
 
 /// Every package the tests' virtual environment pins (name, version): the
-/// `websockets` client, `requests` for plain HTTP, and a Socket.IO server and client
-/// (`python-socketio` on `aiohttp`, with the `python-engineio` it speaks through).
-const PYTHON_PACKAGES: [(&str, &str); 5] = [
+/// `websockets` client, `requests` for plain HTTP, a Socket.IO server and client
+/// (`python-socketio` on `aiohttp`, with the `python-engineio` it speaks through), and
+/// `kubernetes-validate` (the Kubernetes API schemas, bundled: it validates
+/// deploy/kubernetes/ offline) with the `PyYAML` it reads manifests with, which the test uses too.
+const PYTHON_PACKAGES: [(&str, &str); 7] = [
     ("websockets", PYTHON_WEBSOCKETS),
     ("requests", "2.34.2"),
     ("aiohttp", "3.14.5"),
     ("python-socketio", "5.18.1"),
     ("python-engineio", "4.15.1"),
+    ("kubernetes-validate", "1.37.0"),
+    ("PyYAML", "6.0.4"),
 ];
 
 /// Where the tests' Python virtual environment lives (git-ignored, under [`TOOLS_DIR`]). The test
 /// harness runs `bin/python` from here (`wsplice_tests::python`).
 const PYTHON_VENV: &str = "python";
 
-/// The clients the end-to-end tests drive besides the Rust ones: `openssl s_client` and `curl`
+/// The clients the end-to-end tests drive besides the Rust ones: `openssl s_client`, `curl` and HAProxy
 /// (Debian packages when missing) and the pinned Python packages in a project-local virtual
 /// environment, so whichever `python3` comes first on PATH (a pyenv shim, say) does not matter.
 pub fn ensure_test_clients(root: &Path) -> anyhow::Result<()> {
@@ -67,10 +71,20 @@ pub fn ensure_test_clients(root: &Path) -> anyhow::Result<()> {
             }
         }
     }
+    // The cluster test runs HAProxy in front of two wsplice hosts in network namespaces.
+    if !Path::new(HAPROXY).is_file() {
+        apt_install(&["haproxy", "iproute2"]).context("the cluster test needs haproxy")?;
+        if !Path::new(HAPROXY).is_file() {
+            bail!("{HAPROXY} still missing after apt-get install haproxy");
+        }
+    }
     ensure_promtool(root)?;
     ensure_node_ws(root)?;
     ensure_python_venv(root)
 }
+
+/// Where Debian's haproxy package puts the binary (the cluster test runs it from there).
+const HAPROXY: &str = "/usr/sbin/haproxy";
 
 /// The Node `ws` release the tests run (it has no dependencies), and its npm integrity.
 const NODE_WS_VERSION: &str = "8.23.0";
