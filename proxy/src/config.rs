@@ -52,6 +52,9 @@ pub struct Config {
     /// `Forwarded`, `X-Forwarded-Host`, `X-Forwarded-Port`) are passed on; from anyone else
     /// they are replaced (default: nobody).
     pub trusted_proxies: Vec<Cidr>,
+    /// `resolvers = ["10.0.0.2:53"]`: the DNS servers asked for the upstream servers given by
+    /// name (default: those of `/etc/resolv.conf`).
+    pub resolvers: Vec<SocketAddr>,
     /// `user = "wsplice"` (and optionally `group`): the account the proxy switches to once the
     /// eBPF program is loaded and every listener is bound (default: it keeps running as it
     /// was started, with a warning when that is root).
@@ -531,6 +534,8 @@ struct RawConfig {
     #[serde(default)]
     trusted_proxies: Vec<Spanned<String>>,
     #[serde(default)]
+    resolvers: Vec<Spanned<String>>,
+    #[serde(default)]
     listener: Vec<Spanned<RawListener>>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
@@ -736,6 +741,11 @@ impl RawConfig {
                 ));
             }
         }
+        let resolvers = self
+            .resolvers
+            .iter()
+            .map(parse_addr)
+            .collect::<Result<Vec<_>, _>>()?;
         let run_as = match (&self.user, &self.group) {
             (None, None) => None,
             (None, Some(group)) => {
@@ -766,6 +776,7 @@ impl RawConfig {
             workers,
             pin_workers: self.pin_workers,
             trusted_proxies,
+            resolvers,
             run_as,
         })
     }
@@ -897,7 +908,11 @@ impl RawUpstream {
                 .health_check
                 .as_ref()
                 .map(|check| check.get_ref().to_config())
-                .transpose()?,
+                .transpose()?
+                .map(|check| HealthCheck {
+                    send_proxy_header: self.send_proxy_protocol.unwrap_or(false),
+                    ..check
+                }),
             rebalance,
             fail_timeout,
             keepalive,
@@ -1181,10 +1196,11 @@ impl RawHealthCheck {
             .interval
             .as_ref()
             .map_or(Ok(Duration::from_secs(2)), parse_nonzero_duration)?;
-        let timeout = self
-            .timeout
-            .as_ref()
-            .map_or(Ok(Duration::from_secs(1)), parse_nonzero_duration)?;
+        // Left out, the timeout is 1 s, or the interval if that is shorter.
+        let timeout = self.timeout.as_ref().map_or(
+            Ok(Duration::from_secs(1).min(interval)),
+            parse_nonzero_duration,
+        )?;
         if let Some(raw) = &self.timeout {
             if timeout > interval {
                 return Err(spot(raw, "timeout must be at most the interval"));
@@ -1196,6 +1212,7 @@ impl RawHealthCheck {
             timeout,
             rise: count(&self.rise, 2)?,
             fall: count(&self.fall, 3)?,
+            send_proxy_header: false,
         })
     }
 }

@@ -182,7 +182,16 @@ async fn the_grafana_dashboard_shows_every_exported_metric_and_only_those() {
         serde_json::from_str(&std::fs::read_to_string(&path).expect("the dashboard"))
             .expect("JSON");
     let mut shown = std::collections::BTreeSet::new();
-    for panel in dashboard["panels"].as_array().expect("panels") {
+    // A row groups the panels below it; a collapsed one holds them in its own `panels`.
+    let panels = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|panel| match panel["type"].as_str() {
+            Some("row") => panel["panels"].as_array().expect("a row's panels").clone(),
+            _ => vec![panel.clone()],
+        });
+    for panel in panels {
         for target in panel["targets"].as_array().expect("targets") {
             let expr = target["expr"].as_str().expect("an expression");
             // Metric names: `wsplice_` and the name characters after it.

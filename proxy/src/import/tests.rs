@@ -95,6 +95,7 @@ fn config_of(
         workers: None,
         pin_workers: false,
         trusted_proxies: Vec::new(),
+        resolvers: Vec::new(),
         run_as: None,
     }
 }

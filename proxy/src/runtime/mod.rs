@@ -152,7 +152,13 @@ pub fn serve(
     let tls = tls_configs(config)?;
     // Servers given by name are resolved once before the first generation (a name that does
     // not resolve leaves its pool without those servers until it does).
-    let resolver_config = crate::upstream::dns::ResolverConfig::system();
+    let resolver_config = match config.resolvers.as_slice() {
+        [] => crate::upstream::dns::ResolverConfig::system(),
+        servers => crate::upstream::dns::ResolverConfig {
+            nameservers: servers.to_vec(),
+            ..crate::upstream::dns::ResolverConfig::default()
+        },
+    };
     let mut membership = crate::upstream::membership::Membership::default();
     for name in membership.names(config) {
         let result = crate::upstream::dns::resolve(&name, &resolver_config);

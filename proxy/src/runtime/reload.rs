@@ -380,6 +380,7 @@ pub fn restart_only_changes(started: &Config, config: &Config) -> Vec<&'static s
         ("workers", started.workers != config.workers),
         ("pin_workers", started.pin_workers != config.pin_workers),
         ("user/group", started.run_as != config.run_as),
+        ("resolvers", started.resolvers != config.resolvers),
         (
             "kernel (promotion to the kernel path)",
             started.splicing != config.splicing,

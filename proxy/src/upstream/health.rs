@@ -82,6 +82,10 @@ pub struct HealthCheck {
     pub rise: u32,
     /// Failed probes in a row that take an up server out (at least 1).
     pub fall: u32,
+    /// The pool's servers expect a PROXY header (`send_proxy_protocol`): each probe sends a
+    /// v2 LOCAL one first (the header for a balancer's own connections), as HAProxy's
+    /// `check-send-proxy` does.
+    pub send_proxy_header: bool,
 }
 
 /// Why a probe failed (for the state-change log line).
@@ -144,6 +148,12 @@ async fn run_probe(
     let mut stream = TcpStream::connect(addr)
         .await
         .map_err(ProbeError::Connect)?;
+    if check.send_proxy_header {
+        stream
+            .write_all(&crate::proxy_protocol::encode_v2(None))
+            .await
+            .map_err(ProbeError::Io)?;
+    }
     match &check.kind {
         ProbeKind::Tcp => Ok(()),
         ProbeKind::Http { path, host } => http_exchange(&mut stream, path, host).await,
@@ -644,6 +654,7 @@ mod tests {
             timeout: Duration::from_millis(timeout_ms),
             rise: 2,
             fall: 2,
+            send_proxy_header: false,
         }
     }
 
@@ -780,6 +791,37 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(error, ProbeError::Connect(_)), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_probe_to_a_proxy_protocol_server_sends_a_local_header_first() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            let mut chunk = [0u8; 1024];
+            // The header's own signature holds a blank line: read on to the request's end.
+            while !(seen.len() > 16 && seen.ends_with(b"\r\n\r\n")) {
+                let n = stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed early: {seen:?}");
+                seen.extend_from_slice(&chunk[..n]);
+            }
+            let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+            stream.write_all(answer).await.unwrap();
+            seen
+        });
+        let mut with_header = check(http(), 1000);
+        with_header.send_proxy_header = true;
+        probe(addr, &with_header).await.unwrap();
+        let seen = server.await.unwrap();
+        let local = crate::proxy_protocol::encode_v2(None);
+        assert!(seen.starts_with(&local), "{seen:?}");
+        assert!(
+            seen[local.len()..].starts_with(b"GET /healthz HTTP/1.1\r\n"),
+            "{seen:?}"
+        );
     }
 
     #[tokio::test]
