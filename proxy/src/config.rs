@@ -346,6 +346,10 @@ pub struct Timeouts {
     pub handshake: Duration,
     /// One connect attempt (default 5 s).
     pub connect: Duration,
+    /// After SIGTERM, how long the proxy goes on accepting while `/readyz` answers 503, so
+    /// that load balancers checking it take the host out before its listeners close (default
+    /// 0: they close at once); the drain starts after it. Like HAProxy's `grace`.
+    pub grace: Duration,
     /// How long tunnels may run after SIGTERM (default 30 s).
     pub drain: Duration,
     /// Tunnels still open this long before the drain's end are closed one by one, evenly over
@@ -403,6 +407,7 @@ impl Default for Timeouts {
             idle: Duration::from_secs(60),
             handshake: Duration::from_secs(10),
             connect: Duration::from_secs(5),
+            grace: Duration::ZERO,
             drain: Duration::from_secs(30),
             close_spread: Duration::from_secs(15),
             response: Duration::from_secs(60),
@@ -624,6 +629,7 @@ struct RawTimeouts {
     idle: Option<Spanned<String>>,
     handshake: Option<Spanned<String>>,
     connect: Option<Spanned<String>>,
+    grace: Option<Spanned<String>>,
     drain: Option<Spanned<String>>,
     close_spread: Option<Spanned<String>>,
     response: Option<Spanned<String>>,
@@ -1244,6 +1250,10 @@ impl RawTimeouts {
             idle: or(&self.idle, defaults.idle)?,
             handshake: or(&self.handshake, defaults.handshake)?,
             connect: or(&self.connect, defaults.connect)?,
+            grace: self
+                .grace
+                .as_ref()
+                .map_or(Ok(defaults.grace), parse_duration)?,
             drain,
             close_spread,
             response: or(&self.response, defaults.response)?,

@@ -82,6 +82,9 @@ pub struct Services {
     pub connect_timeout: Duration,
     /// Size of one relay buffer (one per direction while bytes are in flight).
     pub relay_buffer: usize,
+    /// After a termination signal, how long the listeners keep accepting while `/readyz`
+    /// answers 503.
+    pub grace: Duration,
     /// How long tunnels may run after shutdown began.
     pub drain: Duration,
     /// The window at the drain's end over which the tunnels still open are closed one by one.
@@ -183,6 +186,7 @@ impl Services {
             keepalive_ns: duration_ns(config.timeouts.keepalive),
             connect_timeout: config.timeouts.connect,
             relay_buffer: config.limits.relay_buffer,
+            grace: config.timeouts.grace,
             drain: config.timeouts.drain,
             close_spread: config.timeouts.close_spread,
             kernel_backlog: config.limits.kernel_backlog as u64,

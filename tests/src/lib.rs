@@ -565,6 +565,8 @@ pub struct ProxyConfig {
     pub keepalive: Option<&'static str>,
     /// `timeouts.close_spread` (closes spread at the drain's end); `None`: the default.
     pub close_spread: Option<&'static str>,
+    /// `timeouts.grace` (accepting on, unready, after SIGTERM); `None`: the default.
+    pub grace: Option<&'static str>,
     /// `upstream.default.keepalive` (idle upstream connections kept per server and worker).
     pub upstream_keepalive: Option<usize>,
     /// `upstream.default.keepalive_timeout`.
@@ -610,6 +612,7 @@ impl ProxyConfig {
             response: None,
             keepalive: None,
             close_spread: None,
+            grace: None,
             upstream_keepalive: None,
             upstream_keepalive_timeout: None,
             top_level: String::new(),
@@ -652,6 +655,9 @@ impl ProxyConfig {
         }
         if let Some(spread) = self.close_spread {
             timeouts_extra.push_str(&format!("close_spread = \"{spread}\"\n"));
+        }
+        if let Some(grace) = self.grace {
+            timeouts_extra.push_str(&format!("grace = \"{grace}\"\n"));
         }
         format!(
             "{}\nworkers = {}\ntrusted_proxies = [{}]\n\n[[listener]]\nbind = \"{listen}\"\n{tls}{}\n\n[[route]]\nupstream = \"default\"\n{}\n\n\
@@ -1497,8 +1503,13 @@ pub async fn server_socket(stream: TcpStream) -> WebSocketStream<TcpStream> {
 }
 
 /// Polls `check` until it is true or [`WAIT`] passes; returns the last result.
-pub fn eventually(mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + WAIT;
+pub fn eventually(check: impl FnMut() -> bool) -> bool {
+    eventually_within(WAIT, check)
+}
+
+/// Polls `check` every 50 ms until it is true or `within` passes; returns the last result.
+pub fn eventually_within(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
     loop {
         if check() {
             return true;
@@ -1507,5 +1518,24 @@ pub fn eventually(mut check: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// [`eventually`] for async tests: polls without holding a runtime thread meanwhile.
+pub async fn settles(check: impl FnMut() -> bool) -> bool {
+    settles_within(WAIT, check).await
+}
+
+/// [`eventually_within`] for async tests.
+pub async fn settles_within(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

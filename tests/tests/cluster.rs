@@ -29,7 +29,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use wsplice_tests::cluster::{address, in_netns, spawn_in_netns, wait_listening, Lan, Member};
-use wsplice_tests::{is_root, records_in, scratch_dir, Recorded};
+use wsplice_tests::{eventually_within, is_root, records_in, scratch_dir, Recorded};
 
 /// The port every wsplice host and HAProxy listen on.
 const PORT: u16 = 8080;
@@ -267,20 +267,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// Waits up to `within` for `check`, looked at every 100 ms.
-fn settles(within: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if check() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Within 10% of their mean.
 fn within_ten_percent(counts: &BTreeMap<String, u64>) -> bool {
     let mean = counts.values().sum::<u64>() as f64 / counts.len().max(1) as f64;
@@ -388,7 +374,7 @@ fn a_cluster_of_two_hosts_behind_haproxy_balances_checks_and_survives_a_host() {
     );
     let held = open.len() as u64;
     assert!(held > 1_500, "{held} tunnels held");
-    let settled = settles(Duration::from_secs(5), || {
+    let settled = eventually_within(Duration::from_secs(5), || {
         let counts = in_netns(&cl, || tunnels_in_cluster("lc"));
         counts.values().sum::<u64>() == held
     });
@@ -526,7 +512,7 @@ fn a_cluster_of_two_hosts_behind_haproxy_balances_checks_and_survives_a_host() {
                 }));
             }
             let ready = tokio::task::spawn_blocking(|| {
-                settles(Duration::from_secs(10), || tunnels_in_cluster("rebal").values().sum::<u64>() == 120)
+                eventually_within(Duration::from_secs(10), || tunnels_in_cluster("rebal").values().sum::<u64>() == 120)
             })
             .await
             .expect("wait");
@@ -543,7 +529,7 @@ fn a_cluster_of_two_hosts_behind_haproxy_balances_checks_and_survives_a_host() {
                 assert_eq!(status, 200, "{answer}");
             }
             let even = tokio::task::spawn_blocking(|| {
-                settles(Duration::from_secs(20), || {
+                eventually_within(Duration::from_secs(20), || {
                     let counts = tunnels_in_cluster("rebal");
                     counts.len() == 3 && counts.values().sum::<u64>() == 120 && within_ten_percent(&counts)
                 })
@@ -621,7 +607,7 @@ fn a_cluster_of_two_hosts_behind_haproxy_balances_checks_and_survives_a_host() {
     });
     std::thread::sleep(Duration::from_secs(1));
     echoes[3] = None; // killed by PID
-    let down = settles(Duration::from_secs(3), || {
+    let down = eventually_within(Duration::from_secs(3), || {
         let dead = dead.clone();
         in_netns(&cl, move || {
             [11, 12]

@@ -277,3 +277,39 @@ async fn frames_in_flight_on(datapath: DataPath) {
             .expect("join");
     assert!(status.is_some_and(|s| s.success()));
 }
+
+/// With `timeouts.grace`, SIGTERM first makes the host unready for its load balancer while it
+/// still takes connections; only then do the listeners close and the drain begin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_the_grace_period_readyz_says_503_and_connections_are_still_taken() {
+    let echo = Echo::start();
+    let mut config = ProxyConfig::new(&[echo.addr()]);
+    config.grace = Some("2s");
+    let mut proxy = Proxy::start(DataPath::Userspace, &config);
+    assert!(proxy.admin_get("/readyz").starts_with("HTTP/1.1 200 "));
+    let mut before = connect(&proxy.url("/")).await;
+    let pid = proxy.pid();
+    // SAFETY: kill(2) of the proxy this test started and still holds.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) }, 0);
+    let unready = settles_within(Duration::from_secs(1), || {
+        proxy.admin_get("/readyz").starts_with("HTTP/1.1 503 ")
+    })
+    .await;
+    assert!(unready, "/readyz still ready after SIGTERM");
+    // Still taken, and the open tunnel goes on.
+    let mut during = connect(&proxy.url("/")).await;
+    echo_text(&mut during, "in the grace period").await;
+    echo_text(&mut before, "still here").await;
+    // Then the listener closes.
+    let closed = settles_within(Duration::from_secs(4), || {
+        std::net::TcpStream::connect_timeout(&proxy.addr(), Duration::from_millis(200)).is_err()
+    })
+    .await;
+    assert!(closed, "still accepting after the grace period");
+    assert!(proxy.log().contains("grace period over: draining"), "{}", proxy.log_tail(20));
+    drop((before, during));
+    assert!(
+        proxy.process().wait_exit(Duration::from_secs(15)).is_some(),
+        "the drain ends"
+    );
+}

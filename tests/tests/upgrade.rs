@@ -51,20 +51,6 @@ async fn fresh_tunnel_works(proxy: &Proxy, label: &str) {
     close(ws).await;
 }
 
-/// Polls `check` (without holding a runtime thread) until it is true or [`WAIT`] passes.
-async fn settles(mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if check() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Runs [`Proxy::upgrade`] on a blocking thread, so the runtime's threads keep the tunnels'
 /// traffic going meanwhile.
 async fn upgrade(proxy: Proxy) -> (Proxy, Result<u32, String>) {

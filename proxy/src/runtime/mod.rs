@@ -188,6 +188,9 @@ pub fn serve(
         .clone()
         .map(|source| Reloader::new(source, config.clone(), membership, Arc::clone(&published)));
     let shutdown = Arc::new(AtomicBool::new(false));
+    // `/readyz` answers 503 from the termination signal on; the workers stop accepting after
+    // `timeouts.grace`.
+    let unready = Arc::new(AtomicBool::new(false));
     let running = Arc::new(AtomicUsize::new(0));
 
     let per_worker = listeners_per_worker(config, &tls, workers, inherited.as_mut())?;
@@ -262,7 +265,7 @@ pub fn serve(
         };
         admin.serve(
             Arc::clone(&services.metrics),
-            Arc::clone(&shutdown),
+            Arc::clone(&unready),
             controls,
         )?;
     }
@@ -317,6 +320,7 @@ pub fn serve(
     // Wait for a termination signal, for a successor to take over, or for a worker to stop on
     // its own (an error).
     let mut successor = None;
+    let mut grace_ends: Option<std::time::Instant> = None;
     while running.load(Ordering::SeqCst) == workers {
         let mut upgrade_asked = Vec::new();
         match signals.wait(Duration::from_millis(200)) {
@@ -325,10 +329,27 @@ pub fn serve(
             }
             Some(libc::SIGUSR2) => upgrade_asked.push(None),
             Some(signal) => {
-                tracing::info!(signal, "termination signal received");
-                break;
+                let grace = published.current().1.grace;
+                if grace.is_zero() || grace_ends.is_some() {
+                    tracing::info!(signal, "termination signal received");
+                    break;
+                }
+                // Not ready any more, still accepting: the balancers' next check takes this
+                // host out before its listeners close. A second signal cuts it short.
+                unready.store(true, Ordering::SeqCst);
+                grace_ends = Some(std::time::Instant::now() + grace);
+                tracing::info!(
+                    signal,
+                    grace_ms = grace.as_millis() as u64,
+                    "termination signal received: /readyz answers 503; accepting for the grace \
+                     period, then draining"
+                );
             }
             None => {}
+        }
+        if grace_ends.is_some_and(|ends| std::time::Instant::now() >= ends) {
+            tracing::info!("grace period over: draining");
+            break;
         }
         while let Ok(reply) = reload_inbox.try_recv() {
             // The admin thread may have given up waiting: nobody to tell then.
@@ -371,6 +392,7 @@ pub fn serve(
     }
     // A request the admin thread still takes is told at once that this process is stopping.
     drop((reload_inbox, upgrade_inbox, servers_inbox));
+    unready.store(true, Ordering::SeqCst);
     shutdown.store(true, Ordering::SeqCst);
 
     let mut first_error = None;
