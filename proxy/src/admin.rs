@@ -15,7 +15,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::{server_entry, split_servers, NamedServer, ServerConfig};
+use crate::config::{server_from_value, split_servers, NamedServer, ServerConfig};
 use crate::metrics::Metrics;
 
 /// The admin listener could not start.
@@ -169,7 +169,7 @@ impl AdminListener {
             .map_err(|source| AdminError { addr, source })?;
         tracing::info!(
             %addr,
-            "admin listener: /metrics /healthz /readyz, POST /reload, POST /upgrade"
+            "admin listener: /metrics /healthz /readyz, POST /reload, POST /upgrade, GET /upstreams, PUT /upstreams/NAME"
         );
         Ok(())
     }
@@ -240,10 +240,12 @@ fn answer(mut stream: TcpStream, state: &State) -> std::io::Result<()> {
     } else {
         route(request, &state.metrics, draining)
     };
-    let kind = if body.starts_with('{') || body.starts_with('[') {
+    let kind = if body.starts_with('{') {
         "application/json"
-    } else {
+    } else if request.starts_with(b"GET /metrics ") {
         "text/plain; version=0.0.4"
+    } else {
+        "text/plain; charset=utf-8"
     };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -313,36 +315,28 @@ fn set_servers(state: &State, pool: String, body: &[u8]) -> (&'static str, Strin
     }
 }
 
-/// The servers of a `PUT /upstreams/NAME` body, checked as the config file's are.
+/// The servers of a `PUT /upstreams/NAME` body, checked as the config file's are (each entry
+/// read by the same function, turned from JSON into TOML).
 fn parse_servers(body: &[u8]) -> Result<(Vec<ServerConfig>, Vec<NamedServer>), String> {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Body {
-        servers: Vec<Entry>,
+    const SHAPE: &str = "the body must be {\"servers\": [\"IP:port\" | \"name:port\" | \
+                         {\"addr\": …, \"weight\": …, \"max_tunnels\": …}]}";
+    let body: serde_json::Value =
+        serde_json::from_slice(body).map_err(|error| format!("{SHAPE}: {error}"))?;
+    let Some(object) = body.as_object() else {
+        return Err(SHAPE.into());
+    };
+    if let Some(key) = object.keys().find(|key| *key != "servers") {
+        return Err(format!("unknown field {key:?}: {SHAPE}"));
     }
-    #[derive(serde::Deserialize)]
-    #[serde(untagged)]
-    enum Entry {
-        At(String),
-        Table {
-            addr: String,
-            weight: Option<u32>,
-            max_tunnels: Option<usize>,
-        },
-    }
-    let body: Body = serde_json::from_slice(body).map_err(|error| {
-        format!("the body must be {{\"servers\": [\"IP:port\" | \"name:port\" | {{\"addr\": …, \"weight\": …, \"max_tunnels\": …}}]}}: {error}")
-    })?;
-    let entries = body
-        .servers
-        .into_iter()
-        .map(|entry| match entry {
-            Entry::At(at) => server_entry(&at, None, None),
-            Entry::Table {
-                addr,
-                weight,
-                max_tunnels,
-            } => server_entry(&addr, weight, max_tunnels),
+    let Some(entries) = object.get("servers").and_then(serde_json::Value::as_array) else {
+        return Err(SHAPE.into());
+    };
+    let entries = entries
+        .iter()
+        .map(|entry| {
+            let value: toml::Value = serde_json::from_value(entry.clone())
+                .map_err(|error| format!("{SHAPE}: {error}"))?;
+            server_from_value(&value)
         })
         .collect::<Result<Vec<_>, _>>()?;
     split_servers(entries)
@@ -601,6 +595,8 @@ mod tests {
             br#"{"servers": ["10.0.0.1:80", "10.0.0.1:80"]}"#,
             br#"{"servers": [{"addr": "10.0.0.1:80", "weight": 0}]}"#,
             br#"{"hosts": []}"#,
+            br#"{"servers": [{"addr": "10.0.0.1:80", "wieght": 2}]}"#,
+            br#"{"servers": [], "extra": 1}"#,
             b"10.0.0.1:80",
         ] {
             assert_eq!(set_servers(&state, "app".into(), bad).0, "400 Bad Request");

@@ -202,7 +202,7 @@ pub enum HashKey {
 }
 
 /// One server of a pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct ServerConfig {
     /// Its address.
     pub addr: SocketAddr,
@@ -215,7 +215,7 @@ pub struct ServerConfig {
 
 /// A server given by DNS name: its addresses are resolved at start and again on their
 /// records' TTL; each address is a server of the pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
 pub struct NamedServer {
     /// The name (lower case, no trailing dot).
     pub host: String,
@@ -1020,41 +1020,47 @@ const MAX_WEIGHT: u32 = 256;
 
 /// One entry of `servers`.
 fn raw_server(raw: &Spanned<RawServer>) -> Result<ServerEntry, Spot> {
-    let at_entry = |why: String| spot(raw, why);
-    match raw.get_ref() {
-        toml::Value::String(text) => server_entry(text, None, None).map_err(at_entry),
+    server_from_value(raw.get_ref()).map_err(|why| spot(raw, why))
+}
+
+/// A server entry as TOML (or JSON turned into TOML) gives it: `"IP:port"`, `"name:port"`, or
+/// a table of `addr`, `weight` and `max_tunnels`. The config file and `PUT /upstreams/NAME`
+/// read entries through this one function.
+pub fn server_from_value(value: &toml::Value) -> Result<ServerEntry, String> {
+    match value {
+        toml::Value::String(text) => server_entry(text, None, None),
         toml::Value::Table(table) => {
             if let Some(key) = table
                 .keys()
                 .find(|key| !["addr", "weight", "max_tunnels"].contains(&key.as_str()))
             {
-                return Err(at_entry(format!(
+                return Err(format!(
                     "unknown key {key:?} in a server (addr, weight, max_tunnels)"
-                )));
+                ));
             }
             let addr = table
                 .get("addr")
                 .and_then(toml::Value::as_str)
-                .ok_or_else(|| at_entry("a server table needs addr = \"IP:port\"".into()))?;
-            let number = |key: &str| -> Result<Option<u64>, Spot> {
+                .ok_or("a server table needs addr = \"IP:port\"")?;
+            let number = |key: &str| -> Result<Option<u64>, String> {
                 match table.get(key) {
                     None => Ok(None),
                     Some(value) => value
                         .as_integer()
                         .and_then(|n| u64::try_from(n).ok())
                         .map(Some)
-                        .ok_or_else(|| at_entry(format!("{key} must be a positive integer"))),
+                        .ok_or_else(|| format!("{key} must be a positive integer")),
                 }
             };
             let weight = number("weight")?.map(|w| u32::try_from(w).unwrap_or(u32::MAX));
             let max_tunnels =
                 number("max_tunnels")?.map(|m| usize::try_from(m).unwrap_or(usize::MAX));
-            server_entry(addr, weight, max_tunnels).map_err(at_entry)
+            server_entry(addr, weight, max_tunnels)
         }
-        _ => Err(at_entry(
+        _ => Err(
             "a server is \"IP:port\", \"name:port\" or { addr = …, weight = …, max_tunnels = … }"
                 .into(),
-        )),
+        ),
     }
 }
 

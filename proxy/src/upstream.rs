@@ -138,8 +138,9 @@ struct Rebalancing {
     /// Over its share: above `1 + tolerance/100` times it.
     tolerance: u32,
     /// When the next move may happen (a move takes the slot and pushes it on by `interval_ns`;
-    /// a slot unused for long does not save up a burst beyond one second's worth).
-    next_ns: AtomicU64,
+    /// a slot unused for long does not save up a burst beyond one second's worth). The pool's
+    /// for as long as the process lives: a new generation does not grant a new burst.
+    next_ns: Arc<AtomicU64>,
 }
 
 impl Pool {
@@ -179,7 +180,7 @@ impl Pool {
             rebalancing: config.rebalance.map(|rebalance| Rebalancing {
                 interval_ns: 1_000_000_000 / u64::from(rebalance.per_second.max(1)),
                 tolerance: rebalance.tolerance,
-                next_ns: AtomicU64::new(0),
+                next_ns: registry.rebalance_slot(name),
             }),
         }
     }
@@ -444,6 +445,8 @@ struct Servers {
     by_key: HashMap<(String, SocketAddr), Arc<ServerState>>,
     /// The current generation's servers, in config order, with their pool's checks.
     current: Vec<Published>,
+    /// Each pool's rebalancing slot (see `Rebalancing::next_ns`).
+    rebalance_slots: HashMap<String, Arc<AtomicU64>>,
 }
 
 #[derive(Debug, Clone)]
@@ -462,6 +465,16 @@ impl Registry {
             .entry((pool.to_owned(), addr))
             .or_insert_with(|| Arc::new(ServerState::new(addr)));
         Arc::clone(state)
+    }
+
+    /// The rebalancing slot of `pool`: the one it had, or a new one.
+    fn rebalance_slot(&self, pool: &str) -> Arc<AtomicU64> {
+        Arc::clone(
+            self.lock()
+                .rebalance_slots
+                .entry(pool.to_owned())
+                .or_default(),
+        )
     }
 
     /// `pools` are the current generation: their servers are what is checked and exported;
@@ -781,6 +794,22 @@ mod tests {
             !p.is_over_share(one, 0),
             "11 against a share of 10 is within 10%"
         );
+    }
+
+    #[test]
+    fn a_new_generation_of_a_pool_grants_no_new_burst_of_moves() {
+        let mut c = config(&["127.0.0.1:1", "127.0.0.1:2"], Duration::ZERO);
+        c.rebalance = Some(crate::config::Rebalance {
+            per_second: 10,
+            tolerance: 10,
+        });
+        let registry = Registry::default();
+        let first = Pool::new("p", &c, &registry);
+        let now = 5_000_000_000;
+        assert_eq!((0..20).filter(|_| first.take_move(now)).count(), 10);
+        let reloaded = Pool::new("p", &c, &registry);
+        assert!(!reloaded.take_move(now), "the burst was spent");
+        assert!(reloaded.take_move(now + 100_000_000));
     }
 
     #[test]

@@ -364,7 +364,6 @@ fn set_of<'a>(echoes: impl IntoIterator<Item = &'a Echo>) -> BTreeSet<SocketAddr
     echoes.into_iter().map(Echo::addr).collect()
 }
 
-
 /// A tunnel to `path` that echoed one message.
 async fn echoing(proxy: &Proxy, path: &str) -> Client {
     let mut ws = connect(&proxy.url(path)).await;
@@ -787,8 +786,6 @@ async fn put_upstreams_sets_the_servers_until_the_files_list_changes() {
 /// A server table's keys are checked as the config file checks them: a misspelt key is refused,
 /// not ignored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "proxy bug: PUT /upstreams ignores unknown keys in a server table (serde untagged \
-            enum without deny_unknown_fields), where the config file refuses them"]
 async fn put_upstreams_refuses_an_unknown_key_in_a_server_table() {
     let servers = echoes(2);
     let proxy = Proxy::start(DataPath::Userspace, &ProxyConfig::new(&[servers[0].addr()]));
@@ -804,9 +801,6 @@ async fn put_upstreams_refuses_an_unknown_key_in_a_server_table() {
 /// A binary upgrade is invisible to clients; the pools should be too: the successor serves the
 /// servers set at run time, and the tunnels it adopts on them count there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "proxy gap: a binary upgrade's successor starts from the file's servers (servers set \
-            by PUT /upstreams are not handed over), and the tunnels it adopts on a server its \
-            pool does not list count on no server"]
 async fn servers_set_at_run_time_survive_a_binary_upgrade() {
     let servers = echoes(2);
     let (a, b) = (&servers[0], &servers[1]);

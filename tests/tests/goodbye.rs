@@ -306,7 +306,11 @@ async fn during_the_grace_period_readyz_says_503_and_connections_are_still_taken
     })
     .await;
     assert!(closed, "still accepting after the grace period");
-    assert!(proxy.log().contains("grace period over: draining"), "{}", proxy.log_tail(20));
+    assert!(
+        proxy.log().contains("grace period over: draining"),
+        "{}",
+        proxy.log_tail(20)
+    );
     drop((before, during));
     assert!(
         proxy.process().wait_exit(Duration::from_secs(15)).is_some(),

@@ -229,15 +229,21 @@ fn the_manifests_configuration_passes_check_and_its_pod_matches_it() {
         assert!(declared.contains(&u64::from(bind.port())), "{bind}");
     }
 
-    // The kubelet waits longer than the drain before it kills the pod.
-    let drain = config
-        .get("timeouts")
-        .and_then(|t| t.get("drain"))
-        .map_or(30, |d| seconds(d.as_str().expect("a duration")));
+    // The kubelet waits longer than the grace period and the drain before it kills the pod.
+    let timeout = |name: &str, default: u64| {
+        config
+            .get("timeouts")
+            .and_then(|t| t.get(name))
+            .map_or(default, |d| seconds(d.as_str().expect("a duration")))
+    };
+    let (unready, drain) = (timeout("grace", 0), timeout("drain", 30));
     let grace = pod["terminationGracePeriodSeconds"]
         .as_u64()
         .expect("terminationGracePeriodSeconds");
-    assert!(grace > drain, "grace {grace} s, drain {drain} s");
+    assert!(
+        grace > unready + drain,
+        "terminationGracePeriodSeconds {grace} s, timeouts.grace {unready} s + drain {drain} s"
+    );
 
     // The systemd unit's capabilities, and what switching to `user` takes.
     let mut expected = systemd_capabilities();

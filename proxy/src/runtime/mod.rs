@@ -160,8 +160,10 @@ pub fn serve(
         },
     };
     let mut membership = crate::upstream::membership::Membership::default();
-    for name in membership.names(config) {
-        let result = crate::upstream::dns::resolve(&name, &resolver_config);
+    if let Some(inherited) = inherited.as_mut() {
+        membership.adopt(config, std::mem::take(&mut inherited.pools));
+    }
+    for (name, result) in resolver::resolve_all(&membership.names(config), &resolver_config) {
         if let Some(addrs) = resolver::addresses(&name, result) {
             tracing::info!(name, addresses = ?addrs, "upstream name resolved");
             membership.resolved(&name, addrs);
@@ -366,7 +368,7 @@ pub fn serve(
                 tracing::warn!("upgrade refused: {why}");
                 Err(why.to_owned())
             } else {
-                start_successor(upgrader.as_mut(), &services.metrics)
+                start_successor(upgrader.as_mut(), reloader.as_ref(), &services.metrics)
             };
             let answer = outcome
                 .as_ref()
@@ -421,6 +423,7 @@ pub fn serve(
 /// `SIGUSR2` or `POST /upgrade`: starts a successor; the outcome for `wsplice upgrade`.
 fn start_successor(
     upgrader: Option<&mut upgrade::Upgrader>,
+    reloader: Option<&Reloader>,
     metrics: &crate::metrics::Metrics,
 ) -> Result<upgrade::Started, String> {
     let Some(upgrader) = upgrader else {
@@ -430,7 +433,8 @@ fn start_successor(
         return Err(why.into());
     };
     tracing::info!("upgrade: starting the successor");
-    upgrader.start().map_err(|error| {
+    let pools = reloader.map(Reloader::run_time_servers).unwrap_or_default();
+    upgrader.start(pools).map_err(|error| {
         let error = crate::error_chain::describe(&error);
         tracing::error!(%error, "upgrade failed; this process keeps serving");
         metrics.upgrade_failures.inc();

@@ -225,6 +225,11 @@ impl Reloader {
         Some(self.publish(&self.membership.effective(&self.applied)))
     }
 
+    /// The servers set at run time (what a successor takes over).
+    pub fn run_time_servers(&self) -> crate::upstream::membership::RunTimeServers {
+        self.membership.run_time_servers()
+    }
+
     /// Every name the running pools list (what the resolver thread resolves).
     pub fn names(&self) -> Vec<String> {
         self.membership.names(&self.applied)

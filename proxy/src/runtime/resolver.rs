@@ -72,12 +72,12 @@ fn run(
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         due.retain(|name, _| names.contains(name));
-        for name in names {
-            let now = Instant::now();
-            if due.get(&name).is_some_and(|&at| at > now) {
-                continue;
-            }
-            let result = resolve(&name, config);
+        let now = Instant::now();
+        let ripe: Vec<String> = names
+            .into_iter()
+            .filter(|name| due.get(name).is_none_or(|&at| at <= now))
+            .collect();
+        for (name, result) in resolve_all(&ripe, config) {
             let next = match &result {
                 Ok(resolved) => resolved.ttl,
                 Err(_) => RETRY,
@@ -89,6 +89,21 @@ fn run(
         }
         std::thread::sleep(ROUND);
     }
+}
+
+/// Resolves `names` at once, a thread each (a name whose servers do not answer takes the
+/// resolver's whole timeout; the others need not wait for it).
+pub fn resolve_all(names: &[String], config: &ResolverConfig) -> Vec<Answer> {
+    std::thread::scope(|scope| {
+        let lookups: Vec<_> = names
+            .iter()
+            .map(|name| scope.spawn(move || (name.clone(), resolve(name, config))))
+            .collect();
+        lookups
+            .into_iter()
+            .filter_map(|lookup| lookup.join().ok())
+            .collect()
+    })
 }
 
 /// What an answer means for a name's addresses: the new ones (empty when the name is gone),

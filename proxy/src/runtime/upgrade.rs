@@ -15,9 +15,12 @@ use crate::splice::SpliceProgram;
 use crate::sys;
 use crate::upgrade::wire::{LISTENERS_PER_MESSAGE, TUNNELS_PER_MESSAGE};
 use crate::upgrade::{Channel, Handed, Launch, Message, Offer, UpgradeError, READY_WAIT};
+use crate::upstream::membership::RunTimeServers;
 
 /// How long the workers have to give copies of their listening sockets.
 const LISTENER_WAIT: Duration = Duration::from_secs(5);
+/// Largest offer sent with the run-time servers in it (well under a socket's send buffer).
+const MAX_POOLS_IN_OFFER: usize = 128 * 1024;
 
 /// The old process's side of upgrades.
 #[derive(Debug)]
@@ -68,13 +71,13 @@ impl Upgrader {
     /// Starts the successor and waits until it serves; on any failure it is stopped and
     /// nothing here changed. Once it serves, the workers' tunnels are forwarded to it from
     /// their drain on (the caller starts the drain).
-    pub fn start(&mut self) -> Result<Started, UpgradeError> {
+    pub fn start(&mut self, pools: RunTimeServers) -> Result<Started, UpgradeError> {
         let listeners = self.listener_copies()?;
         let (ours, theirs) = sys::seqpacket_pair().map_err(UpgradeError::Descriptor)?;
         let mut child = self.launch.spawn(&theirs)?;
         drop(theirs);
         let channel = Channel::new(ours);
-        match self.offer(&channel, &listeners, &mut child) {
+        match self.offer(&channel, &listeners, pools, &mut child) {
             Ok((pid, kernel)) => {
                 let (sink, tunnels) = std::sync::mpsc::channel();
                 self.published.handoff.open(sink, kernel);
@@ -125,14 +128,24 @@ impl Upgrader {
         &self,
         channel: &Channel,
         listeners: &[(std::net::SocketAddr, OwnedFd)],
+        pools: RunTimeServers,
         child: &mut std::process::Child,
     ) -> Result<(u32, bool), UpgradeError> {
-        let offer = Offer {
+        let mut offer = Offer {
             pid: std::process::id(),
             listeners: listeners.len(),
             admin: self.admin.as_ref().map(|(addr, _)| *addr),
             kernel: self.splice.as_ref().map(|_| crate::splice::object_hash()),
+            pools,
         };
+        // One message carries the offer: a socket's send buffer (about 200 KB) bounds it.
+        if serde_json::to_vec(&offer).map_or(0, |bytes| bytes.len()) > MAX_POOLS_IN_OFFER {
+            tracing::warn!(
+                "upgrade: the servers set at run time are too many to hand over; the successor \
+                 starts from the file's (set them again)"
+            );
+            offer.pools = RunTimeServers::new();
+        }
         let mut fds: Vec<BorrowedFd<'_>> = Vec::new();
         if let Some((_, admin)) = &self.admin {
             fds.push(admin.as_fd());

@@ -132,6 +132,8 @@ pub struct Inherited {
     /// This process adopted them (set by whoever loads the program): spliced tunnels may
     /// come.
     pub kernel_adopted: bool,
+    /// The pools' servers the predecessor had set at run time.
+    pub pools: crate::upstream::membership::RunTimeServers,
 }
 
 impl Inherited {
@@ -198,6 +200,7 @@ impl Inherited {
             admin,
             kernel,
             kernel_adopted: false,
+            pools: offer.pools,
         })
     }
 

@@ -41,6 +41,10 @@ pub struct Offer {
     /// The kernel program, identified by a hash of its object: a successor with the same
     /// object adopts its maps (and the spliced tunnels in them).
     pub kernel: Option<u64>,
+    /// The pools' servers set at run time (`PUT /upstreams/NAME`), so they outlive the
+    /// process (empty from a predecessor that had none, or did not say).
+    #[serde(default)]
+    pub pools: crate::upstream::membership::RunTimeServers,
 }
 
 /// A handed tunnel's kernel-path state (its sockets are in the maps the successor adopted).

@@ -12,9 +12,12 @@ use std::net::IpAddr;
 
 use crate::config::{Config, NamedServer, ServerConfig};
 
+/// The servers set at run time, by pool: what a binary upgrade hands to the successor.
+pub type RunTimeServers = BTreeMap<String, Override>;
+
 /// A pool's servers as the admin endpoint set them, with the file's list they replaced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Override {
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Override {
     /// The file's servers when they were set (addresses, names).
     file: (Vec<ServerConfig>, Vec<NamedServer>),
     /// The servers set (addresses, names).
@@ -85,6 +88,23 @@ impl Membership {
             },
         );
         Ok(self.effective(file) != before)
+    }
+
+    /// The servers set at run time (for a successor).
+    pub fn run_time_servers(&self) -> RunTimeServers {
+        self.overrides.clone()
+    }
+
+    /// Takes the servers a predecessor set at run time, for the pools of `file` whose file
+    /// list is still the one they replaced (the file is the newer word otherwise).
+    pub fn adopt(&mut self, file: &Config, servers: RunTimeServers) {
+        self.overrides = servers;
+        for pool in self.reloaded(file) {
+            tracing::info!(
+                pool,
+                "upgrade: the file's servers of this pool changed: they replace those the predecessor set at run time"
+            );
+        }
     }
 
     /// A reload read `file`: run-time lists whose pool is gone, or whose file list changed,
@@ -225,6 +245,22 @@ mod tests {
             addrs(&membership.effective(&edited)),
             ["10.0.0.1:80", "10.0.0.9:80"]
         );
+    }
+
+    #[test]
+    fn a_successor_takes_the_servers_set_at_run_time_unless_its_file_changed_them() {
+        let file = config(r#""10.0.0.1:80""#);
+        let mut old = Membership::default();
+        old.set_servers(&file, "app", (vec![server("10.0.0.7:80")], Vec::new()))
+            .unwrap();
+        let handed = serde_json::to_string(&old.run_time_servers()).unwrap();
+        let mut successor = Membership::default();
+        successor.adopt(&file, serde_json::from_str(&handed).unwrap());
+        assert_eq!(addrs(&successor.effective(&file)), ["10.0.0.7:80"]);
+        let edited = config(r#""10.0.0.2:80""#);
+        let mut newer = Membership::default();
+        newer.adopt(&edited, old.run_time_servers());
+        assert_eq!(addrs(&newer.effective(&edited)), ["10.0.0.2:80"]);
     }
 
     #[test]
