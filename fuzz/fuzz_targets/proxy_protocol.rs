@@ -19,9 +19,17 @@ fuzz_target!(|data: &[u8]| {
     match &verdict {
         Ok(Some((header, len))) => {
             assert!(*len <= data.len() && *len <= MAX_HEADER_LEN, "{len} bytes");
-            assert_eq!(parse(&data[..*len]), verdict, "the stream's bytes changed the header");
+            assert_eq!(
+                parse(&data[..*len]),
+                verdict,
+                "the stream's bytes changed the header"
+            );
             for k in prefix_lengths(*len) {
-                assert_eq!(parse(&data[..k]), Ok(None), "prefix of {k} bytes of a header");
+                assert_eq!(
+                    parse(&data[..k]),
+                    Ok(None),
+                    "prefix of {k} bytes of a header"
+                );
             }
             if header.version == Version::V1 {
                 assert!(header.tlvs.is_empty());
@@ -37,11 +45,18 @@ fuzz_target!(|data: &[u8]| {
                     .expect("an encoded header parses")
                     .expect("an encoded header is complete");
                 assert_eq!(again_len, encoded.len());
-                assert_eq!((again.version, again.command), (Version::V2, Command::Proxy));
+                assert_eq!(
+                    (again.version, again.command),
+                    (Version::V2, Command::Proxy)
+                );
                 assert_eq!(again.addresses.as_ref(), Some(addresses));
             }
         }
-        Ok(None) => assert!(data.len() < MAX_HEADER_LEN, "waiting at {} bytes", data.len()),
+        Ok(None) => assert!(
+            data.len() < MAX_HEADER_LEN,
+            "waiting at {} bytes",
+            data.len()
+        ),
         Err(error) => {
             assert!(!error.to_string().is_empty());
             let mut more = data.to_vec();

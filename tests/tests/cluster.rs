@@ -384,6 +384,7 @@ fn a_cluster_of_two_hosts_behind_haproxy_balances_checks_and_survives_a_host() {
         "the hosts count {counts:?}, the clients hold {held}"
     );
     assert_eq!(counts.len(), 4, "{counts:?}");
+    eprintln!("least_connections after 10,000 connects: {held} open, per server {counts:?}");
     assert!(
         within_ten_percent(&counts),
         "least_connections left {counts:?} open"
@@ -571,6 +572,11 @@ fn a_cluster_of_two_hosts_behind_haproxy_balances_checks_and_survives_a_host() {
         })
         .max()
         .unwrap_or(0);
+    eprintln!(
+        "rebalancing: {} moves over {:?}, at most {busiest_second} in one second; then {final_counts:?}",
+        moves.len(),
+        last.duration_since(first)
+    );
     assert!(
         busiest_second <= 2 * 2 * REBALANCE_RATE + 2,
         "{busiest_second} moves in one second"
@@ -607,6 +613,7 @@ fn a_cluster_of_two_hosts_behind_haproxy_balances_checks_and_survives_a_host() {
     });
     std::thread::sleep(Duration::from_secs(1));
     echoes[3] = None; // killed by PID
+    let killed = Instant::now();
     let down = eventually_within(Duration::from_secs(3), || {
         let dead = dead.clone();
         in_netns(&cl, move || {
@@ -615,8 +622,13 @@ fn a_cluster_of_two_hosts_behind_haproxy_balances_checks_and_survives_a_host() {
                 .all(|&host| per_server(host, "upstream_server_up", "lc").get(&dead) == Some(&0))
         })
     });
+    let taken_out = killed.elapsed();
     let traffic_errors = traffic.join().expect("traffic");
     assert!(down, "both hosts' checks took {dead} out");
+    eprintln!(
+        "a dead upstream: out on both hosts after {taken_out:?}, {} client errors",
+        traffic_errors.len()
+    );
     assert!(
         traffic_errors.is_empty(),
         "clients saw errors: {traffic_errors:?}"
