@@ -2,9 +2,10 @@
 //!
 //! Properties: any text is a configuration or an error whose line and column point inside the
 //! text; an accepted configuration is one the proxy can run on: at least one listener and one
-//! route, every route's upstream defined with servers, route prefixes in origin form, header
-//! rules that cannot break a head (token names, no CR/LF in values), head limits within their
-//! bounds; and the routes it builds answer a lookup.
+//! route, every route's upstream defined with servers (by address or by name) of sane weights
+//! and limits, health checks whose timeout fits their interval, route prefixes in origin form,
+//! header rules that cannot break a head (token names, no CR/LF in values), head limits within
+//! their bounds; and the routes it builds answer a lookup.
 
 #![no_main]
 
@@ -37,7 +38,15 @@ fuzz_target!(|data: &[u8]| {
                     .upstreams
                     .get(&route.upstream)
                     .unwrap_or_else(|| panic!("route to undefined upstream {:?}", route.upstream));
-                assert!(!pool.servers.is_empty());
+                // Servers by address, by name (resolved at run time), or both.
+                assert!(!pool.servers.is_empty() || !pool.named.is_empty());
+                for server in &pool.servers {
+                    assert!((1..=256).contains(&server.weight));
+                    assert_ne!(server.max_tunnels, Some(0));
+                }
+                if let Some(check) = &pool.health_check {
+                    assert!(check.timeout <= check.interval && check.rise >= 1 && check.fall >= 1);
+                }
                 if let Some(prefix) = &route.path_prefix {
                     assert!(prefix.starts_with('/'));
                 }

@@ -1102,7 +1102,9 @@ pub fn server_entry(
 }
 
 /// A DNS name: dot-separated labels of letters, digits, `-` and `_`, each 1–63 bytes, at most
-/// 253 in all (a trailing dot allowed), not all digits (that would be a mistyped address).
+/// 253 in all (a trailing dot allowed), the last one starting with a letter (top-level domains
+/// do, RFC 3696 §2: so a mistyped address such as `10.0.0.300` or `513.0.0x1` is refused, not
+/// looked up).
 fn is_host_name(host: &str) -> bool {
     let host = host.strip_suffix('.').unwrap_or(host);
     !host.is_empty()
@@ -1113,7 +1115,11 @@ fn is_host_name(host: &str) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
-        && !host.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && host
+            .rsplit('.')
+            .next()
+            .and_then(|last| last.bytes().next())
+            .is_some_and(|first| first.is_ascii_alphabetic())
 }
 
 fn check_weight(weight: u32) -> Result<u32, String> {

@@ -1091,8 +1091,23 @@ fn admin_exchange(admin: SocketAddr, request: &[u8], within: Duration) -> Result
 /// `POST /upgrade` to the admin listener at `admin` (at most [`UPGRADE_WAIT`]): the answer's
 /// status (0 if none came) and body.
 pub fn post_upgrade(admin: SocketAddr) -> (u16, String) {
-    let request = b"POST /upgrade HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n";
-    let answer = match admin_exchange(admin, request, UPGRADE_WAIT) {
+    admin_request(admin, "POST", "/upgrade", "", UPGRADE_WAIT)
+}
+
+/// `METHOD path` with `body` on the admin listener at `admin`, waiting at most `within` for
+/// the whole answer: its status and body (status 0 and the reason when there is none).
+pub fn admin_request(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    within: Duration,
+) -> (u16, String) {
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = match admin_exchange(admin, request.as_bytes(), within) {
         Ok(answer) => answer,
         Err(error) => return (0, error),
     };

@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt as _, StreamExt as _};
+use rand::{Rng as _, SeedableRng as _};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{RwLock, Semaphore};
@@ -324,24 +325,10 @@ fn connect_failures(proxy: &Proxy) -> u64 {
         .unwrap_or(0)
 }
 
-/// Polls `check` every 10 ms until it is true or `within` passes; whether it became true.
-async fn poll_until(within: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if check() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// Waits until the proxy counts no open connection on `servers` (it saw the last close).
 async fn wait_idle(proxy: &Proxy, servers: &[SocketAddr]) {
     let mut last = Vec::new();
-    let idle = poll_until(Duration::from_secs(5), || {
+    let idle = settles_within(Duration::from_secs(5), || {
         last = tunnels(proxy, servers);
         last.iter().all(|&n| n == 0)
     })
@@ -387,24 +374,12 @@ fn verdicts(proxy: &Proxy, server: SocketAddr, verdict: &str) -> Vec<String> {
 /// [`verdicts`], waiting (at most 2 s) for one: the state flips before the line is written.
 async fn logged_verdicts(proxy: &Proxy, server: SocketAddr, verdict: &str) -> Vec<String> {
     let mut lines = Vec::new();
-    poll_until(Duration::from_secs(2), || {
+    settles_within(Duration::from_secs(2), || {
         lines = verdicts(proxy, server, verdict);
         !lines.is_empty()
     })
     .await;
     lines
-}
-
-/// A deterministic pseudo-random sequence (xorshift64).
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 /// Tunnels the churn opens in all.
@@ -502,7 +477,7 @@ async fn churn_opener(churn: Arc<Churn>) {
 /// the clients hold, and checks they are even.
 async fn churn_snapshot(churn: &Churn, proxy: &Proxy, servers: &[SocketAddr], moment: &str) {
     let _frozen = churn.closing.write().await;
-    let full = poll_until(WAIT, || churn.open_total() == CHURN_MOST_OPEN).await;
+    let full = settles_within(WAIT, || churn.open_total() == CHURN_MOST_OPEN).await;
     assert!(
         full,
         "{moment}: the openers did not fill the room: {:?}",
@@ -510,7 +485,7 @@ async fn churn_snapshot(churn: &Churn, proxy: &Proxy, servers: &[SocketAddr], mo
     );
     let clients = churn.open_counts();
     let mut counted = Vec::new();
-    let agreed = poll_until(Duration::from_secs(5), || {
+    let agreed = settles_within(Duration::from_secs(5), || {
         counted = tunnels(proxy, servers);
         counted == clients
     })
@@ -540,10 +515,10 @@ async fn least_connections_keeps_open_tunnels_even_under_random_lifetimes() {
     let addrs = addrs(&servers);
     // No `balance`: least_connections is the default.
     let proxy = Proxy::start(DataPath::Userspace, &ProxyConfig::new(&addrs));
-    let mut random = XorShift(0x5eed_1234_abcd_0001);
+    let mut random = rand::rngs::StdRng::seed_from_u64(0x5eed_1234_abcd_0001);
     let lifetimes = (0..CHURN_TOTAL)
         .map(|index| {
-            let lifetime = Duration::from_millis(random.next() % 301);
+            let lifetime = Duration::from_millis(random.random_range(0..=300));
             (index < CHURN_TOTAL - CHURN_MOST_OPEN).then_some(lifetime)
         })
         .collect();
@@ -809,14 +784,14 @@ async fn an_http_health_check_takes_a_dead_server_out_before_clients_need_it_and
     config.fail_timeout = "0s";
     config.extra_tables = health_check("http", "/healthz");
     let proxy = Proxy::start(DataPath::Userspace, &config);
-    let checked = poll_until(WAIT, || servers.iter().all(|s| s.probes() >= 2)).await;
+    let checked = settles_within(WAIT, || servers.iter().all(|s| s.probes() >= 2)).await;
     assert!(checked, "the health checker does not probe both servers");
     assert_eq!((server_up(&proxy, live), server_up(&proxy, dying)), (1, 1));
     let failures_before = connect_failures(&proxy);
 
     servers[1].stop().await;
     let killed = Instant::now();
-    let out = poll_until(Duration::from_secs(3), || server_up(&proxy, dying) == 0).await;
+    let out = settles_within(Duration::from_secs(3), || server_up(&proxy, dying) == 0).await;
     let took = killed.elapsed();
     assert!(
         out,
@@ -866,7 +841,7 @@ async fn an_http_health_check_takes_a_dead_server_out_before_clients_need_it_and
 
     // It comes back on the same port.
     servers[1] = Upstream::start_on(dying, Behaviour::WebSocket).await;
-    let back = poll_until(Duration::from_secs(3), || server_up(&proxy, dying) == 1).await;
+    let back = settles_within(Duration::from_secs(3), || server_up(&proxy, dying) == 1).await;
     assert!(
         back,
         "the server is not back 3 s after it returned:\n{}",
@@ -904,7 +879,7 @@ async fn a_websocket_health_check_passes_an_upgrading_server_and_fails_a_plain_o
     let mut config = ProxyConfig::new(&addrs);
     config.extra_tables = health_check("websocket", "/");
     let proxy = Proxy::start(DataPath::Userspace, &config);
-    let out = poll_until(Duration::from_secs(5), || {
+    let out = settles_within(Duration::from_secs(5), || {
         server_up(&proxy, plain.addr()) == 0
     })
     .await;
@@ -918,7 +893,7 @@ async fn a_websocket_health_check_passes_an_upgrading_server_and_fails_a_plain_o
     );
     // Some rounds more: the upgrading server keeps passing.
     let probed = upgrading.probes();
-    let more = poll_until(Duration::from_secs(5), || upgrading.probes() >= probed + 3).await;
+    let more = settles_within(Duration::from_secs(5), || upgrading.probes() >= probed + 3).await;
     assert!(more, "the upgrading server is not probed");
     assert_eq!(server_up(&proxy, upgrading.addr()), 1);
     assert_eq!(
@@ -950,10 +925,10 @@ async fn slow_start_gives_a_returning_server_a_small_share_first() {
     let url = proxy.url("/ramp");
 
     servers[1].stop().await;
-    let out = poll_until(Duration::from_secs(3), || server_up(&proxy, returning) == 0).await;
+    let out = settles_within(Duration::from_secs(3), || server_up(&proxy, returning) == 0).await;
     assert!(out, "not taken out:\n{}", proxy.log_tail(30));
     servers[1] = Upstream::start_on(returning, Behaviour::WebSocket).await;
-    let back = poll_until(Duration::from_secs(3), || server_up(&proxy, returning) == 1).await;
+    let back = settles_within(Duration::from_secs(3), || server_up(&proxy, returning) == 1).await;
     assert!(back, "not back:\n{}", proxy.log_tail(30));
     let returned = Instant::now();
 

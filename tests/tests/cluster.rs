@@ -17,7 +17,6 @@
 //! leaves its tunnels untouched.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -29,7 +28,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use wsplice_tests::cluster::{address, in_netns, spawn_in_netns, wait_listening, Lan, Member};
-use wsplice_tests::{eventually_within, is_root, records_in, scratch_dir, Recorded};
+use wsplice_tests::{admin_request, eventually_within, is_root, records_in, scratch_dir, Recorded};
 
 /// The port every wsplice host and HAProxy listen on.
 const PORT: u16 = 8080;
@@ -154,29 +153,14 @@ backend hosts
 
 /// `METHOD path` on a host's admin port (blocking; call it from the clients' namespace).
 fn admin(host: u8, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&host_addr(host, ADMIN), Duration::from_secs(2))
-            .expect("admin connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("admin write");
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("admin read");
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
+    let (status, body) = admin_request(
+        host_addr(host, ADMIN),
+        method,
+        path,
+        body,
+        Duration::from_secs(10),
+    );
+    assert_ne!(status, 0, "admin of host {host}: {body}");
     (status, body)
 }
 

@@ -29,7 +29,6 @@
 //! Two tests are ignored: they show what the proxy does not do yet (see their reasons).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -303,33 +302,16 @@ fn named_config(dns: &Dns, entries: &str) -> ProxyConfig {
     config
 }
 
-/// `METHOD path` with `body` on the proxy's admin listener: the status and the body.
+/// `METHOD path` with `body` on the proxy's admin listener: the status and the body
+/// (`POST /reload` may wait 30 s for the main thread).
 fn admin(proxy: &Proxy, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut stream =
-        std::net::TcpStream::connect_timeout(&proxy.admin_addr(), Duration::from_secs(5))
-            .expect("admin connect");
-    // `POST /reload` may wait 30 s for the main thread.
-    stream
-        .set_read_timeout(Some(Duration::from_secs(35)))
-        .expect("read timeout");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+    admin_request(
+        proxy.admin_addr(),
+        method,
+        path,
+        body,
+        Duration::from_secs(35),
     )
-    .expect("admin write");
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("admin read");
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, body)| body)
-        .to_owned();
-    (status, body)
 }
 
 /// `GET /upstreams`: the default pool's running servers and the tunnels each holds (every one

@@ -173,6 +173,8 @@ fn servers_are_addresses_names_or_tables_with_weights_and_limits() {
         ("\"127.0.0.1:9001\"", "listed twice"),
         ("\"1.2.3:80\"", "neither IP:port nor name:port"),
         ("\"app.internal\"", "neither IP:port nor name:port"),
+        ("\"513.0.0x1:1\"", "neither IP:port nor name:port"),
+        ("\"10.0.0.300:80\"", "neither IP:port nor name:port"),
         ("7", "a server is"),
     ] {
         let text = MINIMAL.replace(
