@@ -143,6 +143,22 @@ struct Rebalancing {
     next_ns: Arc<AtomicU64>,
 }
 
+impl Rebalancing {
+    /// `member` holds more than `1 + tolerance` times its share of `total` open connections
+    /// (its share: its weight of `weights`, those of the servers that may take connections),
+    /// and at least one whole connection over it.
+    fn over_share(&self, member: &Member, total: u128, weights: u128) -> bool {
+        if weights == 0 {
+            return false;
+        }
+        let open = member.state.open() as u128;
+        let weight = u128::from(member.weight);
+        let above = open * weights * 100 > total * weight * (100 + u128::from(self.tolerance));
+        let whole = open.saturating_sub(1) * weights >= total * weight;
+        above && whole
+    }
+}
+
 impl Pool {
     /// Builds the pool named `name` from its configuration, with the servers' states from
     /// `registry` (the same as the previous generation's for the servers it kept).
@@ -189,35 +205,34 @@ impl Pool {
     /// take connections holds less: tunnels on the former should move (see
     /// [`Pool::is_over_share`]).
     pub fn needs_rebalancing(&self, now_ns: u64) -> bool {
-        self.rebalancing.is_some()
-            && self.has_room_below_share(now_ns)
+        let Some(rebalancing) = &self.rebalancing else {
+            return false;
+        };
+        let (total, weights) = self.open_and_weights(now_ns);
+        let below = |m: &Member| {
+            self.takes_more(m, now_ns)
+                && (m.state.open() as u128) * weights < total * u128::from(m.weight)
+        };
+        self.members.iter().any(below)
             && self
                 .members
                 .iter()
-                .any(|m| self.is_over_share(m.state.addr, now_ns))
+                .any(|m| rebalancing.over_share(m, total, weights))
     }
 
     /// Whether `addr` holds at least one tunnel more than its share of the pool's open
     /// connections and more than `1 + tolerance` times it (its share: by weight, among the
-    /// servers that may take connections). False without rebalancing.
+    /// servers that may take connections). False without rebalancing. Read live: each tunnel
+    /// moved changes the answer for the next.
     pub fn is_over_share(&self, addr: SocketAddr, now_ns: u64) -> bool {
-        let Some(rebalancing) = &self.rebalancing else {
-            return false;
-        };
-        let Some(member) = self.members.iter().find(|m| m.state.addr == addr) else {
+        let (Some(rebalancing), Some(member)) = (
+            &self.rebalancing,
+            self.members.iter().find(|m| m.state.addr == addr),
+        ) else {
             return false;
         };
         let (total, weights) = self.open_and_weights(now_ns);
-        if weights == 0 {
-            return false;
-        }
-        let open = member.state.open() as u128;
-        let weight = u128::from(member.weight);
-        // open > share × (1 + tolerance) and open − 1 ≥ share, share = total × weight / weights.
-        let above =
-            open * weights * 100 > total * weight * (100 + u128::from(rebalancing.tolerance));
-        let whole = open.saturating_sub(1) * weights >= total * weight;
-        above && whole
+        rebalancing.over_share(member, total, weights)
     }
 
     /// Takes the next slot of the rebalancing rate at `now_ns`: true when a tunnel may move
@@ -256,16 +271,6 @@ impl Pool {
             && member.state.open() < member.max_open
     }
 
-    /// Some server that may take connections holds less than its share: moved tunnels have
-    /// somewhere to go.
-    fn has_room_below_share(&self, now_ns: u64) -> bool {
-        let (total, weights) = self.open_and_weights(now_ns);
-        self.members.iter().any(|m| {
-            self.takes_more(m, now_ns)
-                && (m.state.open() as u128) * weights < total * u128::from(m.weight)
-        })
-    }
-
     /// How idle connections to this pool's servers are kept for plain HTTP requests.
     pub fn keepalive(&self) -> Keepalive {
         self.keepalive
@@ -296,37 +301,46 @@ impl Pool {
     /// fallbacks. Empty when no server may take a connection (every one at `max_tunnels`).
     pub fn plan(&self, now_ns: u64, key: u64) -> Vec<SocketAddr> {
         let turn = self.turns.fetch_add(1, Ordering::Relaxed);
+        // One look at each server's atomics: the choice and the fallbacks agree.
         let any_up = self.members.iter().any(|m| m.state.is_up());
-        let may_take = |m: &Member| {
-            (m.state.is_up() || !any_up) && m.state.open.load(Ordering::Relaxed) < m.max_open
-        };
-        let loads = |marked: bool| -> Vec<Load> {
-            self.members
-                .iter()
-                .map(|m| Load {
-                    open: m.state.open(),
-                    weight: m.weight,
-                    ramp: self.ramp(&m.state, now_ns),
-                    eligible: may_take(m) && m.state.is_marked(now_ns) == marked,
-                })
-                .collect()
-        };
+        let (takes, marked): (Vec<bool>, Vec<bool>) = self
+            .members
+            .iter()
+            .map(|m| {
+                let up = m.state.is_up() || !any_up;
+                (up && m.state.open() < m.max_open, m.state.is_marked(now_ns))
+            })
+            .unzip();
+        let mut loads: Vec<Load> = self
+            .members
+            .iter()
+            .zip(takes.iter().zip(&marked))
+            .map(|(m, (&takes, &marked))| Load {
+                open: m.state.open(),
+                weight: m.weight,
+                ramp: self.ramp(&m.state, now_ns),
+                eligible: takes && !marked,
+            })
+            .collect();
         let mut random = thread_random;
-        let fresh = loads(false);
         let first = self
             .balancer
-            .choose(&fresh, turn, key, &mut random)
-            .or_else(|| self.balancer.choose(&loads(true), turn, key, &mut random));
+            .choose(&loads, turn, key, &mut random)
+            .or_else(|| {
+                // None unmarked may take it: choose among the marked ones.
+                for (load, (&takes, &marked)) in loads.iter_mut().zip(takes.iter().zip(&marked)) {
+                    load.eligible = takes && marked;
+                }
+                self.balancer.choose(&loads, turn, key, &mut random)
+            });
         let Some(first) = first else {
             return Vec::new();
         };
         let count = self.members.len();
-        let rotated = (0..count)
+        let (unmarked, marked): (Vec<usize>, Vec<usize>) = (0..count)
             .map(|i| (turn + i) % count)
-            .filter(|&i| i != first);
-        let (unmarked, marked): (Vec<usize>, Vec<usize>) = rotated
-            .filter(|&i| may_take(&self.members[i]))
-            .partition(|&i| !self.members[i].state.is_marked(now_ns));
+            .filter(|&i| i != first && takes[i])
+            .partition(|&i| !marked[i]);
         std::iter::once(first)
             .chain(unmarked)
             .chain(marked)

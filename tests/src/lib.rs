@@ -1517,6 +1517,20 @@ pub async fn server_socket(stream: TcpStream) -> WebSocketStream<TcpStream> {
     WebSocketStream::from_raw_socket(stream, Role::Server, Some(ws_config())).await
 }
 
+/// The most of `moves` (times something happened) within any one second.
+pub fn busiest_second(moves: &[Instant]) -> usize {
+    moves
+        .iter()
+        .map(|&start| {
+            moves
+                .iter()
+                .filter(|&&t| t >= start && t < start + Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Polls `check` until it is true or [`WAIT`] passes; returns the last result.
 pub fn eventually(check: impl FnMut() -> bool) -> bool {
     eventually_within(WAIT, check)

@@ -28,7 +28,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use wsplice_tests::cluster::{address, in_netns, spawn_in_netns, wait_listening, Lan, Member};
-use wsplice_tests::{admin_request, eventually_within, is_root, records_in, scratch_dir, Recorded};
+use wsplice_tests::{
+    admin_request, busiest_second, eventually_within, is_root, records_in, scratch_dir, Recorded,
+};
 
 /// The port every wsplice host and HAProxy listen on.
 const PORT: u16 = 8080;
@@ -546,16 +548,7 @@ fn a_cluster_of_two_hosts_behind_haproxy_balances_checks_and_survives_a_host() {
         moves.len(),
         last.duration_since(first)
     );
-    let busiest_second = moves
-        .iter()
-        .map(|&start| {
-            moves
-                .iter()
-                .filter(|&&t| t >= start && t < start + Duration::from_secs(1))
-                .count()
-        })
-        .max()
-        .unwrap_or(0);
+    let busiest_second = busiest_second(&moves);
     eprintln!(
         "rebalancing: {} moves over {:?}, at most {busiest_second} in one second; then {final_counts:?}",
         moves.len(),

@@ -898,20 +898,6 @@ async fn follow_moves(
     }
 }
 
-/// The most of `moves` within any one second.
-fn busiest_second(moves: &[Instant]) -> usize {
-    moves
-        .iter()
-        .map(|&start| {
-            moves
-                .iter()
-                .filter(|&&t| t >= start && t < start + Duration::from_secs(1))
-                .count()
-        })
-        .max()
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rebalancing_moves_tunnels_to_an_added_server_at_its_rate() {
     for datapath in datapaths() {

@@ -37,6 +37,8 @@ enum Answer {
 pub struct Exchange {
     /// The request's method (HEAD answers have no body).
     method: String,
+    /// The address the client connected to: the next request's handshake needs it.
+    local: std::net::SocketAddr,
     /// The request's body, as it is read from the client.
     request: BodyReader,
     /// The rewritten head, kept until the answer starts when the upstream connection was kept
@@ -128,6 +130,7 @@ impl Connection {
             head,
             behind,
             reused,
+            local,
         } = start;
         if reused {
             services.metrics.upstream_keepalive_reused.inc();
@@ -137,6 +140,7 @@ impl Connection {
             close_client: request.wants_close() || self.draining,
             upstream_reusable: request.http_minor == 1,
             method: request.method,
+            local,
             request: BodyReader::new(request.framing, body_limits()),
             // Only a kept-alive connection can turn out closed before answering.
             resend: reused.then(|| head.clone()),
@@ -635,6 +639,7 @@ impl Connection {
         }
         let reusable = exchange.upstream_reusable && exchange.request.is_done();
         let close_client = exchange.close_client;
+        let local = exchange.local;
         let next = std::mem::take(&mut exchange.next);
         // The last request of a connection that closes after it gets the connection's own
         // access line (the same fields, with the reason): one line per request either way.
@@ -654,18 +659,20 @@ impl Connection {
         if close_client {
             return self.close("answered; the connection closes".into(), false, out);
         }
-        self.read_next_request(next, now_ns, services, out);
+        self.read_next_request(next, local, now_ns, services, out);
     }
 
-    /// Keep-alive: back to reading a request, starting with what the client already sent.
+    /// Keep-alive: back to reading a request (to `local`), starting with what the client
+    /// already sent.
     fn read_next_request(
         &mut self,
         next: Vec<u8>,
+        local: std::net::SocketAddr,
         now_ns: u64,
         services: &Services,
         out: &mut Actions,
     ) {
-        let handshake = self.new_handshake(services);
+        let handshake = self.new_handshake(local, services);
         self.stage = Stage::ReadingRequest(Box::new(handshake));
         self.summary = Default::default();
         self.upstream_addr = None;

@@ -30,9 +30,6 @@ pub struct HandedTunnel {
     pub log_id: u64,
     /// The client's address.
     pub client: SocketAddr,
-    /// The address the client connected to (`None` from a predecessor that did not say).
-    #[serde(default)]
-    pub local: Option<SocketAddr>,
     /// The upstream server.
     pub upstream: Option<SocketAddr>,
     /// When it was accepted (CLOCK_MONOTONIC ns: the same clock in every process).
@@ -141,7 +138,6 @@ impl Connection {
         Some(HandedTunnel {
             log_id: self.log_id,
             client: self.client_addr,
-            local: Some(self.local_addr),
             upstream: self.upstream_addr,
             started_ns: self.started_ns,
             host: self.summary.host.clone(),
@@ -235,15 +231,8 @@ impl Connection {
                 Stage::Relaying(relay)
             }
         };
-        // A tunnel sends no request again: the local address only completes the record.
-        let local = tunnel.local.unwrap_or(tunnel.client);
-        let mut connection = Connection::new(
-            id,
-            tunnel.log_id,
-            (tunnel.client, local),
-            tunnel.started_ns,
-            stage,
-        );
+        let mut connection =
+            Connection::new(id, tunnel.log_id, tunnel.client, tunnel.started_ns, stage);
         connection.datapath = datapath;
         connection.summary = RequestSummary {
             host: tunnel.host.clone(),

@@ -76,6 +76,8 @@ pub struct ExchangeStart {
     /// The upstream connection was kept alive from an earlier request (it may have been
     /// closed by the server meanwhile).
     pub reused: bool,
+    /// The address the client connected to (for the connection's next request).
+    pub local: SocketAddr,
 }
 
 /// An HTTP error answer to send before closing, and why.
@@ -255,6 +257,7 @@ impl Handshake {
                     head,
                     behind: std::mem::take(&mut self.client_bytes),
                     reused,
+                    local: self.addresses.destination,
                 }))
             }
         }

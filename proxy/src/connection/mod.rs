@@ -246,6 +246,8 @@ pub enum Stage {
         seen: usize,
         /// The header was refused (its access line is written at info level).
         refused: bool,
+        /// The address the client connected to (the header may say another).
+        local: SocketAddr,
     },
     /// Reading the client's request head.
     ReadingRequest(Box<Handshake>),
@@ -304,11 +306,6 @@ pub struct Connection {
     log_id: u64,
     /// The client's address: the peer's, or the one its PROXY header carried.
     client_addr: SocketAddr,
-    /// The address the client connected to (or the one its PROXY header carried).
-    local_addr: SocketAddr,
-    /// The admission count holds `client_addr` (false while a PROXY header is awaited, or
-    /// when its address was refused: the count then holds only the connection).
-    address_counted: bool,
     /// The connection's count on its upstream server, while it uses one.
     lease: Option<Lease>,
     started_ns: u64,
@@ -359,50 +356,46 @@ impl Connection {
         let stage = Stage::ReadingProxyHeader {
             seen: 0,
             refused: false,
+            local: accepted.local,
         };
-        let mut connection = Connection::new(
-            id,
-            services.log_ids ^ id,
-            (accepted.peer, accepted.local),
-            now_ns,
-            stage,
-        );
+        let mut connection =
+            Connection::new(id, services.log_ids ^ id, accepted.peer, now_ns, stage);
         connection.scheme = accepted.scheme;
         connection.tls = accepted.tls;
         connection.datapath = datapath;
         connection.deadline_ns = deadline_ns;
         out.push_back(Action::ArmDeadline(deadline_ns));
         if accepted.proxy_protocol {
-            connection.address_counted = false;
             connection.expect_proxy_header(services, out);
         } else {
-            connection.stage = Stage::ReadingRequest(Box::new(connection.new_handshake(services)));
+            let handshake = connection.new_handshake(accepted.local, services);
+            connection.stage = Stage::ReadingRequest(Box::new(handshake));
             out.push_back(Action::Read(Side::Client));
         }
         connection
     }
 
-    /// A handshake for the connection's next request: its addresses, and whether the client
-    /// is one of `trusted_proxies` (its forwarding headers are then passed on).
-    fn new_handshake(&self, services: &Services) -> Handshake {
+    /// A handshake for the connection's next request, to `local`: its addresses, and whether
+    /// the client is one of `trusted_proxies` (its forwarding headers are then passed on).
+    fn new_handshake(&self, local: SocketAddr, services: &Services) -> Handshake {
         let trusted_peer = services
             .trusted_proxies
             .iter()
             .any(|range| range.contains(self.client_addr.ip()));
         let addresses = crate::proxy_protocol::Addresses {
             source: self.client_addr,
-            destination: self.local_addr,
+            destination: local,
         };
         Handshake::new(addresses, self.scheme, trusted_peer)
     }
 
-    /// Connection `id` (access-line id `log_id`) between `(client, local)` since
-    /// `started_ns`, in `stage`: a plain `ws` connection relayed in userspace, its address
-    /// counted, nothing sent, read or decided yet (the callers set what differs).
+    /// Connection `id` (access-line id `log_id`) from `client_addr` since `started_ns`, in
+    /// `stage`: a plain `ws` connection relayed in userspace, nothing sent, read or decided
+    /// yet (the callers set what differs).
     fn new(
         id: u64,
         log_id: u64,
-        (client_addr, local_addr): (SocketAddr, SocketAddr),
+        client_addr: SocketAddr,
         started_ns: u64,
         stage: Stage,
     ) -> Connection {
@@ -410,8 +403,6 @@ impl Connection {
             id,
             log_id,
             client_addr,
-            local_addr,
-            address_counted: true,
             lease: None,
             started_ns,
             scheme: Scheme::Ws,
@@ -443,7 +434,10 @@ impl Connection {
     /// The address whose admission count this connection holds, if any (see
     /// [`Admission::release`](crate::admission::Admission::release)).
     pub fn counted_address(&self) -> Option<std::net::IpAddr> {
-        self.address_counted.then_some(self.client_addr.ip())
+        // Until its PROXY header says it (or when its address was refused), a connection holds
+        // only its place.
+        let known = !matches!(self.stage, Stage::ReadingProxyHeader { .. });
+        known.then_some(self.client_addr.ip())
     }
 
     /// The current stage.

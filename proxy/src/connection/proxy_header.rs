@@ -37,7 +37,7 @@ impl Connection {
 
     /// What the client has sent so far, peeked at while its PROXY header is awaited.
     pub fn on_proxy_header_peeked(&mut self, bytes: &[u8], services: &Services, out: &mut Actions) {
-        let Stage::ReadingProxyHeader { seen, .. } = self.stage else {
+        let Stage::ReadingProxyHeader { seen, local, .. } = self.stage else {
             return;
         };
         if self.is_closing() {
@@ -62,6 +62,7 @@ impl Connection {
                 self.stage = Stage::ReadingProxyHeader {
                     seen: bytes.len(),
                     refused: false,
+                    local,
                 };
                 out.push_back(Action::PeekClient { seen: bytes.len() });
             }
@@ -74,11 +75,12 @@ impl Connection {
                 let canonical = |addr: std::net::SocketAddr| {
                     std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
                 };
+                let mut local = local;
                 if let Some(addresses) = header.addresses {
                     self.client_addr = canonical(addresses.source);
-                    self.local_addr = canonical(addresses.destination);
+                    local = canonical(addresses.destination);
                 }
-                self.begin_after_proxy_header(services, out);
+                self.begin_after_proxy_header(local, services, out);
             }
             Err(error) => {
                 self.refuse_proxy_header(format!("bad PROXY header: {error}"), services, out)
@@ -86,8 +88,13 @@ impl Connection {
         }
     }
 
-    /// The header is read: count the client's address, then read its request.
-    fn begin_after_proxy_header(&mut self, services: &Services, out: &mut Actions) {
+    /// The header is read: count the client's address, then read its request (to `local`).
+    fn begin_after_proxy_header(
+        &mut self,
+        local: std::net::SocketAddr,
+        services: &Services,
+        out: &mut Actions,
+    ) {
         let client = self.client_addr.ip();
         if services.admission.admit_address(client).is_err() {
             services.metrics.connections_refused_per_ip.inc();
@@ -96,8 +103,7 @@ impl Connection {
                 format!("limits.max_connections_per_ip connections are open from {client}");
             return self.close(reason, false, out);
         }
-        self.address_counted = true;
-        self.stage = Stage::ReadingRequest(Box::new(self.new_handshake(services)));
+        self.stage = Stage::ReadingRequest(Box::new(self.new_handshake(local, services)));
         out.push_back(Action::Read(Side::Client));
     }
 

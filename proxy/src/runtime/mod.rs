@@ -163,7 +163,10 @@ pub fn serve(
     if let Some(inherited) = inherited.as_mut() {
         membership.adopt(config, std::mem::take(&mut inherited.pools));
     }
+    // When each name is due again: the resolver thread takes over from these answers.
+    let mut names_due = std::collections::HashMap::new();
     for (name, result) in resolver::resolve_all(&membership.names(config), &resolver_config) {
+        names_due.insert(name.clone(), resolver::next_due(&result));
         if let Some(addrs) = resolver::addresses(&name, result) {
             tracing::info!(name, addresses = ?addrs, "upstream name resolved");
             membership.resolved(&name, addrs);
@@ -184,7 +187,6 @@ pub fn serve(
         .collect();
     let services = Arc::new(services);
     let published = Arc::new(Published::new(Arc::clone(&services), workers));
-    let names = membership.names(config);
     let mut reloader = options
         .reload
         .clone()
@@ -243,7 +245,7 @@ pub fn serve(
     let (answers, resolutions) = std::sync::mpsc::channel::<resolver::Answer>();
     let resolver = match &reloader {
         Some(_) => Some(
-            resolver::Resolver::spawn(resolver_config, names, answers)
+            resolver::Resolver::spawn(resolver_config, names_due, answers)
                 .map_err(RuntimeError::Spawn)?,
         ),
         None => None,
@@ -323,6 +325,7 @@ pub fn serve(
     // its own (an error).
     let mut successor = None;
     let mut grace_ends: Option<std::time::Instant> = None;
+    let mut names_generation = published.generation();
     while running.load(Ordering::SeqCst) == workers {
         let mut upgrade_asked = Vec::new();
         match signals.wait(Duration::from_millis(200)) {
@@ -358,7 +361,14 @@ pub fn serve(
             let _ = reply.send(reload(reloader.as_mut(), &services.metrics));
         }
         if let (Some(reloader), Some(resolver)) = (reloader.as_mut(), resolver.as_ref()) {
-            change_members(reloader, resolver, &servers_inbox, &resolutions);
+            change_members(reloader, &servers_inbox, &resolutions);
+            // What the resolver looks up changes only with a new generation (a reload, a
+            // run-time change).
+            let generation = published.generation();
+            if generation != names_generation {
+                names_generation = generation;
+                resolver.set_names(reloader.names());
+            }
         }
         upgrade_asked.extend(upgrade_inbox.try_iter().map(Some));
         if !upgrade_asked.is_empty() {
@@ -505,11 +515,9 @@ fn reload(
 }
 
 /// Run-time changes of the pools' servers: those `PUT /upstreams/NAME` asked for, and the
-/// names the resolver thread resolved anew; each change publishes a generation. The resolver
-/// is then told the names the running pools list (a reload may have changed them too).
+/// names the resolver thread resolved anew; each change publishes a generation.
 fn change_members(
     reloader: &mut Reloader,
-    resolver: &resolver::Resolver,
     requests: &std::sync::mpsc::Receiver<crate::admin::ServersRequest>,
     resolutions: &std::sync::mpsc::Receiver<resolver::Answer>,
 ) {
@@ -539,7 +547,6 @@ fn change_members(
             }
         }
     }
-    resolver.set_names(reloader.names());
 }
 
 /// A certificate or key file changed (a renewal): the listeners' TLS configurations are built

@@ -19,7 +19,12 @@ impl Worker {
             return; // shutting down: the drain closes everything anyway
         }
         let current = Arc::clone(&self.services);
-        if !current.pools.iter().any(|pool| pool.needs_rebalancing(now)) {
+        let needing: Vec<&crate::upstream::Pool> = current
+            .pools
+            .iter()
+            .filter(|pool| pool.needs_rebalancing(now))
+            .collect();
+        if needing.is_empty() {
             return;
         }
         let (slots, next) = self.table.slots_from(self.rebalance_cursor, SLOTS_PER_TICK);
@@ -42,7 +47,7 @@ impl Worker {
             else {
                 continue;
             };
-            let Some(pool) = current.pools.iter().find(|pool| pool.name() == name) else {
+            let Some(pool) = needing.iter().find(|pool| pool.name() == name) else {
                 continue;
             };
             if !pool.is_over_share(server, now) || !pool.take_move(now) {

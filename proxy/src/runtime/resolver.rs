@@ -31,19 +31,19 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// Starts the thread, resolving `names` (each at once, then on its TTL) through `config`;
-    /// answers go to `answers`.
+    /// Starts the thread, resolving the names of `due` through `config` when each is due
+    /// (as start-up's answers said), then on their TTLs; answers go to `answers`.
     pub fn spawn(
         config: ResolverConfig,
-        names: Vec<String>,
+        due: HashMap<String, Instant>,
         answers: Sender<Answer>,
     ) -> std::io::Result<Resolver> {
-        let names = Arc::new(Mutex::new(names));
+        let names = Arc::new(Mutex::new(due.keys().cloned().collect()));
         let stop = Arc::new(AtomicBool::new(false));
         let (wanted, stopped) = (Arc::clone(&names), Arc::clone(&stop));
         std::thread::Builder::new()
             .name("wsplice-resolver".into())
-            .spawn(move || run(&config, &wanted, &stopped, &answers))?;
+            .spawn(move || run(&config, due, &wanted, &stopped, &answers))?;
         Ok(Resolver { names, stop })
     }
 
@@ -61,11 +61,11 @@ impl Drop for Resolver {
 
 fn run(
     config: &ResolverConfig,
+    mut due: HashMap<String, Instant>,
     wanted: &Mutex<Vec<String>>,
     stop: &AtomicBool,
     answers: &Sender<Answer>,
 ) {
-    let mut due: HashMap<String, Instant> = HashMap::new();
     while !stop.load(Ordering::Relaxed) {
         let names = wanted
             .lock()
@@ -78,17 +78,23 @@ fn run(
             .filter(|name| due.get(name).is_none_or(|&at| at <= now))
             .collect();
         for (name, result) in resolve_all(&ripe, config) {
-            let next = match &result {
-                Ok(resolved) => resolved.ttl,
-                Err(_) => RETRY,
-            };
-            due.insert(name.clone(), Instant::now() + next);
+            due.insert(name.clone(), next_due(&result));
             if answers.send((name, result)).is_err() {
                 return; // the main thread is gone
             }
         }
         std::thread::sleep(ROUND);
     }
+}
+
+/// When a name is to be resolved again after `result`: on its TTL, or in [`RETRY`] after a
+/// failure.
+pub fn next_due(result: &Result<Resolved, DnsError>) -> Instant {
+    Instant::now()
+        + match result {
+            Ok(resolved) => resolved.ttl,
+            Err(_) => RETRY,
+        }
 }
 
 /// Resolves `names` at once, a thread each (a name whose servers do not answer takes the

@@ -193,7 +193,6 @@ mod tests {
             tunnel: HandedTunnel {
                 log_id: index,
                 client: "127.0.0.1:4000".parse().expect("addr"),
-                local: None,
                 upstream: Some("127.0.0.1:9001".parse().expect("addr")),
                 started_ns: 5,
                 host: "example.com".into(),

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use crate::config::{Config, NamedServer, ServerConfig};
+use crate::config::{Config, NamedServer, ServerConfig, UpstreamConfig};
 
 /// The servers set at run time, by pool: what a binary upgrade hands to the successor.
 pub type RunTimeServers = BTreeMap<String, Override>;
@@ -46,12 +46,8 @@ impl Membership {
     pub fn effective(&self, file: &Config) -> Config {
         let mut config = file.clone();
         for (name, pool) in &mut config.upstreams {
-            let (servers, named) = match self.overrides.get(name) {
-                Some(change) if change.file == (pool.servers.clone(), pool.named.clone()) => {
-                    change.set.clone()
-                }
-                _ => (pool.servers.clone(), pool.named.clone()),
-            };
+            let (servers, named) = self.listed(name, pool);
+            let (servers, named) = (servers.to_vec(), named.to_vec());
             let mut all = servers;
             for named in &named {
                 for &ip in self.resolved.get(&named.host).into_iter().flatten() {
@@ -65,6 +61,21 @@ impl Membership {
             pool.named = named;
         }
         config
+    }
+
+    /// The servers `pool` (named `name`) lists now: those set at run time while the file's
+    /// list is still the one they replaced, else the file's.
+    fn listed<'a>(
+        &'a self,
+        name: &str,
+        pool: &'a UpstreamConfig,
+    ) -> (&'a [ServerConfig], &'a [NamedServer]) {
+        match self.overrides.get(name) {
+            Some(change) if change.file.0 == pool.servers && change.file.1 == pool.named => {
+                (&change.set.0, &change.set.1)
+            }
+            _ => (&pool.servers, &pool.named),
+        }
     }
 
     /// Sets `pool`'s servers (addresses, names) over the file's; returns whether that changes
@@ -115,7 +126,7 @@ impl Membership {
             let kept = file
                 .upstreams
                 .get(name)
-                .is_some_and(|pool| change.file == (pool.servers.clone(), pool.named.clone()));
+                .is_some_and(|pool| change.file.0 == pool.servers && change.file.1 == pool.named);
             if !kept {
                 dropped.push(name.clone());
             }
@@ -133,11 +144,11 @@ impl Membership {
 
     /// Every name the running pools use (for the resolver).
     pub fn names(&self, file: &Config) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .effective(file)
+        let mut names: Vec<String> = file
             .upstreams
-            .values()
-            .flat_map(|pool| pool.named.iter().map(|n| n.host.clone()))
+            .iter()
+            .flat_map(|(name, pool)| self.listed(name, pool).1)
+            .map(|named| named.host.clone())
             .collect();
         names.sort_unstable();
         names.dedup();
