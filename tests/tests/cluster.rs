@@ -523,8 +523,34 @@ fn a_cluster_of_two_hosts_behind_haproxy_balances_checks_and_survives_a_host() {
             })
             .await
             .expect("wait");
+            // Evened out to within 10% is not done: with tolerance 0 the hosts go on moving
+            // until no server holds a whole tunnel over its share. Stop the clients only once
+            // the hosts have been quiet for a while and every move they counted reached a
+            // client, or a Close 1012 racing the stop would be counted by a host only. (Once the
+            // clients leave, falling loads may start moves no client is left to see.)
+            let quiet = {
+                let moves = Arc::clone(&moves);
+                tokio::task::spawn_blocking(move || {
+                    let mut last = (u64::MAX, Instant::now());
+                    eventually_within(Duration::from_secs(20), || {
+                        let counted = metric(11, "tunnels_rebalanced_total")
+                            + metric(12, "tunnels_rebalanced_total");
+                        if counted != last.0 {
+                            last = (counted, Instant::now());
+                        }
+                        let seen = moves.lock().unwrap().len() as u64;
+                        counted == seen && last.1.elapsed() >= Duration::from_millis(1_500)
+                    })
+                })
+                .await
+                .expect("wait")
+            };
             let final_counts = tokio::task::spawn_blocking(|| tunnels_in_cluster("rebal")).await.expect("counts");
             assert!(even, "not evened out: {final_counts:?}");
+            assert!(
+                quiet,
+                "the hosts went on moving tunnels, or counted moves no client saw: {final_counts:?}"
+            );
             stop.notify_waiters();
             for task in tasks {
                 let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -558,15 +584,6 @@ fn a_cluster_of_two_hosts_behind_haproxy_balances_checks_and_survives_a_host() {
         busiest_second <= 2 * 2 * REBALANCE_RATE + 2,
         "{busiest_second} moves in one second"
     );
-    let rebalanced: u64 = in_netns(&cl, || {
-        metric(11, "tunnels_rebalanced_total") + metric(12, "tunnels_rebalanced_total")
-    });
-    assert_eq!(
-        rebalanced,
-        moves.len() as u64,
-        "the hosts count the moves the clients saw"
-    );
-
     // ---- a dead upstream: taken out by the active check, no client sees an error ----
     let dead = echo_addr(4).to_string();
     let traffic = spawn_in_netns(&cl, || {
