@@ -81,6 +81,43 @@ async fn a_pool_whose_servers_all_failed_recently_still_tries_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_closes_before_answering_is_skipped_for_the_next_server() {
+    // A server that accepts, reads the request and dies before a byte of its answer (killed
+    // between accept and answer): the request goes to the next server, the client never knows.
+    let dying = Scripted::start(|stream, _, _| async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(stream);
+    })
+    .await;
+    let echo = Echo::start();
+    for datapath in datapaths() {
+        let proxy = Proxy::start(datapath, &ProxyConfig::new(&[dying.addr(), echo.addr()]));
+        for round in 0..4 {
+            let mut ws = connect(&proxy.url("/")).await;
+            bounded(ws.send(Message::text(format!("round {round}"))))
+                .await
+                .unwrap();
+            let back = bounded(ws.next()).await.unwrap().unwrap();
+            assert_eq!(
+                back,
+                Message::text(format!("round {round}")),
+                "{datapath:?}"
+            );
+        }
+        // The only server dying: 502 at once, with the reason in the log.
+        let proxy = Proxy::start(datapath, &ProxyConfig::new(&[dying.addr()]));
+        let started = Instant::now();
+        let (status, answer) = raw_exchange(proxy.addr(), &upgrade_request("/", &[])).await;
+        assert_eq!(status, 502, "{datapath:?}: {answer}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{datapath:?}");
+        assert!(
+            proxy.log().contains("before answering"),
+            "{datapath:?}: the log names the reason"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_never_answers_is_504_within_the_handshake_timeout() {
     let silent = Scripted::start(|stream, _, _| async move {
         tokio::time::sleep(Duration::from_secs(30)).await;

@@ -370,9 +370,24 @@ impl Handshake {
         }
     }
 
-    /// The upstream closed before its response head was complete.
-    pub fn on_upstream_eof(&mut self) -> Step {
+    /// The upstream closed (or reset) before its response head was complete.
+    ///
+    /// Before the first byte of an answer, the next server of the plan gets the request: the
+    /// Upgrade is a GET, safe to send again, and a server that dies between accepting and
+    /// answering (killed, or its listener closed in a restart) should not cost the client an
+    /// error while others are up (nginx's `proxy_next_upstream error` does the same). Once an
+    /// answer has begun, it is 502.
+    pub fn on_upstream_eof(&mut self, services: &Services, now_ns: u64) -> Step {
         let upstream = self.current.map(|a| a.to_string()).unwrap_or_default();
+        if self.upstream_bytes.is_empty() {
+            if let Some(addr) = self.current {
+                services.pools[self.pool].report_failure(addr, now_ns);
+            }
+            if let Some(next) = self.next_server(services) {
+                tracing::info!(%upstream, "upstream closed before answering: trying the next server");
+                return Step::Connect(next);
+            }
+        }
         self.reject(
             502,
             format!("upstream {upstream} closed the connection before answering"),

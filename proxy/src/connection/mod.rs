@@ -539,7 +539,7 @@ impl Connection {
                 self.after_step(step, now_ns, services, out);
             }
             (Stage::ReadingResponse(h), Side::Upstream) => {
-                let step = h.on_upstream_eof();
+                let step = h.on_upstream_eof(services, now_ns);
                 self.after_step(step, now_ns, services, out);
             }
             (Stage::Rejecting { .. }, Side::Client) => self.close("rejected".into(), false, out),

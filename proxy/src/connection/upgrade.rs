@@ -24,7 +24,7 @@ impl Connection {
         // socket that stays readable until the handshake deadline.
         let closed_mid_head = !bytes.is_empty() && bytes.len() == self.peeked;
         let step = if closed_mid_head {
-            h.on_upstream_eof()
+            h.on_upstream_eof(services, now_ns)
         } else {
             h.on_upstream_peek(bytes, services)
         };
@@ -115,6 +115,8 @@ impl Connection {
             Step::ReadClient => out.push_back(Action::Read(Side::Client)),
             Step::Connect(addr) => {
                 self.upstream_addr = Some(addr);
+                // A new upstream connection: nothing of its answer has been peeked at yet.
+                self.peeked = 0;
                 let plain = self.handshake().is_some_and(|h| h.is_plain());
                 self.enter_handshake_stage(Stage::Connecting);
                 out.push_back(if plain {

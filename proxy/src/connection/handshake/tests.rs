@@ -225,8 +225,34 @@ Sec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n";
     assert_eq!(rejection.status, 502);
 
     let mut h = connected(&services);
-    let Step::Reject(rejection) = h.on_upstream_eof() else {
+    assert!(matches!(
+        h.on_upstream_data(b"HTTP/1.1 1", &services),
+        Step::ReadUpstream
+    ));
+    let Step::Reject(rejection) = h.on_upstream_eof(&services, 0) else {
         panic!("expected 502");
+    };
+    assert_eq!(rejection.status, 502);
+}
+
+#[test]
+fn an_upstream_that_closes_before_answering_is_retried_on_the_next_server_then_502() {
+    let services = services("\"127.0.0.1:1\", \"127.0.0.1:2\"", "");
+    let mut h = Handshake::new(addresses(), Scheme::Ws, false);
+    let Step::Connect(first) = h.on_client_data(REQUEST, &services, 0) else {
+        panic!("expected a connect");
+    };
+    assert!(matches!(h.on_connected(false), Step::SendRequest(_)));
+    let Step::Connect(second) = h.on_upstream_eof(&services, 0) else {
+        panic!("expected the next server");
+    };
+    assert_ne!(first, second);
+    let Step::SendRequest(again) = h.on_connected(false) else {
+        panic!("expected the request again");
+    };
+    assert!(again.starts_with(b"GET "));
+    let Step::Reject(rejection) = h.on_upstream_eof(&services, 0) else {
+        panic!("expected 502 after the last server");
     };
     assert_eq!(rejection.status, 502);
 }
