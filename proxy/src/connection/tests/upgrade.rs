@@ -109,9 +109,23 @@ fn a_malformed_request_is_answered_400_without_touching_an_upstream() {
 #[test]
 fn a_rejection_after_connecting_abandons_the_upstream_first() {
     let mut h = Harness::upstream_asked(DataPath::Relay, false);
+    // An answer has begun: the upstream closing now is 502, not a retry.
+    h.upstream_sends(b"HTTP/1.1 10");
     let actions = h.read_end(Side::Upstream);
     assert_eq!(actions[0], Action::CancelUpstream);
     assert!(sent_bytes(&actions, Side::Client).starts_with("HTTP/1.1 502 "));
+}
+
+#[test]
+fn an_upstream_closing_before_any_answer_byte_sends_the_request_to_the_next_server() {
+    let mut h = Harness::upstream_asked(DataPath::Relay, false);
+    let first = h.conn.upstream_addr();
+    let actions = h.read_end(Side::Upstream);
+    let [Action::Connect(next)] = actions.as_slice() else {
+        panic!("expected a connect to the next server: {actions:?}");
+    };
+    assert_ne!(Some(*next), first);
+    assert!(sent_bytes(&h.connected(), Side::Upstream).starts_with("GET "));
 }
 
 #[test]
