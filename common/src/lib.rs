@@ -109,3 +109,5 @@ pub struct Activity {
 // then two u64, then two u32 that fill one u64) and every bit pattern is valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Activity {}
+
+pub mod packet;

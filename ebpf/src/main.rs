@@ -20,6 +20,8 @@
 #![no_std]
 #![no_main]
 
+mod packet;
+
 use aya_ebpf::bindings::sk_action::{SK_DROP, SK_PASS};
 use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns};

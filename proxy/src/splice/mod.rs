@@ -5,6 +5,7 @@
 //! carries it out (`runtime/splice.rs`); this module knows the program and its maps.
 
 mod maps;
+pub mod packet;
 mod pressure;
 mod program;
 #[cfg(test)]
