@@ -40,6 +40,8 @@ pub struct Config {
     pub limits: Limits,
     /// `[kernel]`: when plain tunnels move to the kernel path (if the program is loaded).
     pub splicing: Splicing,
+    /// `[packet]`: the packet splice (used with `--datapath packet`).
+    pub packet: PacketConfig,
     /// `[admin]`: the metrics/health listener, if any.
     pub admin: Option<AdminConfig>,
     /// `workers = N`: worker threads (default: one per CPU).
@@ -103,6 +105,35 @@ pub enum Splicing {
         /// `kernel.promote_after_bytes` (default 1 MiB).
         after_bytes: u64,
     },
+}
+
+/// `[packet]`: where the packet splice's program attaches and what it reserves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PacketConfig {
+    /// `interfaces = ["eth0"]`: the interfaces whose ingress the program rewrites packets on:
+    /// those the tunnels' packets arrive by, client side and upstream side (default: every
+    /// interface that is up, loopback included).
+    pub interfaces: Vec<String>,
+    /// `ports = "40000-59999"`: local ports for upstream connections that may be spliced,
+    /// reserved from the kernel's ephemeral allocator (`ip_local_reserved_ports`) so no
+    /// other connection takes one while a spliced flow uses it.
+    pub ports: crate::splice::packet::ports::PortRange,
+    /// `linger = "30s"`: how long a flow stays after both ends closed (or a reset), so late
+    /// retransmissions are still translated, as TIME_WAIT would absorb them.
+    pub linger: Duration,
+}
+
+impl Default for PacketConfig {
+    fn default() -> Self {
+        PacketConfig {
+            interfaces: Vec::new(),
+            ports: crate::splice::packet::ports::PortRange {
+                first: 40000,
+                last: 59999,
+            },
+            linger: Duration::from_secs(30),
+        }
+    }
 }
 
 /// `kernel.promote_after` by default.
@@ -552,6 +583,8 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     kernel: RawKernel,
+    #[serde(default)]
+    packet: RawPacket,
     admin: Option<RawAdmin>,
 }
 
@@ -649,6 +682,15 @@ struct RawLimits {
     max_connections_per_ip: Option<Spanned<usize>>,
     max_body: Option<Spanned<RawSize>>,
     max_tls_handshakes: Option<Spanned<usize>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPacket {
+    #[serde(default)]
+    interfaces: Vec<Spanned<String>>,
+    ports: Option<Spanned<String>>,
+    linger: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -775,6 +817,7 @@ impl RawConfig {
             timeouts: self.timeouts.to_config()?,
             limits: self.limits.to_config()?,
             splicing: self.kernel.to_config()?,
+            packet: self.packet.to_config()?,
             admin: self
                 .admin
                 .map(|admin| parse_addr(&admin.bind).map(|bind| AdminConfig { bind }))
@@ -1343,6 +1386,32 @@ impl RawLimits {
                 .map(|_| count(&self.max_tls_handshakes, 0, 1, usize::MAX))
                 .transpose()?,
         })
+    }
+}
+
+impl RawPacket {
+    fn to_config(&self) -> Result<PacketConfig, Spot> {
+        let mut config = PacketConfig::default();
+        for name in &self.interfaces {
+            let valid = !name.get_ref().is_empty()
+                && name.get_ref().len() < 16
+                && !name.get_ref().contains(['/', ' ', '\0']);
+            if !valid {
+                return Err(spot(name, "not an interface name"));
+            }
+            config.interfaces.push(name.get_ref().clone());
+        }
+        if let Some(ports) = &self.ports {
+            config.ports = ports.get_ref().parse().map_err(
+                |error: crate::splice::packet::ports::PortRangeError| {
+                    spot(ports, error.to_string())
+                },
+            )?;
+        }
+        if let Some(linger) = &self.linger {
+            config.linger = parse_duration(linger)?;
+        }
+        Ok(config)
     }
 }
 

@@ -100,6 +100,11 @@ enum DataPath {
     Kernel,
     /// The io_uring userspace relay.
     Userspace,
+    /// The packet splice: each plain tunnel starts on the userspace relay and, at its first
+    /// quiet moment, is handed to a tc program that rewrites its packets into each other; the
+    /// proxy then keeps no socket for it (`[packet]` in the config; fails to start if the
+    /// program cannot be loaded). Tunnels it cannot take stay on the userspace relay.
+    Packet,
 }
 
 fn main() -> ExitCode {
@@ -170,6 +175,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     path,
                     splice_at_once: datapath == DataPath::Kernel,
                 }),
+                packet: match datapath {
+                    DataPath::Packet => Some(load_packet_path(&config)?),
+                    _ => None,
+                },
                 launch: wsplice::upgrade::Launch::of_this_process()
                     .inspect_err(|error| {
                         tracing::warn!(%error, "cannot tell this binary's path: upgrades are refused")
@@ -254,8 +263,8 @@ fn choose_datapath(
 ) -> anyhow::Result<(Option<SpliceProgram>, bool)> {
     // Two sockets per tunnel in the maps.
     let max_sockets = u32::try_from(max_tunnels.saturating_mul(2)).unwrap_or(u32::MAX);
-    if datapath == DataPath::Userspace {
-        tracing::info!("data path: userspace relay (asked for)");
+    if matches!(datapath, DataPath::Userspace | DataPath::Packet) {
+        tracing::info!(?datapath, "data path: no sockmap program (asked for)");
         return Ok((None, false));
     }
     if let Some(maps) = inherited {
@@ -278,7 +287,7 @@ fn choose_datapath(
         }
     }
     match datapath {
-        DataPath::Userspace => Ok((None, false)),
+        DataPath::Userspace | DataPath::Packet => Ok((None, false)),
         DataPath::Kernel => {
             let program = SpliceProgram::load(max_sockets)
                 .context("--datapath kernel: cannot load the sockmap program")?;
@@ -299,6 +308,52 @@ fn choose_datapath(
             }
         },
     }
+}
+
+/// `--datapath packet`: reserves the upstream ports, loads the tc program and attaches it to
+/// the configured interfaces (default: every interface that is up).
+fn load_packet_path(config: &Config) -> anyhow::Result<wsplice::splice::packet::SharedPacketPath> {
+    use wsplice::splice::packet::{ports, program::PacketProgram, PacketPath};
+    let settings = &config.packet;
+    let interfaces = if settings.interfaces.is_empty() {
+        interfaces_up().context("--datapath packet: cannot list the network interfaces")?
+    } else {
+        settings.interfaces.clone()
+    };
+    let reserved = ports::reserve(settings.ports).with_context(|| {
+        format!(
+            "--datapath packet: cannot reserve the ports {} (net.ipv4.ip_local_reserved_ports)",
+            settings.ports
+        )
+    })?;
+    if reserved.changed {
+        tracing::info!(ports = %settings.ports, previous = %reserved.previous,
+            "packet splice: reserved the upstream ports from the ephemeral range");
+    }
+    let max_tunnels = u32::try_from(config.limits.max_tunnels).unwrap_or(u32::MAX);
+    let program = PacketProgram::load(max_tunnels, &interfaces)
+        .context("--datapath packet: cannot load the packet splice program")?;
+    tracing::info!(?interfaces, ports = %settings.ports, "data path: packet splice (asked for)");
+    Ok(std::sync::Arc::new(PacketPath {
+        program,
+        ports: ports::SharedPorts::new(settings.ports),
+        linger_ns: u64::try_from(settings.linger.as_nanos()).unwrap_or(u64::MAX),
+    }))
+}
+
+/// The names of the interfaces that are up (`IFF_UP` in `/sys/class/net/NAME/flags`).
+fn interfaces_up() -> std::io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir("/sys/class/net")? {
+        let entry = entry?;
+        let flags = std::fs::read_to_string(entry.path().join("flags")).unwrap_or_default();
+        let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap_or(0);
+        if flags & libc::IFF_UP as u32 != 0 {
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 /// One line that says what is in effect: data paths, workers, limits.

@@ -86,6 +86,13 @@ pub struct Metrics {
     pub tunnels_promoted: Counter,
     /// Hand-offs to the kernel that failed (the tunnel stayed on the userspace relay).
     pub kernel_handoff_failures: Counter,
+    /// Tunnels handed to the packet splice (the proxy keeps no socket for them).
+    pub tunnels_packet_spliced: Counter,
+    /// Packet-spliced tunnels whose flows live now.
+    pub tunnels_packet_open: Gauge,
+    /// Tunnels the packet splice refused (not eligible, or the hand-off failed), by reason:
+    /// they stay on the userspace relay.
+    pub packet_refusals: crate::splice::packet::Refusals,
     /// Requests answered with an HTTP error by the proxy.
     pub requests_rejected: Counter,
     /// Non-101 upstream answers relayed.
@@ -148,7 +155,7 @@ impl Metrics {
     /// Renders every metric in the Prometheus text exposition format. Only atomics are read,
     /// and the list of upstream servers (a lock no worker takes while it serves).
     pub fn render(&self) -> String {
-        let counters: [(&str, &str, u64); 32] = [
+        let counters: [(&str, &str, u64); 33] = [
             (
                 "tls_handshakes_total",
                 "TLS handshakes completed.",
@@ -203,6 +210,11 @@ impl Metrics {
                 "kernel_handoff_failures_total",
                 "Hand-offs to the kernel that failed (the tunnel stayed in userspace).",
                 self.kernel_handoff_failures.get(),
+            ),
+            (
+                "tunnels_packet_spliced_total",
+                "Tunnels handed to the packet splice (no proxy socket left for them).",
+                self.tunnels_packet_spliced.get(),
             ),
             (
                 "requests_rejected_total",
@@ -312,7 +324,7 @@ impl Metrics {
                 self.proxy_headers_refused.get(),
             ),
         ];
-        let gauges: [(&str, &str, u64); 4] = [
+        let gauges: [(&str, &str, u64); 5] = [
             (
                 "connections_open",
                 "Connections open now.",
@@ -323,6 +335,11 @@ impl Metrics {
                 "tunnels_spliced_open",
                 "Tunnels the kernel carries now (two sockets each in the splice maps).",
                 self.tunnels_spliced_open.get(),
+            ),
+            (
+                "tunnels_packet_open",
+                "Packet-spliced tunnels whose flows live now.",
+                self.tunnels_packet_open.get(),
             ),
             (
                 "kernel_backlog_bytes",
@@ -340,6 +357,7 @@ impl Metrics {
                 let _ = writeln!(out, "wsplice_{name} {value}");
             }
         }
+        self.packet_refusals.render(&mut out);
         self.upstreams.render(&mut out);
         out
     }

@@ -103,6 +103,8 @@ pub struct Services {
     /// The loaded sockmap program when plain tunnels go to the kernel path (each worker opens
     /// its own handle on the maps).
     pub splice: Option<Arc<SpliceProgram>>,
+    /// The packet splice when plain tunnels go to it (`--datapath packet`).
+    pub packet: Option<crate::splice::packet::SharedPacketPath>,
     /// The listeners of this generation: where new connections are accepted, and how.
     pub listeners: Vec<ServedListener>,
     /// Mixed into each connection's id for its access lines (random per process, so lines of
@@ -201,6 +203,7 @@ impl Services {
             metrics,
             access_lines: true,
             splice,
+            packet: None,
             listeners: Vec::new(),
             log_ids: random_u64(),
         }
@@ -217,6 +220,7 @@ impl Services {
         next.access_lines = self.access_lines;
         next.relay_buffer = self.relay_buffer;
         next.promotion = self.promotion;
+        next.packet = self.packet.clone();
         next.listeners = listeners;
         next.log_ids = self.log_ids;
         next

@@ -22,9 +22,11 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub mod bpf;
+pub mod chaos;
 pub mod churn;
 pub mod cluster;
 pub mod http;
+pub mod line;
 pub mod segment;
 pub mod soak;
 pub mod tls;

@@ -28,6 +28,7 @@ mod exchange;
 mod goodbye;
 mod handover;
 mod handshake;
+mod packet;
 mod proxy_header;
 mod relay;
 mod splice;
@@ -40,6 +41,7 @@ use std::net::SocketAddr;
 pub use exchange::Exchange;
 pub use handover::{HandedPath, HandedTunnel, HANDED_OVER};
 pub use handshake::{ConnectFailure, ExchangeStart, Handshake, Rejection, RequestSummary, Step};
+pub use packet::{FlowReport, PacketRefusal, PacketSplice};
 pub use relay::Relay;
 pub use splice::{Backlog, Counted, Paused, Splice, SplicedEvent};
 
@@ -96,6 +98,9 @@ pub enum DataPath {
     /// ([`Services::promotion`](crate::services::Services::promotion)), at a moment when
     /// userspace holds none of its bytes.
     Promote,
+    /// The userspace relay first; the packet splice at the first quiet moment after the 101
+    /// (`--datapath packet`): the proxy then keeps no socket for the tunnel.
+    Packet,
 }
 
 /// The actions an event asks for, in order (the I/O layer carries them out front to back).
@@ -186,6 +191,9 @@ pub enum Action {
         /// Bytes beyond which the drain stops.
         limit: usize,
     },
+    /// Packet path: hand the tunnel to the packet splice (at a quiet moment of the relay),
+    /// then call [`Connection::on_packet_splice_result`] before anything else happens to it.
+    PacketSplice,
     /// Kernel path: hand both sockets to the splice program, then call
     /// [`Connection::on_splice_result`].
     Splice {
@@ -279,6 +287,8 @@ pub enum Stage {
     Promoting(Relay),
     /// The kernel moves the bytes.
     Spliced(Splice),
+    /// The packet splice rewrites the tunnel's packets; the proxy holds no socket for it.
+    PacketSpliced(PacketSplice),
     /// A plain HTTP request and its answer.
     Exchanging(Box<Exchange>),
 }
@@ -319,6 +329,8 @@ pub struct Connection {
     upstream_addr: Option<SocketAddr>,
     /// Kernel path: bytes of the response seen by peeking.
     peeked: usize,
+    /// Packet path: hand-offs tried while the sockets were not quiet.
+    packet_tries: u8,
     /// Something is being sent to this side (indexed by [`Side::index`]).
     sending: [bool; 2],
     /// TLS: `close_notify` was queued.
@@ -413,6 +425,7 @@ impl Connection {
             summary: RequestSummary::default(),
             upstream_addr: None,
             peeked: 0,
+            packet_tries: 0,
             sending: [false; 2],
             close_notified: false,
             ending: None,
@@ -694,6 +707,8 @@ impl Connection {
                 let reason = format!("idle timeout ({idle_ms} ms without traffic)");
                 self.close(reason, false, out);
             }
+            // The I/O layer reads its flows and calls `on_packet_deadline` instead.
+            Stage::PacketSpliced(_) => out.push_back(Action::ArmDeadline(now_ns)),
             // Only the send of the client's early bytes can keep a hand-off waiting.
             Stage::HandingOff { .. } => {
                 let idle_ms = self.idle_ns(services) / 1_000_000;
@@ -807,6 +822,10 @@ impl Connection {
                 "userspace",
             ),
             Stage::Spliced(splice) => (101, splice.bytes_up(), splice.bytes_down(), "kernel"),
+            Stage::PacketSpliced(splice) => {
+                metrics.tunnels_packet_open.dec();
+                (101, splice.bytes_up(), splice.bytes_down(), "packet")
+            }
             Stage::Exchanging(exchange) => (
                 exchange.status(),
                 exchange.bytes_up(),

@@ -114,6 +114,11 @@ impl Relay {
         self.promote_at_ns = u64::MAX;
     }
 
+    /// Try the hand-off again at `at_ns` (it could not happen now).
+    pub(super) fn promote_later(&mut self, at_ns: u64) {
+        self.promote_at_ns = at_ns;
+    }
+
     /// The direction whose bytes go to `destination` (read-only).
     pub(super) fn direction(&self, destination: Side) -> &Direction {
         match destination {
@@ -258,6 +263,8 @@ impl Connection {
             (DataPath::Promote, Some(promotion)) if status == 101 => {
                 now_ns.saturating_add(promotion.after_ns)
             }
+            // The packet splice pays from the first message: hand it over at once.
+            (DataPath::Packet, _) if status == 101 => now_ns,
             _ => u64::MAX,
         };
         let relay = Relay {

@@ -255,6 +255,9 @@ impl Connection {
         services: &Services,
         out: &mut Actions,
     ) -> bool {
+        if self.datapath == DataPath::Packet {
+            return self.try_packet_splice(now_ns, out);
+        }
         if self.datapath != DataPath::Promote || self.is_closing() {
             return false;
         }

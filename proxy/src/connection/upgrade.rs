@@ -134,7 +134,9 @@ impl Connection {
                 self.enter_handshake_stage(Stage::ReadingResponse);
                 out.push_back(match self.datapath {
                     DataPath::Splice => Action::PeekUpstream { seen: self.peeked },
-                    DataPath::Relay | DataPath::Promote => Action::Read(Side::Upstream),
+                    DataPath::Relay | DataPath::Promote | DataPath::Packet => {
+                        Action::Read(Side::Upstream)
+                    }
                 });
             }
             Step::Reject(rejection) => self.reject(rejection, services, out),
@@ -145,7 +147,7 @@ impl Connection {
             } => match self.datapath {
                 // The 101 (`to_client`) stays queued in the upstream socket: the kernel delivers it.
                 DataPath::Splice => self.hand_off(to_upstream, head_len, now_ns, services, out),
-                DataPath::Relay | DataPath::Promote => {
+                DataPath::Relay | DataPath::Promote | DataPath::Packet => {
                     let frames = FrameTracker::after(head_len as u64);
                     self.start_tunnel_relay(to_client, frames, to_upstream, now_ns, services, out)
                 }

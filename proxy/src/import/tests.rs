@@ -91,6 +91,7 @@ fn config_of(
             ..Limits::default()
         },
         splicing: Splicing::default(),
+        packet: Default::default(),
         admin: None,
         workers: None,
         pin_workers: false,

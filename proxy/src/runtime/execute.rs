@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
+use super::packet;
 use super::ring::{ConnectArgs, Op};
 use super::splice;
 use super::table::{Intent, Outgoing, Payload, SideIo};
@@ -119,6 +120,14 @@ impl Worker {
                     entry
                         .conn
                         .on_splice_result(result, now(), &entry.services, actions);
+                }
+            }
+            Action::PacketSplice => {
+                let result = self.packet_splice(slot);
+                if let Some(entry) = self.table.get(slot) {
+                    entry
+                        .conn
+                        .on_packet_splice_result(result, now(), &entry.services, actions);
                 }
             }
             Action::UndoPeekMark => {
@@ -337,6 +346,26 @@ impl Worker {
         let Some(entry) = self.table.get(slot) else {
             return;
         };
+        if let (true, Some(path)) = (entry.conn.wants_packet_port(), &entry.services.packet) {
+            // A retry gives back the port of the server that failed.
+            if let Some(taken) = entry.packet_port.take() {
+                path.ports.release(
+                    packet::unspecified_for(taken.remote),
+                    taken.remote,
+                    taken.port,
+                );
+            }
+            let local = packet::unspecified_for(addr);
+            if let Some(port) = path.ports.take(local, addr) {
+                match crate::splice::packet::ports::bind_local_port(&socket, local, port) {
+                    Ok(()) => entry.packet_port = Some(packet::TakenPort { remote: addr, port }),
+                    Err(error) => {
+                        path.ports.release(local, addr, port);
+                        tracing::warn!(%error, port, "packet splice: cannot bind a reserved port; this tunnel stays in userspace");
+                    }
+                }
+            }
+        }
         let id = entry.conn.id();
         entry.upstream.fd = Some(socket.into());
         let fd = entry.upstream.raw();

@@ -285,6 +285,8 @@ impl Worker {
             armed_ns: u64::MAX,
             connect: None,
             spliced,
+            packet: None,
+            packet_port: None,
             counted_handshake: false,
             handing_over: false,
         });

@@ -4,6 +4,7 @@
 
 mod execute;
 mod handover;
+mod packet;
 mod reads;
 mod rebalance;
 mod relay;
@@ -98,6 +99,8 @@ pub struct ServeOptions {
     /// How this process was started: `SIGUSR2` starts a successor the same way (`None`:
     /// upgrades are refused).
     pub launch: Option<crate::upgrade::Launch>,
+    /// The packet splice, loaded and attached (`--datapath packet`).
+    pub packet: Option<crate::splice::packet::SharedPacketPath>,
 }
 
 /// Counts a worker as running until its thread ends, however it ends: dropped on return and
@@ -175,6 +178,7 @@ pub fn serve(
     let mut services = Services::new(&membership.effective(config), splice.map(Arc::new));
     // Per-request access lines cost a record each: built only when they would be written.
     services.access_lines = tracing::enabled!(target: "wsplice::access", tracing::Level::INFO);
+    services.packet = options.packet.clone();
     services.listeners = config
         .listeners
         .iter()

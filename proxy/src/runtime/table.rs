@@ -169,6 +169,10 @@ pub struct Entry {
     pub connect: Option<Box<ConnectArgs>>,
     /// Kernel path: the spliced sockets' cookies and baselines.
     pub spliced: Option<SplicedSockets>,
+    /// Packet path: the tunnel's flows, once handed over.
+    pub packet: Option<super::packet::PacketRecord>,
+    /// Packet path: the local port the upstream connection took from the reserved range.
+    pub packet_port: Option<super::packet::TakenPort>,
     /// TLS: the handshake is counted in the worker's handshakes in progress.
     pub counted_handshake: bool,
     /// Binary upgrade: the tunnel is being let go to the successor (its waits are being

@@ -112,6 +112,8 @@ pub struct Worker {
     generation: u64,
     /// This worker's handle on the splice maps (kernel path).
     pub(super) maps: Option<SpliceMaps>,
+    /// This worker's handles for the packet splice (packet path).
+    pub(super) packet: Option<super::packet::PacketWorker>,
     listeners: Vec<ListenerSlot>,
     pub(super) table: Table,
     pub(super) wheel: TimerWheel,
@@ -172,6 +174,12 @@ impl Worker {
             .map(|program| program.maps())
             .transpose()
             .map_err(WorkerError::Splice)?;
+        let packet = services
+            .packet
+            .as_ref()
+            .map(|path| super::packet::PacketWorker::open(path))
+            .transpose()
+            .map_err(WorkerError::Splice)?;
         let relay_buffer = services.relay_buffer;
         Ok(Worker {
             index,
@@ -181,6 +189,7 @@ impl Worker {
             published,
             generation,
             maps,
+            packet,
             listeners: listeners
                 .into_iter()
                 .map(|listener| ListenerSlot {
@@ -610,6 +619,8 @@ impl Worker {
             armed_ns: u64::MAX,
             connect: None,
             spliced: None,
+            packet: None,
+            packet_port: None,
             counted_handshake,
             handing_over: false,
         });
@@ -619,6 +630,9 @@ impl Worker {
     /// How plain tunnels of this worker move: to the kernel when it is loaded, at once or once
     /// they have earned it (the connection keeps TLS tunnels in userspace).
     pub(super) fn datapath(&self) -> DataPath {
+        if self.packet.is_some() {
+            return DataPath::Packet;
+        }
         match (&self.maps, self.services.promotion) {
             (None, _) => DataPath::Relay,
             (Some(_), None) => DataPath::Splice,
@@ -679,6 +693,7 @@ impl Worker {
         match op {
             Op::Tick => {
                 self.ticked = true;
+                self.close_parked_sockets();
                 self.arm_tick();
                 self.rearm_idle_listeners();
             }
@@ -888,6 +903,13 @@ impl Worker {
             return;
         }
         entry.armed_ns = u64::MAX;
+        if let Some(record) = entry.packet {
+            let report = self.packet_report(&record);
+            self.drive(key.slot, |conn, services, out| {
+                conn.on_packet_deadline(now, report, services, out)
+            });
+            return;
+        }
         let activity = entry
             .spliced
             .as_ref()
@@ -1009,6 +1031,13 @@ impl Worker {
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .remove(&sockets.owner());
             }
+        }
+        if let Some(record) = entry.packet.take() {
+            self.forget_packet_flows(&record);
+        }
+        if let (Some(taken), Some(path)) = (entry.packet_port.take(), &entry.services.packet) {
+            let local = super::packet::unspecified_for(taken.remote);
+            path.ports.release(local, taken.remote, taken.port);
         }
         let mut record = entry.conn.finish(monotonic_ns(), &entry.services);
         record.tls = entry.stream.negotiated();

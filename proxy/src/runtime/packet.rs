@@ -1,0 +1,303 @@
+//! The packet splice's hand-off and bookkeeping, carried out by a worker (the connection
+//! decides when: `connection/packet.rs`; the program and its entries: `splice::packet`).
+//!
+//! The hand-off, in order:
+//! 1. both sockets must be quiet in the kernel too: nothing unacknowledged or unsent, nothing
+//!    unread (else: not quiet, try again shortly);
+//! 2. both flows go into the map as held: from now on their packets are dropped before they
+//!    reach the sockets (the ends resend them);
+//! 3. the sockets are checked again (a packet may have arrived between 1 and 2), then read
+//!    in repair mode: sequence numbers, timestamp clocks, window scales, options;
+//! 4. the tunnel must be eligible (timestamps, SACK, window scaling, MSS, one family), and
+//!    where each connection's packets leave is looked up;
+//! 5. both entries are filled in and made active;
+//! 6. the sockets stay in repair mode and are closed once their polls are cancelled: no FIN,
+//!    no reset.
+//!
+//! Any failure before step 5 takes the entries out and leaves repair mode, so the tunnel goes
+//! on where it was.
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use socket2::SockRef;
+use wsplice_common::packet::{FlowEntry, FlowKey, FLOW_HOLD, RESET_SEEN};
+
+use super::worker::Worker;
+use crate::connection::Side;
+use crate::connection::{FlowReport, PacketRefusal};
+use crate::splice::packet::program::PacketFlows;
+use crate::splice::packet::route::{Egress, RouteLookup};
+use crate::splice::packet::socket_state::{self, SocketState};
+use crate::splice::packet::translation::{flow_key, Endpoint, Flows};
+use crate::splice::SpliceError;
+
+/// A worker's handles for the packet splice.
+#[derive(Debug)]
+pub struct PacketWorker {
+    /// Its own descriptor of the flows map.
+    pub flows: PacketFlows,
+    /// Its own route socket.
+    routes: RouteLookup,
+    /// Sockets handed to the packet splice, in repair mode, closed at the next tick (when
+    /// their cancelled polls have completed, so no request still names their numbers).
+    pub parked: Vec<OwnedFd>,
+}
+
+impl PacketWorker {
+    /// Handles for a worker.
+    pub fn open(path: &crate::splice::packet::PacketPath) -> Result<PacketWorker, SpliceError> {
+        let routes = RouteLookup::open().map_err(|error| {
+            SpliceError::Duplicate(std::io::Error::other(format!(
+                "cannot open a route socket: {error}"
+            )))
+        })?;
+        Ok(PacketWorker {
+            flows: path.program.flows()?,
+            routes,
+            parked: Vec::new(),
+        })
+    }
+}
+
+/// A packet-spliced tunnel's keys, and the local port its upstream connection holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PacketRecord {
+    /// Packets from the client, packets from the upstream.
+    pub keys: [FlowKey; 2],
+}
+
+/// The local port an upstream connection took from the packet splice's range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TakenPort {
+    /// The upstream server.
+    pub remote: SocketAddr,
+    /// The port.
+    pub port: u16,
+}
+
+/// The address the allocator keys ports by: the upstream socket binds to the unspecified
+/// address of the server's family (the kernel picks the source address at connect).
+pub fn unspecified_for(remote: SocketAddr) -> IpAddr {
+    match remote {
+        SocketAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        SocketAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+impl Worker {
+    /// Carries out [`Action::PacketSplice`](crate::connection::Action::PacketSplice) for
+    /// `slot`.
+    pub(super) fn packet_splice(&mut self, slot: u32) -> Result<(), PacketRefusal> {
+        let Some(entry) = self.table.get(slot) else {
+            return Err(failed("the connection is gone"));
+        };
+        let owner = crate::tag::Tag::new(self.index as u8, slot, entry.conn.id()).encode();
+        if entry.packet_port.is_none() {
+            return Err(PacketRefusal::Ineligible {
+                label: "busy",
+                reason: "its upstream connection has no port of the reserved range (all taken)"
+                    .into(),
+            });
+        }
+        let (Some(client), Some(upstream)) = (entry.client.fd.as_ref(), entry.upstream.fd.as_ref())
+        else {
+            return Err(failed("a socket is missing"));
+        };
+        let (client, upstream) = (client.as_fd(), upstream.as_fd());
+        let Some(packet) = self.packet.as_mut() else {
+            return Err(failed("the packet splice is not loaded"));
+        };
+        check_quiet(client, upstream)?;
+        let keys = [keys_of(client)?, keys_of(upstream)?];
+        // Step 2: held, each with its reverse so nothing in the program is half-known.
+        for (key, reverse) in [(keys[0], keys[1]), (keys[1], keys[0])] {
+            let held = FlowEntry {
+                state: FLOW_HOLD,
+                reverse,
+                owner,
+                ..FlowEntry::default()
+            };
+            if let Err(error) = packet.flows.insert(&key, &held) {
+                remove_keys(&mut packet.flows, &keys);
+                return Err(failed(&format!("cannot insert a flow: {error}")));
+            }
+        }
+        let result = read_both(client, upstream).and_then(|(client_state, upstream_state)| {
+            let flows = translate(&mut packet.routes, &client_state, &upstream_state, owner)?;
+            for (key, entry) in [flows.from_client, flows.from_upstream] {
+                packet
+                    .flows
+                    .insert(&key, &entry)
+                    .map_err(|error| failed(&format!("cannot activate a flow: {error}")))?;
+            }
+            Ok(())
+        });
+        if let Err(refusal) = result {
+            remove_keys(&mut packet.flows, &keys);
+            let _ = socket_state::leave_repair(client);
+            let _ = socket_state::leave_repair(upstream);
+            return Err(refusal);
+        }
+        // Step 6: the sockets leave the connection; their polls are cancelled, and they are
+        // closed (silently: they stay in repair mode) at the next tick.
+        let Some(entry) = self.table.get(slot) else {
+            return Ok(());
+        };
+        entry.packet = Some(PacketRecord { keys });
+        let fds = [entry.client.fd.take(), entry.upstream.fd.take()];
+        for side in [Side::Client, Side::Upstream] {
+            let io = entry.side(side);
+            if io.polling {
+                io.poll_removed = true;
+            }
+        }
+        for fd in fds.into_iter().flatten() {
+            use std::os::fd::AsRawFd as _;
+            self.cancel_fd(slot, fd.as_raw_fd());
+            if let Some(packet) = self.packet.as_mut() {
+                packet.parked.push(fd);
+            }
+        }
+        Ok(())
+    }
+
+    /// What the program recorded for a packet-spliced tunnel (`None`: its flows are gone).
+    pub(super) fn packet_report(&self, record: &PacketRecord) -> Option<FlowReport> {
+        let packet = self.packet.as_ref()?;
+        let up = packet.flows.get(&record.keys[0])?;
+        let down = packet.flows.get(&record.keys[1])?;
+        Some(FlowReport {
+            last_ns: up.last_ns.max(down.last_ns),
+            closed_ns: up.closed_ns.max(down.closed_ns),
+            reset: (up.flags | down.flags) & RESET_SEEN != 0,
+            bytes: (up.bytes, down.bytes),
+        })
+    }
+
+    /// A packet-spliced tunnel ended: its flows leave the map.
+    pub(super) fn forget_packet_flows(&mut self, record: &PacketRecord) {
+        if let Some(packet) = self.packet.as_mut() {
+            remove_keys(&mut packet.flows, &record.keys);
+        }
+    }
+
+    /// Closes the sockets handed over since the last tick (their polls are cancelled by now).
+    pub(super) fn close_parked_sockets(&mut self) {
+        if let Some(packet) = self.packet.as_mut() {
+            for socket in packet.parked.drain(..) {
+                if let Err(error) = socket_state::close_silently(socket) {
+                    // Still open: closing it now would send a reset to an end whose
+                    // connection lives on in the program. It is kept open instead.
+                    tracing::warn!(error = %error.source, "packet splice: a socket could not be closed silently; it is kept");
+                    std::mem::forget(error.socket);
+                }
+            }
+        }
+    }
+}
+
+fn failed(reason: &str) -> PacketRefusal {
+    PacketRefusal::Ineligible {
+        label: "failed",
+        reason: reason.to_owned(),
+    }
+}
+
+/// Step 1 (and 3): nothing in flight or unread on either socket.
+fn check_quiet(client: BorrowedFd<'_>, upstream: BorrowedFd<'_>) -> Result<(), PacketRefusal> {
+    for (name, fd) in [("client", client), ("upstream", upstream)] {
+        let pending = socket_state::pending(fd)
+            .map_err(|error| failed(&format!("cannot read the {name} socket's queues: {error}")))?;
+        if pending.urgent {
+            return Err(PacketRefusal::Ineligible {
+                label: "urgent",
+                reason: format!("the {name} socket has urgent data"),
+            });
+        }
+        if !pending.is_quiet() {
+            return Err(PacketRefusal::NotQuiet(format!(
+                "the {name} socket has {} bytes unacknowledged and {} unread",
+                pending.unacknowledged, pending.unread
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The key of the packets that arrive on `socket`.
+fn keys_of(socket: BorrowedFd<'_>) -> Result<FlowKey, PacketRefusal> {
+    let socket = SockRef::from(&socket);
+    let address = |which: std::io::Result<socket2::SockAddr>| {
+        which
+            .ok()
+            .and_then(|address| address.as_socket())
+            .ok_or_else(|| failed("a socket has no address"))
+    };
+    let local = address(socket.local_addr())?;
+    let peer = address(socket.peer_addr())?;
+    Ok(flow_key(peer, local))
+}
+
+/// Step 3: quiet again, then both sockets read in repair mode.
+fn read_both(
+    client: BorrowedFd<'_>,
+    upstream: BorrowedFd<'_>,
+) -> Result<(SocketState, SocketState), PacketRefusal> {
+    check_quiet(client, upstream)?;
+    let read = |fd, name: &str| {
+        socket_state::read_in_repair(fd)
+            .map_err(|error| failed(&format!("cannot read the {name} socket: {error}")))
+    };
+    let client_state = read(client, "client")?;
+    let upstream_state = match read(upstream, "upstream") {
+        Ok(state) => state,
+        Err(refusal) => {
+            let _ = socket_state::leave_repair(client);
+            return Err(refusal);
+        }
+    };
+    socket_state::eligibility(&client_state, &upstream_state).map_err(|ineligible| {
+        PacketRefusal::Ineligible {
+            label: ineligible.label(),
+            reason: ineligible.to_string(),
+        }
+    })?;
+    Ok((client_state, upstream_state))
+}
+
+/// Step 4 and 5's entries.
+fn translate(
+    routes: &mut RouteLookup,
+    client: &SocketState,
+    upstream: &SocketState,
+    owner: u64,
+) -> Result<Flows, PacketRefusal> {
+    let mut endpoint = |state: &SocketState| -> Result<Endpoint, PacketRefusal> {
+        let egress = routes
+            .egress(state.local.ip(), state.peer.ip())
+            .map_err(|error| failed(&format!("no route to {}: {error}", state.peer)))?;
+        Ok(Endpoint {
+            local: state.local,
+            peer: state.peer,
+            send_next: state.send_next,
+            receive_next: state.receive_next,
+            timestamp: state.timestamp,
+            peer_scale: state.send_scale,
+            own_scale: state.receive_scale,
+            egress_ifindex: match egress {
+                Egress::Local => 0,
+                Egress::Interface(index) => index,
+            },
+        })
+    };
+    let client = endpoint(client)?;
+    let upstream = endpoint(upstream)?;
+    Ok(Flows::new(&client, &upstream, owner))
+}
+
+fn remove_keys(flows: &mut PacketFlows, keys: &[FlowKey; 2]) {
+    for key in keys {
+        flows.remove(key);
+    }
+}
