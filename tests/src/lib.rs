@@ -27,6 +27,7 @@ pub mod churn;
 pub mod cluster;
 pub mod http;
 pub mod line;
+pub mod packet;
 pub mod segment;
 pub mod soak;
 pub mod tls;

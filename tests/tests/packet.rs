@@ -1,116 +1,17 @@
-//! The packet splice (`--datapath packet`) end to end, in a topology the test makes: a client
-//! namespace, a proxy namespace (wsplice, with its tc program on both of its interfaces) and an
-//! upstream namespace (`wsplice echo`). Once a tunnel is handed over, the proxy holds no
-//! socket for it: every byte the client gets back went client → program → upstream → program
-//! → client as rewritten packets.
+//! The packet splice (`--datapath packet`) end to end, in a topology the test makes
+//! (`wsplice_tests::packet`). Once a tunnel is handed over, the proxy holds no socket for it:
+//! every byte the client gets back went client → program → upstream → program → client as
+//! rewritten packets.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio_tungstenite::tungstenite::Message;
 use wsplice_tests::chaos::{Chaos, ChaosSettings};
-use wsplice_tests::cluster::{in_netns, wait_listening};
-use wsplice_tests::line::{End, Line, LineOptions, LinkSettings, Offloads};
-use wsplice_tests::{admin_request, binary, is_root, scratch_dir, Process};
-
-const PROXY_PORT: u16 = 8080;
-const ECHO_PORT: u16 = 9000;
-const ADMIN: &str = "127.0.0.1:9901";
-
-/// A process in a namespace, killed by PID when dropped, with its log.
-struct InNetns {
-    _process: Process,
-    log: PathBuf,
-}
-
-impl InNetns {
-    fn start(ns: &str, args: &[&str], what: &str) -> InNetns {
-        let log = scratch_dir(what).join("log");
-        let file = std::fs::File::create(&log).expect("log file");
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", ns])
-            .arg(binary())
-            .args(args)
-            .env("RUST_LOG", "info,wsplice=debug")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file);
-        let process = Process::spawn(&mut command).unwrap_or_else(|e| panic!("start {what}: {e}"));
-        InNetns {
-            _process: process,
-            log,
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-/// The line, an echo upstream and a proxy on the packet path.
-struct Setup {
-    line: Line,
-    proxy: InNetns,
-    _echo: InNetns,
-    url: String,
-}
-
-fn set_up(prefix: &str, options: &LineOptions, idle: &str) -> Setup {
-    let line = Line::build(prefix, options).expect("the topology");
-    let echo_addr = SocketAddr::from((line.v4(End::Upstream), ECHO_PORT));
-    let echo = InNetns::start(
-        line.upstream_ns(),
-        &["echo", "--listen", &echo_addr.to_string()],
-        &format!("{prefix}-echo"),
-    );
-    let proxy_addr = SocketAddr::from((line.v4(End::ProxyToClient), PROXY_PORT));
-    let config = format!(
-        "workers = 1\n\n[[listener]]\nbind = \"{proxy_addr}\"\n\n[[route]]\nupstream = \"echo\"\n\n\
-         [upstream.echo]\nservers = [\"{echo_addr}\"]\n\n[timeouts]\nidle = \"{idle}\"\n\n\
-         [admin]\nbind = \"{ADMIN}\"\n\n[packet]\ninterfaces = [\"{}\", \"{}\"]\n\
-         ports = \"41000-41999\"\nlinger = \"1s\"\n",
-        line.interface(End::ProxyToClient),
-        line.interface(End::ProxyToUpstream),
-    );
-    let dir = scratch_dir(&format!("{prefix}-proxy"));
-    let path = dir.join("wsplice.toml");
-    std::fs::write(&path, config).expect("config");
-    let proxy = InNetns::start(
-        line.proxy_ns(),
-        &[
-            "run",
-            "-c",
-            path.to_str().expect("utf-8 path"),
-            "--datapath",
-            "packet",
-        ],
-        &format!("{prefix}-wsplice"),
-    );
-    wait_listening(line.upstream_ns(), echo_addr);
-    wait_listening(line.client_ns(), proxy_addr);
-    Setup {
-        line,
-        proxy,
-        _echo: echo,
-        url: format!("ws://{proxy_addr}/"),
-    }
-}
-
-/// A counter of the proxy's metrics (read from inside its namespace).
-fn metric(setup: &Setup, name: &str) -> u64 {
-    let admin: SocketAddr = ADMIN.parse().expect("admin");
-    let (_, text) = in_netns(setup.line.proxy_ns(), move || {
-        admin_request(admin, "GET", "/metrics", "", Duration::from_secs(5))
-    });
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("wsplice_{name} ")))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
-}
+use wsplice_tests::cluster::in_netns;
+use wsplice_tests::is_root;
+use wsplice_tests::line::{End, LineOptions, LinkSettings, Offloads};
+use wsplice_tests::packet::{metric, set_up, Setup};
 
 /// A message of `len` bytes that names its place in the conversation.
 fn message(round: usize, len: usize) -> Vec<u8> {

@@ -1,0 +1,135 @@
+//! The packet splice (`--datapath packet`) in a topology a test makes: a client namespace, a
+//! proxy namespace (wsplice with its tc program on both of its interfaces) and an upstream
+//! namespace (`wsplice echo`). Shared by the packet path's end-to-end tests.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::cluster::{in_netns, wait_listening};
+use crate::line::{End, Line, LineOptions};
+use crate::{admin_request, binary, scratch_dir, Process};
+
+/// The port the proxy listens on (on its client-side addresses).
+pub const PROXY_PORT: u16 = 8080;
+/// The port the echo upstream listens on.
+pub const ECHO_PORT: u16 = 9000;
+/// The proxy's admin listener, inside its namespace.
+pub const ADMIN: &str = "127.0.0.1:9901";
+
+/// A process in a namespace, killed by PID when dropped, with its log.
+pub struct InNetns {
+    /// The process.
+    pub process: Process,
+    log: PathBuf,
+}
+
+impl InNetns {
+    /// Starts `wsplice ARGS` in namespace `ns`, logging to a scratch file named after `what`.
+    pub fn start(ns: &str, args: &[&str], what: &str) -> InNetns {
+        let log = scratch_dir(what).join("log");
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", ns])
+            .arg(binary())
+            .args(args)
+            .env("RUST_LOG", "info,wsplice=debug")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file);
+        let process = Process::spawn(&mut command).unwrap_or_else(|e| panic!("start {what}: {e}"));
+        InNetns { process, log }
+    }
+
+    /// What it logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// The line, an echo upstream and a proxy on the packet path.
+pub struct Setup {
+    /// The namespaces.
+    pub line: Line,
+    /// wsplice, in the proxy namespace.
+    pub proxy: InNetns,
+    /// `wsplice echo`, in the upstream namespace.
+    pub echo: InNetns,
+    /// The same on its IPv6 address.
+    pub echo6: InNetns,
+    /// `ws://` URL of the proxy (IPv4).
+    pub url: String,
+    /// `ws://` URL of the proxy over IPv6, routed to the echo's IPv6 address (`/v6`; other
+    /// paths from IPv6 clients go to the IPv4 echo: a tunnel of two address families).
+    pub url_v6: String,
+}
+
+/// Builds the line `prefix`, starts the echo and the proxy (`--datapath packet`, idle timeout
+/// `idle`, flows lingering 1 s after their close) and waits until both listen.
+pub fn set_up(prefix: &str, options: &LineOptions, idle: &str) -> Setup {
+    let line = Line::build(prefix, options).expect("the topology");
+    let echo_addr = SocketAddr::from((line.v4(End::Upstream), ECHO_PORT));
+    let echo = InNetns::start(
+        line.upstream_ns(),
+        &["echo", "--listen", &echo_addr.to_string()],
+        &format!("{prefix}-echo"),
+    );
+    let echo6 = InNetns::start(
+        line.upstream_ns(),
+        &[
+            "echo",
+            "--listen",
+            &SocketAddr::from((line.v6(End::Upstream), ECHO_PORT)).to_string(),
+        ],
+        &format!("{prefix}-echo6"),
+    );
+    let proxy_addr = SocketAddr::from((line.v4(End::ProxyToClient), PROXY_PORT));
+    let proxy_v6 = SocketAddr::from((line.v6(End::ProxyToClient), PROXY_PORT));
+    let echo_v6 = SocketAddr::from((line.v6(End::Upstream), ECHO_PORT));
+    let config = format!(
+        "workers = 1\n\n[[listener]]\nbind = \"{proxy_addr}\"\n\n[[listener]]\nbind = \"{proxy_v6}\"\n\n[[route]]\npath_prefix = \"/v6\"\nupstream = \"echo6\"\n\n[upstream.echo6]\nservers = [\"{echo_v6}\"]\n\n[[route]]\nupstream = \"echo\"\n\n\
+         [upstream.echo]\nservers = [\"{echo_addr}\"]\n\n[timeouts]\nidle = \"{idle}\"\n\n\
+         [admin]\nbind = \"{ADMIN}\"\n\n[packet]\ninterfaces = [\"{}\", \"{}\"]\n\
+         ports = \"41000-41999\"\nlinger = \"1s\"\n",
+        line.interface(End::ProxyToClient),
+        line.interface(End::ProxyToUpstream),
+    );
+    let dir = scratch_dir(&format!("{prefix}-proxy"));
+    let path = dir.join("wsplice.toml");
+    std::fs::write(&path, config).expect("config");
+    let proxy = InNetns::start(
+        line.proxy_ns(),
+        &[
+            "run",
+            "-c",
+            path.to_str().expect("utf-8 path"),
+            "--datapath",
+            "packet",
+        ],
+        &format!("{prefix}-wsplice"),
+    );
+    wait_listening(line.upstream_ns(), echo_addr);
+    wait_listening(line.client_ns(), proxy_addr);
+    Setup {
+        line,
+        proxy,
+        echo,
+        echo6,
+        url: format!("ws://{proxy_addr}/"),
+        url_v6: format!("ws://{proxy_v6}/v6"),
+    }
+}
+
+/// A counter of the proxy's metrics (read from inside its namespace).
+pub fn metric(setup: &Setup, name: &str) -> u64 {
+    let admin: SocketAddr = ADMIN.parse().expect("admin");
+    let (_, text) = in_netns(setup.line.proxy_ns(), move || {
+        admin_request(admin, "GET", "/metrics", "", Duration::from_secs(5))
+    });
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("wsplice_{name} ")))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
+}
