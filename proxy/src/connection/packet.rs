@@ -148,10 +148,11 @@ impl Connection {
                         "packet splice: the tunnel never got quiet; it stays on the userspace relay");
                     relay.stay_in_userspace();
                     self.datapath = DataPath::Relay;
-                    return;
+                } else {
+                    relay.promote_later(now_ns.saturating_add(RETRY_NS));
+                    out.push_back(Action::ArmDeadline(relay.reminder(now_ns)));
                 }
-                relay.promote_later(now_ns.saturating_add(RETRY_NS));
-                out.push_back(Action::ArmDeadline(relay.reminder(now_ns)));
+                self.resume_relay(services, out);
             }
             Err(PacketRefusal::Ineligible { label, reason }) => {
                 metrics.packet_refusals.count(label);
@@ -159,18 +160,23 @@ impl Connection {
                     "packet splice: not eligible; the tunnel stays on the userspace relay");
                 relay.stay_in_userspace();
                 self.datapath = DataPath::Relay;
-                // The relay goes on where it stopped: directions whose reads were not waiting
-                // read again.
-                let resume: Vec<Side> = [Side::Client, Side::Upstream]
-                    .into_iter()
-                    .filter(|&source| {
-                        relay.direction(source.peer()).source_read() != SourceRead::Waiting
-                    })
-                    .collect();
-                for source in resume {
-                    self.pump(source, services, out);
-                }
+                self.resume_relay(services, out);
             }
+        }
+    }
+
+    /// The relay goes on where the hand-off found it: directions whose source was not being
+    /// waited for read again.
+    fn resume_relay(&mut self, services: &Services, out: &mut Actions) {
+        let Stage::Relaying(relay) = &self.stage else {
+            return;
+        };
+        let resume: Vec<Side> = [Side::Client, Side::Upstream]
+            .into_iter()
+            .filter(|&source| relay.direction(source.peer()).source_read() != SourceRead::Waiting)
+            .collect();
+        for source in resume {
+            self.pump(source, services, out);
         }
     }
 

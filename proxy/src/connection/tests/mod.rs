@@ -6,6 +6,7 @@ mod close;
 mod exchange;
 mod goodbye;
 mod handover;
+mod packet;
 mod promote;
 mod proxy_header;
 mod relay;
