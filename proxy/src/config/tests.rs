@@ -478,3 +478,32 @@ fn user_and_group_are_names_or_ids() {
     assert_eq!(e.line, 2, "{e}");
     assert!(e.message.contains("not a valid id"), "{e}");
 }
+
+#[test]
+fn the_packet_table_has_defaults_and_checks_its_values() {
+    let config = Config::parse(MINIMAL).unwrap();
+    assert_eq!(config.packet, PacketConfig::default());
+    assert_eq!(config.packet.ports.to_string(), "40000-59999");
+    assert_eq!(config.packet.linger, Duration::from_secs(30));
+    let text = format!(
+        "{MINIMAL}\n[packet]\ninterfaces = [\"eth0\", \"lo\"]\nports = \"41000-41999\"\nlinger = \"5s\"\n"
+    );
+    let config = Config::parse(&text).unwrap();
+    assert_eq!(config.packet.interfaces, vec!["eth0", "lo"]);
+    assert_eq!(config.packet.ports.to_string(), "41000-41999");
+    assert_eq!(config.packet.linger, Duration::from_secs(5));
+    for bad in [
+        "ports = \"59999-40000\"",
+        "ports = \"0-10\"",
+        "ports = \"many\"",
+        "interfaces = [\"a/b\"]",
+        "interfaces = [\"\"]",
+        "interfaces = [\"a-name-far-too-long\"]",
+        "linger = \"soon\"",
+        "unknown = 1",
+    ] {
+        // Refused, pointing at the line of the bad value.
+        let error = error(&format!("{MINIMAL}\n[packet]\n{bad}\n"));
+        assert!(error.to_string().starts_with("12:"), "{bad}: {error}");
+    }
+}
