@@ -116,8 +116,10 @@ pub struct FlowEntry {
     /// Interface to send the translated packet out of (`bpf_redirect_neigh`), or 0: the other
     /// end is on this host, the packet goes up the stack.
     pub ifindex: u32,
-    /// Zero.
-    pub reserved1: u32,
+    /// Translated sequence number just after the furthest byte (or FIN) this direction sent:
+    /// where the receiver's stream stands once everything sent has arrived (set at the
+    /// hand-off; a reset the proxy writes to the receiver uses it).
+    pub seq_next: u32,
     /// The reverse direction's key.
     pub reverse: FlowKey,
     /// `bpf_ktime_get_ns()` of the last packet.

@@ -222,7 +222,14 @@ fn translate(ctx: &TcContext, packet: &Packet, entry: &mut FlowEntry) -> Result<
     new[1] = ports[0][1];
     new[2] = ports[1][0];
     new[3] = ports[1][1];
-    put32(&mut new, 4, seq.wrapping_add(entry.seq_delta));
+    let translated = seq.wrapping_add(entry.seq_delta);
+    put32(&mut new, 4, translated);
+    let end = translated
+        .wrapping_add(payload)
+        .wrapping_add(u32::from(flags & TCP_FIN != 0));
+    if end.wrapping_sub(entry.seq_next) as i32 > 0 {
+        entry.seq_next = end;
+    }
     if flags & TCP_ACK != 0 {
         put32(&mut new, 8, ack.wrapping_add(entry.ack_delta));
     }

@@ -159,7 +159,7 @@ fn the_packet_path_survives_loss_and_reordering_both_ways() {
 }
 
 #[test]
-fn an_idle_packet_spliced_tunnel_is_retired_at_the_idle_timeout() {
+fn an_idle_packet_spliced_tunnel_is_reset_and_retired_at_the_idle_timeout() {
     if !can_run() {
         return;
     }
@@ -177,8 +177,19 @@ fn an_idle_packet_spliced_tunnel_is_retired_at_the_idle_timeout() {
             ws.send(Message::text("once")).await.expect("send");
             let back = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
             assert!(matches!(back, Ok(Some(Ok(Message::Text(_))))), "{back:?}");
-            // Kept open (not dropped) while the proxy's idle timeout passes.
-            tokio::time::sleep(Duration::from_secs(4)).await;
+            // Kept open, silent: at the proxy's idle timeout (2 s) the client is reset at
+            // once, not left to find out at its next send.
+            let quiet_since = Instant::now();
+            let end = tokio::time::timeout(Duration::from_secs(8), ws.next()).await;
+            let waited = quiet_since.elapsed();
+            assert!(
+                matches!(end, Ok(Some(Err(_))) | Ok(None)),
+                "the client was not told: {end:?}"
+            );
+            assert!(
+                waited >= Duration::from_millis(1500),
+                "ended after {waited:?}"
+            );
             ws
         })
     });

@@ -27,9 +27,10 @@ use super::worker::Worker;
 use crate::connection::Side;
 use crate::connection::{FlowReport, PacketRefusal};
 use crate::splice::packet::program::PacketFlows;
+use crate::splice::packet::reset::Resetter;
 use crate::splice::packet::route::{Egress, RouteLookup};
 use crate::splice::packet::socket_state::{self, SocketState};
-use crate::splice::packet::translation::{flow_key, Endpoint, Flows};
+use crate::splice::packet::translation::{flow_key, socket_address, Endpoint, Flows};
 use crate::splice::SpliceError;
 
 /// A worker's handles for the packet splice.
@@ -42,6 +43,8 @@ pub struct PacketWorker {
     /// Sockets handed to the packet splice, in repair mode, closed at the next tick (when
     /// their cancelled polls have completed, so no request still names their numbers).
     pub parked: Vec<OwnedFd>,
+    /// Writes the resets of tunnels the proxy ends itself.
+    resetter: Resetter,
 }
 
 impl PacketWorker {
@@ -56,6 +59,7 @@ impl PacketWorker {
             flows: path.program.flows()?,
             routes,
             parked: Vec::new(),
+            resetter: Resetter::default(),
         })
     }
 }
@@ -175,11 +179,30 @@ impl Worker {
         })
     }
 
-    /// A packet-spliced tunnel ended: its flows leave the map.
+    /// A packet-spliced tunnel ended: its flows leave the map. When the ends had not closed
+    /// it themselves (the proxy's idle timeout, its drain), each gets a reset first, at the
+    /// sequence number it expects next, so it learns now rather than at its next send.
     pub(super) fn forget_packet_flows(&mut self, record: &PacketRecord) {
-        if let Some(packet) = self.packet.as_mut() {
-            remove_keys(&mut packet.flows, &record.keys);
+        let Some(packet) = self.packet.as_mut() else {
+            return;
+        };
+        let entries = [
+            packet.flows.get(&record.keys[0]),
+            packet.flows.get(&record.keys[1]),
+        ];
+        if let [Some(up), Some(down)] = entries {
+            if up.closed_ns == 0 && down.closed_ns == 0 {
+                let family = record.keys[0].family;
+                for entry in [down, up] {
+                    let source = socket_address(entry.saddr, entry.sport, family);
+                    let destination = socket_address(entry.daddr, entry.dport, family);
+                    if let Err(error) = packet.resetter.send(source, destination, entry.seq_next) {
+                        tracing::warn!(%error, %destination, "packet splice: cannot send a reset");
+                    }
+                }
+            }
         }
+        remove_keys(&mut packet.flows, &record.keys);
     }
 
     /// Closes the sockets handed over since the last tick (their polls are cancelled by now).

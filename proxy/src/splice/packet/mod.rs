@@ -6,6 +6,7 @@
 
 pub mod ports;
 pub mod program;
+pub mod reset;
 pub mod route;
 pub mod socket_state;
 pub mod translation;

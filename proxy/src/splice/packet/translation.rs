@@ -80,6 +80,7 @@ fn direction(from: &Endpoint, to: &Endpoint, reverse: FlowKey, owner: u64) -> Fl
         ack_delta: to.receive_next.wrapping_sub(from.send_next),
         ts_base: to.timestamp.wrapping_add(TSVAL_MARGIN),
         ifindex: to.egress_ifindex,
+        seq_next: to.send_next,
         reverse,
         owner,
         ..FlowEntry::default()
@@ -111,6 +112,21 @@ pub fn address_words(ip: IpAddr) -> ([u32; 4], u8) {
             ([word(0), word(4), word(8), word(12)], 6)
         }
     }
+}
+
+/// The address an entry's words and port name (the inverse of [`address_words`] and the
+/// port's encoding).
+pub fn socket_address(words: [u32; 4], port: u16, family: u8) -> SocketAddr {
+    let ip = if family == 4 {
+        IpAddr::from(words[0].to_ne_bytes())
+    } else {
+        let mut octets = [0u8; 16];
+        for (chunk, word) in octets.as_chunks_mut::<4>().0.iter_mut().zip(words) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::from(octets)
+    };
+    SocketAddr::new(ip, u16::from_be_bytes(port.to_ne_bytes()))
 }
 
 /// The port as the program reads it from a packet.
@@ -208,6 +224,23 @@ mod tests {
         let flows = Flows::new(&client(), &upstream(), 0);
         assert_eq!(flows.from_client.1.ts_base, 5_000 + TSVAL_MARGIN);
         assert_eq!(flows.from_upstream.1.ts_base, 77 + TSVAL_MARGIN);
+    }
+
+    #[test]
+    fn entries_name_their_addresses_back() {
+        let (c, u) = (client(), upstream());
+        let flows = Flows::new(&c, &u, 0);
+        let (key, up) = flows.from_client;
+        assert_eq!(socket_address(up.saddr, up.sport, key.family), u.local);
+        assert_eq!(socket_address(up.daddr, up.dport, key.family), u.peer);
+        let v6: SocketAddr = "[fd00::1:2]:443".parse().unwrap();
+        let (words, family) = address_words(v6.ip());
+        let port = network_port(443);
+        assert_eq!(socket_address(words, port, family), v6);
+        assert_eq!(
+            up.seq_next, u.send_next,
+            "the upstream expects the proxy's next byte"
+        );
     }
 
     #[test]
