@@ -12,8 +12,8 @@
 
 use aya_ebpf::bindings::{__sk_buff, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR};
 use aya_ebpf::helpers::{
-    bpf_csum_diff, bpf_ktime_get_ns, bpf_l3_csum_replace, bpf_l4_csum_replace,
-    bpf_redirect_neigh, bpf_skb_load_bytes, bpf_skb_store_bytes,
+    bpf_csum_diff, bpf_ktime_get_ns, bpf_l3_csum_replace, bpf_l4_csum_replace, bpf_redirect_neigh,
+    bpf_skb_load_bytes, bpf_skb_store_bytes,
 };
 use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::{HashMap, PerCpuArray};
@@ -206,7 +206,9 @@ fn translate(ctx: &TcContext, packet: &Packet, entry: &mut FlowEntry) -> Result<
     }
     let header_len = 20 + u32::from((data_offset - 5) & 0xf) * 4;
     // SAFETY: `old` holds 80 bytes; `header_len` is at most 80.
-    if unsafe { bpf_skb_load_bytes(skb.cast(), packet.l4, old.as_mut_ptr().cast(), header_len) } != 0 {
+    if unsafe { bpf_skb_load_bytes(skb.cast(), packet.l4, old.as_mut_ptr().cast(), header_len) }
+        != 0
+    {
         return Err(());
     }
     let mut new = old;
