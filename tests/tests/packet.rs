@@ -199,3 +199,70 @@ fn an_idle_packet_spliced_tunnel_is_reset_and_retired_at_the_idle_timeout() {
     assert!(log.contains("idle timeout (packet path)"), "{log}");
     drop(client);
 }
+
+#[test]
+fn many_tunnels_handed_over_at_once_each_carry_their_own_bytes() {
+    if !can_run() {
+        return;
+    }
+    const TUNNELS: usize = 100;
+    const ROUNDS: usize = 20;
+    let setup = set_up("pkt4", &LineOptions::default(), "60s");
+    let url = setup.url.clone();
+    let errors = in_netns(setup.line.client_ns(), move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let mut tasks = Vec::new();
+            for tunnel in 0..TUNNELS {
+                let url = url.clone();
+                tasks.push(tokio::spawn(async move {
+                    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+                        .await
+                        .map_err(|e| format!("{tunnel}: connect: {e}"))?;
+                    for round in 0..ROUNDS {
+                        // Each tunnel's messages name it: crossed wires show.
+                        let sent = message(
+                            tunnel * ROUNDS + round,
+                            1 + (tunnel * 97 + round * 531) % 20_000,
+                        );
+                        ws.send(Message::binary(sent.clone()))
+                            .await
+                            .map_err(|e| format!("{tunnel}: send: {e}"))?;
+                        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+                            Ok(Some(Ok(Message::Binary(got))))
+                                if got.as_ref() == sent.as_slice() => {}
+                            other => return Err(format!("{tunnel} round {round}: {other:?}")),
+                        }
+                        if round == 0 {
+                            // A pause after the first echo: the hand-offs happen meanwhile.
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                    ws.close(None)
+                        .await
+                        .map_err(|e| format!("{tunnel}: close: {e}"))
+                }));
+            }
+            let mut errors = Vec::new();
+            for task in tasks {
+                match tokio::time::timeout(Duration::from_secs(60), task).await {
+                    Ok(Ok(Ok(()))) => {}
+                    Ok(Ok(Err(error))) => errors.push(error),
+                    other => errors.push(format!("{other:?}")),
+                }
+            }
+            errors
+        })
+    });
+    let log = setup.proxy.log_text();
+    assert!(errors.is_empty(), "{errors:?}\n{log}");
+    assert_eq!(
+        metric(&setup, "tunnels_packet_spliced_total"),
+        TUNNELS as u64,
+        "{log}"
+    );
+}
