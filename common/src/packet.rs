@@ -31,6 +31,9 @@ pub const PEER_FIN_SENT: u32 = 8;
 pub const PEER_FIN_ACKED: u32 = 16;
 /// [`FlowEntry::flags`]: a reset went through, one way or the other.
 pub const RESET_SEEN: u32 = 32;
+/// [`FlowEntry::flags`], set by userspace: this entry is for the client's packets (a process
+/// that adopts pinned flows tells the two directions apart by it).
+pub const FROM_CLIENT: u32 = 64;
 
 /// [`PACKET_STATS_MAP`] index: packets translated and sent on.
 pub const STAT_TRANSLATED: u32 = 0;

@@ -121,6 +121,11 @@ pub struct PacketConfig {
     /// `linger = "30s"`: how long a flow stays after both ends closed (or a reset), so late
     /// retransmissions are still translated, as TIME_WAIT would absorb them.
     pub linger: Duration,
+    /// `pin = "/sys/fs/bpf/wsplice"`: a folder on a bpffs where the flows map and the
+    /// program's links are pinned, so packet-spliced tunnels outlive the process (a restart,
+    /// an upgrade) and the next process adopts them (default: not pinned; they end with the
+    /// process).
+    pub pin: Option<PathBuf>,
 }
 
 impl Default for PacketConfig {
@@ -132,6 +137,7 @@ impl Default for PacketConfig {
                 last: 59999,
             },
             linger: Duration::from_secs(30),
+            pin: None,
         }
     }
 }
@@ -691,6 +697,7 @@ struct RawPacket {
     interfaces: Vec<Spanned<String>>,
     ports: Option<Spanned<String>>,
     linger: Option<Spanned<String>>,
+    pin: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1410,6 +1417,15 @@ impl RawPacket {
         }
         if let Some(linger) = &self.linger {
             config.linger = parse_duration(linger)?;
+        }
+        if let Some(pin) = &self.pin {
+            if !pin.get_ref().starts_with('/') {
+                return Err(spot(
+                    pin,
+                    "an absolute path on a bpffs, e.g. /sys/fs/bpf/wsplice",
+                ));
+            }
+            config.pin = Some(PathBuf::from(pin.get_ref()));
         }
         Ok(config)
     }

@@ -331,13 +331,22 @@ fn load_packet_path(config: &Config) -> anyhow::Result<wsplice::splice::packet::
             "packet splice: reserved the upstream ports from the ephemeral range");
     }
     let max_tunnels = u32::try_from(config.limits.max_tunnels).unwrap_or(u32::MAX);
-    let program = PacketProgram::load(max_tunnels, &interfaces)
+    let program = PacketProgram::load(max_tunnels, &interfaces, settings.pin.as_deref())
         .context("--datapath packet: cannot load the packet splice program")?;
     tracing::info!(?interfaces, ports = %settings.ports, "data path: packet splice (asked for)");
+    let adopted = program.tunnels();
+    if !adopted.is_empty() {
+        tracing::info!(
+            tunnels = adopted.len(),
+            "packet splice: adopting the pinned tunnels of a previous process"
+        );
+    }
     Ok(std::sync::Arc::new(PacketPath {
         program,
         ports: ports::SharedPorts::new(settings.ports),
         linger_ns: u64::try_from(settings.linger.as_nanos()).unwrap_or(u64::MAX),
+        pinned: settings.pin.is_some(),
+        adopted: std::sync::Mutex::new(adopted),
     }))
 }
 

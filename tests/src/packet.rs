@@ -55,6 +55,8 @@ pub struct Setup {
     pub line: Line,
     /// wsplice, in the proxy namespace.
     pub proxy: InNetns,
+    /// Its configuration file.
+    pub config: PathBuf,
     /// `wsplice echo`, in the upstream namespace.
     pub echo: InNetns,
     /// The same on its IPv6 address.
@@ -69,6 +71,11 @@ pub struct Setup {
 /// Builds the line `prefix`, starts the echo and the proxy (`--datapath packet`, idle timeout
 /// `idle`, flows lingering 1 s after their close) and waits until both listen.
 pub fn set_up(prefix: &str, options: &LineOptions, idle: &str) -> Setup {
+    set_up_with(prefix, options, idle, "")
+}
+
+/// [`set_up`] with more keys in the proxy's `[packet]` table.
+pub fn set_up_with(prefix: &str, options: &LineOptions, idle: &str, packet_extra: &str) -> Setup {
     let line = Line::build(prefix, options).expect("the topology");
     let echo_addr = SocketAddr::from((line.v4(End::Upstream), ECHO_PORT));
     let echo = InNetns::start(
@@ -92,34 +99,40 @@ pub fn set_up(prefix: &str, options: &LineOptions, idle: &str) -> Setup {
         "workers = 1\n\n[[listener]]\nbind = \"{proxy_addr}\"\n\n[[listener]]\nbind = \"{proxy_v6}\"\n\n[[route]]\npath_prefix = \"/v6\"\nupstream = \"echo6\"\n\n[upstream.echo6]\nservers = [\"{echo_v6}\"]\n\n[[route]]\nupstream = \"echo\"\n\n\
          [upstream.echo]\nservers = [\"{echo_addr}\"]\n\n[timeouts]\nidle = \"{idle}\"\n\n\
          [admin]\nbind = \"{ADMIN}\"\n\n[packet]\ninterfaces = [\"{}\", \"{}\"]\n\
-         ports = \"41000-41999\"\nlinger = \"1s\"\n",
+         ports = \"41000-41999\"\nlinger = \"1s\"\n{packet_extra}\n",
         line.interface(End::ProxyToClient),
         line.interface(End::ProxyToUpstream),
     );
     let dir = scratch_dir(&format!("{prefix}-proxy"));
     let path = dir.join("wsplice.toml");
     std::fs::write(&path, config).expect("config");
-    let proxy = InNetns::start(
-        line.proxy_ns(),
-        &[
-            "run",
-            "-c",
-            path.to_str().expect("utf-8 path"),
-            "--datapath",
-            "packet",
-        ],
-        &format!("{prefix}-wsplice"),
-    );
+    let proxy = start_proxy(line.proxy_ns(), &path, prefix);
     wait_listening(line.upstream_ns(), echo_addr);
     wait_listening(line.client_ns(), proxy_addr);
     Setup {
         line,
         proxy,
+        config: path,
         echo,
         echo6,
         url: format!("ws://{proxy_addr}/"),
         url_v6: format!("ws://{proxy_v6}/v6"),
     }
+}
+
+/// Starts `wsplice run -c CONFIG --datapath packet` in namespace `ns`.
+pub fn start_proxy(ns: &str, config: &std::path::Path, what: &str) -> InNetns {
+    InNetns::start(
+        ns,
+        &[
+            "run",
+            "-c",
+            config.to_str().expect("utf-8 path"),
+            "--datapath",
+            "packet",
+        ],
+        &format!("{what}-wsplice"),
+    )
 }
 
 /// A counter of the proxy's metrics (read from inside its namespace).

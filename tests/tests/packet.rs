@@ -11,7 +11,7 @@ use wsplice_tests::chaos::{Chaos, ChaosSettings};
 use wsplice_tests::cluster::in_netns;
 use wsplice_tests::is_root;
 use wsplice_tests::line::{End, LineOptions, LinkSettings, Offloads};
-use wsplice_tests::packet::{metric, set_up, Setup};
+use wsplice_tests::packet::{metric, set_up, set_up_with, start_proxy, Setup};
 
 /// A message of `len` bytes that names its place in the conversation.
 fn message(round: usize, len: usize) -> Vec<u8> {
@@ -265,4 +265,154 @@ fn many_tunnels_handed_over_at_once_each_carry_their_own_bytes() {
         TUNNELS as u64,
         "{log}"
     );
+}
+
+/// A bpffs of the test's own (a new instance: nothing of the host's pins is seen or touched),
+/// unmounted with what was pinned in it when dropped.
+struct PinFolder(std::path::PathBuf);
+
+impl PinFolder {
+    fn mount(what: &str) -> PinFolder {
+        let path = wsplice_tests::scratch_dir(what).join("bpffs");
+        std::fs::create_dir_all(&path).expect("mount point");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&path)
+            .status()
+            .expect("mount");
+        assert!(
+            status.success(),
+            "cannot mount a bpffs at {}",
+            path.display()
+        );
+        PinFolder(path)
+    }
+}
+
+impl Drop for PinFolder {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn pinned_tunnels_outlive_the_proxy_and_the_next_one_adopts_them() {
+    if !can_run() {
+        return;
+    }
+    let pin = PinFolder::mount("pkt5-pins");
+    let mut setup = set_up_with(
+        "pkt5",
+        &LineOptions::default(),
+        "60s",
+        &format!("pin = \"{}/wsplice\"", pin.0.display()),
+    );
+    let url = setup.url.clone();
+    // A client that talks, then waits for the word to talk again (a message on `go`), and
+    // last closes.
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let (said, heard) = std::sync::mpsc::channel::<Result<(), String>>();
+    let client = wsplice_tests::cluster::spawn_in_netns(setup.line.client_ns(), move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+                .await
+                .expect("connect");
+            for phase in 0..3 {
+                let mut result = Ok(());
+                for round in 0..5 {
+                    let sent = message(phase * 10 + round, 1000 + round * 5000);
+                    if let Err(e) = ws.send(Message::binary(sent.clone())).await {
+                        result = Err(format!("phase {phase}: send: {e}"));
+                        break;
+                    }
+                    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                        Ok(Some(Ok(Message::Binary(got)))) if got.as_ref() == sent.as_slice() => {}
+                        other => {
+                            result = Err(format!("phase {phase} round {round}: {other:?}"));
+                            break;
+                        }
+                    }
+                }
+                said.send(result).expect("report");
+                if phase < 2
+                    && tokio::task::spawn_blocking({
+                        let wait = wait.recv();
+                        move || wait
+                    })
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .is_none()
+                {
+                    return;
+                }
+            }
+            let _ = ws.close(None).await;
+            while let Ok(Some(Ok(_))) =
+                tokio::time::timeout(Duration::from_secs(5), ws.next()).await
+            {}
+        })
+    });
+    let heard_within = |what: &str| {
+        heard
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("{what}: no word from the client"))
+    };
+    heard_within("first phase").expect("talks through the first proxy");
+    assert_eq!(metric(&setup, "tunnels_packet_spliced_total"), 1);
+    // The proxy stops (SIGTERM: its drain leaves the pinned tunnel alone) ...
+    assert!(
+        setup
+            .proxy
+            .process
+            .terminate(Duration::from_secs(20))
+            .is_some(),
+        "the proxy did not exit\n{}",
+        setup.proxy.log_text()
+    );
+    let first_log = setup.proxy.log_text();
+    assert!(
+        first_log.contains("left to the next process"),
+        "{first_log}"
+    );
+    // ... and with no proxy running, the tunnel still carries every byte.
+    go.send(()).expect("go");
+    heard_within("no proxy").unwrap_or_else(|e| panic!("{e}\n{first_log}"));
+    // The next process adopts it and retires it when both ends close.
+    setup.proxy = start_proxy(setup.line.proxy_ns(), &setup.config, "pkt5-next");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !setup
+        .proxy
+        .log_text()
+        .contains("adopting the pinned tunnels")
+    {
+        assert!(Instant::now() < deadline, "{}", setup.proxy.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wsplice_tests::cluster::wait_listening(
+        setup.line.client_ns(),
+        setup
+            .url
+            .trim_start_matches("ws://")
+            .trim_end_matches('/')
+            .parse()
+            .expect("addr"),
+    );
+    assert_eq!(metric(&setup, "tunnels_packet_open"), 1);
+    go.send(()).expect("go");
+    heard_within("second proxy").expect("talks with the next proxy");
+    client.join().expect("the client");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&setup, "tunnels_packet_open") != 0 {
+        assert!(Instant::now() < deadline, "{}", setup.proxy.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(setup
+        .proxy
+        .log_text()
+        .contains("both ends closed (packet path)"));
 }

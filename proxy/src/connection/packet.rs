@@ -73,6 +73,58 @@ pub enum PacketRefusal {
 }
 
 impl Connection {
+    /// A packet-spliced tunnel that a previous process left in the pinned flows map, as
+    /// connection `id` of this one. What that process knew of its request is gone: the record
+    /// has the addresses, and the longest idle timeout of this generation's routes (it may
+    /// have been on any of them; ending it early would be worse than late).
+    pub fn adopt_packet(
+        id: u64,
+        client: std::net::SocketAddr,
+        upstream: std::net::SocketAddr,
+        now_ns: u64,
+        services: &Services,
+        out: &mut Actions,
+    ) -> Connection {
+        let metrics = &services.metrics;
+        metrics.tunnels_adopted.inc();
+        metrics.connections_open.inc();
+        metrics.tunnels_open.inc();
+        metrics.tunnels_packet_open.inc();
+        let idle_ns = services
+            .routes
+            .iter()
+            .map(|route| route.idle_ns)
+            .max()
+            .unwrap_or(u64::MAX);
+        let linger_ns = services.packet.as_ref().map_or(0, |path| path.linger_ns);
+        let stage = Stage::PacketSpliced(PacketSplice {
+            since_ns: now_ns,
+            idle_ns,
+            linger_ns,
+            relayed: (0, 0),
+            translated: (0, 0),
+        });
+        out.push_back(Action::ArmDeadline(
+            now_ns.saturating_add(idle_ns.min(CHECK_NS)),
+        ));
+        let mut connection = Connection::new(id, id, client, now_ns, stage);
+        connection.datapath = DataPath::Packet;
+        connection.upstream_addr = Some(upstream);
+        connection
+    }
+
+    /// Shutdown with pinned flows: the record ends; the tunnel goes on in the program for the
+    /// next process to adopt.
+    pub fn leave_pinned(&mut self, out: &mut Actions) {
+        if matches!(self.stage, Stage::PacketSpliced(_)) {
+            self.close(
+                "shutting down: left to the next process (pinned flows)".into(),
+                false,
+                out,
+            );
+        }
+    }
+
     /// Packet path: whether the upstream connection being opened is a tunnel's (it takes its
     /// local port from the packet splice's range, so its 4-tuple stays reserved while the
     /// spliced flow lives).

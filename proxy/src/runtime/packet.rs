@@ -205,6 +205,91 @@ impl Worker {
         remove_keys(&mut packet.flows, &record.keys);
     }
 
+    /// The first worker takes over the packet-spliced tunnels a previous process left in the
+    /// pinned map: each becomes a socketless record here, its upstream port taken again.
+    pub(super) fn adopt_pinned_packet_tunnels(&mut self) {
+        let Some(path) = self.services.packet.clone() else {
+            return;
+        };
+        if self.index != 0 {
+            return;
+        }
+        let tunnels = std::mem::take(
+            &mut *path
+                .adopted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let now = crate::clock::monotonic_ns();
+        for [(client_key, up), (upstream_key, _)] in tunnels {
+            let family = client_key.family;
+            let client = socket_address(client_key.saddr, client_key.sport, family);
+            let upstream = socket_address(up.daddr, up.dport, family);
+            let port = u16::from_be_bytes(up.sport.to_ne_bytes());
+            let local = unspecified_for(upstream);
+            let packet_port = path
+                .ports
+                .claim(local, upstream, port)
+                .then_some(TakenPort {
+                    remote: upstream,
+                    port,
+                });
+            let mut first = crate::connection::Actions::new();
+            let id = self.table.next_id();
+            let conn = crate::connection::Connection::adopt_packet(
+                id,
+                client,
+                upstream,
+                now,
+                &self.services,
+                &mut first,
+            );
+            self.services.admission.count(client.ip());
+            let slot = self.table.insert(super::table::Entry {
+                conn,
+                services: std::sync::Arc::clone(&self.services),
+                client: super::table::SideIo::default(),
+                upstream: super::table::SideIo::default(),
+                stream: super::stream::ClientStream::new(None),
+                inflight: 0,
+                armed_ns: u64::MAX,
+                connect: None,
+                spliced: None,
+                packet: Some(PacketRecord {
+                    keys: [client_key, upstream_key],
+                }),
+                packet_port,
+                counted_handshake: false,
+                handing_over: false,
+            });
+            self.drive(slot, |_, _, out| out.append(&mut first));
+        }
+    }
+
+    /// Shutdown with pinned flows: packet-spliced tunnels are left to the next process (their
+    /// records end here without touching the flows).
+    pub(super) fn leave_pinned_packet_tunnels(&mut self) {
+        if !self
+            .services
+            .packet
+            .as_ref()
+            .is_some_and(|path| path.pinned)
+        {
+            return;
+        }
+        for slot in self.table.slots() {
+            let Some(entry) = self.table.get(slot) else {
+                continue;
+            };
+            if entry.packet.take().is_none() {
+                continue;
+            }
+            // The port stays the flow's: the next process claims it again.
+            entry.packet_port = None;
+            self.drive(slot, |conn, _, out| conn.leave_pinned(out));
+        }
+    }
+
     /// Closes the sockets handed over since the last tick (their polls are cancelled by now).
     pub(super) fn close_parked_sockets(&mut self) {
         if let Some(packet) = self.packet.as_mut() {

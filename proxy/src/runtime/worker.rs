@@ -231,6 +231,7 @@ impl Worker {
             self.arm_accept(index);
         }
         self.arm_tick();
+        self.adopt_pinned_packet_tunnels();
         if let Some(inbox) = self.inbox.as_ref() {
             self.ring
                 .poll_multi(inbox.wake.as_raw_fd(), Op::Wake.user_data(0, 0));
@@ -347,6 +348,7 @@ impl Worker {
                 for slot in self.table.slots() {
                     self.drive(slot, |conn, _, out| conn.on_drain_start(out));
                 }
+                self.leave_pinned_packet_tunnels();
                 self.join_handoff();
                 self.hand_over_tunnels();
                 deadline

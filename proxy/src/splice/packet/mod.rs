@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub use socket_state::Ineligible;
+use wsplice_common::packet::{FlowEntry, FlowKey};
 
 /// Why tunnels did not take the packet splice, counted by reason
 /// (`wsplice_packet_refusals_total{reason}`).
@@ -86,6 +87,10 @@ pub struct PacketPath {
     /// How long a flow stays after both FINs were acknowledged or a reset passed (late
     /// retransmissions still find it, as TIME_WAIT would), in nanoseconds.
     pub linger_ns: u64,
+    /// The flows outlive the process (`[packet] pin`): the drain leaves them to the next one.
+    pub pinned: bool,
+    /// Tunnels a previous process left in the pinned map, for the first worker to adopt.
+    pub adopted: std::sync::Mutex<Vec<[(FlowKey, FlowEntry); 2]>>,
 }
 
 /// Shared by the workers.

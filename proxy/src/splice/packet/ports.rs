@@ -297,6 +297,26 @@ impl PortAllocator {
         Some(self.range.first + index as u16)
     }
 
+    /// Takes `port` for the pair if it is in the range and free (a flow adopted from a
+    /// previous process holds it); false otherwise.
+    pub fn claim(&mut self, local: IpAddr, remote: SocketAddr, port: u16) -> bool {
+        let len = self.range.len();
+        if len == 0 || !self.range.contains(port) {
+            return false;
+        }
+        let index = usize::from(port - self.range.first);
+        let bitmap = self
+            .pairs
+            .entry(pair(local, remote))
+            .or_insert_with(|| Bitmap::new(len));
+        if bitmap.is_set(index) {
+            return false;
+        }
+        bitmap.set(index);
+        self.in_use += 1;
+        true
+    }
+
     /// Gives `port` back for the pair it was taken for. A port outside the range or not taken
     /// for that pair (a double release) is ignored: the count stays right.
     pub fn release(&mut self, local: IpAddr, remote: SocketAddr, port: u16) {
@@ -352,6 +372,11 @@ impl SharedPorts {
     /// [`PortAllocator::take`] under the lock.
     pub fn take(&self, local: IpAddr, remote: SocketAddr) -> Option<u16> {
         self.lock().take(local, remote)
+    }
+
+    /// [`PortAllocator::claim`] under the lock.
+    pub fn claim(&self, local: IpAddr, remote: SocketAddr, port: u16) -> bool {
+        self.lock().claim(local, remote, port)
     }
 
     /// [`PortAllocator::release`] under the lock.

@@ -4,11 +4,13 @@
 use std::os::fd::OwnedFd;
 
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::SchedClassifierLink;
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use wsplice_common::packet::{
-    FlowEntry, FlowKey, FLOWS_MAP, PACKET_PROGRAM, PACKET_STATS_MAP, STAT_FAILED, STAT_HELD,
-    STAT_TRANSLATED,
+    FlowEntry, FlowKey, FLOWS_MAP, FROM_CLIENT, PACKET_PROGRAM, PACKET_STATS_MAP, STAT_FAILED,
+    STAT_HELD, STAT_TRANSLATED,
 };
 use wsplice_common::{ACTIVITY_MAP, BRIDGE_MAP, PAUSED_MAP, PEER_MAP, PRESSURE_MAP};
 
@@ -48,12 +50,31 @@ impl PacketProgram {
     /// Loads the embedded object's tc program with a flows map for `max_tunnels` tunnels and
     /// attaches it to the ingress of each of `interfaces`. The object's sockmap maps are
     /// loaded at their smallest: this instance does not use them.
-    pub fn load(max_tunnels: u32, interfaces: &[String]) -> Result<PacketProgram, SpliceError> {
+    ///
+    /// With `pin` (a folder on a bpffs), the flows map and the links are pinned there, so the
+    /// flows outlive the process; a map and links already pinned there (a previous process)
+    /// are taken over: the map as it is, the links by putting this program in them (the old
+    /// one translates until that moment, so no packet finds no program).
+    pub fn load(
+        max_tunnels: u32,
+        interfaces: &[String],
+        pin: Option<&std::path::Path>,
+    ) -> Result<PacketProgram, SpliceError> {
         if !ebpf_object_built() {
             return Err(SpliceError::NotBuilt);
         }
         let flows = max_tunnels.max(1).saturating_mul(2);
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        if let Some(pin) = pin {
+            std::fs::create_dir_all(pin).map_err(|error| {
+                SpliceError::Pin(format!(
+                    "{}: {error} (it must be on a bpffs: mount -t bpf bpf /sys/fs/bpf)",
+                    pin.display()
+                ))
+            })?;
+            loader.map_pin_path(FLOWS_MAP, pin.join("flows"));
+        }
+        let mut ebpf = loader
             .map_max_entries(FLOWS_MAP, flows)
             .map_max_entries(PEER_MAP, 1)
             .map_max_entries(BRIDGE_MAP, 1)
@@ -69,7 +90,29 @@ impl PacketProgram {
         for interface in interfaces {
             let name = std::ffi::CString::new(interface.as_str())
                 .map_err(|_| SpliceError::Missing("an interface name without NUL"))?;
-            program.attach(name.as_c_str(), TcAttachType::Ingress)?;
+            let Some(pin) = pin else {
+                program.attach(name.as_c_str(), TcAttachType::Ingress)?;
+                continue;
+            };
+            let path = pin.join(format!("link-{interface}"));
+            match PinnedLink::from_pin(&path) {
+                Ok(pinned) => {
+                    let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                        .map_err(|error| SpliceError::Program(error.into()))?;
+                    program.attach_to_link(link)?;
+                }
+                Err(_) => {
+                    let id = program.attach(name.as_c_str(), TcAttachType::Ingress)?;
+                    let link = FdLink::try_from(program.take_link(id)?)
+                        .map_err(|error| SpliceError::Program(error.into()))?;
+                    link.pin(&path).map_err(|error| {
+                        SpliceError::Pin(format!(
+                            "the link of {interface} at {}: {error}",
+                            path.display()
+                        ))
+                    })?;
+                }
+            }
         }
         // The maps are taken only now: the program was loaded with references to them.
         let flows_map = ebpf
@@ -88,6 +131,27 @@ impl PacketProgram {
             interfaces: interfaces.to_vec(),
             _ebpf: ebpf,
         })
+    }
+
+    /// The flows in the map now, paired by tunnel: (packets from the client, packets from the
+    /// upstream). A process that pinned its flows finds its predecessor's here.
+    pub fn tunnels(&self) -> Vec<[(FlowKey, FlowEntry); 2]> {
+        let Ok(flows) = self.flows() else {
+            return Vec::new();
+        };
+        let mut tunnels = Vec::new();
+        for key in flows.map.keys().flatten() {
+            let Some(entry) = flows.get(&key) else {
+                continue;
+            };
+            if entry.flags & FROM_CLIENT == 0 {
+                continue;
+            }
+            if let Some(reverse) = flows.get(&entry.reverse) {
+                tunnels.push([(key, entry), (entry.reverse, reverse)]);
+            }
+        }
+        tunnels
     }
 
     /// The interfaces the program is attached to.
@@ -190,7 +254,7 @@ mod tests {
                 println!("skipped: no permission to make a network namespace");
                 return;
             }
-            let program = match PacketProgram::load(16, &["lo".to_owned()]) {
+            let program = match PacketProgram::load(16, &["lo".to_owned()], None) {
                 Ok(program) => program,
                 Err(SpliceError::PermissionDenied(reason)) if unsafe { libc::geteuid() } != 0 => {
                     // SAFETY (above): geteuid has no preconditions.

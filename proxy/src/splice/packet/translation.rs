@@ -10,7 +10,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use wsplice_common::packet::{FlowEntry, FlowKey, FLOW_ACTIVE, TSVAL_MARGIN};
+use wsplice_common::packet::{FlowEntry, FlowKey, FLOW_ACTIVE, FROM_CLIENT, TSVAL_MARGIN};
 
 /// What the translation needs of one of the proxy's sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,11 +51,10 @@ impl Flows {
     pub fn new(client: &Endpoint, upstream: &Endpoint, owner: u64) -> Flows {
         let from_client = flow_key(client.peer, client.local);
         let from_upstream = flow_key(upstream.peer, upstream.local);
+        let mut up = direction(client, upstream, from_upstream, owner);
+        up.flags = FROM_CLIENT;
         Flows {
-            from_client: (
-                from_client,
-                direction(client, upstream, from_upstream, owner),
-            ),
+            from_client: (from_client, up),
             from_upstream: (
                 from_upstream,
                 direction(upstream, client, from_client, owner),
