@@ -142,12 +142,7 @@ impl Connection {
         let Stage::Relaying(relay) = &self.stage else {
             return false;
         };
-        let quiet = [Side::Client, Side::Upstream]
-            .into_iter()
-            .all(|destination| {
-                !self.sending[destination.index()] && relay.direction(destination).is_quiet()
-            });
-        if relay.status() != 101 || relay.goodbye.is_some() || !quiet {
+        if relay.status() != 101 || relay.goodbye.is_some() || !self.holds_nothing(relay) {
             return false;
         }
         if now_ns < relay.promote_at_ns() {

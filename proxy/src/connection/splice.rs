@@ -264,12 +264,10 @@ impl Connection {
         let (Some(promotion), Stage::Relaying(relay)) = (services.promotion, &self.stage) else {
             return false;
         };
-        let quiet = [Side::Client, Side::Upstream]
-            .into_iter()
-            .all(|destination| {
-                !self.sending[destination.index()] && relay.direction(destination).is_quiet()
-            });
-        if relay.status() != 101 || !quiet || !relay.is_due(now_ns, promotion.after_bytes) {
+        if relay.status() != 101
+            || !self.holds_nothing(relay)
+            || !relay.is_due(now_ns, promotion.after_bytes)
+        {
             return false;
         }
         let stage = std::mem::replace(
@@ -284,6 +282,16 @@ impl Connection {
         }
         out.push_back(Action::Splice { bridged: true });
         true
+    }
+
+    /// A quiet moment of the relay, the one both hand-offs wait for: nothing being written
+    /// either way, and each direction's source quiet (see `Direction::is_quiet`).
+    pub(super) fn holds_nothing(&self, relay: &Relay) -> bool {
+        [Side::Client, Side::Upstream]
+            .into_iter()
+            .all(|destination| {
+                !self.sending[destination.index()] && relay.direction(destination).is_quiet()
+            })
     }
 
     /// The hand-off to the kernel succeeded (`Ok`) or not (`Err` with the reason, and the
