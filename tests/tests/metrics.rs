@@ -38,18 +38,24 @@ async fn a_scrape_under_load_passes_promtool_on_every_data_path() {
     for datapath in datapaths() {
         let proxy = Proxy::start(datapath, &ProxyConfig::new(&[echo.addr()]));
         let busy = Arc::new(AtomicBool::new(true));
+        // Clients that got at least one echo back: the load is on once all have.
+        let talking = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut load = Vec::new();
         for client in 0..8 {
             let url = proxy.url("/load");
             let busy = Arc::clone(&busy);
+            let talking = Arc::clone(&talking);
             load.push(tokio::spawn(async move {
                 let mut ws = connect(&url).await;
                 let mut sent = 0u64;
-                while busy.load(Ordering::Relaxed) {
+                while sent == 0 || busy.load(Ordering::Relaxed) {
                     let text = format!("client {client} message {sent}");
                     bounded(ws.send(Message::text(text.clone()))).await.unwrap();
                     let back = bounded(ws.next()).await.unwrap().unwrap();
                     assert_eq!(back, Message::text(text));
+                    if sent == 0 {
+                        talking.fetch_add(1, Ordering::Relaxed);
+                    }
                     sent += 1;
                 }
                 sent
@@ -77,6 +83,7 @@ async fn a_scrape_under_load_passes_promtool_on_every_data_path() {
         });
         // Under load: tunnels open, requests going through.
         assert!(eventually(|| proxy.metrics()["tunnels_open"] == 8));
+        assert!(eventually(|| talking.load(Ordering::Relaxed) == 8));
         assert!(eventually(|| proxy.metrics()["http_requests_total"] > 10));
         let scrape = proxy.admin_get("/metrics");
         let body = scrape
