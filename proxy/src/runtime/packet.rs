@@ -23,6 +23,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use socket2::SockRef;
 use wsplice_common::packet::{FlowEntry, FlowKey, FLOW_HOLD, RESET_SEEN};
 
+use super::table::Intent;
 use super::worker::Worker;
 use crate::connection::Side;
 use crate::connection::{FlowReport, PacketRefusal};
@@ -40,9 +41,6 @@ pub struct PacketWorker {
     pub flows: PacketFlows,
     /// Its own route socket.
     routes: RouteLookup,
-    /// Sockets handed to the packet splice, in repair mode, closed at the next tick (when
-    /// their cancelled polls have completed, so no request still names their numbers).
-    pub parked: Vec<OwnedFd>,
     /// Writes the resets of tunnels the proxy ends itself.
     resetter: Resetter,
 }
@@ -58,7 +56,6 @@ impl PacketWorker {
         Ok(PacketWorker {
             flows: path.program.flows()?,
             routes,
-            parked: Vec::new(),
             resetter: Resetter::default(),
         })
     }
@@ -143,25 +140,24 @@ impl Worker {
             let _ = socket_state::leave_repair(upstream);
             return Err(refusal);
         }
-        // Step 6: the sockets leave the connection; their polls are cancelled, and they are
-        // closed (silently: they stay in repair mode) at the next tick.
+        // Step 6: the sockets' operations are cancelled; the sockets stay with the record,
+        // in repair mode, until every operation that names them has completed (a descriptor
+        // closed earlier could be reused by a new connection while a cancel still names its
+        // number), then they are closed silently (`close_handed_sockets`).
         let Some(entry) = self.table.get(slot) else {
             return Ok(());
         };
         entry.packet = Some(PacketRecord { keys });
-        let fds = [entry.client.fd.take(), entry.upstream.fd.take()];
         for side in [Side::Client, Side::Upstream] {
             let io = entry.side(side);
+            io.intent = Intent::None;
             if io.polling {
                 io.poll_removed = true;
             }
         }
-        for fd in fds.into_iter().flatten() {
-            use std::os::fd::AsRawFd as _;
-            self.cancel_fd(slot, fd.as_raw_fd());
-            if let Some(packet) = self.packet.as_mut() {
-                packet.parked.push(fd);
-            }
+        let fds = [entry.client.raw(), entry.upstream.raw()];
+        for fd in fds.into_iter().filter(|&fd| fd >= 0) {
+            self.cancel_fd(slot, fd);
         }
         Ok(())
     }
@@ -286,22 +282,37 @@ impl Worker {
             }
             // The port stays the flow's: the next process claims it again.
             entry.packet_port = None;
+            for socket in [entry.client.fd.take(), entry.upstream.fd.take()]
+                .into_iter()
+                .flatten()
+            {
+                close_handed_socket(socket);
+            }
             self.drive(slot, |conn, _, out| conn.leave_pinned(out));
         }
     }
 
-    /// Closes the sockets handed over since the last tick (their polls are cancelled by now).
-    pub(super) fn close_parked_sockets(&mut self) {
-        if let Some(packet) = self.packet.as_mut() {
-            for socket in packet.parked.drain(..) {
-                if let Err(error) = socket_state::close_silently(socket) {
-                    // Still open: closing it now would send a reset to an end whose
-                    // connection lives on in the program. It is kept open instead.
-                    tracing::warn!(error = %error.source, "packet splice: a socket could not be closed silently; it is kept");
-                    std::mem::forget(error.socket);
-                }
-            }
+    /// Closes a packet-spliced tunnel's sockets, silently, once no operation names them.
+    pub(super) fn close_handed_sockets(&mut self, slot: u32) {
+        let Some(entry) = self.table.get(slot) else {
+            return;
+        };
+        for socket in [entry.client.fd.take(), entry.upstream.fd.take()]
+            .into_iter()
+            .flatten()
+        {
+            close_handed_socket(socket);
         }
+    }
+}
+
+/// Closes a socket handed to the packet splice without a FIN or a reset (it is in repair
+/// mode already; entering it again is harmless). One that cannot be silenced stays open:
+/// closing it would reset an end whose connection lives on in the program.
+pub(super) fn close_handed_socket(socket: OwnedFd) {
+    if let Err(error) = socket_state::close_silently(socket) {
+        tracing::warn!(error = %error.source, "packet splice: a socket could not be closed silently; it is kept");
+        std::mem::forget(error.socket);
     }
 }
 

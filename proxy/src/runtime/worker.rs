@@ -695,7 +695,6 @@ impl Worker {
         match op {
             Op::Tick => {
                 self.ticked = true;
-                self.close_parked_sockets();
                 self.arm_tick();
                 self.rearm_idle_listeners();
             }
@@ -717,6 +716,18 @@ impl Worker {
             return;
         }
         entry.inflight -= 1;
+        if entry.packet.is_some() {
+            // A packet-spliced tunnel's only operations are those cancelled at the hand-off
+            // (and their cancels): nothing to tell the connection. Once none is left, nothing
+            // names the sockets any more and they are closed, silently.
+            if entry.inflight == 0 {
+                self.close_handed_sockets(slot);
+                if self.table.get(slot).is_some_and(|e| e.conn.is_closing()) {
+                    self.finish(slot);
+                }
+            }
+            return;
+        }
         match op {
             Op::PollClient => entry.client.polling = false,
             Op::PollUpstream => entry.upstream.polling = false,
@@ -1035,6 +1046,13 @@ impl Worker {
             }
         }
         if let Some(record) = entry.packet.take() {
+            // Its sockets, if their operations were still in flight: never a FIN or a reset.
+            for socket in [entry.client.fd.take(), entry.upstream.fd.take()]
+                .into_iter()
+                .flatten()
+            {
+                super::packet::close_handed_socket(socket);
+            }
             self.forget_packet_flows(&record);
         }
         if let (Some(taken), Some(path)) = (entry.packet_port.take(), &entry.services.packet) {
