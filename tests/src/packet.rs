@@ -5,7 +5,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::cluster::{in_netns, wait_listening};
 use crate::line::{End, Line, LineOptions};
@@ -145,4 +148,94 @@ pub fn metric(setup: &Setup, name: &str) -> u64 {
         .find_map(|line| line.strip_prefix(&format!("wsplice_{name} ")))
         .and_then(|value| value.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name} in the metrics:\n{text}"))
+}
+
+/// Whether this test can run (root); says why not.
+pub fn can_run() -> bool {
+    if !crate::is_root() {
+        println!("skipped: the packet splice needs root (namespaces, eBPF, TCP_REPAIR)");
+    }
+    crate::is_root()
+}
+
+/// A message of `len` bytes that names its place in the conversation.
+pub fn message(round: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(31).wrapping_add(round as u32 * 7) as u8)
+        .collect()
+}
+
+/// From the client namespace, opens a WebSocket to `url`, exchanges a first message, waits
+/// `settle` (the hand-off happens at the tunnel's first quiet moment), sends each of `sizes`
+/// as a binary message and checks its echo, in order, then closes end to end.
+pub fn converse(
+    setup: &Setup,
+    url: String,
+    sizes: Vec<usize>,
+    settle: Duration,
+    per_round: Duration,
+) -> Result<(), String> {
+    in_netns(setup.line.client_ns(), move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let (mut ws, _) = tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio_tungstenite::connect_async_with_config(
+                    &url,
+                    Some(crate::ws_config()),
+                    false,
+                ),
+            )
+            .await
+            .map_err(|_| format!("connect {url} timed out"))?
+            .map_err(|e| format!("connect {url}: {e}"))?;
+            ws.send(Message::binary(b"hello".to_vec()))
+                .await
+                .map_err(|e| e.to_string())?;
+            let first = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+            if !matches!(first, Ok(Some(Ok(Message::Binary(ref b)))) if b.as_ref() == b"hello") {
+                return Err(format!("first echo: {first:?}"));
+            }
+            tokio::time::sleep(settle).await;
+            for (round, &len) in sizes.iter().enumerate() {
+                let sent = message(round, len);
+                let started = Instant::now();
+                ws.send(Message::binary(sent.clone()))
+                    .await
+                    .map_err(|e| format!("send {len}: {e}"))?;
+                let back = tokio::time::timeout(per_round, ws.next()).await;
+                match back {
+                    Ok(Some(Ok(Message::Binary(got)))) if got.as_ref() == sent.as_slice() => {
+                        println!("round {round}: {len} bytes echoed in {:?}", started.elapsed());
+                    }
+                    Ok(Some(Ok(Message::Binary(got)))) => {
+                        let at = got.iter().zip(&sent).position(|(a, b)| a != b);
+                        return Err(format!(
+                            "round {round} ({len} bytes): {} bytes back, first difference at {at:?}",
+                            got.len()
+                        ));
+                    }
+                    Ok(other) => return Err(format!("round {round} ({len} bytes): {other:?}")),
+                    Err(_) => {
+                        return Err(format!(
+                            "round {round} ({len} bytes): no echo within {per_round:?}"
+                        ))
+                    }
+                }
+            }
+            ws.close(None).await.map_err(|e| format!("close: {e}"))?;
+            let end = tokio::time::timeout(Duration::from_secs(10), async {
+                while let Some(frame) = ws.next().await {
+                    if frame.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
+            end.map_err(|_| "the close did not complete".to_owned())
+        })
+    })
 }

@@ -9,64 +9,8 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use tokio_tungstenite::tungstenite::Message;
 use wsplice_tests::chaos::{Chaos, ChaosSettings};
 use wsplice_tests::cluster::in_netns;
-use wsplice_tests::is_root;
 use wsplice_tests::line::{End, LineOptions, LinkSettings, Offloads};
-use wsplice_tests::packet::{metric, set_up, set_up_with, start_proxy, Setup};
-
-/// A message of `len` bytes that names its place in the conversation.
-fn message(round: usize, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u32).wrapping_mul(31).wrapping_add(round as u32 * 7) as u8)
-        .collect()
-}
-
-/// Sends each of `sizes` as a binary message and checks its echo, in order.
-fn converse(setup: &Setup, sizes: &'static [usize], settle: Duration) -> Result<(), String> {
-    let url = setup.url.clone();
-    in_netns(setup.line.client_ns(), move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async move {
-            let (mut ws, _) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(&url))
-                .await
-                .map_err(|_| "connect timed out".to_owned())?
-                .map_err(|e| format!("connect: {e}"))?;
-            // A first exchange, then a pause: the tunnel is handed over at its quiet moment.
-            ws.send(Message::binary(b"hello".to_vec())).await.map_err(|e| e.to_string())?;
-            let first = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
-            if !matches!(first, Ok(Some(Ok(Message::Binary(ref b)))) if b.as_ref() == b"hello") {
-                return Err(format!("first echo: {first:?}"));
-            }
-            tokio::time::sleep(settle).await;
-            for (round, &len) in sizes.iter().enumerate() {
-                let sent = message(round, len);
-                ws.send(Message::binary(sent.clone())).await.map_err(|e| format!("send {len}: {e}"))?;
-                let back = tokio::time::timeout(Duration::from_secs(30), ws.next()).await;
-                match back {
-                    Ok(Some(Ok(Message::Binary(got)))) if got.as_ref() == sent.as_slice() => {}
-                    Ok(Some(Ok(Message::Binary(got)))) => {
-                        let at = got.iter().zip(&sent).position(|(a, b)| a != b);
-                        return Err(format!("round {round} ({len} bytes): {} bytes back, first difference at {at:?}", got.len()));
-                    }
-                    other => return Err(format!("round {round} ({len} bytes): {other:?}")),
-                }
-            }
-            ws.close(None).await.map_err(|e| format!("close: {e}"))?;
-            // The close handshake completes end to end.
-            let end = tokio::time::timeout(Duration::from_secs(10), async {
-                while let Some(frame) = ws.next().await {
-                    if frame.is_err() {
-                        break;
-                    }
-                }
-            })
-            .await;
-            end.map_err(|_| "the close did not complete".to_owned())
-        })
-    })
-}
+use wsplice_tests::packet::{can_run, converse, message, metric, set_up, set_up_with, start_proxy};
 
 const SIZES: &[usize] = &[
     1,
@@ -82,20 +26,19 @@ const SIZES: &[usize] = &[
     1 << 20,
 ];
 
-fn can_run() -> bool {
-    if !is_root() {
-        println!("skipped: the packet splice needs root (namespaces, eBPF, TCP_REPAIR)");
-    }
-    is_root()
-}
-
 #[test]
 fn a_tunnel_on_the_packet_path_carries_every_byte_both_ways_with_no_proxy_socket() {
     if !can_run() {
         return;
     }
     let setup = set_up("pkt1", &LineOptions::default(), "60s");
-    let result = converse(&setup, SIZES, Duration::from_millis(300));
+    let result = converse(
+        &setup,
+        setup.url.clone(),
+        SIZES.to_vec(),
+        Duration::from_millis(300),
+        Duration::from_secs(30),
+    );
     let log = setup.proxy.log_text();
     result.unwrap_or_else(|e| panic!("{e}\nproxy log:\n{log}"));
     assert_eq!(
@@ -147,7 +90,13 @@ fn the_packet_path_survives_loss_and_reordering_both_ways() {
     .into_iter()
     .map(|(ns, end)| Chaos::attach(ns, setup.line.interface(end), chaos).expect("shim"))
     .collect();
-    let result = converse(&setup, SIZES, Duration::from_millis(300));
+    let result = converse(
+        &setup,
+        setup.url.clone(),
+        SIZES.to_vec(),
+        Duration::from_millis(300),
+        Duration::from_secs(30),
+    );
     let log = setup.proxy.log_text();
     result.unwrap_or_else(|e| panic!("{e}\nproxy log:\n{log}"));
     assert_eq!(metric(&setup, "tunnels_packet_spliced_total"), 1, "{log}");
