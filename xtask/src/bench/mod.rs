@@ -5,6 +5,7 @@
 //! cell: a markdown table, JSON and SVG charts under `benches/results/`.
 
 mod load;
+mod packet;
 mod percore;
 mod report;
 mod targets;
@@ -39,11 +40,15 @@ pub enum Workload {
     Http,
     /// Largest fleet one core serves (p99 ≤ 10 ms, no failure).
     Percore,
+    /// The packet splice in three network namespaces beside direct, HAProxy (TCP) and the
+    /// sockmap path: memory per idle tunnel, fleet CPU per million messages and p99. Only with
+    /// `--only packet` (about 100 s per round at full scale: 5 minutes for 3 rounds).
+    Packet,
 }
 
 impl Workload {
     /// Everything, in the order of the report.
-    pub const ALL: [Workload; 8] = [
+    pub const ALL: [Workload; 9] = [
         Workload::Bulk,
         Workload::Storm,
         Workload::Latency,
@@ -52,6 +57,7 @@ impl Workload {
         Workload::Wss,
         Workload::Http,
         Workload::Percore,
+        Workload::Packet,
     ];
 
     fn name(self) -> &'static str {
@@ -64,6 +70,7 @@ impl Workload {
             Workload::Wss => "wss",
             Workload::Http => "http",
             Workload::Percore => "percore",
+            Workload::Packet => "packet",
         }
     }
 }
@@ -149,6 +156,7 @@ pub struct Results {
     /// Errors and remarks, printed under the table.
     pub notes: Vec<String>,
     pub percore: Vec<percore::PercoreResult>,
+    pub packet: Option<packet::PacketReport>,
 }
 
 impl Results {
@@ -212,6 +220,8 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
         Workload::ALL
             .into_iter()
             .filter(|w| !(options.quick && *w == Workload::Percore))
+            // The packet workload runs only when asked for (`--only packet`).
+            .filter(|w| *w != Workload::Packet)
             .collect()
     } else {
         Workload::ALL
@@ -270,7 +280,7 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
     let alternation: Vec<Workload> = workloads
         .iter()
         .copied()
-        .filter(|w| *w != Workload::Percore)
+        .filter(|w| *w != Workload::Percore && *w != Workload::Packet)
         .collect();
     if !alternation.is_empty() {
         let _echo = targets::start_echo(&env.tools.wsplice, ECHO_PORT, None, &env.work)?;
@@ -294,6 +304,16 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
     }
     if workloads.contains(&Workload::Percore) {
         results.percore = percore::run(&env, &scale, &mut results.notes)?;
+    }
+    if workloads.contains(&Workload::Packet) {
+        match packet::run(&env, &scale, scale.rounds) {
+            Ok(report) => results.packet = Some(report),
+            Err(error) => {
+                let message = format!("packet: {error:#}");
+                env.progress.say(&message);
+                results.notes.push(message);
+            }
+        }
     }
     stop_requested()?;
     let header = report::Header::collect(root, &env.tools, &scale, &workloads, started);
@@ -567,7 +587,7 @@ fn run_workload(
         }
         Workload::Wss => wss(env, results, scale, index, running, first_round)?,
         Workload::Http => http(env, results, scale, index, kind, running)?,
-        Workload::Percore => {}
+        Workload::Percore | Workload::Packet => {}
     }
     Ok(())
 }

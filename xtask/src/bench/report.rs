@@ -140,7 +140,7 @@ fn median(row: &Row, target: usize) -> Option<f64> {
         .map(|s| s.0)
 }
 
-fn number(v: f64) -> String {
+pub(super) fn number(v: f64) -> String {
     if v.abs() >= 100.0 {
         format!("{v:.0}")
     } else if v.abs() >= 10.0 {
@@ -340,6 +340,9 @@ fn markdown(header: &Header, results: &Results) -> String {
             ));
         }
     }
+    if let Some(packet) = &results.packet {
+        out.push_str(&packet.markdown());
+    }
     if !results.notes.is_empty() {
         out.push_str("\nNotes:\n");
         for note in &results.notes {
@@ -381,6 +384,7 @@ fn json(header: &Header, results: &Results) -> serde_json::Value {
                 "passed": s.passed, "why": s.why,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
+        "packet": results.packet.as_ref().map(super::packet::PacketReport::json),
         "notes": results.notes,
     })
 }
