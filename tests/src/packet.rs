@@ -100,7 +100,7 @@ pub fn set_up_with(prefix: &str, options: &LineOptions, idle: &str, packet_extra
     let echo_v6 = SocketAddr::from((line.v6(End::Upstream), ECHO_PORT));
     let config = format!(
         "workers = 1\n\n[[listener]]\nbind = \"{proxy_addr}\"\n\n[[listener]]\nbind = \"{proxy_v6}\"\n\n[[route]]\npath_prefix = \"/v6\"\nupstream = \"echo6\"\n\n[upstream.echo6]\nservers = [\"{echo_v6}\"]\n\n[[route]]\nupstream = \"echo\"\n\n\
-         [upstream.echo]\nservers = [\"{echo_addr}\"]\n\n[timeouts]\nidle = \"{idle}\"\n\n\
+         [upstream.echo]\nservers = [\"{echo_addr}\"]\n\n[timeouts]\nidle = \"{idle}\"\ndrain = \"3s\"\n\n\
          [admin]\nbind = \"{ADMIN}\"\n\n[packet]\ninterfaces = [\"{}\", \"{}\"]\n\
          ports = \"41000-41999\"\nlinger = \"1s\"\n{packet_extra}\n",
         line.interface(End::ProxyToClient),

@@ -365,3 +365,55 @@ fn pinned_tunnels_outlive_the_proxy_and_the_next_one_adopts_them() {
         .log_text()
         .contains("both ends closed (packet path)"));
 }
+
+#[test]
+fn the_drain_resets_packet_spliced_tunnels_and_the_proxy_exits() {
+    if !can_run() {
+        return;
+    }
+    let mut setup = set_up("pkt6", &LineOptions::default(), "60s");
+    let url = setup.url.clone();
+    let (said, heard) = std::sync::mpsc::channel::<()>();
+    let client = wsplice_tests::cluster::spawn_in_netns(setup.line.client_ns(), move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+                .await
+                .expect("connect");
+            ws.send(Message::text("before the drain"))
+                .await
+                .expect("send");
+            let back = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+            assert!(matches!(back, Ok(Some(Ok(Message::Text(_))))), "{back:?}");
+            said.send(()).expect("report");
+            // Silent from now on: the drain (3 s) must end the tunnel, and say so at once.
+            tokio::time::timeout(Duration::from_secs(15), ws.next()).await
+        })
+    });
+    heard
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the first echo");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&setup, "tunnels_packet_open") != 1 {
+        assert!(Instant::now() < deadline, "{}", setup.proxy.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stopped = Instant::now();
+    let status = setup.proxy.process.terminate(Duration::from_secs(15));
+    let log = setup.proxy.log_text();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        stopped.elapsed()
+    );
+    let end = client.join().expect("the client");
+    assert!(
+        matches!(end, Ok(Some(Err(_))) | Ok(None)),
+        "the client was not told: {end:?}\n{log}"
+    );
+    assert!(log.contains("\"datapath\":\"packet\""), "{log}");
+}
