@@ -5,6 +5,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use aya::maps::{HashMap, Map, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
+use wsplice_common::packet::{FLOWS_MAP, PACKET_STATS_MAP};
 use wsplice_common::{
     Activity, ACTIVITY_MAP, BRIDGE_MAP, PAUSED_MAP, PEER_MAP, PRESSURE_MAP, VERDICT_PROGRAM,
 };
@@ -162,7 +163,13 @@ impl SpliceProgram {
             .map_max_entries(PEER_MAP, max_sockets)
             .map_max_entries(ACTIVITY_MAP, max_sockets)
             .map_max_entries(PAUSED_MAP, max_sockets)
+            .map_max_entries(FLOWS_MAP, 1)
             .load(EBPF_OBJECT)?;
+        // The object's packet-splice maps are created with it (at their smallest); this
+        // program does not use them, so they are not kept (a successor that adopts the maps
+        // holds exactly what this process held).
+        drop(ebpf.take_map(FLOWS_MAP));
+        drop(ebpf.take_map(PACKET_STATS_MAP));
         let peer_map = ebpf
             .take_map(PEER_MAP)
             .ok_or(SpliceError::Missing("PEER map"))?;
