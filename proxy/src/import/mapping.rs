@@ -391,9 +391,20 @@ impl<'a> Mapper<'a> {
             return self.warn(d, why);
         }
         match server_addr(address) {
+            // nginx takes a server listed twice as two (twice its share); wsplice lists each
+            // once (`weight` says the share).
+            Ok(addr) if pool.servers.contains(&addr) => {
+                return self.warn(
+                    d,
+                    "the server is listed before in this upstream: listed once (give it a \
+                     `weight` for a larger share)",
+                );
+            }
             Ok(addr) => pool.servers.push(addr),
             Err(why) => {
-                pool.unresolved.push(address.clone());
+                if !pool.unresolved.contains(address) {
+                    pool.unresolved.push(address.clone());
+                }
                 return self.warn(d, why);
             }
         }

@@ -736,3 +736,22 @@ fn a_header_the_proxy_writes_itself_is_reported() {
         [("X-Ok".to_owned(), "1".to_owned())]
     );
 }
+
+#[test]
+fn a_server_listed_twice_in_an_upstream_is_listed_once_with_a_warning() {
+    // Found by fuzzing: the import wrote both, and `wsplice check` refused the result.
+    let (config, warnings, _) = import_text(
+        "http { upstream backend { server 10.0.0.2:8080; server 10.0.0.2:8080 max_fails=3; }\n\
+         server { listen 8080; location / { proxy_pass http://backend; } } }\n",
+    );
+    assert_eq!(
+        config.upstreams["backend"].servers,
+        vec![ServerConfig::at(addr("10.0.0.2:8080"))]
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.to_string().contains("listed before in this upstream")),
+        "{warnings:?}"
+    );
+}
