@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::chaos::{Chaos, ChaosSettings};
 use crate::cluster::{in_netns, wait_listening};
-use crate::line::{End, Line, LineOptions};
+use crate::line::{End, Line, LineOptions, LinkSettings, Offloads};
 use crate::{admin_request, binary, scratch_dir, Process};
 
 /// The port the proxy listens on (on its client-side addresses).
@@ -238,4 +239,42 @@ pub fn converse(
             end.map_err(|_| "the close did not complete".to_owned())
         })
     })
+}
+
+/// A line with every offload off on both links: MSS-sized packets, several in flight, so loss
+/// and reordering hit a stream the way a real path does.
+pub fn lossy_line() -> LineOptions {
+    let link = LinkSettings {
+        mtu: None,
+        offloads: Some(Offloads::OFF),
+    };
+    LineOptions {
+        client_link: link,
+        upstream_link: link,
+    }
+}
+
+/// 1% of the packets lost and 1% reordered (through 4 detour hops).
+pub const ONE_PERCENT: ChaosSettings = ChaosSettings {
+    loss_per_million: 10_000,
+    reorder_per_million: 10_000,
+    bounces: 4,
+};
+
+/// The shim with `settings` on every link into and out of the proxy, both ways.
+pub fn chaos_on_every_link(setup: &Setup, settings: ChaosSettings) -> Vec<Chaos> {
+    [
+        (setup.line.client_ns(), End::Client),
+        (setup.line.proxy_ns(), End::ProxyToClient),
+        (setup.line.proxy_ns(), End::ProxyToUpstream),
+        (setup.line.upstream_ns(), End::Upstream),
+    ]
+    .into_iter()
+    .map(|(ns, end)| Chaos::attach(ns, setup.line.interface(end), settings).expect("shim"))
+    .collect()
+}
+
+/// Whether the proxy's live packet-spliced records come to `count` within `within`.
+pub fn records_settle(setup: &Setup, count: u64, within: Duration) -> bool {
+    crate::eventually_within(within, || metric(setup, "tunnels_packet_open") == count)
 }

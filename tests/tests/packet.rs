@@ -7,10 +7,12 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio_tungstenite::tungstenite::Message;
-use wsplice_tests::chaos::{Chaos, ChaosSettings};
 use wsplice_tests::cluster::in_netns;
-use wsplice_tests::line::{End, LineOptions, LinkSettings, Offloads};
-use wsplice_tests::packet::{can_run, converse, message, metric, set_up, set_up_with, start_proxy};
+use wsplice_tests::line::LineOptions;
+use wsplice_tests::packet::{
+    can_run, chaos_on_every_link, converse, lossy_line, message, metric, records_settle, set_up,
+    set_up_with, start_proxy, ONE_PERCENT,
+};
 
 const SIZES: &[usize] = &[
     1,
@@ -47,15 +49,11 @@ fn a_tunnel_on_the_packet_path_carries_every_byte_both_ways_with_no_proxy_socket
         "the tunnel was handed over\n{log}"
     );
     // Both ends closed: the flows go after the linger time, and so does the record.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&setup, "tunnels_packet_open") != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the record stayed\n{}",
-            setup.proxy.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert!(
+        records_settle(&setup, 0, Duration::from_secs(10)),
+        "the record stayed\n{}",
+        setup.proxy.log_text()
+    );
     let log = setup.proxy.log_text();
     assert!(log.contains("both ends closed (packet path)"), "{log}");
     assert!(!log.contains("panicked"), "{log}");
@@ -66,30 +64,9 @@ fn the_packet_path_survives_loss_and_reordering_both_ways() {
     if !can_run() {
         return;
     }
-    let link = LinkSettings {
-        mtu: None,
-        offloads: Some(Offloads::OFF),
-    };
-    let options = LineOptions {
-        client_link: link,
-        upstream_link: link,
-    };
-    let setup = set_up("pkt2", &options, "60s");
-    let chaos = ChaosSettings {
-        loss_per_million: 10_000,
-        reorder_per_million: 10_000,
-        bounces: 4,
-    };
+    let setup = set_up("pkt2", &lossy_line(), "60s");
     // Loss and reordering on every link into and out of the proxy, both ways.
-    let shims: Vec<Chaos> = [
-        (setup.line.client_ns(), End::Client),
-        (setup.line.proxy_ns(), End::ProxyToClient),
-        (setup.line.proxy_ns(), End::ProxyToUpstream),
-        (setup.line.upstream_ns(), End::Upstream),
-    ]
-    .into_iter()
-    .map(|(ns, end)| Chaos::attach(ns, setup.line.interface(end), chaos).expect("shim"))
-    .collect();
+    let shims = chaos_on_every_link(&setup, ONE_PERCENT);
     let result = converse(
         &setup,
         setup.url.clone(),
@@ -143,11 +120,11 @@ fn an_idle_packet_spliced_tunnel_is_reset_and_retired_at_the_idle_timeout() {
         })
     });
     // The resets go out as the record ends: its books close a moment after.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric(&setup, "tunnels_packet_open") != 0 {
-        assert!(Instant::now() < deadline, "{}", setup.proxy.log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        records_settle(&setup, 0, Duration::from_secs(5)),
+        "{}",
+        setup.proxy.log_text()
+    );
     let log = setup.proxy.log_text();
     assert_eq!(metric(&setup, "tunnels_packet_spliced_total"), 1, "{log}");
     assert!(log.contains("idle timeout (packet path)"), "{log}");
@@ -360,11 +337,11 @@ fn pinned_tunnels_outlive_the_proxy_and_the_next_one_adopts_them() {
     go.send(()).expect("go");
     heard_within("second proxy").expect("talks with the next proxy");
     client.join().expect("the client");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&setup, "tunnels_packet_open") != 0 {
-        assert!(Instant::now() < deadline, "{}", setup.proxy.log_text());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert!(
+        records_settle(&setup, 0, Duration::from_secs(10)),
+        "{}",
+        setup.proxy.log_text()
+    );
     assert!(setup
         .proxy
         .log_text()
@@ -401,11 +378,11 @@ fn the_drain_resets_packet_spliced_tunnels_and_the_proxy_exits() {
     heard
         .recv_timeout(Duration::from_secs(20))
         .expect("the first echo");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&setup, "tunnels_packet_open") != 1 {
-        assert!(Instant::now() < deadline, "{}", setup.proxy.log_text());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        records_settle(&setup, 1, Duration::from_secs(10)),
+        "{}",
+        setup.proxy.log_text()
+    );
     let stopped = Instant::now();
     let status = setup.proxy.process.terminate(Duration::from_secs(15));
     let log = setup.proxy.log_text();

@@ -14,13 +14,15 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use wsplice_tests::chaos::{Chaos, ChaosSettings};
 use wsplice_tests::cluster::in_netns;
-use wsplice_tests::line::{End, LineOptions, LinkSettings, Offloads};
+use wsplice_tests::line::{End, LineOptions};
 use wsplice_tests::packet::{
-    can_run, converse, metric, set_up, Setup, ADMIN, ECHO_PORT, PROXY_PORT,
+    can_run, chaos_on_every_link, converse, lossy_line, metric, records_settle, set_up, Setup,
+    ADMIN, ECHO_PORT, ONE_PERCENT, PROXY_PORT,
 };
-use wsplice_tests::{admin_request, server_frame, switching_protocols, upgrade_request};
+use wsplice_tests::{
+    admin_request, eventually_within, server_frame, switching_protocols, upgrade_request,
+};
 
 /// The proxy's whole `/metrics` text.
 fn metrics_text(setup: &Setup) -> String {
@@ -42,26 +44,10 @@ fn refusals(setup: &Setup, reason: &str) -> u64 {
         .unwrap_or_else(|| panic!("no refusals for {reason} in the metrics:\n{text}"))
 }
 
-/// Polls `check` every 50 ms until it holds or `within` passes; whether it held.
-fn wait_until(within: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if check() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Waits (linger 1 s + the proxy's 1 s check + slack) until the packet-spliced record is gone
 /// and the log says why; panics with the log otherwise.
 fn assert_retired(setup: &Setup, why: &str) {
-    let gone = wait_until(Duration::from_secs(6), || {
-        metric(setup, "tunnels_packet_open") == 0
-    });
+    let gone = records_settle(setup, 0, Duration::from_secs(6));
     let log = setup.proxy.log_text();
     assert!(
         gone,
@@ -247,10 +233,6 @@ fn u32_at_key(key: &[u8]) -> u32 {
         .map_or(0, |k| u32::from_ne_bytes(k.try_into().unwrap()))
 }
 
-fn spliced_line() -> LineOptions {
-    LineOptions::default()
-}
-
 // ---------------------------------------------------------------------------------------
 // Address families and options.
 
@@ -259,7 +241,7 @@ fn an_ipv6_tunnel_is_packet_spliced_and_carries_every_byte_both_ways() {
     if !can_run() {
         return;
     }
-    let setup = set_up("pke1", &spliced_line(), "60s");
+    let setup = set_up("pke1", &LineOptions::default(), "60s");
     let sizes = vec![
         1,
         2,
@@ -296,7 +278,7 @@ fn a_tunnel_of_two_address_families_stays_on_the_relay_and_works() {
     if !can_run() {
         return;
     }
-    let setup = set_up("pke2", &spliced_line(), "60s");
+    let setup = set_up("pke2", &LineOptions::default(), "60s");
     // An IPv6 client on a path routed to the IPv4 echo.
     let url = format!(
         "ws://[{}]:{PROXY_PORT}/mixed",
@@ -321,7 +303,7 @@ fn a_client_without_tcp_timestamps_stays_on_the_relay_and_works() {
     if !can_run() {
         return;
     }
-    let setup = set_up("pke3", &spliced_line(), "60s");
+    let setup = set_up("pke3", &LineOptions::default(), "60s");
     // Per namespace: the client's SYNs then carry no timestamp option.
     in_netns(setup.line.client_ns(), || {
         std::fs::write("/proc/sys/net/ipv4/tcp_timestamps", "0")
@@ -349,29 +331,9 @@ fn a_16_mib_message_each_way_survives_loss_and_reordering_on_the_packet_path() {
     if !can_run() {
         return;
     }
-    let link = LinkSettings {
-        mtu: None,
-        offloads: Some(Offloads::OFF),
-    };
-    let options = LineOptions {
-        client_link: link,
-        upstream_link: link,
-    };
-    let setup = set_up("pke4", &options, "60s");
-    let chaos = ChaosSettings {
-        loss_per_million: 10_000,
-        reorder_per_million: 10_000,
-        bounces: 4,
-    };
-    let shims: Vec<Chaos> = [
-        (setup.line.client_ns(), End::Client),
-        (setup.line.proxy_ns(), End::ProxyToClient),
-        (setup.line.proxy_ns(), End::ProxyToUpstream),
-        (setup.line.upstream_ns(), End::Upstream),
-    ]
-    .into_iter()
-    .map(|(ns, end)| Chaos::attach(ns, setup.line.interface(end), chaos).expect("shim"))
-    .collect();
+    let setup = set_up("pke4", &lossy_line(), "60s");
+    // Loss and reordering on every link into and out of the proxy, both ways.
+    let shims = chaos_on_every_link(&setup, ONE_PERCENT);
     let started = Instant::now();
     let result = converse(
         &setup,
@@ -584,7 +546,7 @@ fn spliced_client(setup: &Setup) -> TcpStream {
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     // The hand-off: at the tunnel's first quiet moment.
     std::thread::sleep(Duration::from_millis(300));
-    let handed = wait_until(Duration::from_secs(3), || {
+    let handed = eventually_within(Duration::from_secs(3), || {
         metric(setup, "tunnels_packet_spliced_total") == 1
     });
     assert!(
@@ -613,7 +575,7 @@ fn a_client_half_close_crosses_the_packet_path_and_the_upstream_may_still_send()
     if !can_run() {
         return;
     }
-    let mut setup = set_up("pke5", &spliced_line(), "60s");
+    let mut setup = set_up("pke5", &LineOptions::default(), "60s");
     let upstream = own_upstream(
         &mut setup,
         Box::new(|mut stream| {
@@ -660,7 +622,7 @@ fn an_upstream_half_close_crosses_the_packet_path_and_the_client_may_still_send(
     if !can_run() {
         return;
     }
-    let mut setup = set_up("pke6", &spliced_line(), "60s");
+    let mut setup = set_up("pke6", &LineOptions::default(), "60s");
     let upstream = own_upstream(
         &mut setup,
         Box::new(|mut stream| {
@@ -705,7 +667,7 @@ fn a_client_reset_reaches_the_upstream_over_the_packet_path() {
     if !can_run() {
         return;
     }
-    let mut setup = set_up("pke7", &spliced_line(), "60s");
+    let mut setup = set_up("pke7", &LineOptions::default(), "60s");
     let upstream = own_upstream(
         &mut setup,
         Box::new(|mut stream| {
@@ -732,7 +694,7 @@ fn an_upstream_reset_reaches_the_client_over_the_packet_path() {
     if !can_run() {
         return;
     }
-    let mut setup = set_up("pke8", &spliced_line(), "60s");
+    let mut setup = set_up("pke8", &LineOptions::default(), "60s");
     let (echoed, reset_now) = mpsc::channel::<()>();
     let upstream = own_upstream(
         &mut setup,

@@ -48,11 +48,7 @@ pub struct PacketWorker {
 impl PacketWorker {
     /// Handles for a worker.
     pub fn open(path: &crate::splice::packet::PacketPath) -> Result<PacketWorker, SpliceError> {
-        let routes = RouteLookup::open().map_err(|error| {
-            SpliceError::Duplicate(std::io::Error::other(format!(
-                "cannot open a route socket: {error}"
-            )))
-        })?;
+        let routes = RouteLookup::open().map_err(|error| SpliceError::Route(error.to_string()))?;
         Ok(PacketWorker {
             flows: path.program.flows()?,
             routes,

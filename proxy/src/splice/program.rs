@@ -55,6 +55,9 @@ pub enum SpliceError {
     /// A map's descriptor could not be duplicated for a new handle.
     #[error("cannot duplicate a map descriptor: {0}")]
     Duplicate(#[source] std::io::Error),
+    /// The packet splice's route socket (rtnetlink) could not be opened.
+    #[error("cannot open a route socket: {0}")]
+    Route(String),
     /// The packet splice's pin folder (`[packet] pin`) or a pin in it could not be made.
     #[error("cannot pin the packet splice's map or links: {0}")]
     Pin(String),

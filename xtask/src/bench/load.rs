@@ -96,7 +96,8 @@ pub fn rss_kb(pids: &[u32]) -> f64 {
         .sum()
 }
 
-fn meminfo_kb(field: &str) -> f64 {
+/// A `/proc/meminfo` field, KB (0 when it cannot be read).
+pub(super) fn meminfo_kb(field: &str) -> f64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
@@ -317,7 +318,8 @@ pub fn fleet(
     Ok(result)
 }
 
-fn sleep_until(when: Instant) {
+/// Sleeps until `when` (at once if it passed).
+pub(super) fn sleep_until(when: Instant) {
     let now = Instant::now();
     if when > now {
         std::thread::sleep(when - now);

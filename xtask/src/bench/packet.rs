@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 
-use super::load::{machine_busy_seconds, rss_kb};
+use super::load::{machine_busy_seconds, meminfo_kb, rss_kb, sleep_until};
 use super::report::summary;
 use super::targets::{children_of, Guard};
 use super::{stop_requested, Env, Scale};
@@ -387,18 +387,6 @@ fn refusals(text: &str) -> Vec<(String, f64)> {
             Some((reason.to_owned(), value.trim().parse().ok()?))
         })
         .collect()
-}
-
-fn meminfo_kb(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0.0)
 }
 
 /// Pages of TCP buffers allocated machine-wide (`/proc/net/sockstat`, `TCP: ... mem N`).
@@ -882,13 +870,6 @@ fn note_fleet_error(round: &mut Round, error: &str) {
     round
         .refusals
         .push((format!("fleet first error: {error}"), f64::NAN));
-}
-
-fn sleep_until(when: Instant) {
-    let now = Instant::now();
-    if when > now {
-        std::thread::sleep(when - now);
-    }
 }
 
 /// The memory the proxy's eBPF maps reserve (memlock in their fdinfo), KB, and a list of them

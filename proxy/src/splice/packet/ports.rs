@@ -527,6 +527,22 @@ mod tests {
     }
 
     #[test]
+    fn a_claimed_port_is_never_handed_out_until_released() {
+        let mut ports = PortAllocator::new(range(40000, 40009));
+        assert!(ports.claim(LOCAL, remote(1), 40003));
+        assert!(!ports.claim(LOCAL, remote(1), 40003), "claimed twice");
+        assert!(!ports.claim(LOCAL, remote(1), 39999), "outside the range");
+        assert!(ports.claim(LOCAL, remote(2), 40003), "another upstream");
+        let taken: Vec<u16> = (0..9)
+            .map(|_| ports.take(LOCAL, remote(1)).unwrap())
+            .collect();
+        assert!(!taken.contains(&40003), "{taken:?}");
+        assert_eq!(ports.take(LOCAL, remote(1)), None);
+        ports.release(LOCAL, remote(1), 40003);
+        assert_eq!(ports.take(LOCAL, remote(1)), Some(40003));
+    }
+
+    #[test]
     fn different_remotes_and_locals_share_a_port() {
         let mut ports = PortAllocator::new(range(50000, 50000));
         assert_eq!(ports.take(LOCAL, remote(1)), Some(50000));
