@@ -30,7 +30,7 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use rand::Rng as _;
 use tokio_tungstenite::tungstenite::Message;
 
-use client::{Buffers, Client, ConnArgs};
+use client::{Buffers, Client, ConnArgs, Ws};
 
 #[derive(Debug, Parser)]
 #[command(name = "wsplice-load")]
@@ -384,8 +384,25 @@ async fn hold(
         .iter()
         .filter(|ws| client::handshake(ws).is_some_and(|h| h.resumed))
         .count();
-    // A sample of the held tunnels must still echo.
-    for ws in held.iter_mut().step_by((conns / 10).max(1)) {
+    echo_sample(&mut held, 10).await?;
+    println!("ready");
+    // `check` on stdin: a larger sample must still echo (e.g. once the proxy handed the
+    // tunnels over to another data path); anything else, or stdin closing, ends the hold.
+    while wait_for_stdin_line().await.trim() == "check" {
+        match echo_sample(&mut held, 100).await {
+            Ok(checked) => println!("checked {checked}"),
+            Err(error) => println!("check failed: {error:#}"),
+        }
+    }
+    Ok(serde_json::json!({"workload": "hold", "conns": conns, "tls_resumed": resumed}))
+}
+
+/// Sends a message on about `samples` of the `held` tunnels spread evenly, and checks each
+/// echoes it within 5 s; returns how many were checked.
+async fn echo_sample(held: &mut [Ws], samples: usize) -> anyhow::Result<usize> {
+    let step = (held.len() / samples.max(1)).max(1);
+    let mut checked = 0;
+    for ws in held.iter_mut().step_by(step) {
         ws.send(Message::text("still there?")).await?;
         let answer = tokio::time::timeout(Duration::from_secs(5), ws.next())
             .await
@@ -395,10 +412,9 @@ async fn hold(
             answer == Message::text("still there?"),
             "held tunnel echoed {answer:?}"
         );
+        checked += 1;
     }
-    println!("ready");
-    wait_for_stdin_line().await;
-    Ok(serde_json::json!({"workload": "hold", "conns": conns, "tls_resumed": resumed}))
+    Ok(checked)
 }
 
 /// One line from stdin (empty when stdin closes or fails).

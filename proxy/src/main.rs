@@ -80,6 +80,10 @@ enum Command {
         /// Append one JSON line per handshake (path and request headers) to this file.
         #[arg(long, value_name = "FILE")]
         record: Option<PathBuf>,
+        /// Small per-connection buffers (4 KiB instead of 128 KiB): for holding very many idle
+        /// tunnels in benchmarks.
+        #[arg(long)]
+        small_buffers: bool,
     },
     /// Print the wsplice configuration equivalent to an nginx one; what does not carry over
     /// is reported on stderr, one line per directive.
@@ -206,8 +210,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}: ok", file.display());
             Ok(())
         }
-        Command::Echo { listen, record } => {
-            wsplice::echo::run(wsplice::echo::EchoOptions { listen, record })?;
+        Command::Echo {
+            listen,
+            record,
+            small_buffers,
+        } => {
+            wsplice::echo::run(wsplice::echo::EchoOptions {
+                listen,
+                record,
+                small_buffers,
+            })?;
             Ok(())
         }
         Command::Import { file } => match wsplice::import::import(&file) {

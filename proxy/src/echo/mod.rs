@@ -44,6 +44,10 @@ pub struct EchoOptions {
     pub listen: SocketAddr,
     /// Append one JSON line per handshake to this file.
     pub record: Option<PathBuf>,
+    /// Small per-connection WebSocket buffers (a 4 KiB read buffer, writes unbuffered) instead
+    /// of tungstenite's 128 KiB: for benchmarks that hold very many idle tunnels, where the
+    /// echo's buffers would otherwise be most of the machine's memory.
+    pub small_buffers: bool,
 }
 
 /// Why the echo upstream stopped.
@@ -86,8 +90,13 @@ pub fn run(options: EchoOptions) -> Result<(), EchoError> {
         })?;
         tracing::info!(addr = %options.listen, "echo upstream listening");
         let record = open_record(options.record)?;
+        let buffers = if options.small_buffers {
+            Buffers::Small
+        } else {
+            Buffers::Large
+        };
         tokio::select! {
-            () = serve(listener, record) => {}
+            () = serve(listener, record, buffers) => {}
             () = termination() => tracing::info!("echo upstream stopping"),
         }
         Ok(())
@@ -123,12 +132,21 @@ pub fn open_record(path: Option<PathBuf>) -> Result<Record, EchoError> {
     .transpose()
 }
 
+/// The WebSocket buffers of each echoed connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Buffers {
+    /// tungstenite's defaults (128 KiB read buffer): for throughput.
+    Large,
+    /// A 4 KiB read buffer and unbuffered writes: for many mostly idle connections.
+    Small,
+}
+
 /// Accepts and serves connections forever; a failed connection never stops the server.
-pub async fn serve(listener: TcpListener, record: Record) {
+pub async fn serve(listener: TcpListener, record: Record, buffers: Buffers) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(echo(stream, peer, record.clone()));
+                tokio::spawn(echo(stream, peer, record.clone(), buffers));
             }
             Err(error) => {
                 tracing::warn!(%error, "echo accept failed");
@@ -138,7 +156,7 @@ pub async fn serve(listener: TcpListener, record: Record) {
     }
 }
 
-async fn echo(mut stream: TcpStream, peer: SocketAddr, record: Record) {
+async fn echo(mut stream: TcpStream, peer: SocketAddr, record: Record, buffers: Buffers) {
     let _ = stream.set_nodelay(true);
     let serial = CONNECTIONS.fetch_add(1, Ordering::Relaxed) + 1;
     let mut wait = FIRST_HEAD;
@@ -163,7 +181,7 @@ async fn echo(mut stream: TcpStream, peer: SocketAddr, record: Record) {
             }
             // A held tunnel keeps no head buffer.
             drop(buf);
-            return websocket(stream, peer).await;
+            return websocket(stream, peer, buffers).await;
         }
         if let Some(file) = &record {
             write_record(file, &head, Some(serial));
@@ -183,10 +201,14 @@ async fn echo(mut stream: TcpStream, peer: SocketAddr, record: Record) {
 }
 
 /// Serves a WebSocket on `stream`, whose upgrade request is still unread in the socket.
-async fn websocket(stream: TcpStream, peer: SocketAddr) {
+async fn websocket(stream: TcpStream, peer: SocketAddr, buffers: Buffers) {
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE));
+    let config = match buffers {
+        Buffers::Large => config,
+        Buffers::Small => config.read_buffer_size(4096).write_buffer_size(0),
+    };
     let mut ws = match tokio_tungstenite::accept_async_with_config(stream, Some(config)).await {
         Ok(ws) => ws,
         Err(error) => {
@@ -354,7 +376,7 @@ mod tests {
         let path = dir.join("record.jsonl");
         let _ = std::fs::remove_file(&path);
         let record = open_record(Some(path.clone())).unwrap();
-        tokio::spawn(serve(listener, record));
+        tokio::spawn(serve(listener, record, Buffers::Large));
 
         let request =
             tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
@@ -381,5 +403,21 @@ mod tests {
             .iter()
             .any(|h| h[0] == "x-forwarded-for" && h[1] == "10.0.0.1"));
         assert!(headers.iter().any(|h| h[0] == "Sec-WebSocket-Key"));
+    }
+
+    #[tokio::test]
+    async fn small_buffers_still_echo_messages_larger_than_the_buffer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, None, Buffers::Small));
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+            .await
+            .unwrap();
+        for len in [1, 4095, 4096, 4097, 100_000, 1 << 20] {
+            let sent: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            ws.send(Message::binary(sent.clone())).await.unwrap();
+            assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(sent));
+        }
+        ws.close(None).await.unwrap();
     }
 }

@@ -6,13 +6,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{ChunkedDecoder, Fnv1a64};
-use crate::echo::{open_record, serve, Record};
+use crate::echo::{open_record, serve, Buffers, Record};
 
 /// An echo upstream on an ephemeral 127.0.0.1 port.
 async fn start(record: Record) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(listener, record));
+    tokio::spawn(serve(listener, record, Buffers::Large));
     addr
 }
 
