@@ -1,6 +1,7 @@
 //! The `packet` workload: the packet splice (`wsplice run --datapath packet`) side by side with
-//! the client talking to the upstream directly, HAProxy in TCP mode and wsplice's sockmap path
-//! (`--datapath kernel`), in a line of three network namespaces the run makes:
+//! the client talking to the upstream directly, nginx as an http proxy (`proxy_pass` with the
+//! Upgrade/Connection headers, as people front a ws backend), HAProxy in TCP mode and wsplice's
+//! sockmap path (`--datapath kernel`), in a line of three network namespaces the run makes:
 //!
 //! ```text
 //!   client ns                  proxy ns                                 upstream ns
@@ -58,13 +59,16 @@ const CONNS_PER_PROCESS: usize = 5000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     Direct,
+    Nginx,
     Haproxy,
     WspliceKernel,
     WsplicePacket,
 }
 
-pub const TARGETS: [Target; 4] = [
+/// Direct first: the "above direct" rows subtract its round.
+pub const TARGETS: [Target; 5] = [
     Target::Direct,
+    Target::Nginx,
     Target::Haproxy,
     Target::WspliceKernel,
     Target::WsplicePacket,
@@ -74,10 +78,19 @@ impl Target {
     pub fn name(self) -> &'static str {
         match self {
             Target::Direct => "direct",
+            Target::Nginx => "nginx",
             Target::Haproxy => "haproxy (tcp)",
             Target::WspliceKernel => "wsplice kernel",
             Target::WsplicePacket => "wsplice packet",
         }
+    }
+
+    /// Its place in TARGETS (and in `PacketReport::rounds`).
+    fn index(self) -> usize {
+        TARGETS
+            .iter()
+            .position(|t| *t == self)
+            .expect("every target is in TARGETS")
     }
 }
 
@@ -546,6 +559,34 @@ fn haproxy_config() -> String {
     )
 }
 
+/// nginx as people front a ws backend, with the loopback workloads' headers (`targets.rs`):
+/// http proxy, `proxy_http_version 1.1`, Upgrade and Connection passed on, 3600 s timeouts. Two
+/// worker processes on a `reuseport` listener (connections spread over both; each worker has its
+/// own fd limit): two fds per tunnel, and one process may hold at most 20,000 fds. No upstream
+/// `keepalive`: upgraded connections never go back to a pool, and this workload sends nothing
+/// else.
+fn nginx_config(work: &Path) -> String {
+    format!(
+        "daemon off;\nmaster_process on;\nworker_processes 2;\nworker_rlimit_nofile 20000;\n\
+         pid {pid};\nerror_log {error_log} warn;\n\
+         events {{ worker_connections 19000; }}\n\
+         http {{\n  access_log off;\n\
+           map $http_upgrade $connection_upgrade {{ default upgrade; '' \"\"; }}\n\
+           upstream echo {{ server {UPSTREAM}:{ECHO_PORT}; }}\n\
+           server {{\n    listen {PROXY_TO_CLIENT}:{PROXY_PORT} reuseport;\n    location / {{\n\
+               proxy_pass http://echo;\n      proxy_http_version 1.1;\n\
+               proxy_set_header Upgrade $http_upgrade;\n\
+               proxy_set_header Connection $connection_upgrade;\n\
+               proxy_set_header Host $http_host;\n\
+               proxy_set_header X-Real-IP $remote_addr;\n\
+               proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
+               proxy_set_header X-Forwarded-Proto $scheme;\n\
+               proxy_read_timeout 3600s;\n      proxy_send_timeout 3600s;\n    }}\n  }}\n}}\n",
+        pid = work.join("nginx.pid").display(),
+        error_log = work.join("nginx-error.log").display(),
+    )
+}
+
 /// Starts a fresh echo upstream (each target's own: the memory an echo process grows to at its
 /// first tunnels stays with it, and would otherwise count for the first target only).
 fn start_echo(line: &Line, env: &Env, work: &Path) -> anyhow::Result<Guard> {
@@ -573,6 +614,23 @@ fn start(target: Target, line: &Line, env: &Env, work: &Path) -> anyhow::Result<
                 forwarding: true,
                 proxy_ns,
             })
+        }
+        Target::Nginx => {
+            let conf = work.join("nginx.conf");
+            std::fs::write(&conf, nginx_config(work))?;
+            let log = work.join("nginx.log");
+            let conf = conf.to_string_lossy().into_owned();
+            let prefix = work.to_string_lossy().into_owned();
+            let mut guards = vec![line.spawn(
+                &line.proxy,
+                &env.tools.nginx,
+                &["-c", &conf, "-p", &prefix],
+                &log,
+            )?];
+            line.wait_listening(&line.proxy, PROXY_TO_CLIENT, PROXY_PORT, &mut guards, &log)?;
+            // The master listens before it forks the workers: `finish` must see both.
+            wait_children(&mut guards[0], 2, &log)?;
+            finish(guards, proxy_ns)
         }
         Target::Haproxy => {
             let conf = work.join("haproxy-tcp.cfg");
@@ -603,6 +661,29 @@ fn start(target: Target, line: &Line, env: &Env, work: &Path) -> anyhow::Result<
     }
 }
 
+/// Waits (at most 10 s) until `guard`'s process has `want` children (nginx's workers).
+fn wait_children(guard: &mut Guard, want: usize, log: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while children_of(guard.0.id()).len() < want {
+        if let Ok(Some(status)) = guard.0.try_wait() {
+            bail!(
+                "it exited ({status}): {}",
+                std::fs::read_to_string(log).unwrap_or_default().trim()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "process {} has fewer than {want} children after 10 s",
+                guard.0.id()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The target's processes (for RSS and CPU: the guards' and their children, e.g. nginx's
+/// workers) and where clients connect.
 fn finish(guards: Vec<Guard>, proxy_ns: String) -> anyhow::Result<Running> {
     std::thread::sleep(Duration::from_millis(300));
     let mut pids = Vec::new();
@@ -1186,7 +1267,7 @@ impl PacketReport {
     fn above_direct(&self, target: usize, f: fn(&Round) -> f64) -> Option<(f64, f64, f64)> {
         let v: Vec<f64> = self.rounds[target]
             .iter()
-            .zip(&self.rounds[0])
+            .zip(&self.rounds[Target::Direct.index()])
             .map(|(t, d)| f(t) - f(d))
             .filter(|x| x.is_finite())
             .collect();
@@ -1198,7 +1279,9 @@ impl PacketReport {
         let mut out = format!(
             "\n**Packet splice** (three network namespaces: client ── veth ── proxy ── veth ── upstream; \
              every target's packets cross both veths; direct = forwarding on in the proxy namespace and the \
-             client connecting to the upstream's address; HAProxy in TCP mode (nbthread 2), wsplice with 2 workers; \
+             client connecting to the upstream's address; nginx as an http proxy (`proxy_pass`, HTTP/1.1, \
+             Upgrade/Connection headers, 3600 s timeouts; worker_processes 2 on a reuseport listener), \
+             HAProxy in TCP mode (nbthread 2), wsplice with 2 workers; \
              a fresh proxy and `wsplice echo` for the hold and again for the fleet; {} idle tunnels (connected 8 at a time), then a fleet of {} \
              tunnels each sending 64 B every 2 s, measured over {} s; median of {} round(s) with min–max; \
              whole workload {:.0} s). *Machine* memory is the MemAvailable drop; *accounted* memory is kernel \
@@ -1248,8 +1331,8 @@ impl PacketReport {
         for prefix in ABOVE {
             let (label, f) = row(prefix);
             out.push_str(&format!("| {label}, **above direct** |"));
-            for i in 0..TARGETS.len() {
-                let v = if i == 0 {
+            for (i, target) in TARGETS.into_iter().enumerate() {
+                let v = if target == Target::Direct {
                     "–".to_owned()
                 } else {
                     fmt3(self.above_direct(i, f))
@@ -1258,8 +1341,13 @@ impl PacketReport {
             }
             out.push('\n');
         }
-        // The issue's targets.
-        let (haproxy, packet) = (1, 3);
+        // The issue's targets: HAProxy is the CPU ratio's reference; nginx is shown beside it.
+        let (direct, nginx, haproxy, packet) = (
+            Target::Direct.index(),
+            Target::Nginx.index(),
+            Target::Haproxy.index(),
+            Target::WsplicePacket.index(),
+        );
         let med = |v: Option<(f64, f64, f64)>| v.map(|s| s.0);
         let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
             (Some(a), Some(b)) if b.abs() > f64::EPSILON => format!("{:.2}", a / b),
@@ -1268,23 +1356,27 @@ impl PacketReport {
         out.push_str("\nAgainst the issue's targets (wsplice packet):\n\n");
         for name in ["machine", "attributable", "proxy-side"] {
             let f = row(&format!("fleet: {name} CPU-s")).1;
-            let (p, h) = (
+            let (p, h, x) = (
                 med(self.above_direct(packet, f)),
                 med(self.above_direct(haproxy, f)),
+                med(self.above_direct(nginx, f)),
             );
             out.push_str(&format!(
-                "- {name} CPU-s per million messages above direct, packet / haproxy: {} (target ≤ 0.3; packet {}, haproxy {})\n",
+                "- {name} CPU-s per million messages above direct, packet / haproxy: {} (target ≤ 0.3; packet {}, haproxy {}); \
+                 packet / nginx: {} (nginx {})\n",
                 ratio(p, h),
                 fmt(p),
                 fmt(h),
+                ratio(p, x),
+                fmt(x),
             ));
         }
         let p99 = row("fleet: p99").1;
         out.push_str(&format!(
             "- fleet p99 / direct p99: {} (target ≤ 1.2; packet {} µs, direct {} µs)\n",
-            ratio(self.cell(packet, p99), self.cell(0, p99)),
+            ratio(self.cell(packet, p99), self.cell(direct, p99)),
             fmt(self.cell(packet, p99)),
-            fmt(self.cell(0, p99)),
+            fmt(self.cell(direct, p99)),
         ));
         for (label, prefix) in [
             ("idle, machine", "idle: machine memory"),
@@ -1294,9 +1386,12 @@ impl PacketReport {
             ("under load, accounted", "fleet: accounted memory"),
             ("under load, proxy-side", "fleet: proxy-side memory"),
         ] {
+            let f = row(prefix).1;
             out.push_str(&format!(
-                "- memory per tunnel above direct, {label}: {} B (target ≤ 1024)\n",
-                fmt3(self.above_direct(packet, row(prefix).1))
+                "- memory per tunnel above direct, {label}: {} B (target ≤ 1024; nginx {} B, haproxy {} B)\n",
+                fmt3(self.above_direct(packet, f)),
+                fmt(med(self.above_direct(nginx, f))),
+                fmt(med(self.above_direct(haproxy, f))),
             ));
         }
         if let Some(kb) = self.packet_maps_kb {
@@ -1405,4 +1500,40 @@ mod tests {
         assert!(!wsplice_config(false).contains("[packet]"));
         assert!(haproxy_config().contains("mode tcp"));
     }
+
+    #[test]
+    fn nginx_fronts_the_echo_as_a_ws_proxy() {
+        let c = nginx_config(Path::new("/tmp/w"));
+        for needed in [
+            "listen 10.231.1.1:8080 reuseport;",
+            "server 10.231.2.2:9000;",
+            "proxy_pass http://echo;",
+            "proxy_http_version 1.1;",
+            "proxy_set_header Upgrade $http_upgrade;",
+            "proxy_set_header Connection $connection_upgrade;",
+            "proxy_read_timeout 3600s;",
+            "proxy_send_timeout 3600s;",
+            "worker_processes 2;",
+            "worker_rlimit_nofile 20000;",
+            "worker_connections 19000;",
+            "daemon off;",
+            "master_process on;",
+            "access_log off;",
+            "pid /tmp/w/nginx.pid;",
+            "error_log /tmp/w/nginx-error.log warn;",
+        ] {
+            assert!(c.contains(needed), "missing {needed:?} in\n{c}");
+        }
+    }
+
+    #[test]
+    fn direct_comes_first_and_every_target_has_its_index() {
+        assert_eq!(TARGETS[0], Target::Direct);
+        for (i, t) in TARGETS.into_iter().enumerate() {
+            assert_eq!(t.index(), i);
+        }
+    }
 }
+
+/// The same line at a much larger scale: one proxy, 200,000 idle tunnels.
+pub mod scale;
