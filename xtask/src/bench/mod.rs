@@ -40,15 +40,19 @@ pub enum Workload {
     Http,
     /// Largest fleet one core serves (p99 ≤ 10 ms, no failure).
     Percore,
-    /// The packet splice in three network namespaces beside direct, HAProxy (TCP) and the
-    /// sockmap path: memory per idle tunnel, fleet CPU per million messages and p99. Only with
-    /// `--only packet` (about 100 s per round at full scale: 5 minutes for 3 rounds).
+    /// The packet splice in three network namespaces beside direct, nginx, HAProxy (TCP) and
+    /// the sockmap path: memory per idle tunnel, fleet CPU per million messages and p99. Only
+    /// with `--only packet` (about 130 s per round at full scale: 7 minutes for 3 rounds).
     Packet,
+    /// One wsplice process on the packet path holding 200,000 idle tunnels (20,000 with
+    /// `--quick`) beside the same fleet connected directly: the proxy's RSS, descriptors and
+    /// the kernel's memory per tunnel. Only with `--only packet-scale` (a few minutes).
+    PacketScale,
 }
 
 impl Workload {
     /// Everything, in the order of the report.
-    pub const ALL: [Workload; 9] = [
+    pub const ALL: [Workload; 10] = [
         Workload::Bulk,
         Workload::Storm,
         Workload::Latency,
@@ -58,6 +62,7 @@ impl Workload {
         Workload::Http,
         Workload::Percore,
         Workload::Packet,
+        Workload::PacketScale,
     ];
 
     fn name(self) -> &'static str {
@@ -71,6 +76,7 @@ impl Workload {
             Workload::Http => "http",
             Workload::Percore => "percore",
             Workload::Packet => "packet",
+            Workload::PacketScale => "packet-scale",
         }
     }
 }
@@ -157,6 +163,7 @@ pub struct Results {
     pub notes: Vec<String>,
     pub percore: Vec<percore::PercoreResult>,
     pub packet: Option<packet::PacketReport>,
+    pub packet_scale: Option<packet::scale::ScaleReport>,
 }
 
 impl Results {
@@ -220,8 +227,8 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
         Workload::ALL
             .into_iter()
             .filter(|w| !(options.quick && *w == Workload::Percore))
-            // The packet workload runs only when asked for (`--only packet`).
-            .filter(|w| *w != Workload::Packet)
+            // The packet workloads run only when asked for (`--only packet`, `packet-scale`).
+            .filter(|w| !matches!(w, Workload::Packet | Workload::PacketScale))
             .collect()
     } else {
         Workload::ALL
@@ -280,7 +287,12 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
     let alternation: Vec<Workload> = workloads
         .iter()
         .copied()
-        .filter(|w| *w != Workload::Percore && *w != Workload::Packet)
+        .filter(|w| {
+            !matches!(
+                w,
+                Workload::Percore | Workload::Packet | Workload::PacketScale
+            )
+        })
         .collect();
     if !alternation.is_empty() {
         let _echo = targets::start_echo(&env.tools.wsplice, ECHO_PORT, None, &env.work)?;
@@ -310,6 +322,21 @@ pub fn bench(root: &Path, options: &Options) -> anyhow::Result<()> {
             Ok(report) => results.packet = Some(report),
             Err(error) => {
                 let message = format!("packet: {error:#}");
+                env.progress.say(&message);
+                results.notes.push(message);
+            }
+        }
+    }
+    if workloads.contains(&Workload::PacketScale) {
+        let tunnels = if options.quick {
+            packet::scale::QUICK_TUNNELS
+        } else {
+            packet::scale::FULL_TUNNELS
+        };
+        match packet::scale::run(&env, tunnels) {
+            Ok(report) => results.packet_scale = Some(report),
+            Err(error) => {
+                let message = format!("packet-scale: {error:#}");
                 env.progress.say(&message);
                 results.notes.push(message);
             }
@@ -587,7 +614,7 @@ fn run_workload(
         }
         Workload::Wss => wss(env, results, scale, index, running, first_round)?,
         Workload::Http => http(env, results, scale, index, kind, running)?,
-        Workload::Percore | Workload::Packet => {}
+        Workload::Percore | Workload::Packet | Workload::PacketScale => {}
     }
     Ok(())
 }

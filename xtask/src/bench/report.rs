@@ -343,6 +343,9 @@ fn markdown(header: &Header, results: &Results) -> String {
     if let Some(packet) = &results.packet {
         out.push_str(&packet.markdown());
     }
+    if let Some(scale) = &results.packet_scale {
+        out.push_str(&scale.markdown());
+    }
     if !results.notes.is_empty() {
         out.push_str("\nNotes:\n");
         for note in &results.notes {
@@ -385,6 +388,7 @@ fn json(header: &Header, results: &Results) -> serde_json::Value {
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "packet": results.packet.as_ref().map(super::packet::PacketReport::json),
+        "packet_scale": results.packet_scale.as_ref().map(super::packet::scale::ScaleReport::json),
         "notes": results.notes,
     })
 }
