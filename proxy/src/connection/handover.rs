@@ -140,9 +140,9 @@ impl Connection {
             client: self.client_addr,
             upstream: self.upstream_addr,
             started_ns: self.started_ns,
-            host: self.summary.host.clone(),
-            path: self.summary.path.clone(),
-            method: self.summary.method.clone(),
+            host: self.summary.host().to_owned(),
+            path: self.summary.path().to_owned(),
+            method: self.summary.method().to_owned(),
             route,
             idle_ns,
             path_state,
@@ -228,18 +228,14 @@ impl Connection {
                 for side in [Side::Client, Side::Upstream] {
                     out.push_back(Action::AwaitReadable(side));
                 }
-                Stage::Relaying(relay)
+                Stage::Relaying(Box::new(relay))
             }
         };
         let mut connection =
             Connection::new(id, tunnel.log_id, tunnel.client, tunnel.started_ns, stage);
         connection.datapath = datapath;
-        connection.summary = RequestSummary {
-            host: tunnel.host.clone(),
-            path: tunnel.path.clone(),
-            route,
-            method: tunnel.method.clone(),
-        };
+        connection.summary = RequestSummary::new(&tunnel.host, &tunnel.path, &tunnel.method);
+        connection.summary.route = route;
         connection.upstream_addr = tunnel.upstream;
         // It counts on its server here from now on (the predecessor's count ended with it).
         connection.lease = route

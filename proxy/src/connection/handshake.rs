@@ -104,16 +104,56 @@ pub enum ConnectFailure {
 }
 
 /// What the request was, for routing decisions and the access log.
+///
+/// Every connection keeps one for its whole life (a tunnel's access line is written when it
+/// ends), so the three texts share one exact-size allocation rather than three `String`s
+/// (each with its own capacity and allocator overhead).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RequestSummary {
-    /// Host header as sent.
-    pub host: String,
-    /// Request target as sent.
-    pub path: String,
+    /// Host, path and method, one after the other.
+    text: Box<str>,
+    /// Where the host ends (and the path starts) in `text`. `u32`: both come from a request
+    /// head, at most 1 MiB (`limits.max_request_head`).
+    host_end: u32,
+    /// Where the path ends (and the method starts) in `text`.
+    path_end: u32,
     /// Index of the chosen route.
     pub route: Option<usize>,
+}
+
+impl RequestSummary {
+    /// A request with this host header, target and method (not routed yet).
+    pub fn new(host: &str, path: &str, method: &str) -> RequestSummary {
+        let ends = u32::try_from(host.len())
+            .ok()
+            .zip(u32::try_from(host.len() + path.len()).ok());
+        let Some((host_end, path_end)) = ends else {
+            // Not from a request head (see `host_end`): logged without host and path rather
+            // than with offsets that do not fit.
+            return RequestSummary::new("", "", method);
+        };
+        RequestSummary {
+            text: [host, path, method].concat().into_boxed_str(),
+            host_end,
+            path_end,
+            route: None,
+        }
+    }
+
+    /// Host header as sent.
+    pub fn host(&self) -> &str {
+        &self.text[..self.host_end as usize]
+    }
+
+    /// Request target as sent.
+    pub fn path(&self) -> &str {
+        &self.text[self.host_end as usize..self.path_end as usize]
+    }
+
     /// The request's method.
-    pub method: String,
+    pub fn method(&self) -> &str {
+        &self.text[self.path_end as usize..]
+    }
 }
 
 /// The handshake state machine of one client connection.
@@ -142,6 +182,9 @@ pub struct Handshake {
     addresses: Addresses,
     /// The pool's upstream connections begin with a PROXY v2 header.
     send_proxy_header: bool,
+    /// Kernel path: bytes of the current upstream's response seen by peeking (here rather than
+    /// in the connection: it matters only until the response head is known).
+    pub(super) peeked: usize,
 }
 
 impl Handshake {
@@ -167,6 +210,7 @@ impl Handshake {
             rules: HeaderRules::default(),
             addresses,
             send_proxy_header: false,
+            peeked: 0,
         }
     }
 
@@ -415,12 +459,11 @@ impl Handshake {
     }
 
     fn route(&mut self, request: Request, services: &Services, now_ns: u64) -> Step {
-        self.summary.host = request.host().to_owned();
-        self.summary.path = request.path().to_owned();
-        self.summary.method = match &request {
-            Request::Upgrade(_) => "GET".to_owned(),
-            Request::Plain(plain) => plain.method.clone(),
+        let method = match &request {
+            Request::Upgrade(_) => "GET",
+            Request::Plain(plain) => plain.method.as_str(),
         };
+        self.summary = RequestSummary::new(request.host(), request.path(), method);
         let Some(route_index) = services.router.select(request.host(), request.path()) else {
             let reason = format!(
                 "no route for host {:?} path {:?}",

@@ -280,11 +280,13 @@ pub enum Stage {
         /// follows them from there.
         frames: [crate::tunnel::frames::FrameTracker; 2],
     },
-    /// The userspace relay (of a tunnel, or of a refused upgrade's answer).
-    Relaying(Relay),
+    /// The userspace relay (of a tunnel, or of a refused upgrade's answer). Boxed: the relay
+    /// is the largest stage by far, and inline it would size every connection's record,
+    /// kernel- and packet-spliced tunnels included (`runtime::table` keeps them inline).
+    Relaying(Box<Relay>),
     /// A relayed tunnel being handed to the kernel at a quiet moment (nothing held in
     /// userspace); back to `Relaying` if the hand-off fails.
-    Promoting(Relay),
+    Promoting(Box<Relay>),
     /// The kernel moves the bytes.
     Spliced(Splice),
     /// The packet splice rewrites the tunnel's packets; the proxy holds no socket for it.
@@ -327,8 +329,6 @@ pub struct Connection {
     deadline_ns: u64,
     summary: RequestSummary,
     upstream_addr: Option<SocketAddr>,
-    /// Kernel path: bytes of the response seen by peeking.
-    peeked: usize,
     /// Packet path: hand-offs tried while the sockets were not quiet.
     packet_tries: u8,
     /// Something is being sent to this side (indexed by [`Side::index`]).
@@ -424,7 +424,6 @@ impl Connection {
             deadline_ns: 0,
             summary: RequestSummary::default(),
             upstream_addr: None,
-            peeked: 0,
             packet_tries: 0,
             sending: [false; 2],
             close_notified: false,
@@ -688,11 +687,12 @@ impl Connection {
             }
             Stage::Rejecting { .. } => self.close("rejected".into(), false, out),
             Stage::Exchanging(_) => self.on_exchange_deadline(services, out),
-            Stage::Relaying(Relay {
-                goodbye: Some(goodbye),
-                ..
-            }) => {
-                let reason = goodbye.timeout_reason();
+            Stage::Relaying(relay) if relay.goodbye.is_some() => {
+                let reason = relay
+                    .goodbye
+                    .as_ref()
+                    .map(|goodbye| goodbye.timeout_reason())
+                    .unwrap_or_default();
                 self.close(reason, false, out);
             }
             Stage::Relaying(relay) | Stage::Promoting(relay) => {
@@ -862,7 +862,7 @@ impl Connection {
         }
         // Port probes and load balancers' TCP checks only log at debug level.
         let before_request = match &stage {
-            Stage::ReadingRequest(_) => summary.host.is_empty(),
+            Stage::ReadingRequest(_) => summary.host().is_empty(),
             Stage::ReadingProxyHeader { refused, .. } => !refused,
             _ => false,
         };
@@ -870,9 +870,9 @@ impl Connection {
             id: self.log_id,
             client: self.client_addr,
             upstream: self.upstream_addr,
-            host: summary.host,
-            path: summary.path,
-            method: summary.method,
+            host: summary.host().to_owned(),
+            path: summary.path().to_owned(),
+            method: summary.method().to_owned(),
             status,
             bytes_up,
             bytes_down,

@@ -278,7 +278,7 @@ impl Connection {
             goodbye: None,
         };
         let reminder = relay.reminder(now_ns);
-        self.stage = Stage::Relaying(relay);
+        self.stage = Stage::Relaying(Box::new(relay));
         if status == 101 {
             tracing::debug!(client = %self.client_addr, upstream = ?self.upstream_addr, "tunnel open");
             services.metrics.tunnels_opened.inc();

@@ -39,8 +39,8 @@ pub struct Splice {
     /// A reader fell behind: the tunnel is leaving the kernel path ([`Action::PauseSplice`]).
     leaving: bool,
     /// Shutdown: it leaves the kernel path to say goodbye (`connection::goodbye`), for this
-    /// reason.
-    farewell: Option<(&'static str, CloseCode)>,
+    /// reason. Boxed: set only in a drain, and every idle spliced tunnel would carry it.
+    farewell: Option<Box<(&'static str, CloseCode)>>,
 }
 
 impl Splice {
@@ -95,7 +95,7 @@ impl Splice {
     /// Shutdown: the tunnel leaves the kernel path to say goodbye; true when that takes a
     /// [`Action::PauseSplice`] (it is not leaving already).
     pub(super) fn bid_farewell(&mut self, reason: &'static str, code: CloseCode) -> bool {
-        self.farewell = Some((reason, code));
+        self.farewell = Some(Box::new((reason, code)));
         !std::mem::replace(&mut self.leaving, true)
     }
 
@@ -558,7 +558,7 @@ impl Connection {
             return;
         };
         let metrics = &services.metrics;
-        let farewell = splice.farewell;
+        let farewell = splice.farewell.as_deref().copied();
         let paused = match result {
             Ok(paused) => paused,
             Err(error) if farewell.is_some() => {
@@ -602,7 +602,7 @@ impl Connection {
             self.idle_ns(services),
         );
         let deadline = relay.deadline();
-        self.stage = Stage::Relaying(relay);
+        self.stage = Stage::Relaying(Box::new(relay));
         out.push_back(Action::ArmDeadline(deadline));
         self.on_kernel_delivering(paused.to_client, paused.to_upstream, now_ns, services, out);
         if let Some((reason, code)) = farewell {

@@ -22,13 +22,13 @@ impl Connection {
         // The peek waits for more than `peeked` bytes; woken with no new byte, the upstream
         // closed (or failed) in the middle of its head: answering at once beats spinning on a
         // socket that stays readable until the handshake deadline.
-        let closed_mid_head = !bytes.is_empty() && bytes.len() == self.peeked;
+        let closed_mid_head = !bytes.is_empty() && bytes.len() == h.peeked;
         let step = if closed_mid_head {
             h.on_upstream_eof(services, now_ns)
         } else {
             h.on_upstream_peek(bytes, services)
         };
-        self.peeked = bytes.len();
+        h.peeked = bytes.len();
         if !matches!(step, Step::ReadUpstream | Step::Tunnel { .. }) {
             // Any outcome but a splice goes on in userspace: what was seen is consumed.
             out.push_back(Action::ConsumeUpstream { len: bytes.len() });
@@ -115,8 +115,10 @@ impl Connection {
             Step::ReadClient => out.push_back(Action::Read(Side::Client)),
             Step::Connect(addr) => {
                 self.upstream_addr = Some(addr);
-                // A new upstream connection: nothing of its answer has been peeked at yet.
-                self.peeked = 0;
+                if let Some(h) = self.handshake() {
+                    // A new upstream connection: nothing of its answer has been peeked at yet.
+                    h.peeked = 0;
+                }
                 let plain = self.handshake().is_some_and(|h| h.is_plain());
                 self.enter_handshake_stage(Stage::Connecting);
                 out.push_back(if plain {
@@ -133,7 +135,9 @@ impl Connection {
             Step::ReadUpstream => {
                 self.enter_handshake_stage(Stage::ReadingResponse);
                 out.push_back(match self.datapath {
-                    DataPath::Splice => Action::PeekUpstream { seen: self.peeked },
+                    DataPath::Splice => Action::PeekUpstream {
+                        seen: self.handshake().map_or(0, |h| h.peeked),
+                    },
                     DataPath::Relay | DataPath::Promote | DataPath::Packet => {
                         Action::Read(Side::Upstream)
                     }

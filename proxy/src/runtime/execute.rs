@@ -358,7 +358,9 @@ impl Worker {
             let local = packet::unspecified_for(addr);
             if let Some(port) = path.ports.take(local, addr) {
                 match crate::splice::packet::ports::bind_local_port(&socket, local, port) {
-                    Ok(()) => entry.packet_port = Some(packet::TakenPort { remote: addr, port }),
+                    Ok(()) => {
+                        entry.packet_port = Some(Box::new(packet::TakenPort { remote: addr, port }))
+                    }
                     Err(error) => {
                         path.ports.release(local, addr, port);
                         tracing::warn!(%error, port, "packet splice: cannot bind a reserved port; this tunnel stays in userspace");
@@ -391,7 +393,7 @@ impl Worker {
     fn detach_upstream(&mut self, slot: u32) -> Option<OwnedFd> {
         let entry = self.table.get(slot)?;
         let upstream = &entry.upstream;
-        let pending = upstream.polling || upstream.sending() || upstream.receiving.is_some();
+        let pending = upstream.polling || upstream.sending() || entry.receiving.is_some();
         if pending || entry.connect.is_some() {
             tracing::error!("an upstream connection released with an operation pending");
             return None;
@@ -404,7 +406,7 @@ impl Worker {
         let Some(entry) = self.table.get(slot) else {
             return;
         };
-        if entry.upstream.receiving.is_some() || entry.upstream.fd.is_none() {
+        if entry.receiving.is_some() || entry.upstream.fd.is_none() {
             return;
         }
         let id = entry.conn.id();
@@ -419,7 +421,7 @@ impl Worker {
         };
         // The buffer moves into the side, its heap memory does not: `pointer` stays valid until
         // the completion (the entry is freed only with nothing in flight).
-        entry.upstream.receiving = Some(buffer);
+        entry.receiving = Some(buffer);
         entry.inflight += 1;
         self.ring
             .recv(fd, pointer, len, Op::RecvUpstream.user_data(slot, id));
@@ -468,7 +470,7 @@ impl Worker {
             frames,
         )
         .map_err(|error| error.to_string())?;
-        entry.spliced = Some(sockets);
+        entry.spliced = Some(Box::new(sockets));
         Ok(())
     }
 

@@ -178,7 +178,7 @@ impl Worker {
         let idle_io = entry.connect.is_none()
             && !entry.client.sending()
             && !entry.upstream.sending()
-            && entry.upstream.receiving.is_none()
+            && entry.receiving.is_none()
             && !entry.stream.is_tls();
         if entry.handing_over || !idle_io || !entry.conn.can_hand_over(kernel) {
             return;
@@ -236,7 +236,7 @@ impl Worker {
         else {
             return; // Not reached: a tunnel has both sockets.
         };
-        let kernel = entry.spliced.as_ref().map(SplicedSockets::handed);
+        let kernel = entry.spliced.as_deref().map(SplicedSockets::handed);
         if let (Some(sockets), Some(program)) = (&entry.spliced, &entry.services.splice) {
             // Adopted here from a predecessor: the successor registers it again.
             program
@@ -284,7 +284,8 @@ impl Worker {
             inflight: 0,
             armed_ns: u64::MAX,
             connect: None,
-            spliced,
+            receiving: None,
+            spliced: spliced.map(Box::new),
             packet: None,
             packet_port: None,
             counted_handshake: false,

@@ -126,7 +126,7 @@ impl Worker {
     fn inspect_spliced(&mut self, slot: u32, side: Side) -> Option<SplicedEvent> {
         let maps = self.maps.as_ref()?;
         let entry = self.table.get(slot)?;
-        let sockets = entry.spliced?;
+        let sockets = entry.spliced.as_deref().copied()?;
         Some(splice::inspect(
             maps,
             &sockets,

@@ -88,8 +88,7 @@ impl Worker {
         let Some(out) = io.in_flight() else {
             return;
         };
-        out.pos += result as usize;
-        if out.pos < out.len {
+        if !out.advance(result as usize) {
             return self.submit_send(slot, side);
         }
         if let Some(Outgoing {

@@ -20,20 +20,24 @@ pub enum Payload {
 }
 
 /// A send in flight: its bytes and how far the kernel has taken them.
+///
+/// The offsets are `u32` so that each side of every connection carries 8 bytes less: a send
+/// is a relay buffer (`limits.relay_buffer`, at most 16 MiB), a request or answer head, or the
+/// bytes a client sent early (about `MAX_UNREAD_BEFORE_SPLICE`, 1 MiB), all far below 4 GiB.
 #[derive(Debug)]
 pub struct Outgoing {
     /// The bytes.
     pub data: Payload,
     /// Bytes already sent.
-    pub pos: usize,
+    pos: u32,
     /// Bytes to send in all.
-    pub len: usize,
+    len: u32,
 }
 
 impl Outgoing {
     /// Sends all of `bytes`.
     pub fn owned(bytes: Vec<u8>) -> Outgoing {
-        let len = bytes.len();
+        let len = send_len(bytes.len());
         Outgoing {
             data: Payload::Owned(bytes),
             pos: 0,
@@ -46,7 +50,7 @@ impl Outgoing {
         Outgoing {
             data: Payload::Pooled(buffer),
             pos: 0,
-            len,
+            len: send_len(len),
         }
     }
 
@@ -56,8 +60,23 @@ impl Outgoing {
             Payload::Owned(v) => v,
             Payload::Pooled(b) => b,
         };
-        &bytes[self.pos..self.len]
+        &bytes[self.pos as usize..self.len as usize]
     }
+
+    /// The kernel took `sent` more bytes; true once everything is sent.
+    pub fn advance(&mut self, sent: usize) -> bool {
+        // Never more than `remaining()`, which fits: the kernel sends at most what it is given.
+        let sent = u32::try_from(sent).unwrap_or(u32::MAX);
+        self.pos = self.pos.saturating_add(sent).min(self.len);
+        self.pos == self.len
+    }
+}
+
+/// A send's length as an [`Outgoing`] keeps it. Sends are far below 4 GiB (see [`Outgoing`]),
+/// so the saturation is never reached; were it reached, the send would be cut short rather
+/// than reading out of bounds.
+fn send_len(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
 }
 
 /// What a side's readiness means now (set by the action that armed the poll).
@@ -105,8 +124,6 @@ pub struct SideIo {
     out: Option<Outgoing>,
     /// The connection waits for `on_sent` of this side.
     pub owes_sent: bool,
-    /// A receive in flight (upstream only): it owns its buffer until its completion arrives.
-    pub receiving: Option<Box<[u8]>>,
 }
 
 impl SideIo {
@@ -167,12 +184,16 @@ pub struct Entry {
     pub armed_ns: u64,
     /// An in-flight connect's arguments (read by the kernel at submission).
     pub connect: Option<Box<ConnectArgs>>,
-    /// Kernel path: the spliced sockets' cookies and baselines.
-    pub spliced: Option<SplicedSockets>,
+    /// A receive from the upstream in flight: it owns its buffer until its completion
+    /// arrives. Here rather than in [`SideIo`]: the client side never has one.
+    pub receiving: Option<Box<[u8]>>,
+    /// Kernel path: the spliced sockets' cookies and baselines. Boxed, like the two below:
+    /// each is set on one data path only, and every entry would carry it inline.
+    pub spliced: Option<Box<SplicedSockets>>,
     /// Packet path: the tunnel's flows, once handed over.
-    pub packet: Option<super::packet::PacketRecord>,
+    pub packet: Option<Box<super::packet::PacketRecord>>,
     /// Packet path: the local port the upstream connection took from the reserved range.
-    pub packet_port: Option<super::packet::TakenPort>,
+    pub packet_port: Option<Box<super::packet::TakenPort>>,
     /// TLS: the handshake is counted in the worker's handshakes in progress.
     pub counted_handshake: bool,
     /// Binary upgrade: the tunnel is being let go to the successor (its waits are being
@@ -273,5 +294,22 @@ impl Table {
         (0..self.entries.len() as u32)
             .filter(|&slot| self.entries[slot as usize].is_some())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of;
+
+    use super::Entry;
+
+    /// Every tunnel's record is an `Option<Entry>` in the table, inline: its size is the
+    /// proxy's memory per idle tunnel (a packet-spliced one keeps little else). A regression
+    /// guard: a field added inline to `Entry`, `Connection` or a long-lived `Stage` shows here;
+    /// box what only some connections, or only some moments, need.
+    #[test]
+    fn an_idle_tunnel_record_stays_small() {
+        let size = size_of::<Option<Entry>>();
+        assert!(size <= 400, "Option<Entry> is {size} bytes");
     }
 }

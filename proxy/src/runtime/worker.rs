@@ -620,6 +620,7 @@ impl Worker {
             inflight: 0,
             armed_ns: u64::MAX,
             connect: None,
+            receiving: None,
             spliced: None,
             packet: None,
             packet_port: None,
@@ -768,7 +769,7 @@ impl Worker {
         let Some(buffer) = self
             .table
             .get(slot)
-            .and_then(|entry| entry.upstream.receiving.take())
+            .and_then(|entry| entry.receiving.take())
         else {
             return;
         };
@@ -794,7 +795,7 @@ impl Worker {
         if let Some(buffer) = self
             .table
             .get(slot)
-            .and_then(|entry| entry.upstream.receiving.take())
+            .and_then(|entry| entry.receiving.take())
         {
             self.buffers.give(buffer);
         }
@@ -916,7 +917,7 @@ impl Worker {
             return;
         }
         entry.armed_ns = u64::MAX;
-        if let Some(record) = entry.packet {
+        if let Some(record) = entry.packet.as_deref().copied() {
             let report = self.packet_report(&record);
             self.drive(key.slot, |conn, services, out| {
                 conn.on_packet_deadline(now, report, services, out)
@@ -980,7 +981,7 @@ impl Worker {
     ) -> Option<crate::connection::Backlog> {
         let maps = self.maps.as_ref()?;
         let entry = self.table.get(slot)?;
-        let sockets = entry.spliced?;
+        let sockets = entry.spliced.as_deref().copied()?;
         let fd = entry.side(towards).fd.as_ref()?;
         Some(splice::backlog(maps, &sockets, towards, fd.as_fd()))
     }

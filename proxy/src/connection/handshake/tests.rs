@@ -83,8 +83,8 @@ fn a_valid_upgrade_goes_connect_send_read_then_tunnel_with_pipelined_bytes_in_or
             to_upstream: b"\x81\x02hi".to_vec(),
         }
     );
-    assert_eq!(h.summary().host, "example.com");
-    assert_eq!(h.summary().path, "/chat");
+    assert_eq!(h.summary().host(), "example.com");
+    assert_eq!(h.summary().path(), "/chat");
 }
 
 #[test]

@@ -324,7 +324,7 @@ fn a_waiting_client_is_watched_its_departure_ends_the_request_and_its_next_reque
     let Stage::Connecting(next) = h.conn.stage() else {
         panic!("the second request goes upstream");
     };
-    assert_eq!(next.summary().path, "/second");
+    assert_eq!(next.summary().path(), "/second");
 
     let (mut h, _) = exchanging(GET, false);
     h.sent(Side::Upstream);
