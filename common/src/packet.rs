@@ -34,6 +34,10 @@ pub const RESET_SEEN: u32 = 32;
 /// [`FlowEntry::flags`], set by userspace: this entry is for the client's packets (a process
 /// that adopts pinned flows tells the two directions apart by it).
 pub const FROM_CLIENT: u32 = 64;
+/// [`FlowEntry::flags`]: the flow ended (both FINs acknowledged, or a reset); set on both
+/// directions at once. Userspace retires it once `[packet] linger` passed since the last
+/// packet of either direction (late retransmissions keep it a while, as TIME_WAIT would).
+pub const CLOSED: u32 = 128;
 
 /// [`PACKET_STATS_MAP`] index: packets translated and sent on.
 pub const STAT_TRANSLATED: u32 = 0;
@@ -96,8 +100,8 @@ pub struct FlowEntry {
     pub scale_out: u8,
     /// [`FLOW_HOLD`] or [`FLOW_ACTIVE`].
     pub state: u8,
-    /// Zero.
-    pub reserved0: u8,
+    /// 4 or 6, as in the flow's key (the reverse direction's key is built from it).
+    pub family: u8,
     /// Added to the sequence number.
     pub seq_delta: u32,
     /// Added to the acknowledgment number and to SACK block edges.
@@ -109,7 +113,7 @@ pub struct FlowEntry {
     /// Added to TSecr (valid with [`TSECR_KNOWN`]; without it TSecr becomes 0, "no echo").
     pub tsecr_delta: u32,
     /// `TSVAL_KNOWN`, `TSECR_KNOWN`, `FIN_SENT`, `PEER_FIN_SENT`, `PEER_FIN_ACKED`,
-    /// `RESET_SEEN`.
+    /// `RESET_SEEN`, `FROM_CLIENT`, `CLOSED`.
     pub flags: u32,
     /// Sequence number just after this direction's FIN, untranslated (with [`FIN_SENT`]).
     pub fin_end: u32,
@@ -123,18 +127,27 @@ pub struct FlowEntry {
     /// where the receiver's stream stands once everything sent has arrived (set at the
     /// hand-off; a reset the proxy writes to the receiver uses it).
     pub seq_next: u32,
-    /// The reverse direction's key.
-    pub reverse: FlowKey,
     /// `bpf_ktime_get_ns()` of the last packet.
     pub last_ns: u64,
     /// Packets translated.
     pub packets: u64,
     /// TCP payload bytes translated.
     pub bytes: u64,
-    /// `bpf_ktime_get_ns()` when the flow ended (both FINs acknowledged, or a reset), or 0.
-    pub closed_ns: u64,
-    /// Opaque to the kernel: who in userspace owns this tunnel.
-    pub owner: u64,
+}
+
+impl FlowEntry {
+    /// The key of the reverse direction's packets as they arrive at the proxy: they come from
+    /// where this direction's packets go, to the address and port they leave from.
+    pub fn reverse_key(&self) -> FlowKey {
+        FlowKey {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            family: self.family,
+            reserved: [0; 3],
+        }
+    }
 }
 
 // SAFETY: both types are `repr(C)` without padding (checked by the size assertions below) and
@@ -145,4 +158,6 @@ unsafe impl aya::Pod for FlowKey {}
 unsafe impl aya::Pod for FlowEntry {}
 
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
-const _: () = assert!(core::mem::size_of::<FlowEntry>() == 120 + 40);
+// 104 bytes: with the kernel's 48-byte element header and the 40-byte key, an entry fits the
+// 192-byte allocation class (two per tunnel).
+const _: () = assert!(core::mem::size_of::<FlowEntry>() == 104);

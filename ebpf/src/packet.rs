@@ -20,9 +20,9 @@ use aya_ebpf::maps::{HashMap, PerCpuArray};
 use aya_ebpf::programs::TcContext;
 use aya_ebpf::EbpfContext as _;
 use wsplice_common::packet::{
-    FlowEntry, FlowKey, DEFAULT_FLOW_ENTRIES, FIN_SENT, FLOW_ACTIVE, FLOW_HOLD, PEER_FIN_ACKED,
-    PEER_FIN_SENT, RESET_SEEN, STAT_COUNT, STAT_FAILED, STAT_HELD, STAT_TRANSLATED, TSECR_KNOWN,
-    TSVAL_KNOWN,
+    FlowEntry, FlowKey, CLOSED, DEFAULT_FLOW_ENTRIES, FIN_SENT, FLOW_ACTIVE, FLOW_HOLD,
+    PEER_FIN_ACKED, PEER_FIN_SENT, RESET_SEEN, STAT_COUNT, STAT_FAILED, STAT_HELD, STAT_TRANSLATED,
+    TSECR_KNOWN, TSVAL_KNOWN,
 };
 
 /// One entry per direction of each packet-spliced tunnel (inserted and removed by userspace).
@@ -371,12 +371,25 @@ fn translate_timestamps(header: &mut [u8; HEADER_BUFFER], at: usize, entry: &mut
         entry.tsval_delta = entry.ts_base.wrapping_sub(tsval);
         entry.flags |= TSVAL_KNOWN;
         // The reverse direction echoes these TSvals: it takes the delta off again.
-        let reverse = entry.reverse;
+        let reverse = entry.reverse_key();
         if let Some(other) = FLOWS.get_ptr_mut(&reverse) {
             // SAFETY: a valid map value pointer (see `wsplice_packet`).
             let other = unsafe { &mut *other };
             other.tsecr_delta = 0u32.wrapping_sub(entry.tsval_delta);
             other.flags |= TSECR_KNOWN;
+        }
+    }
+    if entry.flags & TSECR_KNOWN == 0 {
+        // The reverse direction may have learnt its delta before this entry was activated
+        // (userspace writes the two entries one after the other): take it from there.
+        let reverse = entry.reverse_key();
+        if let Some(other) = FLOWS.get_ptr(&reverse) {
+            // SAFETY: a valid map value pointer (see `wsplice_packet`).
+            let other = unsafe { &*other };
+            if other.flags & TSVAL_KNOWN != 0 {
+                entry.tsecr_delta = 0u32.wrapping_sub(other.tsval_delta);
+                entry.flags |= TSECR_KNOWN;
+            }
         }
     }
     put32(header, at, tsval.wrapping_add(entry.tsval_delta));
@@ -393,23 +406,19 @@ fn translate_timestamps(header: &mut [u8; HEADER_BUFFER], at: usize, entry: &mut
 #[inline(always)]
 fn follow_close(entry: &mut FlowEntry, flags: u8, seq: u32, ack: u32, payload: u32) {
     if flags & TCP_RST != 0 {
-        // SAFETY: plain helper call.
-        let now = unsafe { bpf_ktime_get_ns() };
-        entry.flags |= RESET_SEEN;
-        entry.closed_ns = now;
-        let reverse = entry.reverse;
+        entry.flags |= RESET_SEEN | CLOSED;
+        let reverse = entry.reverse_key();
         if let Some(other) = FLOWS.get_ptr_mut(&reverse) {
             // SAFETY: a valid map value pointer.
             let other = unsafe { &mut *other };
-            other.flags |= RESET_SEEN;
-            other.closed_ns = now;
+            other.flags |= RESET_SEEN | CLOSED;
         }
         return;
     }
     if flags & TCP_FIN != 0 && entry.flags & FIN_SENT == 0 {
         entry.fin_end = seq.wrapping_add(payload).wrapping_add(1);
         entry.flags |= FIN_SENT;
-        let reverse = entry.reverse;
+        let reverse = entry.reverse_key();
         if let Some(other) = FLOWS.get_ptr_mut(&reverse) {
             // SAFETY: a valid map value pointer.
             let other = unsafe { &mut *other };
@@ -421,15 +430,13 @@ fn follow_close(entry: &mut FlowEntry, flags: u8, seq: u32, ack: u32, payload: u
     let waiting = entry.flags & (PEER_FIN_SENT | PEER_FIN_ACKED) == PEER_FIN_SENT;
     if waiting && flags & TCP_ACK != 0 && ack.wrapping_sub(entry.peer_fin_end) as i32 >= 0 {
         entry.flags |= PEER_FIN_ACKED;
-        let reverse = entry.reverse;
+        let reverse = entry.reverse_key();
         if let Some(other) = FLOWS.get_ptr_mut(&reverse) {
             // SAFETY: a valid map value pointer.
             let other = unsafe { &mut *other };
             if other.flags & PEER_FIN_ACKED != 0 {
-                // SAFETY: plain helper call.
-                let now = unsafe { bpf_ktime_get_ns() };
-                entry.closed_ns = now;
-                other.closed_ns = now;
+                entry.flags |= CLOSED;
+                other.flags |= CLOSED;
             }
         }
     }

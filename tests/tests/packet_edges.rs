@@ -202,9 +202,10 @@ fn dump_map(id: u32) -> io::Result<String> {
         if name == "PACKET_STATS" {
             let total: u64 = (0..cpus).map(|cpu| u64_at(cpu * 8)).sum();
             out.push_str(&format!("  stat {}: {total}\n", u32_at_key(&key)));
-        } else if value_size >= 160 {
+        } else if value_size >= 104 {
+            // `wsplice_common::packet::FlowEntry`'s layout.
             out.push_str(&format!(
-                "  key {:02x?} sport {} dport {}: state {} flags {:#x} seq_delta {:#x} ack_delta {:#x} fin_end {:#x} peer_fin_end {:#x} seq_next {:#x} last_ns {} packets {} bytes {} closed_ns {} owner {:#x}\n",
+                "  key {:02x?} sport {} dport {}: state {} flags {:#x} seq_delta {:#x} ack_delta {:#x} fin_end {:#x} peer_fin_end {:#x} seq_next {:#x} last_ns {} packets {} bytes {}\n",
                 &key[..8],
                 u16::from_be_bytes([key[32], key[33]]),
                 u16::from_be_bytes([key[34], key[35]]),
@@ -215,11 +216,9 @@ fn dump_map(id: u32) -> io::Result<String> {
                 u32_at(64),
                 u32_at(68),
                 u32_at(76),
-                u64_at(120),
-                u64_at(128),
-                u64_at(136),
-                u64_at(144),
-                u64_at(152),
+                u64_at(80),
+                u64_at(88),
+                u64_at(96),
             ));
         } else {
             out.push_str(&format!("  key {key:02x?}: value {value:02x?}\n"));

@@ -50,7 +50,9 @@ impl PacketSplice {
 pub struct FlowReport {
     /// The last packet either way (`bpf_ktime_get_ns`, CLOCK_MONOTONIC), 0 if none.
     pub last_ns: u64,
-    /// When the tunnel ended (both FINs acknowledged, or a reset), or 0.
+    /// Once the tunnel ended (both FINs acknowledged, or a reset): its last packet either way,
+    /// from which the linger time runs (so late retransmissions keep it, as TIME_WAIT would);
+    /// 0 while it is open.
     pub closed_ns: u64,
     /// The end was a reset.
     pub reset: bool,

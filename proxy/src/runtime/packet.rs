@@ -21,7 +21,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use socket2::SockRef;
-use wsplice_common::packet::{FlowEntry, FlowKey, FLOW_HOLD, RESET_SEEN};
+use wsplice_common::packet::{FlowEntry, FlowKey, CLOSED, FLOW_HOLD, RESET_SEEN};
 
 use super::table::Intent;
 use super::worker::Worker;
@@ -89,7 +89,6 @@ impl Worker {
         let Some(entry) = self.table.get(slot) else {
             return Err(failed("the connection is gone"));
         };
-        let owner = crate::tag::Tag::new(self.index as u8, slot, entry.conn.id()).encode();
         if entry.packet_port.is_none() {
             return Err(PacketRefusal::Ineligible {
                 label: "busy",
@@ -107,12 +106,10 @@ impl Worker {
         };
         check_quiet(client, upstream)?;
         let keys = [keys_of(client)?, keys_of(upstream)?];
-        // Step 2: held, each with its reverse so nothing in the program is half-known.
-        for (key, reverse) in [(keys[0], keys[1]), (keys[1], keys[0])] {
+        // Step 2: held (the program drops their packets, the ends resend them).
+        for key in keys {
             let held = FlowEntry {
                 state: FLOW_HOLD,
-                reverse,
-                owner,
                 ..FlowEntry::default()
             };
             if let Err(error) = packet.flows.insert(&key, &held) {
@@ -121,7 +118,7 @@ impl Worker {
             }
         }
         let result = read_both(client, upstream).and_then(|(client_state, upstream_state)| {
-            let flows = translate(&mut packet.routes, &client_state, &upstream_state, owner)?;
+            let flows = translate(&mut packet.routes, &client_state, &upstream_state)?;
             for (key, entry) in [flows.from_client, flows.from_upstream] {
                 packet
                     .flows
@@ -143,7 +140,7 @@ impl Worker {
         let Some(entry) = self.table.get(slot) else {
             return Ok(());
         };
-        entry.packet = Some(PacketRecord { keys });
+        entry.packet = Some(Box::new(PacketRecord { keys }));
         for side in [Side::Client, Side::Upstream] {
             let io = entry.side(side);
             io.intent = Intent::None;
@@ -163,9 +160,14 @@ impl Worker {
         let packet = self.packet.as_ref()?;
         let up = packet.flows.get(&record.keys[0])?;
         let down = packet.flows.get(&record.keys[1])?;
+        let last_ns = up.last_ns.max(down.last_ns);
         Some(FlowReport {
-            last_ns: up.last_ns.max(down.last_ns),
-            closed_ns: up.closed_ns.max(down.closed_ns),
+            last_ns,
+            closed_ns: if (up.flags | down.flags) & CLOSED != 0 {
+                last_ns
+            } else {
+                0
+            },
             reset: (up.flags | down.flags) & RESET_SEEN != 0,
             bytes: (up.bytes, down.bytes),
         })
@@ -183,7 +185,7 @@ impl Worker {
             packet.flows.get(&record.keys[1]),
         ];
         if let [Some(up), Some(down)] = entries {
-            if up.closed_ns == 0 && down.closed_ns == 0 {
+            if (up.flags | down.flags) & CLOSED == 0 {
                 let family = record.keys[0].family;
                 for entry in [down, up] {
                     let source = socket_address(entry.saddr, entry.sport, family);
@@ -246,11 +248,12 @@ impl Worker {
                 inflight: 0,
                 armed_ns: u64::MAX,
                 connect: None,
+                receiving: None,
                 spliced: None,
-                packet: Some(PacketRecord {
+                packet: Some(Box::new(PacketRecord {
                     keys: [client_key, upstream_key],
-                }),
-                packet_port,
+                })),
+                packet_port: packet_port.map(Box::new),
                 counted_handshake: false,
                 handing_over: false,
             });
@@ -386,7 +389,6 @@ fn translate(
     routes: &mut RouteLookup,
     client: &SocketState,
     upstream: &SocketState,
-    owner: u64,
 ) -> Result<Flows, PacketRefusal> {
     let mut endpoint = |state: &SocketState| -> Result<Endpoint, PacketRefusal> {
         let egress = routes
@@ -408,7 +410,7 @@ fn translate(
     };
     let client = endpoint(client)?;
     let upstream = endpoint(upstream)?;
-    Ok(Flows::new(&client, &upstream, owner))
+    Ok(Flows::new(&client, &upstream))
 }
 
 fn remove_keys(flows: &mut PacketFlows, keys: &[FlowKey; 2]) {

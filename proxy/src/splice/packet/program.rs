@@ -147,8 +147,9 @@ impl PacketProgram {
             if entry.flags & FROM_CLIENT == 0 {
                 continue;
             }
-            if let Some(reverse) = flows.get(&entry.reverse) {
-                tunnels.push([(key, entry), (entry.reverse, reverse)]);
+            let reverse_key = entry.reverse_key();
+            if let Some(reverse) = flows.get(&reverse_key) {
+                tunnels.push([(key, entry), (reverse_key, reverse)]);
             }
         }
         tunnels
@@ -270,11 +271,11 @@ mod tests {
                 ..FlowKey::default()
             };
             let entry = FlowEntry {
-                owner: 7,
+                seq_next: 7,
                 ..FlowEntry::default()
             };
             flows.insert(&key, &entry).expect("insert");
-            assert_eq!(flows.get(&key).map(|e| e.owner), Some(7));
+            assert_eq!(flows.get(&key).map(|e| e.seq_next), Some(7));
             flows.remove(&key);
             assert_eq!(flows.get(&key), None);
             assert_eq!(program.stats(), PacketStats::default());

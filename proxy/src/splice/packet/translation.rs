@@ -43,29 +43,27 @@ pub struct Flows {
 }
 
 impl Flows {
-    /// The entries for a tunnel of `client` and `upstream`, active, tagged with `owner`.
+    /// The entries for a tunnel of `client` and `upstream`, active.
     ///
     /// Both connections must be of one address family (the hand-off checks it first); a
     /// v4-mapped IPv6 address counts as the IPv4 address it carries, since that is what
     /// its packets hold.
-    pub fn new(client: &Endpoint, upstream: &Endpoint, owner: u64) -> Flows {
-        let from_client = flow_key(client.peer, client.local);
-        let from_upstream = flow_key(upstream.peer, upstream.local);
-        let mut up = direction(client, upstream, from_upstream, owner);
+    pub fn new(client: &Endpoint, upstream: &Endpoint) -> Flows {
+        let mut up = direction(client, upstream);
         up.flags = FROM_CLIENT;
         Flows {
-            from_client: (from_client, up),
+            from_client: (flow_key(client.peer, client.local), up),
             from_upstream: (
-                from_upstream,
-                direction(upstream, client, from_client, owner),
+                flow_key(upstream.peer, upstream.local),
+                direction(upstream, client),
             ),
         }
     }
 }
 
 /// The entry for packets arriving on connection `from` and leaving on connection `to`.
-fn direction(from: &Endpoint, to: &Endpoint, reverse: FlowKey, owner: u64) -> FlowEntry {
-    let (saddr, _) = address_words(to.local.ip());
+fn direction(from: &Endpoint, to: &Endpoint) -> FlowEntry {
+    let (saddr, family) = address_words(to.local.ip());
     let (daddr, _) = address_words(to.peer.ip());
     FlowEntry {
         saddr,
@@ -75,13 +73,12 @@ fn direction(from: &Endpoint, to: &Endpoint, reverse: FlowKey, owner: u64) -> Fl
         scale_in: from.peer_scale,
         scale_out: to.own_scale,
         state: FLOW_ACTIVE,
+        family,
         seq_delta: to.send_next.wrapping_sub(from.receive_next),
         ack_delta: to.receive_next.wrapping_sub(from.send_next),
         ts_base: to.timestamp.wrapping_add(TSVAL_MARGIN),
         ifindex: to.egress_ifindex,
         seq_next: to.send_next,
-        reverse,
-        owner,
         ..FlowEntry::default()
     }
 }
@@ -171,7 +168,7 @@ mod tests {
     #[test]
     fn a_client_byte_lands_where_the_upstream_expects_it_and_acks_map_back() {
         let (c, u) = (client(), upstream());
-        let flows = Flows::new(&c, &u, 42);
+        let flows = Flows::new(&c, &u);
         let (_, up) = flows.from_client;
         let (_, down) = flows.from_upstream;
         // The client's next byte is the upstream's next expected byte (wrapping past 2^32).
@@ -183,13 +180,12 @@ mod tests {
         // Each direction undoes the other.
         assert_eq!(up.seq_delta.wrapping_add(down.ack_delta), 0);
         assert_eq!(up.ack_delta.wrapping_add(down.seq_delta), 0);
-        assert_eq!((up.owner, down.owner), (42, 42));
         assert_eq!((up.state, down.state), (FLOW_ACTIVE, FLOW_ACTIVE));
     }
 
     #[test]
     fn windows_rescale_from_the_senders_scale_to_the_one_the_receiver_expects() {
-        let flows = Flows::new(&client(), &upstream(), 0);
+        let flows = Flows::new(&client(), &upstream());
         let (_, up) = flows.from_client;
         let (_, down) = flows.from_upstream;
         // The client shifts by 7; the upstream expects the proxy's 8.
@@ -201,13 +197,15 @@ mod tests {
     #[test]
     fn addresses_ports_egress_and_reverse_keys_name_the_other_connection() {
         let (c, u) = (client(), upstream());
-        let flows = Flows::new(&c, &u, 0);
+        let flows = Flows::new(&c, &u);
         let (key, up) = flows.from_client;
         let (reverse, down) = flows.from_upstream;
         assert_eq!(key, flow_key(c.peer, c.local));
         assert_eq!(reverse, flow_key(u.peer, u.local));
-        assert_eq!(up.reverse, reverse);
-        assert_eq!(down.reverse, key);
+        // Each entry names the key of the other direction's packets.
+        assert_eq!(up.reverse_key(), reverse);
+        assert_eq!(down.reverse_key(), key);
+        assert_eq!((up.family, down.family), (4, 4));
         assert_eq!(up.saddr[0], u32::from_ne_bytes([10, 0, 2, 1]));
         assert_eq!(up.daddr[0], u32::from_ne_bytes([10, 0, 2, 2]));
         assert_eq!(up.sport, u16::from_ne_bytes(40001u16.to_be_bytes()));
@@ -220,7 +218,7 @@ mod tests {
 
     #[test]
     fn timestamps_start_ahead_of_what_each_receiver_last_saw() {
-        let flows = Flows::new(&client(), &upstream(), 0);
+        let flows = Flows::new(&client(), &upstream());
         assert_eq!(flows.from_client.1.ts_base, 5_000 + TSVAL_MARGIN);
         assert_eq!(flows.from_upstream.1.ts_base, 77 + TSVAL_MARGIN);
     }
@@ -228,7 +226,7 @@ mod tests {
     #[test]
     fn entries_name_their_addresses_back() {
         let (c, u) = (client(), upstream());
-        let flows = Flows::new(&c, &u, 0);
+        let flows = Flows::new(&c, &u);
         let (key, up) = flows.from_client;
         assert_eq!(socket_address(up.saddr, up.sport, key.family), u.local);
         assert_eq!(socket_address(up.daddr, up.dport, key.family), u.peer);
