@@ -32,7 +32,7 @@ use anyhow::{bail, Context as _};
 
 use super::load::{machine_busy_seconds, meminfo_kb, rss_kb, sleep_until};
 use super::report::summary;
-use super::targets::{children_of, Guard};
+use super::targets::{children_of, Guard, NGINX_WS_LOCATION};
 use super::{stop_requested, Env, Scale};
 
 /// The proxy's listening port (client side) and the echo's.
@@ -574,14 +574,7 @@ fn nginx_config(work: &Path) -> String {
            map $http_upgrade $connection_upgrade {{ default upgrade; '' \"\"; }}\n\
            upstream echo {{ server {UPSTREAM}:{ECHO_PORT}; }}\n\
            server {{\n    listen {PROXY_TO_CLIENT}:{PROXY_PORT} reuseport;\n    location / {{\n\
-               proxy_pass http://echo;\n      proxy_http_version 1.1;\n\
-               proxy_set_header Upgrade $http_upgrade;\n\
-               proxy_set_header Connection $connection_upgrade;\n\
-               proxy_set_header Host $http_host;\n\
-               proxy_set_header X-Real-IP $remote_addr;\n\
-               proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
-               proxy_set_header X-Forwarded-Proto $scheme;\n\
-               proxy_read_timeout 3600s;\n      proxy_send_timeout 3600s;\n    }}\n  }}\n}}\n",
+         {NGINX_WS_LOCATION}    }}\n  }}\n}}\n",
         pid = work.join("nginx.pid").display(),
         error_log = work.join("nginx-error.log").display(),
     )

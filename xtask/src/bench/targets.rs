@@ -377,17 +377,24 @@ fn nginx_config(work: &Path, layout: &Layout, port: u16, tls: Option<(u16, &TlsF
            map $http_upgrade $connection_upgrade {{ default upgrade; '' \"\"; }}\n\
            upstream echo {{ server 127.0.0.1:{echo}; keepalive 64; keepalive_requests 1000000; }}\n\
            server {{\n    listen 127.0.0.1:{port} reuseport;\n    keepalive_requests 1000000;\n{tls}    location / {{\n\
-               proxy_pass http://echo;\n      proxy_http_version 1.1;\n\
-               proxy_set_header Upgrade $http_upgrade;\n\
-               proxy_set_header Connection $connection_upgrade;\n\
-               proxy_set_header Host $http_host;\n\
-               proxy_set_header X-Real-IP $remote_addr;\n\
-               proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
-               proxy_set_header X-Forwarded-Proto $scheme;\n\
-               proxy_read_timeout 3600s;\n    }}\n  }}\n}}\n",
+{NGINX_WS_LOCATION}    }}\n  }}\n}}\n",
         pid = work.join("nginx.pid").display()
     )
 }
+
+/// The body of nginx's `location /` in front of a ws backend, as people write it (the headers
+/// wsplice rewrites, a long read timeout); every nginx target of the bench uses it.
+pub(super) const NGINX_WS_LOCATION: &str = "      proxy_pass http://echo;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection $connection_upgrade;
+      proxy_set_header Host $http_host;
+      proxy_set_header X-Real-IP $remote_addr;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_read_timeout 3600s;
+      proxy_send_timeout 3600s;
+";
 
 /// HAProxy equivalent of the nginx config: http mode, `timeout tunnel`, X-Forwarded-For
 /// (`option forwardfor`), X-Real-IP and X-Forwarded-Proto set, Host passed through; plain HTTP
