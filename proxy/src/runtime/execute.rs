@@ -11,7 +11,7 @@ use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 use super::packet;
 use super::ring::{ConnectArgs, Op};
 use super::splice;
-use super::table::{Intent, Outgoing, Payload, SideIo};
+use super::table::{Entry, Intent, Outgoing, Payload, SideIo};
 use super::worker::Worker;
 use crate::clock::monotonic_ns;
 use crate::connection::{Action, Actions, ConnectFailure, Side};
@@ -47,7 +47,12 @@ impl Worker {
             Action::ConnectReusing(server) => match self.take_idle_upstream(server) {
                 Some(fd) => {
                     if let Some(entry) = self.table.get(slot) {
-                        entry.upstream = SideIo::with(fd);
+                        // A connection that connects has its I/O state (only packet-spliced
+                        // tunnels are without); were it gone, the socket closes here and the
+                        // upstream is a socket gone, like a side without a descriptor.
+                        if let Some(io) = entry.io_mut() {
+                            io.upstream = SideIo::with(fd);
+                        }
                         entry
                             .conn
                             .on_connected(true, now(), &entry.services, actions);
@@ -63,13 +68,13 @@ impl Worker {
             }
             Action::CloseUpstream => drop(self.detach_upstream(slot)),
             Action::AccessLine(mut record) => {
-                if let Some(entry) = self.table.get(slot) {
-                    record.tls = entry.stream.negotiated();
+                if let Some(io) = self.table.get(slot).and_then(|entry| entry.io()) {
+                    record.tls = io.stream.negotiated();
                 }
                 record.log();
             }
             Action::CancelUpstream => {
-                if let Some(fd) = self.table.get(slot).map(|entry| entry.upstream.raw()) {
+                if let Some([_, fd]) = self.table.get(slot).map(|entry| entry.raw_fds()) {
                     if fd >= 0 {
                         self.cancel_fd(slot, fd);
                     }
@@ -87,14 +92,14 @@ impl Worker {
                 }
             }
             Action::ShutdownWrite(side) => {
-                if let Some(entry) = self.table.get(slot) {
-                    sys::shutdown_write(entry.side(side).raw());
+                if let Some(io) = self.table.get(slot).and_then(|entry| entry.side(side)) {
+                    sys::shutdown_write(io.raw());
                 }
             }
             Action::CloseNotify => {
-                if let Some(entry) = self.table.get(slot) {
-                    entry.stream.close_notify();
-                    entry.client.owes_sent = true;
+                if let Some(io) = self.table.get(slot).and_then(Entry::io_mut) {
+                    io.stream.close_notify();
+                    io.client.owes_sent = true;
                 }
                 self.flush_client(slot);
             }
@@ -131,7 +136,8 @@ impl Worker {
                 }
             }
             Action::UndoPeekMark => {
-                if let Some(fd) = self.table.get(slot).and_then(|e| e.upstream.fd.as_ref()) {
+                let io = self.table.get(slot).and_then(Entry::io_mut);
+                if let Some(fd) = io.and_then(|io| io.upstream.fd.as_ref()) {
                     let _ = sys::set_rcvlowat(fd.as_fd(), 1);
                 }
             }
@@ -171,7 +177,8 @@ impl Worker {
                 let Some(entry) = self.table.get(slot) else {
                     return;
                 };
-                if let (Some(maps), Some(sockets)) = (maps, entry.spliced.take()) {
+                let spliced = entry.io_mut().and_then(|io| io.spliced.take());
+                if let (Some(maps), Some(sockets)) = (maps, spliced) {
                     let counted = splice::forget(maps, &sockets);
                     entry.conn.on_unspliced(counted, &entry.services);
                 }
@@ -208,7 +215,8 @@ impl Worker {
             && self
                 .table
                 .get(slot)
-                .is_some_and(|entry| entry.stream.has_plaintext())
+                .and_then(|entry| entry.io())
+                .is_some_and(|io| io.stream.has_plaintext())
     }
 
     pub(super) fn arm_poll(&mut self, slot: u32, side: Side, intent: Intent) {
@@ -216,7 +224,9 @@ impl Worker {
             return;
         };
         let id = entry.conn.id();
-        let io = entry.side(side);
+        let Some(io) = entry.side(side) else {
+            return;
+        };
         io.intent = intent;
         if io.polling || io.fd.is_none() {
             return;
@@ -244,7 +254,9 @@ impl Worker {
             return;
         };
         let id = entry.conn.id();
-        let io = entry.side(side);
+        let Some(io) = entry.side(side) else {
+            return;
+        };
         let fd = io.raw();
         let Some(out) = io.in_flight() else {
             return;
@@ -264,19 +276,23 @@ impl Worker {
     /// Sends `out` to a side on the connection's behalf (it then owes `on_sent`). Bytes for a
     /// TLS client are encrypted first: the ciphertext is sent in their place.
     pub(super) fn send_to(&mut self, slot: u32, side: Side, out: Outgoing) {
-        let Some(entry) = self.table.get(slot) else {
+        let Some(io) = self.table.get(slot).and_then(Entry::io_mut) else {
+            // The sockets are gone: nothing to send to.
+            if let Payload::Pooled(buffer) = out.data {
+                self.buffers.give(buffer);
+            }
             return;
         };
-        entry.side(side).owes_sent = true;
-        if side == Side::Client && entry.stream.is_tls() {
-            entry.stream.encrypt(out.remaining());
+        io.side(side).owes_sent = true;
+        if side == Side::Client && io.stream.is_tls() {
+            io.stream.encrypt(out.remaining());
             if let Payload::Pooled(buffer) = out.data {
                 self.buffers.give(buffer);
             }
             self.flush_client(slot);
             return;
         }
-        if let Err(refused) = entry.side(side).begin_send(out) {
+        if let Err(refused) = io.side(side).begin_send(out) {
             // The connection sends to a side only when its previous send completed.
             tracing::error!(?side, "a second send on a side while one is in flight");
             if let Payload::Pooled(buffer) = refused.data {
@@ -290,23 +306,19 @@ impl Worker {
     /// TLS: sends what the client's session has queued, if nothing is in flight to the client.
     /// True when a send was started.
     pub(super) fn flush_client(&mut self, slot: u32) -> bool {
-        let Some(entry) = self.table.get(slot) else {
+        let Some(io) = self.table.get(slot).and_then(Entry::io_mut) else {
             return false;
         };
-        if entry.client.sending() || !entry.stream.is_tls() {
+        if io.client.sending() || !io.stream.is_tls() {
             return false;
         }
         let mut buffer = self.buffers.take();
-        let len = entry.stream.take_ciphertext(&mut buffer);
+        let len = io.stream.take_ciphertext(&mut buffer);
         if len == 0 {
             self.buffers.give(buffer);
             return false;
         }
-        if entry
-            .client
-            .begin_send(Outgoing::pooled(buffer, len))
-            .is_err()
-        {
+        if io.client.begin_send(Outgoing::pooled(buffer, len)).is_err() {
             return false; // not reached: checked above
         }
         self.submit_send(slot, Side::Client);
@@ -316,9 +328,11 @@ impl Worker {
     /// Opens the upstream socket and starts a connect bounded by the connect timeout.
     fn connect(&mut self, slot: u32, addr: SocketAddr, actions: &mut Actions) {
         // The connection's own generation (the services of a reload apply to new ones).
+        // Only a connection with sockets connects (a packet-spliced tunnel never does).
         let Some(timeout) = self
             .table
             .get(slot)
+            .filter(|entry| entry.io().is_some())
             .map(|entry| entry.services.connect_timeout)
         else {
             return;
@@ -348,7 +362,7 @@ impl Worker {
         };
         if let (true, Some(path)) = (entry.conn.wants_packet_port(), &entry.services.packet) {
             // A retry gives back the port of the server that failed.
-            if let Some(taken) = entry.packet_port.take() {
+            if let Some(taken) = packet::PacketState::take_port(&mut entry.packet) {
                 path.ports.release(
                     packet::unspecified_for(taken.remote),
                     taken.remote,
@@ -358,9 +372,10 @@ impl Worker {
             let local = packet::unspecified_for(addr);
             if let Some(port) = path.ports.take(local, addr) {
                 match crate::splice::packet::ports::bind_local_port(&socket, local, port) {
-                    Ok(()) => {
-                        entry.packet_port = Some(Box::new(packet::TakenPort { remote: addr, port }))
-                    }
+                    Ok(()) => packet::PacketState::set_port(
+                        &mut entry.packet,
+                        packet::TakenPort { remote: addr, port },
+                    ),
                     Err(error) => {
                         path.ports.release(local, addr, port);
                         tracing::warn!(%error, port, "packet splice: cannot bind a reserved port; this tunnel stays in userspace");
@@ -369,16 +384,20 @@ impl Worker {
             }
         }
         let id = entry.conn.id();
-        entry.upstream.fd = Some(socket.into());
-        let fd = entry.upstream.raw();
-        let args = entry.connect.insert(Box::new(ConnectArgs {
+        let Some(io) = entry.io_mut() else {
+            return; // Not reached: checked above, and nothing since took the I/O state.
+        };
+        io.upstream.fd = Some(socket.into());
+        let fd = io.upstream.raw();
+        let args = io.connect.insert(Box::new(ConnectArgs {
             addr: SockAddr::from(addr),
             timeout: io_uring::types::Timespec::from(timeout),
         }));
         let args: *const ConnectArgs = &**args;
         entry.inflight += 2;
         // SAFETY: `args` points into the entry's boxed connect arguments, which live until the
-        // connect completes (the entry is freed only with no operation in flight).
+        // connect completes (the entry is freed, and its I/O state dropped, only with no
+        // operation in flight).
         let args = unsafe { &*args };
         self.ring.connect(
             fd,
@@ -391,14 +410,14 @@ impl Worker {
     /// Takes the upstream socket out of the connection (plain HTTP, between requests). One with
     /// an operation still pending stays with the connection and is closed with it.
     fn detach_upstream(&mut self, slot: u32) -> Option<OwnedFd> {
-        let entry = self.table.get(slot)?;
-        let upstream = &entry.upstream;
-        let pending = upstream.polling || upstream.sending() || entry.receiving.is_some();
-        if pending || entry.connect.is_some() {
+        let io = self.table.get(slot)?.io_mut()?;
+        let upstream = &io.upstream;
+        let pending = upstream.polling || upstream.sending() || io.receiving.is_some();
+        if pending || io.connect.is_some() {
             tracing::error!("an upstream connection released with an operation pending");
             return None;
         }
-        std::mem::take(&mut entry.upstream).fd
+        std::mem::take(&mut io.upstream).fd
     }
 
     /// Submits a receive from the upstream into a pooled buffer (unless one is in flight).
@@ -406,22 +425,22 @@ impl Worker {
         let Some(entry) = self.table.get(slot) else {
             return;
         };
-        if entry.receiving.is_some() || entry.upstream.fd.is_none() {
+        let id = entry.conn.id();
+        let Some(io) = entry.io_mut() else {
+            return;
+        };
+        if io.receiving.is_some() || io.upstream.fd.is_none() {
             return;
         }
-        let id = entry.conn.id();
-        let fd = entry.upstream.raw();
+        let fd = io.upstream.raw();
         let mut buffer = self.buffers.take();
         // Relay buffers are far below 4 GiB.
         let len = u32::try_from(buffer.len()).unwrap_or(u32::MAX);
         let pointer = buffer.as_mut_ptr();
-        let Some(entry) = self.table.get(slot) else {
-            self.buffers.give(buffer);
-            return;
-        };
-        // The buffer moves into the side, its heap memory does not: `pointer` stays valid until
-        // the completion (the entry is freed only with nothing in flight).
-        entry.receiving = Some(buffer);
+        // The buffer moves into the I/O state, its heap memory does not: `pointer` stays valid
+        // until the completion (the entry is freed, and its I/O state dropped, only with
+        // nothing in flight).
+        io.receiving = Some(buffer);
         entry.inflight += 1;
         self.ring
             .recv(fd, pointer, len, Op::RecvUpstream.user_data(slot, id));
@@ -430,7 +449,7 @@ impl Worker {
     /// Kernel path: reads everything the client has sent so far (at most `limit` plus one
     /// read); false with it when there was more.
     fn drain_client(&mut self, slot: u32, limit: usize) -> (Vec<u8>, bool) {
-        let Some(fd) = self.table.get(slot).map(|entry| entry.client.raw()) else {
+        let Some([fd, _]) = self.table.get(slot).map(|entry| entry.raw_fds()) else {
             return (Vec::new(), true);
         };
         let mut bytes = Vec::new();
@@ -452,15 +471,18 @@ impl Worker {
         let index = self.index;
         let maps = self.maps.as_mut().ok_or("no splice program")?;
         let entry = self.table.get(slot).ok_or("connection gone")?;
-        let (Some(client), Some(upstream)) = (entry.client.fd.as_ref(), entry.upstream.fd.as_ref())
-        else {
-            return Err("a socket is missing".into());
-        };
         // The owner comes back on the pressure ring: kind = this worker's index, which fits a
         // byte (`serve` refuses more than MAX_WORKERS workers).
         let worker = u8::try_from(index).map_err(|_| "worker index over 255")?;
         let owner = Tag::new(worker, slot, entry.conn.id());
         let frames = entry.conn.splice_frames();
+        let Some(io) = entry.io_mut() else {
+            return Err("a socket is missing".into());
+        };
+        let (Some(client), Some(upstream)) = (io.client.fd.as_ref(), io.upstream.fd.as_ref())
+        else {
+            return Err("a socket is missing".into());
+        };
         let sockets = splice::hand_off(
             maps,
             client.as_fd(),
@@ -470,7 +492,7 @@ impl Worker {
             frames,
         )
         .map_err(|error| error.to_string())?;
-        entry.spliced = Some(Box::new(sockets));
+        io.spliced = Some(Box::new(sockets));
         Ok(())
     }
 
@@ -479,17 +501,18 @@ impl Worker {
     fn pause_splice(&mut self, slot: u32) -> Result<crate::connection::Paused, String> {
         let maps = self.maps.as_mut().ok_or("no splice program")?;
         let entry = self.table.get(slot).ok_or("connection gone")?;
+        let io = entry.io_mut().ok_or("a socket is missing")?;
         let (Some(client), Some(upstream), Some(sockets)) = (
-            entry.client.fd.as_ref(),
-            entry.upstream.fd.as_ref(),
-            entry.spliced.as_mut(),
+            io.client.fd.as_ref(),
+            io.upstream.fd.as_ref(),
+            io.spliced.as_mut(),
         ) else {
             return Err("a socket is missing".into());
         };
         let counted = splice::pause(maps, sockets, client.as_fd(), upstream.as_fd())
             .map_err(|error| error.to_string())?;
         for side in [Side::Client, Side::Upstream] {
-            entry.side(side).intent = Intent::None;
+            io.side(side).intent = Intent::None;
         }
         self.remove_polls(slot);
         let to_client = self.measure_backlog(slot, Side::Client);
@@ -510,22 +533,24 @@ impl Worker {
         let Some(entry) = self.table.get(slot) else {
             return;
         };
-        if abortive {
-            // Propagate a reset: close with SO_LINGER 0 sends RST instead of FIN.
-            for side in [&entry.client, &entry.upstream] {
-                if let Some(fd) = side.fd.as_ref() {
-                    let _ = SockRef::from(fd).set_linger(Some(Duration::ZERO));
+        if let Some(io) = entry.io_mut() {
+            if abortive {
+                // Propagate a reset: close with SO_LINGER 0 sends RST instead of FIN.
+                for side in [&io.client, &io.upstream] {
+                    if let Some(fd) = side.fd.as_ref() {
+                        let _ = SockRef::from(fd).set_linger(Some(Duration::ZERO));
+                    }
                 }
+            } else {
+                let fd = io.client.raw();
+                let free = !io.client.sending();
+                io.stream.goodbye(fd, free);
             }
-        } else {
-            let fd = entry.client.raw();
-            let free = !entry.client.sending();
-            entry.stream.goodbye(fd, free);
         }
         if entry.inflight == 0 {
             return self.finish(slot);
         }
-        let fds = [entry.client.raw(), entry.upstream.raw()];
+        let fds = entry.raw_fds();
         for fd in fds.into_iter().filter(|&fd| fd >= 0) {
             self.cancel_fd(slot, fd);
         }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use super::ring::Op;
 use super::splice::SplicedSockets;
 use super::stream::ClientStream;
-use super::table::{Entry, SideIo};
+use super::table::{Entry, EntryIo, SideIo};
 use super::worker::Worker;
 use crate::clock::monotonic_ns;
 use crate::connection::{Actions, Connection};
@@ -175,11 +175,14 @@ impl Worker {
         let Some(entry) = self.table.get(slot) else {
             return;
         };
-        let idle_io = entry.connect.is_none()
-            && !entry.client.sending()
-            && !entry.upstream.sending()
-            && entry.receiving.is_none()
-            && !entry.stream.is_tls();
+        // A record without sockets has nothing to hand over.
+        let idle_io = entry.io().is_some_and(|io| {
+            io.connect.is_none()
+                && !io.client.sending()
+                && !io.upstream.sending()
+                && io.receiving.is_none()
+                && !io.stream.is_tls()
+        });
         if entry.handing_over || !idle_io || !entry.conn.can_hand_over(kernel) {
             return;
         }
@@ -232,12 +235,15 @@ impl Worker {
         let Some(mut entry) = self.table.remove(slot) else {
             return;
         };
-        let (Some(client), Some(upstream)) = (entry.client.fd.take(), entry.upstream.fd.take())
-        else {
-            return; // Not reached: a tunnel has both sockets.
+        // Not reached without: a tunnel that can be handed over has both sockets.
+        let Some(mut io) = entry.drop_io() else {
+            return;
         };
-        let kernel = entry.spliced.as_deref().map(SplicedSockets::handed);
-        if let (Some(sockets), Some(program)) = (&entry.spliced, &entry.services.splice) {
+        let (Some(client), Some(upstream)) = (io.client.fd.take(), io.upstream.fd.take()) else {
+            return;
+        };
+        let kernel = io.spliced.as_deref().map(SplicedSockets::handed);
+        if let (Some(sockets), Some(program)) = (&io.spliced, &entry.services.splice) {
             // Adopted here from a predecessor: the successor registers it again.
             program
                 .adopted_owners
@@ -275,22 +281,19 @@ impl Worker {
         let conn = Connection::adopt(id, &handed.tunnel, datapath, &self.services, &mut first);
         self.services.admission.count(handed.tunnel.client.ip());
         let spliced = handed.kernel.as_ref().map(SplicedSockets::adopted);
-        let slot = self.table.insert(Entry {
+        let mut io = EntryIo::new(
+            SideIo::with(client),
+            SideIo::with(upstream),
+            ClientStream::new(None),
+        );
+        io.spliced = spliced.map(Box::new);
+        let slot = self.table.insert(Entry::new(
             conn,
-            services: Arc::clone(&self.services),
-            client: SideIo::with(client),
-            upstream: SideIo::with(upstream),
-            stream: ClientStream::new(None),
-            inflight: 0,
-            armed_ns: u64::MAX,
-            connect: None,
-            receiving: None,
-            spliced: spliced.map(Box::new),
-            packet: None,
-            packet_port: None,
-            counted_handshake: false,
-            handing_over: false,
-        });
+            Arc::clone(&self.services),
+            Some(io),
+            None,
+            false,
+        ));
         if let (Some(kernel), Some(program)) = (&handed.kernel, &self.services.splice) {
             let tag = Tag::new(self.index as u8, slot, id);
             program

@@ -23,7 +23,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use socket2::SockRef;
 use wsplice_common::packet::{FlowEntry, FlowKey, CLOSED, FLOW_HOLD, RESET_SEEN};
 
-use super::table::Intent;
+use super::table::{Entry, EntryIo, Intent};
 use super::worker::Worker;
 use crate::connection::Side;
 use crate::connection::{FlowReport, PacketRefusal};
@@ -57,9 +57,46 @@ impl PacketWorker {
     }
 }
 
-/// A packet-spliced tunnel's keys, and the local port its upstream connection holds.
+/// What a connection of the packet path keeps for the packet splice, in one allocation (its
+/// entry's `packet`): set when its upstream connection takes a reserved port, completed at the
+/// hand-off. It outlives the connection's sockets: a packet-spliced tunnel is this and its
+/// lifecycle record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PacketState {
+    /// The local port the upstream connection took from the reserved range. Given back when
+    /// the connection ends, or when a retry connects to another server; kept for the next
+    /// process when it is left the tunnel (`leave_pinned_packet_tunnels`); claimed again by
+    /// the process that adopts it.
+    pub port: Option<TakenPort>,
+    /// The tunnel's flows, once handed over to the packet splice.
+    pub flows: Option<HandedFlows>,
+}
+
+impl PacketState {
+    /// Records `port` as the one the upstream connection took.
+    pub fn set_port(state: &mut Option<Box<PacketState>>, port: TakenPort) {
+        state.get_or_insert_with(Box::default).port = Some(port);
+    }
+
+    /// Takes the recorded port out (to give it back); the state goes with it unless the
+    /// tunnel's flows are recorded too.
+    pub fn take_port(state: &mut Option<Box<PacketState>>) -> Option<TakenPort> {
+        let port = state.as_mut()?.port.take();
+        if state.as_ref().is_some_and(|state| state.flows.is_none()) {
+            *state = None;
+        }
+        port
+    }
+
+    /// Whether the upstream connection holds a reserved port.
+    pub fn has_port(state: &Option<Box<PacketState>>) -> bool {
+        state.as_ref().is_some_and(|state| state.port.is_some())
+    }
+}
+
+/// The keys of a tunnel's two flows in the packet splice's map, once handed over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PacketRecord {
+pub struct HandedFlows {
     /// Packets from the client, packets from the upstream.
     pub keys: [FlowKey; 2],
 }
@@ -89,14 +126,16 @@ impl Worker {
         let Some(entry) = self.table.get(slot) else {
             return Err(failed("the connection is gone"));
         };
-        if entry.packet_port.is_none() {
+        if !PacketState::has_port(&entry.packet) {
             return Err(PacketRefusal::Ineligible {
                 label: "busy",
                 reason: "its upstream connection has no port of the reserved range (all taken)"
                     .into(),
             });
         }
-        let (Some(client), Some(upstream)) = (entry.client.fd.as_ref(), entry.upstream.fd.as_ref())
+        let Some((Some(client), Some(upstream))) = entry
+            .io()
+            .map(|io| (io.client.fd.as_ref(), io.upstream.fd.as_ref()))
         else {
             return Err(failed("a socket is missing"));
         };
@@ -140,15 +179,18 @@ impl Worker {
         let Some(entry) = self.table.get(slot) else {
             return Ok(());
         };
-        entry.packet = Some(Box::new(PacketRecord { keys }));
-        for side in [Side::Client, Side::Upstream] {
-            let io = entry.side(side);
-            io.intent = Intent::None;
-            if io.polling {
-                io.poll_removed = true;
+        // The state exists: the port was checked above (the hand-off needs one).
+        entry.packet.get_or_insert_with(Box::default).flows = Some(HandedFlows { keys });
+        if let Some(io) = entry.io_mut() {
+            for side in [Side::Client, Side::Upstream] {
+                let io = io.side(side);
+                io.intent = Intent::None;
+                if io.polling {
+                    io.poll_removed = true;
+                }
             }
         }
-        let fds = [entry.client.raw(), entry.upstream.raw()];
+        let fds = entry.raw_fds();
         for fd in fds.into_iter().filter(|&fd| fd >= 0) {
             self.cancel_fd(slot, fd);
         }
@@ -156,7 +198,7 @@ impl Worker {
     }
 
     /// What the program recorded for a packet-spliced tunnel (`None`: its flows are gone).
-    pub(super) fn packet_report(&self, record: &PacketRecord) -> Option<FlowReport> {
+    pub(super) fn packet_report(&self, record: &HandedFlows) -> Option<FlowReport> {
         let packet = self.packet.as_ref()?;
         let up = packet.flows.get(&record.keys[0])?;
         let down = packet.flows.get(&record.keys[1])?;
@@ -176,7 +218,7 @@ impl Worker {
     /// A packet-spliced tunnel ended: its flows leave the map. When the ends had not closed
     /// it themselves (the proxy's idle timeout, its drain), each gets a reset first, at the
     /// sequence number it expects next, so it learns now rather than at its next send.
-    pub(super) fn forget_packet_flows(&mut self, record: &PacketRecord) {
+    pub(super) fn forget_packet_flows(&mut self, record: &HandedFlows) {
         let Some(packet) = self.packet.as_mut() else {
             return;
         };
@@ -200,7 +242,8 @@ impl Worker {
     }
 
     /// The first worker takes over the packet-spliced tunnels a previous process left in the
-    /// pinned map: each becomes a socketless record here, its upstream port taken again.
+    /// pinned map: each becomes a record without sockets here (no I/O state at all), its
+    /// upstream port claimed again.
     pub(super) fn adopt_pinned_packet_tunnels(&mut self) {
         let Some(path) = self.services.packet.clone() else {
             return;
@@ -221,7 +264,7 @@ impl Worker {
             let upstream = socket_address(up.daddr, up.dport, family);
             let port = u16::from_be_bytes(up.sport.to_ne_bytes());
             let local = unspecified_for(upstream);
-            let packet_port = path
+            let port = path
                 .ports
                 .claim(local, upstream, port)
                 .then_some(TakenPort {
@@ -239,24 +282,19 @@ impl Worker {
                 &mut first,
             );
             self.services.admission.count(client.ip());
-            let slot = self.table.insert(super::table::Entry {
-                conn,
-                services: std::sync::Arc::clone(&self.services),
-                client: super::table::SideIo::default(),
-                upstream: super::table::SideIo::default(),
-                stream: super::stream::ClientStream::new(None),
-                inflight: 0,
-                armed_ns: u64::MAX,
-                connect: None,
-                receiving: None,
-                spliced: None,
-                packet: Some(Box::new(PacketRecord {
+            let state = PacketState {
+                port,
+                flows: Some(HandedFlows {
                     keys: [client_key, upstream_key],
-                })),
-                packet_port: packet_port.map(Box::new),
-                counted_handshake: false,
-                handing_over: false,
-            });
+                }),
+            };
+            let slot = self.table.insert(Entry::new(
+                conn,
+                std::sync::Arc::clone(&self.services),
+                None,
+                Some(Box::new(state)),
+                false,
+            ));
             self.drive(slot, |_, _, out| out.append(&mut first));
         }
     }
@@ -276,27 +314,41 @@ impl Worker {
             let Some(entry) = self.table.get(slot) else {
                 continue;
             };
-            if entry.packet.take().is_none() {
+            if entry.packet_flows().is_none() {
                 continue;
             }
-            // The port stays the flow's: the next process claims it again.
-            entry.packet_port = None;
-            for socket in [entry.client.fd.take(), entry.upstream.fd.take()]
-                .into_iter()
-                .flatten()
-            {
-                close_handed_socket(socket);
+            // The flows and the port stay the tunnel's: the next process claims the port
+            // again, and this one neither forgets the flows nor gives the port back.
+            entry.packet = None;
+            // Its sockets, if their operations are still in flight (their I/O state, which
+            // such an operation may point into, goes with the entry once none is).
+            if let Some(io) = entry.io_mut() {
+                for socket in [io.client.fd.take(), io.upstream.fd.take()]
+                    .into_iter()
+                    .flatten()
+                {
+                    close_handed_socket(socket);
+                }
             }
             self.drive(slot, |conn, _, out| conn.leave_pinned(out));
         }
     }
 
-    /// Closes a packet-spliced tunnel's sockets, silently, once no operation names them.
+    /// Closes a packet-spliced tunnel's sockets, silently, once no operation names them: its
+    /// I/O state goes with them (buffers back to the pool), and the entry keeps only the
+    /// tunnel's record.
     pub(super) fn close_handed_sockets(&mut self, slot: u32) {
-        let Some(entry) = self.table.get(slot) else {
+        let Some(io) = self.table.get(slot).and_then(Entry::drop_io) else {
             return;
         };
-        for socket in [entry.client.fd.take(), entry.upstream.fd.take()]
+        self.close_handed_io(io);
+    }
+
+    /// A packet-spliced tunnel's I/O state ends: any buffer goes back to the pool, the
+    /// sockets close without a FIN or a reset.
+    pub(super) fn close_handed_io(&mut self, mut io: Box<EntryIo>) {
+        self.give_back_buffers(&mut io);
+        for socket in [io.client.fd.take(), io.upstream.fd.take()]
             .into_iter()
             .flatten()
         {

@@ -20,12 +20,8 @@ impl Worker {
             self.scratch = scratch;
             return;
         };
-        let fd = entry.side(side).raw();
-        let read = match side {
-            Side::Client => entry.stream.read(fd, &mut scratch),
-            Side::Upstream => sys::recv(fd, &mut scratch),
-        };
-        if side == Side::Client && entry.stream.is_tls() {
+        let read = entry.read(side, &mut scratch);
+        if side == Side::Client && entry.is_tls() {
             if let Err(error) = &read {
                 if error.kind() == io::ErrorKind::InvalidData {
                     self.scratch = scratch;
@@ -62,7 +58,8 @@ impl Worker {
             self.scratch = scratch;
             return;
         };
-        let read = sys::peek(entry.side(side).raw(), &mut scratch);
+        let fd = entry.side(side).map_or(-1, |io| io.raw());
+        let read = sys::peek(fd, &mut scratch);
         let now = monotonic_ns();
         let (conn, services) = (&mut entry.conn, &entry.services);
         match read {
@@ -81,7 +78,8 @@ impl Worker {
     /// A peek of `side` that waits until more than the `seen` bytes are queued.
     pub(super) fn peek_beyond(&mut self, slot: u32, side: Side, seen: usize) {
         if seen > 0 {
-            if let Some(fd) = self.table.get(slot).and_then(|e| e.side(side).fd.as_ref()) {
+            let io = self.table.get(slot).and_then(|entry| entry.side(side));
+            if let Some(fd) = io.and_then(|io| io.fd.as_ref()) {
                 let _ = sys::set_rcvlowat(fd.as_fd(), seen + 1);
             }
         }
@@ -91,7 +89,8 @@ impl Worker {
     /// Consumes `len` bytes of `side` that a peek saw (they are queued, so the read takes
     /// them all at once) and resets the peek's receive mark.
     pub(super) fn consume_peeked(&mut self, slot: u32, side: Side, len: usize) {
-        if let Some(fd) = self.table.get(slot).and_then(|e| e.side(side).fd.as_ref()) {
+        let io = self.table.get(slot).and_then(|entry| entry.side(side));
+        if let Some(fd) = io.and_then(|io| io.fd.as_ref()) {
             let _ = sys::set_rcvlowat(fd.as_fd(), 1);
             let len = len.min(self.scratch.len());
             let _ = sys::recv(fd.as_raw_fd(), &mut self.scratch[..len]);
@@ -125,14 +124,9 @@ impl Worker {
     /// What a peek at a spliced socket finds (`None`: not a spliced connection any more).
     fn inspect_spliced(&mut self, slot: u32, side: Side) -> Option<SplicedEvent> {
         let maps = self.maps.as_ref()?;
-        let entry = self.table.get(slot)?;
-        let sockets = entry.spliced.as_deref().copied()?;
-        Some(splice::inspect(
-            maps,
-            &sockets,
-            side,
-            entry.side(side).raw(),
-        ))
+        let io = self.table.get(slot)?.io_mut()?;
+        let sockets = io.spliced.as_deref().copied()?;
+        Some(splice::inspect(maps, &sockets, side, io.side(side).raw()))
     }
 
     /// After bytes from a TLS client were processed: count a finished handshake, send what the
@@ -141,7 +135,8 @@ impl Worker {
         let Some(entry) = self.table.get(slot) else {
             return;
         };
-        if let Some(done) = entry.stream.take_completed() {
+        let done = entry.io_mut().and_then(|io| io.stream.take_completed());
+        if let Some(done) = done {
             if std::mem::take(&mut entry.counted_handshake) {
                 self.tls_handshakes -= 1;
             }
@@ -167,9 +162,12 @@ impl Worker {
         let Some(entry) = self.table.get(slot) else {
             return;
         };
-        let fd = entry.client.raw();
-        let free = !entry.client.sending();
-        let failure = entry.stream.fail(fd, error, free);
+        let Some(io) = entry.io_mut() else {
+            return; // Not reached: a read from the client needs its socket.
+        };
+        let fd = io.client.raw();
+        let free = !io.client.sending();
+        let failure = io.stream.fail(fd, error, free);
         entry.conn.on_tls_failed(
             failure.during_handshake,
             failure.reason,

@@ -7,7 +7,6 @@ use super::table::{Intent, Outgoing, Payload};
 use super::worker::Worker;
 use crate::clock::monotonic_ns;
 use crate::connection::{Actions, Side};
-use crate::sys;
 
 impl Worker {
     /// Relay: reads up to `budget` bytes from `from` and sends them to its peer.
@@ -15,14 +14,10 @@ impl Worker {
         let Some(entry) = self.table.get(slot) else {
             return;
         };
-        let fd = entry.side(from).raw();
         let mut buffer = self.buffers.take();
         let budget = budget.min(buffer.len());
-        let read = match from {
-            Side::Client => entry.stream.read(fd, &mut buffer[..budget]),
-            Side::Upstream => sys::recv(fd, &mut buffer[..budget]),
-        };
-        if from == Side::Client && entry.stream.is_tls() {
+        let read = entry.read(from, &mut buffer[..budget]);
+        if from == Side::Client && entry.is_tls() {
             if let Err(error) = &read {
                 if error.kind() == io::ErrorKind::InvalidData {
                     self.buffers.give(buffer);
@@ -81,10 +76,9 @@ impl Worker {
                 conn.on_send_failed(side, &error, reset, out)
             });
         }
-        let Some(entry) = self.table.get(slot) else {
+        let Some(io) = self.table.get(slot).and_then(|entry| entry.side(side)) else {
             return;
         };
-        let io = entry.side(side);
         let Some(out) = io.in_flight() else {
             return;
         };
@@ -103,10 +97,9 @@ impl Worker {
         if side == Side::Client && self.flush_client(slot) {
             return;
         }
-        let Some(entry) = self.table.get(slot) else {
+        let Some(io) = self.table.get(slot).and_then(|entry| entry.side(side)) else {
             return;
         };
-        let io = entry.side(side);
         if std::mem::take(&mut io.owes_sent) {
             let now = monotonic_ns();
             self.drive(slot, |conn, services, out| {

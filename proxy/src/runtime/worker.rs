@@ -20,7 +20,7 @@ use super::ring::{Op, Ring};
 use super::splice;
 use super::stream::ClientStream;
 use super::support::RingSupport;
-use super::table::{Entry, Intent, Payload, SideIo, Table};
+use super::table::{Entry, EntryIo, Intent, Payload, SideIo, Table};
 use crate::admission::Refusal;
 use crate::buffers::BufferPool;
 use crate::clock::{duration_ns, monotonic_ns};
@@ -611,22 +611,14 @@ impl Worker {
         if counted_handshake {
             self.tls_handshakes += 1;
         }
-        let slot = self.table.insert(Entry {
+        let io = EntryIo::new(SideIo::with(fd), SideIo::default(), stream);
+        let slot = self.table.insert(Entry::new(
             conn,
-            services: Arc::clone(&self.services),
-            client: SideIo::with(fd),
-            upstream: SideIo::default(),
-            stream,
-            inflight: 0,
-            armed_ns: u64::MAX,
-            connect: None,
-            receiving: None,
-            spliced: None,
-            packet: None,
-            packet_port: None,
+            Arc::clone(&self.services),
+            Some(io),
+            None,
             counted_handshake,
-            handing_over: false,
-        });
+        ));
         self.drive(slot, |_, _, out| out.append(&mut first));
     }
 
@@ -717,10 +709,11 @@ impl Worker {
             return;
         }
         entry.inflight -= 1;
-        if entry.packet.is_some() {
+        if entry.packet_flows().is_some() {
             // A packet-spliced tunnel's only operations are those cancelled at the hand-off
             // (and their cancels): nothing to tell the connection. Once none is left, nothing
-            // names the sockets any more and they are closed, silently.
+            // names the sockets any more: they are closed, silently, and the entry's I/O state
+            // goes with them (the tunnel is its record from now on).
             if entry.inflight == 0 {
                 self.close_handed_sockets(slot);
                 if self.table.get(slot).is_some_and(|e| e.conn.is_closing()) {
@@ -729,10 +722,12 @@ impl Worker {
             }
             return;
         }
-        match op {
-            Op::PollClient => entry.client.polling = false,
-            Op::PollUpstream => entry.upstream.polling = false,
-            _ => {}
+        if let Some(io) = entry.io_mut() {
+            match op {
+                Op::PollClient => io.client.polling = false,
+                Op::PollUpstream => io.upstream.polling = false,
+                _ => {}
+            }
         }
         if entry.handing_over && self.hand_over_completion(slot, op, result) {
             return;
@@ -769,7 +764,8 @@ impl Worker {
         let Some(buffer) = self
             .table
             .get(slot)
-            .and_then(|entry| entry.receiving.take())
+            .and_then(Entry::io_mut)
+            .and_then(|io| io.receiving.take())
         else {
             return;
         };
@@ -795,7 +791,8 @@ impl Worker {
         if let Some(buffer) = self
             .table
             .get(slot)
-            .and_then(|entry| entry.receiving.take())
+            .and_then(Entry::io_mut)
+            .and_then(|io| io.receiving.take())
         {
             self.buffers.give(buffer);
         }
@@ -811,7 +808,8 @@ impl Worker {
         if let Some(out) = self
             .table
             .get(slot)
-            .and_then(|entry| entry.side(side).end_send())
+            .and_then(|entry| entry.side(side))
+            .and_then(SideIo::end_send)
         {
             if let Payload::Pooled(buffer) = out.data {
                 self.buffers.give(buffer);
@@ -831,7 +829,9 @@ impl Worker {
             (Side::Client, Op::PollClient),
             (Side::Upstream, Op::PollUpstream),
         ] {
-            let io = entry.side(side);
+            let Some(io) = entry.side(side) else {
+                return; // No sockets, no polls.
+            };
             if io.polling {
                 io.poll_removed = true;
                 entry.inflight += 1;
@@ -846,11 +846,16 @@ impl Worker {
         let removed = self
             .table
             .get(slot)
-            .map(|entry| std::mem::take(&mut entry.side(side).poll_removed));
+            .and_then(|entry| entry.side(side))
+            .map(|io| std::mem::take(&mut io.poll_removed));
         if result == -libc::ECANCELED && removed == Some(true) {
             // Removed on purpose (a tunnel leaving the kernel path): if something else was
             // asked for meanwhile, the arm found this poll still in flight; poll for it now.
-            let intent = self.table.get(slot).map(|entry| entry.side(side).intent);
+            let intent = self
+                .table
+                .get(slot)
+                .and_then(|entry| entry.side(side))
+                .map(|io| io.intent);
             if let Some(intent) = intent.filter(|&intent| intent != Intent::None) {
                 self.arm_poll(slot, side, intent);
             }
@@ -860,10 +865,10 @@ impl Worker {
             let error = io::Error::from_raw_os_error(-result).to_string();
             return self.drive(slot, |conn, _, out| conn.on_poll_failed(side, &error, out));
         }
-        let Some(entry) = self.table.get(slot) else {
+        let Some(io) = self.table.get(slot).and_then(|entry| entry.side(side)) else {
             return;
         };
-        match std::mem::take(&mut entry.side(side).intent) {
+        match std::mem::take(&mut io.intent) {
             Intent::None => {}
             Intent::Read => {
                 self.with_actions(slot, |worker, out| worker.read_side_into(slot, side, out))
@@ -879,13 +884,14 @@ impl Worker {
     }
 
     fn on_connect(&mut self, slot: u32, result: i32) {
-        let Some(entry) = self.table.get(slot) else {
+        // A connect in flight keeps the I/O state (it is dropped only with nothing in flight).
+        let Some(io) = self.table.get(slot).and_then(Entry::io_mut) else {
             return;
         };
-        entry.connect = None;
+        io.connect = None;
         let now = monotonic_ns();
         if result == 0 {
-            if let Some(fd) = entry.upstream.fd.as_ref() {
+            if let Some(fd) = io.upstream.fd.as_ref() {
                 if let Err(error) = SockRef::from(fd).set_tcp_nodelay(true) {
                     tracing::debug!(%error, "TCP_NODELAY on an upstream socket");
                 }
@@ -899,7 +905,7 @@ impl Worker {
         } else {
             ConnectFailure::Error
         };
-        entry.upstream.fd = None;
+        io.upstream.fd = None;
         let error = io::Error::from_raw_os_error(-result).to_string();
         self.drive(slot, |conn, services, out| {
             conn.on_connect_failed(failure, &error, now, services, out)
@@ -917,19 +923,19 @@ impl Worker {
             return;
         }
         entry.armed_ns = u64::MAX;
-        if let Some(record) = entry.packet.as_deref().copied() {
-            let report = self.packet_report(&record);
+        if let Some(flows) = entry.packet_flows() {
+            let report = self.packet_report(&flows);
             self.drive(key.slot, |conn, services, out| {
                 conn.on_packet_deadline(now, report, services, out)
             });
             return;
         }
-        let activity = entry
-            .spliced
-            .as_ref()
+        let io = entry.io();
+        let activity = io
+            .and_then(|io| io.spliced.as_deref())
             .zip(maps)
             .and_then(|(sockets, maps)| splice::last_activity(maps, sockets));
-        let handshaking = entry.stream.is_handshaking();
+        let handshaking = io.is_some_and(|io| io.stream.is_handshaking());
         self.drive(key.slot, |conn, services, out| {
             conn.on_deadline(now, activity, handshaking, services, out)
         });
@@ -980,9 +986,9 @@ impl Worker {
         towards: Side,
     ) -> Option<crate::connection::Backlog> {
         let maps = self.maps.as_ref()?;
-        let entry = self.table.get(slot)?;
-        let sockets = entry.spliced.as_deref().copied()?;
-        let fd = entry.side(towards).fd.as_ref()?;
+        let io = self.table.get(slot)?.io_mut()?;
+        let sockets = io.spliced.as_deref().copied()?;
+        let fd = io.side(towards).fd.as_ref()?;
         Some(splice::backlog(maps, &sockets, towards, fd.as_fd()))
     }
 
@@ -1025,17 +1031,15 @@ impl Worker {
             // Closed before its TLS handshake finished.
             self.tls_handshakes -= 1;
         }
-        for side in [&mut entry.client, &mut entry.upstream] {
-            if let Some(out) = side.end_send() {
-                if let Payload::Pooled(buffer) = out.data {
-                    self.buffers.give(buffer);
-                }
-            }
+        let mut io = entry.drop_io();
+        if let Some(io) = io.as_deref_mut() {
+            self.give_back_buffers(io);
         }
         self.services
             .admission
             .release(entry.conn.counted_address());
-        if let (Some(sockets), Some(program)) = (&entry.spliced, &entry.services.splice) {
+        let spliced = io.as_ref().and_then(|io| io.spliced.as_deref());
+        if let (Some(sockets), Some(program)) = (spliced, &entry.services.splice) {
             let own = Tag::new(self.index as u8, slot, entry.conn.id()).encode();
             if sockets.owner() != own {
                 // Adopted from a predecessor: its reports stop here.
@@ -1046,23 +1050,40 @@ impl Worker {
                     .remove(&sockets.owner());
             }
         }
-        if let Some(record) = entry.packet.take() {
+        let tls = io.as_ref().and_then(|io| io.stream.negotiated());
+        let packet = entry.packet.take();
+        if let Some(flows) = packet.as_ref().and_then(|state| state.flows) {
             // Its sockets, if their operations were still in flight: never a FIN or a reset.
-            for socket in [entry.client.fd.take(), entry.upstream.fd.take()]
-                .into_iter()
-                .flatten()
-            {
-                super::packet::close_handed_socket(socket);
+            if let Some(io) = io.take() {
+                self.close_handed_io(io);
             }
-            self.forget_packet_flows(&record);
+            self.forget_packet_flows(&flows);
         }
-        if let (Some(taken), Some(path)) = (entry.packet_port.take(), &entry.services.packet) {
+        let port = packet.and_then(|state| state.port);
+        if let (Some(taken), Some(path)) = (port, &entry.services.packet) {
             let local = super::packet::unspecified_for(taken.remote);
             path.ports.release(local, taken.remote, taken.port);
         }
         let mut record = entry.conn.finish(monotonic_ns(), &entry.services);
-        record.tls = entry.stream.negotiated();
+        record.tls = tls;
         record.log();
-        // Dropping the entry closes both sockets.
+        // Dropping the I/O state closes both sockets.
+        drop(io);
+    }
+
+    /// Gives the buffers of a connection's finished operations back to the pool: those of its
+    /// sends, and of a receive from the upstream (only with nothing in flight: an operation
+    /// in flight owns its buffer).
+    pub(super) fn give_back_buffers(&mut self, io: &mut EntryIo) {
+        for side in [&mut io.client, &mut io.upstream] {
+            if let Some(out) = side.end_send() {
+                if let Payload::Pooled(buffer) = out.data {
+                    self.buffers.give(buffer);
+                }
+            }
+        }
+        if let Some(buffer) = io.receiving.take() {
+            self.buffers.give(buffer);
+        }
     }
 }
