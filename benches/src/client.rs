@@ -147,6 +147,10 @@ impl Client {
             TcpSocket::new_v6()?
         };
         if let Some(source) = self.source {
+            // The port is chosen at connect, for the 4-tuple: a bind with port 0 would pick
+            // one unused by every socket on the address, a search that grows with the
+            // connections already there (tens of thousands: the kernel's time, quadratic).
+            bind_address_no_port(&socket)?;
             socket
                 .bind(SocketAddr::new(source, 0))
                 .with_context(|| format!("bind {source}"))?;
@@ -222,4 +226,25 @@ fn tls_config(
         config.resumption = rustls::client::Resumption::disabled();
     }
     Ok(config)
+}
+
+/// `IP_BIND_ADDRESS_NO_PORT` on `socket`: a later bind to port 0 leaves the port to connect.
+fn bind_address_no_port(socket: &TcpSocket) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a valid c_int; the descriptor
+    // belongs to `socket`, alive for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("IP_BIND_ADDRESS_NO_PORT");
+    }
+    Ok(())
 }
