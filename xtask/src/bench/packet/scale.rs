@@ -294,15 +294,13 @@ fn hold_fleet(env: &Env, target: ScaleTarget, tunnels: usize) -> anyhow::Result<
     // Every load process connects its tunnels, checks a sample and says `ready`.
     let deadline = Instant::now() + Duration::from_secs(60 + tunnels as u64 / 100);
     for (i, (_, lines, log)) in loads.iter().enumerate() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ready = lines.recv_timeout(left);
-        if ready.as_deref().map(str::trim) != Ok("ready") {
+        let ready = next_line(lines, deadline)?;
+        if ready.as_deref().map(str::trim) != Some("ready") {
             bail!(
                 "load process {i} did not get ready ({ready:?}): {}",
                 std::fs::read_to_string(log).unwrap_or_default().trim()
             );
         }
-        stop_requested()?;
     }
     let connect_seconds = connecting.elapsed().as_secs_f64();
     let mut run = ScaleRun {
@@ -334,15 +332,16 @@ fn hold_fleet(env: &Env, target: ScaleTarget, tunnels: usize) -> anyhow::Result<
             let _ = stdin.flush();
         }
     }
+    let deadline = Instant::now() + Duration::from_secs(60);
     for (i, (_, lines, _)) in loads.iter().enumerate() {
-        match lines.recv_timeout(Duration::from_secs(60)) {
-            Ok(answer) => match answer.trim().strip_prefix("checked ") {
+        match next_line(lines, deadline)? {
+            Some(answer) => match answer.trim().strip_prefix("checked ") {
                 Some(count) => run.checked += count.parse::<usize>().unwrap_or(0),
                 None => run
                     .check_failures
                     .push(format!("load {i}: {}", answer.trim())),
             },
-            Err(_) => run
+            None => run
                 .check_failures
                 .push(format!("load {i}: no answer to the check")),
         }
@@ -362,6 +361,26 @@ fn hold_fleet(env: &Env, target: ScaleTarget, tunnels: usize) -> anyhow::Result<
     drop(echoes);
     drop(line);
     Ok(run)
+}
+
+/// The next line a load process writes, waiting at most until `deadline` (`None`: none came,
+/// or the process ended); Ctrl-C ends the wait at once (every process is stopped by its guard).
+fn next_line(
+    lines: &std::sync::mpsc::Receiver<String>,
+    deadline: Instant,
+) -> anyhow::Result<Option<String>> {
+    loop {
+        stop_requested()?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        match lines.recv_timeout(left.min(Duration::from_millis(500))) {
+            Ok(line) => return Ok(Some(line)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(None),
+        }
+    }
 }
 
 /// Descriptors process `pid` has open.
