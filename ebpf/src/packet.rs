@@ -270,7 +270,6 @@ fn translate(ctx: &TcContext, packet: &Packet, entry: &mut FlowEntry) -> Result<
 
     // SAFETY: plain helper call.
     entry.last_ns = unsafe { bpf_ktime_get_ns() };
-    entry.packets += 1;
     entry.bytes += u64::from(payload);
     if entry.ifindex == 0 {
         // The other end is on this host: up the stack with the new addresses.

@@ -202,10 +202,10 @@ fn dump_map(id: u32) -> io::Result<String> {
         if name == "PACKET_STATS" {
             let total: u64 = (0..cpus).map(|cpu| u64_at(cpu * 8)).sum();
             out.push_str(&format!("  stat {}: {total}\n", u32_at_key(&key)));
-        } else if value_size >= 104 {
+        } else if value_size >= 96 {
             // `wsplice_common::packet::FlowEntry`'s layout.
             out.push_str(&format!(
-                "  key {:02x?} sport {} dport {}: state {} flags {:#x} seq_delta {:#x} ack_delta {:#x} fin_end {:#x} peer_fin_end {:#x} seq_next {:#x} last_ns {} packets {} bytes {}\n",
+                "  key {:02x?} sport {} dport {}: state {} flags {:#x} seq_delta {:#x} ack_delta {:#x} fin_end {:#x} peer_fin_end {:#x} seq_next {:#x} last_ns {} bytes {}\n",
                 &key[..8],
                 u16::from_be_bytes([key[32], key[33]]),
                 u16::from_be_bytes([key[34], key[35]]),
@@ -218,7 +218,6 @@ fn dump_map(id: u32) -> io::Result<String> {
                 u32_at(76),
                 u64_at(80),
                 u64_at(88),
-                u64_at(96),
             ));
         } else {
             out.push_str(&format!("  key {key:02x?}: value {value:02x?}\n"));

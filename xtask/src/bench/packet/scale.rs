@@ -75,6 +75,8 @@ pub struct ScaleRun {
     /// The proxy's RSS and descriptors while holding the fleet.
     pub proxy_rss_kb: f64,
     pub proxy_fds: usize,
+    /// The kernel slab caches that grew most per tunnel (name, bytes per tunnel).
+    pub slab_caches: Vec<(String, f64)>,
     /// Tunnels checked again after the hold (a sample per load process) and failures.
     pub checked: usize,
     pub check_failures: Vec<String>,
@@ -271,6 +273,7 @@ fn hold_fleet(env: &Env, target: ScaleTarget, tunnels: usize) -> anyhow::Result<
         client: Vec::new(),
     };
     let before = snapshot_settled(&pids);
+    let caches_before = slab_caches();
     let connecting = Instant::now();
     let mut loads = Vec::new();
     for i in 0..spread.load_processes {
@@ -312,6 +315,7 @@ fn hold_fleet(env: &Env, target: ScaleTarget, tunnels: usize) -> anyhow::Result<
         mem: Mem::default(),
         proxy_rss_kb: 0.0,
         proxy_fds: 0,
+        slab_caches: Vec::new(),
         checked: 0,
         check_failures: Vec::new(),
     };
@@ -322,6 +326,7 @@ fn hold_fleet(env: &Env, target: ScaleTarget, tunnels: usize) -> anyhow::Result<
     }
     std::thread::sleep(Duration::from_secs(2));
     let held = snapshot_settled(&pids);
+    run.slab_caches = cache_growth(&caches_before, &slab_caches(), tunnels);
     run.mem = per_tunnel(&before, &held, tunnels);
     run.proxy_rss_kb = held.proxy;
     run.proxy_fds = proxy_pids.iter().map(|pid| descriptors(*pid)).sum();
@@ -381,6 +386,47 @@ fn next_line(
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(None),
         }
     }
+}
+
+/// What the proxy adds to a tunnel, bytes: kernel slab objects (its flow entries, or its
+/// sockets), TCP buffer pages and its RSS. Objects rather than slab pages: between passes the
+/// namespaces' objects are freed, but their pages partly stay, and the next pass fills them
+/// first (its page growth then reads low, by how much depends on the order of the passes).
+fn proxy_side(mem: &Mem) -> f64 {
+    mem.slab_objects + mem.tcp + mem.proxy
+}
+
+/// Bytes of objects in use per slab cache (`/proc/slabinfo`: active objects × object size).
+fn slab_caches() -> std::collections::HashMap<String, f64> {
+    let text = std::fs::read_to_string("/proc/slabinfo").unwrap_or_default();
+    text.lines()
+        .skip(2)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let name = fields.next()?.to_owned();
+            let active: f64 = fields.next()?.parse().ok()?;
+            let size: f64 = fields.nth(1)?.parse().ok()?;
+            Some((name, active * size))
+        })
+        .collect()
+}
+
+/// The six caches that grew most from `before` to `after`, in bytes per tunnel.
+fn cache_growth(
+    before: &std::collections::HashMap<String, f64>,
+    after: &std::collections::HashMap<String, f64>,
+    tunnels: usize,
+) -> Vec<(String, f64)> {
+    let mut growth: Vec<(String, f64)> = after
+        .iter()
+        .map(|(name, bytes)| {
+            let grown = bytes - before.get(name).copied().unwrap_or(0.0);
+            (name.clone(), grown / tunnels.max(1) as f64)
+        })
+        .collect();
+    growth.sort_by(|a, b| b.1.total_cmp(&a.1));
+    growth.truncate(6);
+    growth
 }
 
 /// Descriptors process `pid` has open.
@@ -448,7 +494,16 @@ impl ScaleReport {
             "machine memory per tunnel (MemAvailable drop), B",
             &bytes(|m| m.machine),
         );
-        row(&mut out, "kernel slab per tunnel, B", &bytes(|m| m.slab));
+        row(
+            &mut out,
+            "kernel slab objects in use per tunnel (/proc/slabinfo), B",
+            &bytes(|m| m.slab_objects),
+        );
+        row(
+            &mut out,
+            "kernel slab pages per tunnel (Slab:), B",
+            &bytes(|m| m.slab),
+        );
         row(
             &mut out,
             "TCP buffer pages per tunnel, B",
@@ -462,8 +517,8 @@ impl ScaleReport {
         );
         row(
             &mut out,
-            "proxy-side memory per tunnel (slab + TCP pages + proxy RSS), B",
-            &bytes(|m| m.proxy_side()),
+            "proxy-side memory per tunnel (slab objects + TCP pages + proxy RSS), B",
+            &bytes(proxy_side),
         );
         row(&mut out, "echo RSS per tunnel, B", &bytes(|m| m.echo));
         row(
@@ -478,17 +533,27 @@ impl ScaleReport {
             .find(|r| r.target == ScaleTarget::WsplicePacket);
         if let (Some(direct), Some(packet)) = (direct, packet) {
             out.push_str(&format!(
-                "\nAbove direct, per tunnel: proxy-side memory {:.0} B (kernel slab {:.0} B, TCP \
-                 pages {:.0} B, proxy RSS {:.0} B; the flow entries are in the slab), machine \
-                 memory {:.0} B (target ≤ 1024 B).\n",
-                packet.mem.proxy_side() - direct.mem.proxy_side(),
-                packet.mem.slab - direct.mem.slab,
+                "\nAbove direct, per tunnel: proxy-side memory {:.0} B (kernel slab objects {:.0} \
+                 B, TCP pages {:.0} B, proxy RSS {:.0} B; the flow entries are slab objects), \
+                 machine memory {:.0} B (target ≤ 1024 B).\n",
+                proxy_side(&packet.mem) - proxy_side(&direct.mem),
+                packet.mem.slab_objects - direct.mem.slab_objects,
                 packet.mem.tcp - direct.mem.tcp,
                 packet.mem.proxy,
                 packet.mem.machine - direct.mem.machine,
             ));
         }
         for run in &self.runs {
+            let caches: Vec<String> = run
+                .slab_caches
+                .iter()
+                .map(|(name, bytes)| format!("{name} {bytes:.0}"))
+                .collect();
+            out.push_str(&format!(
+                "\n- {}: the slab caches that grew most, B per tunnel: {}",
+                run.target.name(),
+                caches.join(", ")
+            ));
             for (reason, count) in run.refusals.iter().filter(|(_, count)| *count > 0.0) {
                 out.push_str(&format!(
                     "\n- {}: refused for the packet path, {reason}: {count}",
@@ -520,15 +585,17 @@ impl ScaleReport {
                 "refusals": r.refusals,
                 "checked": r.checked,
                 "check_failures": r.check_failures,
+                "slab_caches": r.slab_caches,
                 "proxy_rss_kb": r.proxy_rss_kb,
                 "proxy_fds": r.proxy_fds,
                 "per_tunnel_bytes": {
                     "machine": r.mem.machine,
                     "slab": r.mem.slab,
+                    "slab_objects": r.mem.slab_objects,
                     "tcp": r.mem.tcp,
                     "proxy_rss": r.mem.proxy,
                     "maps": r.mem.maps,
-                    "proxy_side": r.mem.proxy_side(),
+                    "proxy_side": proxy_side(&r.mem),
                     "echo_rss": r.mem.echo,
                     "load_rss": r.mem.client,
                 },
