@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use super::{
-    line_reader, metric, per_tunnel, refusals, snapshot_settled, wait_spliced, Line, Mem, Pids,
-    ADMIN, CLIENT, ECHO_PORT, IF_PROXY_CLIENT, IF_PROXY_UPSTREAM, PACKET_PORTS, PROXY_PORT,
-    PROXY_TO_CLIENT, UPSTREAM,
+    line_reader, metric, per_tunnel, refusals, slab_caches, snapshot_settled, wait_spliced, Line,
+    Mem, Pids, ADMIN, CLIENT, ECHO_PORT, IF_PROXY_CLIENT, IF_PROXY_UPSTREAM, PACKET_PORTS,
+    PROXY_PORT, PROXY_TO_CLIENT, UPSTREAM,
 };
 use crate::bench::targets::{children_of, Guard};
 use crate::bench::{stop_requested, Env};
@@ -396,22 +396,7 @@ fn proxy_side(mem: &Mem) -> f64 {
     mem.slab_objects + mem.tcp + mem.proxy
 }
 
-/// Bytes of objects in use per slab cache (`/proc/slabinfo`: active objects × object size).
-fn slab_caches() -> std::collections::HashMap<String, f64> {
-    let text = std::fs::read_to_string("/proc/slabinfo").unwrap_or_default();
-    text.lines()
-        .skip(2)
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let name = fields.next()?.to_owned();
-            let active: f64 = fields.next()?.parse().ok()?;
-            let size: f64 = fields.nth(1)?.parse().ok()?;
-            Some((name, active * size))
-        })
-        .collect()
-}
-
-/// The six caches that grew most from `before` to `after`, in bytes per tunnel.
+/// The twelve caches that grew most from `before` to `after`, in bytes per tunnel.
 fn cache_growth(
     before: &std::collections::HashMap<String, f64>,
     after: &std::collections::HashMap<String, f64>,
@@ -425,7 +410,7 @@ fn cache_growth(
         })
         .collect();
     growth.sort_by(|a, b| b.1.total_cmp(&a.1));
-    growth.truncate(6);
+    growth.truncate(12);
     growth
 }
 
