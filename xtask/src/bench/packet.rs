@@ -574,7 +574,7 @@ fn wsplice_config(packet: bool) -> String {
     if packet {
         config.push_str(&format!(
             "\n[packet]\ninterfaces = [\"{IF_PROXY_CLIENT}\", \"{IF_PROXY_UPSTREAM}\"]\n\
-             ports = \"{PACKET_PORTS}\"\nlinger = \"1s\"\n"
+             ports = \"{PACKET_PORTS}\"\n"
         ));
     }
     config
@@ -815,7 +815,7 @@ fn hold(
     // Before vs held: the load generator's own runtime counts as the tunnels' (the same for
     // every target, so not in the differences to direct).
     round.idle = per_tunnel(&before, &held, n);
-    // Let the closes settle (the packet path's flows linger 1 s) before the next run.
+    // Let the closes settle before the next run (each run has a fresh proxy).
     std::thread::sleep(Duration::from_millis(2500));
     Ok(())
 }
@@ -966,7 +966,7 @@ fn fleet(
     if let Some(error) = first_error {
         note_fleet_error(round, &error);
     }
-    // The closes settle (the packet path's flows linger 1 s) before the next run.
+    // The closes settle before the next run (each run has a fresh proxy).
     std::thread::sleep(Duration::from_millis(2000));
     Ok(())
 }

@@ -160,3 +160,17 @@ fn an_ineligible_tunnel_stays_on_the_relay_for_good_and_the_reason_is_counted() 
     assert_eq!(waiting(&mut h, Side::Upstream), vec![]);
     assert_eq!(h.services.metrics.tunnels_packet_spliced.get(), 0);
 }
+
+#[test]
+fn spliced_tunnels_are_looked_at_a_third_of_the_linger_apart_within_one_to_ten_seconds() {
+    use crate::connection::packet::check_ns;
+    const S: u64 = 1_000_000_000;
+    // The default linger (30 s): every 10 s, so 200,000 idle tunnels cost 40,000 map lookups a
+    // second, not 400,000.
+    assert_eq!(check_ns(30 * S), 10 * S);
+    assert_eq!(check_ns(600 * S), 10 * S);
+    assert_eq!(check_ns(6 * S), 2 * S);
+    // A short linger still waits a second between looks.
+    assert_eq!(check_ns(S), S);
+    assert_eq!(check_ns(0), S);
+}

@@ -199,7 +199,7 @@ fn wsplice_config(echoes: usize) -> String {
          [upstream.echo]\nservers = [{}]\n\n[timeouts]\nidle = \"3600s\"\n\n\
          [admin]\nbind = \"{ADMIN}\"\n\n\
          [packet]\ninterfaces = [\"{IF_PROXY_CLIENT}\", \"{IF_PROXY_UPSTREAM}\"]\n\
-         ports = \"{PACKET_PORTS}\"\nlinger = \"1s\"\n",
+         ports = \"{PACKET_PORTS}\"\n",
         servers.join(", ")
     )
 }
