@@ -17,8 +17,8 @@
 //! 64 B message every 2 s each: p50/p99, CPU per million messages and memory per tunnel under
 //! load). Memory is measured two ways: the machine's MemAvailable drop (what the issue names;
 //! other work on the machine moves it too), and an accounted sum that other processes do not
-//! move much: kernel slab + TCP buffer pages + the RSS of the run's own processes (load
-//! generator, echo, proxy). CPU likewise: machine-wide busy time (/proc/stat) and an
+//! move much: kernel slab objects in use (`/proc/slabinfo`) + TCP buffer pages + the RSS of
+//! the run's own processes (load generator, echo, proxy). CPU likewise: machine-wide busy time (/proc/stat) and an
 //! attributable part: the run's own processes' CPU plus the machine's irq and softirq time
 //! (where the veth and tc work is accounted).
 
@@ -111,15 +111,17 @@ pub struct Mem {
 }
 
 impl Mem {
-    /// Slab + TCP pages + RSS of the load generator, echo and proxy.
+    /// Slab objects + TCP pages + RSS of the load generator, echo and proxy.
     pub fn accounted(&self) -> f64 {
-        self.slab + self.tcp + self.proxy + self.echo + self.client
+        self.slab_objects + self.tcp + self.proxy + self.echo + self.client
     }
 
     /// What differs between targets (the echo and the load generator are the same programs
-    /// with the same traffic in each): slab + TCP pages + the proxy's RSS.
+    /// with the same traffic in each): slab objects + TCP pages + the proxy's RSS. Objects,
+    /// not slab pages: pages a previous run left partly free are filled first, so page growth
+    /// depends on what ran before.
     pub fn proxy_side(&self) -> f64 {
-        self.slab + self.tcp + self.proxy
+        self.slab_objects + self.tcp + self.proxy
     }
 }
 
@@ -1178,7 +1180,7 @@ fn median_of(values: impl Iterator<Item = f64>) -> Option<f64> {
 type Metric = (&'static str, fn(&Round) -> f64);
 
 /// The table's rows, in order.
-const ROWS: [Metric; 29] = [
+const ROWS: [Metric; 30] = [
     (
         "idle: machine memory per tunnel (MemAvailable drop), B",
         |r| r.idle.machine,
@@ -1187,10 +1189,13 @@ const ROWS: [Metric; 29] = [
         r.idle.accounted()
     }),
     (
-        "idle: proxy-side memory per tunnel (slab + TCP pages + proxy RSS), B",
+        "idle: proxy-side memory per tunnel (slab objects + TCP pages + proxy RSS), B",
         |r| r.idle.proxy_side(),
     ),
-    ("idle: kernel slab per tunnel, B", |r| r.idle.slab),
+    ("idle: kernel slab objects per tunnel, B", |r| {
+        r.idle.slab_objects
+    }),
+    ("idle: kernel slab pages per tunnel, B", |r| r.idle.slab),
     ("idle: TCP buffer pages per tunnel, B", |r| r.idle.tcp),
     ("idle: proxy RSS per tunnel, B", |r| r.idle.proxy),
     ("idle: echo RSS per tunnel, B", |r| r.idle.echo),
@@ -1310,7 +1315,7 @@ impl PacketReport {
              a fresh proxy and `wsplice echo` for the hold and again for the fleet; {} idle tunnels (connected 8 at a time), then a fleet of {} \
              tunnels each sending 64 B every 2 s, measured over {} s; median of {} round(s) with min–max; \
              whole workload {:.0} s). *Machine* memory is the MemAvailable drop; *accounted* memory is kernel \
-             slab + TCP buffer pages + RSS of the load generator, echo and proxy; *proxy-side* leaves out the \
+             slab objects in use (/proc/slabinfo, procfs inodes left out) + TCP buffer pages + RSS of the load generator, echo and proxy; *proxy-side* leaves out the \
              RSS of the echo and the load generator (the same programs with the same traffic for every target). \
              *Machine* CPU is all CPUs' busy time (/proc/stat); *attributable* CPU is the CPU time of the run's \
              own processes plus all irq and softirq time (where the veth and tc work is accounted); *proxy-side* \
@@ -1463,7 +1468,7 @@ impl PacketReport {
         let mem = |m: &Mem| {
             serde_json::json!({
                 "machine": m.machine, "accounted": m.accounted(), "proxy_side": m.proxy_side(),
-                "slab": m.slab, "tcp": m.tcp, "proxy_rss": m.proxy, "echo_rss": m.echo,
+                "slab": m.slab, "slab_objects": m.slab_objects, "tcp": m.tcp, "proxy_rss": m.proxy, "echo_rss": m.echo,
                 "client_rss": m.client, "maps": m.maps,
             })
         };

@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 
 use super::{
-    line_reader, metric, per_tunnel, refusals, slab_caches, snapshot_settled, wait_spliced, Line,
-    Mem, Pids, ADMIN, CLIENT, ECHO_PORT, IF_PROXY_CLIENT, IF_PROXY_UPSTREAM, PACKET_PORTS,
-    PROXY_PORT, PROXY_TO_CLIENT, UPSTREAM,
+    line_reader, metric, per_tunnel, refusals, slab_caches, snapshot_settled, threads_cpu_seconds,
+    wait_spliced, Line, Mem, Pids, ADMIN, CLIENT, ECHO_PORT, IF_PROXY_CLIENT, IF_PROXY_UPSTREAM,
+    PACKET_PORTS, PROXY_PORT, PROXY_TO_CLIENT, UPSTREAM,
 };
 use crate::bench::targets::{children_of, Guard};
 use crate::bench::{stop_requested, Env};
@@ -44,6 +44,8 @@ const PER_ECHO: usize = 15_000;
 /// generators' connects took 90% of the machine in `__inet_check_established` and the fleet
 /// took 266 s to connect instead of 14 s.
 const PER_CLIENT_ADDRESS: usize = 10_000;
+/// How long the proxy's CPU is measured while it holds the idle fleet.
+const IDLE_CPU_WINDOW: Duration = Duration::from_secs(10);
 /// Handshakes in flight per load process.
 const CONNECT_PARALLEL: &str = "8";
 
@@ -79,6 +81,9 @@ pub struct ScaleRun {
     /// The proxy's RSS and descriptors while holding the fleet.
     pub proxy_rss_kb: f64,
     pub proxy_fds: usize,
+    /// The proxy's CPU while it holds the idle fleet, share of one core (over 10 s: its flows
+    /// are looked at up to 10 s apart).
+    pub proxy_cpu_idle: f64,
     /// The kernel slab caches that grew most per tunnel (name, bytes per tunnel).
     pub slab_caches: Vec<(String, f64)>,
     /// Tunnels checked again after the hold (a sample per load process) and failures.
@@ -319,6 +324,7 @@ fn hold_fleet(env: &Env, target: ScaleTarget, tunnels: usize) -> anyhow::Result<
         mem: Mem::default(),
         proxy_rss_kb: 0.0,
         proxy_fds: 0,
+        proxy_cpu_idle: 0.0,
         slab_caches: Vec::new(),
         checked: 0,
         check_failures: Vec::new(),
@@ -334,6 +340,10 @@ fn hold_fleet(env: &Env, target: ScaleTarget, tunnels: usize) -> anyhow::Result<
     run.mem = per_tunnel(&before, &held, tunnels);
     run.proxy_rss_kb = held.proxy;
     run.proxy_fds = proxy_pids.iter().map(|pid| descriptors(*pid)).sum();
+    let cpu_before = threads_cpu_seconds(&proxy_pids);
+    std::thread::sleep(IDLE_CPU_WINDOW);
+    run.proxy_cpu_idle =
+        (threads_cpu_seconds(&proxy_pids) - cpu_before) / IDLE_CPU_WINDOW.as_secs_f64();
     // Every load process checks a sample of its tunnels again: they still carry bytes.
     for (child, _, _) in loads.iter_mut() {
         if let Some(stdin) = child.0.stdin.as_mut() {
@@ -474,6 +484,9 @@ impl ScaleReport {
         row(&mut out, "proxy RSS while holding, MB", &|r| {
             format!("{:.1}", r.proxy_rss_kb / 1024.0)
         });
+        row(&mut out, "proxy CPU while holding, % of a core", &|r| {
+            format!("{:.1}", r.proxy_cpu_idle * 100.0)
+        });
         row(&mut out, "proxy descriptors while holding", &|r| {
             r.proxy_fds.to_string()
         });
@@ -577,6 +590,7 @@ impl ScaleReport {
                 "slab_caches": r.slab_caches,
                 "proxy_rss_kb": r.proxy_rss_kb,
                 "proxy_fds": r.proxy_fds,
+                "proxy_cpu_idle": r.proxy_cpu_idle,
                 "per_tunnel_bytes": {
                     "machine": r.mem.machine,
                     "slab": r.mem.slab,
