@@ -726,6 +726,10 @@ impl Connection {
     /// one in a plain request closes after its answer (tunnels run on until the deadline).
     pub fn on_drain_start(&mut self, out: &mut Actions) {
         self.draining = true;
+        if matches!(self.stage, Stage::PacketSpliced(_)) {
+            // Look at its flows now: a closed one need not linger (see `on_packet_deadline`).
+            out.push_back(Action::ArmDeadline(0));
+        }
         if self.waiting_for_request {
             self.close(
                 "shutting down: idle keep-alive connection".into(),

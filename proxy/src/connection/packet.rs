@@ -257,7 +257,11 @@ impl Connection {
         };
         splice.translated = report.bytes;
         if report.closed_ns != 0 {
-            let retire_at = report.closed_ns.saturating_add(splice.linger_ns);
+            // The linger keeps translating late retransmissions; shutting down, the process
+            // (and, unless pinned, the program) goes anyway, and a pinned record has already
+            // been left to the next process: retire at once rather than hold the exit up.
+            let linger_ns = if self.draining { 0 } else { splice.linger_ns };
+            let retire_at = report.closed_ns.saturating_add(linger_ns);
             if now_ns >= retire_at {
                 let reason = if report.reset {
                     "reset (packet path)"

@@ -174,3 +174,20 @@ fn spliced_tunnels_are_looked_at_a_third_of_the_linger_apart_within_one_to_ten_s
     assert_eq!(check_ns(S), S);
     assert_eq!(check_ns(0), S);
 }
+
+#[test]
+fn the_drain_looks_at_a_spliced_tunnel_at_once() {
+    let mut h = spliced();
+    // Its closed flows would otherwise linger and hold the process's exit up.
+    let actions = h.event(|c, _, _, out| c.on_drain_start(out));
+    assert_eq!(actions, vec![Action::ArmDeadline(0)]);
+    let at = h.now + SECOND;
+    let flows = FlowReport {
+        last_ns: at,
+        closed_ns: at,
+        reset: false,
+        bytes: (0, 0),
+    };
+    assert!(closes(&report(&mut h, at, Some(flows)), false));
+    assert_eq!(h.reason(), "both ends closed (packet path)");
+}
