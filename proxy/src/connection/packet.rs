@@ -29,6 +29,18 @@ pub(super) fn check_ns(linger_ns: u64) -> u64 {
     (linger_ns / 3).clamp(CHECK_MIN_NS, CHECK_MAX_NS)
 }
 
+/// When a tunnel whose flows closed (their last packet at `closed_ns`) is retired: after the
+/// linger time, which keeps translating late retransmissions. Shutting down, the process (and,
+/// unless pinned, the program) goes anyway, and a pinned record has already been left to the
+/// next process: at once, rather than hold the exit up.
+pub(super) fn retire_at(closed_ns: u64, linger_ns: u64, draining: bool) -> u64 {
+    if draining {
+        closed_ns
+    } else {
+        closed_ns.saturating_add(linger_ns)
+    }
+}
+
 /// A tunnel whose packets the program rewrites into each other.
 #[derive(Debug)]
 pub struct PacketSplice {
@@ -257,11 +269,7 @@ impl Connection {
         };
         splice.translated = report.bytes;
         if report.closed_ns != 0 {
-            // The linger keeps translating late retransmissions; shutting down, the process
-            // (and, unless pinned, the program) goes anyway, and a pinned record has already
-            // been left to the next process: retire at once rather than hold the exit up.
-            let linger_ns = if self.draining { 0 } else { splice.linger_ns };
-            let retire_at = report.closed_ns.saturating_add(linger_ns);
+            let retire_at = retire_at(report.closed_ns, splice.linger_ns, self.draining);
             if now_ns >= retire_at {
                 let reason = if report.reset {
                     "reset (packet path)"

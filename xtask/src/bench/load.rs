@@ -306,6 +306,12 @@ pub fn fleet(
             samples.extend(rtts.iter().filter_map(serde_json::Value::as_u64));
         }
     }
+    (result.p50_us, result.p99_us) = p50_p99(&mut samples);
+    Ok(result)
+}
+
+/// The median and the 99th percentile of round-trip samples (sorted in place); 0 without any.
+pub fn p50_p99(samples: &mut [u64]) -> (f64, f64) {
     samples.sort_unstable();
     let pick = |q: f64| {
         samples
@@ -313,9 +319,7 @@ pub fn fleet(
             .copied()
             .unwrap_or(0) as f64
     };
-    result.p50_us = pick(0.5);
-    result.p99_us = pick(0.99);
-    Ok(result)
+    (pick(0.5), pick(0.99))
 }
 
 /// Sleeps until `when` (at once if it passed).

@@ -30,9 +30,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 
-use super::load::{machine_busy_seconds, meminfo_kb, rss_kb, sleep_until};
+use super::load::{machine_busy_seconds, meminfo_kb, p50_p99, rss_kb, sleep_until};
 use super::report::summary;
-use super::targets::{children_of, Guard, NGINX_WS_LOCATION};
+use super::targets::{children_of, pids_of, Guard, NGINX_WS_LOCATION};
 use super::{stop_requested, Env, Scale};
 
 /// The proxy's listening port (client side) and the echo's.
@@ -163,17 +163,13 @@ impl Round {
         }
     }
 
+    /// Machine-wide or attributable CPU seconds per million messages.
     fn cpu_per_million(&self, attributable: bool) -> f64 {
-        let cpu = if attributable {
+        self.per_million(if attributable {
             self.attributable_cpu_s
         } else {
             self.machine_cpu_s
-        };
-        if self.messages > 0.0 {
-            cpu / self.messages * 1e6
-        } else {
-            f64::NAN
-        }
+        })
     }
 }
 
@@ -567,11 +563,18 @@ impl Drop for Running {
     }
 }
 
-fn wsplice_config(packet: bool) -> String {
+/// wsplice's config for the line: the echo upstream's servers on `echo_ports`, and the packet
+/// splice on the proxy's two interfaces if `packet`.
+fn wsplice_config(packet: bool, echo_ports: &[u16]) -> String {
+    let servers: Vec<String> = echo_ports
+        .iter()
+        .map(|port| format!("\"{UPSTREAM}:{port}\""))
+        .collect();
     let mut config = format!(
         "[[listener]]\nbind = \"{PROXY_TO_CLIENT}:{PROXY_PORT}\"\n\n[[route]]\nupstream = \"echo\"\n\n\
-         [upstream.echo]\nservers = [\"{UPSTREAM}:{ECHO_PORT}\"]\n\n[timeouts]\nidle = \"3600s\"\n\n\
-         [admin]\nbind = \"{ADMIN}\"\n"
+         [upstream.echo]\nservers = [{}]\n\n[timeouts]\nidle = \"3600s\"\n\n\
+         [admin]\nbind = \"{ADMIN}\"\n",
+        servers.join(", ")
     );
     if packet {
         config.push_str(&format!(
@@ -673,7 +676,7 @@ fn start(target: Target, line: &Line, env: &Env, work: &Path) -> anyhow::Result<
             let packet = target == Target::WsplicePacket;
             let datapath = if packet { "packet" } else { "kernel" };
             let conf = work.join(format!("wsplice-{datapath}.toml"));
-            std::fs::write(&conf, wsplice_config(packet))?;
+            std::fs::write(&conf, wsplice_config(packet, &[ECHO_PORT]))?;
             let log = work.join(format!("wsplice-{datapath}.log"));
             let conf = conf.to_string_lossy().into_owned();
             let mut guards = vec![line.spawn(
@@ -713,14 +716,9 @@ fn wait_children(guard: &mut Guard, want: usize, log: &Path) -> anyhow::Result<(
 /// workers) and where clients connect.
 fn finish(guards: Vec<Guard>, proxy_ns: String) -> anyhow::Result<Running> {
     std::thread::sleep(Duration::from_millis(300));
-    let mut pids = Vec::new();
-    for guard in &guards {
-        pids.push(guard.0.id());
-        pids.extend(children_of(guard.0.id()));
-    }
     Ok(Running {
+        pids: pids_of(&guards),
         guards,
-        pids,
         url: format!("ws://{PROXY_TO_CLIENT}:{PROXY_PORT}/bench"),
         forwarding: false,
         proxy_ns,
@@ -956,15 +954,7 @@ fn fleet(
         round.spliced_fleet_end =
             metric(&line.metrics(), "tunnels_packet_spliced_total") - spliced_before;
     }
-    samples.sort_unstable();
-    let pick = |q: f64| {
-        samples
-            .get(((samples.len() as f64 - 1.0) * q) as usize)
-            .copied()
-            .unwrap_or(0) as f64
-    };
-    round.p50_us = pick(0.5);
-    round.p99_us = pick(0.99);
+    (round.p50_us, round.p99_us) = p50_p99(&mut samples);
     if let Some(error) = first_error {
         note_fleet_error(round, &error);
     }
@@ -1524,10 +1514,13 @@ mod tests {
 
     #[test]
     fn configs_name_the_line() {
-        let c = wsplice_config(true);
+        let c = wsplice_config(true, &[ECHO_PORT]);
         assert!(c.contains("interfaces = [\"wsbpc\", \"wsbpu\"]"));
         assert!(c.contains("bind = \"10.231.1.1:8080\""));
-        assert!(!wsplice_config(false).contains("[packet]"));
+        assert!(c.contains("servers = [\"10.231.2.2:9000\"]"));
+        assert!(!wsplice_config(false, &[ECHO_PORT]).contains("[packet]"));
+        assert!(wsplice_config(true, &[9000, 9001])
+            .contains("servers = [\"10.231.2.2:9000\", \"10.231.2.2:9001\"]"));
         assert!(haproxy_config().contains("mode tcp"));
     }
 

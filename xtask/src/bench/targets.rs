@@ -339,14 +339,9 @@ pub fn start(kind: Kind, layout: &Layout, tools: &Tools) -> anyhow::Result<Runni
     }
     // Every process of the target has bound its socket (SO_REUSEPORT) before traffic starts.
     std::thread::sleep(Duration::from_millis(300));
-    let mut pids = Vec::new();
-    for guard in &guards {
-        pids.push(guard.0.id());
-        pids.extend(children_of(guard.0.id()));
-    }
     Ok(Running {
+        pids: pids_of(&guards),
         _guards: guards,
-        pids,
         port,
         wss,
     })
@@ -437,6 +432,18 @@ pub fn wsplice_config(port: u16, echo: u16, tls: Option<(u16, &TlsFiles)>) -> St
         "[[listener]]\nbind = \"127.0.0.1:{port}\"\n{tls}[[route]]\nupstream = \"echo\"\n\
          [upstream.echo]\nservers = [\"127.0.0.1:{echo}\"]\nkeepalive = 64\n[timeouts]\nidle = \"3600s\"\n"
     )
+}
+
+/// The processes `guards` started and their children (e.g. nginx's workers): what a target's
+/// RSS and CPU are read from.
+pub fn pids_of(guards: &[Guard]) -> Vec<u32> {
+    guards
+        .iter()
+        .flat_map(|guard| {
+            let pid = guard.0.id();
+            std::iter::once(pid).chain(children_of(pid))
+        })
+        .collect()
 }
 
 pub fn children_of(parent: u32) -> Vec<u32> {

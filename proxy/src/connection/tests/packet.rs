@@ -176,6 +176,14 @@ fn spliced_tunnels_are_looked_at_a_third_of_the_linger_apart_within_one_to_ten_s
 }
 
 #[test]
+fn closed_flows_linger_unless_the_proxy_is_shutting_down() {
+    use crate::connection::packet::retire_at;
+    const S: u64 = 1_000_000_000;
+    assert_eq!(retire_at(100 * S, 30 * S, false), 130 * S);
+    assert_eq!(retire_at(100 * S, 30 * S, true), 100 * S);
+}
+
+#[test]
 fn the_drain_looks_at_a_spliced_tunnel_at_once() {
     let mut h = spliced();
     // Its closed flows would otherwise linger and hold the process's exit up.

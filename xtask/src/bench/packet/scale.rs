@@ -25,10 +25,9 @@ use anyhow::{bail, Context as _};
 
 use super::{
     line_reader, metric, per_tunnel, refusals, slab_caches, snapshot_settled, threads_cpu_seconds,
-    wait_spliced, Line, Mem, Pids, ADMIN, CLIENT, ECHO_PORT, IF_PROXY_CLIENT, IF_PROXY_UPSTREAM,
-    PACKET_PORTS, PROXY_PORT, PROXY_TO_CLIENT, UPSTREAM,
+    wait_spliced, Line, Mem, Pids, CLIENT, ECHO_PORT, PROXY_PORT, PROXY_TO_CLIENT, UPSTREAM,
 };
-use crate::bench::targets::{children_of, Guard};
+use crate::bench::targets::{pids_of, Guard};
 use crate::bench::{stop_requested, Env};
 
 /// Idle tunnels of a full run and of a quick pass.
@@ -198,21 +197,6 @@ fn echo_port(i: usize) -> u16 {
     ECHO_PORT + i as u16
 }
 
-/// The proxy's config: every echo port a server of the one upstream.
-fn wsplice_config(echoes: usize) -> String {
-    let servers: Vec<String> = (0..echoes)
-        .map(|i| format!("\"{UPSTREAM}:{}\"", echo_port(i)))
-        .collect();
-    format!(
-        "[[listener]]\nbind = \"{PROXY_TO_CLIENT}:{PROXY_PORT}\"\n\n[[route]]\nupstream = \"echo\"\n\n\
-         [upstream.echo]\nservers = [{}]\n\n[timeouts]\nidle = \"3600s\"\n\n\
-         [admin]\nbind = \"{ADMIN}\"\n\n\
-         [packet]\ninterfaces = [\"{IF_PROXY_CLIENT}\", \"{IF_PROXY_UPSTREAM}\"]\n\
-         ports = \"{PACKET_PORTS}\"\n",
-        servers.join(", ")
-    )
-}
-
 /// One target: fresh namespaces, echoes and proxy; the fleet connected, held, measured,
 /// checked, then everything stopped.
 fn hold_fleet(env: &Env, target: ScaleTarget, tunnels: usize) -> anyhow::Result<ScaleRun> {
@@ -253,7 +237,8 @@ fn hold_fleet(env: &Env, target: ScaleTarget, tunnels: usize) -> anyhow::Result<
         ScaleTarget::Direct => line.sysctl(&line.proxy, "net.ipv4.ip_forward", "1")?,
         ScaleTarget::WsplicePacket => {
             let conf = work.join("wsplice.toml");
-            std::fs::write(&conf, wsplice_config(spread.echoes))?;
+            let ports: Vec<u16> = (0..spread.echoes).map(echo_port).collect();
+            std::fs::write(&conf, super::wsplice_config(true, &ports))?;
             let log = work.join("wsplice.log");
             let conf = conf.to_string_lossy().into_owned();
             proxy.push(line.spawn(
@@ -264,10 +249,7 @@ fn hold_fleet(env: &Env, target: ScaleTarget, tunnels: usize) -> anyhow::Result<
             )?);
             line.wait_listening(&line.proxy, PROXY_TO_CLIENT, PROXY_PORT, &mut proxy, &log)?;
             std::thread::sleep(Duration::from_millis(300));
-            for guard in &proxy {
-                proxy_pids.push(guard.0.id());
-                proxy_pids.extend(children_of(guard.0.id()));
-            }
+            proxy_pids = pids_of(&proxy);
         }
     }
     let url = |i: usize| match target {
@@ -402,14 +384,6 @@ fn next_line(
     }
 }
 
-/// What the proxy adds to a tunnel, bytes: kernel slab objects (its flow entries, or its
-/// sockets), TCP buffer pages and its RSS. Objects rather than slab pages: between passes the
-/// namespaces' objects are freed, but their pages partly stay, and the next pass fills them
-/// first (its page growth then reads low, by how much depends on the order of the passes).
-fn proxy_side(mem: &Mem) -> f64 {
-    mem.slab_objects + mem.tcp + mem.proxy
-}
-
 /// The twelve caches that grew most from `before` to `after`, in bytes per tunnel.
 fn cache_growth(
     before: &std::collections::HashMap<String, f64>,
@@ -520,7 +494,7 @@ impl ScaleReport {
         row(
             &mut out,
             "proxy-side memory per tunnel (slab objects + TCP pages + proxy RSS), B",
-            &bytes(proxy_side),
+            &bytes(Mem::proxy_side),
         );
         row(&mut out, "echo RSS per tunnel, B", &bytes(|m| m.echo));
         row(
@@ -538,7 +512,7 @@ impl ScaleReport {
                 "\nAbove direct, per tunnel: proxy-side memory {:.0} B (kernel slab objects {:.0} \
                  B, TCP pages {:.0} B, proxy RSS {:.0} B; the flow entries are slab objects), \
                  machine memory {:.0} B (target ≤ 1024 B).\n",
-                proxy_side(&packet.mem) - proxy_side(&direct.mem),
+                packet.mem.proxy_side() - direct.mem.proxy_side(),
                 packet.mem.slab_objects - direct.mem.slab_objects,
                 packet.mem.tcp - direct.mem.tcp,
                 packet.mem.proxy,
@@ -598,7 +572,7 @@ impl ScaleReport {
                     "tcp": r.mem.tcp,
                     "proxy_rss": r.mem.proxy,
                     "maps": r.mem.maps,
-                    "proxy_side": proxy_side(&r.mem),
+                    "proxy_side": r.mem.proxy_side(),
                     "echo_rss": r.mem.echo,
                     "load_rss": r.mem.client,
                 },
